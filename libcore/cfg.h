@@ -1,0 +1,79 @@
+/*
+ * cfg.h - config.json of LlamaForCausalLM and Qwen2ForCausalLM, through cJSON.
+ * A field lorakit does not implement (rope_scaling of any type, sliding-window attention
+ * switched on, a hidden_act other than silu, attention/mlp bias settings we do not model)
+ * is refused with a message naming it, never silently ignored.
+ * Also: the list of weight tensors a config implies, with their names and shapes
+ * (as transformers names them), shared by init, the model loader, merge and diff.
+ */
+#ifndef LK_CFG_H
+#define LK_CFG_H
+
+#include <stdint.h>
+
+#include "lk.h"
+
+enum cfg_arch { CFG_ARCH_LLAMA = 0, CFG_ARCH_QWEN2 };
+
+struct cfg {
+    enum cfg_arch arch;
+    char architecture[64];      /* "Qwen2ForCausalLM" / "LlamaForCausalLM" */
+    char model_type[32];        /* "qwen2" / "llama" */
+    int hidden_size;            /* C */
+    int intermediate_size;      /* F */
+    int num_hidden_layers;      /* L */
+    int num_attention_heads;    /* NH */
+    int num_key_value_heads;    /* NKV */
+    int head_dim;               /* HS = hidden_size / num_attention_heads unless given */
+    int vocab_size;             /* V */
+    int max_position_embeddings;
+    double rms_norm_eps;
+    double rope_theta;
+    double initializer_range;
+    int tie_word_embeddings;
+    int attention_bias;         /* q/k/v biases: 1 for Qwen2, attention_bias for Llama */
+    int bos_token_id, eos_token_id; /* -1 when absent */
+    char torch_dtype[16];       /* "float32", "bfloat16", "float16" */
+    char *json;                 /* owned: the original text, so writers keep unknown fields */
+};
+
+/* path is config.json or a folder holding it. */
+int cfg_load(struct cfg *c, const char *path, struct lk_err *err);
+/* name is used in messages only. */
+int cfg_parse(struct cfg *c, const char *text, const char *name, struct lk_err *err);
+/* Writes config.json (atomically): the original JSON with our fields set to c's values. */
+int cfg_save(const struct cfg *c, const char *path, struct lk_err *err);
+void cfg_release(struct cfg *c);
+/* Fills a config from dimensions (for init and tests); json NULL. */
+void cfg_default_qwen2(struct cfg *c);
+
+enum cfg_tensor_kind {
+    CFG_T_EMBED,   /* model.embed_tokens.weight [V, C] */
+    CFG_T_NORM,    /* *_layernorm.weight, model.norm.weight [C] */
+    CFG_T_LINEAR,  /* *_proj.weight [out, in] */
+    CFG_T_BIAS,    /* *_proj.bias [out] */
+    CFG_T_LM_HEAD, /* lm_head.weight [V, C], absent when tied */
+};
+
+/* The seven LoRA-targetable linears, in this order (module index used across libcore). */
+enum cfg_module { CFG_Q = 0, CFG_K, CFG_V, CFG_O, CFG_GATE, CFG_UP, CFG_DOWN, CFG_N_MODULES };
+extern const char *const cfg_module_names[CFG_N_MODULES]; /* "q_proj", ... "down_proj" */
+/* Shape [out, in] of a module's weight. */
+void cfg_module_shape(const struct cfg *c, enum cfg_module m, int64_t *out_rows, int64_t *out_cols);
+/* "model.layers.3.self_attn.q_proj" into buf. */
+void cfg_module_path(int layer, enum cfg_module m, char *buf, size_t n);
+/* Parses a module name like "q_proj" (-1 when unknown). */
+int cfg_module_parse(const char *s);
+
+struct cfg_tensor {
+    char name[96];
+    enum cfg_tensor_kind kind;
+    int layer;                  /* -1 outside the layers */
+    int module;                 /* enum cfg_module for LINEAR/BIAS, else -1 */
+    int ndim;
+    int64_t shape[2];
+};
+/* Every weight tensor the config implies, in transformers' order. Caller frees *out. */
+int cfg_tensors(const struct cfg *c, struct cfg_tensor **out, int *n, struct lk_err *err);
+
+#endif

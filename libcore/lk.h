@@ -1,0 +1,106 @@
+/*
+ * lk.h - project-wide basics: status codes and error messages, checked allocation
+ * (with a fault-injection countdown for tests), overflow-checked sizes, atomic file
+ * output (temp name in the destination folder, fsync, rename), small file helpers,
+ * a seeded RNG and the interrupt flag. Everything else in libcore includes this.
+ */
+#ifndef LK_H
+#define LK_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+
+enum lk_status {
+    LK_OK = 0,
+    LK_ERR_IO,
+    LK_ERR_FORMAT,
+    LK_ERR_SHAPE,
+    LK_ERR_MISSING,
+    LK_ERR_NOMEM,
+    LK_ERR_USAGE,
+    LK_ERR_INTERRUPTED,
+    LK_ERR_UNSUPPORTED,
+    LK_ERR_NUMERIC,
+    LK_ERR_EXISTS,
+};
+
+/* Caller-owned message buffer (curl's CURLOPT_ERRORBUFFER). */
+struct lk_err {
+    enum lk_status code;
+    char msg[512];
+};
+
+/* Formats msg, stores code, returns code: a failure is one line, `return lk_errf(...)`. */
+int lk_errf(struct lk_err *err, enum lk_status code, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+/* Prepends "prefix: " to an existing message (e.g. the file name), keeps the code. */
+int lk_err_prefix(struct lk_err *err, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+const char *lk_status_str(enum lk_status code);
+
+void lk_assert_fail(const char *file, int line, const char *cond) __attribute__((noreturn));
+#define LK_ASSERT(c) ((c) ? (void)0 : lk_assert_fail(__FILE__, __LINE__, #c))
+
+// ---- memory ----
+/* NULL on failure (sizes come from user files: never abort on OOM). lk_malloc(0) returns a
+ * valid unique pointer. Tests set lk_fail_countdown = N to make the Nth allocation fail. */
+void *lk_malloc(size_t n);
+void *lk_calloc(size_t count, size_t size);
+void *lk_realloc(void *p, size_t n);
+void lk_free(void *p);
+char *lk_strdup(const char *s);
+extern long lk_fail_countdown; /* <= 0: off */
+
+/* a*b (and a*b*c) with overflow detection: return 0 and set *out, or -1 on overflow */
+int lk_mul_size(size_t a, size_t b, size_t *out);
+int lk_mul3_size(size_t a, size_t b, size_t c, size_t *out);
+
+// ---- files ----
+/* Whole file into a NUL-terminated heap buffer (caller frees with lk_free). */
+int lk_read_file(const char *path, char **out_buf, size_t *out_len, struct lk_err *err);
+int lk_file_exists(const char *path);
+int lk_is_dir(const char *path);
+int lk_mkdir_p(const char *path, struct lk_err *err);
+/* Remove a folder and everything in it (for temp output folders). 0 on success. */
+int lk_rm_rf(const char *path);
+/* Joins a and b with one '/', into a fresh heap string (caller frees). NULL on OOM. */
+char *lk_path_join(const char *a, const char *b);
+
+/* An output file written atomically: data goes to "<path>.tmp.<pid>" in the same folder;
+ * commit checks every flush and fsync and renames; abort (or a failed commit) removes the
+ * temp file. Errors are sticky: after the first failure writes are no-ops. */
+struct lk_afile {
+    FILE *f;        /* owned */
+    char *path;     /* owned: final path */
+    char *tmp;      /* owned: temporary path */
+    int failed;
+    struct lk_err *err; /* borrowed */
+};
+int lk_afile_open(struct lk_afile *af, const char *path, struct lk_err *err);
+int lk_afile_write(struct lk_afile *af, const void *buf, size_t n);
+int lk_afile_printf(struct lk_afile *af, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+int lk_afile_commit(struct lk_afile *af);
+void lk_afile_abort(struct lk_afile *af);
+/* Writes a whole buffer atomically to path. */
+int lk_write_file_atomic(const char *path, const void *buf, size_t n, struct lk_err *err);
+/* fsync a directory (after renames into it). Errors ignored where unsupported. */
+void lk_fsync_dir(const char *dir);
+
+// ---- rng: xorshift64* seeded state, never rand() or the clock ----
+struct lk_rng {
+    uint64_t s;
+};
+void lk_rng_seed(struct lk_rng *r, uint64_t seed);
+uint64_t lk_rng_u64(struct lk_rng *r);
+float lk_rng_uniform(struct lk_rng *r); /* [0, 1) */
+float lk_rng_normal(struct lk_rng *r);  /* N(0, 1), Box-Muller */
+
+// ---- interrupts ----
+/* Installs SIGINT/SIGTERM handlers that set lk_interrupted; long loops check it. */
+void lk_interrupt_install(void);
+extern volatile int lk_interrupted;
+
+/* Seconds from a monotonic clock (for progress and tokens/s, never for results). */
+double lk_now(void);
+
+#endif

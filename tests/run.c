@@ -1,0 +1,198 @@
+/*
+ * run.c - the test runner. `run` runs every test; `run st_ model_` those whose names start
+ * with one of the given prefixes. Each test forks, so a crash or an abort is one failure.
+ * The last line is `N passed, N failed, N skipped`; any failure gives a non-zero exit.
+ */
+#include "test.h"
+
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "../libcore/lk.h"
+
+#define X(name) void test_##name(void);
+#include "registry.h"
+#undef X
+
+struct test_case {
+    const char *name;
+    void (*fn)(void);
+};
+
+static const struct test_case tests[] = {
+#define X(name) { #name, test_##name },
+#include "registry.h"
+#undef X
+};
+
+static int g_failed, g_skipped;
+static char g_tmp[512];
+static struct lk_err g_err;
+static char *g_out;
+
+void test_fail(const char *file, int line, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    fprintf(stderr, "    %s:%d: ", file, line);
+    vfprintf(stderr, fmt, ap);
+    fprintf(stderr, "\n");
+    va_end(ap);
+    g_failed = 1;
+}
+
+void test_skip(const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    fprintf(stderr, "    skipped: ");
+    vfprintf(stderr, fmt, ap);
+    fprintf(stderr, "\n");
+    va_end(ap);
+    g_skipped = 1;
+}
+
+int test_failed(void)
+{
+    return g_failed;
+}
+
+struct lk_err *test_err(void)
+{
+    return &g_err;
+}
+
+const char *test_errmsg(void)
+{
+    return g_err.msg;
+}
+
+const char *test_tmpdir(void)
+{
+    return g_tmp;
+}
+
+const char *test_path(const char *name)
+{
+    static char buf[8][1024];
+    static int k;
+    char *b = buf[k++ & 7];
+    snprintf(b, sizeof buf[0], "%s/%s", g_tmp, name);
+    return b;
+}
+
+const char *test_lorakit(void)
+{
+    const char *p = getenv("LORAKIT");
+    return p && *p ? p : "bin/lorakit";
+}
+
+int test_sh(const char *fmt, ...)
+{
+    char cmd[8192], full[8400];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(cmd, sizeof cmd, fmt, ap);
+    va_end(ap);
+    const char *out = test_path("out.txt");
+    snprintf(full, sizeof full, "( %s ) >'%s' 2>&1", cmd, out);
+    int st = system(full);
+    lk_free(g_out);
+    g_out = NULL;
+    lk_read_file(out, &g_out, NULL, NULL);
+    if (st == -1)
+        return -1;
+    if (WIFSIGNALED(st))
+        return 128 + WTERMSIG(st);
+    return WEXITSTATUS(st);
+}
+
+const char *test_output(void)
+{
+    return g_out ? g_out : "";
+}
+
+const char *test_shared(const char *rel)
+{
+    static char buf[4][1024];
+    static int k;
+    const char *root = getenv("LK_SHARED");
+    if (!root || !*root)
+        root = "../shared";
+    char *b = buf[k++ & 3];
+    snprintf(b, sizeof buf[0], "%s/%s", root, rel);
+    return lk_file_exists(b) ? b : NULL;
+}
+
+int test_full(void)
+{
+    const char *f = getenv("LK_TEST_FULL");
+    return f && *f && strcmp(f, "0");
+}
+
+static int matches(const char *name, int argc, char **argv)
+{
+    if (argc < 2)
+        return 1;
+    for (int i = 1; i < argc; i++)
+        if (!strncmp(name, argv[i], strlen(argv[i])))
+            return 1;
+    return 0;
+}
+
+/* 0 passed, 1 failed, 3 skipped */
+static int run_one(const struct test_case *t)
+{
+    const char *base = getenv("TMPDIR");
+    snprintf(g_tmp, sizeof g_tmp, "%s/lktest.%s.XXXXXX", base && *base ? base : "/tmp", t->name);
+    if (!mkdtemp(g_tmp)) {
+        fprintf(stderr, "    cannot create a temporary folder\n");
+        return 1;
+    }
+    fflush(stdout);
+    fflush(stderr);
+    pid_t pid = fork();
+    if (pid == 0) {
+        g_failed = g_skipped = 0;
+        t->fn();
+        fflush(stdout);
+        fflush(stderr);
+        _exit(g_failed ? 1 : g_skipped ? 3 : 0);
+    }
+    int st = 0;
+    waitpid(pid, &st, 0);
+    if (!getenv("LK_KEEP_TMP"))
+        lk_rm_rf(g_tmp);
+    if (WIFSIGNALED(st)) {
+        fprintf(stderr, "    crashed with signal %d\n", WTERMSIG(st));
+        return 1;
+    }
+    return WEXITSTATUS(st);
+}
+
+int main(int argc, char **argv)
+{
+    int passed = 0, failed = 0, skipped = 0;
+    size_t n = sizeof tests / sizeof tests[0];
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    for (size_t i = 0; i < n; i++) {
+        if (!matches(tests[i].name, argc, argv))
+            continue;
+        double t0 = lk_now();
+        int r = run_one(&tests[i]);
+        double dt = lk_now() - t0;
+        const char *word = r == 0 ? "ok" : r == 3 ? "skip" : "FAIL";
+        printf("%-5s %-52s %7.2fs\n", word, tests[i].name, dt);
+        if (r == 0)
+            passed++;
+        else if (r == 3)
+            skipped++;
+        else
+            failed++;
+    }
+    printf("%d passed, %d failed, %d skipped\n", passed, failed, skipped);
+    return failed ? 1 : 0;
+}

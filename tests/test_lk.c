@@ -1,0 +1,82 @@
+/* test_lk.c - the basics: messages, overflow checks, atomic files, the RNG, the CLI. */
+#include "test.h"
+
+#include <string.h>
+#include <unistd.h>
+
+#include "../libcore/lk.h"
+
+TEST(lk_mul_size_detects_overflow)
+{
+    size_t out;
+    CHECK_INT(lk_mul_size(3, 5, &out), 0);
+    CHECK_INT(out, 15);
+    CHECK_INT(lk_mul_size(SIZE_MAX / 2 + 1, 2, &out), -1);
+    CHECK_INT(lk_mul3_size((size_t)1 << 32, (size_t)1 << 31, 4, &out), -1);
+}
+
+TEST(lk_afile_commit_and_abort)
+{
+    struct lk_err err = { 0 };
+    const char *p = test_path("a.txt");
+    struct lk_afile af;
+    CHECK_OK(lk_afile_open(&af, p, &err));
+    lk_afile_printf(&af, "hello %d", 42);
+    CHECK(!lk_file_exists(p)); // nothing under the final name before commit
+    CHECK_OK(lk_afile_commit(&af));
+    char *buf;
+    size_t n;
+    CHECK_OK(lk_read_file(p, &buf, &n, &err));
+    CHECK(n == 8 && !memcmp(buf, "hello 42", 8));
+    lk_free(buf);
+    CHECK_OK(lk_afile_open(&af, test_path("b.txt"), &err));
+    lk_afile_write(&af, "x", 1);
+    lk_afile_abort(&af);
+    CHECK(!lk_file_exists(test_path("b.txt")));
+    CHECK_INT(test_sh("ls -A '%s' | wc -l | grep -qx 2", test_tmpdir()), 0); // a.txt and out.txt only
+}
+
+TEST(lk_read_file_names_missing_file)
+{
+    struct lk_err err = { 0 };
+    char *buf;
+    CHECK(lk_read_file(test_path("nope"), &buf, NULL, &err) == LK_ERR_MISSING);
+    CHECK(strstr(err.msg, "nope") != NULL);
+}
+
+TEST(lk_rng_is_seeded_and_normal)
+{
+    struct lk_rng a, b;
+    lk_rng_seed(&a, 7);
+    lk_rng_seed(&b, 7);
+    for (int i = 0; i < 100; i++)
+        CHECK(lk_rng_u64(&a) == lk_rng_u64(&b));
+    double s = 0, s2 = 0;
+    int n = 200000;
+    for (int i = 0; i < n; i++) {
+        double x = lk_rng_normal(&a);
+        s += x;
+        s2 += x * x;
+    }
+    CHECK_NEAR(s / n, 0.0, 0.01);
+    CHECK_NEAR(s2 / n, 1.0, 0.02);
+}
+
+TEST(lk_fail_countdown_fails_nth_allocation)
+{
+    lk_fail_countdown = 2;
+    void *a = lk_malloc(8);
+    void *b = lk_malloc(8);
+    void *c = lk_malloc(8);
+    CHECK(a != NULL && b == NULL && c != NULL);
+    lk_free(a);
+    lk_free(c);
+}
+
+TEST(cli_help_and_unknown_command)
+{
+    CHECK_INT(test_sh("%s --help", test_lorakit()), 0);
+    CHECK(strstr(test_output(), "commands:") != NULL);
+    CHECK_INT(test_sh("%s frobnicate", test_lorakit()), 2);
+    CHECK(strstr(test_output(), "not a lorakit command") != NULL);
+}

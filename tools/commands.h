@@ -1,0 +1,18 @@
+/*
+ * commands.h - the subcommands of lorakit.
+ *
+ * Adding a command (git's builtin.h checklist):
+ *   1. write tools/<name>.c with `int cmd_<name>(int argc, char **argv)`;
+ *   2. declare it below and add its row to the table in tools/lorakit.c (sorted by name);
+ *   3. give it a flag table (tools/opts.h) so --help shows every flag and an example;
+ *   4. add an end-to-end test in tests/ and a section in README.md.
+ * argv[0] is the command name; the return value is the exit status (0 ok, 1 error, 2 usage).
+ */
+#ifndef LK_COMMANDS_H
+#define LK_COMMANDS_H
+
+int cmd_info(int argc, char **argv);
+int cmd_init(int argc, char **argv);
+int cmd_logits(int argc, char **argv);
+
+#endif

@@ -1,0 +1,54 @@
+/*
+ * opts.h - one flag table per command, used both to parse argv and to print --help,
+ * so the two cannot drift (curl's option table). Numbers go through strtol/strtod,
+ * fully checked: `--rank abc` is a usage error.
+ */
+#ifndef LK_OPTS_H
+#define LK_OPTS_H
+
+#include <stdio.h>
+
+#include "../libcore/lk.h"
+
+enum opt_type {
+    OPT_STR,   /* const char **     */
+    OPT_INT,   /* long *            */
+    OPT_FLOAT, /* double *          */
+    OPT_FLAG,  /* int *  (set to 1) */
+    OPT_LIST,  /* struct opt_list * (repeatable; each use appends) */
+};
+
+struct opt_list {
+    const char *v[64];
+    int n;
+};
+
+struct opt {
+    const char *name;  /* long name without dashes, e.g. "rank" */
+    enum opt_type type;
+    void *dst;
+    const char *arg;   /* metavariable shown in help, e.g. "R"; NULL for flags */
+    const char *help;  /* one line; mention the default */
+};
+
+struct cmd_help {
+    const char *name;     /* "merge" */
+    const char *synopsis; /* "--model DIR --adapter DIR --out DIR [options]" */
+    const char *about;    /* a paragraph */
+    const char *example;  /* one or more example lines */
+};
+
+/* Parses argv[1..] (argv[0] is the command name). Non-flag arguments are collected into
+ * positional (at most max_pos); `--help`/`-h` sets *help. Returns LK_OK or LK_ERR_USAGE
+ * with a message. */
+int opts_parse(int argc, char **argv, const struct opt *opts, const char **positional,
+               int max_pos, int *n_pos, int *help, struct lk_err *err);
+void opts_usage(FILE *f, const struct cmd_help *h, const struct opt *opts);
+
+/* Prints "lorakit CMD: error: MSG" on stderr; returns 2 for usage errors, else 1. */
+int lk_cli_fail(const char *cmd, const struct lk_err *err);
+
+/* Parses "1,2,3" into a long array (heap, caller frees). */
+int opts_parse_longs(const char *s, long **out, int *n, struct lk_err *err);
+
+#endif
