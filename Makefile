@@ -13,6 +13,7 @@ WARN    = -Wall -Wextra -Wshadow -Wstrict-prototypes -Wmissing-prototypes \
           -Werror=implicit-function-declaration
 WERROR ?= -Werror
 CFLAGS ?= -O2 -g
+OMP     = -fopenmp
 SANFLAGS = -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer
 
 PKGS    = libopenblas-dev liblapacke-dev libsqlite3-dev libcjson-dev libncurses-dev \
@@ -24,14 +25,14 @@ LIBS    = $(shell pkg-config --libs $(PKGCONF) 2>/dev/null) -lopenblas -llapacke
 
 ifeq ($(SAN),1)
   OUT   = build/san
-  ALL   = $(CSTD) $(WARN) $(WERROR) $(SANFLAGS) $(INCS)
-  LDX   = -fsanitize=address,undefined
+  ALL   = $(CSTD) $(WARN) $(WERROR) $(SANFLAGS) $(OMP) $(INCS)
+  LDX   = -fsanitize=address,undefined $(OMP)
   LIB   = $(OUT)/libcore.a
   BIN   = $(OUT)/bin/lorakit
 else
   OUT   = build/opt
-  ALL   = $(CSTD) $(WARN) $(WERROR) $(CFLAGS) $(INCS)
-  LDX   =
+  ALL   = $(CSTD) $(WARN) $(WERROR) $(CFLAGS) $(OMP) $(INCS)
+  LDX   = $(OMP)
   LIB   = libcore/libcore.a
   BIN   = bin/lorakit
 endif
@@ -41,9 +42,10 @@ EVAL_SRC  = $(sort $(wildcard eval/*.c))
 TUI_SRC   = $(sort $(wildcard tui/*.c))
 TOOL_SRC  = $(sort $(wildcard tools/*.c))
 TEST_SRC  = $(sort $(wildcard tests/test_*.c))
+TEST_AUX  = $(sort $(wildcard tests/ref_*.c tests/fix_*.c))
 CORE_OBJ  = $(CORE_SRC:%.c=$(OUT)/%.o)
 APP_OBJ   = $(EVAL_SRC:%.c=$(OUT)/%.o) $(TUI_SRC:%.c=$(OUT)/%.o) $(TOOL_SRC:%.c=$(OUT)/%.o)
-TEST_OBJ  = $(TEST_SRC:%.c=$(OUT)/%.o) $(OUT)/tests/run.o
+TEST_OBJ  = $(TEST_SRC:%.c=$(OUT)/%.o) $(TEST_AUX:%.c=$(OUT)/%.o) $(OUT)/tests/run.o
 TESTBIN   = $(OUT)/tests/run
 # app objects other than main(), linked into the test runner too
 APPLIB_OBJ = $(filter-out $(OUT)/tools/lorakit.o,$(APP_OBJ))

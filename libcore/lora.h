@@ -1,0 +1,119 @@
+/*
+ * lora.h - LoRA adapters: the trainable factors in one block, and PEFT's on-disk format.
+ *
+ * A module k adapts the linear W [out, in] of (layer, module) as
+ *     y = W x + b + s * B (A drop(x)) (+ s * bias_B),  A [R, in], B [out, R],
+ * with s = alpha / R, or alpha / sqrt(R) with rsLoRA; R and alpha may differ per module
+ * (PEFT's rank_pattern / alpha_pattern, keys matched as regexes against the end of the
+ * module name). All A, B (and lora_B biases) live in one block `mem`; gradients and AdamW
+ * moments use blocks of the same size and layout, so grad[i] belongs to mem[i].
+ *
+ * PEFT layout (adapter_config.json + adapter_model.safetensors):
+ *   base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight  [R, in]
+ *   base_model.model.model.layers.N.self_attn.q_proj.lora_B.weight  [out, R]
+ *   ...lora_B.bias [out] (lora_bias: true), ...lora_magnitude_vector [out] (DoRA),
+ *   base_model.model.model.embed_tokens.lora_embedding_A [R, V] / lora_embedding_B [C, R],
+ *   base_model.model.<name>.weight (modules_to_save: full copies).
+ */
+#ifndef LK_LORA_H
+#define LK_LORA_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "cfg.h"
+#include "lk.h"
+
+struct lora_pattern {
+    char *key;     /* owned regex (PEFT matches `(.*\.)?(key)$` against the module name) */
+    double value;
+};
+
+/* What adapter_config.json says (the fields lorakit reads and writes). */
+struct lora_config {
+    int r;
+    double alpha;
+    double dropout;
+    int use_rslora;
+    int use_dora;
+    int lora_bias;
+    unsigned targets;             /* bit m set: module m (enum cfg_module) is targeted */
+    int target_embed;             /* embed_tokens in target_modules */
+    char base_model[512];
+    char bias[16];                /* "none" (the only value the engine applies) */
+    char init[32];                /* init_lora_weights as written ("true", "gaussian", "pissa"...) */
+    int n_rank_pattern, n_alpha_pattern;
+    struct lora_pattern *rank_pattern, *alpha_pattern; /* owned */
+    int n_modules_to_save;
+    char **modules_to_save;       /* owned */
+    int layers_to_transform_set;  /* refused when set (not implemented) */
+};
+
+struct lora_module {
+    int layer;
+    int module;        /* enum cfg_module */
+    int R;
+    int in, out;
+    double alpha;
+    float scale;       /* alpha / R or alpha / sqrt(R) */
+    float *A;          /* points into lora.mem: [R, in] */
+    float *B;          /* points into lora.mem: [out, R] */
+    float *bias;       /* points into lora.mem: [out], or NULL without lora_bias */
+    float *mag;        /* owned by extra: DoRA magnitude [out], or NULL */
+};
+
+/* A full tensor carried by the adapter (modules_to_save), or an embedding adapter. */
+struct lora_extra {
+    char *name;        /* owned: the model tensor name, e.g. "lm_head.weight" */
+    int ndim;
+    int64_t shape[2];
+    float *data;       /* owned */
+};
+
+struct lora {
+    struct lora_config cfg;
+    float *mem;                 /* owned: every A, B, bias */
+    size_t n;                   /* floats in mem */
+    int n_mod;
+    struct lora_module *mod;    /* owned array */
+    int *index;                 /* owned [L * CFG_N_MODULES]: module slot or -1 */
+    int L;
+    struct lora_extra *extra;   /* owned array (modules_to_save tensors) */
+    int n_extra;
+    float *embed_A, *embed_B;   /* owned: embedding adapter [R, V] and [C, R], or NULL */
+    int embed_R;
+    float embed_scale;
+    float *mag_mem;             /* owned: all DoRA magnitudes, or NULL */
+};
+
+/* Default config: r 8, alpha 16, dropout 0, all seven projections, bias "none". */
+void lora_config_default(struct lora_config *c);
+void lora_config_release(struct lora_config *c);
+/* Rank and alpha for one module name ("model.layers.3.mlp.down_proj") after the patterns. */
+void lora_config_module(const struct lora_config *c, const char *module_name, int *out_r,
+                        double *out_alpha);
+/* Parses "q_proj,v_proj" or "all" into the targets bitmask. */
+int lora_targets_parse(const char *s, unsigned *out, struct lk_err *err);
+
+/* Allocates the factors for every targeted module of a model config (zeroed). */
+int lora_init(struct lora *l, const struct lora_config *lc, const struct cfg *c, struct lk_err *err);
+void lora_release(struct lora *l);
+/* PEFT's default init: A ~ kaiming_uniform(a = sqrt 5) = U(-1/sqrt(in), 1/sqrt(in)), B = 0;
+ * gaussian: A ~ N(0, 1/R), B = 0. */
+void lora_init_weights(struct lora *l, int gaussian, struct lk_rng *rng);
+/* Slot of (layer, module), or NULL. */
+struct lora_module *lora_find(const struct lora *l, int layer, int module);
+
+/* Reads an adapter folder (adapter_config.json + adapter_model.safetensors), checking it against
+ * the base config: shapes, ranks, modules and layers the base has. What the engine cannot apply
+ * (layers_to_transform, bias other than "none", fan_in_fan_out) is refused. */
+int lora_load(struct lora *l, const char *dir, const struct cfg *c, struct lk_err *err);
+/* Writes an adapter folder atomically (both files to temp names, then renamed). */
+int lora_save(const struct lora *l, const char *dir, struct lk_err *err);
+/* The PEFT tensor name prefix for a module: "base_model.model.model.layers.3.mlp.down_proj". */
+void lora_peft_name(int layer, int module, char *buf, size_t n);
+
+/* Trainable parameter count (A, B, biases). */
+size_t lora_param_count(const struct lora *l);
+
+#endif

@@ -1,0 +1,104 @@
+/*
+ * model.h - the Llama / Qwen2 decoder, forward and backward, with LoRA, in float32.
+ *
+ * Exactly as transformers defines these models: token embedding; per layer RMSNorm
+ * (normalise in float32, then multiply by the weight), q/k/v projections (with bias for
+ * Qwen2), rotary embedding (rotate_half, inv_freq = theta^(-2i/HS)), grouped-query causal
+ * attention with scale 1/sqrt(HS), o_proj, residual, RMSNorm, SwiGLU MLP
+ * down(silu(gate(x)) * up(x)), residual; final norm; lm_head (tied to embed_tokens when
+ * tie_word_embeddings).
+ *
+ * Memory: weights in one block (struct model_weights; gradients of a full fine-tune use a
+ * second block of the same layout), activations in one block sized by model_plan(B, T).
+ */
+#ifndef LK_MODEL_H
+#define LK_MODEL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "cfg.h"
+#include "lk.h"
+#include "lora.h"
+
+struct model_layer {
+    float *ln1;               /* [C] */
+    float *wq, *wk, *wv;      /* [NH*HS, C], [NKV*HS, C], [NKV*HS, C] */
+    float *bq, *bk, *bv;      /* biases, or NULL without attention_bias */
+    float *wo;                /* [C, NH*HS] */
+    float *ln2;               /* [C] */
+    float *wgate, *wup;       /* [F, C] */
+    float *wdown;             /* [C, F] */
+};
+
+struct model_weights {
+    float *mem;               /* owned: every parameter */
+    size_t n;                 /* floats in mem */
+    float *embed;             /* [V, C] */
+    float *norm;              /* [C] */
+    float *lm_head;           /* [V, C]; equals embed when tied */
+    struct model_layer *layer; /* owned array [L], pointers into mem */
+};
+
+/* One named weight tensor of a model_weights block (transformers' names). */
+struct model_tensor {
+    char name[96];
+    float *data;              /* points into the block */
+    int ndim;
+    int64_t shape[2];
+    size_t numel;
+    int layer, module;        /* module: enum cfg_module for projection weights, else -1 */
+    int is_bias;
+};
+
+struct model_acts;
+
+struct model {
+    struct cfg cfg;           /* owned copy (json NULL unless loaded) */
+    struct model_weights w;
+    float *inv_freq;          /* owned [HS/2] */
+    int B, T;                 /* planned shape (0 before model_plan) */
+    int train;                /* 1: keep what backward needs and apply dropout */
+    uint64_t dropout_seed;    /* changes per step; the mask is a hash of (seed, module, index) */
+    struct model_acts *acts;  /* owned */
+};
+
+/* Allocates zeroed weights for a config (c is copied; its json is not). */
+int model_init(struct model *m, const struct cfg *c, struct lk_err *err);
+/* Loads config.json and the weights (any of F32/F16/BF16, sharded or not) from a folder. */
+int model_load(struct model *m, const char *dir, struct lk_err *err);
+void model_release(struct model *m);
+
+int model_weights_alloc(struct model_weights *w, const struct cfg *c, struct lk_err *err);
+void model_weights_release(struct model_weights *w);
+/* The named tensors of a block (lm_head only when untied). Caller frees *out. */
+int model_weights_tensors(const struct model_weights *w, const struct cfg *c,
+                          struct model_tensor **out, int *n, struct lk_err *err);
+/* Random init: normal(0, std) for matrices and biases, norms at 1. */
+void model_weights_randomize(struct model_weights *w, const struct cfg *c, float std,
+                             struct lk_rng *rng);
+
+/* Sizes the activations for batches of B sequences of T tokens (train: keep what backward
+ * needs). A later call with another shape reallocates. */
+int model_plan(struct model *m, int B, int T, int train, struct lk_err *err);
+
+/* Runs the model on tokens[B*T]. pos (NULL: 0..T-1 per row) gives rotary positions, seg (NULL:
+ * one segment per row) stops attention across packed records. When targets[B*T] is given
+ * (next-token ids, -100 = not counted), returns the SUM of the token losses; with m->train the
+ * logits buffer is then overwritten by d(loss * loss_scale)/d(logits) for model_backward.
+ * Without targets returns 0 and the logits [B*T, V] are in model_logits(m). lora may be NULL.
+ * Token ids outside [0, V) are an error (LK_ERR_USAGE). */
+int model_forward(struct model *m, const struct lora *lora, const int *tokens, const int *pos,
+                  const int *seg, const int *targets, float loss_scale, double *out_loss,
+                  struct lk_err *err);
+const float *model_logits(const struct model *m);
+/* Backpropagates the last forward (train mode, with targets). Accumulates LoRA gradients into
+ * lora_grad (same layout as lora->mem; NULL to skip) and, for a full fine-tune, every weight's
+ * gradient into grads (same layout as m->w; NULL to skip). */
+void model_backward(struct model *m, const struct lora *lora, float *lora_grad,
+                    struct model_weights *grads);
+
+/* Parameter count of the model (tied lm_head counted once). */
+size_t model_param_count(const struct cfg *c);
+
+#endif

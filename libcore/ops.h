@@ -1,0 +1,71 @@
+/*
+ * ops.h - the transformer's kernels, in forward/backward pairs (llm.c's layout).
+ * Arguments: outputs first, then inputs and weights, then dimensions. N = rows (tokens),
+ * C = channels. Backward kernels ACCUMULATE (+=) into every gradient buffer they are given;
+ * the caller zeroes gradients once per step. A NULL gradient pointer means "not needed".
+ * Every fast path has a plain reference beside it (op_*_naive), which the tests compare.
+ */
+#ifndef LK_OPS_H
+#define LK_OPS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+// ---- linear: out[N, OC] = inp[N, IC] @ w[OC, IC]^T + bias[OC] ----
+void op_matmul_forward(float *out, const float *inp, const float *w, const float *bias, int N, int IC,
+                       int OC);
+/* out += inp @ w^T (no bias): used for the LoRA paths. */
+void op_matmul_forward_acc(float *out, const float *inp, const float *w, float alpha, int N, int IC,
+                           int OC);
+void op_matmul_backward(float *dinp, float *dw, float *dbias, const float *dout, const float *inp,
+                        const float *w, int N, int IC, int OC);
+void op_matmul_forward_naive(float *out, const float *inp, const float *w, const float *bias, int N,
+                             int IC, int OC);
+
+// ---- RMSNorm: out = inp * rstd * w, rstd = 1/sqrt(mean(inp^2) + eps) per row ----
+void op_rmsnorm_forward(float *out, float *rstd, const float *inp, const float *w, int N, int C,
+                        float eps);
+void op_rmsnorm_backward(float *dinp, float *dw, const float *dout, const float *inp, const float *w,
+                         const float *rstd, int N, int C);
+
+// ---- rotary embedding, rotate_half convention, in place on x[N, H, HS] ----
+/* inv_freq[HS/2] = theta^(-2i/HS) rounded to float32 (as transformers computes it). */
+void op_rope_inv_freq(float *inv_freq, int HS, double theta);
+void op_rope_forward(float *x, const int *pos, const float *inv_freq, int N, int H, int HS);
+/* The backward of a rotation is the rotation by the negative angle, in place on dx. */
+void op_rope_backward(float *dx, const int *pos, const float *inv_freq, int N, int H, int HS);
+
+// ---- causal grouped-query attention ----
+/* q[B*T, NH*HS], k, v [B*T, NKV*HS] (after rope); out[B*T, NH*HS]; att[B, NH, T, T] holds the
+ * softmax probabilities for backward. seg[B*T] (may be NULL): a token attends only to earlier
+ * tokens of the same segment (packing). */
+void op_attention_forward(float *out, float *att, const float *q, const float *k, const float *v,
+                          const int *seg, int B, int T, int NH, int NKV, int HS);
+void op_attention_backward(float *dq, float *dk, float *dv, const float *dout, const float *att,
+                           const float *q, const float *k, const float *v, int B, int T, int NH,
+                           int NKV, int HS);
+
+// ---- SwiGLU: out = silu(gate) * up ----
+void op_swiglu_forward(float *out, const float *gate, const float *up, size_t n);
+void op_swiglu_backward(float *dgate, float *dup, const float *dout, const float *gate,
+                        const float *up, size_t n);
+
+// ---- cross-entropy over logits[N, V] with targets[N] (-100 = ignored) ----
+/* Returns the SUM of -log p(target) over counted rows (double); when dlogits is non-NULL it is
+ * overwritten with (softmax - onehot) * scale for counted rows and 0 for ignored rows
+ * (dlogits may alias logits). */
+double op_crossentropy_forward_backward(float *dlogits, const float *logits, const int *targets,
+                                        int N, int V, float scale);
+
+// ---- dropout mask from a counter-based hash (no storage, identical in backward) ----
+/* 1 when element i of the stream (seed, stream) is kept, for drop probability p. */
+static inline int op_dropout_keep(uint64_t seed, uint64_t stream, uint64_t i, float p)
+{
+    uint64_t z = seed ^ (stream * 0x9E3779B97F4A7C15ull) ^ (i * 0xD1B54A32D192ED03ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    return (float)(z >> 40) / 16777216.0f >= p;
+}
+
+#endif

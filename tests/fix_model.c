@@ -1,0 +1,103 @@
+/* fix_model.c - see fix_model.h */
+#include "fix_model.h"
+
+#include <string.h>
+
+static void base_cfg(struct cfg *c)
+{
+    memset(c, 0, sizeof *c);
+    c->rms_norm_eps = 1e-6;
+    c->rope_theta = 10000.0;
+    c->initializer_range = 0.02;
+    c->max_position_embeddings = 128;
+    c->bos_token_id = c->eos_token_id = -1;
+    snprintf(c->torch_dtype, sizeof c->torch_dtype, "float32");
+}
+
+void fix_cfg_qwen2(struct cfg *c)
+{
+    base_cfg(c);
+    c->arch = CFG_ARCH_QWEN2;
+    snprintf(c->architecture, sizeof c->architecture, "Qwen2ForCausalLM");
+    snprintf(c->model_type, sizeof c->model_type, "qwen2");
+    c->hidden_size = 16;
+    c->intermediate_size = 24;
+    c->num_hidden_layers = 2;
+    c->num_attention_heads = 4;
+    c->num_key_value_heads = 2;
+    c->head_dim = 4;
+    c->vocab_size = 37;
+    c->tie_word_embeddings = 1;
+    c->attention_bias = 1;
+}
+
+void fix_cfg_llama(struct cfg *c)
+{
+    base_cfg(c);
+    c->arch = CFG_ARCH_LLAMA;
+    snprintf(c->architecture, sizeof c->architecture, "LlamaForCausalLM");
+    snprintf(c->model_type, sizeof c->model_type, "llama");
+    c->hidden_size = 12;
+    c->intermediate_size = 20;
+    c->num_hidden_layers = 2;
+    c->num_attention_heads = 2;
+    c->num_key_value_heads = 1;
+    c->head_dim = 6;
+    c->vocab_size = 29;
+    c->rope_theta = 500000.0;
+    c->tie_word_embeddings = 0;
+    c->attention_bias = 0;
+}
+
+int fix_model_random(struct model *m, const struct cfg *c, float std, uint64_t seed)
+{
+    int rc = model_init(m, c, NULL);
+    if (rc)
+        return rc;
+    struct lk_rng rng;
+    lk_rng_seed(&rng, seed);
+    model_weights_randomize(&m->w, c, std, &rng);
+    struct model_tensor *t;
+    int n;
+    if (model_weights_tensors(&m->w, c, &t, &n, NULL) == LK_OK) {
+        for (int i = 0; i < n; i++)
+            if (strstr(t[i].name, "norm"))
+                for (size_t j = 0; j < t[i].numel; j++)
+                    t[i].data[j] = 1.0f + 0.2f * lk_rng_normal(&rng);
+        lk_free(t);
+    }
+    return LK_OK;
+}
+
+int fix_lora_random(struct lora *l, const struct cfg *c, unsigned targets, int R, double alpha,
+                    int rslora, float dropout, uint64_t seed)
+{
+    struct lora_config lc;
+    lora_config_default(&lc);
+    lc.targets = targets;
+    lc.r = R;
+    lc.alpha = alpha;
+    lc.use_rslora = rslora;
+    lc.dropout = dropout;
+    int rc = lora_init(l, &lc, c, NULL);
+    if (rc)
+        return rc;
+    struct lk_rng rng;
+    lk_rng_seed(&rng, seed);
+    for (int i = 0; i < l->n_mod; i++) {
+        struct lora_module *md = &l->mod[i];
+        for (size_t j = 0; j < (size_t)md->R * md->in; j++)
+            md->A[j] = 0.5f * lk_rng_normal(&rng);
+        for (size_t j = 0; j < (size_t)md->out * md->R; j++)
+            md->B[j] = 0.5f * lk_rng_normal(&rng);
+    }
+    return LK_OK;
+}
+
+void fix_tokens(int *tok, int n, int V, uint64_t seed)
+{
+    struct lk_rng rng;
+    lk_rng_seed(&rng, seed);
+    for (int i = 0; i < n; i++)
+        tok[i] = (int)(lk_rng_u64(&rng) % (uint64_t)V);
+}

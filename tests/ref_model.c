@@ -1,0 +1,191 @@
+/*
+ * ref_model.c - the double-precision reference decoder (see ref_model.h). Everything is a
+ * plain loop over the definitions in transformers' modeling_qwen2.py / modeling_llama.py.
+ */
+#include "ref_model.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../libcore/ops.h"
+
+static double *dz(size_t n)
+{
+    double *p = calloc(n ? n : 1, sizeof(double));
+    if (!p)
+        abort();
+    return p;
+}
+
+/* y[N, out] = x[N, in] W^T + b  (+ s * B A drop(x) + s * lora_bias) */
+static void ref_linear(double *y, const double *x, const float *W, const float *b, int N, int in,
+                       int out, const struct lora *lora, int layer, int module, uint64_t seed,
+                       int train)
+{
+    for (int n = 0; n < N; n++)
+        for (int o = 0; o < out; o++) {
+            double s = b ? b[o] : 0.0;
+            for (int i = 0; i < in; i++)
+                s += x[(size_t)n * in + i] * (double)W[(size_t)o * in + i];
+            y[(size_t)n * out + o] = s;
+        }
+    const struct lora_module *md = lora ? lora_find(lora, layer, module) : NULL;
+    if (!md)
+        return;
+    int slot = lora->index[layer * CFG_N_MODULES + module];
+    double p = lora->cfg.dropout;
+    double *xd = dz((size_t)N * in);
+    int dropping = train && p > 0;
+    double keepf = dropping ? (double)(1.0f / (1.0f - (float)p)) : 1.0; // the engine's float constant
+    for (size_t i = 0; i < (size_t)N * in; i++) {
+        int keep = !dropping || op_dropout_keep(seed, (uint64_t)slot, i, (float)p);
+        xd[i] = keep ? x[i] * keepf : 0.0;
+    }
+    for (int n = 0; n < N; n++) {
+        for (int o = 0; o < out; o++) {
+            double acc = 0;
+            for (int r = 0; r < md->R; r++) {
+                double xa = 0;
+                for (int i = 0; i < in; i++)
+                    xa += (double)md->A[(size_t)r * in + i] * xd[(size_t)n * in + i];
+                acc += (double)md->B[(size_t)o * md->R + r] * xa;
+            }
+            y[(size_t)n * out + o] += md->scale * acc + (md->bias ? md->scale * (double)md->bias[o] : 0.0);
+        }
+    }
+    free(xd);
+}
+
+static void ref_rmsnorm(double *y, const double *x, const float *w, int N, int C, double eps)
+{
+    for (int n = 0; n < N; n++) {
+        double ss = 0;
+        for (int i = 0; i < C; i++)
+            ss += x[(size_t)n * C + i] * x[(size_t)n * C + i];
+        double r = 1.0 / sqrt(ss / C + (double)(float)eps);
+        for (int i = 0; i < C; i++)
+            y[(size_t)n * C + i] = x[(size_t)n * C + i] * r * w[i];
+    }
+}
+
+static void ref_rope(double *x, const int *pos, const float *inv_freq, int N, int H, int HS)
+{
+    int half = HS / 2;
+    for (int n = 0; n < N; n++)
+        for (int h = 0; h < H; h++) {
+            double *v = x + ((size_t)n * H + h) * HS;
+            for (int i = 0; i < half; i++) {
+                double ang = (double)((float)pos[n] * inv_freq[i]);
+                double c = cos(ang), s = sin(ang);
+                double x1 = v[i], x2 = v[i + half];
+                v[i] = x1 * c - x2 * s;
+                v[i + half] = x2 * c + x1 * s;
+            }
+        }
+}
+
+double ref_forward(const struct model *m, const struct lora *lora, const int *tokens, const int *pos_in,
+                   const int *seg, const int *targets, int B, int T, double loss_scale, int train,
+                   double *out_logits)
+{
+    const struct cfg *c = &m->cfg;
+    int N = B * T, C = c->hidden_size, F = c->intermediate_size, V = c->vocab_size;
+    int NH = c->num_attention_heads, NKV = c->num_key_value_heads, HS = c->head_dim;
+    int Q = NH * HS, KV = NKV * HS, L = c->num_hidden_layers;
+    uint64_t seed = m->dropout_seed;
+    int *pos = malloc(sizeof(int) * (size_t)N);
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t < T; t++)
+            pos[b * T + t] = pos_in ? pos_in[b * T + t] : t;
+    double *x = dz((size_t)N * C), *h = dz((size_t)N * C), *q = dz((size_t)N * Q);
+    double *k = dz((size_t)N * KV), *v = dz((size_t)N * KV), *y = dz((size_t)N * Q);
+    double *o = dz((size_t)N * C), *g = dz((size_t)N * F), *u = dz((size_t)N * F), *d = dz((size_t)N * C);
+    for (int n = 0; n < N; n++)
+        for (int i = 0; i < C; i++)
+            x[(size_t)n * C + i] = m->w.embed[(size_t)tokens[n] * C + i];
+    for (int l = 0; l < L; l++) {
+        const struct model_layer *w = &m->w.layer[l];
+        ref_rmsnorm(h, x, w->ln1, N, C, c->rms_norm_eps);
+        ref_linear(q, h, w->wq, w->bq, N, C, Q, lora, l, CFG_Q, seed, train);
+        ref_linear(k, h, w->wk, w->bk, N, C, KV, lora, l, CFG_K, seed, train);
+        ref_linear(v, h, w->wv, w->bv, N, C, KV, lora, l, CFG_V, seed, train);
+        ref_rope(q, pos, m->inv_freq, N, NH, HS);
+        ref_rope(k, pos, m->inv_freq, N, NKV, HS);
+        // attention: head hh uses kv head hh / (NH / NKV)
+        for (int b = 0; b < B; b++)
+            for (int hh = 0; hh < NH; hh++) {
+                int kh = hh / (NH / NKV);
+                for (int t = 0; t < T; t++) {
+                    double *sc = dz((size_t)T);
+                    double mx = -1e300;
+                    for (int t2 = 0; t2 <= t; t2++) {
+                        if (seg && seg[b * T + t2] != seg[b * T + t])
+                            continue;
+                        double s = 0;
+                        for (int i = 0; i < HS; i++)
+                            s += q[((size_t)(b * T + t)) * Q + hh * HS + i] * k[((size_t)(b * T + t2)) * KV + kh * HS + i];
+                        sc[t2] = s / sqrt((double)HS);
+                        if (sc[t2] > mx)
+                            mx = sc[t2];
+                    }
+                    double z = 0;
+                    for (int t2 = 0; t2 <= t; t2++) {
+                        if (seg && seg[b * T + t2] != seg[b * T + t]) {
+                            sc[t2] = 0;
+                            continue;
+                        }
+                        sc[t2] = exp(sc[t2] - mx);
+                        z += sc[t2];
+                    }
+                    for (int i = 0; i < HS; i++) {
+                        double s = 0;
+                        for (int t2 = 0; t2 <= t; t2++)
+                            s += sc[t2] / z * v[((size_t)(b * T + t2)) * KV + kh * HS + i];
+                        y[((size_t)(b * T + t)) * Q + hh * HS + i] = s;
+                    }
+                    free(sc);
+                }
+            }
+        ref_linear(o, y, w->wo, NULL, N, Q, C, lora, l, CFG_O, seed, train);
+        for (size_t i = 0; i < (size_t)N * C; i++)
+            x[i] += o[i];
+        ref_rmsnorm(h, x, w->ln2, N, C, c->rms_norm_eps);
+        ref_linear(g, h, w->wgate, NULL, N, C, F, lora, l, CFG_GATE, seed, train);
+        ref_linear(u, h, w->wup, NULL, N, C, F, lora, l, CFG_UP, seed, train);
+        for (size_t i = 0; i < (size_t)N * F; i++)
+            g[i] = g[i] / (1.0 + exp(-g[i])) * u[i];
+        ref_linear(d, g, w->wdown, NULL, N, F, C, lora, l, CFG_DOWN, seed, train);
+        for (size_t i = 0; i < (size_t)N * C; i++)
+            x[i] += d[i];
+    }
+    ref_rmsnorm(h, x, m->w.norm, N, C, c->rms_norm_eps);
+    double loss = 0;
+    int count = 0;
+    double *lg = out_logits ? out_logits : dz((size_t)N * V);
+    for (int n = 0; n < N; n++) {
+        for (int vv = 0; vv < V; vv++) {
+            double s = 0;
+            for (int i = 0; i < C; i++)
+                s += h[(size_t)n * C + i] * (double)m->w.lm_head[(size_t)vv * C + i];
+            lg[(size_t)n * V + vv] = s;
+        }
+        if (targets && targets[n] >= 0) {
+            double mx = -1e300, z = 0;
+            for (int vv = 0; vv < V; vv++)
+                if (lg[(size_t)n * V + vv] > mx)
+                    mx = lg[(size_t)n * V + vv];
+            for (int vv = 0; vv < V; vv++)
+                z += exp(lg[(size_t)n * V + vv] - mx);
+            loss += mx + log(z) - lg[(size_t)n * V + targets[n]];
+            count++;
+        }
+    }
+    if (!out_logits)
+        free(lg);
+    free(pos);
+    free(x), free(h), free(q), free(k), free(v), free(y), free(o), free(g), free(u), free(d);
+    if (!targets)
+        return 0;
+    return loss_scale > 0 ? loss * loss_scale : (count ? loss / count : 0);
+}

@@ -1,0 +1,18 @@
+/*
+ * ref_model.h - a plain double-precision reference of the decoder with LoRA, written
+ * independently of libcore/model.c (naive loops, no BLAS, no shared kernels), for checking
+ * the fast path's logits and, through central differences, its gradients.
+ */
+#ifndef LK_REF_MODEL_H
+#define LK_REF_MODEL_H
+
+#include "../libcore/model.h"
+
+/* Logits [B*T, V] in double (out owned by caller), and the mean loss over targets != -100
+ * (or the sum times loss_scale when loss_scale > 0). Dropout (train) uses the same hash mask
+ * as the engine, from m->dropout_seed. */
+double ref_forward(const struct model *m, const struct lora *lora, const int *tokens, const int *pos,
+                   const int *seg, const int *targets, int B, int T, double loss_scale, int train,
+                   double *out_logits);
+
+#endif

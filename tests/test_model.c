@@ -1,0 +1,349 @@
+/*
+ * test_model.c - the decoder against the double-precision reference (tests/ref_model.c):
+ * kernels vs naive loops, logits vs the reference, LoRA and full gradients vs central
+ * differences of the reference loss in double, packing, zero adapters, hand merging.
+ */
+#include "test.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../libcore/model.h"
+#include "../libcore/ops.h"
+#include "fix_model.h"
+#include "ref_model.h"
+
+TEST(ops_matmul_matches_naive_on_awkward_shapes)
+{
+    int shapes[][3] = { { 1, 1, 1 }, { 1, 7, 3 }, { 5, 1, 9 }, { 13, 17, 1 }, { 33, 65, 31 } };
+    struct lk_rng rng;
+    lk_rng_seed(&rng, 1);
+    for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
+        int N = shapes[s][0], IC = shapes[s][1], OC = shapes[s][2];
+        float *x = malloc(sizeof(float) * N * IC), *w = malloc(sizeof(float) * OC * IC);
+        float *b = malloc(sizeof(float) * OC), *y1 = malloc(sizeof(float) * N * OC);
+        float *y2 = malloc(sizeof(float) * N * OC);
+        for (int i = 0; i < N * IC; i++)
+            x[i] = lk_rng_normal(&rng);
+        for (int i = 0; i < OC * IC; i++)
+            w[i] = lk_rng_normal(&rng);
+        for (int i = 0; i < OC; i++)
+            b[i] = lk_rng_normal(&rng);
+        op_matmul_forward(y1, x, w, b, N, IC, OC);
+        op_matmul_forward_naive(y2, x, w, b, N, IC, OC);
+        for (int i = 0; i < N * OC; i++)
+            CHECK_NEAR(y1[i], y2[i], 1e-4);
+        free(x), free(w), free(b), free(y1), free(y2);
+    }
+}
+
+static void max_rel_logits(const float *got, const double *ref, size_t n, double *out)
+{
+    double mx = 0, mref = 0;
+    for (size_t i = 0; i < n; i++) {
+        double d = fabs((double)got[i] - ref[i]);
+        if (d > mx)
+            mx = d;
+        if (fabs(ref[i]) > mref)
+            mref = fabs(ref[i]);
+    }
+    *out = mx / (mref > 0 ? mref : 1);
+}
+
+static void check_logits_vs_ref(const struct cfg *c, int with_lora)
+{
+    struct model m;
+    struct lora l = { 0 };
+    CHECK_OK(fix_model_random(&m, c, 0.3f, 11));
+    if (with_lora)
+        CHECK_OK(fix_lora_random(&l, c, (1u << CFG_N_MODULES) - 1, 3, 6.0, 0, 0.0f, 12));
+    int B = 2, T = 7, N = B * T, V = c->vocab_size;
+    int *tok = malloc(sizeof(int) * N);
+    fix_tokens(tok, N, V, 13);
+    CHECK_OK(model_plan(&m, B, T, 0, test_err()));
+    CHECK_OK(model_forward(&m, with_lora ? &l : NULL, tok, NULL, NULL, NULL, 0, NULL, test_err()));
+    double *ref = malloc(sizeof(double) * N * V);
+    ref_forward(&m, with_lora ? &l : NULL, tok, NULL, NULL, NULL, B, T, 0, 0, ref);
+    double rel;
+    max_rel_logits(model_logits(&m), ref, (size_t)N * V, &rel);
+    CHECK_MSG(rel < 1e-5, "logits differ from the reference: max rel %g", rel);
+    free(tok), free(ref);
+    lora_release(&l);
+    model_release(&m);
+}
+
+TEST(model_logits_match_reference_qwen2)
+{
+    struct cfg c;
+    fix_cfg_qwen2(&c);
+    check_logits_vs_ref(&c, 0);
+    check_logits_vs_ref(&c, 1);
+}
+
+TEST(model_logits_match_reference_llama)
+{
+    struct cfg c;
+    fix_cfg_llama(&c);
+    check_logits_vs_ref(&c, 0);
+    check_logits_vs_ref(&c, 1);
+}
+
+/* Central difference of the reference loss w.r.t. one stored float, with the values actually
+ * stored: (f(x_up) - f(x_down)) / (x_up - x_down). */
+struct gcase {
+    struct model *m;
+    struct lora *l;
+    int *tok, *pos, *seg, *tgt;
+    int B, T;
+    double scale;
+};
+
+static double fd_at(struct gcase *g, float *p)
+{
+    float orig = *p;
+    // h small: the reference is exact in double and the truncation error O(h^2) dominates
+    float h = 3e-5f * fmaxf(1.0f, fabsf(orig));
+    float up = orig + h, down = orig - h;
+    *p = up;
+    double fu = ref_forward(g->m, g->l, g->tok, g->pos, g->seg, g->tgt, g->B, g->T, g->scale, 1, NULL);
+    *p = down;
+    double fd = ref_forward(g->m, g->l, g->tok, g->pos, g->seg, g->tgt, g->B, g->T, g->scale, 1, NULL);
+    *p = orig;
+    return (fu - fd) / ((double)up - (double)down);
+}
+
+/* Compares analytic gradients of one tensor with central differences on a capped sample of
+ * coordinates; returns the norm-wise relative error and reports the worst element. */
+static double grad_check_tensor(struct gcase *g, float *param, const float *grad, size_t n,
+                                const char *name, int max_samples)
+{
+    double num = 0, den = 0, worst = 0;
+    size_t step = n > (size_t)max_samples ? n / (size_t)max_samples : 1;
+    for (size_t i = 0; i < n; i += step) {
+        double fd = fd_at(g, &param[i]);
+        double d = fabs(fd - grad[i]);
+        num += d * d;
+        den += fd * fd;
+        double rel = d / fmax(fabs(fd), 1e-6);
+        if (fabs(fd) > 1e-5 && rel > worst)
+            worst = rel;
+    }
+    double r = den > 0 ? sqrt(num / den) : sqrt(num);
+    if (r > 1e-4)
+        fprintf(stderr, "    %s: norm-wise rel error %.3g, worst element %.3g (gradient norm %.3g)\n", name, r, worst, sqrt(den));
+    return r;
+}
+
+static void gradient_check(const struct cfg *c, int full, int with_seg, float dropout, int rslora)
+{
+    struct model m;
+    struct lora l = { 0 };
+    CHECK_OK(fix_model_random(&m, c, 0.4f, 21));
+    if (!full)
+        CHECK_OK(fix_lora_random(&l, c, (1u << CFG_N_MODULES) - 1, 2, 4.0, rslora, dropout, 22));
+    int B = 2, T = 6, N = B * T, V = c->vocab_size;
+    int tok[12], tgt[12], pos[12], seg[12];
+    fix_tokens(tok, N, V, 23);
+    fix_tokens(tgt, N, V, 24);
+    tgt[3] = tgt[11] = -100;
+    int count = 0;
+    for (int i = 0; i < N; i++) {
+        count += tgt[i] >= 0;
+        // two packed records per row: positions restart, segments differ
+        seg[i] = (i % T) < 4 ? 0 : 1;
+        pos[i] = (i % T) < 4 ? i % T : i % T - 4;
+    }
+    struct gcase g = { &m, full ? NULL : &l, tok, with_seg ? pos : NULL, with_seg ? seg : NULL,
+                       tgt, B, T, 1.0 / count };
+    m.dropout_seed = 99;
+    CHECK_OK(model_plan(&m, B, T, 1, test_err()));
+    double loss;
+    CHECK_OK(model_forward(&m, g.l, tok, g.pos, g.seg, tgt, (float)g.scale, &loss, test_err()));
+    double ref_loss = ref_forward(&m, g.l, tok, g.pos, g.seg, tgt, B, T, g.scale, 1, NULL);
+    CHECK_NEAR(loss * g.scale, ref_loss, 1e-5);
+    double worst = 0;
+    if (!full) {
+        float *grad = calloc(l.n, sizeof(float));
+        model_backward(&m, &l, grad, NULL);
+        for (int i = 0; i < l.n_mod; i++) {
+            struct lora_module *md = &l.mod[i];
+            char nm[64];
+            snprintf(nm, sizeof nm, "L%d.%s.A", md->layer, cfg_module_names[md->module]);
+            double e = grad_check_tensor(&g, md->A, grad + (md->A - l.mem), (size_t)md->R * md->in, nm, 12);
+            worst = fmax(worst, e);
+            snprintf(nm, sizeof nm, "L%d.%s.B", md->layer, cfg_module_names[md->module]);
+            e = grad_check_tensor(&g, md->B, grad + (md->B - l.mem), (size_t)md->out * md->R, nm, 12);
+            worst = fmax(worst, e);
+        }
+        free(grad);
+    } else {
+        struct model_weights gw;
+        CHECK_OK(model_weights_alloc(&gw, c, test_err()));
+        model_backward(&m, NULL, NULL, &gw);
+        struct model_tensor *pt, *gt;
+        int n, n2;
+        CHECK_OK(model_weights_tensors(&m.w, c, &pt, &n, test_err()));
+        CHECK_OK(model_weights_tensors(&gw, c, &gt, &n2, test_err()));
+        CHECK_INT(n, n2);
+        for (int i = 0; i < n; i++) {
+            double e = grad_check_tensor(&g, pt[i].data, gt[i].data, pt[i].numel, pt[i].name, 10);
+            worst = fmax(worst, e);
+        }
+        lk_free(pt);
+        lk_free(gt);
+        model_weights_release(&gw);
+    }
+    fprintf(stderr, "    worst norm-wise relative gradient error: %.3g\n", worst);
+    CHECK_MSG(worst < 1e-3, "gradient check failed: worst relative error %g", worst);
+    lora_release(&l);
+    model_release(&m);
+}
+
+TEST(model_grad_lora_qwen2)
+{
+    struct cfg c;
+    fix_cfg_qwen2(&c);
+    gradient_check(&c, 0, 0, 0.0f, 0);
+}
+
+TEST(model_grad_lora_qwen2_dropout_rslora_packed)
+{
+    struct cfg c;
+    fix_cfg_qwen2(&c);
+    gradient_check(&c, 0, 1, 0.25f, 1);
+}
+
+TEST(model_grad_lora_llama)
+{
+    struct cfg c;
+    fix_cfg_llama(&c);
+    gradient_check(&c, 0, 0, 0.0f, 0);
+}
+
+TEST(model_grad_full_qwen2_tied)
+{
+    struct cfg c;
+    fix_cfg_qwen2(&c);
+    gradient_check(&c, 1, 0, 0.0f, 0);
+}
+
+TEST(model_grad_full_llama_untied_packed)
+{
+    struct cfg c;
+    fix_cfg_llama(&c);
+    gradient_check(&c, 1, 1, 0.0f, 0);
+}
+
+TEST(model_zero_b_adapter_gives_base_logits_exactly)
+{
+    struct cfg c;
+    fix_cfg_qwen2(&c);
+    struct model m;
+    struct lora l;
+    CHECK_OK(fix_model_random(&m, &c, 0.3f, 31));
+    CHECK_OK(fix_lora_random(&l, &c, (1u << CFG_N_MODULES) - 1, 4, 8.0, 0, 0.0f, 32));
+    for (int i = 0; i < l.n_mod; i++)
+        memset(l.mod[i].B, 0, sizeof(float) * (size_t)l.mod[i].out * l.mod[i].R);
+    int tok[10];
+    fix_tokens(tok, 10, c.vocab_size, 33);
+    CHECK_OK(model_plan(&m, 2, 5, 0, test_err()));
+    size_t n = (size_t)10 * c.vocab_size;
+    float *base = malloc(sizeof(float) * n);
+    CHECK_OK(model_forward(&m, NULL, tok, NULL, NULL, NULL, 0, NULL, test_err()));
+    memcpy(base, model_logits(&m), sizeof(float) * n);
+    CHECK_OK(model_forward(&m, &l, tok, NULL, NULL, NULL, 0, NULL, test_err()));
+    CHECK(memcmp(base, model_logits(&m), sizeof(float) * n) == 0);
+    free(base);
+    lora_release(&l);
+    model_release(&m);
+}
+
+TEST(model_hand_merge_matches_adapter_path)
+{
+    struct cfg c;
+    fix_cfg_llama(&c);
+    struct model m;
+    struct lora l;
+    CHECK_OK(fix_model_random(&m, &c, 0.3f, 41));
+    CHECK_OK(fix_lora_random(&l, &c, (1u << CFG_N_MODULES) - 1, 3, 5.0, 0, 0.0f, 42));
+    int tok[12];
+    fix_tokens(tok, 12, c.vocab_size, 43);
+    CHECK_OK(model_plan(&m, 2, 6, 0, test_err()));
+    size_t n = (size_t)12 * c.vocab_size;
+    float *with = malloc(sizeof(float) * n);
+    CHECK_OK(model_forward(&m, &l, tok, NULL, NULL, NULL, 0, NULL, test_err()));
+    memcpy(with, model_logits(&m), sizeof(float) * n);
+    // W += s * B @ A by hand, in double
+    struct model_tensor *t;
+    int nt;
+    CHECK_OK(model_weights_tensors(&m.w, &c, &t, &nt, test_err()));
+    for (int i = 0; i < nt; i++) {
+        if (t[i].module < 0 || t[i].is_bias)
+            continue;
+        struct lora_module *md = lora_find(&l, t[i].layer, t[i].module);
+        CHECK(md != NULL);
+        for (int o = 0; o < md->out; o++)
+            for (int k = 0; k < md->in; k++) {
+                double s = 0;
+                for (int r = 0; r < md->R; r++)
+                    s += (double)md->B[o * md->R + r] * md->A[r * md->in + k];
+                t[i].data[(size_t)o * md->in + k] += (float)(md->scale * s);
+            }
+    }
+    lk_free(t);
+    CHECK_OK(model_forward(&m, NULL, tok, NULL, NULL, NULL, 0, NULL, test_err()));
+    double mx = 0, mref = 0;
+    for (size_t i = 0; i < n; i++) {
+        mx = fmax(mx, fabs((double)model_logits(&m)[i] - with[i]));
+        mref = fmax(mref, fabs((double)with[i]));
+    }
+    CHECK_MSG(mx / mref < 1e-5, "merged logits differ: max rel %g", mx / mref);
+    free(with);
+    lora_release(&l);
+    model_release(&m);
+}
+
+TEST(model_packing_equals_separate_sequences)
+{
+    struct cfg c;
+    fix_cfg_qwen2(&c);
+    struct model m;
+    CHECK_OK(fix_model_random(&m, &c, 0.3f, 51));
+    int V = c.vocab_size;
+    int a[3], b[4], packed[7], pos[7], seg[7];
+    fix_tokens(a, 3, V, 52);
+    fix_tokens(b, 4, V, 53);
+    for (int i = 0; i < 7; i++) {
+        packed[i] = i < 3 ? a[i] : b[i - 3];
+        pos[i] = i < 3 ? i : i - 3;
+        seg[i] = i < 3 ? 0 : 1;
+    }
+    float *lp = malloc(sizeof(float) * 7 * V);
+    CHECK_OK(model_plan(&m, 1, 7, 0, test_err()));
+    CHECK_OK(model_forward(&m, NULL, packed, pos, seg, NULL, 0, NULL, test_err()));
+    memcpy(lp, model_logits(&m), sizeof(float) * 7 * V);
+    CHECK_OK(model_plan(&m, 1, 4, 0, test_err()));
+    CHECK_OK(model_forward(&m, NULL, b, NULL, NULL, NULL, 0, NULL, test_err()));
+    for (int i = 0; i < 4 * V; i++)
+        CHECK_NEAR(lp[3 * V + i], model_logits(&m)[i], 1e-5);
+    CHECK_OK(model_plan(&m, 1, 3, 0, test_err()));
+    CHECK_OK(model_forward(&m, NULL, a, NULL, NULL, NULL, 0, NULL, test_err()));
+    for (int i = 0; i < 3 * V; i++)
+        CHECK_NEAR(lp[i], model_logits(&m)[i], 1e-5);
+    free(lp);
+    model_release(&m);
+}
+
+TEST(model_rejects_out_of_range_tokens)
+{
+    struct cfg c;
+    fix_cfg_qwen2(&c);
+    struct model m;
+    CHECK_OK(fix_model_random(&m, &c, 0.3f, 61));
+    CHECK_OK(model_plan(&m, 1, 2, 0, test_err()));
+    int tok[2] = { 1, c.vocab_size };
+    CHECK(model_forward(&m, NULL, tok, NULL, NULL, NULL, 0, NULL, test_err()) == LK_ERR_USAGE);
+    CHECK(strstr(test_errmsg(), "outside the vocabulary") != NULL);
+    model_release(&m);
+}
