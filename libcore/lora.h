@@ -80,8 +80,9 @@ struct lora {
     int L;
     struct lora_extra *extra;   /* owned array (modules_to_save tensors) */
     int n_extra;
+    int extras_applied;         /* set by model_apply_extras */
     float *embed_A, *embed_B;   /* owned: embedding adapter [R, V] and [C, R], or NULL */
-    int embed_R;
+    int embed_R, embed_V, embed_C;
     float embed_scale;
     float *mag_mem;             /* owned: all DoRA magnitudes, or NULL */
 };
@@ -104,12 +105,17 @@ void lora_init_weights(struct lora *l, int gaussian, struct lk_rng *rng);
 /* Slot of (layer, module), or NULL. */
 struct lora_module *lora_find(const struct lora *l, int layer, int module);
 
+/* Reads DIR/adapter_config.json alone (peft_type LORA required; PEFT's defaults r 8, alpha 8). */
+int lora_config_load(struct lora_config *lc, const char *dir, struct lk_err *err);
 /* Reads an adapter folder (adapter_config.json + adapter_model.safetensors), checking it against
  * the base config: shapes, ranks, modules and layers the base has. What the engine cannot apply
  * (layers_to_transform, bias other than "none", fan_in_fan_out) is refused. */
 int lora_load(struct lora *l, const char *dir, const struct cfg *c, struct lk_err *err);
 /* Writes an adapter folder atomically (both files to temp names, then renamed). */
 int lora_save(const struct lora *l, const char *dir, struct lk_err *err);
+/* Writes the tensors of a block with lora->mem's layout (the factors, or their gradients) under
+ * PEFT names to one .safetensors file. */
+int lora_save_tensors(const struct lora *l, const float *block, const char *path, struct lk_err *err);
 /* The PEFT tensor name prefix for a module: "base_model.model.model.layers.3.mlp.down_proj". */
 void lora_peft_name(int layer, int module, char *buf, size_t n);
 

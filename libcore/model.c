@@ -506,7 +506,10 @@ int model_forward(struct model *m, const struct lora *lora, const int *tokens, c
     if (lora && lora->L != L)
         return lk_errf(err, LK_ERR_SHAPE, "adapter has %d layers, model has %d", lora->L, L);
     if (lora && lora->mag_mem)
-        return lk_errf(err, LK_ERR_UNSUPPORTED, "DoRA adapters cannot be run by the engine yet");
+        return lk_errf(err, LK_ERR_UNSUPPORTED, "DoRA adapters cannot be run by the engine yet: "
+                       "merge them into the base (lorakit merge) and run the merged model");
+    if (lora && lora->n_extra && !lora->extras_applied)
+        return lk_errf(err, LK_ERR_USAGE, "adapter has modules_to_save tensors: model_apply_extras first");
     for (int i = 0; i < BT; i++) {
         if (tokens[i] < 0 || tokens[i] >= V)
             return lk_errf(err, LK_ERR_USAGE, "token id %d at position %d is outside the vocabulary [0, %d)",

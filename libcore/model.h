@@ -102,3 +102,15 @@ void model_backward(struct model *m, const struct lora *lora, float *lora_grad,
 size_t model_param_count(const struct cfg *c);
 
 #endif
+
+// ---- model folders (model_io.c) ----
+
+/* Writes config.json (torch_dtype set from dtype) and model.safetensors in dtype (F32, BF16 or
+ * F16), into dir, each file atomically. c->json (if any) keeps unknown config fields. */
+int model_save(const struct model *m, const char *dir, int dtype, struct lk_err *err);
+/* Writes every tensor of a weights block (the weights, or their gradients) to one file. */
+int model_weights_save_st(const struct model_weights *w, const struct cfg *c, const char *path,
+                          int dtype, struct lk_err *err);
+/* Copies an adapter's modules_to_save tensors into the weights (a tied lm_head is refused:
+ * untie first). Marks the adapter as applied so that model_forward accepts it. */
+int model_apply_extras(struct model *m, struct lora *l, struct lk_err *err);

@@ -17,6 +17,7 @@ struct command {
 static int cmd_version(int argc, char **argv);
 
 static const struct command commands[] = { /* keep sorted by name */
+    { "logits",  cmd_logits,  "write the float32 logits of token sequences to a .safetensors file" },
     { "version", cmd_version, "print the version" },
 
 };
