@@ -48,7 +48,7 @@ int svd_values(int m, int n, const float *A, float *out_S, struct lk_err *err);
  * projection. rng is borrowed and advanced (same state, same result with a fixed thread
  * count). The singular values found are never above the true ones (they are those of QᵀA
  * for an orthonormal Q), so energies computed from them are lower bounds.
- * Scratch about (k + p) * (m + 2n) floats. Outputs as svd_exact. */
+ * Scratch about l * (m + 3n + l) floats, l = min(k + p, min(m, n)). Outputs as svd_exact. */
 int svd_randomized(int m, int n, const float *A, int k, int p, int q, struct lk_rng *rng,
                    float *out_U, float *out_S, float *out_Vt, struct lk_err *err);
 
@@ -113,10 +113,12 @@ struct svd_energy_info {
 
 /* Smallest rank keeping a fraction E of ‖A‖_F², capped at max_rank (1 <= max_rank <=
  * min(m, n)), with its singular triplets. The exact path computes all values once. The
- * randomized path starts from a sketch of rank max(16, ...) and doubles it until the top r
- * values found keep E of the directly computed total - certain, because the values found
- * are lower bounds of the true ones - and falls back to exact when the sketch would approach
- * min(m, n). Outputs are sized for max_rank (out_U [m * max_rank], out_S [max_rank],
+ * randomized path starts from a sketch of rank min(16, max_rank) and doubles it (capped at
+ * max_rank) until the top r values found keep E of the directly computed total - certain,
+ * because the values found are lower bounds of the true ones - and falls back to exact when
+ * the sketch would approach min(m, n) (SVD_AUTO: when svd_method_pick says exact; a forced
+ * SVD_RANDOMIZED: when k + p exceeds min(m, n) / 2). E must be in (0, 1]; a zero matrix gives
+ * rank 0. Cost: at most about twice the final sketch. Outputs are sized for max_rank (out_U [m * max_rank], out_S [max_rank],
  * out_Vt [max_rank * n]); on return the first info->rank columns/values/rows are written
  * packed, as U [m, r], S [r], Vt [r, n]. out_info must not be NULL. */
 int svd_truncated_energy(int m, int n, const float *A, double E, int max_rank,

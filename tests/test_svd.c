@@ -669,3 +669,19 @@ TEST(svd_subspace_sim_of_random_bases_is_ij_over_d)
             CHECK(mean[a * ns + b] < 0.15); // far from the 1 of shared directions
         }
 }
+
+TEST(svd_method_pick_by_shape_and_rank)
+{
+    struct svd_opts o;
+    svd_opts_init(&o);
+    CHECK_INT(o.oversample, 10);
+    CHECK_INT(o.power_iters, 2);
+    CHECK_INT(svd_method_pick(100, 5000, 5, &o), SVD_EXACT);      // short side < 128: cheap anyway
+    CHECK_INT(svd_method_pick(4864, 896, 64, &o), SVD_RANDOMIZED); // 74 <= 896 / 4
+    CHECK_INT(svd_method_pick(896, 4864, 64, NULL), SVD_RANDOMIZED);
+    CHECK_INT(svd_method_pick(896, 896, 300, &o), SVD_EXACT);      // sketch 310 > 896 / 4
+    o.method = SVD_EXACT;
+    CHECK_INT(svd_method_pick(4864, 896, 64, &o), SVD_EXACT);      // forced wins
+    o.method = SVD_RANDOMIZED;
+    CHECK_INT(svd_method_pick(10, 10, 9, &o), SVD_RANDOMIZED);
+}
