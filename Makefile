@@ -50,7 +50,7 @@ TESTBIN   = $(OUT)/tests/run
 # app objects other than main(), linked into the test runner too
 APPLIB_OBJ = $(filter-out $(OUT)/tools/lorakit.o,$(APP_OBJ))
 
-.PHONY: all deps test bench demo clean fuzz check-deps base-model
+.PHONY: all deps test bench demo clean fuzz check-deps base-model bench-svd
 all: check-deps $(BIN)
 
 # Installs the Debian packages when one is missing (dpkg-query is quick; apt only if needed).
@@ -90,6 +90,14 @@ $(TESTBIN): $(TEST_OBJ) $(APPLIB_OBJ) $(LIB)
 # T=prefix runs only the tests whose names start with it.
 test: check-deps $(BIN) $(TESTBIN)
 	OPENBLAS_NUM_THREADS=1 LORAKIT=$(CURDIR)/$(BIN) $(TESTBIN) $(T)
+
+# Benchmarks: one program per bench/bench_<name>.c, run with the caller's OPENBLAS_NUM_THREADS.
+bench: bench-svd
+
+bench-svd: check-deps $(LIB)
+	@mkdir -p $(OUT)/bench
+	$(CC) $(ALL) -o $(OUT)/bench/bench_svd bench/bench_svd.c $(LIB) $(LIBS)
+	$(OUT)/bench/bench_svd
 
 clean:
 	rm -rf build bin libcore/libcore.a
