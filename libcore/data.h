@@ -30,6 +30,8 @@ struct data_set {
     int n_truncated;
     int n_skipped;           /* broken lines skipped with skip_bad */
     int max_len;
+    size_t cap_tokens;       /* allocated ints in ids and labels */
+    int cap_ex;              /* allocated examples */
 };
 
 struct data_opts {
@@ -41,7 +43,7 @@ struct data_opts {
 
 /* Loads one or more JSONL files (comma-separated list). tk may be NULL when every record is
  * pre-tokenized. A broken line is reported as "file:line: problem". */
-int data_load(struct data_set *d, const char *paths, const struct tok *tk, const struct data_opts *o,
+int data_load(struct data_set *d, const char *paths, struct tok *tk, const struct data_opts *o,
               struct lk_err *err);
 /* Adds one example (copies ids/labels; labels NULL = train on all). */
 int data_add(struct data_set *d, const int *ids, const int *labels, int n, int seq);
