@@ -17,6 +17,8 @@ struct command {
 static int cmd_version(int argc, char **argv);
 
 static const struct command commands[] = { /* keep sorted by name */
+    { "info",    cmd_info,    "describe a model folder, adapter or .safetensors file" },
+    { "init",    cmd_init,    "write a random model in the Hugging Face layout" },
     { "version", cmd_version, "print the version" },
 
 };
