@@ -111,6 +111,9 @@ struct st_writer {
     size_t part;               /* elements of tensor `next` already written (chunked writes) */
 };
 
+/* err must not be NULL and must start zeroed: errors are sticky on it, so a sequence of
+ * declare/write calls can be checked once, at commit. The file appears at path only on a
+ * successful commit; temp file "<path>.tmp.<pid>" in the same folder until then. */
 int st_writer_init(struct st_writer *w, const char *path, struct lk_err *err);
 int st_writer_meta(struct st_writer *w, const char *key, const char *val);
 /* Declares a tensor of the given output dtype and shape; order of declaration = data order. */

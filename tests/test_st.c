@@ -616,3 +616,30 @@ TEST(st_model_rejects_bad_shard_and_missing_folder)
     CHECK(expect_model_refused(test_path("nothing"), "no such model folder"));
     CHECK(expect_model_refused(test_tmpdir(), "no model.safetensors or model.safetensors.index.json"));
 }
+
+TEST(st_open_survives_allocation_failures)
+{
+    // the Nth allocation fails, for every N until the open succeeds: only OK or NOMEM
+    const char *hdr = "{\"__metadata__\":{\"format\":\"pt\"},\"a\":{\"dtype\":\"F32\",\"shape\":[1],"
+                      "\"data_offsets\":[0,4]},\"b\":{\"dtype\":\"U8\",\"shape\":[2],\"data_offsets\":[4,6]}}";
+    const char *p = write_raw("ok.safetensors", hdr, 6);
+    char *buf;
+    size_t len;
+    CHECK_OK(lk_read_file(p, &buf, &len, test_err()));
+    int ok = 0;
+    for (long n = 1; n < 100 && !ok; n++) {
+        struct st_file f;
+        struct lk_err err = { 0 };
+        lk_fail_countdown = n;
+        int rc = st_open_buffer(&f, buf, len, "x", &err);
+        lk_fail_countdown = 0;
+        CHECK_MSG(rc == LK_OK || rc == LK_ERR_NOMEM, "countdown %ld: %d %s", n, rc, err.msg);
+        if (rc == LK_OK) {
+            CHECK(f.n == 2 && st_find(&f, "b") && !strcmp(st_meta(&f, "format"), "pt"));
+            st_close(&f);
+            ok = 1;
+        }
+    }
+    CHECK(ok);
+    lk_free(buf);
+}
