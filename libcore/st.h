@@ -79,7 +79,9 @@ struct st_model {
     int sharded;               /* 1 when read through an index */
 };
 /* Opens DIR/model.safetensors or DIR/model.safetensors.index.json (every shard it names,
- * each validated; the index must name only tensors that exist in the named shard). */
+ * each validated; the index must name only tensors that exist in the named shard; shard
+ * names holding '/', '\\' or ".." are refused; a tensor in two shards is refused). When both
+ * files exist, model.safetensors wins, as in transformers. */
 int st_model_open(struct st_model *m, const char *dir, struct lk_err *err);
 void st_model_close(struct st_model *m);
 /* Finds a tensor in any file; out_file (may be NULL) gets the file index. */
