@@ -44,8 +44,22 @@ int cfg_parse(struct cfg *c, const char *text, const char *name, struct lk_err *
 /* Writes config.json (atomically): the original JSON with our fields set to c's values. */
 int cfg_save(const struct cfg *c, const char *path, struct lk_err *err);
 void cfg_release(struct cfg *c);
-/* Fills a config from dimensions (for init and tests); json NULL. */
+/* Fills a small Qwen2 config (json NULL): the `tiny` preset of `lorakit init`: C 64, F 176,
+ * L 2, NH 4, NKV 2, HS 16, V 512, tied embeddings, q/k/v biases, rope_theta 10000,
+ * rms_norm_eps 1e-6, max_position_embeddings 1024, float32, no bos/eos (-1). */
 void cfg_default_qwen2(struct cfg *c);
+/* Fills c from a named preset ("tiny", "qwen2.5-0.5b", "qwen2-1.5b", "llama-tiny"): the
+ * dimensions of the published configs, json NULL. LK_ERR_USAGE naming the presets when unknown. */
+int cfg_preset(struct cfg *c, const char *name, struct lk_err *err);
+extern const char *const cfg_preset_names[]; /* NULL-terminated */
+/* Total parameter count the config implies (embeddings counted once when tied). */
+int64_t cfg_param_count(const struct cfg *c);
+
+/* JSON text with 2-space indentation, like Python's json.dumps(indent=2) (keys in the order
+ * given, integers without a fraction, other numbers in the shortest form that round-trips).
+ * Returns a heap string (caller frees with lk_free), NULL on OOM. */
+struct cJSON;
+char *cfg_json_print(const struct cJSON *j);
 
 enum cfg_tensor_kind {
     CFG_T_EMBED,   /* model.embed_tokens.weight [V, C] */

@@ -14,6 +14,9 @@
 int cmd_info(int argc, char **argv);
 int cmd_init(int argc, char **argv);
 int cmd_logits(int argc, char **argv);
+int cmd_train(int argc, char **argv);
 
+/* `lorakit info` on a PEFT adapter folder (tools/info_adapter.c): prints, returns the exit status. */
+int info_adapter(const char *dir, int json);
 
 #endif

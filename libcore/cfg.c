@@ -1,0 +1,655 @@
+/*
+ * cfg.c - config.json of LlamaForCausalLM and Qwen2ForCausalLM: parse with transformers'
+ * defaults, refuse what lorakit does not model (naming the field), save with our fields updated
+ * and unknown fields kept, and the list of weight tensors a config implies. Owns: c->json.
+ */
+#include "cfg.h"
+
+#include <cJSON.h>
+#include <limits.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+const char *const cfg_module_names[CFG_N_MODULES] = {
+    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+};
+
+// ---- reading fields ----
+
+/* The field, or NULL when absent or JSON null (transformers treats both as "use the default"). */
+static const cJSON *cfg_get(const cJSON *root, const char *key)
+{
+    const cJSON *j = cJSON_GetObjectItemCaseSensitive(root, key);
+    return cJSON_IsNull(j) ? NULL : j;
+}
+
+static int cfg_int(const cJSON *root, const char *key, int required, int def, int *out, const char *name,
+                   struct lk_err *err)
+{
+    const cJSON *j = cfg_get(root, key);
+    if (!j) {
+        if (required)
+            return lk_errf(err, LK_ERR_FORMAT, "%s: missing required field '%s'", name, key);
+        *out = def;
+        return LK_OK;
+    }
+    if (!cJSON_IsNumber(j) || j->valuedouble != floor(j->valuedouble) || fabs(j->valuedouble) > INT_MAX)
+        return lk_errf(err, LK_ERR_FORMAT, "%s: field '%s' must be an integer", name, key);
+    *out = (int)j->valuedouble;
+    return LK_OK;
+}
+
+static int cfg_pos_int(const cJSON *root, const char *key, int required, int def, int *out,
+                       const char *name, struct lk_err *err)
+{
+    int rc = cfg_int(root, key, required, def, out, name, err);
+    if (!rc && *out <= 0)
+        return lk_errf(err, LK_ERR_FORMAT, "%s: field '%s' must be positive, got %d", name, key, *out);
+    return rc;
+}
+
+static int cfg_num(const cJSON *root, const char *key, double def, double *out, const char *name,
+                   struct lk_err *err)
+{
+    const cJSON *j = cfg_get(root, key);
+    if (!j) {
+        *out = def;
+        return LK_OK;
+    }
+    if (!cJSON_IsNumber(j) || !isfinite(j->valuedouble))
+        return lk_errf(err, LK_ERR_FORMAT, "%s: field '%s' must be a number", name, key);
+    *out = j->valuedouble;
+    return LK_OK;
+}
+
+static int cfg_bool(const cJSON *root, const char *key, int def, int *out, const char *name,
+                    struct lk_err *err)
+{
+    const cJSON *j = cfg_get(root, key);
+    if (!j) {
+        *out = def;
+        return LK_OK;
+    }
+    if (!cJSON_IsBool(j))
+        return lk_errf(err, LK_ERR_FORMAT, "%s: field '%s' must be true or false", name, key);
+    *out = cJSON_IsTrue(j);
+    return LK_OK;
+}
+
+/* A token id: an integer, the first of a list (Llama 3 lists several eos ids), or -1. */
+static int cfg_token(const cJSON *root, const char *key, int *out, const char *name, struct lk_err *err)
+{
+    const cJSON *j = cfg_get(root, key);
+    *out = -1;
+    if (cJSON_IsArray(j))
+        j = j->child;
+    if (!j)
+        return LK_OK;
+    if (!cJSON_IsNumber(j) || j->valuedouble != floor(j->valuedouble) || j->valuedouble < 0 ||
+        j->valuedouble > INT_MAX)
+        return lk_errf(err, LK_ERR_FORMAT, "%s: field '%s' must be a token id", name, key);
+    *out = (int)j->valuedouble;
+    return LK_OK;
+}
+
+static void cfg_copy(char *dst, size_t n, const char *src)
+{
+    snprintf(dst, n, "%s", src);
+}
+
+static int cfg_parse_root(struct cfg *c, const cJSON *root, const char *name, struct lk_err *err)
+{
+    if (!cJSON_IsObject(root))
+        return lk_errf(err, LK_ERR_FORMAT, "%s: not a JSON object", name);
+    // 1. architecture
+    const cJSON *arch = cfg_get(root, "architectures");
+    const cJSON *mt = cfg_get(root, "model_type");
+    const char *a = NULL;
+    if (cJSON_IsArray(arch) && cJSON_IsString(arch->child))
+        a = arch->child->valuestring;
+    else if (arch)
+        return lk_errf(err, LK_ERR_FORMAT, "%s: field 'architectures' must be a list of names", name);
+    if (!a && cJSON_IsString(mt)) // no architectures: go by model_type
+        a = !strcmp(mt->valuestring, "llama") ? "LlamaForCausalLM"
+            : !strcmp(mt->valuestring, "qwen2") ? "Qwen2ForCausalLM" : mt->valuestring;
+    if (!a)
+        return lk_errf(err, LK_ERR_FORMAT, "%s: missing required field 'architectures'", name);
+    if (!strcmp(a, "LlamaForCausalLM")) {
+        c->arch = CFG_ARCH_LLAMA;
+        cfg_copy(c->model_type, sizeof c->model_type, "llama");
+    } else if (!strcmp(a, "Qwen2ForCausalLM")) {
+        c->arch = CFG_ARCH_QWEN2;
+        cfg_copy(c->model_type, sizeof c->model_type, "qwen2");
+    } else {
+        return lk_errf(err, LK_ERR_UNSUPPORTED,
+                       "%s: unsupported architecture '%.64s' (supported: LlamaForCausalLM, Qwen2ForCausalLM)",
+                       name, a);
+    }
+    cfg_copy(c->architecture, sizeof c->architecture, a);
+    int qwen = c->arch == CFG_ARCH_QWEN2;
+    // 2. dimensions
+    int rc;
+    if ((rc = cfg_pos_int(root, "hidden_size", 1, 0, &c->hidden_size, name, err)) ||
+        (rc = cfg_pos_int(root, "intermediate_size", 1, 0, &c->intermediate_size, name, err)) ||
+        (rc = cfg_pos_int(root, "num_hidden_layers", 1, 0, &c->num_hidden_layers, name, err)) ||
+        (rc = cfg_pos_int(root, "num_attention_heads", 1, 0, &c->num_attention_heads, name, err)) ||
+        (rc = cfg_pos_int(root, "num_key_value_heads", 0, c->num_attention_heads, &c->num_key_value_heads,
+                          name, err)) ||
+        (rc = cfg_pos_int(root, "vocab_size", 1, 0, &c->vocab_size, name, err)) ||
+        (rc = cfg_pos_int(root, "max_position_embeddings", 0, qwen ? 32768 : 2048,
+                          &c->max_position_embeddings, name, err)))
+        return rc;
+    if (cfg_get(root, "head_dim")) {
+        if ((rc = cfg_pos_int(root, "head_dim", 0, 0, &c->head_dim, name, err)))
+            return rc;
+    } else {
+        if (c->hidden_size % c->num_attention_heads)
+            return lk_errf(err, LK_ERR_FORMAT,
+                           "%s: 'hidden_size' %d is not divisible by 'num_attention_heads' %d (and no 'head_dim')",
+                           name, c->hidden_size, c->num_attention_heads);
+        c->head_dim = c->hidden_size / c->num_attention_heads;
+    }
+    if (c->num_attention_heads % c->num_key_value_heads)
+        return lk_errf(err, LK_ERR_FORMAT,
+                       "%s: 'num_attention_heads' %d is not divisible by 'num_key_value_heads' %d", name,
+                       c->num_attention_heads, c->num_key_value_heads);
+    if ((int64_t)c->num_attention_heads * c->head_dim > INT_MAX)
+        return lk_errf(err, LK_ERR_FORMAT, "%s: 'num_attention_heads' x 'head_dim' is too large", name);
+    // 3. numbers with transformers' defaults
+    if ((rc = cfg_num(root, "rms_norm_eps", 1e-6, &c->rms_norm_eps, name, err)) ||
+        (rc = cfg_num(root, "rope_theta", 10000.0, &c->rope_theta, name, err)) ||
+        (rc = cfg_num(root, "initializer_range", 0.02, &c->initializer_range, name, err)) ||
+        (rc = cfg_bool(root, "tie_word_embeddings", 0, &c->tie_word_embeddings, name, err)) ||
+        (rc = cfg_token(root, "bos_token_id", &c->bos_token_id, name, err)) ||
+        (rc = cfg_token(root, "eos_token_id", &c->eos_token_id, name, err)))
+        return rc;
+    if (!(c->rms_norm_eps > 0))
+        return lk_errf(err, LK_ERR_FORMAT, "%s: field 'rms_norm_eps' must be positive", name);
+    // transformers 5 keeps rope settings in rope_parameters; only the default rope is modelled
+    const cJSON *rp = cfg_get(root, "rope_parameters");
+    if (rp) {
+        const cJSON *rt = cfg_get(rp, "rope_type");
+        if (!cJSON_IsObject(rp) || (rt && (!cJSON_IsString(rt) || strcmp(rt->valuestring, "default"))))
+            return lk_errf(err, LK_ERR_UNSUPPORTED,
+                           "%s: field 'rope_parameters' asks for a rope type other than 'default' (not supported)",
+                           name);
+        if ((rc = cfg_num(rp, "rope_theta", c->rope_theta, &c->rope_theta, name, err)))
+            return rc;
+    }
+    if (!(c->rope_theta > 0))
+        return lk_errf(err, LK_ERR_FORMAT, "%s: field 'rope_theta' must be positive", name);
+    // 4. what we refuse rather than silently ignore
+    if (cJSON_GetObjectItemCaseSensitive(root, "rope_scaling") && cfg_get(root, "rope_scaling"))
+        return lk_errf(err, LK_ERR_UNSUPPORTED,
+                       "%s: field 'rope_scaling' is set: rope scaling is not supported (only null)", name);
+    const cJSON *act = cfg_get(root, "hidden_act");
+    if (act && (!cJSON_IsString(act) || strcmp(act->valuestring, "silu")))
+        return lk_errf(err, LK_ERR_UNSUPPORTED, "%s: field 'hidden_act' is %s%.32s%s: only 'silu' is supported",
+                       name, cJSON_IsString(act) ? "'" : "", cJSON_IsString(act) ? act->valuestring : "not a string",
+                       cJSON_IsString(act) ? "'" : "");
+    int b;
+    if (qwen) {
+        if ((rc = cfg_bool(root, "use_sliding_window", 0, &b, name, err)))
+            return rc;
+        if (b)
+            return lk_errf(err, LK_ERR_UNSUPPORTED,
+                           "%s: field 'use_sliding_window' is true: sliding-window attention is not supported",
+                           name);
+        c->attention_bias = 1; // Qwen2 always has q/k/v biases
+    } else {
+        if ((rc = cfg_bool(root, "attention_bias", 0, &c->attention_bias, name, err)) ||
+            (rc = cfg_bool(root, "mlp_bias", 0, &b, name, err)))
+            return rc;
+        if (b)
+            return lk_errf(err, LK_ERR_UNSUPPORTED, "%s: field 'mlp_bias' is true: MLP biases are not supported",
+                           name);
+    }
+    const cJSON *dt = cfg_get(root, "torch_dtype");
+    if (!dt)
+        dt = cfg_get(root, "dtype"); // transformers >= 4.56 writes "dtype"
+    cfg_copy(c->torch_dtype, sizeof c->torch_dtype, cJSON_IsString(dt) ? dt->valuestring : "float32");
+    return LK_OK;
+}
+
+int cfg_parse(struct cfg *c, const char *text, const char *name, struct lk_err *err)
+{
+    memset(c, 0, sizeof *c);
+    cJSON *root = cJSON_Parse(text);
+    if (!root)
+        return lk_errf(err, LK_ERR_FORMAT, "%s: not valid JSON", name);
+    int rc = cfg_parse_root(c, root, name, err);
+    cJSON_Delete(root);
+    if (!rc) {
+        c->json = lk_strdup(text);
+        if (!c->json)
+            rc = lk_errf(err, LK_ERR_NOMEM, "out of memory");
+    }
+    if (rc)
+        cfg_release(c);
+    return rc;
+}
+
+int cfg_load(struct cfg *c, const char *path, struct lk_err *err)
+{
+    memset(c, 0, sizeof *c);
+    char *p = lk_is_dir(path) ? lk_path_join(path, "config.json") : lk_strdup(path);
+    if (!p)
+        return lk_errf(err, LK_ERR_NOMEM, "out of memory");
+    char *text;
+    int rc = lk_read_file(p, &text, NULL, err);
+    if (!rc) {
+        rc = cfg_parse(c, text, p, err);
+        lk_free(text);
+    }
+    lk_free(p);
+    return rc;
+}
+
+void cfg_release(struct cfg *c)
+{
+    if (!c)
+        return;
+    lk_free(c->json);
+    memset(c, 0, sizeof *c);
+}
+
+// ---- presets ----
+
+const char *const cfg_preset_names[] = { "tiny", "qwen2.5-0.5b", "qwen2-1.5b", "llama-tiny", NULL };
+
+static void cfg_dims(struct cfg *c, int C, int F, int L, int NH, int NKV, int V)
+{
+    c->hidden_size = C;
+    c->intermediate_size = F;
+    c->num_hidden_layers = L;
+    c->num_attention_heads = NH;
+    c->num_key_value_heads = NKV;
+    c->head_dim = C / NH;
+    c->vocab_size = V;
+}
+
+void cfg_default_qwen2(struct cfg *c)
+{
+    memset(c, 0, sizeof *c);
+    c->arch = CFG_ARCH_QWEN2;
+    cfg_copy(c->architecture, sizeof c->architecture, "Qwen2ForCausalLM");
+    cfg_copy(c->model_type, sizeof c->model_type, "qwen2");
+    cfg_dims(c, 64, 176, 2, 4, 2, 512);
+    c->max_position_embeddings = 1024;
+    c->rms_norm_eps = 1e-6;
+    c->rope_theta = 10000.0;
+    c->initializer_range = 0.02;
+    c->tie_word_embeddings = 1;
+    c->attention_bias = 1;
+    c->bos_token_id = c->eos_token_id = -1;
+    cfg_copy(c->torch_dtype, sizeof c->torch_dtype, "float32");
+}
+
+int cfg_preset(struct cfg *c, const char *name, struct lk_err *err)
+{
+    cfg_default_qwen2(c);
+    if (!strcmp(name, "tiny"))
+        return LK_OK;
+    if (!strcmp(name, "qwen2.5-0.5b") || !strcmp(name, "qwen2-1.5b")) {
+        // Qwen/Qwen2.5-0.5B and Qwen/Qwen2-1.5B config.json
+        if (name[5] == '.')
+            cfg_dims(c, 896, 4864, 24, 14, 2, 151936);
+        else
+            cfg_dims(c, 1536, 8960, 28, 12, 2, 151936);
+        c->max_position_embeddings = name[5] == '.' ? 32768 : 131072;
+        c->rope_theta = 1000000.0;
+        c->bos_token_id = c->eos_token_id = 151643;
+        cfg_copy(c->torch_dtype, sizeof c->torch_dtype, "bfloat16");
+        return LK_OK;
+    }
+    if (!strcmp(name, "llama-tiny")) {
+        c->arch = CFG_ARCH_LLAMA;
+        cfg_copy(c->architecture, sizeof c->architecture, "LlamaForCausalLM");
+        cfg_copy(c->model_type, sizeof c->model_type, "llama");
+        c->tie_word_embeddings = 0;
+        c->attention_bias = 0;
+        c->rms_norm_eps = 1e-5;
+        return LK_OK;
+    }
+    return lk_errf(err, LK_ERR_USAGE, "unknown preset '%s' (presets: tiny, qwen2.5-0.5b, qwen2-1.5b, llama-tiny)",
+                   name);
+}
+
+// ---- saving ----
+
+static void cfg_json_num(struct cJSON *root, const char *key, double v)
+{
+    cJSON *n = cJSON_CreateNumber(v);
+    if (cJSON_GetObjectItemCaseSensitive(root, key))
+        cJSON_ReplaceItemInObjectCaseSensitive(root, key, n);
+    else
+        cJSON_AddItemToObject(root, key, n);
+}
+
+static void cfg_json_set(struct cJSON *root, const char *key, cJSON *item)
+{
+    if (cJSON_GetObjectItemCaseSensitive(root, key))
+        cJSON_ReplaceItemInObjectCaseSensitive(root, key, item);
+    else
+        cJSON_AddItemToObject(root, key, item);
+}
+
+static int cfg_cmp_item(const void *a, const void *b)
+{
+    return strcmp((*(cJSON *const *)a)->string, (*(cJSON *const *)b)->string);
+}
+
+/* Sorts an object's keys (as transformers' sort_keys=True does) for configs made from scratch. */
+static int cfg_json_sort(cJSON *obj)
+{
+    int n = cJSON_GetArraySize(obj);
+    if (n < 2)
+        return 0;
+    cJSON **v = lk_malloc(sizeof *v * (size_t)n);
+    if (!v)
+        return -1;
+    int k = 0;
+    for (cJSON *e = obj->child; e; e = e->next)
+        v[k++] = e;
+    qsort(v, (size_t)n, sizeof *v, cfg_cmp_item);
+    for (int i = 0; i < n; i++) {
+        v[i]->prev = i ? v[i - 1] : v[n - 1]; // cJSON keeps child->prev = last
+        v[i]->next = i + 1 < n ? v[i + 1] : NULL;
+    }
+    obj->child = v[0];
+    lk_free(v);
+    return 0;
+}
+
+int cfg_save(const struct cfg *c, const char *path, struct lk_err *err)
+{
+    cJSON *root = c->json ? cJSON_Parse(c->json) : cJSON_CreateObject();
+    if (!root)
+        return lk_errf(err, LK_ERR_NOMEM, "%s: cannot build the config JSON", path);
+    cJSON *arch = cJSON_CreateArray();
+    cJSON_AddItemToArray(arch, cJSON_CreateString(c->architecture));
+    cfg_json_set(root, "architectures", arch);
+    cfg_json_set(root, "model_type", cJSON_CreateString(c->model_type));
+    cfg_json_num(root, "hidden_size", c->hidden_size);
+    cfg_json_num(root, "intermediate_size", c->intermediate_size);
+    cfg_json_num(root, "num_hidden_layers", c->num_hidden_layers);
+    cfg_json_num(root, "num_attention_heads", c->num_attention_heads);
+    cfg_json_num(root, "num_key_value_heads", c->num_key_value_heads);
+    if (cJSON_GetObjectItemCaseSensitive(root, "head_dim") || c->head_dim * c->num_attention_heads != c->hidden_size)
+        cfg_json_num(root, "head_dim", c->head_dim);
+    cfg_json_num(root, "vocab_size", c->vocab_size);
+    cfg_json_num(root, "max_position_embeddings", c->max_position_embeddings);
+    cfg_json_num(root, "rms_norm_eps", c->rms_norm_eps);
+    cJSON *rp = cJSON_GetObjectItemCaseSensitive(root, "rope_parameters");
+    if (cJSON_IsObject(rp))
+        cfg_json_num(rp, "rope_theta", c->rope_theta);
+    else
+        cfg_json_num(root, "rope_theta", c->rope_theta);
+    cfg_json_num(root, "initializer_range", c->initializer_range);
+    cfg_json_set(root, "tie_word_embeddings", cJSON_CreateBool(c->tie_word_embeddings));
+    if (!cJSON_GetObjectItemCaseSensitive(root, "hidden_act"))
+        cfg_json_set(root, "hidden_act", cJSON_CreateString("silu"));
+    if (c->arch == CFG_ARCH_LLAMA)
+        cfg_json_set(root, "attention_bias", cJSON_CreateBool(c->attention_bias));
+    const char *tok[2] = { "bos_token_id", "eos_token_id" };
+    int id[2] = { c->bos_token_id, c->eos_token_id };
+    for (int i = 0; i < 2; i++) {
+        cJSON *old = cJSON_GetObjectItemCaseSensitive(root, tok[i]);
+        if (id[i] >= 0 && !cJSON_IsArray(old)) // a list of eos ids is kept as it was
+            cfg_json_num(root, tok[i], id[i]);
+    }
+    if (cJSON_GetObjectItemCaseSensitive(root, "dtype") && !cJSON_GetObjectItemCaseSensitive(root, "torch_dtype"))
+        cfg_json_set(root, "dtype", cJSON_CreateString(c->torch_dtype));
+    else
+        cfg_json_set(root, "torch_dtype", cJSON_CreateString(c->torch_dtype));
+    if (!c->json) {
+        cfg_json_set(root, "rope_scaling", cJSON_CreateNull());
+        if (c->arch == CFG_ARCH_QWEN2)
+            cfg_json_set(root, "use_sliding_window", cJSON_CreateFalse());
+        cfg_json_sort(root);
+    }
+    char *text = cfg_json_print(root);
+    cJSON_Delete(root);
+    if (!text)
+        return lk_errf(err, LK_ERR_NOMEM, "out of memory");
+    int rc = lk_write_file_atomic(path, text, strlen(text), err);
+    lk_free(text);
+    return rc;
+}
+
+// ---- a JSON printer with Python's layout ----
+
+struct cfg_buf {
+    char *p;
+    size_t n, cap;
+    int oom;
+};
+
+static void cb_put(struct cfg_buf *b, const char *s, size_t n)
+{
+    if (b->oom)
+        return;
+    if (b->n + n + 1 > b->cap) {
+        size_t cap = b->cap ? b->cap : 512;
+        while (cap < b->n + n + 1)
+            cap *= 2;
+        char *p = lk_realloc(b->p, cap);
+        if (!p) {
+            b->oom = 1;
+            return;
+        }
+        b->p = p;
+        b->cap = cap;
+    }
+    memcpy(b->p + b->n, s, n);
+    b->n += n;
+    b->p[b->n] = 0;
+}
+
+static void cb_puts(struct cfg_buf *b, const char *s)
+{
+    cb_put(b, s, strlen(s));
+}
+
+static void cb_indent(struct cfg_buf *b, int depth)
+{
+    cb_put(b, "\n", 1);
+    for (int i = 0; i < depth; i++)
+        cb_put(b, "  ", 2);
+}
+
+static void cb_str(struct cfg_buf *b, const char *s)
+{
+    cb_put(b, "\"", 1);
+    for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
+        char e[8];
+        switch (*p) {
+        case '"': cb_put(b, "\\\"", 2); break;
+        case '\\': cb_put(b, "\\\\", 2); break;
+        case '\n': cb_put(b, "\\n", 2); break;
+        case '\t': cb_put(b, "\\t", 2); break;
+        case '\r': cb_put(b, "\\r", 2); break;
+        default:
+            if (*p < 0x20) {
+                snprintf(e, sizeof e, "\\u%04x", *p);
+                cb_put(b, e, 6);
+            } else {
+                cb_put(b, (const char *)p, 1);
+            }
+        }
+    }
+    cb_put(b, "\"", 1);
+}
+
+static void cb_num(struct cfg_buf *b, double v)
+{
+    char s[40];
+    if (!isfinite(v)) {
+        cb_puts(b, "null"); // JSON has no Inf/NaN
+        return;
+    }
+    if (v == floor(v) && fabs(v) < 1e15) {
+        snprintf(s, sizeof s, "%.0f", v);
+    } else {
+        for (int prec = 15; prec <= 17; prec++) { // shortest form that reads back the same
+            snprintf(s, sizeof s, "%.*g", prec, v);
+            if (strtod(s, NULL) == v)
+                break;
+        }
+    }
+    cb_puts(b, s);
+}
+
+static void cb_value(struct cfg_buf *b, const cJSON *j, int depth)
+{
+    if (cJSON_IsNull(j)) {
+        cb_puts(b, "null");
+    } else if (cJSON_IsTrue(j)) {
+        cb_puts(b, "true");
+    } else if (cJSON_IsFalse(j)) {
+        cb_puts(b, "false");
+    } else if (cJSON_IsNumber(j)) {
+        cb_num(b, j->valuedouble);
+    } else if (cJSON_IsString(j)) {
+        cb_str(b, j->valuestring);
+    } else if (cJSON_IsArray(j) || cJSON_IsObject(j)) {
+        int obj = cJSON_IsObject(j);
+        cb_puts(b, obj ? "{" : "[");
+        if (!j->child) {
+            cb_puts(b, obj ? "}" : "]");
+            return;
+        }
+        for (const cJSON *e = j->child; e; e = e->next) {
+            cb_indent(b, depth + 1);
+            if (obj) {
+                cb_str(b, e->string);
+                cb_puts(b, ": ");
+            }
+            cb_value(b, e, depth + 1);
+            if (e->next)
+                cb_puts(b, ",");
+        }
+        cb_indent(b, depth);
+        cb_puts(b, obj ? "}" : "]");
+    } else {
+        cb_puts(b, "null"); // raw/invalid items do not occur in parsed JSON
+    }
+}
+
+char *cfg_json_print(const struct cJSON *j)
+{
+    struct cfg_buf b = { 0 };
+    cb_value(&b, j, 0);
+    cb_puts(&b, "\n");
+    if (b.oom) {
+        lk_free(b.p);
+        return NULL;
+    }
+    return b.p;
+}
+
+// ---- tensors and modules ----
+
+void cfg_module_shape(const struct cfg *c, enum cfg_module m, int64_t *out_rows, int64_t *out_cols)
+{
+    int64_t C = c->hidden_size, F = c->intermediate_size;
+    int64_t Q = (int64_t)c->num_attention_heads * c->head_dim, KV = (int64_t)c->num_key_value_heads * c->head_dim;
+    int64_t r = 0, k = 0;
+    switch (m) {
+    case CFG_Q: r = Q, k = C; break;
+    case CFG_K:
+    case CFG_V: r = KV, k = C; break;
+    case CFG_O: r = C, k = Q; break;
+    case CFG_GATE:
+    case CFG_UP: r = F, k = C; break;
+    case CFG_DOWN: r = C, k = F; break;
+    case CFG_N_MODULES: LK_ASSERT(!"bad module");
+    }
+    *out_rows = r;
+    *out_cols = k;
+}
+
+void cfg_module_path(int layer, enum cfg_module m, char *buf, size_t n)
+{
+    LK_ASSERT((int)m >= 0 && m < CFG_N_MODULES);
+    snprintf(buf, n, "model.layers.%d.%s.%s", layer, m <= CFG_O ? "self_attn" : "mlp", cfg_module_names[m]);
+}
+
+int cfg_module_parse(const char *s)
+{
+    for (int i = 0; i < CFG_N_MODULES; i++)
+        if (!strcmp(s, cfg_module_names[i]))
+            return i;
+    return -1;
+}
+
+static void cfg_add(struct cfg_tensor *v, int *k, const char *name, enum cfg_tensor_kind kind, int layer,
+                    int module, int ndim, int64_t s0, int64_t s1)
+{
+    struct cfg_tensor *t = &v[(*k)++];
+    memset(t, 0, sizeof *t);
+    snprintf(t->name, sizeof t->name, "%s", name);
+    t->kind = kind;
+    t->layer = layer;
+    t->module = module;
+    t->ndim = ndim;
+    t->shape[0] = s0;
+    t->shape[1] = s1;
+}
+
+int cfg_tensors(const struct cfg *c, struct cfg_tensor **out, int *n, struct lk_err *err)
+{
+    int L = c->num_hidden_layers;
+    int per = CFG_N_MODULES + 2 + (c->attention_bias ? 3 : 0);
+    if (L < 0 || L > (INT_MAX - 3) / per)
+        return lk_errf(err, LK_ERR_FORMAT, "too many layers: %d", L);
+    int total = 3 + L * per;
+    struct cfg_tensor *v = lk_calloc((size_t)total, sizeof *v);
+    if (!v)
+        return lk_errf(err, LK_ERR_NOMEM, "out of memory");
+    int k = 0;
+    int64_t C = c->hidden_size, V = c->vocab_size;
+    char name[96], path[80];
+    cfg_add(v, &k, "model.embed_tokens.weight", CFG_T_EMBED, -1, -1, 2, V, C);
+    // per layer in module registration order: self_attn (q, k, v, o), mlp, then the two norms
+    for (int l = 0; l < L; l++) {
+        for (int m = 0; m < CFG_N_MODULES; m++) {
+            int64_t rows, cols;
+            cfg_module_shape(c, (enum cfg_module)m, &rows, &cols);
+            cfg_module_path(l, (enum cfg_module)m, path, sizeof path);
+            snprintf(name, sizeof name, "%s.weight", path);
+            cfg_add(v, &k, name, CFG_T_LINEAR, l, m, 2, rows, cols);
+            if (c->attention_bias && m <= CFG_V) {
+                snprintf(name, sizeof name, "%s.bias", path);
+                cfg_add(v, &k, name, CFG_T_BIAS, l, m, 1, rows, 0);
+            }
+        }
+        snprintf(name, sizeof name, "model.layers.%d.input_layernorm.weight", l);
+        cfg_add(v, &k, name, CFG_T_NORM, l, -1, 1, C, 0);
+        snprintf(name, sizeof name, "model.layers.%d.post_attention_layernorm.weight", l);
+        cfg_add(v, &k, name, CFG_T_NORM, l, -1, 1, C, 0);
+    }
+    cfg_add(v, &k, "model.norm.weight", CFG_T_NORM, -1, -1, 1, C, 0);
+    if (!c->tie_word_embeddings)
+        cfg_add(v, &k, "lm_head.weight", CFG_T_LM_HEAD, -1, -1, 2, V, C);
+    *out = v;
+    *n = k;
+    return LK_OK;
+}
+
+int64_t cfg_param_count(const struct cfg *c)
+{
+    int64_t C = c->hidden_size, V = c->vocab_size, p = V * C + C;
+    for (int m = 0; m < CFG_N_MODULES; m++) {
+        int64_t r, k;
+        cfg_module_shape(c, (enum cfg_module)m, &r, &k);
+        p += c->num_hidden_layers * r * k;
+        if (c->attention_bias && m <= CFG_V)
+            p += c->num_hidden_layers * r;
+    }
+    p += c->num_hidden_layers * 2 * C;
+    if (!c->tie_word_embeddings)
+        p += V * C;
+    return p;
+}

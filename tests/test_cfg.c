@@ -1,0 +1,246 @@
+/*
+ * test_cfg.c - config.json: a real-looking Qwen2.5-0.5B config (parameter count checked against
+ * the published 494,032,768), transformers' defaults, every refusal naming its field, saving with
+ * unknown fields kept, and the tensor list / module helpers.
+ */
+#include "test.h"
+
+#include <cJSON.h>
+#include <string.h>
+
+#include "../libcore/cfg.h"
+#include "../libcore/lk.h"
+
+static const char *QWEN05 =
+    "{\n  \"architectures\": [\"Qwen2ForCausalLM\"],\n  \"attention_dropout\": 0.0,\n"
+    "  \"bos_token_id\": 151643,\n  \"eos_token_id\": 151643,\n  \"hidden_act\": \"silu\",\n"
+    "  \"hidden_size\": 896,\n  \"initializer_range\": 0.02,\n  \"intermediate_size\": 4864,\n"
+    "  \"max_position_embeddings\": 32768,\n  \"max_window_layers\": 24,\n  \"model_type\": \"qwen2\",\n"
+    "  \"num_attention_heads\": 14,\n  \"num_hidden_layers\": 24,\n  \"num_key_value_heads\": 2,\n"
+    "  \"rms_norm_eps\": 1e-06,\n  \"rope_scaling\": null,\n  \"rope_theta\": 1000000.0,\n"
+    "  \"sliding_window\": 32768,\n  \"tie_word_embeddings\": true,\n  \"torch_dtype\": \"bfloat16\",\n"
+    "  \"transformers_version\": \"4.40.1\",\n  \"use_cache\": true,\n  \"use_mrope\": false,\n"
+    "  \"use_sliding_window\": false,\n  \"vocab_size\": 151936\n}\n";
+
+TEST(cfg_parses_qwen25_05b)
+{
+    struct cfg c;
+    CHECK_OK(cfg_parse(&c, QWEN05, "config.json", test_err()));
+    CHECK(c.arch == CFG_ARCH_QWEN2 && !strcmp(c.architecture, "Qwen2ForCausalLM"));
+    CHECK_INT(c.hidden_size, 896);
+    CHECK_INT(c.intermediate_size, 4864);
+    CHECK_INT(c.num_hidden_layers, 24);
+    CHECK_INT(c.num_attention_heads, 14);
+    CHECK_INT(c.num_key_value_heads, 2);
+    CHECK_INT(c.head_dim, 64);
+    CHECK_INT(c.vocab_size, 151936);
+    CHECK_INT(c.max_position_embeddings, 32768);
+    CHECK(c.rms_norm_eps == 1e-6 && c.rope_theta == 1e6 && c.initializer_range == 0.02);
+    CHECK(c.tie_word_embeddings && c.attention_bias);
+    CHECK(c.bos_token_id == 151643 && c.eos_token_id == 151643);
+    CHECK(!strcmp(c.torch_dtype, "bfloat16"));
+    CHECK_INT(cfg_param_count(&c), 494032768); // the published size of Qwen2.5-0.5B
+    struct cfg_tensor *t;
+    int n;
+    CHECK_OK(cfg_tensors(&c, &t, &n, test_err()));
+    CHECK_INT(n, 1 + 24 * 12 + 1); // embed, 24 x (7 linears + 3 biases + 2 norms), final norm; tied
+    CHECK(!strcmp(t[0].name, "model.embed_tokens.weight") && t[0].shape[0] == 151936 && t[0].shape[1] == 896);
+    CHECK(!strcmp(t[1].name, "model.layers.0.self_attn.q_proj.weight") && t[1].shape[0] == 896);
+    CHECK(!strcmp(t[2].name, "model.layers.0.self_attn.q_proj.bias") && t[2].ndim == 1 && t[2].kind == CFG_T_BIAS);
+    CHECK(!strcmp(t[3].name, "model.layers.0.self_attn.k_proj.weight") && t[3].shape[0] == 128 && t[3].shape[1] == 896);
+    CHECK(!strcmp(t[7].name, "model.layers.0.self_attn.o_proj.weight") && t[7].module == CFG_O);
+    CHECK(!strcmp(t[10].name, "model.layers.0.mlp.down_proj.weight") && t[10].shape[0] == 896 && t[10].shape[1] == 4864);
+    CHECK(!strcmp(t[11].name, "model.layers.0.input_layernorm.weight") && t[11].kind == CFG_T_NORM);
+    CHECK(!strcmp(t[12].name, "model.layers.0.post_attention_layernorm.weight") && t[12].layer == 0);
+    CHECK(!strcmp(t[n - 1].name, "model.norm.weight") && t[n - 1].layer == -1);
+    int64_t sum = 0;
+    for (int i = 0; i < n; i++)
+        sum += t[i].shape[0] * (t[i].ndim == 2 ? t[i].shape[1] : 1);
+    CHECK_INT(sum, 494032768);
+    lk_free(t);
+    cfg_release(&c);
+    cfg_release(&c);
+}
+
+TEST(cfg_llama_defaults_and_untied_head)
+{
+    struct cfg c;
+    CHECK_OK(cfg_parse(&c, "{\"architectures\":[\"LlamaForCausalLM\"],\"hidden_size\":64,\"intermediate_size\":128,"
+                           "\"num_hidden_layers\":1,\"num_attention_heads\":4,\"vocab_size\":100}",
+                       "config.json", test_err()));
+    CHECK(c.arch == CFG_ARCH_LLAMA && c.num_key_value_heads == 4 && c.head_dim == 16);
+    CHECK(c.rms_norm_eps == 1e-6 && c.rope_theta == 10000.0 && c.initializer_range == 0.02);
+    CHECK(!c.tie_word_embeddings && !c.attention_bias && c.bos_token_id == -1);
+    CHECK_INT(c.max_position_embeddings, 2048);
+    struct cfg_tensor *t;
+    int n;
+    CHECK_OK(cfg_tensors(&c, &t, &n, test_err()));
+    CHECK_INT(n, 1 + 9 + 2); // no biases, plus lm_head
+    CHECK(!strcmp(t[n - 1].name, "lm_head.weight") && t[n - 1].kind == CFG_T_LM_HEAD && t[n - 1].shape[0] == 100);
+    lk_free(t);
+    cfg_release(&c);
+    // attention_bias, explicit head_dim (not hidden / heads), eos as a list, model_type only
+    CHECK_OK(cfg_parse(&c, "{\"model_type\":\"llama\",\"hidden_size\":64,\"intermediate_size\":128,"
+                           "\"num_hidden_layers\":1,\"num_attention_heads\":4,\"num_key_value_heads\":1,"
+                           "\"head_dim\":32,\"vocab_size\":100,\"attention_bias\":true,\"eos_token_id\":[7,9]}",
+                       "config.json", test_err()));
+    CHECK(c.attention_bias && c.head_dim == 32 && c.eos_token_id == 7);
+    int64_t r, k;
+    cfg_module_shape(&c, CFG_Q, &r, &k);
+    CHECK(r == 128 && k == 64);
+    cfg_module_shape(&c, CFG_V, &r, &k);
+    CHECK(r == 32 && k == 64);
+    cfg_module_shape(&c, CFG_O, &r, &k);
+    CHECK(r == 64 && k == 128);
+    cfg_release(&c);
+}
+
+TEST(cfg_module_helpers)
+{
+    char buf[96];
+    cfg_module_path(3, CFG_Q, buf, sizeof buf);
+    CHECK(!strcmp(buf, "model.layers.3.self_attn.q_proj"));
+    cfg_module_path(11, CFG_DOWN, buf, sizeof buf);
+    CHECK(!strcmp(buf, "model.layers.11.mlp.down_proj"));
+    CHECK_INT(cfg_module_parse("gate_proj"), CFG_GATE);
+    CHECK_INT(cfg_module_parse("lm_head"), -1);
+    struct cfg c;
+    cfg_default_qwen2(&c);
+    int64_t r, k;
+    cfg_module_shape(&c, CFG_UP, &r, &k);
+    CHECK(r == 176 && k == 64);
+    CHECK(c.tie_word_embeddings && c.attention_bias && c.json == NULL);
+}
+
+/* cfg_parse must refuse text with a message naming the file and containing want. */
+static int refused(const char *text, const char *want)
+{
+    struct cfg c;
+    struct lk_err err = { 0 };
+    if (cfg_parse(&c, text, "cfg/config.json", &err) == LK_OK) {
+        cfg_release(&c);
+        test_fail(__FILE__, __LINE__, "accepted, expected '%s'", want);
+        return 0;
+    }
+    if (strncmp(err.msg, "cfg/config.json: ", 17) || !strstr(err.msg, want)) {
+        test_fail(__FILE__, __LINE__, "message '%s' lacks the file or '%s'", err.msg, want);
+        return 0;
+    }
+    return 1;
+}
+
+#define BASE "\"hidden_size\":64,\"intermediate_size\":128,\"num_hidden_layers\":1,\"vocab_size\":100"
+#define QW "{\"architectures\":[\"Qwen2ForCausalLM\"]," BASE
+#define LL "{\"architectures\":[\"LlamaForCausalLM\"]," BASE
+
+TEST(cfg_refuses_rope_scaling)
+{
+    CHECK(refused(QW ",\"num_attention_heads\":4,\"rope_scaling\":{\"type\":\"yarn\",\"factor\":4}}",
+                  "field 'rope_scaling' is set"));
+    CHECK(refused(LL ",\"num_attention_heads\":4,\"rope_scaling\":\"linear\"}", "'rope_scaling'"));
+    CHECK(refused(LL ",\"num_attention_heads\":4,\"rope_scaling\":0}", "'rope_scaling'"));
+}
+
+TEST(cfg_refuses_sliding_window)
+{
+    CHECK(refused(QW ",\"num_attention_heads\":4,\"use_sliding_window\":true}", "field 'use_sliding_window' is true"));
+}
+
+TEST(cfg_refuses_hidden_act)
+{
+    CHECK(refused(LL ",\"num_attention_heads\":4,\"hidden_act\":\"gelu\"}", "field 'hidden_act' is 'gelu'"));
+}
+
+TEST(cfg_refuses_mlp_bias)
+{
+    CHECK(refused(LL ",\"num_attention_heads\":4,\"mlp_bias\":true}", "field 'mlp_bias' is true"));
+}
+
+TEST(cfg_refuses_missing_field)
+{
+    CHECK(refused(QW "}", "missing required field 'num_attention_heads'"));
+    CHECK(refused("{\"architectures\":[\"Qwen2ForCausalLM\"],\"hidden_size\":64}",
+                  "missing required field 'intermediate_size'"));
+    CHECK(refused("{\"hidden_size\":64}", "missing required field 'architectures'"));
+}
+
+TEST(cfg_refuses_non_positive_sizes)
+{
+    CHECK(refused(QW ",\"num_attention_heads\":0}", "field 'num_attention_heads' must be positive"));
+    CHECK(refused(QW ",\"num_attention_heads\":4,\"num_key_value_heads\":-2}", "'num_key_value_heads' must be positive"));
+    CHECK(refused(QW ",\"num_attention_heads\":4.5}", "field 'num_attention_heads' must be an integer"));
+    CHECK(refused(QW ",\"num_attention_heads\":\"4\"}", "must be an integer"));
+}
+
+TEST(cfg_refuses_indivisible_heads)
+{
+    CHECK(refused(QW ",\"num_attention_heads\":5}", "'hidden_size' 64 is not divisible by 'num_attention_heads' 5"));
+    CHECK(refused(QW ",\"num_attention_heads\":4,\"num_key_value_heads\":3}",
+                  "'num_attention_heads' 4 is not divisible by 'num_key_value_heads' 3"));
+    // with head_dim given, hidden need not divide
+    struct cfg c;
+    CHECK_OK(cfg_parse(&c, QW ",\"num_attention_heads\":5,\"head_dim\":16}", "c", test_err()));
+    cfg_release(&c);
+}
+
+TEST(cfg_refuses_unknown_architecture)
+{
+    CHECK(refused("{\"architectures\":[\"MistralForCausalLM\"]," BASE ",\"num_attention_heads\":4}",
+                  "unsupported architecture 'MistralForCausalLM' (supported: LlamaForCausalLM, Qwen2ForCausalLM)"));
+    CHECK(refused("{\"model_type\":\"gemma\"," BASE ",\"num_attention_heads\":4}", "unsupported architecture 'gemma'"));
+}
+
+TEST(cfg_refuses_bad_json)
+{
+    CHECK(refused("{\"hidden_size\": ", "not valid JSON"));
+    CHECK(refused("[1]", "not a JSON object"));
+    CHECK(refused(QW ",\"num_attention_heads\":4,\"tie_word_embeddings\":1}", "'tie_word_embeddings' must be true or false"));
+}
+
+TEST(cfg_save_keeps_unknown_fields)
+{
+    struct cfg c;
+    CHECK_OK(cfg_parse(&c, QWEN05, "config.json", test_err()));
+    snprintf(c.torch_dtype, sizeof c.torch_dtype, "float32");
+    c.tie_word_embeddings = 0;
+    const char *p = test_path("config.json");
+    CHECK_OK(cfg_save(&c, p, test_err()));
+    cfg_release(&c);
+    char *text;
+    CHECK_OK(lk_read_file(p, &text, NULL, test_err()));
+    const char *head = "{\n  \"architectures\": [\n    \"Qwen2ForCausalLM\"\n  ],\n  \"attention_dropout\": 0,\n";
+    CHECK(!strncmp(text, head, strlen(head))); // order kept, 2-space indent
+    CHECK(strstr(text, "\n  \"torch_dtype\": \"float32\",\n"));
+    CHECK(strstr(text, "\n  \"tie_word_embeddings\": false,\n"));
+    CHECK(strstr(text, "\n  \"rms_norm_eps\": 1e-06,\n"));
+    CHECK(strstr(text, "\n  \"transformers_version\": \"4.40.1\",\n")); // unknown fields kept
+    CHECK(strstr(text, "\n  \"max_window_layers\": 24,\n"));
+    CHECK(strstr(text, "\n  \"rope_scaling\": null,\n"));
+    cJSON *j = cJSON_Parse(text);
+    CHECK(j && cJSON_GetObjectItem(j, "sliding_window")->valueint == 32768);
+    cJSON_Delete(j);
+    CHECK_OK(cfg_parse(&c, text, "again", test_err()));
+    CHECK(!c.tie_word_embeddings && c.hidden_size == 896 && c.rope_theta == 1e6);
+    cfg_release(&c);
+    lk_free(text);
+    CHECK_INT(test_sh("ls -A '%s' | grep -c tmp", test_tmpdir()), 1); // no temp file left
+}
+
+TEST(cfg_save_from_scratch_roundtrips)
+{
+    struct cfg c, d;
+    CHECK_OK(cfg_preset(&c, "llama-tiny", test_err()));
+    CHECK_OK(cfg_save(&c, test_path("config.json"), test_err()));
+    CHECK_OK(cfg_load(&d, test_tmpdir(), test_err())); // a folder holding config.json
+    CHECK(d.arch == CFG_ARCH_LLAMA && !d.tie_word_embeddings && !d.attention_bias);
+    CHECK(d.hidden_size == c.hidden_size && d.num_key_value_heads == c.num_key_value_heads);
+    CHECK(d.rms_norm_eps == c.rms_norm_eps && d.rope_theta == c.rope_theta);
+    CHECK(!strcmp(d.torch_dtype, "float32"));
+    cfg_release(&d);
+    struct lk_err err = { 0 };
+    CHECK(cfg_preset(&c, "gpt2", &err) == LK_ERR_USAGE && strstr(err.msg, "tiny, qwen2.5-0.5b"));
+    CHECK_OK(cfg_preset(&c, "qwen2-1.5b", test_err()));
+    CHECK(c.hidden_size == 1536 && c.num_attention_heads == 12 && c.head_dim == 128 && c.num_hidden_layers == 28);
+    CHECK(c.intermediate_size == 8960 && c.vocab_size == 151936 && c.tie_word_embeddings);
+    CHECK_INT(cfg_param_count(&c), 1543714304); // Qwen2-1.5B's published parameter count
+}
