@@ -449,3 +449,27 @@ double lk_now(void)
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
 }
+
+int lk_copy_file(const char *src, const char *dst, struct lk_err *err)
+{
+    FILE *in = fopen(src, "rb");
+    if (!in)
+        return lk_errf(err, LK_ERR_IO, "%s: cannot open: %s", src, strerror(errno));
+    struct lk_afile af;
+    int rc = lk_afile_open(&af, dst, err);
+    if (rc) {
+        fclose(in);
+        return rc;
+    }
+    char buf[65536];
+    size_t n;
+    while ((n = fread(buf, 1, sizeof buf, in)) > 0)
+        lk_afile_write(&af, buf, n);
+    if (ferror(in)) {
+        fclose(in);
+        lk_afile_abort(&af);
+        return lk_errf(err, LK_ERR_IO, "%s: read error", src);
+    }
+    fclose(in);
+    return lk_afile_commit(&af);
+}

@@ -83,6 +83,8 @@ int lk_afile_commit(struct lk_afile *af);
 void lk_afile_abort(struct lk_afile *af);
 /* Writes a whole buffer atomically to path. */
 int lk_write_file_atomic(const char *path, const void *buf, size_t n, struct lk_err *err);
+/* Copies a file atomically (temp name next to dst, fsync, rename). */
+int lk_copy_file(const char *src, const char *dst, struct lk_err *err);
 /* fsync a directory (after renames into it). Errors ignored where unsupported. */
 void lk_fsync_dir(const char *dir);
 

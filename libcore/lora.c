@@ -228,6 +228,7 @@ void lora_release(struct lora *l)
     lk_free(l->embed_A);
     lk_free(l->embed_B);
     lk_free(l->mag_mem);
+    lk_free(l->init_mem);
     memset(l, 0, sizeof *l);
 }
 

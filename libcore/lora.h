@@ -85,6 +85,7 @@ struct lora {
     int embed_R, embed_V, embed_C;
     float embed_scale;
     float *mag_mem;             /* owned: all DoRA magnitudes, or NULL */
+    float *init_mem;            /* owned: the PiSSA initial factors (mem's layout), or NULL */
 };
 
 /* Default config: r 8, alpha 16, dropout 0, all seven projections, bias "none". */
@@ -118,6 +119,13 @@ int lora_save(const struct lora *l, const char *dir, struct lk_err *err);
 int lora_save_tensors(const struct lora *l, const float *block, const char *path, struct lk_err *err);
 /* The PEFT tensor name prefix for a module: "base_model.model.model.layers.3.mlp.down_proj". */
 void lora_peft_name(int layer, int module, char *buf, size_t n);
+
+struct model;
+/* PiSSA init: A, B from the top-R singular triplets of each targeted W, and W replaced by
+ * W - s B A in the model (lora_pissa.c). Keeps a copy of the initial factors. */
+int lora_init_pissa(struct lora *l, struct model *m, struct lk_err *err);
+/* Saves a PiSSA-trained adapter converted to apply to the original base: rank 2R. */
+int lora_save_pissa(const struct lora *l, const struct model *m, const char *dir, struct lk_err *err);
 
 /* Trainable parameter count (A, B, biases). */
 size_t lora_param_count(const struct lora *l);

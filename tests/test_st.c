@@ -53,6 +53,24 @@ static int expect_refused(const char *path, const char *want)
         test_fail(__FILE__, __LINE__, "lorakit info exit %d, output: %s", st, test_output());
         return 0;
     }
+    // the same file as a model's weights: `lorakit logits` exits 1 naming it, writes nothing
+    st = test_sh("mkdir -p '%s/m' && printf '%%s' '{\"architectures\":[\"Qwen2ForCausalLM\"],"
+                 "\"model_type\":\"qwen2\",\"hidden_size\":8,\"intermediate_size\":16,"
+                 "\"num_hidden_layers\":1,\"num_attention_heads\":2,\"num_key_value_heads\":1,"
+                 "\"vocab_size\":16,\"rms_norm_eps\":1e-6,\"tie_word_embeddings\":true}' > '%s/m/config.json' "
+                 "&& cp '%s' '%s/m/model.safetensors'",
+                 test_tmpdir(), test_tmpdir(), path, test_tmpdir());
+    if (st != 0) {
+        test_fail(__FILE__, __LINE__, "fixture: %s", test_output());
+        return 0;
+    }
+    st = test_sh("%s logits --model '%s/m' --tokens 1,2 --out '%s/logits.safetensors'", test_lorakit(),
+                 test_tmpdir(), test_tmpdir());
+    if (st != 1 || !strstr(test_output(), want) || !strstr(test_output(), "model.safetensors") ||
+        !strstr(test_output(), "lorakit logits: error: ") || lk_file_exists(test_path("logits.safetensors"))) {
+        test_fail(__FILE__, __LINE__, "lorakit logits exit %d, output: %s", st, test_output());
+        return 0;
+    }
     return 1;
 }
 

@@ -110,6 +110,24 @@ static int folder_nonempty(const char *dir)
     return lk_file_exists(probe);
 }
 
+/* The tokenizer and generation files a model folder carries along. */
+static int copy_side_files(const char *tdir, const char *mdir, const char *out, struct lk_err *err)
+{
+    static const char *const names[] = { "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                                         "vocab.json", "merges.txt", "generation_config.json" };
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
+        char src[4200], dst[4200];
+        snprintf(src, sizeof src, "%s/%s", i < 5 ? tdir : mdir, names[i]);
+        snprintf(dst, sizeof dst, "%s/%s", out, names[i]);
+        if (lk_file_exists(src)) {
+            int rc = lk_copy_file(src, dst, err);
+            if (rc)
+                return rc;
+        }
+    }
+    return LK_OK;
+}
+
 int cmd_train(int argc, char **argv)
 {
     struct train_cli c = { .rank = 8, .alpha = 16, .lr = -1, .epochs = 1, .batch = 4, .grad_accum = 1,
@@ -354,7 +372,7 @@ int cmd_train(int argc, char **argv)
                     : !strcmp(m.cfg.torch_dtype, "float16") ? TENSOR_F16 : TENSOR_F32;
         rc = model_save(&m, c.out, dtype, &err);
         if (!rc && tk)
-            rc = tok_copy_files(c.tokenizer ? c.tokenizer : c.model, c.out, &err);
+            rc = copy_side_files(c.tokenizer ? c.tokenizer : c.model, c.model, c.out, &err);
     } else {
         rc = pissa ? lora_save_pissa(&l, &m, c.out, &err) : lora_save(&l, c.out, &err);
     }

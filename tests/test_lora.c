@@ -1,0 +1,327 @@
+/*
+ * test_lora.c - PEFT adapter files (read back bit-identical, checked against the published
+ * layout field by field, every refusal), model folders (round trip, bf16 rounding), and
+ * `lorakit logits` / `lorakit info` on adapters end to end.
+ */
+#include "test.h"
+
+#include <cJSON.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../libcore/lora.h"
+#include "../libcore/model.h"
+#include "../libcore/st.h"
+#include "../libcore/tensor.h"
+#include "fix_model.h"
+
+static int make_lora(struct lora *l, const struct cfg *c, int with_patterns, uint64_t seed)
+{
+    struct lora_config lc;
+    lora_config_default(&lc);
+    lc.r = 4;
+    lc.alpha = 8;
+    lc.lora_bias = with_patterns;
+    char rk[] = "model.layers.1.mlp.down_proj", ak[] = "down_proj";
+    struct lora_pattern rp = { rk, 2 }, ap = { ak, 3 };
+    if (with_patterns) {
+        lc.rank_pattern = &rp;
+        lc.n_rank_pattern = 1;
+        lc.alpha_pattern = &ap;
+        lc.n_alpha_pattern = 1;
+    }
+    snprintf(lc.base_model, sizeof lc.base_model, "some/base");
+    int rc = lora_init(l, &lc, c, NULL);
+    if (rc)
+        return rc;
+    struct lk_rng rng;
+    lk_rng_seed(&rng, seed);
+    for (size_t i = 0; i < l->n; i++)
+        l->mem[i] = lk_rng_normal(&rng);
+    return LK_OK;
+}
+
+TEST(lora_roundtrip_is_bit_identical_with_patterns_and_bias)
+{
+    struct cfg c;
+    fix_cfg_qwen2(&c);
+    struct lora a, b;
+    CHECK_OK(make_lora(&a, &c, 1, 1));
+    const char *dir = test_path("adapter");
+    CHECK_OK(lora_save(&a, dir, test_err()));
+    CHECK_OK(lora_load(&b, dir, &c, test_err()));
+    CHECK_INT(a.n, b.n);
+    CHECK_INT(a.n_mod, b.n_mod);
+    CHECK(memcmp(a.mem, b.mem, sizeof(float) * a.n) == 0);
+    for (int i = 0; i < a.n_mod; i++) {
+        CHECK_INT(a.mod[i].R, b.mod[i].R);
+        CHECK(a.mod[i].scale == b.mod[i].scale);
+    }
+    // the pattern applied: layer 1 down_proj has rank 2 and alpha 3; layer 0 down_proj alpha 3, rank 4
+    struct lora_module *m1 = lora_find(&b, 1, CFG_DOWN), *m0 = lora_find(&b, 0, CFG_DOWN);
+    CHECK(m1 && m0);
+    CHECK_INT(m1->R, 2);
+    CHECK_NEAR(m1->scale, 3.0 / 2, 1e-7);
+    CHECK_INT(m0->R, 4);
+    CHECK_NEAR(m0->scale, 3.0 / 4, 1e-7);
+    CHECK_NEAR(lora_find(&b, 0, CFG_Q)->scale, 8.0 / 4, 1e-7);
+    lora_release(&a);
+    lora_release(&b);
+}
+
+TEST(lora_files_follow_the_peft_layout)
+{
+    struct cfg c;
+    fix_cfg_qwen2(&c);
+    struct lora a;
+    CHECK_OK(make_lora(&a, &c, 0, 2));
+    const char *dir = test_path("adapter");
+    CHECK_OK(lora_save(&a, dir, test_err()));
+    // adapter_config.json, read independently with cJSON
+    char *text;
+    CHECK_OK(lk_read_file(test_path("adapter/adapter_config.json"), &text, NULL, test_err()));
+    cJSON *o = cJSON_Parse(text);
+    CHECK(o != NULL);
+    CHECK(!strcmp(cJSON_GetObjectItem(o, "peft_type")->valuestring, "LORA"));
+    CHECK(!strcmp(cJSON_GetObjectItem(o, "task_type")->valuestring, "CAUSAL_LM"));
+    CHECK(!strcmp(cJSON_GetObjectItem(o, "bias")->valuestring, "none"));
+    CHECK_INT(cJSON_GetObjectItem(o, "r")->valueint, 4);
+    CHECK_NEAR(cJSON_GetObjectItem(o, "lora_alpha")->valuedouble, 8, 0);
+    CHECK(cJSON_IsFalse(cJSON_GetObjectItem(o, "use_rslora")));
+    CHECK(!strcmp(cJSON_GetObjectItem(o, "base_model_name_or_path")->valuestring, "some/base"));
+    const cJSON *tm = cJSON_GetObjectItem(o, "target_modules");
+    CHECK_INT(cJSON_GetArraySize(tm), 7);
+    const char *sorted[] = { "down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj" };
+    for (int i = 0; i < 7; i++)
+        CHECK(!strcmp(cJSON_GetArrayItem(tm, i)->valuestring, sorted[i]));
+    // keys in sorted order, as PEFT's json.dumps(sort_keys=True) writes them
+    const cJSON *prev = NULL;
+    for (const cJSON *e = o->child; e; prev = e, e = e->next)
+        if (prev)
+            CHECK_MSG(strcmp(prev->string, e->string) < 0, "keys not sorted: %s before %s", prev->string, e->string);
+    cJSON_Delete(o);
+    lk_free(text);
+    // adapter_model.safetensors: names, shapes, dtype, metadata
+    struct st_file f;
+    CHECK_OK(st_open(&f, test_path("adapter/adapter_model.safetensors"), test_err()));
+    CHECK_INT(f.n, 2 * 7 * 2);
+    CHECK(st_meta(&f, "format") && !strcmp(st_meta(&f, "format"), "pt"));
+    const struct st_tensor *qa = st_find(&f, "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight");
+    const struct st_tensor *kb = st_find(&f, "base_model.model.model.layers.1.self_attn.k_proj.lora_B.weight");
+    const struct st_tensor *da = st_find(&f, "base_model.model.model.layers.1.mlp.down_proj.lora_A.weight");
+    CHECK(qa && kb && da);
+    CHECK(qa->dtype == TENSOR_F32 && qa->shape[0] == 4 && qa->shape[1] == c.hidden_size);
+    CHECK(kb->shape[0] == c.num_key_value_heads * c.head_dim && kb->shape[1] == 4);
+    CHECK(da->shape[0] == 4 && da->shape[1] == c.intermediate_size);
+    st_close(&f);
+    lora_release(&a);
+}
+
+/* Writes an adapter folder from raw pieces: a config text and tensors. */
+static void write_adapter(const char *dir, const char *config, const struct st_item *items, int n)
+{
+    struct lk_err err = { 0 };
+    lk_mkdir_p(dir, &err);
+    char p[1024];
+    snprintf(p, sizeof p, "%s/adapter_config.json", dir);
+    lk_write_file_atomic(p, config, strlen(config), &err);
+    snprintf(p, sizeof p, "%s/adapter_model.safetensors", dir);
+    st_write_f32(p, items, n, TENSOR_F32, &err);
+}
+
+static float zeros[4096];
+#define CFG_QONLY "{\"r\":2,\"lora_alpha\":4%s}"
+#define STD ",\"peft_type\":\"LORA\",\"target_modules\":[\"q_proj\"]"
+#define QA(l) "base_model.model.model.layers." #l ".self_attn.q_proj.lora_A.weight"
+#define QB(l) "base_model.model.model.layers." #l ".self_attn.q_proj.lora_B.weight"
+
+static void expect_adapter_refused(const char *config_extra, const struct st_item *items, int n, const char *want)
+{
+    struct cfg c;
+    fix_cfg_qwen2(&c);
+    char config[512];
+    snprintf(config, sizeof config, CFG_QONLY, config_extra);
+    write_adapter(test_path("bad"), config, items, n);
+    struct lora l;
+    struct lk_err err = { 0 };
+    int rc = lora_load(&l, test_path("bad"), &c, &err);
+    CHECK_MSG(rc != LK_OK, "adapter accepted, expected '%s'", want);
+    CHECK_MSG(strstr(err.msg, want) && strstr(err.msg, "bad"), "message '%s' lacks '%s' or the path", err.msg, want);
+}
+
+TEST(lora_rejects_adapter_for_another_base)
+{
+    // hidden 12 (the Llama fixture) against a hidden-16 base
+    struct st_item it[4] = { { QA(0), 2, { 2, 12 }, zeros }, { QB(0), 2, { 16, 2 }, zeros },
+                             { QA(1), 2, { 2, 12 }, zeros }, { QB(1), 2, { 16, 2 }, zeros } };
+    expect_adapter_refused(STD, it, 4, "another base model");
+}
+
+TEST(lora_rejects_rank_mismatch_between_a_and_b)
+{
+    struct st_item it[4] = { { QA(0), 2, { 2, 16 }, zeros }, { QB(0), 2, { 16, 3 }, zeros },
+                             { QA(1), 2, { 2, 16 }, zeros }, { QB(1), 2, { 16, 2 }, zeros } };
+    expect_adapter_refused(STD, it, 4, "rank mismatch");
+}
+
+TEST(lora_rejects_rank_other_than_config)
+{
+    struct st_item it[4] = { { QA(0), 2, { 3, 16 }, zeros }, { QB(0), 2, { 16, 3 }, zeros },
+                             { QA(1), 2, { 3, 16 }, zeros }, { QB(1), 2, { 16, 3 }, zeros } };
+    expect_adapter_refused(STD, it, 4, "rank 3");
+}
+
+TEST(lora_rejects_missing_tensor)
+{
+    struct st_item it[3] = { { QA(0), 2, { 2, 16 }, zeros }, { QB(0), 2, { 16, 2 }, zeros },
+                             { QA(1), 2, { 2, 16 }, zeros } };
+    expect_adapter_refused(STD, it, 3, "lora_B.weight");
+}
+
+TEST(lora_rejects_layer_the_base_lacks)
+{
+    struct st_item it[2] = { { QA(7), 2, { 2, 16 }, zeros }, { QB(7), 2, { 16, 2 }, zeros } };
+    expect_adapter_refused(STD, it, 2, "layer 7");
+}
+
+TEST(lora_rejects_bias_without_lora_bias_flag)
+{
+    struct st_item it[5] = { { QA(0), 2, { 2, 16 }, zeros }, { QB(0), 2, { 16, 2 }, zeros },
+                             { QA(1), 2, { 2, 16 }, zeros }, { QB(1), 2, { 16, 2 }, zeros },
+                             { "base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias", 1, { 16 }, zeros } };
+    expect_adapter_refused(STD, it, 5, "lora_bias");
+}
+
+TEST(lora_rejects_unknown_tensor_and_module)
+{
+    struct st_item it[5] = { { QA(0), 2, { 2, 16 }, zeros }, { QB(0), 2, { 16, 2 }, zeros },
+                             { QA(1), 2, { 2, 16 }, zeros }, { QB(1), 2, { 16, 2 }, zeros },
+                             { "base_model.model.model.layers.0.self_attn.q_proj.lora_C.weight", 1, { 16 }, zeros } };
+    expect_adapter_refused(STD, it, 5, "unknown adapter tensor");
+    struct st_item it2[4] = { { QA(0), 2, { 2, 16 }, zeros }, { QB(0), 2, { 16, 2 }, zeros },
+                              { QA(1), 2, { 2, 16 }, zeros }, { QB(1), 2, { 16, 2 }, zeros } };
+    expect_adapter_refused(",\"peft_type\":\"LORA\",\"target_modules\":[\"q_proj\",\"c_attn\"]", it2, 4, "c_attn");
+}
+
+TEST(lora_rejects_other_peft_types_and_layer_subsets)
+{
+    struct st_item it[4] = { { QA(0), 2, { 2, 16 }, zeros }, { QB(0), 2, { 16, 2 }, zeros },
+                             { QA(1), 2, { 2, 16 }, zeros }, { QB(1), 2, { 16, 2 }, zeros } };
+    expect_adapter_refused(",\"peft_type\":\"IA3\",\"target_modules\":[\"q_proj\"]", it, 4, "IA3");
+    expect_adapter_refused(STD ",\"layers_to_transform\":[0]", it, 4, "layers_to_transform");
+    expect_adapter_refused(STD ",\"fan_in_fan_out\":true", it, 4, "fan_in_fan_out");
+}
+
+TEST(model_folder_roundtrip_f32_exact_and_bf16_rounded_once)
+{
+    struct cfg c;
+    fix_cfg_qwen2(&c);
+    struct model a, b;
+    CHECK_OK(fix_model_random(&a, &c, 0.3f, 5));
+    CHECK_OK(model_save(&a, test_path("m32"), TENSOR_F32, test_err()));
+    CHECK_OK(model_load(&b, test_path("m32"), test_err()));
+    CHECK_INT(a.w.n, b.w.n);
+    CHECK(memcmp(a.w.mem, b.w.mem, sizeof(float) * a.w.n) == 0);
+    model_release(&b);
+    CHECK_OK(model_save(&a, test_path("m16"), TENSOR_BF16, test_err()));
+    CHECK_OK(model_load(&b, test_path("m16"), test_err()));
+    CHECK(!strcmp(b.cfg.torch_dtype, "bfloat16"));
+    for (size_t i = 0; i < a.w.n; i++)
+        CHECK(b.w.mem[i] == tensor_bf16_to_f32(tensor_f32_to_bf16(a.w.mem[i])));
+    model_release(&b);
+    model_release(&a);
+}
+
+/* Reads the "logits" tensor [B, T, V] written by `lorakit logits`. */
+static float *read_logits(const char *path, int64_t *shape)
+{
+    struct st_file f;
+    if (st_open(&f, path, NULL))
+        return NULL;
+    const struct st_tensor *t = st_find(&f, "logits");
+    float *out = NULL;
+    if (t && t->ndim == 3) {
+        memcpy(shape, t->shape, sizeof(int64_t) * 3);
+        out = malloc(sizeof(float) * t->numel);
+        st_tensor_to_f32(t, out, NULL);
+    }
+    st_close(&f);
+    return out;
+}
+
+TEST(logits_cli_matches_in_process_forward_with_adapter)
+{
+    CHECK_INT(test_sh("%s init --preset tiny --dtype f32 --seed 3 --out '%s/m'", test_lorakit(), test_tmpdir()), 0);
+    struct model m;
+    CHECK_OK(model_load(&m, test_path("m"), test_err()));
+    struct lora l;
+    CHECK_OK(make_lora(&l, &m.cfg, 0, 9));
+    for (size_t i = 0; i < l.n; i++)
+        l.mem[i] *= 0.05f;
+    CHECK_OK(lora_save(&l, test_path("ad"), test_err()));
+    CHECK_INT(test_sh("%s logits --model '%s/m' --adapter '%s/ad' --tokens '1,2,3;4,5,6' --out '%s/l.safetensors'",
+                      test_lorakit(), test_tmpdir(), test_tmpdir(), test_tmpdir()), 0);
+    int64_t shape[3];
+    float *got = read_logits(test_path("l.safetensors"), shape);
+    CHECK(got != NULL);
+    CHECK(shape[0] == 2 && shape[1] == 3 && shape[2] == m.cfg.vocab_size);
+    int tok[6] = { 1, 2, 3, 4, 5, 6 };
+    CHECK_OK(model_plan(&m, 2, 3, 0, test_err()));
+    CHECK_OK(model_forward(&m, &l, tok, NULL, NULL, NULL, 0, NULL, test_err()));
+    for (int i = 0; i < 6 * m.cfg.vocab_size; i++)
+        CHECK(got[i] == model_logits(&m)[i]);
+    // and the adapter changed something
+    const float *with = model_logits(&m);
+    float first = with[0];
+    CHECK_OK(model_forward(&m, NULL, tok, NULL, NULL, NULL, 0, NULL, test_err()));
+    CHECK(model_logits(&m)[0] != first);
+    free(got);
+    lora_release(&l);
+    model_release(&m);
+}
+
+TEST(logits_cli_refuses_bad_tokens_and_mismatched_adapter)
+{
+    CHECK_INT(test_sh("%s init --preset tiny --out '%s/m'", test_lorakit(), test_tmpdir()), 0);
+    CHECK_INT(test_sh("%s logits --model '%s/m' --tokens '1,2;3' --out '%s/l.st'", test_lorakit(),
+                      test_tmpdir(), test_tmpdir()), 2);
+    CHECK(strstr(test_output(), "different lengths"));
+    CHECK_INT(test_sh("%s logits --model '%s/m' --tokens '1,99999' --out '%s/l.st'", test_lorakit(),
+                      test_tmpdir(), test_tmpdir()), 2);
+    CHECK(strstr(test_output(), "outside the vocabulary"));
+    CHECK(!lk_file_exists(test_path("l.st")));
+    // an adapter made for the Llama fixture against the tiny Qwen2 base
+    struct cfg lc;
+    fix_cfg_llama(&lc);
+    struct lora l;
+    CHECK_OK(make_lora(&l, &lc, 0, 1));
+    CHECK_OK(lora_save(&l, test_path("ad"), test_err()));
+    lora_release(&l);
+    CHECK_INT(test_sh("%s logits --model '%s/m' --adapter '%s/ad' --tokens 1 --out '%s/l.st'", test_lorakit(),
+                      test_tmpdir(), test_tmpdir(), test_tmpdir()), 1);
+    CHECK(strstr(test_output(), "adapter_model.safetensors") && strstr(test_output(), "another base model"));
+    CHECK(!lk_file_exists(test_path("l.st")));
+}
+
+TEST(info_reports_adapter_share_of_base)
+{
+    CHECK_INT(test_sh("%s init --preset tiny --out '%s/m'", test_lorakit(), test_tmpdir()), 0);
+    struct cfg c;
+    CHECK_OK(cfg_load(&c, test_path("m"), test_err()));
+    struct lora l;
+    CHECK_OK(make_lora(&l, &c, 0, 1));
+    snprintf(l.cfg.base_model, sizeof l.cfg.base_model, "%s", test_path("m"));
+    CHECK_OK(lora_save(&l, test_path("ad"), test_err()));
+    CHECK_INT(test_sh("%s info --json '%s/ad'", test_lorakit(), test_tmpdir()), 0);
+    cJSON *o = cJSON_Parse(test_output());
+    CHECK(o != NULL);
+    double share = cJSON_GetObjectItem(o, "share")->valuedouble;
+    CHECK_NEAR(share, (double)l.n / (double)cfg_param_count(&c), 1e-9);
+    CHECK_INT(cJSON_GetObjectItem(o, "params")->valuedouble, l.n);
+    cJSON_Delete(o);
+    CHECK_INT(test_sh("%s info '%s/ad'", test_lorakit(), test_tmpdir()), 0);
+    CHECK(strstr(test_output(), "% of the base"));
+    lora_release(&l);
+    cfg_release(&c);
+}
