@@ -17,6 +17,8 @@ struct command {
 static int cmd_version(int argc, char **argv);
 
 static const struct command commands[] = { /* keep sorted by name */
+    { "tokenize", cmd_tokenize, "text to token ids and back; chat templates with labels" },
+    { "tokenizer", cmd_tokenizer, "train a byte-level BPE tokenizer (tokenizer train)" },
     { "version", cmd_version, "print the version" },
 
 };
