@@ -913,3 +913,42 @@ TEST(tok_cli_train_and_tokenize)
     tok_ids_release(&ids);
     tok_free(tk);
 }
+
+TEST(tok_allocation_failures_are_clean)
+{
+    // every allocation of load, encode and a chat record fails in turn: the only outcomes
+    // are success or LK_ERR_NOMEM (leaks show under SAN=1)
+    struct lk_err *err = test_err();
+    CHECK_OK(train_small(test_path("t"), 400, 0, err));
+    char p[1100];
+    snprintf(p, sizeof p, "%s/tokenizer.json", test_path("t"));
+    char *json;
+    size_t n;
+    CHECK_OK(lk_read_file(p, &json, &n, err));
+    const char *cfg = "{\"eos_token\": \"<|im_end|>\", \"chat_template\": \"<|im_start|>\"}";
+    const char *text = "Hello <|im_end|> world, it's 2024 😀 e\xcc\x81";
+    int ok = 0;
+    for (long k = 1; k < 2000 && !ok; k++) {
+        struct tok *tk = NULL;
+        struct tok_ids ids = { 0 };
+        struct chat_seq s = { 0 };
+        struct chat_fmt f;
+        lk_fail_countdown = k;
+        int rc = tok_load_json(&tk, json, n, cfg, "t", err);
+        if (!rc)
+            rc = tok_encode(tk, text, strlen(text), 1, &ids, err);
+        if (!rc)
+            rc = chat_fmt_init(&f, tk, NULL, err);
+        if (!rc)
+            rc = chat_encode_json(tk, &f, "{\"instruction\": \"Q\", \"output\": \"A\"}", 0, &s, err);
+        ok = lk_fail_countdown > 0; // the countdown never reached zero: nothing failed
+        lk_fail_countdown = 0;
+        CHECK_MSG(rc == LK_OK || rc == LK_ERR_NOMEM, "allocation %ld: status %d (%s)", k, rc, err->msg);
+        CHECK(ok ? rc == LK_OK : 1);
+        tok_ids_release(&ids);
+        chat_seq_release(&s);
+        tok_free(tk);
+    }
+    CHECK(ok);
+    lk_free(json);
+}
