@@ -952,3 +952,61 @@ TEST(tok_allocation_failures_are_clean)
     CHECK(ok);
     lk_free(json);
 }
+
+TEST(tok_other_byte_level_styles_match_reference)
+{
+    // the same vocab under GPT-2's pre-tokenizer (ByteLevel with its own regex, with and
+    // without a prefix space) and Llama 3's (its Split regex, ignore_merges, no normalizer)
+    if (!node_ready())
+        SKIP("node or build/node (make node-ref) is not there");
+    struct lk_err *err = test_err();
+    const char *dir = test_path("trained");
+    CHECK_OK(train_small(dir, 900, 0, err));
+    char p[1200];
+    snprintf(p, sizeof p, "%s/tokenizer.json", dir);
+    char *json;
+    size_t n;
+    CHECK_OK(lk_read_file(p, &json, &n, err));
+    static const char *variants[] = {
+        "{\"type\": \"ByteLevel\", \"add_prefix_space\": false, \"trim_offsets\": true, \"use_regex\": true}",
+        "{\"type\": \"ByteLevel\", \"add_prefix_space\": true, \"trim_offsets\": true, \"use_regex\": true}",
+        "{\"type\": \"Sequence\", \"pretokenizers\": [{\"type\": \"Split\", \"pattern\": {\"Regex\": "
+        "\"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\\\r\\\\n\\\\p{L}\\\\p{N}]?\\\\p{L}+|\\\\p{N}{1,3}| ?[^\\\\s\\\\p{L}"
+        "\\\\p{N}]+[\\\\r\\\\n]*|\\\\s*[\\\\r\\\\n]+|\\\\s+(?!\\\\S)|\\\\s+\"}, \"behavior\": \"Isolated\", "
+        "\"invert\": false}, {\"type\": \"ByteLevel\", \"add_prefix_space\": false, \"trim_offsets\": true, "
+        "\"use_regex\": false}]}",
+    };
+    struct texts t = { 0 };
+    add_synthetic(&t, 60);
+    add_file(&t, "libcore/tok.c", 60000);
+    for (size_t v = 0; v < sizeof variants / sizeof variants[0]; v++) {
+        cJSON *root = cJSON_Parse(json);
+        cJSON *pt = cJSON_Parse(variants[v]);
+        CHECK_MSG(pt != NULL, "variant %zu is not JSON", v);
+        CHECK(cJSON_ReplaceItemInObject(root, "pre_tokenizer", pt));
+        if (v == 2) {
+            cJSON_ReplaceItemInObject(root, "normalizer", cJSON_CreateNull());
+            cJSON_ReplaceItemInObject(cJSON_GetObjectItem(root, "model"), "ignore_merges", cJSON_CreateTrue());
+        }
+        char *out = cJSON_PrintUnformatted(root);
+        char vdir[1024];
+        snprintf(vdir, sizeof vdir, "%s/v%zu", test_tmpdir(), v);
+        CHECK_OK(lk_mkdir_p(vdir, err));
+        snprintf(p, sizeof p, "%s/tokenizer.json", vdir);
+        CHECK_OK(lk_write_file_atomic(p, out, strlen(out), err));
+        struct tok *tk;
+        CHECK_OK(tok_load(&tk, vdir, err));
+        CHECK_MSG(!compare_with_node(tk, vdir, &t), "variant %zu", v);
+        struct tok_ids ids = { 0 };
+        CHECK_OK(tok_encode(tk, "Hello", 5, 1, &ids, err));
+        size_t len;
+        const char *first = tok_piece(tk, ids.v[0], &len);
+        CHECK_MSG((first[0] == ' ') == (v == 1), "variant %zu: prefix space is %s", v, v == 1 ? "missing" : "there");
+        tok_ids_release(&ids);
+        tok_free(tk);
+        free(out);
+        cJSON_Delete(root);
+    }
+    texts_free(&t);
+    lk_free(json);
+}
