@@ -88,16 +88,30 @@ $(TESTBIN): $(TEST_OBJ) $(APPLIB_OBJ) $(LIB)
 	$(CC) $(LDX) -o $@ $(TEST_OBJ) $(APPLIB_OBJ) $(LIB) $(LIBS)
 
 # T=prefix runs only the tests whose names start with it.
-test: check-deps $(BIN) $(TESTBIN)
+test: check-deps $(BIN) $(TESTBIN) node-ref
 	OPENBLAS_NUM_THREADS=1 LORAKIT=$(CURDIR)/$(BIN) $(TESTBIN) $(T)
 
 # Benchmarks: one program per bench/bench_<name>.c, run with the caller's OPENBLAS_NUM_THREADS.
-bench: bench-svd
+bench: bench-svd bench-tok
 
 bench-svd: check-deps $(LIB)
 	@mkdir -p $(OUT)/bench
 	$(CC) $(ALL) -o $(OUT)/bench/bench_svd bench/bench_svd.c $(LIB) $(LIBS)
 	$(OUT)/bench/bench_svd
+
+# The reference tokenizer (npm @huggingface/tokenizers) for tokenizer tests and benchmarks, in
+# build/node. When npm is unreachable this says so and the tests that need it are skipped.
+NODE_REF = build/node/node_modules/@huggingface/tokenizers/package.json
+.PHONY: node-ref bench-tok
+node-ref:
+	@[ -f $(NODE_REF) ] || ! command -v npm >/dev/null || { mkdir -p build/node && \
+	  timeout 180 npm install --prefix build/node --no-audit --no-fund --silent \
+	  @huggingface/tokenizers@0.2.0 >/dev/null 2>&1 || echo "node-ref: npm install failed (tests needing it skip)"; }
+
+bench-tok: check-deps $(LIB) node-ref
+	@mkdir -p $(OUT)/bench
+	$(CC) $(ALL) -o $(OUT)/bench/bench_tok bench/bench_tok.c $(LIB) $(LIBS)
+	$(OUT)/bench/bench_tok "$${LK_SHARED:-../shared}"
 
 clean:
 	rm -rf build bin libcore/libcore.a
