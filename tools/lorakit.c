@@ -17,6 +17,8 @@ struct command {
 static int cmd_version(int argc, char **argv);
 
 static const struct command commands[] = { /* keep sorted by name */
+    { "index", cmd_index, "build an FTS5 retrieval index from documents" },
+    { "search", cmd_search, "search an FTS5 index (BM25)" },
     { "version", cmd_version, "print the version" },
 
 };
