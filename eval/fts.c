@@ -650,6 +650,9 @@ int fts_open(struct fts_index *idx, const char *path, struct lk_err *err)
         r = sql_fail(idx->db, path, "opening", err);
         goto fail;
     }
+    // The index never changes in place (a rebuild renames a new file over it), so the reader
+    // keeps its shared lock instead of taking and dropping it for every statement.
+    sqlite3_exec(idx->db, "PRAGMA locking_mode = EXCLUSIVE", NULL, NULL, NULL);
     if ((r = read_meta(idx, err)))
         goto fail;
     // Ranking selects only rowid and score: SQLite computes every selected column for every
