@@ -81,7 +81,7 @@ TEST(fts_chunk_matches_reference_split)
 {
     // Reference: split ASCII words by hand; chunk i must be words[i*S, min(i*S + N, T)),
     // the last chunk must end at T and the one before must not.
-    char text[1024], words[64][8];
+    char text[1024], words[64][16];
     for (int T = 0; T <= 40; T++)
         for (int N = 1; N <= 7; N++)
             for (int M = 0; M < N; M++) {
@@ -309,8 +309,9 @@ TEST(fts_hostile_queries_never_error)
     // a 10 KB query of mixed junk
     char *big = lk_malloc(10241);
     CHECK(big);
+    static const char pat[] = "ab\"(:*^- OR NEAR\xe7\xb3\x96";
     for (int i = 0; i < 10240; i++)
-        big[i] = "ab\"(:*^- OR NEAR\xe7\xb3\x96"[i % 21];
+        big[i] = pat[i % (int)(sizeof pat - 1)];
     big[10240] = 0;
     struct lk_rng rng;
     lk_rng_seed(&rng, 1234);
@@ -332,8 +333,8 @@ TEST(fts_hostile_queries_never_error)
                 int len = 1 + (int)(lk_rng_u64(&rng) % 70);
                 for (int j = 0; j < len; j++) {
                     uint64_t r = lk_rng_u64(&rng);
-                    rnd[j] = r & 1 ? "\"():*^-+ ORANDNOTNEAR{},\xe7\xb3\x96"[(r >> 1) % 32]
-                                   : (char)(1 + (r >> 8) % 255);
+                    static const char syn[] = "\"():*^-+ ORANDNOTNEAR{},\xe7\xb3\x96";
+                    rnd[j] = r & 1 ? syn[(r >> 1) % (sizeof syn - 1)] : (char)(1 + (r >> 8) % 255);
                 }
                 rnd[len] = 0;
                 q = rnd;
