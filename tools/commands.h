@@ -11,9 +11,11 @@
 #ifndef LK_COMMANDS_H
 #define LK_COMMANDS_H
 
+int cmd_index(int argc, char **argv);
 int cmd_info(int argc, char **argv);
 int cmd_init(int argc, char **argv);
 int cmd_logits(int argc, char **argv);
+int cmd_search(int argc, char **argv);
 int cmd_tokenize(int argc, char **argv);
 int cmd_tokenizer(int argc, char **argv);
 int cmd_train(int argc, char **argv);

@@ -17,9 +17,11 @@ struct command {
 static int cmd_version(int argc, char **argv);
 
 static const struct command commands[] = { /* keep sorted by name */
+    { "index", cmd_index, "build an FTS5 retrieval index from documents" },
     { "info",    cmd_info,    "describe a model folder, adapter or .safetensors file" },
     { "init",    cmd_init,    "write a random model in the Hugging Face layout" },
     { "logits",  cmd_logits,  "write the float32 logits of token sequences to a .safetensors file" },
+    { "search", cmd_search, "search an FTS5 index (BM25)" },
     { "tokenize",  cmd_tokenize,  "text to token ids and back; chat templates with labels" },
     { "tokenizer", cmd_tokenizer, "train a byte-level BPE tokenizer (tokenizer train)" },
     { "train",   cmd_train,   "train a LoRA adapter or a full fine-tune" },
