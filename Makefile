@@ -13,7 +13,7 @@ WARN    = -Wall -Wextra -Wshadow -Wstrict-prototypes -Wmissing-prototypes \
           -Werror=implicit-function-declaration
 WERROR ?= -Werror
 CFLAGS ?= -O2 -g
-OMP     = -fopenmp
+OMP     =
 SANFLAGS = -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer
 
 PKGS    = libopenblas-dev liblapacke-dev libsqlite3-dev libcjson-dev libncurses-dev \
@@ -92,7 +92,7 @@ test: check-deps $(BIN) $(TESTBIN) node-ref
 	OPENBLAS_NUM_THREADS=1 LORAKIT=$(CURDIR)/$(BIN) $(TESTBIN) $(T)
 
 # Benchmarks: one program per bench/bench_<name>.c, run with the caller's OPENBLAS_NUM_THREADS.
-bench: bench-svd bench-tok
+bench: bench-svd bench-tok bench-train
 
 bench-svd: check-deps $(LIB)
 	@mkdir -p $(OUT)/bench
@@ -117,3 +117,14 @@ clean:
 	rm -rf build bin libcore/libcore.a
 
 -include $(CORE_OBJ:.o=.d) $(APP_OBJ:.o=.d) $(TEST_OBJ:.o=.d)
+
+# Training throughput against plain PyTorch (Debian's python3-torch, installed by deps-bench).
+.PHONY: bench-train deps-bench
+deps-bench:
+	@/usr/bin/python3 -c 'import torch' 2>/dev/null || { SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq python3-torch time; }
+
+bench-train: check-deps $(BIN) deps-bench
+	@mkdir -p $(OUT)/bench
+	$(CC) $(ALL) -o $(OUT)/bench/bench_sgemm bench/bench_sgemm.c $(LIB) $(LIBS)
+	bench/bench_train.sh $(CURDIR)/$(BIN) $(OUT)/bench/bench_sgemm $${THREADS:-2}

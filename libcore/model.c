@@ -185,6 +185,7 @@ struct model_acts {
     float *logits;         /* [BT, V]; dlogits after a training forward */
     /* backward scratch (train) */
     float *dres, *dln, *dq, *dk, *dv, *datty, *dgate, *dup, *dact, *tmp;
+    float *dpatt;          /* [T, T] attention backward scratch */
     float *drop;           /* [BT, max(C, F, NH*HS)]: dropped LoRA input */
     int *pos, *tokens, *seg; /* owned copies [BT] */
     int has_seg;
@@ -305,6 +306,7 @@ static size_t acts_layout(struct model_acts *a, const struct cfg *c, int B, int 
         a->dup = TAKE(BT * F);
         a->dact = TAKE(BT * F);
         a->tmp = TAKE(BT * wide);
+        a->dpatt = TAKE((size_t)T * T);
     }
 #undef TAKE
     return off;
@@ -645,7 +647,7 @@ void model_backward(struct model *m, const struct lora *lora, float *lora_grad,
         memset(a->dk, 0, sizeof(float) * (size_t)BT * KV);
         memset(a->dv, 0, sizeof(float) * (size_t)BT * KV);
         op_attention_backward(a->dq, a->dk, a->dv, a->datty, a->att[l], a->q[l], a->k[l], a->v[l], B, T,
-                              NH, NKV, HS);
+                              NH, NKV, HS, a->dpatt);
         // 3. rope
         op_rope_backward(a->dq, a->pos, m->inv_freq, BT, NH, HS);
         op_rope_backward(a->dk, a->pos, m->inv_freq, BT, NKV, HS);

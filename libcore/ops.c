@@ -2,8 +2,7 @@
  * ops.c - transformer kernels: linear (cblas_sgemm), RMSNorm, rotary embedding, causal
  * grouped-query attention, SwiGLU, cross-entropy, each with its backward. Float32 storage;
  * reductions in double where they feed a normaliser or a loss. Backward kernels accumulate.
- * Attention runs its (batch, kv-head) groups on OpenMP threads; the linears rely on
- * OpenBLAS's own threads.
+ * Linears and attention are GEMMs through OpenBLAS, which brings its own threads.
  */
 #include "ops.h"
 
@@ -150,37 +149,34 @@ void op_rope_backward(float *dx, const int *pos, const float *inv_freq, int N, i
 
 // ---- attention ----
 
+/* Each (batch, head) is three GEMMs on strided views of q, k, v (lda = NH*HS or NKV*HS):
+ * S = q k^T (the full T x T, the upper triangle then masked), P = softmax(S * scale) in place,
+ * out = P v. OpenBLAS threads the GEMMs; the (b, h) loop is serial. */
 void op_attention_forward(float *out, float *att, const float *q, const float *k, const float *v,
                           const int *seg, int B, int T, int NH, int NKV, int HS)
 {
-    int group = NH / NKV;
+    int group = NH / NKV, Q = NH * HS, KV = NKV * HS;
     float scale = 1.0f / sqrtf((float)HS);
-    size_t qs = (size_t)NH * HS, ks = (size_t)NKV * HS;
-#pragma omp parallel for collapse(2) schedule(static)
     for (int b = 0; b < B; b++)
         for (int h = 0; h < NH; h++) {
             int kh = h / group;
+            const float *qb = q + (size_t)b * T * Q + (size_t)h * HS;
+            const float *kb = k + (size_t)b * T * KV + (size_t)kh * HS;
+            const float *vb = v + (size_t)b * T * KV + (size_t)kh * HS;
+            float *P = att + ((size_t)b * NH + h) * T * T;
+            // 1. S = scale * q k^T
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, T, HS, scale, qb, Q, kb, KV, 0.0f, P, T);
+            // 2. causal (and segment) mask, softmax per row
+            const int *sg = seg ? seg + (size_t)b * T : NULL;
             for (int t = 0; t < T; t++) {
-                const float *qt = q + ((size_t)b * T + t) * qs + (size_t)h * HS;
-                float *a = att + (((size_t)b * NH + h) * T + t) * T;
-                int st = seg ? seg[(size_t)b * T + t] : 0;
-                // 1. scores and max over allowed keys
+                float *a = P + (size_t)t * T;
                 float mx = -INFINITY;
                 for (int t2 = 0; t2 <= t; t2++) {
-                    if (seg && seg[(size_t)b * T + t2] != st) {
+                    if (sg && sg[t2] != sg[t])
                         a[t2] = -INFINITY;
-                        continue;
-                    }
-                    const float *kt = k + ((size_t)b * T + t2) * ks + (size_t)kh * HS;
-                    float s = 0;
-                    for (int i = 0; i < HS; i++)
-                        s += qt[i] * kt[i];
-                    s *= scale;
-                    a[t2] = s;
-                    if (s > mx)
-                        mx = s;
+                    else if (a[t2] > mx)
+                        mx = a[t2];
                 }
-                // 2. softmax (the diagonal is always allowed, so mx is finite)
                 double sum = 0;
                 for (int t2 = 0; t2 <= t; t2++) {
                     float e = a[t2] == -INFINITY ? 0.0f : expf(a[t2] - mx);
@@ -192,72 +188,47 @@ void op_attention_forward(float *out, float *att, const float *q, const float *k
                     a[t2] *= inv;
                 for (int t2 = t + 1; t2 < T; t2++)
                     a[t2] = 0.0f;
-                // 3. weighted sum of values
-                float *o = out + ((size_t)b * T + t) * qs + (size_t)h * HS;
-                for (int i = 0; i < HS; i++)
-                    o[i] = 0.0f;
-                for (int t2 = 0; t2 <= t; t2++) {
-                    float w = a[t2];
-                    if (w == 0.0f)
-                        continue;
-                    const float *vt = v + ((size_t)b * T + t2) * ks + (size_t)kh * HS;
-                    for (int i = 0; i < HS; i++)
-                        o[i] += w * vt[i];
-                }
             }
+            // 3. out = P v
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, HS, T, 1.0f, P, T, vb, KV, 0.0f,
+                        out + (size_t)b * T * Q + (size_t)h * HS, Q);
         }
 }
 
 void op_attention_backward(float *dq, float *dk, float *dv, const float *dout, const float *att,
                            const float *q, const float *k, const float *v, int B, int T, int NH,
-                           int NKV, int HS)
+                           int NKV, int HS, float *scratch)
 {
-    int group = NH / NKV;
+    int group = NH / NKV, Q = NH * HS, KV = NKV * HS;
     float scale = 1.0f / sqrtf((float)HS);
-    size_t qs = (size_t)NH * HS, ks = (size_t)NKV * HS;
-    // dk, dv of one kv head are shared by its query heads: one thread owns a (b, kv head) group
-#pragma omp parallel for collapse(2) schedule(static)
+    float *dP = scratch; // [T, T]
     for (int b = 0; b < B; b++)
-        for (int kh = 0; kh < NKV; kh++) {
-            for (int h = kh * group; h < (kh + 1) * group; h++)
-                for (int t = 0; t < T; t++) {
-                    const float *a = att + (((size_t)b * NH + h) * T + t) * T;
-                    const float *dot_ = dout + ((size_t)b * T + t) * qs + (size_t)h * HS;
-                    const float *qt = q + ((size_t)b * T + t) * qs + (size_t)h * HS;
-                    float *dqt = dq + ((size_t)b * T + t) * qs + (size_t)h * HS;
-                    // forward 3: o = sum_t2 a[t2] v[t2]  => da[t2] = dout . v[t2], dv[t2] += a dout
-                    // forward 2: a = softmax(s)          => ds = a * (da - sum a*da)
-                    // forward 1: s = scale q . k[t2]     => dq += ds scale k, dk[t2] += ds scale q
-                    double sum_ada = 0;
-                    for (int t2 = 0; t2 <= t; t2++) {
-                        if (a[t2] == 0.0f)
-                            continue;
-                        const float *vt = v + ((size_t)b * T + t2) * ks + (size_t)kh * HS;
-                        float da = 0;
-                        for (int i = 0; i < HS; i++)
-                            da += dot_[i] * vt[i];
-                        sum_ada += (double)a[t2] * da;
-                    }
-                    for (int t2 = 0; t2 <= t; t2++) {
-                        float w = a[t2];
-                        if (w == 0.0f)
-                            continue;
-                        const float *vt = v + ((size_t)b * T + t2) * ks + (size_t)kh * HS;
-                        const float *kt = k + ((size_t)b * T + t2) * ks + (size_t)kh * HS;
-                        float *dvt = dv + ((size_t)b * T + t2) * ks + (size_t)kh * HS;
-                        float *dkt = dk + ((size_t)b * T + t2) * ks + (size_t)kh * HS;
-                        float da = 0;
-                        for (int i = 0; i < HS; i++) {
-                            da += dot_[i] * vt[i];
-                            dvt[i] += w * dot_[i];
-                        }
-                        float ds = w * (da - (float)sum_ada) * scale;
-                        for (int i = 0; i < HS; i++) {
-                            dqt[i] += ds * kt[i];
-                            dkt[i] += ds * qt[i];
-                        }
-                    }
-                }
+        for (int h = 0; h < NH; h++) {
+            int kh = h / group;
+            size_t qo = (size_t)b * T * Q + (size_t)h * HS, ko = (size_t)b * T * KV + (size_t)kh * HS;
+            const float *P = att + ((size_t)b * NH + h) * T * T;
+            // forward 3: out = P v      => dP = dout v^T;  dv += P^T dout
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, T, HS, 1.0f, dout + qo, Q, v + ko, KV, 0.0f,
+                        dP, T);
+            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, T, HS, T, 1.0f, P, T, dout + qo, Q, 1.0f,
+                        dv + ko, KV);
+            // forward 2: P = softmax(S)  => dS = P * (dP - sum_t2 P dP), times scale from forward 1
+            for (int t = 0; t < T; t++) {
+                const float *p = P + (size_t)t * T;
+                float *d = dP + (size_t)t * T;
+                double dot = 0;
+                for (int t2 = 0; t2 <= t; t2++)
+                    dot += (double)p[t2] * d[t2];
+                for (int t2 = 0; t2 <= t; t2++)
+                    d[t2] = p[t2] * (d[t2] - (float)dot) * scale;
+                for (int t2 = t + 1; t2 < T; t2++)
+                    d[t2] = 0.0f;
+            }
+            // forward 1: S = scale q k^T  => dq += dS k;  dk += dS^T q
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, HS, T, 1.0f, dP, T, k + ko, KV, 1.0f,
+                        dq + qo, Q);
+            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, T, HS, T, 1.0f, dP, T, q + qo, Q, 1.0f,
+                        dk + ko, KV);
         }
 }
 
@@ -299,19 +270,29 @@ double op_crossentropy_forward_backward(float *dlogits, const float *logits, con
                 memset(dx, 0, sizeof(float) * (size_t)V);
             continue;
         }
-        float mx = x[0];
+        float mx = x[0], xy = x[y]; // read before dx (which may alias x) is written
         for (int i = 1; i < V; i++)
             if (x[i] > mx)
                 mx = x[i];
+        // exp in float (each term is in (0, 1]); the sum and the log in double
         double sum = 0;
-        for (int i = 0; i < V; i++)
-            sum += exp((double)x[i] - mx);
+        if (dx) {
+            for (int i = 0; i < V; i++) {
+                float e = expf(x[i] - mx);
+                dx[i] = e;
+                sum += e;
+            }
+        } else {
+            for (int i = 0; i < V; i++)
+                sum += expf(x[i] - mx);
+        }
         double lse = mx + log(sum);
-        total += lse - x[y];
+        total += lse - xy;
         if (dx) {
             // loss = lse - x[y]  =>  dx[i] = softmax(x)[i] - [i == y]
+            float inv = (float)(scale / sum);
             for (int i = 0; i < V; i++)
-                dx[i] = (float)(exp((double)x[i] - lse)) * scale;
+                dx[i] *= inv;
             dx[y] -= scale;
         }
     }

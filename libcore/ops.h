@@ -41,9 +41,10 @@ void op_rope_backward(float *dx, const int *pos, const float *inv_freq, int N, i
  * tokens of the same segment (packing). */
 void op_attention_forward(float *out, float *att, const float *q, const float *k, const float *v,
                           const int *seg, int B, int T, int NH, int NKV, int HS);
+/* scratch: [T, T] floats. */
 void op_attention_backward(float *dq, float *dk, float *dv, const float *dout, const float *att,
                            const float *q, const float *k, const float *v, int B, int T, int NH,
-                           int NKV, int HS);
+                           int NKV, int HS, float *scratch);
 
 // ---- SwiGLU: out = silu(gate) * up ----
 void op_swiglu_forward(float *out, const float *gate, const float *up, size_t n);

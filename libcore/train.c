@@ -416,8 +416,9 @@ int train_run(const struct train_opts *o, struct model *m, struct lora *lora,
             snprintf(last_ckpt, sizeof last_ckpt, "%s", dir);
     }
     int *tok = ibuf, *tgt = ibuf + BT, *pos = ibuf + 2 * BT, *seg = ibuf + 3 * BT;
-    long cur_epoch = -1, tokens = 0;
-    double t0 = lk_now(), loss = NAN;
+    long cur_epoch = -1, tokens = 0, tokens_after_first = 0;
+    double t0 = lk_now(), loss = NAN, t_first = 0;
+    long step0 = step;
     st->first_loss = NAN;
     for (; step < st->total; step++) {
         long epoch = step / spe, idx = step % spe;
@@ -504,6 +505,12 @@ int train_run(const struct train_opts *o, struct model *m, struct lora *lora,
         }
         if (isnan(st->first_loss))
             st->first_loss = loss;
+        if (step == step0)
+            t_first = lk_now();
+        else {
+            tokens_after_first += (long)(last - first) * T;
+            st->tokens_per_s = (double)tokens_after_first / (lk_now() - t_first);
+        }
         st->last_loss = loss;
         st->step = step + 1;
         // 4. held-out loss, progress, checkpoints

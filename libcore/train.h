@@ -62,6 +62,7 @@ struct train_state {
     int rows;                /* rows per epoch */
     double last_loss, last_eval_loss;
     double first_loss;
+    double tokens_per_s;     /* row tokens per second over the steps after the first (warm-up) */
 };
 
 /* Plans rows and steps (fills st->total, st->rows, st->T) without training. */

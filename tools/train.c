@@ -4,7 +4,6 @@
  */
 #include <cblas.h>
 #include <math.h>
-#include <omp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -219,7 +218,6 @@ int cmd_train(int argc, char **argv)
     }
     if (c.threads > 0) {
         openblas_set_num_threads((int)c.threads);
-        omp_set_num_threads((int)c.threads);
     }
     lk_interrupt_install();
 
@@ -380,22 +378,16 @@ int cmd_train(int argc, char **argv)
         goto fail;
     double secs = lk_now() - t0;
     if (!c.quiet)
-        fprintf(stderr, "done: %ld steps in %.1fs, loss %.4f -> %.4f%s, wrote %s\n", st.step, secs,
-                st.first_loss, st.last_loss, "", c.out);
+        fprintf(stderr, "done: %ld steps in %.1fs, loss %.4f -> %.4f, %.0f tok/s, wrote %s\n", st.step, secs,
+                st.first_loss, st.last_loss, st.tokens_per_s, c.out);
     if (have_db) {
-        char summary[512];
+        char summary[512], evs[32] = "null";
+        if (ev.n && isfinite(st.last_eval_loss))
+            snprintf(evs, sizeof evs, "%.6g", st.last_eval_loss);
         snprintf(summary, sizeof summary,
                  "{\"steps\":%ld,\"first_loss\":%.6g,\"final_loss\":%.6g,\"eval_loss\":%s,\"seconds\":%.3f,"
-                 "\"truncated\":%d,\"skipped\":%d,\"out\":\"%s\"}",
-                 st.step, st.first_loss, st.last_loss, "null", secs, d.n_truncated, d.n_skipped, "");
-        if (ev.n && isfinite(st.last_eval_loss)) {
-            char evs[32];
-            snprintf(evs, sizeof evs, "%.6g", st.last_eval_loss);
-            snprintf(summary, sizeof summary,
-                     "{\"steps\":%ld,\"first_loss\":%.6g,\"final_loss\":%.6g,\"eval_loss\":%s,\"seconds\":%.3f,"
-                     "\"truncated\":%d,\"skipped\":%d}",
-                     st.step, st.first_loss, st.last_loss, evs, secs, d.n_truncated, d.n_skipped);
-        }
+                 "\"tokens_per_s\":%.1f,\"truncated\":%d,\"skipped\":%d}",
+                 st.step, st.first_loss, st.last_loss, evs, secs, st.tokens_per_s, d.n_truncated, d.n_skipped);
         rdb_run_finish(&db, run_id, RDB_DONE, summary, NULL);
     }
     printf("%s\n", c.out);
