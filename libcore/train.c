@@ -372,8 +372,11 @@ int train_run(const struct train_opts *o, struct model *m, struct lora *lora,
         return rc;
     if ((rc = rows_build(&r, d, o->seq, o->pack, err)))
         return rc;
-    int B = o->batch, T = r.T;
-    long gb = (long)B * o->grad_accum;
+    const struct train_dist *dist = o->dist && o->dist->size > 1 ? o->dist : NULL;
+    int rank = dist ? dist->rank : 0, nranks = dist ? dist->size : 1;
+    // --batch is global: each rank runs micro-batches of batch / size rows (rounded up)
+    int B = (o->batch + nranks - 1) / nranks, T = r.T;
+    long gb = (long)o->batch * o->grad_accum;
     long spe = (r.n + gb - 1) / gb;
     float *P = lora ? lora->mem : m->w.mem;
     size_t n = lora ? lora->n : m->w.n;
@@ -434,11 +437,15 @@ int train_run(const struct train_opts *o, struct model *m, struct lora *lora,
         memset(grad, 0, sizeof(float) * n);
         double sum = 0;
         double ts = lk_now();
-        // 2. micro-batches
-        for (int mb = 0; mb * B < last - first; mb++) {
+        // 2. micro-batches over this rank's contiguous share [lo, hi) of the global batch
+        int share = (last - first + nranks - 1) / nranks;
+        int lo = first + rank * share, hi = lo + share > last ? last : lo + share;
+        if (lo > hi)
+            lo = hi;
+        for (int mb = 0; mb * B < hi - lo; mb++) {
             for (int b = 0; b < B; b++) {
-                int i = first + mb * B + b;
-                if (i < last)
+                int i = lo + mb * B + b;
+                if (i < hi)
                     row_fill(&r, d, perm[i], tok + b * T, tgt + b * T, pos + b * T, seg + b * T);
                 else
                     for (int t = 0; t < T; t++) {
@@ -458,9 +465,15 @@ int train_run(const struct train_opts *o, struct model *m, struct lora *lora,
             sum += l;
             tokens += (long)BT;
         }
+        if (dist && (rc = dist->allreduce_sum(dist->ctx, grad, n, &sum, 1, err)))
+            goto out;
         loss = count ? sum / (double)count : 0.0;
         double gnorm = adamw_grad_norm(grad, n);
         if (o->dump_grads) {
+            if (rank != 0) {
+                st->last_loss = loss;
+                goto out;
+            }
             rc = lora ? lora_save_tensors(lora, grad, o->dump_grads, err)
                       : model_weights_save_st(&gw, &m->cfg, o->dump_grads, TENSOR_F32, err);
             st->last_loss = loss;
@@ -528,7 +541,14 @@ int train_run(const struct train_opts *o, struct model *m, struct lora *lora,
         if (h && h->on_step)
             h->on_step(h->ctx, &p);
         int stop = lk_interrupted;
-        if (o->ckpt_dir && ((o->save_every && (step + 1) % o->save_every == 0) || stop)) {
+        if (dist) {
+            // every rank stops together when any of them was interrupted
+            double flag = stop;
+            if ((rc = dist->allreduce_sum(dist->ctx, NULL, 0, &flag, 1, err)))
+                goto out;
+            stop = flag > 0;
+        }
+        if (rank == 0 && o->ckpt_dir && ((o->save_every && (step + 1) % o->save_every == 0) || stop)) {
             if ((rc = checkpoint_save(o, m, lora, mo, vo, n, step + 1, st->total, loss, last_ckpt,
                                       sizeof last_ckpt, err)))
                 goto out;

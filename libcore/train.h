@@ -18,6 +18,17 @@
 #include "lora.h"
 #include "model.h"
 
+/* Data parallelism (MPI or anything else): every rank runs train_run with the same options and
+ * data; rank r processes its contiguous share of each global batch, then allreduce sums the
+ * gradient block and the scalars (the loss sum) across ranks in place, so every rank takes the
+ * same optimizer step. Only rank 0 writes checkpoints and gradient dumps. */
+struct train_dist {
+    int rank, size;
+    void *ctx;
+    int (*allreduce_sum)(void *ctx, float *buf, size_t n, double *scalars, int n_scalars,
+                         struct lk_err *err);
+};
+
 struct train_opts {
     long steps;              /* total optimizer steps; 0: from epochs */
     double epochs;           /* used when steps == 0 */
@@ -37,6 +48,7 @@ struct train_opts {
     long save_every;         /* 0 = no periodic checkpoints */
     const char *ckpt_dir;    /* where checkpoint-<step> folders go (NULL = no checkpoints) */
     const char *dump_grads;  /* write the first step's gradients here and stop */
+    const struct train_dist *dist; /* NULL: one process */
 };
 
 void train_opts_default(struct train_opts *o);
