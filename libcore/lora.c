@@ -120,6 +120,15 @@ static void lora_layout(struct lora *l, const struct cfg *c, float *base, size_t
             l->mod[i].bias = base ? base + off : NULL;
             off += (size_t)l->mod[i].out;
         }
+    // DoRA magnitudes are trainable: they live in the block too (mag_mem points at the first)
+    l->mag_mem = NULL;
+    if (l->cfg.use_dora)
+        for (int i = 0; i < l->n_mod; i++) {
+            l->mod[i].mag = base ? base + off : NULL;
+            if (i == 0)
+                l->mag_mem = l->mod[i].mag;
+            off += (size_t)l->mod[i].out;
+        }
     (void)c;
     *out_n = off;
 }
@@ -227,7 +236,6 @@ void lora_release(struct lora *l)
     lk_free(l->extra);
     lk_free(l->embed_A);
     lk_free(l->embed_B);
-    lk_free(l->mag_mem);
     lk_free(l->init_mem);
     memset(l, 0, sizeof *l);
 }

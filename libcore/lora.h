@@ -3,7 +3,9 @@
  *
  * A module k adapts the linear W [out, in] of (layer, module) as
  *     y = W x + b + s * B (A drop(x)) (+ s * bias_B),  A [R, in], B [out, R],
- * with s = alpha / R, or alpha / sqrt(R) with rsLoRA; R and alpha may differ per module
+ * with s = alpha / R, or alpha / sqrt(R) with rsLoRA. DoRA (use_dora) instead computes
+ *     y = b + g * (W x + s B A x),  g = m / ||W + s B A||_row  (detached, as PEFT does),
+ * with the magnitude vector m [out] trainable. Ranks: R and alpha may differ per module
  * (PEFT's rank_pattern / alpha_pattern, keys matched as regexes against the end of the
  * module name). All A, B (and lora_B biases) live in one block `mem`; gradients and AdamW
  * moments use blocks of the same size and layout, so grad[i] belongs to mem[i].
@@ -23,6 +25,8 @@
 
 #include "cfg.h"
 #include "lk.h"
+
+struct model;
 
 struct lora_pattern {
     char *key;     /* owned regex (PEFT matches `(.*\.)?(key)$` against the module name) */
@@ -59,7 +63,7 @@ struct lora_module {
     float *A;          /* points into lora.mem: [R, in] */
     float *B;          /* points into lora.mem: [out, R] */
     float *bias;       /* points into lora.mem: [out], or NULL without lora_bias */
-    float *mag;        /* owned by extra: DoRA magnitude [out], or NULL */
+    float *mag;        /* points into lora.mem: DoRA magnitude [out], or NULL */
 };
 
 /* A full tensor carried by the adapter (modules_to_save), or an embedding adapter. */
@@ -84,7 +88,7 @@ struct lora {
     float *embed_A, *embed_B;   /* owned: embedding adapter [R, V] and [C, R], or NULL */
     int embed_R, embed_V, embed_C;
     float embed_scale;
-    float *mag_mem;             /* owned: all DoRA magnitudes, or NULL */
+    float *mag_mem;             /* points into mem: the first DoRA magnitude (use_dora), or NULL */
     float *init_mem;            /* owned: the PiSSA initial factors (mem's layout), or NULL */
 };
 
@@ -100,6 +104,8 @@ int lora_targets_parse(const char *s, unsigned *out, struct lk_err *err);
 /* Allocates the factors for every targeted module of a model config (zeroed). */
 int lora_init(struct lora *l, const struct lora_config *lc, const struct cfg *c, struct lk_err *err);
 void lora_release(struct lora *l);
+/* DoRA's initial magnitudes: m = ||W + s B A|| per output row (PEFT's init). */
+int lora_init_dora_magnitude(struct lora *l, const struct model *m, struct lk_err *err);
 /* PEFT's default init: A ~ kaiming_uniform(a = sqrt 5) = U(-1/sqrt(in), 1/sqrt(in)), B = 0;
  * gaussian: A ~ N(0, 1/R), B = 0. */
 void lora_init_weights(struct lora *l, int gaussian, struct lk_rng *rng);

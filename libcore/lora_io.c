@@ -504,20 +504,7 @@ int lora_load(struct lora *l, const char *dir, const struct cfg *c, struct lk_er
                     rc = lk_errf(err, LK_ERR_FORMAT, "%s: tensor '%s' is a DoRA magnitude but use_dora is "
                                  "not set", path, t->name);
                 else {
-                    if (!l->mag_mem) {
-                        size_t tot = 0;
-                        for (int k = 0; k < l->n_mod; k++)
-                            tot += (size_t)l->mod[k].out;
-                        if (!(l->mag_mem = lk_calloc(tot, sizeof(float)))) {
-                            rc = lk_errf(err, LK_ERR_NOMEM, "out of memory");
-                            break;
-                        }
-                        size_t off = 0;
-                        for (int k = 0; k < l->n_mod; k++) {
-                            l->mod[k].mag = l->mag_mem + off;
-                            off += (size_t)l->mod[k].out;
-                        }
-                    }
+                    seen[slot * 3 + 2] += 1 << 8; // magnitudes counted apart from biases
                     rc = load_f32(t, md->mag, 1, md->out, 0, path, err);
                 }
             } else
@@ -613,9 +600,9 @@ int lora_load(struct lora *l, const char *dir, const struct cfg *c, struct lk_er
                          cfg_module_names[l->mod[k].module]);
         else if (seen[k * 3] > 1 || seen[k * 3 + 1] > 1)
             rc = lk_errf(err, LK_ERR_FORMAT, "%s: duplicate tensors for '%s'", path, nm);
-        else if (l->mod[k].bias && !seen[k * 3 + 2])
+        else if (l->mod[k].bias && !(seen[k * 3 + 2] & 0xff))
             rc = lk_errf(err, LK_ERR_MISSING, "%s: lora_bias is set but '%s.lora_B.bias' is missing", path, nm);
-        else if (lc.use_dora && (!l->mag_mem || !l->mod[k].mag))
+        else if (lc.use_dora && !(seen[k * 3 + 2] >> 8))
             rc = lk_errf(err, LK_ERR_MISSING, "%s: use_dora is set but '%s.lora_magnitude_vector' is missing",
                          path, nm);
     }
@@ -658,7 +645,7 @@ int lora_save_tensors(const struct lora *l, const float *block, const char *path
                     snprintf(nm, sizeof nm, "%s.lora_B.bias", base);
                     st_writer_declare(&w, nm, TENSOR_F32, 1, so);
                 }
-                if (md->mag && block == l->mem) {
+                if (md->mag) {
                     snprintf(nm, sizeof nm, "%s.lora_magnitude_vector", base);
                     st_writer_declare(&w, nm, TENSOR_F32, 1, so);
                 }
@@ -667,8 +654,8 @@ int lora_save_tensors(const struct lora *l, const float *block, const char *path
                 st_writer_write(&w, AT(md->B), TENSOR_F32);
                 if (md->bias)
                     st_writer_write(&w, AT(md->bias), TENSOR_F32);
-                if (md->mag && block == l->mem)
-                    st_writer_write(&w, md->mag, TENSOR_F32);
+                if (md->mag)
+                    st_writer_write(&w, AT(md->mag), TENSOR_F32);
             }
         }
 #undef AT

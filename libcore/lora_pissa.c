@@ -101,3 +101,31 @@ int lora_save_pissa(const struct lora *l, const struct model *m, const char *dir
     lora_release(&c2);
     return rc;
 }
+
+int lora_init_dora_magnitude(struct lora *l, const struct model *m, struct lk_err *err)
+{
+    size_t wn = 0;
+    for (int k = 0; k < l->n_mod; k++)
+        if ((size_t)l->mod[k].out * l->mod[k].in > wn)
+            wn = (size_t)l->mod[k].out * l->mod[k].in;
+    float *Wm = lk_malloc(sizeof(float) * (wn ? wn : 1));
+    if (!Wm)
+        return lk_errf(err, LK_ERR_NOMEM, "out of memory");
+    for (int k = 0; k < l->n_mod; k++) {
+        struct lora_module *md = &l->mod[k];
+        if (!md->mag)
+            continue;
+        memcpy(Wm, module_weight((struct model *)m, md->layer, md->module),
+               sizeof(float) * (size_t)md->out * md->in);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, md->out, md->in, md->R, md->scale, md->B, md->R,
+                    md->A, md->in, 1.0f, Wm, md->in);
+        for (int o = 0; o < md->out; o++) {
+            double ss = 0;
+            for (int i = 0; i < md->in; i++)
+                ss += (double)Wm[(size_t)o * md->in + i] * Wm[(size_t)o * md->in + i];
+            md->mag[o] = (float)sqrt(ss);
+        }
+    }
+    lk_free(Wm);
+    return LK_OK;
+}

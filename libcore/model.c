@@ -194,6 +194,11 @@ struct model_acts {
     size_t xa_n;
     float *dxa;            /* owned [BT, max R] */
     size_t dxa_n;
+    /* DoRA (owned, sized on first use): per module g = m / ||W + sBA|| and the norms, the
+     * merged weight of one module, and two [BT, wide] buffers for backward */
+    float *dora_g, *dora_norm, *dora_w, *dora_u, *dora_du;
+    size_t dora_gn, dora_wn, dora_un;
+    size_t *dora_off;      /* owned [n_mod]: offset of each module's g / norm */
     size_t *xa_off;        /* owned [n_mod] */
     int xa_nmod;
 };
@@ -226,6 +231,12 @@ static void acts_free(struct model_acts *a)
     lk_free(a->x);
     lk_free(a->xa);
     lk_free(a->dxa);
+    lk_free(a->dora_g);
+    lk_free(a->dora_norm);
+    lk_free(a->dora_w);
+    lk_free(a->dora_u);
+    lk_free(a->dora_du);
+    lk_free(a->dora_off);
     lk_free(a->xa_off);
     lk_free(a->pos); // tokens and seg share this block
     lk_free(a);
@@ -395,6 +406,42 @@ static int lora_xa_prepare(struct model *m, const struct lora *lora, struct lk_e
         if (!a->xa)
             return lk_errf(err, LK_ERR_NOMEM, "out of memory");
     }
+    if (lora->mag_mem) {
+        size_t gn = 0, wn = 0, wide = 0;
+        lk_free(a->dora_off);
+        if (!(a->dora_off = lk_calloc((size_t)lora->n_mod + 1, sizeof(size_t))))
+            return lk_errf(err, LK_ERR_NOMEM, "out of memory");
+        for (int i = 0; i < lora->n_mod; i++) {
+            const struct lora_module *md = &lora->mod[i];
+            a->dora_off[i] = gn;
+            gn += (size_t)md->out;
+            if ((size_t)md->out * md->in > wn)
+                wn = (size_t)md->out * md->in;
+            if ((size_t)md->out > wide)
+                wide = (size_t)md->out;
+        }
+        if (gn > a->dora_gn) {
+            lk_free(a->dora_g);
+            lk_free(a->dora_norm);
+            a->dora_g = lk_malloc(sizeof(float) * gn);
+            a->dora_norm = lk_malloc(sizeof(float) * gn);
+            a->dora_gn = a->dora_g && a->dora_norm ? gn : 0;
+        }
+        if (wn > a->dora_wn) {
+            lk_free(a->dora_w);
+            a->dora_w = lk_malloc(sizeof(float) * wn);
+            a->dora_wn = a->dora_w ? wn : 0;
+        }
+        if (a->train && BT * wide > a->dora_un) {
+            lk_free(a->dora_u);
+            lk_free(a->dora_du);
+            a->dora_u = lk_malloc(sizeof(float) * BT * wide);
+            a->dora_du = lk_malloc(sizeof(float) * BT * wide);
+            a->dora_un = a->dora_u && a->dora_du ? BT * wide : 0;
+        }
+        if (!a->dora_gn || !a->dora_wn || (a->train && !a->dora_un))
+            return lk_errf(err, LK_ERR_NOMEM, "out of memory for DoRA");
+    }
     if (a->train && BT * maxr > a->dxa_n) {
         lk_free(a->dxa);
         a->dxa = lk_malloc(sizeof(float) * BT * maxr);
@@ -419,9 +466,10 @@ static const float *lora_dropped(struct model *m, const struct lora *lora, int s
     return d;
 }
 
-/* out[BT, out] += s * (drop(x) A^T) B^T + s * bias_B */
+/* out[BT, out] += s * (drop(x) A^T) B^T + s * bias_B; for DoRA then
+ * out = b + g * (out - b), g = m / ||W + s B A||_row (W [out, in], b the base bias or NULL). */
 static void lora_forward_linear(struct model *m, const struct lora *lora, int layer, int module,
-                                float *out, const float *x)
+                                float *out, const float *x, const float *W, const float *b)
 {
     int slot = lora ? lora->index[layer * CFG_N_MODULES + module] : -1;
     if (slot < 0)
@@ -436,6 +484,62 @@ static void lora_forward_linear(struct model *m, const struct lora *lora, int la
         for (int t = 0; t < BT; t++)
             for (int o = 0; o < md->out; o++)
                 out[(size_t)t * md->out + o] += md->scale * md->bias[o];
+    if (md->mag) {
+        struct model_acts *a = m->acts;
+        float *Wm = a->dora_w, *g = a->dora_g + a->dora_off[slot], *nrm = a->dora_norm + a->dora_off[slot];
+        // W + s B A, then its row norms (the norm is detached, as PEFT does)
+        memcpy(Wm, W, sizeof(float) * (size_t)md->out * md->in);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, md->out, md->in, md->R, md->scale, md->B,
+                    md->R, md->A, md->in, 1.0f, Wm, md->in);
+        for (int o = 0; o < md->out; o++) {
+            double ss = 0;
+            for (int i = 0; i < md->in; i++)
+                ss += (double)Wm[(size_t)o * md->in + i] * Wm[(size_t)o * md->in + i];
+            nrm[o] = (float)sqrt(ss);
+            g[o] = md->mag[o] / nrm[o];
+        }
+        for (int t = 0; t < BT; t++)
+            for (int o = 0; o < md->out; o++) {
+                float *y = &out[(size_t)t * md->out + o];
+                float bo = b ? b[o] : 0.0f;
+                *y = bo + g[o] * (*y - bo);
+            }
+    }
+}
+
+/* DoRA's backward in front of a module's linear and LoRA backward: with y = b + g * u and
+ * u = W x + s B A x (g detached): dm += sum_t dy * u / norm, and the module's own backward then
+ * runs on du = g * dy, which this returns (dy itself for a plain LoRA module). */
+static const float *dora_backward(struct model *m, const struct lora *lora, float *lora_grad, int layer,
+                                  int module, const float *dy, const float *x)
+{
+    int slot = lora ? lora->index[layer * CFG_N_MODULES + module] : -1;
+    if (slot < 0 || !lora->mod[slot].mag)
+        return dy;
+    const struct lora_module *md = &lora->mod[slot];
+    struct model_acts *a = m->acts;
+    int BT = m->B * m->T;
+    const float *g = a->dora_g + a->dora_off[slot], *nrm = a->dora_norm + a->dora_off[slot];
+    const struct model_layer *w = &m->w.layer[layer];
+    const float *W[CFG_N_MODULES] = { w->wq, w->wk, w->wv, w->wo, w->wgate, w->wup, w->wdown };
+    // recompute u = x W^T + s xa B^T
+    float *u = a->dora_u, *du = a->dora_du;
+    const float *xa = a->xa + a->xa_off[slot];
+    op_matmul_forward(u, x, W[module], NULL, BT, md->in, md->out);
+    op_matmul_forward_acc(u, xa, md->B, md->scale, BT, md->R, md->out);
+    if (lora_grad) {
+        float *dm = lora_grad + (md->mag - lora->mem);
+        for (int o = 0; o < md->out; o++) {
+            double sacc = 0;
+            for (int t = 0; t < BT; t++)
+                sacc += (double)dy[(size_t)t * md->out + o] * u[(size_t)t * md->out + o];
+            dm[o] += (float)(sacc / nrm[o]);
+        }
+    }
+    for (int t = 0; t < BT; t++)
+        for (int o = 0; o < md->out; o++)
+            du[(size_t)t * md->out + o] = g[o] * dy[(size_t)t * md->out + o];
+    return du;
 }
 
 /* Backward of lora_forward_linear: dA, dB (+dbias) accumulate into lora_grad; dx += ... */
@@ -507,9 +611,9 @@ int model_forward(struct model *m, const struct lora *lora, const int *tokens, c
     float eps = (float)c->rms_norm_eps;
     if (lora && lora->L != L)
         return lk_errf(err, LK_ERR_SHAPE, "adapter has %d layers, model has %d", lora->L, L);
-    if (lora && lora->mag_mem)
-        return lk_errf(err, LK_ERR_UNSUPPORTED, "DoRA adapters cannot be run by the engine yet: "
-                       "merge them into the base (lorakit merge) and run the merged model");
+    if (lora && lora->mag_mem && ((m->train && lora->cfg.dropout > 0) || lora->cfg.lora_bias))
+        return lk_errf(err, LK_ERR_UNSUPPORTED, "DoRA with %s is not supported",
+                       lora->cfg.lora_bias ? "lora_bias" : "dropout while training");
     if (lora && lora->n_extra && !lora->extras_applied)
         return lk_errf(err, LK_ERR_USAGE, "adapter has modules_to_save tensors: model_apply_extras first");
     for (int i = 0; i < BT; i++) {
@@ -553,9 +657,9 @@ int model_forward(struct model *m, const struct lora *lora, const int *tokens, c
         op_matmul_forward(a->q[l], a->ln1[l], w->wq, w->bq, BT, C, Q);
         op_matmul_forward(a->k[l], a->ln1[l], w->wk, w->bk, BT, C, KV);
         op_matmul_forward(a->v[l], a->ln1[l], w->wv, w->bv, BT, C, KV);
-        lora_forward_linear(m, lora, l, CFG_Q, a->q[l], a->ln1[l]);
-        lora_forward_linear(m, lora, l, CFG_K, a->k[l], a->ln1[l]);
-        lora_forward_linear(m, lora, l, CFG_V, a->v[l], a->ln1[l]);
+        lora_forward_linear(m, lora, l, CFG_Q, a->q[l], a->ln1[l], w->wq, w->bq);
+        lora_forward_linear(m, lora, l, CFG_K, a->k[l], a->ln1[l], w->wk, w->bk);
+        lora_forward_linear(m, lora, l, CFG_V, a->v[l], a->ln1[l], w->wv, w->bv);
         // 3. rotary embedding on q and k
         op_rope_forward(a->q[l], a->pos, m->inv_freq, BT, NH, HS);
         op_rope_forward(a->k[l], a->pos, m->inv_freq, BT, NKV, HS);
@@ -563,7 +667,7 @@ int model_forward(struct model *m, const struct lora *lora, const int *tokens, c
         op_attention_forward(a->atty[l], a->att[l], a->q[l], a->k[l], a->v[l], sg, B, T, NH, NKV, HS);
         // 5. x2 = x + o_proj(atty)
         op_matmul_forward(a->x2[l], a->atty[l], w->wo, NULL, BT, Q, C);
-        lora_forward_linear(m, lora, l, CFG_O, a->x2[l], a->atty[l]);
+        lora_forward_linear(m, lora, l, CFG_O, a->x2[l], a->atty[l], w->wo, NULL);
         for (size_t i = 0; i < (size_t)BT * C; i++)
             a->x2[l][i] += xin[i];
         // 6. ln2 = rmsnorm(x2) * w
@@ -571,12 +675,12 @@ int model_forward(struct model *m, const struct lora *lora, const int *tokens, c
         // 7. act = silu(gate(ln2)) * up(ln2)
         op_matmul_forward(a->gate[l], a->ln2[l], w->wgate, NULL, BT, C, F);
         op_matmul_forward(a->up[l], a->ln2[l], w->wup, NULL, BT, C, F);
-        lora_forward_linear(m, lora, l, CFG_GATE, a->gate[l], a->ln2[l]);
-        lora_forward_linear(m, lora, l, CFG_UP, a->up[l], a->ln2[l]);
+        lora_forward_linear(m, lora, l, CFG_GATE, a->gate[l], a->ln2[l], w->wgate, NULL);
+        lora_forward_linear(m, lora, l, CFG_UP, a->up[l], a->ln2[l], w->wup, NULL);
         op_swiglu_forward(a->act[l], a->gate[l], a->up[l], (size_t)BT * F);
         // 8. xout = x2 + down(act)  (xout may alias xin in inference: xin is no longer needed)
         op_matmul_forward(xout, a->act[l], w->wdown, NULL, BT, F, C);
-        lora_forward_linear(m, lora, l, CFG_DOWN, xout, a->act[l]);
+        lora_forward_linear(m, lora, l, CFG_DOWN, xout, a->act[l], w->wdown, NULL);
         for (size_t i = 0; i < (size_t)BT * C; i++)
             xout[i] += a->x2[l][i];
     }
@@ -625,23 +729,27 @@ void model_backward(struct model *m, const struct lora *lora, float *lora_grad,
         struct model_layer *gw = g ? &g->layer[l] : NULL;
         // 8. xout = x2 + down(act): dres is d(xout) and flows to x2 unchanged
         memset(a->dact, 0, sizeof(float) * (size_t)BT * F);
-        op_matmul_backward(a->dact, gw ? gw->wdown : NULL, NULL, a->dres, a->act[l], w->wdown, BT, F, C);
-        lora_backward_linear(m, lora, lora_grad, l, CFG_DOWN, a->dact, a->dres, a->act[l]);
+        const float *dy = dora_backward(m, lora, lora_grad, l, CFG_DOWN, a->dres, a->act[l]);
+        op_matmul_backward(a->dact, gw ? gw->wdown : NULL, NULL, dy, a->act[l], w->wdown, BT, F, C);
+        lora_backward_linear(m, lora, lora_grad, l, CFG_DOWN, a->dact, dy, a->act[l]);
         // 7. act = silu(gate) * up
         memset(a->dgate, 0, sizeof(float) * (size_t)BT * F);
         memset(a->dup, 0, sizeof(float) * (size_t)BT * F);
         op_swiglu_backward(a->dgate, a->dup, a->dact, a->gate[l], a->up[l], (size_t)BT * F);
         memset(a->dln, 0, sizeof(float) * nC);
-        op_matmul_backward(a->dln, gw ? gw->wgate : NULL, NULL, a->dgate, a->ln2[l], w->wgate, BT, C, F);
-        op_matmul_backward(a->dln, gw ? gw->wup : NULL, NULL, a->dup, a->ln2[l], w->wup, BT, C, F);
-        lora_backward_linear(m, lora, lora_grad, l, CFG_GATE, a->dln, a->dgate, a->ln2[l]);
-        lora_backward_linear(m, lora, lora_grad, l, CFG_UP, a->dln, a->dup, a->ln2[l]);
+        dy = dora_backward(m, lora, lora_grad, l, CFG_GATE, a->dgate, a->ln2[l]);
+        op_matmul_backward(a->dln, gw ? gw->wgate : NULL, NULL, dy, a->ln2[l], w->wgate, BT, C, F);
+        lora_backward_linear(m, lora, lora_grad, l, CFG_GATE, a->dln, dy, a->ln2[l]);
+        dy = dora_backward(m, lora, lora_grad, l, CFG_UP, a->dup, a->ln2[l]);
+        op_matmul_backward(a->dln, gw ? gw->wup : NULL, NULL, dy, a->ln2[l], w->wup, BT, C, F);
+        lora_backward_linear(m, lora, lora_grad, l, CFG_UP, a->dln, dy, a->ln2[l]);
         // 6. ln2 = rmsnorm(x2) * w  => d(x2) += ...
         op_rmsnorm_backward(a->dres, gw ? gw->ln2 : NULL, a->dln, a->x2[l], w->ln2, a->rstd2[l], BT, C);
         // 5. x2 = x + o_proj(atty): dres is d(x2), flows to x unchanged
         memset(a->datty, 0, sizeof(float) * (size_t)BT * Q);
-        op_matmul_backward(a->datty, gw ? gw->wo : NULL, NULL, a->dres, a->atty[l], w->wo, BT, Q, C);
-        lora_backward_linear(m, lora, lora_grad, l, CFG_O, a->datty, a->dres, a->atty[l]);
+        dy = dora_backward(m, lora, lora_grad, l, CFG_O, a->dres, a->atty[l]);
+        op_matmul_backward(a->datty, gw ? gw->wo : NULL, NULL, dy, a->atty[l], w->wo, BT, Q, C);
+        lora_backward_linear(m, lora, lora_grad, l, CFG_O, a->datty, dy, a->atty[l]);
         // 4. attention
         memset(a->dq, 0, sizeof(float) * (size_t)BT * Q);
         memset(a->dk, 0, sizeof(float) * (size_t)BT * KV);
@@ -653,12 +761,15 @@ void model_backward(struct model *m, const struct lora *lora, float *lora_grad,
         op_rope_backward(a->dk, a->pos, m->inv_freq, BT, NKV, HS);
         // 2. q, k, v projections
         memset(a->dln, 0, sizeof(float) * nC);
-        op_matmul_backward(a->dln, gw ? gw->wq : NULL, gw ? gw->bq : NULL, a->dq, a->ln1[l], w->wq, BT, C, Q);
-        op_matmul_backward(a->dln, gw ? gw->wk : NULL, gw ? gw->bk : NULL, a->dk, a->ln1[l], w->wk, BT, C, KV);
-        op_matmul_backward(a->dln, gw ? gw->wv : NULL, gw ? gw->bv : NULL, a->dv, a->ln1[l], w->wv, BT, C, KV);
-        lora_backward_linear(m, lora, lora_grad, l, CFG_Q, a->dln, a->dq, a->ln1[l]);
-        lora_backward_linear(m, lora, lora_grad, l, CFG_K, a->dln, a->dk, a->ln1[l]);
-        lora_backward_linear(m, lora, lora_grad, l, CFG_V, a->dln, a->dv, a->ln1[l]);
+        dy = dora_backward(m, lora, lora_grad, l, CFG_Q, a->dq, a->ln1[l]);
+        op_matmul_backward(a->dln, gw ? gw->wq : NULL, gw ? gw->bq : NULL, dy, a->ln1[l], w->wq, BT, C, Q);
+        lora_backward_linear(m, lora, lora_grad, l, CFG_Q, a->dln, dy, a->ln1[l]);
+        dy = dora_backward(m, lora, lora_grad, l, CFG_K, a->dk, a->ln1[l]);
+        op_matmul_backward(a->dln, gw ? gw->wk : NULL, gw ? gw->bk : NULL, dy, a->ln1[l], w->wk, BT, C, KV);
+        lora_backward_linear(m, lora, lora_grad, l, CFG_K, a->dln, dy, a->ln1[l]);
+        dy = dora_backward(m, lora, lora_grad, l, CFG_V, a->dv, a->ln1[l]);
+        op_matmul_backward(a->dln, gw ? gw->wv : NULL, gw ? gw->bv : NULL, dy, a->ln1[l], w->wv, BT, C, KV);
+        lora_backward_linear(m, lora, lora_grad, l, CFG_V, a->dln, dy, a->ln1[l]);
         // 1. ln1 = rmsnorm(x) * w  => d(x) += ...
         op_rmsnorm_backward(a->dres, gw ? gw->ln1 : NULL, a->dln, a->x[l], w->ln1, a->rstd1[l], BT, C);
     }

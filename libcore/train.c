@@ -501,6 +501,12 @@ int train_run(const struct train_opts *o, struct model *m, struct lora *lora,
                 adamw_step(&o->adam, md->A, grad + oa, mo + oa, vo + oa, na, (float)lr, (float)o->weight_decay, t);
                 adamw_step(&o->adam, md->B, grad + ob, mo + ob, vo + ob, nb, (float)(lr * o->loraplus_ratio),
                            (float)o->weight_decay, t);
+                if (md->mag) {
+                    // PEFT's LoRA+ puts 1-D adapter parameters (the magnitudes) with B
+                    size_t om = (size_t)(md->mag - P);
+                    adamw_step(&o->adam, md->mag, grad + om, mo + om, vo + om, (size_t)md->out,
+                               (float)(lr * o->loraplus_ratio), (float)o->weight_decay, t);
+                }
                 if (md->bias) {
                     size_t oc = (size_t)(md->bias - P);
                     adamw_step(&o->adam, md->bias, grad + oc, mo + oc, vo + oc, (size_t)md->out,

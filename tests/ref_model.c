@@ -10,6 +10,8 @@
 
 #include "../libcore/ops.h"
 
+const struct lora *ref_dora_frozen;
+
 static double *dz(size_t n)
 {
     double *p = calloc(n ? n : 1, sizeof(double));
@@ -52,6 +54,23 @@ static void ref_linear(double *y, const double *x, const float *W, const float *
                 acc += (double)md->B[(size_t)o * md->R + r] * xa;
             }
             y[(size_t)n * out + o] += md->scale * acc + (md->bias ? md->scale * (double)md->bias[o] : 0.0);
+        }
+    }
+    if (md->mag) {
+        // DoRA: y = b + g (y - b), g = m / ||W + s B A||_row with the norm taken from the frozen
+        // factors (ref_dora_frozen), since the engine detaches it as PEFT does
+        const struct lora_module *fz = ref_dora_frozen ? lora_find(ref_dora_frozen, layer, module) : md;
+        for (int o = 0; o < out; o++) {
+            double ss = 0;
+            for (int i = 0; i < in; i++) {
+                double wv = W[(size_t)o * in + i];
+                for (int r = 0; r < fz->R; r++)
+                    wv += fz->scale * (double)fz->B[(size_t)o * fz->R + r] * fz->A[(size_t)r * in + i];
+                ss += wv * wv;
+            }
+            double g = md->mag[o] / sqrt(ss), bo = b ? b[o] : 0.0;
+            for (int n = 0; n < N; n++)
+                y[(size_t)n * out + o] = bo + g * (y[(size_t)n * out + o] - bo);
         }
     }
     free(xd);

@@ -15,4 +15,8 @@ double ref_forward(const struct model *m, const struct lora *lora, const int *to
                    const int *seg, const int *targets, int B, int T, double loss_scale, int train,
                    double *out_logits);
 
+/* DoRA's norm is detached in the engine: the reference takes it from these factors (set it to a
+ * copy of the adapter before perturbing parameters; NULL: from the adapter itself). */
+extern const struct lora *ref_dora_frozen;
+
 #endif

@@ -347,3 +347,99 @@ TEST(model_rejects_out_of_range_tokens)
     CHECK(strstr(test_errmsg(), "outside the vocabulary") != NULL);
     model_release(&m);
 }
+
+TEST(model_grad_dora_matches_reference_with_detached_norm)
+{
+    struct cfg c;
+    fix_cfg_qwen2(&c);
+    struct model m;
+    CHECK_OK(fix_model_random(&m, &c, 0.4f, 71));
+    struct lora_config lc;
+    lora_config_default(&lc);
+    lc.r = 2;
+    lc.alpha = 4;
+    lc.use_dora = 1;
+    struct lora l, fz;
+    CHECK_OK(lora_init(&l, &lc, &c, test_err()));
+    struct lk_rng rng;
+    lk_rng_seed(&rng, 72);
+    for (int i = 0; i < l.n_mod; i++) {
+        struct lora_module *md = &l.mod[i];
+        for (size_t j = 0; j < (size_t)md->R * md->in; j++)
+            md->A[j] = 0.5f * lk_rng_normal(&rng);
+        for (size_t j = 0; j < (size_t)md->out * md->R; j++)
+            md->B[j] = 0.5f * lk_rng_normal(&rng);
+    }
+    CHECK_OK(lora_init_dora_magnitude(&l, &m, test_err()));
+    for (int i = 0; i < l.n_mod; i++)
+        for (int o = 0; o < l.mod[i].out; o++)
+            l.mod[i].mag[o] *= 1.0f + 0.3f * lk_rng_normal(&rng); // g away from 1
+    CHECK_OK(lora_init(&fz, &lc, &c, test_err()));
+    memcpy(fz.mem, l.mem, sizeof(float) * l.n);
+    ref_dora_frozen = &fz;
+    int B = 2, T = 5, N = B * T, V = c.vocab_size;
+    int tok[10], tgt[10];
+    fix_tokens(tok, N, V, 73);
+    fix_tokens(tgt, N, V, 74);
+    // logits first: engine against the reference
+    CHECK_OK(model_plan(&m, B, T, 0, test_err()));
+    CHECK_OK(model_forward(&m, &l, tok, NULL, NULL, NULL, 0, NULL, test_err()));
+    double *ref = malloc(sizeof(double) * N * V), rel;
+    ref_forward(&m, &l, tok, NULL, NULL, NULL, B, T, 0, 0, ref);
+    max_rel_logits(model_logits(&m), ref, (size_t)N * V, &rel);
+    CHECK_MSG(rel < 1e-5, "DoRA logits differ from the reference: %g", rel);
+    free(ref);
+    // a magnitude equal to the norm is the plain LoRA output: checked through g = 1 below
+    struct gcase g = { &m, &l, tok, NULL, NULL, tgt, B, T, 1.0 / N };
+    CHECK_OK(model_plan(&m, B, T, 1, test_err()));
+    double loss;
+    CHECK_OK(model_forward(&m, &l, tok, NULL, NULL, tgt, (float)g.scale, &loss, test_err()));
+    float *grad = calloc(l.n, sizeof(float));
+    model_backward(&m, &l, grad, NULL);
+    double worst = 0;
+    for (int i = 0; i < l.n_mod; i++) {
+        struct lora_module *md = &l.mod[i];
+        worst = fmax(worst, grad_check_tensor(&g, md->A, grad + (md->A - l.mem), (size_t)md->R * md->in, "A", 8));
+        worst = fmax(worst, grad_check_tensor(&g, md->B, grad + (md->B - l.mem), (size_t)md->out * md->R, "B", 8));
+        worst = fmax(worst, grad_check_tensor(&g, md->mag, grad + (md->mag - l.mem), (size_t)md->out, "m", 8));
+    }
+    fprintf(stderr, "    worst norm-wise relative gradient error: %.3g\n", worst);
+    CHECK_MSG(worst < 1e-3, "DoRA gradient check failed: %g", worst);
+    ref_dora_frozen = NULL;
+    free(grad);
+    lora_release(&fz);
+    lora_release(&l);
+    model_release(&m);
+}
+
+TEST(model_dora_with_magnitude_equal_to_norm_is_plain_lora)
+{
+    struct cfg c;
+    fix_cfg_llama(&c);
+    struct model m;
+    CHECK_OK(fix_model_random(&m, &c, 0.3f, 81));
+    struct lora plain, dora;
+    CHECK_OK(fix_lora_random(&plain, &c, (1u << CFG_N_MODULES) - 1, 2, 4.0, 0, 0.0f, 82));
+    struct lora_config lc = plain.cfg;
+    lc.use_dora = 1;
+    CHECK_OK(lora_init(&dora, &lc, &c, test_err()));
+    for (int i = 0; i < plain.n_mod; i++) {
+        memcpy(dora.mod[i].A, plain.mod[i].A, sizeof(float) * (size_t)plain.mod[i].R * plain.mod[i].in);
+        memcpy(dora.mod[i].B, plain.mod[i].B, sizeof(float) * (size_t)plain.mod[i].out * plain.mod[i].R);
+    }
+    CHECK_OK(lora_init_dora_magnitude(&dora, &m, test_err()));
+    int tok[8];
+    fix_tokens(tok, 8, c.vocab_size, 83);
+    CHECK_OK(model_plan(&m, 2, 4, 0, test_err()));
+    size_t n = (size_t)8 * c.vocab_size;
+    float *a = malloc(sizeof(float) * n);
+    CHECK_OK(model_forward(&m, &plain, tok, NULL, NULL, NULL, 0, NULL, test_err()));
+    memcpy(a, model_logits(&m), sizeof(float) * n);
+    CHECK_OK(model_forward(&m, &dora, tok, NULL, NULL, NULL, 0, NULL, test_err()));
+    for (size_t i = 0; i < n; i++)
+        CHECK_NEAR(model_logits(&m)[i], a[i], 1e-5);
+    free(a);
+    lora_release(&plain);
+    lora_release(&dora);
+    model_release(&m);
+}

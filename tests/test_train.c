@@ -396,3 +396,36 @@ TEST(train_help_shows_defaults)
           strstr(test_output(), "2e-4"));
     CHECK_INT(test_sh("%s train --model x --data y --out z --rank abc", test_lorakit()), 2);
 }
+
+TEST(train_dora_writes_magnitudes_that_load_and_run)
+{
+    CHECK_INT(test_sh("%s init --preset tiny --out '%s/m' --seed 3 --dtype f32", test_lorakit(), test_tmpdir()), 0);
+    write_pretokenized("d.jsonl", 8, 10, 13);
+    CHECK_INT(test_sh("%s train --model '%s/m' --data '%s/d.jsonl' --out '%s/ad' --dora --steps 4 --lr 1e-2 "
+                      "--threads 1", test_lorakit(), test_tmpdir(), test_tmpdir(), test_tmpdir()), 0);
+    double a, b;
+    CHECK_INT(done_losses(&a, &b), 0);
+    CHECK_MSG(b < a, "DoRA training did not lower the loss: %g -> %g", a, b);
+    struct model m;
+    struct lora l;
+    CHECK_OK(model_load(&m, test_path("m"), test_err()));
+    CHECK_OK(lora_load(&l, test_path("ad"), &m.cfg, test_err()));
+    CHECK(l.cfg.use_dora && l.mod[0].mag != NULL);
+    // the magnitudes moved away from ||W|| (they are trained)
+    struct lora_module *md = &l.mod[0];
+    double moved = 0;
+    const float *W = m.w.layer[md->layer].wq;
+    for (int o = 0; o < md->out; o++) {
+        double ss = 0;
+        for (int i = 0; i < md->in; i++)
+            ss += (double)W[(size_t)o * md->in + i] * W[(size_t)o * md->in + i];
+        moved = fmax(moved, fabs(md->mag[o] - sqrt(ss)));
+    }
+    CHECK_MSG(moved > 1e-6, "magnitudes did not change");
+    CHECK_INT(test_sh("%s logits --model '%s/m' --adapter '%s/ad' --tokens 1,2,3 --out '%s/l.st'", test_lorakit(),
+                      test_tmpdir(), test_tmpdir(), test_tmpdir()), 0);
+    CHECK_INT(test_sh("%s train --model '%s/m' --data '%s/d.jsonl' --out '%s/ad2' --dora --dropout 0.1 --steps 1",
+                      test_lorakit(), test_tmpdir(), test_tmpdir(), test_tmpdir()), 2);
+    lora_release(&l);
+    model_release(&m);
+}

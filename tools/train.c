@@ -142,7 +142,7 @@ int cmd_train(int argc, char **argv)
         { "targets", OPT_STR, &c.targets, "LIST", "modules: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj or all (default all)" },
         { "rslora", OPT_FLAG, &c.rslora, NULL, "rank-stabilised scale alpha/sqrt(rank)" },
         { "init", OPT_STR, &c.init, "KIND", "default (PEFT: kaiming-uniform A, zero B), gaussian or pissa" },
-        { "dora", OPT_FLAG, &c.dora, NULL, "weight-decomposed LoRA (not available yet: refused)" },
+        { "dora", OPT_FLAG, &c.dora, NULL, "weight-decomposed LoRA (magnitude vector m, W' = m (W + sBA) / ||W + sBA||)" },
         { "loraplus-ratio", OPT_FLOAT, &c.loraplus, "L", "LoRA+: B learns at L x lr (default 1)" },
         { "full", OPT_FLAG, &c.full, NULL, "full fine-tuning of every weight; the output is a model folder" },
         { "adapter", OPT_STR, &c.adapter, "DIR", "start from this PEFT adapter (continued training)" },
@@ -188,8 +188,10 @@ int cmd_train(int argc, char **argv)
         lk_errf(&err, LK_ERR_USAGE, "--model, --data and --out are required (see --help)");
         return lk_cli_fail("train", &err);
     }
-    if (c.dora) {
-        lk_errf(&err, LK_ERR_UNSUPPORTED, "--dora is not implemented yet");
+    if (c.dora && (c.full || c.dropout > 0 || !strcmp(c.init, "pissa"))) {
+        lk_errf(&err, LK_ERR_USAGE, "--dora does not combine with %s",
+                c.full ? "--full" : c.dropout > 0 ? "--dropout (PEFT recomputes the base on the dropped input)"
+                                                  : "--init pissa");
         return lk_cli_fail("train", &err);
     }
     if (c.rank < 1 || c.rank > 4096 || c.alpha <= 0 || c.dropout < 0 || c.dropout >= 1 || c.batch < 1 ||
@@ -260,8 +262,8 @@ int cmd_train(int argc, char **argv)
         if (c.adapter) {
             if ((rc = lora_load(&l, c.adapter, &m.cfg, &err)))
                 goto fail;
-            if (l.mag_mem || l.n_extra || l.embed_A) {
-                rc = lk_errf(&err, LK_ERR_UNSUPPORTED, "%s: continued training of DoRA, embedding or "
+            if (l.n_extra || l.embed_A) {
+                rc = lk_errf(&err, LK_ERR_UNSUPPORTED, "%s: continued training of embedding or "
                              "modules_to_save adapters is not supported", c.adapter);
                 goto fail;
             }
@@ -272,6 +274,7 @@ int cmd_train(int argc, char **argv)
             lc.alpha = c.alpha;
             lc.dropout = c.dropout;
             lc.use_rslora = c.rslora;
+            lc.use_dora = c.dora;
             if ((rc = lora_targets_parse(c.targets, &lc.targets, &err)))
                 goto fail;
             snprintf(lc.base_model, sizeof lc.base_model, "%s", c.model);
@@ -285,6 +288,8 @@ int cmd_train(int argc, char **argv)
                     goto fail;
             } else
                 lora_init_weights(&l, gaussian, &rng);
+            if (c.dora && (rc = lora_init_dora_magnitude(&l, &m, &err)))
+                goto fail;
         }
     }
     struct train_opts o;
