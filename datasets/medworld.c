@@ -289,22 +289,24 @@ static void mw_names_release(struct mw_names *ns)
     memset(ns, 0, sizeof *ns);
 }
 
-/* Stem shapes: each syllable is onset + vowel; CODA adds a final consonant to the last one. */
-enum mw_shape { MW_CV_CV, MW_CV_CVC, MW_CV_CV_CV, MW_CCVC };
+/* Stem shapes: each syllable is onset + vowel; CVC adds a final consonant to the last one;
+ * a gene is one closed syllable and a digit ("trav3"). */
+enum mw_shape { MW_CV_CV, MW_CV_CVC, MW_CV_CV_CV, MW_GENE };
 
 static void mw_stem_make(struct lk_rng *r, enum mw_shape shape, char *out, size_t cap)
 {
     char s[MW_NAME] = "";
-    int nsyl = shape == MW_CV_CV_CV ? 3 : shape == MW_CCVC ? 1 : 2;
+    int nsyl = shape == MW_CV_CV_CV ? 3 : shape == MW_GENE ? 1 : 2;
     for (int i = 0; i < nsyl; i++) {
-        const char *on = MW_PICK(r, mw_onsets);
-        if (shape == MW_CCVC)
-            on = mw_onsets[16 + mw_below(r, (unsigned)MW_LEN(mw_onsets) - 16)]; // a cluster
-        strcat(s, on);
+        strcat(s, MW_PICK(r, mw_onsets));
         strcat(s, MW_PICK(r, mw_vowels));
     }
-    if (shape == MW_CV_CVC || shape == MW_CCVC)
+    if (shape == MW_CV_CVC || shape == MW_GENE)
         strcat(s, MW_PICK(r, mw_codas));
+    if (shape == MW_GENE) {
+        char digit[2] = { (char)('1' + mw_below(r, 9)), 0 };
+        strcat(s, digit);
+    }
     LK_ASSERT(strlen(s) < cap);
     memcpy(out, s, strlen(s) + 1);
 }
@@ -464,10 +466,10 @@ static int mw_world_build(struct mw_world *w, struct lk_err *err)
                      MW_PICK(&rn, mw_species_suffixes));
             snprintf(c->causep, sizeof c->causep, "infection with %s", c->cause);
         } else {
-            if ((rc = mw_stem_fresh(&ns, &rn, MW_CCVC, stem, sizeof stem, err)))
+            if ((rc = mw_stem_fresh(&ns, &rn, MW_GENE, stem, sizeof stem, err)))
                 goto done;
             mw_upper(stem);
-            snprintf(c->cause, MW_NAME, "%s%u gene", stem, 1 + mw_below(&rn, 9));
+            snprintf(c->cause, MW_NAME, "%s gene", stem);
             snprintf(c->causep, sizeof c->causep, "mutations in the %s", c->cause);
         }
         c->symptom = MW_PICK(&rf, mw_symptoms);
@@ -718,6 +720,20 @@ static const struct mw_style mw_drug_styles[MW_N_STYLES] = {
         "{name} acts on {the_target}.",
         "{name} is made by {maker} and was first approved in {year}.", NULL } },
 };
+
+/* Our invariant: the question templates of one entity kind are pairwise distinct, so a test
+ * phrasing can never coincide with a training one. */
+static void mw_templates_check(void)
+{
+    for (int kind = 0; kind < 2; kind++) {
+        const struct mw_attr *t = kind ? mw_drug_attrs : mw_cond_attrs;
+        int n = kind ? MW_LEN(mw_drug_attrs) : MW_LEN(mw_cond_attrs);
+        for (int i = 0; i < n * MW_N_TEMPLATES; i++)
+            for (int j = 0; j < i; j++)
+                LK_ASSERT(strcmp(t[i / MW_N_TEMPLATES].q[i % MW_N_TEMPLATES],
+                                 t[j / MW_N_TEMPLATES].q[j % MW_N_TEMPLATES]) != 0);
+    }
+}
 
 static const struct mw_attr *mw_attrs(enum mw_kind kind, int *n)
 {
@@ -1380,6 +1396,7 @@ int main(int argc, char **argv)
         if (mw_replaceable(o.out, &err))
             return mw_fail(&err);
     }
+    mw_templates_check();
     struct mw_world w = { 0 };
     struct mw_out out = { 0 };
     long n = o.entities ? o.entities : o.world == MW_BACKGROUND ? 150 : 40;
