@@ -1253,7 +1253,8 @@ struct mw_opts {
     int world; /* -1 until given */
     uint64_t seed;
     int have_seed;
-    const char *out;
+    const char *out; /* points into out_buf */
+    char out_buf[4096];
     long entities, docs_per_entity;
     int overwrite, help;
 };
@@ -1344,11 +1345,19 @@ static int mw_parse_args(int argc, char **argv, struct mw_opts *o, struct lk_err
             o->have_seed = 1;
             break;
         }
-        case 2:
-            if (!*val)
+        case 2: {
+            // "dir/" names the same folder as "dir": drop trailing slashes so that the
+            // temporary folder "<dir>.tmp.<pid>" is a sibling, not a child
+            size_t len = strlen(val);
+            while (len > 1 && val[len - 1] == '/')
+                len--;
+            if (!len || len >= sizeof o->out_buf || !strcmp(val, "/"))
                 return lk_errf(err, LK_ERR_USAGE, "option '--out' wants a folder name");
-            o->out = val;
+            memcpy(o->out_buf, val, len);
+            o->out_buf[len] = 0;
+            o->out = o->out_buf;
             break;
+        }
         case 3:
             if (mw_parse_long("entities", val, 4, MW_MAX_ENTITIES, &o->entities, err))
                 return LK_ERR_USAGE;
