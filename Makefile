@@ -87,9 +87,22 @@ $(OUT)/tests/run.o: tests/run.c $(OUT)/tests/registry.h
 $(TESTBIN): $(TEST_OBJ) $(APPLIB_OBJ) $(LIB)
 	$(CC) $(LDX) -o $@ $(TEST_OBJ) $(APPLIB_OBJ) $(LIB) $(LIBS)
 
+# The synthetic medical worlds of the demo (datasets/README.md); generated, never committed.
+MEDWORLD          = $(OUT)/medworld
+MEDWORLD_BG_SEED  = 1
+MEDWORLD_NEW_SEED = 2
+DATASETS_OUT      = datasets/out
+.PHONY: datasets
+$(MEDWORLD): $(OUT)/datasets/medworld.o $(LIB)
+	$(CC) $(LDX) -o $@ $(OUT)/datasets/medworld.o $(LIB) $(LIBS)
+
+datasets: check-deps $(MEDWORLD)
+	$(MEDWORLD) --world background --seed $(MEDWORLD_BG_SEED) --out $(DATASETS_OUT)/background --overwrite
+	$(MEDWORLD) --world new --seed $(MEDWORLD_NEW_SEED) --out $(DATASETS_OUT)/new --overwrite
+
 # T=prefix runs only the tests whose names start with it.
-test: check-deps $(BIN) $(TESTBIN) node-ref
-	OPENBLAS_NUM_THREADS=1 LORAKIT=$(CURDIR)/$(BIN) $(TESTBIN) $(T)
+test: check-deps $(BIN) $(TESTBIN) $(MEDWORLD) node-ref
+	OPENBLAS_NUM_THREADS=1 LORAKIT=$(CURDIR)/$(BIN) MEDWORLD=$(CURDIR)/$(MEDWORLD) $(TESTBIN) $(T)
 
 # Benchmarks: one program per bench/bench_<name>.c, run with the caller's OPENBLAS_NUM_THREADS.
 bench: bench-svd bench-tok bench-train
@@ -116,7 +129,7 @@ bench-tok: check-deps $(LIB) node-ref
 clean:
 	rm -rf build bin libcore/libcore.a
 
--include $(CORE_OBJ:.o=.d) $(APP_OBJ:.o=.d) $(TEST_OBJ:.o=.d)
+-include $(CORE_OBJ:.o=.d) $(APP_OBJ:.o=.d) $(TEST_OBJ:.o=.d) $(OUT)/datasets/medworld.d
 
 # Training throughput against plain PyTorch (Debian's python3-torch, installed by deps-bench).
 .PHONY: bench-train deps-bench
