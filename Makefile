@@ -141,3 +141,7 @@ bench-train: check-deps $(BIN) deps-bench
 	@mkdir -p $(OUT)/bench
 	$(CC) $(ALL) -o $(OUT)/bench/bench_sgemm bench/bench_sgemm.c $(LIB) $(LIBS)
 	bench/bench_train.sh $(CURDIR)/$(BIN) $(OUT)/bench/bench_sgemm $${THREADS:-2}
+
+# The whole pipeline on the project's own base model and data (datasets/demo.sh).
+demo: check-deps $(BIN) $(MEDWORLD)
+	datasets/demo.sh demo
