@@ -276,7 +276,7 @@ int cmd_diff(int argc, char **argv)
         { "intruder-eps", OPT_FLOAT, &c.eps, "E", "max |cos| below which a vector intrudes (default 0.5)" },
         { "runs", OPT_STR, &c.runs, "DB", "record the run and every tensor in this runs database" },
         { "name", OPT_STR, &c.name, "NAME", "run name in the runs database (default none)" },
-        { "threads", OPT_INT, &c.threads, "N", "threads (default: all cores)" },
+        { "threads", OPT_INT, &c.threads, "N", "threads (default: all cores; 1 for two adapters)" },
         { 0 },
     };
     struct lk_err err = { 0 };
@@ -308,15 +308,19 @@ int cmd_diff(int argc, char **argv)
     struct progress pr = { isatty(2), 0 };
     o.progress = on_progress;
     o.progress_ctx = &pr;
-    if (c.threads > 0) {
-        openblas_set_num_threads((int)c.threads);
-        omp_set_num_threads((int)c.threads);
-    }
     lk_interrupt_install();
 
     struct diff d;
     struct diff_summary s = { 0 };
-    if (diff_run(&d, pos[0], pos[1], &o, &err) || diff_summarize(&d, &s, &err)) {
+    if (diff_open(&d, pos[0], pos[1], &o, &err))
+        return lk_cli_fail("diff", &err);
+    // two adapters: many small factor products, which threads only slow down
+    long threads = c.threads ? c.threads : d.kind == DIFF_ADAPTER_ADAPTER ? 1 : 0;
+    if (threads > 0) {
+        openblas_set_num_threads((int)threads);
+        omp_set_num_threads((int)threads);
+    }
+    if (diff_compare(&d, &o, &err) || diff_summarize(&d, &s, &err)) {
         diff_close(&d);
         return lk_cli_fail("diff", &err);
     }
