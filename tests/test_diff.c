@@ -560,3 +560,45 @@ TEST(diff_cli_usage_and_bad_input)
     CHECK(strstr(test_output(), "neither a model folder"));
     CHECK_INT(test_sh("%s diff %s/nope %s", test_lorakit(), e, e), 1);
 }
+
+TEST(diff_adapter_against_its_merged_model_is_rounding_only)
+{
+    // base + adapter (formed per tensor by diff) against a model holding base + s·B·A merged
+    // here in double: only float rounding differs; a tensor the adapter leaves is unchanged
+    struct cfg c;
+    fix_cfg_llama(&c);
+    const char *base = test_path("base"), *ad = test_path("ad"), *merged = test_path("merged");
+    struct model m;
+    CHECK_OK(fix_model_random(&m, &c, 0.05f, 6));
+    CHECK_OK(model_save(&m, base, TENSOR_F32, test_err()));
+    struct lora l;
+    CHECK_OK(fix_lora_random(&l, &c, 1u << CFG_O, 3, 6, 0, 0, 4));
+    CHECK_OK(save_adapter(&l, base, ad));
+    for (int k = 0; k < l.n_mod; k++) {
+        const struct lora_module *md = &l.mod[k];
+        float *W = m.w.layer[md->layer].wo;
+        for (int i = 0; i < md->out; i++)
+            for (int j = 0; j < md->in; j++) {
+                double s = 0;
+                for (int r = 0; r < md->R; r++)
+                    s += (double)md->B[i * md->R + r] * md->A[r * md->in + j];
+                W[i * md->in + j] = (float)(W[i * md->in + j] + md->scale * s);
+            }
+    }
+    CHECK_OK(model_save(&m, merged, TENSOR_F32, test_err()));
+    model_release(&m);
+    lora_release(&l);
+    struct diff_opts o;
+    diff_opts_init(&o);
+    struct diff d;
+    CHECK_OK(diff_run(&d, ad, merged, &o, test_err()));
+    CHECK_INT(d.kind, DIFF_ADAPTER_MODEL);
+    for (int i = 0; i < d.n; i++) {
+        const struct diff_tensor *t = &d.t[i];
+        if (t->module == CFG_O)
+            CHECK_MSG(t->state == DIFF_UNCHANGED || t->rel < 1e-5, "%s: rel %g", t->name, t->rel);
+        else
+            CHECK_MSG(t->state == DIFF_UNCHANGED, "%s is %s", t->name, diff_state_str(t->state));
+    }
+    diff_close(&d);
+}
