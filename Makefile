@@ -50,7 +50,7 @@ TESTBIN   = $(OUT)/tests/run
 # app objects other than main(), linked into the test runner too
 APPLIB_OBJ = $(filter-out $(OUT)/tools/lorakit.o,$(APP_OBJ))
 
-.PHONY: all deps test bench demo clean fuzz check-deps base-model bench-svd
+.PHONY: all deps test bench demo clean fuzz check-deps base-model bench-svd bench-diff
 all: check-deps $(BIN)
 
 # Installs the Debian packages when one is missing (dpkg-query is quick; apt only if needed).
@@ -105,12 +105,17 @@ test: check-deps $(BIN) $(TESTBIN) $(MEDWORLD) node-ref
 	OPENBLAS_NUM_THREADS=1 LORAKIT=$(CURDIR)/$(BIN) MEDWORLD=$(CURDIR)/$(MEDWORLD) $(TESTBIN) $(T)
 
 # Benchmarks: one program per bench/bench_<name>.c, run with the caller's OPENBLAS_NUM_THREADS.
-bench: bench-svd bench-tok bench-train
+bench: bench-svd bench-tok bench-train bench-diff
 
 bench-svd: check-deps $(LIB)
 	@mkdir -p $(OUT)/bench
 	$(CC) $(ALL) -o $(OUT)/bench/bench_svd bench/bench_svd.c $(LIB) $(LIBS)
 	$(OUT)/bench/bench_svd
+
+bench-diff: check-deps $(LIB) $(BIN)
+	@mkdir -p $(OUT)/bench
+	$(CC) $(ALL) -o $(OUT)/bench/bench_diff bench/bench_diff.c $(LIB) $(LIBS)
+	$(OUT)/bench/bench_diff $(CURDIR)/$(BIN) $(OUT)/bench-diff
 
 # The reference tokenizer (npm @huggingface/tokenizers) for tokenizer tests and benchmarks, in
 # build/node. When npm is unreachable this says so and the tests that need it are skipped.

@@ -79,6 +79,9 @@ void lk_assert_fail(const char *file, int line, const char *cond)
 
 long lk_fail_countdown = 0;
 
+size_t lk_alloc_limit = 0;
+size_t lk_alloc_largest = 0;
+
 static int lk_fault_now(void)
 {
     if (lk_fail_countdown <= 0)
@@ -86,16 +89,27 @@ static int lk_fault_now(void)
     return --lk_fail_countdown == 0;
 }
 
+/* The size probe: 1 when a request of n bytes must fail. */
+static int lk_probe_refuses(size_t n)
+{
+    if (!lk_alloc_limit)
+        return 0;
+    if (n > lk_alloc_largest)
+        lk_alloc_largest = n;
+    return n > lk_alloc_limit;
+}
+
 void *lk_malloc(size_t n)
 {
-    if (lk_fault_now())
+    if (lk_fault_now() || lk_probe_refuses(n))
         return NULL;
     return malloc(n ? n : 1);
 }
 
 void *lk_calloc(size_t count, size_t size)
 {
-    if (lk_fault_now())
+    if (lk_fault_now() || (lk_alloc_limit && count && size > SIZE_MAX / count) ||
+        lk_probe_refuses(count * size))
         return NULL;
     if (!count || !size)
         return calloc(1, 1);
@@ -104,7 +118,7 @@ void *lk_calloc(size_t count, size_t size)
 
 void *lk_realloc(void *p, size_t n)
 {
-    if (lk_fault_now())
+    if (lk_fault_now() || lk_probe_refuses(n))
         return NULL;
     return realloc(p, n ? n : 1);
 }

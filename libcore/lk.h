@@ -50,6 +50,11 @@ void *lk_realloc(void *p, size_t n);
 void lk_free(void *p);
 char *lk_strdup(const char *s);
 extern long lk_fail_countdown; /* <= 0: off */
+/* Allocation-size probe for tests and benchmarks (not thread-safe; single-threaded callers):
+ * when lk_alloc_limit > 0, any single request above it fails (NULL) and lk_alloc_largest
+ * records the largest request seen (set the limit to SIZE_MAX to record only). */
+extern size_t lk_alloc_limit;
+extern size_t lk_alloc_largest;
 
 /* a*b (and a*b*c) with overflow detection: return 0 and set *out, or -1 on overflow */
 int lk_mul_size(size_t a, size_t b, size_t *out);

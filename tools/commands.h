@@ -12,6 +12,7 @@
 #define LK_COMMANDS_H
 
 int cmd_index(int argc, char **argv);
+int cmd_diff(int argc, char **argv);
 int cmd_info(int argc, char **argv);
 int cmd_init(int argc, char **argv);
 int cmd_logits(int argc, char **argv);
