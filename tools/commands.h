@@ -11,6 +11,7 @@
 #ifndef LK_COMMANDS_H
 #define LK_COMMANDS_H
 
+int cmd_dash(int argc, char **argv);
 int cmd_info(int argc, char **argv);
 int cmd_init(int argc, char **argv);
 int cmd_logits(int argc, char **argv);

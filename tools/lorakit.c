@@ -17,6 +17,7 @@ struct command {
 static int cmd_version(int argc, char **argv);
 
 static const struct command commands[] = { /* keep sorted by name */
+    { "dash",    cmd_dash,    "browse runs in the terminal" },
     { "info",    cmd_info,    "describe a model folder, adapter or .safetensors file" },
     { "init",    cmd_init,    "write a random model in the Hugging Face layout" },
     { "logits",  cmd_logits,  "write the float32 logits of token sequences to a .safetensors file" },
