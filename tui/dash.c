@@ -585,8 +585,8 @@ static void db_open(struct dash_app *a)
     a->fatal[0] = 0;
     if (stat(a->o.path, &sb) == 0 && S_ISREG(sb.st_mode) && sb.st_size == 0) {
         snprintf(a->fatal, sizeof a->fatal,
-                 "%s: the runs database is empty (no run recorded yet; train, eval, merge, "
-                 "svd-compress and diff create it)", a->o.path);
+                 "empty runs database (no run recorded yet; train, eval, merge, svd-compress "
+                 "and diff fill it): %s", a->o.path);
         return;
     }
     if (rdb_open_readonly(&a->db, a->o.path, &err)) {

@@ -902,14 +902,16 @@ static void draw_tensors(struct dash_app *a, const struct rdb_run *run, int y0, 
         bars_h = avail >= 6 ? 3 : 0;
     int table_h = avail - bars_h;
     // the table
-    const int w_shape = 11, w_num = 9;
-    int w_name = COLS - w_shape - 6 - 5 * w_num;
+    const int w_shape = 9, w_num = 8;
+    int n_num = COLS >= 110 ? 5 : 4; // ||dW|| only when there is room
+    int w_name = COLS - (1 + w_shape + 1 + 5) - n_num * (w_num + 1);
     if (w_name < 10)
         w_name = 10;
     if (a->pane == 0)
         attron(A_REVERSE);
     dash_putf(y, 0, COLS, "%-*.*s %*s %5s %*s %*s %*s %*s %*s", w_name, w_name, "tensor", w_shape, "shape", "rank",
-              w_num, "rel.chg", w_num, "eff.rank", w_num, "energy", w_num, "rel.err", w_num, "||dW||");
+              w_num, "rel.chg", w_num, "eff.rank", w_num, "energy", w_num, "rel.err", n_num > 4 ? w_num : 0,
+              n_num > 4 ? "||dW||" : "");
     if (a->pane == 0)
         attroff(A_REVERSE);
     y++;
@@ -941,18 +943,21 @@ static void draw_tensors(struct dash_app *a, const struct rdb_run *run, int y0, 
         dash_fmt_num(t->energy, c3, sizeof c3);
         dash_fmt_num(t->rel_error, c4, sizeof c4);
         dash_fmt_num(t->fro, c5, sizeof c5);
-        const char *nm = short_name(t->name);
-        int nw = dash_str_width(nm);
+        char nm[512];
+        snprintf(nm, sizeof nm, "%s", short_name(t->name));
+        size_t nl = strlen(nm);
+        if (nl > 7 && !strcmp(nm + nl - 7, ".weight"))
+            nm[nl -= 7] = 0;
         char namebuf[512];
-        if (nw > w_name) // keep the tail: the module name matters most
-            snprintf(namebuf, sizeof namebuf, "~%s", nm + (strlen(nm) - (size_t)(w_name - 1)));
+        if ((int)nl > w_name) // keep the tail: the module name matters most
+            snprintf(namebuf, sizeof namebuf, "~%s", nm + (nl - (size_t)(w_name - 1)));
         else
             snprintf(namebuf, sizeof namebuf, "%s", nm);
         int selected = *top + i == *sel && a->pane == 0;
         if (selected)
             attron(A_REVERSE);
         dash_putf(y + i, 0, COLS, "%-*.*s %*s %5s %*s %*s %*s %*s %*s", w_name, w_name, namebuf, w_shape, shape,
-                  rank, w_num, c1, w_num, c2, w_num, c3, w_num, c4, w_num, c5);
+                  rank, w_num, c1, w_num, c2, w_num, c3, w_num, c4, n_num > 4 ? w_num : 0, n_num > 4 ? c5 : "");
         if (selected)
             attroff(A_REVERSE);
     }
