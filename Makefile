@@ -92,12 +92,19 @@ test: check-deps $(BIN) $(TESTBIN) node-ref
 	OPENBLAS_NUM_THREADS=1 LORAKIT=$(CURDIR)/$(BIN) $(TESTBIN) $(T)
 
 # Benchmarks: one program per bench/bench_<name>.c, run with the caller's OPENBLAS_NUM_THREADS.
-bench: bench-svd bench-tok
+bench: bench-svd bench-tok bench-dash
 
 bench-svd: check-deps $(LIB)
 	@mkdir -p $(OUT)/bench
 	$(CC) $(ALL) -o $(OUT)/bench/bench_svd bench/bench_svd.c $(LIB) $(LIBS)
 	$(OUT)/bench/bench_svd
+
+# Time to the first frame of `lorakit dash` on a 100,000-step training run against 1,000 steps.
+.PHONY: bench-dash
+bench-dash: check-deps $(LIB) $(BIN)
+	@mkdir -p $(OUT)/bench
+	$(CC) $(ALL) -o $(OUT)/bench/bench_dash bench/bench_dash.c $(LIB) $(LIBS)
+	$(OUT)/bench/bench_dash $(BIN) $(OUT)/bench
 
 # The reference tokenizer (npm @huggingface/tokenizers) for tokenizer tests and benchmarks, in
 # build/node. When npm is unreachable this says so and the tests that need it are skipped.

@@ -127,47 +127,62 @@ static int train_grow(struct dash_train *t, int64_t need)
     return LK_OK;
 }
 
-/* Appends the steps after the last one loaded (all of them the first time). */
+static int train_push_eval(struct dash_train *t, double step, double v)
+{
+    if (t->n_ev == t->cap_ev) {
+        int64_t nc = t->cap_ev ? t->cap_ev * 2 : 64;
+        double *ex = lk_realloc(t->ex, sizeof(double) * (size_t)nc);
+        if (!ex)
+            return LK_ERR_NOMEM;
+        t->ex = ex;
+        double *ey = lk_realloc(t->ey, sizeof(double) * (size_t)nc);
+        if (!ey)
+            return LK_ERR_NOMEM;
+        t->ey = ey;
+        t->cap_ev = nc;
+    }
+    t->ex[t->n_ev] = step;
+    t->ey[t->n_ev++] = v;
+    return LK_OK;
+}
+
+/* Appends the steps after the last one loaded (all of them the first time). Plain SQL with
+ * only the columns drawn, straight into the plot arrays: loading is what the first frame of
+ * a long run costs (bench/bench_dash.c), so no intermediate array of rows. */
 static int train_load_more(struct dash_app *a, struct lk_err *err)
 {
     struct dash_train *t = &a->train;
-    struct rdb_step *rows;
-    int64_t n;
-    int r = rdb_train_steps_load(&a->db, a->run_id, t->last_step, &rows, &n, err);
-    if (r)
-        return r;
-    if (train_grow(t, t->n + n)) {
-        lk_free(rows);
-        return lk_errf(err, LK_ERR_NOMEM, "out of memory for %lld steps", (long long)(t->n + n));
-    }
-    for (int64_t i = 0; i < n; i++) {
-        const struct rdb_step *s = &rows[i];
+    sqlite3_stmt *st;
+    if (sqlite3_prepare_v2(a->db.db,
+                           "SELECT step, loss, lr, tokens_per_s, elapsed_s, eval_loss FROM train_steps"
+                           " WHERE run_id = ?1 AND step > ?2 ORDER BY step", -1, &st, NULL) != SQLITE_OK)
+        return sql_fail(a, err, "reading train steps");
+    sqlite3_bind_int64(st, 1, a->run_id);
+    sqlite3_bind_int64(st, 2, t->last_step);
+    int rc, oom = 0;
+    while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+        if (train_grow(t, t->n + 1)) {
+            oom = 1;
+            break;
+        }
         int64_t k = t->n++;
-        t->x[k] = (double)s->step;
-        t->loss[k] = s->loss;
-        t->lr[k] = s->lr;
-        t->tps[k] = s->tokens_per_s;
-        t->elapsed[k] = s->elapsed_s;
-        t->last_step = s->step;
-        if (!isnan(s->eval_loss)) {
-            if (t->n_ev == t->cap_ev) {
-                int64_t nc = t->cap_ev ? t->cap_ev * 2 : 64;
-                double *ex = lk_realloc(t->ex, sizeof(double) * (size_t)nc);
-                if (ex)
-                    t->ex = ex;
-                double *ey = ex ? lk_realloc(t->ey, sizeof(double) * (size_t)nc) : NULL;
-                if (!ey) {
-                    lk_free(rows);
-                    return lk_errf(err, LK_ERR_NOMEM, "out of memory");
-                }
-                t->ey = ey;
-                t->cap_ev = nc;
-            }
-            t->ex[t->n_ev] = (double)s->step;
-            t->ey[t->n_ev++] = s->eval_loss;
+        int64_t step = sqlite3_column_int64(st, 0);
+        t->x[k] = (double)step;
+        t->loss[k] = col_real(st, 1);
+        t->lr[k] = col_real(st, 2);
+        t->tps[k] = col_real(st, 3);
+        t->elapsed[k] = col_real(st, 4);
+        t->last_step = step;
+        if (sqlite3_column_type(st, 5) != SQLITE_NULL && train_push_eval(t, (double)step, sqlite3_column_double(st, 5))) {
+            oom = 1;
+            break;
         }
     }
-    lk_free(rows);
+    sqlite3_finalize(st);
+    if (oom)
+        return lk_errf(err, LK_ERR_NOMEM, "out of memory for %lld steps", (long long)t->n);
+    if (rc != SQLITE_DONE)
+        return sql_fail(a, err, "reading train steps");
     return LK_OK;
 }
 
