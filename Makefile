@@ -17,7 +17,7 @@ OMP     =
 SANFLAGS = -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer
 
 PKGS    = libopenblas-dev liblapacke-dev libsqlite3-dev libcjson-dev libncurses-dev \
-          libpcre2-dev libutf8proc-dev pkg-config
+          libpcre2-dev libutf8proc-dev pkg-config tmux
 PKGCONF = sqlite3 libcjson libpcre2-8 libutf8proc ncursesw
 INCS    = -I/usr/include/x86_64-linux-gnu/openblas-pthread -I/usr/include/openblas \
           $(shell pkg-config --cflags $(PKGCONF) 2>/dev/null)
@@ -105,7 +105,7 @@ test: check-deps $(BIN) $(TESTBIN) $(MEDWORLD) node-ref
 	OPENBLAS_NUM_THREADS=1 LORAKIT=$(CURDIR)/$(BIN) MEDWORLD=$(CURDIR)/$(MEDWORLD) $(TESTBIN) $(T)
 
 # Benchmarks: one program per bench/bench_<name>.c, run with the caller's OPENBLAS_NUM_THREADS.
-bench: bench-svd bench-tok bench-train bench-diff
+bench: bench-svd bench-tok bench-train bench-diff bench-dash
 
 bench-svd: check-deps $(LIB)
 	@mkdir -p $(OUT)/bench
@@ -116,6 +116,12 @@ bench-diff: check-deps $(LIB) $(BIN)
 	@mkdir -p $(OUT)/bench
 	$(CC) $(ALL) -o $(OUT)/bench/bench_diff bench/bench_diff.c $(LIB) $(LIBS)
 	$(OUT)/bench/bench_diff $(CURDIR)/$(BIN) $(OUT)/bench-diff
+# Time to the first frame of `lorakit dash` on a 100,000-step training run against 1,000 steps.
+.PHONY: bench-dash
+bench-dash: check-deps $(LIB) $(BIN)
+	@mkdir -p $(OUT)/bench
+	$(CC) $(ALL) -o $(OUT)/bench/bench_dash bench/bench_dash.c $(LIB) $(LIBS)
+	$(OUT)/bench/bench_dash $(BIN) $(OUT)/bench
 
 # The reference tokenizer (npm @huggingface/tokenizers) for tokenizer tests and benchmarks, in
 # build/node. When npm is unreachable this says so and the tests that need it are skipped.

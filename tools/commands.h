@@ -13,6 +13,7 @@
 
 int cmd_index(int argc, char **argv);
 int cmd_diff(int argc, char **argv);
+int cmd_dash(int argc, char **argv);
 int cmd_info(int argc, char **argv);
 int cmd_init(int argc, char **argv);
 int cmd_logits(int argc, char **argv);

@@ -17,6 +17,7 @@ struct command {
 static int cmd_version(int argc, char **argv);
 
 static const struct command commands[] = { /* keep sorted by name */
+    { "dash",    cmd_dash,    "browse runs in the terminal" },
     { "diff",    cmd_diff,    "show what a fine-tune changed, tensor by tensor" },
     { "index", cmd_index, "build an FTS5 retrieval index from documents" },
     { "info",    cmd_info,    "describe a model folder, adapter or .safetensors file" },
