@@ -307,7 +307,9 @@ static void tmux_stop(void);
 static int tmux_start(int w, int h, const char *args)
 {
     tmux_stop();
-    snprintf(g_sock, sizeof g_sock, "lkdash%d", (int)getpid());
+    static int n_started;
+    // a fresh socket per session: reusing one right after kill-server races with its exit
+    snprintf(g_sock, sizeof g_sock, "lkdash%d_%d", (int)getpid(), n_started++);
     snprintf(g_dir, sizeof g_dir, "%s", test_tmpdir());
     char script[700];
     snprintf(script, sizeof script, "%s/dash.sh", g_dir);
@@ -322,7 +324,10 @@ static int tmux_start(int w, int h, const char *args)
                "sleep 120\n",
             g_dir, g_dir, test_lorakit(), args, g_dir);
     fclose(f);
-    return test_sh("tmux -u -L %s -f /dev/null new-session -d -s t -x %d -y %d 'sh %s'", g_sock, w, h, script);
+    int rc = 1;
+    for (int attempt = 0; attempt < 3 && rc; attempt++)
+        rc = test_sh("tmux -u -L %s -f /dev/null new-session -d -s t -x %d -y %d 'sh %s'", g_sock, w, h, script);
+    return rc;
 }
 
 static void tmux_stop(void)

@@ -7,7 +7,6 @@
 #include <cJSON.h>
 #include <cblas.h>
 #include <math.h>
-#include <omp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -318,7 +317,6 @@ int cmd_diff(int argc, char **argv)
     long threads = c.threads ? c.threads : d.kind == DIFF_ADAPTER_ADAPTER ? 1 : 0;
     if (threads > 0) {
         openblas_set_num_threads((int)threads);
-        omp_set_num_threads((int)threads);
     }
     if (diff_compare(&d, &o, &err) || diff_summarize(&d, &s, &err)) {
         diff_close(&d);
