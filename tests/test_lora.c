@@ -325,3 +325,85 @@ TEST(info_reports_adapter_share_of_base)
     lora_release(&l);
     cfg_release(&c);
 }
+
+TEST(lora_roundtrip_dora_embedding_and_modules_to_save)
+{
+    struct cfg c;
+    fix_cfg_llama(&c); // untied: lm_head may be replaced
+    struct model m;
+    CHECK_OK(fix_model_random(&m, &c, 0.3f, 91));
+    const char *dir = test_path("ad");
+    // a DoRA adapter on q_proj and v_proj with an embedding adapter and a full lm_head copy
+    struct st_item it[8];
+    float *buf = calloc(200000, sizeof(float));
+    struct lk_rng rng;
+    lk_rng_seed(&rng, 92);
+    for (int i = 0; i < 200000; i++)
+        buf[i] = 0.1f * lk_rng_normal(&rng);
+    int k = 0, R = 2;
+    int64_t Q = c.num_attention_heads * c.head_dim, KV = c.num_key_value_heads * c.head_dim;
+    char names[8][128];
+    for (int l = 0; l < 2; l++) {
+        snprintf(names[k], 128, "base_model.model.model.layers.%d.self_attn.q_proj.lora_A.weight", l);
+        it[k] = (struct st_item){ names[k], 2, { R, c.hidden_size }, buf + 1000 * k }, k++;
+        snprintf(names[k], 128, "base_model.model.model.layers.%d.self_attn.q_proj.lora_B.weight", l);
+        it[k] = (struct st_item){ names[k], 2, { Q, R }, buf + 1000 * k }, k++;
+        snprintf(names[k], 128, "base_model.model.model.layers.%d.self_attn.q_proj.lora_magnitude_vector", l);
+        for (int o = 0; o < Q; o++)
+            buf[1000 * k + o] = 1.0f + 0.1f * buf[1000 * k + o];
+        it[k] = (struct st_item){ names[k], 1, { Q }, buf + 1000 * k }, k++;
+    }
+    it[k++] = (struct st_item){ "base_model.model.model.embed_tokens.lora_embedding_A", 2, { R, c.vocab_size }, buf + 10000 };
+    it[k++] = (struct st_item){ "base_model.model.lm_head.weight", 2, { c.vocab_size, c.hidden_size }, buf + 20000 };
+    (void)KV;
+    write_adapter(dir, "{\"peft_type\":\"LORA\",\"r\":2,\"lora_alpha\":4,\"use_dora\":true,"
+                       "\"target_modules\":[\"q_proj\",\"embed_tokens\"],\"modules_to_save\":[\"lm_head\"]}", it, k);
+    // the embedding adapter needs its B too: written separately below would be a second file, so
+    // check the refusal first, then add it
+    struct lora l;
+    struct lk_err err = { 0 };
+    CHECK(lora_load(&l, dir, &c, &err) == LK_ERR_MISSING && strstr(err.msg, "lora_embedding"));
+    it[k++] = (struct st_item){ "base_model.model.model.embed_tokens.lora_embedding_B", 2, { c.hidden_size, R }, buf + 30000 };
+    write_adapter(dir, "{\"peft_type\":\"LORA\",\"r\":2,\"lora_alpha\":4,\"use_dora\":true,"
+                       "\"target_modules\":[\"q_proj\",\"embed_tokens\"],\"modules_to_save\":[\"lm_head\"]}", it, k);
+    CHECK_OK(lora_load(&l, dir, &c, test_err()));
+    CHECK(l.cfg.use_dora && l.mod[0].mag && l.embed_A && l.embed_B && l.n_extra == 1);
+    // written back and read again: the same floats
+    CHECK_OK(lora_save(&l, test_path("ad2"), test_err()));
+    struct lora l2;
+    CHECK_OK(lora_load(&l2, test_path("ad2"), &c, test_err()));
+    CHECK(l2.n == l.n && memcmp(l.mem, l2.mem, sizeof(float) * l.n) == 0);
+    CHECK(memcmp(l.embed_A, l2.embed_A, sizeof(float) * (size_t)R * c.vocab_size) == 0);
+    CHECK(memcmp(l.extra[0].data, l2.extra[0].data, sizeof(float) * (size_t)c.vocab_size * c.hidden_size) == 0);
+    // the engine applies all of it: the forward runs only after the modules_to_save copy is applied
+    int tok[4] = { 1, 2, 3, 4 };
+    CHECK_OK(model_plan(&m, 1, 4, 0, test_err()));
+    CHECK(model_forward(&m, &l2, tok, NULL, NULL, NULL, 0, NULL, test_err()) == LK_ERR_USAGE);
+    CHECK_OK(model_apply_extras(&m, &l2, test_err()));
+    CHECK_OK(model_forward(&m, &l2, tok, NULL, NULL, NULL, 0, NULL, test_err()));
+    CHECK(memcmp(m.w.lm_head, l.extra[0].data, sizeof(float) * (size_t)c.vocab_size * c.hidden_size) == 0);
+    free(buf);
+    lora_release(&l);
+    lora_release(&l2);
+    model_release(&m);
+}
+
+TEST(lora_modules_to_save_on_tied_head_is_refused_by_the_engine)
+{
+    struct cfg c;
+    fix_cfg_qwen2(&c); // tied
+    struct model m;
+    CHECK_OK(fix_model_random(&m, &c, 0.3f, 93));
+    static float head[37 * 16], z[2 * 16];
+    struct st_item it[5] = { { QA(0), 2, { 2, 16 }, z }, { QB(0), 2, { 16, 2 }, z }, { QA(1), 2, { 2, 16 }, z },
+                             { QB(1), 2, { 16, 2 }, z }, { "base_model.model.lm_head.weight", 2, { 37, 16 }, head } };
+    write_adapter(test_path("ad"), "{\"peft_type\":\"LORA\",\"r\":2,\"lora_alpha\":4,\"target_modules\":[\"q_proj\"],"
+                                   "\"modules_to_save\":[\"lm_head\"]}", it, 5);
+    struct lora l;
+    CHECK_OK(lora_load(&l, test_path("ad"), &c, test_err()));
+    struct lk_err err = { 0 };
+    CHECK(model_apply_extras(&m, &l, &err) == LK_ERR_UNSUPPORTED);
+    CHECK(strstr(err.msg, "ties it to embed_tokens"));
+    lora_release(&l);
+    model_release(&m);
+}
