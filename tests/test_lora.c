@@ -334,7 +334,7 @@ TEST(lora_roundtrip_dora_embedding_and_modules_to_save)
     CHECK_OK(fix_model_random(&m, &c, 0.3f, 91));
     const char *dir = test_path("ad");
     // a DoRA adapter on q_proj and v_proj with an embedding adapter and a full lm_head copy
-    struct st_item it[8];
+    struct st_item it[10];
     float *buf = calloc(200000, sizeof(float));
     struct lk_rng rng;
     lk_rng_seed(&rng, 92);
