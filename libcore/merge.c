@@ -5,11 +5,6 @@
  * Owns: the adapters it loads, one float32 work buffer (plus scratch for ties/dare/svd), the
  * temporary output folder until it is renamed into place.
  */
-// madvise(MADV_DONTNEED) releases the pages of the mapped base after each tensor, so the
-// resident set stays about one tensor; glibc makes posix_madvise(POSIX_MADV_DONTNEED) a no-op.
-#ifndef _DEFAULT_SOURCE
-#define _DEFAULT_SOURCE
-#endif
 #include "merge.h"
 
 #include <cJSON.h>
@@ -19,7 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
+#include <fcntl.h>
 #include <unistd.h>
 
 #include "cfg.h"
@@ -216,6 +211,7 @@ struct merge_ctx {
     size_t buf_cap;
     float *scr;          /* owned: dense deltas / SVD factors */
     size_t scr_cap;
+    unsigned char *io;   /* owned: MERGE_COPY_CHUNK bytes read from the base */
 };
 
 static int ensure(float **p, size_t *cap, size_t n, struct lk_err *err)
@@ -528,22 +524,43 @@ static enum tensor_dtype out_dtype(const struct merge_ctx *x, enum tensor_dtype 
     return (enum tensor_dtype)x->o->dtype;
 }
 
-/* Gives the pages of a mapped range back (they are re-read from the file if touched again). */
-static void drop_pages(const struct st_file *f, const void *p, size_t n)
+/* n bytes at byte offset off of the base file fd into dst (pread: the data comes from the page
+ * cache by copy, not through faults on the mapping, which cost about 20 us a page on a VM and
+ * would count the whole model in the resident set). */
+static int read_at(int fd, const struct st_file *f, const void *at, void *dst, size_t n, struct lk_err *err)
 {
-    if (!f->map || !n)
-        return;
-    uintptr_t ps = (uintptr_t)sysconf(_SC_PAGESIZE);
-    uintptr_t lo = (uintptr_t)f->map, hi = lo + f->map_len;
-    uintptr_t a = (uintptr_t)p & ~(ps - 1), e = ((uintptr_t)p + n + ps - 1) & ~(ps - 1);
-    a = a < lo ? lo : a;
-    e = e > hi ? hi : e;
-    if (e > a)
-        madvise((void *)a, e - a, MADV_DONTNEED);
+    off_t off = (off_t)((const unsigned char *)at - (const unsigned char *)f->map);
+    unsigned char *d = dst;
+    while (n) {
+        ssize_t k = pread(fd, d, n, off);
+        if (k < 0 && errno == EINTR)
+            continue;
+        if (k <= 0)
+            return lk_errf(err, LK_ERR_IO, "%s: read failed: %s", f->path, k < 0 ? strerror(errno) : "short file");
+        d += k;
+        n -= (size_t)k;
+        off += k;
+    }
+    return LK_OK;
 }
 
-/* Writes tensor `name` of the output from base tensor t of file f. */
-static int write_tensor(struct merge_ctx *x, struct st_writer *w, const struct st_file *f,
+/* Tensor t of file f (open as fd) into float32 dst [numel], through the io buffer. */
+static int read_f32(struct merge_ctx *x, int fd, const struct st_file *f, const struct st_tensor *t, float *dst,
+                    struct lk_err *err)
+{
+    size_t es = tensor_dtype_size(t->dtype), step = MERGE_COPY_CHUNK / es;
+    const unsigned char *src = t->data;
+    for (size_t done = 0; done < t->numel; done += step) {
+        size_t k = t->numel - done < step ? t->numel - done : step;
+        if (read_at(fd, f, src + done * es, x->io, k * es, err))
+            return err->code;
+        tensor_to_f32(dst + done, x->io, t->dtype, k);
+    }
+    return LK_OK;
+}
+
+/* Writes tensor `name` of the output from base tensor t of file f (open as fd). */
+static int write_tensor(struct merge_ctx *x, struct st_writer *w, int fd, const struct st_file *f,
                         const struct st_tensor *t, const char *name, struct merge_report *rep,
                         struct lk_err *err)
 {
@@ -551,41 +568,34 @@ static int write_tensor(struct merge_ctx *x, struct st_writer *w, const struct s
     int touched = collect(x, name, tmp, (int)(sizeof tmp / sizeof tmp[0])) > 0;
     enum tensor_dtype odt = out_dtype(x, t->dtype);
     size_t es = tensor_dtype_size(t->dtype);
-    if (!touched && odt == t->dtype) {
-        // byte for byte, in chunks whose pages are given back at once
-        size_t step = MERGE_COPY_CHUNK / es;
-        const unsigned char *src = t->data;
-        for (size_t done = 0; done < t->numel && !err->code; done += step) {
-            size_t k = t->numel - done < step ? t->numel - done : step;
-            st_writer_write_chunk(w, src + done * es, t->dtype, k);
-            drop_pages(f, src + done * es, k * es);
-        }
-        if (!t->numel)
-            st_writer_write(w, src, t->dtype);
+    const unsigned char *src = t->data;
+    if (!t->numel) {
+        st_writer_write(w, src, t->dtype);
         rep->n_copied++;
         return err->code;
     }
-    if (!touched) { // a dtype change only: convert in chunks
-        size_t step = MERGE_COPY_CHUNK / sizeof(float);
-        if (ensure(&x->buf, &x->buf_cap, step, err))
+    if (!touched) {
+        // byte for byte when the dtype is kept, else converted; in chunks either way
+        size_t step = MERGE_COPY_CHUNK / (odt == t->dtype ? es : sizeof(float));
+        if (odt != t->dtype && ensure(&x->buf, &x->buf_cap, step, err))
             return err->code;
-        const unsigned char *src = t->data;
         for (size_t done = 0; done < t->numel && !err->code; done += step) {
             size_t k = t->numel - done < step ? t->numel - done : step;
-            tensor_to_f32(x->buf, src + done * es, t->dtype, k);
-            drop_pages(f, src + done * es, k * es);
-            st_writer_write_chunk(w, x->buf, TENSOR_F32, k);
+            if (read_at(fd, f, src + done * es, x->io, k * es, err))
+                return err->code;
+            if (odt == t->dtype)
+                st_writer_write_chunk(w, x->io, t->dtype, k);
+            else {
+                tensor_to_f32(x->buf, x->io, t->dtype, k);
+                st_writer_write_chunk(w, x->buf, TENSOR_F32, k);
+            }
         }
-        if (!t->numel)
-            st_writer_write(w, x->buf, TENSOR_F32);
         rep->n_copied++;
         return err->code;
     }
     int64_t rows = t->shape[0], cols = t->ndim > 1 ? t->shape[1] : 1;
-    if (ensure(&x->buf, &x->buf_cap, t->numel, err))
+    if (ensure(&x->buf, &x->buf_cap, t->numel, err) || read_f32(x, fd, f, t, x->buf, err))
         return err->code;
-    tensor_to_f32(x->buf, t->data, t->dtype, t->numel);
-    drop_pages(f, t->data, t->nbytes);
     if (apply(x, name, x->buf, rows, cols, err) < 0)
         return err->code;
     st_writer_write(w, x->buf, TENSOR_F32); // rounded once, to the output dtype
@@ -701,12 +711,24 @@ static int write_model(struct merge_ctx *x, const struct st_model *sm, const cha
     int embed_file = -1;
     if (x->untie)
         embed = st_model_find(sm, "model.embed_tokens.weight", &embed_file);
+    int *fds = lk_malloc(sizeof(int) * (size_t)sm->n_files);
+    if (!x->io)
+        x->io = lk_malloc(MERGE_COPY_CHUNK);
+    if (!fds || !x->io) {
+        lk_free(fds);
+        return lk_errf(err, LK_ERR_NOMEM, "out of memory");
+    }
+    for (int fi = 0; fi < sm->n_files; fi++)
+        if ((fds[fi] = open(sm->files[fi].path, O_RDONLY)) < 0 && !rc)
+            rc = lk_errf(err, LK_ERR_IO, "%s: cannot open: %s", sm->files[fi].path, strerror(errno));
     for (int fi = 0; fi < sm->n_files && !rc; fi++) {
         const struct st_file *f = &sm->files[fi];
         int with_head = x->untie && fi == sm->n_files - 1;
         char *path = lk_path_join(dir, sm->sharded ? base_name(f->path) : "model.safetensors");
-        if (!path)
-            return lk_errf(err, LK_ERR_NOMEM, "out of memory");
+        if (!path) {
+            rc = lk_errf(err, LK_ERR_NOMEM, "out of memory");
+            break;
+        }
         struct lk_err werr = { 0 };
         struct st_writer w;
         st_writer_init(&w, path, &werr);
@@ -737,7 +759,8 @@ static int write_model(struct merge_ctx *x, const struct st_model *sm, const cha
                 break;
             const struct st_tensor *t = i < f->n ? &f->t[i] : embed;
             const char *name = i < f->n ? t->name : "lm_head.weight";
-            write_tensor(x, &w, i < f->n ? f : &sm->files[embed_file], t, name, rep, &werr);
+            int src = i < f->n ? fi : embed_file;
+            write_tensor(x, &w, fds[src], &sm->files[src], t, name, rep, &werr);
             rep->n_tensors++;
             if (x->o->progress)
                 x->o->progress(x->o->progress_ctx, ++done, total, name);
@@ -745,13 +768,16 @@ static int write_model(struct merge_ctx *x, const struct st_model *sm, const cha
         if (werr.code) {
             st_writer_abort(&w);
             *err = werr;
-            return err->code;
-        }
-        if ((rc = st_writer_commit(&w))) {
+            rc = err->code;
+        } else if ((rc = st_writer_commit(&w)))
             *err = werr;
-            return rc;
-        }
     }
+    for (int fi = 0; fi < sm->n_files; fi++)
+        if (fds[fi] >= 0)
+            close(fds[fi]);
+    lk_free(fds);
+    if (rc)
+        return rc;
     rep->n_shards = sm->n_files;
     rep->out_dtype = odt_seen < 0 ? -1 : odt_seen;
     if (sm->sharded)
@@ -1135,6 +1161,7 @@ out:
         cfg_release(&x->cfg);
     lk_free(x->buf);
     lk_free(x->scr);
+    lk_free(x->io);
     lk_free(x);
     return rc;
 }

@@ -28,8 +28,8 @@
  * Precision: each changed tensor is read into float32 (exact for F16/BF16), changed in float32
  * (cblas_sgemm into one reused buffer), and rounded once to the output dtype. Untouched tensors
  * are copied byte for byte when the dtype is kept. Memory: one float32 buffer for the largest
- * changed tensor (ties/dare/svd: n + 1 of them) plus the adapters; pages of the mapped base are
- * released after each tensor.
+ * changed tensor (ties/dare/svd: n + 1 of them) plus the adapters and a 16 MB read buffer; the
+ * base's data is read with pread (from the page cache), never faulted in through the mapping.
  *
  * Tied embeddings: when an adapter changes embed_tokens or lm_head of a model whose config ties
  * them, the output is untied (lm_head.weight written, tie_word_embeddings false), so each keeps
