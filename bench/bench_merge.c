@@ -24,12 +24,12 @@
 #include "../libcore/lora.h"
 
 /* Runs argv as a child; wall seconds and the child's peak RSS (KiB). Returns the exit status. */
-static int run(char *const *argv, double *secs, long *maxrss_kb)
+static int run(const char *const *argv, double *secs, long *maxrss_kb)
 {
     double t0 = lk_now();
     pid_t pid = fork();
     if (pid == 0) {
-        execvp(argv[0], argv);
+        execvp(argv[0], (char *const *)argv);
         _exit(127);
     }
     int st = 0;
@@ -65,7 +65,7 @@ int main(int argc, char **argv)
     double s;
     long rss;
     if (!lk_file_exists(cfgp)) {
-        char *init[] = { (char *)lk, "init", "--preset", "qwen2-1.5b", "--dtype", "bf16", "--seed", "1", "--out",
+        const char *init[] = { lk, "init", "--preset", "qwen2-1.5b", "--dtype", "bf16", "--seed", "1", "--out",
                          base, NULL };
         if (run(init, &s, &rss)) {
             fprintf(stderr, "bench_merge: lorakit init failed\n");
@@ -116,17 +116,17 @@ int main(int argc, char **argv)
 
     double t_cp, t_sync, t_merge;
     long rss_cp, rss_merge;
-    char *cp[] = { "cp", "-r", base, copy, NULL };
+    const char *cp[] = { "cp", "-r", base, copy, NULL };
     if (run(cp, &t_cp, &rss_cp)) {
         fprintf(stderr, "bench_merge: cp failed\n");
         return 1;
     }
     snprintf(cmd, sizeof cmd, "%s/model.safetensors", copy);
-    char *sy[] = { "sync", cmd, NULL };
+    const char *sy[] = { "sync", cmd, NULL };
     if (run(sy, &t_sync, &rss)) // fsync of the copied weights (coreutils sync FILE)
         t_sync = 0;
     lk_rm_rf(copy);
-    char *mg[] = { (char *)lk, "merge", "--model", base, "--adapter", adapter, "--out", merged, NULL };
+    const char *mg[] = { lk, "merge", "--model", base, "--adapter", adapter, "--out", merged, NULL };
     int rc = run(mg, &t_merge, &rss_merge);
     lk_rm_rf(merged);
     if (rc) {
