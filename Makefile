@@ -51,6 +51,7 @@ TESTBIN   = $(OUT)/tests/run
 APPLIB_OBJ = $(filter-out $(OUT)/tools/lorakit.o,$(APP_OBJ))
 
 .PHONY: all deps test bench demo clean fuzz check-deps base-model bench-svd bench-diff
+.PHONY: all deps test bench demo clean fuzz check-deps base-model bench-svd bench-merge
 all: check-deps $(BIN)
 
 # Installs the Debian packages when one is missing (dpkg-query is quick; apt only if needed).
@@ -105,7 +106,7 @@ test: check-deps $(BIN) $(TESTBIN) $(MEDWORLD) node-ref
 	OPENBLAS_NUM_THREADS=1 LORAKIT=$(CURDIR)/$(BIN) MEDWORLD=$(CURDIR)/$(MEDWORLD) $(TESTBIN) $(T)
 
 # Benchmarks: one program per bench/bench_<name>.c, run with the caller's OPENBLAS_NUM_THREADS.
-bench: bench-svd bench-tok bench-train bench-diff bench-dash
+bench: bench-svd bench-tok bench-train bench-diff bench-dash bench-merge
 
 bench-svd: check-deps $(LIB)
 	@mkdir -p $(OUT)/bench
@@ -122,6 +123,12 @@ bench-dash: check-deps $(LIB) $(BIN)
 	@mkdir -p $(OUT)/bench
 	$(CC) $(ALL) -o $(OUT)/bench/bench_dash bench/bench_dash.c $(LIB) $(LIBS)
 	$(OUT)/bench/bench_dash $(BIN) $(OUT)/bench
+# merge of a rank-16 adapter into a 3 GB bf16 qwen2-1.5b (made once in build/bench-merge, kept):
+# peak RSS and time against cp of the same files. Needs about 10 GB of free disk.
+bench-merge: check-deps $(LIB) $(BIN)
+	@mkdir -p $(OUT)/bench
+	$(CC) $(ALL) -o $(OUT)/bench/bench_merge bench/bench_merge.c $(LIB) $(LIBS)
+	$(OUT)/bench/bench_merge $(CURDIR)/$(BIN) $(CURDIR)/build/bench-merge
 
 # The reference tokenizer (npm @huggingface/tokenizers) for tokenizer tests and benchmarks, in
 # build/node. When npm is unreachable this says so and the tests that need it are skipped.

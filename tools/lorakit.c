@@ -23,6 +23,7 @@ static const struct command commands[] = { /* keep sorted by name */
     { "info",    cmd_info,    "describe a model folder, adapter or .safetensors file" },
     { "init",    cmd_init,    "write a random model in the Hugging Face layout" },
     { "logits",  cmd_logits,  "write the float32 logits of token sequences to a .safetensors file" },
+    { "merge",   cmd_merge,   "fold adapters into the weights, or combine them into one adapter" },
     { "search", cmd_search, "search an FTS5 index (BM25)" },
     { "tokenize",  cmd_tokenize,  "text to token ids and back; chat templates with labels" },
     { "tokenizer", cmd_tokenizer, "train a byte-level BPE tokenizer (tokenizer train)" },
