@@ -20,6 +20,7 @@ static const struct command commands[] = { /* keep sorted by name */
     { "info",    cmd_info,    "describe a model folder, adapter or .safetensors file" },
     { "init",    cmd_init,    "write a random model in the Hugging Face layout" },
     { "logits",  cmd_logits,  "write the float32 logits of token sequences to a .safetensors file" },
+    { "svd-compress", cmd_svd_compress, "turn a full fine-tune into a LoRA adapter (or lower an adapter's rank)" },
     { "tokenize",  cmd_tokenize,  "text to token ids and back; chat templates with labels" },
     { "tokenizer", cmd_tokenizer, "train a byte-level BPE tokenizer (tokenizer train)" },
     { "train",   cmd_train,   "train a LoRA adapter or a full fine-tune" },
