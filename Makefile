@@ -50,7 +50,7 @@ TESTBIN   = $(OUT)/tests/run
 # app objects other than main(), linked into the test runner too
 APPLIB_OBJ = $(filter-out $(OUT)/tools/lorakit.o,$(APP_OBJ))
 
-.PHONY: all deps test bench demo clean fuzz check-deps base-model bench-svd
+.PHONY: all deps test bench demo clean fuzz check-deps base-model bench-svd bench-compress
 all: check-deps $(BIN)
 
 # Installs the Debian packages when one is missing (dpkg-query is quick; apt only if needed).
@@ -92,12 +92,18 @@ test: check-deps $(BIN) $(TESTBIN) node-ref
 	OPENBLAS_NUM_THREADS=1 LORAKIT=$(CURDIR)/$(BIN) $(TESTBIN) $(T)
 
 # Benchmarks: one program per bench/bench_<name>.c, run with the caller's OPENBLAS_NUM_THREADS.
-bench: bench-svd bench-tok
+bench: bench-svd bench-tok bench-compress
 
 bench-svd: check-deps $(LIB)
 	@mkdir -p $(OUT)/bench
 	$(CC) $(ALL) -o $(OUT)/bench/bench_svd bench/bench_svd.c $(LIB) $(LIBS)
 	$(OUT)/bench/bench_svd
+
+# svd-compress end to end (randomized vs exact; a 0.5B-shaped fine-tune, BENCH_05B=0 skips it).
+bench-compress: check-deps $(LIB) $(BIN)
+	@mkdir -p $(OUT)/bench
+	$(CC) $(ALL) -o $(OUT)/bench/bench_compress bench/bench_compress.c $(LIB) $(LIBS)
+	$(OUT)/bench/bench_compress $(CURDIR)/$(BIN) $(CURDIR)/$(OUT)/bench/compress
 
 # The reference tokenizer (npm @huggingface/tokenizers) for tokenizer tests and benchmarks, in
 # build/node. When npm is unreachable this says so and the tests that need it are skipped.
