@@ -81,7 +81,8 @@ struct cmp_tensor {
 
 struct cmp_report {
     int n;
-    struct cmp_tensor *t;   /* owned array of n: linears, biases, then changed others */
+    struct cmp_tensor *t;   /* owned array of n, in the models' tensor order: every target
+                               linear, changed target biases, other changed tensors */
     int n_linear;           /* target linears */
     int rank_common;        /* the config's r (most frequent rank); others in rank_pattern */
     int n_rank_pattern;     /* modules whose rank differs from it */
