@@ -52,6 +52,7 @@ APPLIB_OBJ = $(filter-out $(OUT)/tools/lorakit.o,$(APP_OBJ))
 
 .PHONY: all deps test bench demo clean fuzz check-deps base-model bench-svd bench-diff
 .PHONY: all deps test bench demo clean fuzz check-deps base-model bench-svd bench-merge
+.PHONY: all deps test bench demo clean fuzz check-deps base-model bench-svd bench-compress
 all: check-deps $(BIN)
 
 # Installs the Debian packages when one is missing (dpkg-query is quick; apt only if needed).
@@ -106,7 +107,7 @@ test: check-deps $(BIN) $(TESTBIN) $(MEDWORLD) node-ref
 	OPENBLAS_NUM_THREADS=1 LORAKIT=$(CURDIR)/$(BIN) MEDWORLD=$(CURDIR)/$(MEDWORLD) $(TESTBIN) $(T)
 
 # Benchmarks: one program per bench/bench_<name>.c, run with the caller's OPENBLAS_NUM_THREADS.
-bench: bench-svd bench-tok bench-train bench-diff bench-dash bench-merge
+bench: bench-svd bench-tok bench-train bench-diff bench-dash bench-merge bench-compress
 
 bench-svd: check-deps $(LIB)
 	@mkdir -p $(OUT)/bench
@@ -129,6 +130,11 @@ bench-merge: check-deps $(LIB) $(BIN)
 	@mkdir -p $(OUT)/bench
 	$(CC) $(ALL) -o $(OUT)/bench/bench_merge bench/bench_merge.c $(LIB) $(LIBS)
 	$(OUT)/bench/bench_merge $(CURDIR)/$(BIN) $(CURDIR)/build/bench-merge
+# svd-compress end to end (randomized vs exact; a 0.5B-shaped fine-tune, BENCH_05B=0 skips it).
+bench-compress: check-deps $(LIB) $(BIN)
+	@mkdir -p $(OUT)/bench
+	$(CC) $(ALL) -o $(OUT)/bench/bench_compress bench/bench_compress.c $(LIB) $(LIBS)
+	$(OUT)/bench/bench_compress $(CURDIR)/$(BIN) $(CURDIR)/$(OUT)/bench/compress
 
 # The reference tokenizer (npm @huggingface/tokenizers) for tokenizer tests and benchmarks, in
 # build/node. When npm is unreachable this says so and the tests that need it are skipped.

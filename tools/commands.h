@@ -19,6 +19,7 @@ int cmd_init(int argc, char **argv);
 int cmd_logits(int argc, char **argv);
 int cmd_search(int argc, char **argv);
 int cmd_merge(int argc, char **argv);
+int cmd_svd_compress(int argc, char **argv);
 int cmd_tokenize(int argc, char **argv);
 int cmd_tokenizer(int argc, char **argv);
 int cmd_train(int argc, char **argv);

@@ -25,6 +25,7 @@ static const struct command commands[] = { /* keep sorted by name */
     { "logits",  cmd_logits,  "write the float32 logits of token sequences to a .safetensors file" },
     { "merge",   cmd_merge,   "fold adapters into the weights, or combine them into one adapter" },
     { "search", cmd_search, "search an FTS5 index (BM25)" },
+    { "svd-compress", cmd_svd_compress, "turn a full fine-tune into a LoRA adapter (or lower an adapter's rank)" },
     { "tokenize",  cmd_tokenize,  "text to token ids and back; chat templates with labels" },
     { "tokenizer", cmd_tokenizer, "train a byte-level BPE tokenizer (tokenizer train)" },
     { "train",   cmd_train,   "train a LoRA adapter or a full fine-tune" },

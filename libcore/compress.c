@@ -1,0 +1,1203 @@
+/*
+ * compress.c - svd-compress: full fine-tune -> LoRA adapter by truncated SVD of each ΔW, and
+ * exact rank reduction of an adapter from its factors. The numerics are svd.h's; this file
+ * streams the models, picks ranks, lays out the PEFT adapter and reports what was kept.
+ * Owns: the per-call scratch buffers, the factors until they are copied into struct lora.
+ */
+// madvise(MADV_DONTNEED) is not in POSIX (posix_madvise's DONTNEED is a no-op in glibc): it
+// is what lets a streamed pass over a mapped model keep its resident size small. (The
+// pkg-config flags of some libraries already define it.)
+#ifndef _DEFAULT_SOURCE
+#define _DEFAULT_SOURCE
+#endif
+
+#include "compress.h"
+
+#include <cJSON.h>
+#include <cblas.h>
+#include <dirent.h>
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include "cfg.h"
+#include "lora.h"
+#include "st.h"
+#include "tensor.h"
+
+#define PEFT_PREFIX "base_model.model."
+#define CMP_POWER_ITERS 12 /* power iterations estimating ‖ΔW - B·A‖_2 on the randomized path */
+
+void cmp_opts_init(struct cmp_opts *o)
+{
+    memset(o, 0, sizeof *o);
+    o->targets = (1u << CFG_N_MODULES) - 1;
+    svd_opts_init(&o->svd);
+}
+
+void cmp_report_release(struct cmp_report *r)
+{
+    if (!r)
+        return;
+    lk_free(r->t);
+    memset(r, 0, sizeof *r);
+}
+
+int cmp_pattern_key(const char *module_path, char *buf, size_t n)
+{
+    size_t j = 0;
+    for (const char *p = module_path; *p; p++) {
+        if (strchr("\\.^$|?*+()[]{}", *p)) {
+            if (j + 1 >= n)
+                return -1;
+            buf[j++] = '\\';
+        }
+        if (j + 1 >= n)
+            return -1;
+        buf[j++] = *p;
+    }
+    if (j >= n)
+        return -1;
+    buf[j] = 0;
+    return 0;
+}
+
+// ---- small helpers ----
+
+/* A float buffer grown on demand (one per role, reused across tensors). */
+struct cmp_buf {
+    float *p;   /* owned */
+    size_t cap; /* floats */
+};
+
+static int buf_reserve(struct cmp_buf *b, size_t n, struct lk_err *err)
+{
+    if (n <= b->cap)
+        return LK_OK;
+    size_t bytes;
+    if (lk_mul_size(n, sizeof(float), &bytes))
+        return lk_errf(err, LK_ERR_NOMEM, "tensor too large");
+    float *p = lk_realloc(b->p, bytes);
+    if (!p)
+        return lk_errf(err, LK_ERR_NOMEM, "out of memory (%zu floats of scratch)", n);
+    b->p = p;
+    b->cap = n;
+    return LK_OK;
+}
+
+static void buf_release(struct cmp_buf *b)
+{
+    lk_free(b->p);
+    b->p = NULL;
+    b->cap = 0;
+}
+
+/* Drops the mapped pages of [p, p + n) from the resident set: the file stays mapped and is
+ * read again on a later access. Only pages wholly inside the range are dropped. */
+static void drop_pages(const void *p, size_t n)
+{
+    long ps = sysconf(_SC_PAGESIZE);
+    if (ps <= 0 || n == 0)
+        return;
+    uintptr_t a = (uintptr_t)p, e = a + n;
+    uintptr_t lo = (a + (uintptr_t)ps - 1) & ~((uintptr_t)ps - 1), hi = e & ~((uintptr_t)ps - 1);
+    if (hi > lo)
+        madvise((void *)lo, hi - lo, MADV_DONTNEED);
+}
+
+static int report_add(struct cmp_report *r, struct cmp_tensor **out, struct lk_err *err)
+{
+    struct cmp_tensor *t = lk_realloc(r->t, sizeof *t * (size_t)(r->n + 1));
+    if (!t)
+        return lk_errf(err, LK_ERR_NOMEM, "out of memory");
+    r->t = t;
+    *out = &t[r->n++];
+    memset(*out, 0, sizeof **out);
+    (*out)->layer = (*out)->module = -1;
+    (*out)->cols = 1;
+    return LK_OK;
+}
+
+// ---- the output folder: built under a temporary name, renamed into place ----
+
+static int dir_nonempty(const char *path)
+{
+    DIR *d = opendir(path);
+    if (!d)
+        return 0;
+    struct dirent *e;
+    int n = 0;
+    while (!n && (e = readdir(d)))
+        n = strcmp(e->d_name, ".") && strcmp(e->d_name, "..");
+    closedir(d);
+    return n;
+}
+
+/* Refuses an existing output (unless overwrite) and creates the temporary folder *out_tmp
+ * (heap string, caller frees) beside it. */
+static int out_prepare(const char *out, int overwrite, char **out_tmp, struct lk_err *err)
+{
+    *out_tmp = NULL;
+    if (lk_file_exists(out) && !lk_is_dir(out))
+        return lk_errf(err, LK_ERR_EXISTS, "%s: exists and is not a folder", out);
+    if (dir_nonempty(out) && !overwrite)
+        return lk_errf(err, LK_ERR_EXISTS, "%s: folder exists and is not empty (use --overwrite to replace it)",
+                       out);
+    size_t n = strlen(out) + 32;
+    char *tmp = lk_malloc(n);
+    if (!tmp)
+        return lk_errf(err, LK_ERR_NOMEM, "out of memory");
+    snprintf(tmp, n, "%s.tmp.%ld", out, (long)getpid());
+    lk_rm_rf(tmp);
+    int rc = lk_mkdir_p(tmp, err);
+    if (rc) {
+        lk_free(tmp);
+        return rc;
+    }
+    *out_tmp = tmp;
+    return LK_OK;
+}
+
+/* Moves a complete tmp folder to out (an old out is moved aside first, removed after). */
+static int out_commit(const char *out, const char *tmp, struct lk_err *err)
+{
+    size_t n = strlen(out) + 32;
+    char *old = lk_malloc(n);
+    if (!old)
+        return lk_errf(err, LK_ERR_NOMEM, "out of memory");
+    snprintf(old, n, "%s.old.%ld", out, (long)getpid());
+    int exists = lk_is_dir(out), nonempty = exists && dir_nonempty(out), rc = LK_OK;
+    if (nonempty && rename(out, old) != 0)
+        rc = lk_errf(err, LK_ERR_IO, "%s: cannot move the old folder aside: %s", out, strerror(errno));
+    else if (exists && !nonempty && rmdir(out) != 0)
+        rc = lk_errf(err, LK_ERR_IO, "%s: cannot replace the empty folder: %s", out, strerror(errno));
+    else if (rename(tmp, out) != 0) {
+        rc = lk_errf(err, LK_ERR_IO, "%s: cannot rename into place: %s", out, strerror(errno));
+        if (nonempty)
+            rename(old, out);
+    } else if (nonempty)
+        lk_rm_rf(old);
+    lk_free(old);
+    return rc;
+}
+
+// ---- one matrix: rank choice and factors ----
+
+/* Estimates ‖D - U_r·diag(S_r)·Vt_r‖_2 by power iteration on the residual (never formed), from
+ * a seeded Gaussian start. A lower bound of the true norm, usually within a few percent; for
+ * an exact truncation the norm is σ_{r+1}. x [n], y [m], t [r] are scratch. */
+static double residual_norm2(int m, int n, const float *D, int r, const float *U, int ldu,
+                             const float *S, const float *Vt, uint64_t seed, float *x, float *y,
+                             float *t)
+{
+    struct lk_rng rng;
+    lk_rng_seed(&rng, seed ^ 0x5eedu);
+    for (int j = 0; j < n; j++)
+        x[j] = lk_rng_normal(&rng);
+    double best = 0;
+    for (int it = 0; it < CMP_POWER_ITERS; it++) {
+        float nx = cblas_snrm2(n, x, 1);
+        if (!(nx > 0))
+            break;
+        cblas_sscal(n, 1.0f / nx, x, 1);
+        // y = R x = D x - U (S .* (Vt x))
+        cblas_sgemv(CblasRowMajor, CblasNoTrans, m, n, 1.0f, D, n, x, 1, 0.0f, y, 1);
+        if (r > 0) {
+            cblas_sgemv(CblasRowMajor, CblasNoTrans, r, n, 1.0f, Vt, n, x, 1, 0.0f, t, 1);
+            for (int i = 0; i < r; i++)
+                t[i] *= S[i];
+            cblas_sgemv(CblasRowMajor, CblasNoTrans, m, r, -1.0f, U, ldu, t, 1, 1.0f, y, 1);
+        }
+        double ny = cblas_snrm2(m, y, 1);
+        if (ny > best)
+            best = ny;
+        // x = Rᵀ y = Dᵀ y - Vtᵀ (S .* (Uᵀ y))
+        cblas_sgemv(CblasRowMajor, CblasTrans, m, n, 1.0f, D, n, y, 1, 0.0f, x, 1);
+        if (r > 0) {
+            cblas_sgemv(CblasRowMajor, CblasTrans, m, r, 1.0f, U, ldu, y, 1, 0.0f, t, 1);
+            for (int i = 0; i < r; i++)
+                t[i] *= S[i];
+            cblas_sgemv(CblasRowMajor, CblasTrans, r, n, -1.0f, Vt, n, t, 1, 1.0f, x, 1);
+        }
+    }
+    return best;
+}
+
+struct cmp_scratch {
+    struct cmp_buf U, S, Vt, x, y, t;
+};
+
+static void scratch_release(struct cmp_scratch *s)
+{
+    buf_release(&s->U);
+    buf_release(&s->S);
+    buf_release(&s->Vt);
+    buf_release(&s->x);
+    buf_release(&s->y);
+    buf_release(&s->t);
+}
+
+/* B [m, r] = U[:, :r]·sqrt(S), A [r, n] = sqrt(S)·Vt[:r, :] into fresh buffers (NULL when r
+ * is 0). U has leading dimension ldu. */
+static int split_factors(int m, int n, int r, const float *U, int ldu, const float *S,
+                         const float *Vt, float **out_B, float **out_A, struct lk_err *err)
+{
+    *out_B = *out_A = NULL;
+    if (r == 0)
+        return LK_OK;
+    float *B = lk_malloc(sizeof(float) * (size_t)m * r), *A = lk_malloc(sizeof(float) * (size_t)r * n);
+    if (!B || !A) {
+        lk_free(B);
+        lk_free(A);
+        return lk_errf(err, LK_ERR_NOMEM, "out of memory (factors of rank %d)", r);
+    }
+    for (int j = 0; j < r; j++) {
+        float q = sqrtf(S[j]);
+        for (int i = 0; i < m; i++)
+            B[(size_t)i * r + j] = U[(size_t)i * ldu + j] * q;
+        for (int i = 0; i < n; i++)
+            A[(size_t)j * n + i] = Vt[(size_t)j * n + i] * q;
+    }
+    *out_B = B;
+    *out_A = A;
+    return LK_OK;
+}
+
+/* Truncated SVD of D [m, n] by the options, the rank chosen, the factors and the statistics
+ * (rank, method, energy_kept, rel_error, sigma_next, fro) into ts. */
+static int factorize(int m, int n, const float *D, const struct cmp_opts *o, uint64_t seed,
+                     struct cmp_scratch *s, struct cmp_tensor *ts, float **out_B, float **out_A,
+                     struct lk_err *err)
+{
+    *out_B = *out_A = NULL;
+    int mn = m < n ? m : n;
+    double total = svd_fro2(m, n, D);
+    ts->fro = sqrt(total);
+    ts->rank = 0;
+    ts->energy_kept = 1;
+    ts->method = SVD_EXACT;
+    if (!isfinite(total))
+        return lk_errf(err, LK_ERR_NUMERIC, "the change has non-finite values");
+    if (total <= 0)
+        return LK_OK;
+    int cap = o->max_rank > 0 && o->max_rank < mn ? o->max_rank : mn;
+    struct svd_opts so = o->svd;
+    so.seed = seed;
+    int rc, r, ldu;
+    double sigma_next = 0;
+    int estimate = 0;
+    const float *S;
+    if (o->energy > 0 && svd_method_pick(m, n, cap < 16 ? cap : 16, &so) == SVD_EXACT) {
+        // exact: the whole spectrum, so σ_{r+1} is known exactly
+        if ((rc = buf_reserve(&s->U, (size_t)m * mn, err)) || (rc = buf_reserve(&s->S, (size_t)mn, err)) ||
+            (rc = buf_reserve(&s->Vt, (size_t)mn * n, err)))
+            return rc;
+        if ((rc = svd_exact(m, n, D, mn, s->U.p, s->S.p, s->Vt.p, err)))
+            return rc;
+        r = svd_energy_rank(s->S.p, mn, total, o->energy);
+        if (r < 0 || r > cap)
+            r = cap;
+        ldu = mn;
+        sigma_next = r < mn ? s->S.p[r] : 0;
+        ts->method = SVD_EXACT;
+    } else if (o->energy > 0) {
+        // randomized, sketch grown until the energy is certainly reached (svd.h)
+        if ((rc = buf_reserve(&s->U, (size_t)m * cap, err)) || (rc = buf_reserve(&s->S, (size_t)cap, err)) ||
+            (rc = buf_reserve(&s->Vt, (size_t)cap * n, err)))
+            return rc;
+        struct svd_energy_info info;
+        if ((rc = svd_truncated_energy(m, n, D, o->energy, cap, &so, s->U.p, s->S.p, s->Vt.p, &info, err)))
+            return rc;
+        r = info.rank;
+        ldu = r;
+        ts->method = info.method;
+        sigma_next = -1; // estimated below, after the epsilon cut
+        estimate = 1;
+    } else {
+        // fixed rank: one more triplet than kept gives σ_{r+1} (an estimate when randomized)
+        int k = o->rank < cap ? o->rank : cap;
+        int kq = k < mn ? k + 1 : k;
+        if ((rc = buf_reserve(&s->U, (size_t)m * kq, err)) || (rc = buf_reserve(&s->S, (size_t)kq, err)) ||
+            (rc = buf_reserve(&s->Vt, (size_t)kq * n, err)))
+            return rc;
+        enum svd_method used;
+        if ((rc = svd_truncated(m, n, D, kq, &so, s->U.p, s->S.p, s->Vt.p, &used, err)))
+            return rc;
+        r = k;
+        ldu = kq;
+        sigma_next = kq > k ? s->S.p[k] : 0;
+        estimate = used == SVD_RANDOMIZED;
+        ts->method = used;
+    }
+    S = s->S.p;
+    // --sv-epsilon: drop the values at or below ε (the largest dropped one is then σ_{r+1})
+    if (o->sv_epsilon > 0)
+        while (r > 0 && S[r - 1] <= o->sv_epsilon) {
+            sigma_next = S[r - 1];
+            r--;
+        }
+    if (sigma_next < 0) {
+        if (r >= mn)
+            sigma_next = 0;
+        else {
+            if ((rc = buf_reserve(&s->x, (size_t)n, err)) || (rc = buf_reserve(&s->y, (size_t)m, err)) ||
+                (rc = buf_reserve(&s->t, (size_t)(r > 0 ? r : 1), err)))
+                return rc;
+            sigma_next = residual_norm2(m, n, D, r, s->U.p, ldu, S, s->Vt.p, seed, s->x.p, s->y.p, s->t.p);
+        }
+    }
+    ts->rank = r;
+    ts->energy_kept = svd_energy_kept(S, r, total);
+    if (ts->energy_kept > 1)
+        ts->energy_kept = 1;
+    ts->rel_error = svd_trunc_error(S, r, total);
+    ts->sigma_next = sigma_next;
+    ts->sigma_estimate = estimate && r < mn;
+    return split_factors(m, n, r, s->U.p, ldu, S, s->Vt.p, out_B, out_A, err);
+}
+
+// ---- full fine-tune: checks ----
+
+static int cfg_same(const struct cfg *a, const struct cfg *b, const char *bdir, struct lk_err *err)
+{
+    struct {
+        const char *name;
+        int va, vb;
+    } f[] = {
+        { "architecture", (int)a->arch, (int)b->arch },
+        { "hidden_size", a->hidden_size, b->hidden_size },
+        { "intermediate_size", a->intermediate_size, b->intermediate_size },
+        { "num_hidden_layers", a->num_hidden_layers, b->num_hidden_layers },
+        { "num_attention_heads", a->num_attention_heads, b->num_attention_heads },
+        { "num_key_value_heads", a->num_key_value_heads, b->num_key_value_heads },
+        { "head_dim", a->head_dim, b->head_dim },
+        { "vocab_size", a->vocab_size, b->vocab_size },
+        { "tie_word_embeddings", a->tie_word_embeddings, b->tie_word_embeddings },
+        { "attention_bias", a->attention_bias, b->attention_bias },
+    };
+    for (size_t i = 0; i < sizeof f / sizeof f[0]; i++)
+        if (f[i].va != f[i].vb) {
+            if (i == 0)
+                return lk_errf(err, LK_ERR_SHAPE, "%s: config.json is a %s, the base is a %s "
+                               "(hint: the two models must be the same architecture)", bdir,
+                               b->architecture, a->architecture);
+            return lk_errf(err, LK_ERR_SHAPE, "%s: config.json has %s %d, the base has %d "
+                           "(hint: a fine-tune of another model?)", bdir, f[i].name, f[i].vb, f[i].va);
+        }
+    return LK_OK;
+}
+
+/* The tensor ct of a model folder, present with the shape the config implies, float dtype. */
+static int find_tensor(const struct st_model *sm, const char *dir, const struct cfg_tensor *ct,
+                       const struct st_tensor **out, struct lk_err *err)
+{
+    const struct st_tensor *t = st_model_find(sm, ct->name, NULL);
+    if (!t)
+        return lk_errf(err, LK_ERR_MISSING, "%s: tensor '%s' is missing", dir, ct->name);
+    int ok = t->ndim == ct->ndim && t->shape[0] == ct->shape[0] && (ct->ndim < 2 || t->shape[1] == ct->shape[1]);
+    if (!ok) {
+        char got[64] = "", want[64];
+        for (int i = 0; i < t->ndim && i < 4; i++)
+            snprintf(got + strlen(got), sizeof got - strlen(got), "%s%lld", i ? ", " : "", (long long)t->shape[i]);
+        snprintf(want, sizeof want, ct->ndim == 2 ? "%lld, %lld" : "%lld", (long long)ct->shape[0],
+                 (long long)ct->shape[1]);
+        return lk_errf(err, LK_ERR_SHAPE, "%s: tensor '%s' has shape [%s], config.json implies [%s] "
+                       "(hint: the two models must have the same shapes)", dir, ct->name, got, want);
+    }
+    if (!tensor_dtype_is_float(t->dtype))
+        return lk_errf(err, LK_ERR_FORMAT, "%s: tensor '%s' has dtype %s (F32, F16 or BF16 expected)", dir,
+                       ct->name, tensor_dtype_name(t->dtype));
+    *out = t;
+    return LK_OK;
+}
+
+/* ‖tuned - base‖_F² and ‖base‖_F² of a tensor, in chunks through a and b (cap floats each),
+ * dropping the mapped pages behind. */
+static void diff_chunked(const struct st_tensor *tb, const struct st_tensor *tt, float *a, float *b,
+                         size_t cap, double *out_d2, double *out_b2)
+{
+    size_t eb = tensor_dtype_size(tb->dtype), et = tensor_dtype_size(tt->dtype);
+    double d2 = 0, b2 = 0;
+    for (size_t off = 0; off < tb->numel; off += cap) {
+        size_t k = tb->numel - off < cap ? tb->numel - off : cap;
+        tensor_to_f32(a, (const char *)tb->data + off * eb, tb->dtype, k);
+        tensor_to_f32(b, (const char *)tt->data + off * et, tt->dtype, k);
+        for (size_t i = 0; i < k; i++) {
+            double d = (double)b[i] - a[i];
+            d2 += d * d;
+            b2 += (double)a[i] * a[i];
+        }
+        drop_pages((const char *)tb->data + off * eb, k * eb);
+        drop_pages((const char *)tt->data + off * et, k * et);
+    }
+    *out_d2 = d2;
+    *out_b2 = b2;
+}
+
+// ---- full fine-tune: the adapter ----
+
+struct cmp_fac {
+    float *B, *A; /* owned: [out, r], [r, in]; NULL when r is 0 */
+    int r;
+    float *dbias; /* owned: bias delta [out], or NULL when unchanged */
+};
+
+static int most_frequent_rank(const int *ranks, int n)
+{
+    int best = 1, best_n = 0;
+    for (int i = 0; i < n; i++) {
+        int c = 0;
+        for (int j = 0; j < n; j++)
+            c += ranks[j] == ranks[i];
+        if (c > best_n || (c == best_n && ranks[i] > best))
+            best = ranks[i], best_n = c;
+    }
+    return best;
+}
+
+/* Builds the struct lora from the factors (taking the extras' data) and saves it into dir. */
+static int build_adapter(const struct cfg *c, const char *base_dir, unsigned targets, struct cmp_fac *fac,
+                         struct lora_extra *extra, int n_extra, struct cmp_report *rep, const char *dir,
+                         struct lk_err *err)
+{
+    int L = c->num_hidden_layers, rc = LK_OK;
+    // 1. module types with no change at all are left out of target_modules
+    unsigned used = 0;
+    int any_bias = 0;
+    for (int l = 0; l < L; l++)
+        for (int m = 0; m < CFG_N_MODULES; m++) {
+            struct cmp_fac *f = &fac[l * CFG_N_MODULES + m];
+            if ((targets & (1u << m)) && (f->r > 0 || f->dbias))
+                used |= 1u << m;
+            any_bias |= f->dbias != NULL;
+        }
+    if (!used) {
+        for (int i = 0; i < n_extra; i++) {
+            lk_free(extra[i].name);
+            lk_free(extra[i].data);
+        }
+        lk_free(extra);
+        return lk_errf(err, LK_ERR_USAGE, "no target linear changed between the two models: nothing to "
+                       "compress (hint: check --targets, --sv-epsilon, or that --tuned differs from --base)");
+    }
+    // 2. ranks: the most frequent one is r, the others go to rank_pattern / alpha_pattern
+    int *ranks = lk_malloc(sizeof(int) * (size_t)(L * CFG_N_MODULES + 1));
+    struct lora_pattern *rp = lk_calloc((size_t)(L * CFG_N_MODULES + 1), sizeof *rp);
+    struct lora_pattern *ap = lk_calloc((size_t)(L * CFG_N_MODULES + 1), sizeof *ap);
+    char **mts = lk_calloc((size_t)n_extra + 1, sizeof(char *));
+    struct lora_config lc;
+    lora_config_default(&lc);
+    struct lora l;
+    memset(&l, 0, sizeof l);
+    int nr = 0, np = 0, nm = 0;
+    if (!ranks || !rp || !ap || !mts) {
+        rc = lk_errf(err, LK_ERR_NOMEM, "out of memory");
+        goto out;
+    }
+    for (int ly = 0; ly < L; ly++)
+        for (int m = 0; m < CFG_N_MODULES; m++)
+            if (used & (1u << m)) {
+                int r = fac[ly * CFG_N_MODULES + m].r;
+                ranks[nr++] = r > 0 ? r : 1;
+            }
+    int common = most_frequent_rank(ranks, nr);
+    for (int ly = 0; ly < L; ly++)
+        for (int m = 0; m < CFG_N_MODULES; m++) {
+            if (!(used & (1u << m)))
+                continue;
+            int r = fac[ly * CFG_N_MODULES + m].r > 0 ? fac[ly * CFG_N_MODULES + m].r : 1;
+            if (r == common)
+                continue;
+            char path[96], key[192];
+            cfg_module_path(ly, (enum cfg_module)m, path, sizeof path);
+            LK_ASSERT(cmp_pattern_key(path, key, sizeof key) == 0);
+            rp[np].key = lk_strdup(key);
+            ap[np].key = lk_strdup(key);
+            rp[np].value = ap[np].value = r;
+            np++;
+            if (!rp[np - 1].key || !ap[np - 1].key) {
+                rc = lk_errf(err, LK_ERR_NOMEM, "out of memory");
+                goto out;
+            }
+        }
+    for (int i = 0; i < n_extra; i++) {
+        // PEFT matches modules_to_save entries as name suffixes: the full module path is exact
+        size_t len = strlen(extra[i].name);
+        if (len > 7 && !strcmp(extra[i].name + len - 7, ".weight"))
+            len -= 7;
+        if (!(mts[nm] = lk_malloc(len + 1))) {
+            rc = lk_errf(err, LK_ERR_NOMEM, "out of memory");
+            goto out;
+        }
+        memcpy(mts[nm], extra[i].name, len);
+        mts[nm++][len] = 0;
+    }
+    lc.r = common;
+    lc.alpha = common;
+    lc.targets = used;
+    lc.lora_bias = any_bias;
+    snprintf(lc.base_model, sizeof lc.base_model, "%s", base_dir);
+    lc.rank_pattern = rp;
+    lc.alpha_pattern = ap;
+    lc.n_rank_pattern = lc.n_alpha_pattern = np;
+    lc.modules_to_save = mts;
+    lc.n_modules_to_save = nm;
+    if ((rc = lora_init(&l, &lc, c, err)))
+        goto out;
+    // 3. the factors, module by module (each freed once copied)
+    for (int k = 0; k < l.n_mod; k++) {
+        struct lora_module *md = &l.mod[k];
+        struct cmp_fac *f = &fac[md->layer * CFG_N_MODULES + md->module];
+        LK_ASSERT(md->R == (f->r > 0 ? f->r : 1) && md->scale == 1.0f);
+        if (f->r > 0) {
+            memcpy(md->A, f->A, sizeof(float) * (size_t)f->r * md->in);
+            memcpy(md->B, f->B, sizeof(float) * (size_t)md->out * f->r);
+        }
+        if (md->bias && f->dbias)
+            memcpy(md->bias, f->dbias, sizeof(float) * (size_t)md->out);
+        lk_free(f->A);
+        lk_free(f->B);
+        lk_free(f->dbias);
+        f->A = f->B = f->dbias = NULL;
+    }
+    l.extra = extra;
+    l.n_extra = n_extra;
+    extra = NULL;
+    n_extra = 0;
+    rep->rank_common = common;
+    rep->n_rank_pattern = np;
+    rep->lora_bias = any_bias;
+    rep->adapter_params = (int64_t)lora_param_count(&l);
+    for (int i = 0; i < l.n_extra; i++)
+        rep->adapter_params += l.extra[i].shape[0] * (l.extra[i].ndim > 1 ? l.extra[i].shape[1] : 1);
+    rc = lora_save(&l, dir, err);
+out:
+    for (int i = 0; i < n_extra; i++) {
+        lk_free(extra[i].name);
+        lk_free(extra[i].data);
+    }
+    lk_free(extra);
+    lora_release(&l);
+    for (int i = 0; i < np; i++) {
+        lk_free(rp[i].key);
+        lk_free(ap[i].key);
+    }
+    for (int i = 0; i < nm; i++)
+        lk_free(mts[i]);
+    lk_free(mts);
+    lk_free(rp);
+    lk_free(ap);
+    lk_free(ranks);
+    return rc;
+}
+
+int cmp_models(const char *base_dir, const char *tuned_dir, const char *out_dir,
+               const struct cmp_opts *o, struct cmp_report *rep, struct lk_err *err)
+{
+    memset(rep, 0, sizeof *rep);
+    if ((o->rank > 0) == (o->energy > 0))
+        return lk_errf(err, LK_ERR_USAGE, "give exactly one of a rank and an energy fraction");
+    if (o->energy > 1)
+        return lk_errf(err, LK_ERR_USAGE, "energy fraction %g is not in (0, 1]", o->energy);
+    double t0 = lk_now();
+    unsigned targets = o->targets ? o->targets : (1u << CFG_N_MODULES) - 1;
+    struct cfg cb, ct;
+    memset(&cb, 0, sizeof cb);
+    memset(&ct, 0, sizeof ct);
+    struct st_model mb, mt;
+    memset(&mb, 0, sizeof mb);
+    memset(&mt, 0, sizeof mt);
+    struct cfg_tensor *ts = NULL;
+    const struct st_tensor **pb = NULL, **pt = NULL;
+    struct cmp_fac *fac = NULL;
+    struct lora_extra *extra = NULL;
+    int n_extra = 0, nt = 0, L = 0, rc;
+    struct cmp_buf bb = { 0 }, bt = { 0 };
+    struct cmp_scratch sc;
+    memset(&sc, 0, sizeof sc);
+    char *tmp = NULL;
+
+    // 1. the two models: same architecture, every tensor present with the config's shape
+    if ((rc = cfg_load(&cb, base_dir, err)) || (rc = cfg_load(&ct, tuned_dir, err)) ||
+        (rc = cfg_same(&cb, &ct, tuned_dir, err)))
+        goto out;
+    if ((rc = st_model_open(&mb, base_dir, err)) || (rc = st_model_open(&mt, tuned_dir, err)))
+        goto out;
+    if ((rc = cfg_tensors(&cb, &ts, &nt, err)))
+        goto out;
+    L = cb.num_hidden_layers;
+    pb = lk_calloc((size_t)nt + 1, sizeof *pb);
+    pt = lk_calloc((size_t)nt + 1, sizeof *pt);
+    fac = lk_calloc((size_t)(L * CFG_N_MODULES) + 1, sizeof *fac);
+    if (!pb || !pt || !fac) {
+        rc = lk_errf(err, LK_ERR_NOMEM, "out of memory");
+        goto out;
+    }
+    size_t maxlin = 0;
+    for (int i = 0; i < nt; i++) {
+        if ((rc = find_tensor(&mb, base_dir, &ts[i], &pb[i], err)) ||
+            (rc = find_tensor(&mt, tuned_dir, &ts[i], &pt[i], err)))
+            goto out;
+        if (ts[i].kind == CFG_T_LINEAR && pb[i]->numel > maxlin)
+            maxlin = pb[i]->numel;
+    }
+    if ((rc = out_prepare(out_dir, o->overwrite, &tmp, err)))
+        goto out;
+    // two buffers of the largest linear (other tensors go through them in chunks)
+    size_t cap = maxlin > ((size_t)1 << 16) ? maxlin : ((size_t)1 << 16);
+    if ((rc = buf_reserve(&bb, cap, err)) || (rc = buf_reserve(&bt, cap, err)))
+        goto out;
+
+    // 2. tensor by tensor
+    for (int i = 0; i < nt; i++) {
+        if (lk_interrupted) {
+            rc = lk_errf(err, LK_ERR_INTERRUPTED, "interrupted");
+            goto out;
+        }
+        const struct cfg_tensor *c = &ts[i];
+        const struct st_tensor *tb = pb[i], *tt = pt[i];
+        double t1 = lk_now();
+        int target = c->module >= 0 && (targets & (1u << c->module));
+        struct cmp_tensor *row;
+        if (c->kind == CFG_T_LINEAR && target) {
+            int m = (int)c->shape[0], n = (int)c->shape[1];
+            float *W = bb.p, *D = bt.p;
+            if ((rc = st_tensor_to_f32(tb, W, err)) || (rc = st_tensor_to_f32(tt, D, err)))
+                goto out;
+            drop_pages(tb->data, tb->nbytes);
+            drop_pages(tt->data, tt->nbytes);
+            double b2 = 0;
+            for (size_t j = 0; j < tb->numel; j++) {
+                b2 += (double)W[j] * W[j];
+                D[j] -= W[j];
+            }
+            if ((rc = report_add(rep, &row, err)))
+                goto out;
+            snprintf(row->name, sizeof row->name, "%s", c->name);
+            row->kind = CMP_LINEAR;
+            row->layer = c->layer;
+            row->module = c->module;
+            row->rows = m;
+            row->cols = n;
+            row->base_fro = sqrt(b2);
+            struct cmp_fac *f = &fac[c->layer * CFG_N_MODULES + c->module];
+            uint64_t seed = o->svd.seed + 0x9e3779b97f4a7c15ull * (uint64_t)(i + 1);
+            if ((rc = factorize(m, n, D, o, seed, &sc, row, &f->B, &f->A, err))) {
+                lk_err_prefix(err, "%s: tensor '%s'", tuned_dir, c->name);
+                goto out;
+            }
+            f->r = row->rank;
+            row->stored = 1;
+            rep->n_linear++;
+            rep->delta_params += (int64_t)m * n;
+            rep->energy_total += row->fro * row->fro;
+            rep->energy_kept += row->fro * row->fro * row->energy_kept;
+        } else {
+            double d2, b2;
+            diff_chunked(tb, tt, bb.p, bt.p, cap, &d2, &b2);
+            if (d2 > 0) {
+                if ((rc = report_add(rep, &row, err)))
+                    goto out;
+                snprintf(row->name, sizeof row->name, "%s", c->name);
+                row->layer = c->layer;
+                row->module = c->module;
+                row->rows = c->shape[0];
+                row->cols = c->ndim == 2 ? c->shape[1] : 1;
+                row->fro = sqrt(d2);
+                row->base_fro = sqrt(b2);
+                row->sigma_next = NAN;
+                if (c->kind == CFG_T_BIAS && target) {
+                    // the delta goes to lora_B.bias (applied as s·bias_B, s = 1)
+                    struct cmp_fac *f = &fac[c->layer * CFG_N_MODULES + c->module];
+                    if (!(f->dbias = lk_malloc(sizeof(float) * tb->numel))) {
+                        rc = lk_errf(err, LK_ERR_NOMEM, "out of memory");
+                        goto out;
+                    }
+                    tensor_to_f32(bb.p, tb->data, tb->dtype, tb->numel);
+                    tensor_to_f32(f->dbias, tt->data, tt->dtype, tt->numel);
+                    for (size_t j = 0; j < tb->numel; j++)
+                        f->dbias[j] -= bb.p[j];
+                    row->kind = CMP_BIAS;
+                    row->stored = 1;
+                    rep->delta_params += (int64_t)tb->numel;
+                } else {
+                    row->kind = CMP_OTHER;
+                    rep->n_other_changed++;
+                    // embeddings, lm_head and norms can be modules_to_save; a linear or bias
+                    // of a module outside the targets cannot (it would shadow the LoRA layer)
+                    int savable = c->kind == CFG_T_EMBED || c->kind == CFG_T_NORM || c->kind == CFG_T_LM_HEAD;
+                    if (o->keep_other && savable) {
+                        struct lora_extra *nx = lk_realloc(extra, sizeof *nx * (size_t)(n_extra + 1));
+                        if (!nx) {
+                            rc = lk_errf(err, LK_ERR_NOMEM, "out of memory");
+                            goto out;
+                        }
+                        extra = nx;
+                        struct lora_extra *x = &extra[n_extra++];
+                        memset(x, 0, sizeof *x);
+                        x->name = lk_strdup(c->name);
+                        x->ndim = c->ndim;
+                        x->shape[0] = c->shape[0];
+                        x->shape[1] = c->ndim == 2 ? c->shape[1] : 0;
+                        x->data = lk_malloc(sizeof(float) * (tt->numel ? tt->numel : 1));
+                        if (!x->name || !x->data) {
+                            rc = lk_errf(err, LK_ERR_NOMEM, "out of memory (keeping '%s')", c->name);
+                            goto out;
+                        }
+                        tensor_to_f32(x->data, tt->data, tt->dtype, tt->numel);
+                        drop_pages(tt->data, tt->nbytes);
+                        row->stored = 1;
+                        rep->delta_params += (int64_t)tt->numel;
+                    } else
+                        rep->n_left_out++;
+                    row->energy_kept = row->stored;
+                    row->rel_error = row->stored ? 0 : 1;
+                }
+                if (row->kind == CMP_BIAS)
+                    row->energy_kept = 1;
+            }
+        }
+        if (rep->n && !strcmp(rep->t[rep->n - 1].name, c->name))
+            rep->t[rep->n - 1].seconds = lk_now() - t1;
+        if (o->progress)
+            o->progress(o->progress_ctx, i + 1, nt, c->name);
+    }
+    st_model_close(&mb);
+    st_model_close(&mt);
+    buf_release(&bb);
+    buf_release(&bt);
+    scratch_release(&sc);
+
+    // 3. the adapter, into the temporary folder, then renamed into place
+    rc = build_adapter(&cb, base_dir, targets, fac, extra, n_extra, rep, tmp, err);
+    extra = NULL; // taken by build_adapter
+    n_extra = 0;
+    if (!rc)
+        rc = out_commit(out_dir, tmp, err);
+    rep->seconds = lk_now() - t0;
+out:
+    if (rc && tmp)
+        lk_rm_rf(tmp);
+    lk_free(tmp);
+    for (int i = 0; i < n_extra; i++) {
+        lk_free(extra[i].name);
+        lk_free(extra[i].data);
+    }
+    lk_free(extra);
+    if (fac)
+        for (int i = 0; i < L * CFG_N_MODULES; i++) {
+            lk_free(fac[i].A);
+            lk_free(fac[i].B);
+            lk_free(fac[i].dbias);
+        }
+    lk_free(fac);
+    lk_free(pb);
+    lk_free(pt);
+    lk_free(ts);
+    buf_release(&bb);
+    buf_release(&bt);
+    scratch_release(&sc);
+    st_model_close(&mb);
+    st_model_close(&mt);
+    cfg_release(&cb);
+    cfg_release(&ct);
+    return rc;
+}
+
+// ---- adapter rank reduction ----
+
+/* One A/B pair of the input adapter. */
+struct red_mod {
+    char prefix[160];        /* tensor name before ".lora_A.weight" / ".lora_embedding_A" */
+    const struct st_tensor *A, *B; /* point into the input file */
+    int m, n, R, r;          /* out, in, input rank, new rank */
+    float s;                 /* input scale */
+    float *nB, *nA;          /* owned: new factors [m, max(r, 1)], [max(r, 1), n] */
+};
+
+static const char *ends_with(const char *s, const char *suf)
+{
+    size_t a = strlen(s), b = strlen(suf);
+    return a >= b && !strcmp(s + a - b, suf) ? s + a - b : NULL;
+}
+
+/* Sets a number member of a JSON object (replacing it, or adding it). */
+static int json_set(cJSON *o, const char *key, cJSON *v)
+{
+    if (!v)
+        return -1;
+    if (cJSON_GetObjectItemCaseSensitive(o, key))
+        return cJSON_ReplaceItemInObjectCaseSensitive(o, key, v) ? 0 : -1;
+    return cJSON_AddItemToObject(o, key, v) ? 0 : -1;
+}
+
+/* The re-factoring of one module: SVD of s·B·A from the factors, rank choice, new factors. */
+static int reduce_module(struct red_mod *md, const struct cmp_opts *o, struct cmp_tensor *row,
+                         struct lk_err *err)
+{
+    int m = md->m, n = md->n, R = md->R, rc;
+    float *A = lk_malloc(sizeof(float) * (size_t)R * n), *B = lk_malloc(sizeof(float) * (size_t)m * R);
+    float *U = lk_malloc(sizeof(float) * (size_t)m * R), *S = lk_malloc(sizeof(float) * (size_t)R);
+    float *Vt = lk_malloc(sizeof(float) * (size_t)R * n);
+    if (!A || !B || !U || !S || !Vt) {
+        rc = lk_errf(err, LK_ERR_NOMEM, "out of memory");
+        goto out;
+    }
+    if ((rc = st_tensor_to_f32(md->A, A, err)) || (rc = st_tensor_to_f32(md->B, B, err)))
+        goto out;
+    double total;
+    if ((rc = svd_factor_fro2(m, n, R, md->s, B, A, &total, err)) ||
+        (rc = svd_factor(m, n, R, md->s, B, A, R, U, S, Vt, err)))
+        goto out;
+    int cap = o->max_rank > 0 && o->max_rank < R ? o->max_rank : R, r;
+    if (o->energy > 0) {
+        r = total > 0 ? svd_energy_rank(S, R, total, o->energy) : 0;
+        if (r < 0 || r > cap)
+            r = cap;
+    } else
+        r = o->rank < cap ? o->rank : cap;
+    double sigma_next = r < R ? S[r] : 0;
+    if (o->sv_epsilon > 0)
+        while (r > 0 && S[r - 1] <= o->sv_epsilon)
+            sigma_next = S[--r];
+    md->r = r;
+    row->rank = r;
+    row->method = SVD_EXACT;
+    row->fro = sqrt(total);
+    row->energy_kept = total > 0 ? fmin(1.0, svd_energy_kept(S, r, total)) : 1;
+    row->rel_error = svd_trunc_error(S, r, total);
+    row->sigma_next = sigma_next;
+    row->stored = 1;
+    if (r > 0)
+        rc = split_factors(m, n, r, U, R, S, Vt, &md->nB, &md->nA, err);
+    else if (!(md->nB = lk_calloc((size_t)m, sizeof(float))) || !(md->nA = lk_calloc((size_t)n, sizeof(float))))
+        rc = lk_errf(err, LK_ERR_NOMEM, "out of memory");
+out:
+    lk_free(A);
+    lk_free(B);
+    lk_free(U);
+    lk_free(S);
+    lk_free(Vt);
+    return rc;
+}
+
+int cmp_adapter(const char *in_dir, const char *out_dir, const struct cmp_opts *o,
+                struct cmp_report *rep, struct lk_err *err)
+{
+    memset(rep, 0, sizeof *rep);
+    if ((o->rank > 0) == (o->energy > 0))
+        return lk_errf(err, LK_ERR_USAGE, "give exactly one of a rank and an energy fraction");
+    if (o->energy > 1)
+        return lk_errf(err, LK_ERR_USAGE, "energy fraction %g is not in (0, 1]", o->energy);
+    double t0 = lk_now();
+    struct lora_config lc;
+    int rc = lora_config_load(&lc, in_dir, err);
+    if (rc)
+        return rc;
+    char *cpath = lk_path_join(in_dir, "adapter_config.json");
+    char *wpath = lk_path_join(in_dir, "adapter_model.safetensors");
+    char *text = NULL, *tmp = NULL, *otext = NULL, *opath = NULL;
+    size_t len;
+    cJSON *root = NULL;
+    struct st_file f;
+    memset(&f, 0, sizeof f);
+    struct red_mod *mods = NULL;
+    int nmod = 0;
+    if (!cpath || !wpath) {
+        rc = lk_errf(err, LK_ERR_NOMEM, "out of memory");
+        goto out;
+    }
+    if (lc.use_dora) {
+        rc = lk_errf(err, LK_ERR_UNSUPPORTED, "%s: a DoRA adapter cannot be reduced exactly (its magnitude "
+                     "normalises W + ΔW, which changes with the rank)", cpath);
+        goto out;
+    }
+    if ((rc = lk_read_file(cpath, &text, &len, err)))
+        goto out;
+    if (!(root = cJSON_Parse(text)) || !cJSON_IsObject(root)) {
+        rc = lk_errf(err, LK_ERR_FORMAT, "%s: not a JSON object", cpath);
+        goto out;
+    }
+    if (!lk_file_exists(wpath)) {
+        rc = lk_errf(err, LK_ERR_MISSING, "%s: missing (only safetensors adapters are read)", wpath);
+        goto out;
+    }
+    if ((rc = st_open(&f, wpath, err)))
+        goto out;
+    // 1. the A/B pairs
+    mods = lk_calloc((size_t)f.n + 1, sizeof *mods);
+    if (!mods) {
+        rc = lk_errf(err, LK_ERR_NOMEM, "out of memory");
+        goto out;
+    }
+    for (int i = 0; i < f.n; i++) {
+        const struct st_tensor *t = &f.t[i];
+        const char *suf = ends_with(t->name, ".lora_A.weight");
+        const char *bsuf = ".lora_B.weight";
+        if (!suf) {
+            suf = ends_with(t->name, ".lora_embedding_A");
+            bsuf = ".lora_embedding_B";
+        }
+        if (!suf)
+            continue;
+        struct red_mod *md = &mods[nmod];
+        size_t pl = (size_t)(suf - t->name);
+        if (pl >= sizeof md->prefix) {
+            rc = lk_errf(err, LK_ERR_FORMAT, "%s: tensor name '%s' is too long", wpath, t->name);
+            goto out;
+        }
+        memcpy(md->prefix, t->name, pl);
+        md->prefix[pl] = 0;
+        char bname[192];
+        snprintf(bname, sizeof bname, "%s%s", md->prefix, bsuf);
+        md->A = t;
+        md->B = st_find(&f, bname);
+        if (!md->B) {
+            rc = lk_errf(err, LK_ERR_MISSING, "%s: '%s' has no partner '%s'", wpath, t->name, bname);
+            goto out;
+        }
+        if (t->ndim != 2 || md->B->ndim != 2 || md->B->shape[1] != t->shape[0] || t->shape[0] < 1) {
+            rc = lk_errf(err, LK_ERR_SHAPE, "%s: '%s' and '%s' are not a [R, in] / [out, R] pair", wpath,
+                         t->name, bname);
+            goto out;
+        }
+        md->R = (int)t->shape[0];
+        md->n = (int)t->shape[1];
+        md->m = (int)md->B->shape[0];
+        if (md->R > md->m || md->R > md->n) {
+            rc = lk_errf(err, LK_ERR_SHAPE, "%s: '%s' has rank %d above its dimensions %d x %d", wpath,
+                         t->name, md->R, md->m, md->n);
+            goto out;
+        }
+        const char *mname = !strncmp(md->prefix, PEFT_PREFIX, strlen(PEFT_PREFIX)) ? md->prefix + strlen(PEFT_PREFIX)
+                                                                                   : md->prefix;
+        int rconf;
+        double alpha;
+        lora_config_module(&lc, mname, &rconf, &alpha);
+        md->s = (float)(lc.use_rslora ? alpha / sqrt((double)md->R) : alpha / md->R);
+        nmod++;
+    }
+    if (!nmod) {
+        rc = lk_errf(err, LK_ERR_FORMAT, "%s: no lora_A / lora_B pairs", wpath);
+        goto out;
+    }
+    if ((rc = out_prepare(out_dir, o->overwrite, &tmp, err)))
+        goto out;
+    // 2. every module re-factored
+    int *ranks = lk_malloc(sizeof(int) * (size_t)nmod);
+    if (!ranks) {
+        rc = lk_errf(err, LK_ERR_NOMEM, "out of memory");
+        goto out;
+    }
+    for (int k = 0; k < nmod && !rc; k++) {
+        struct red_mod *md = &mods[k];
+        double t1 = lk_now();
+        struct cmp_tensor *row;
+        if (lk_interrupted)
+            rc = lk_errf(err, LK_ERR_INTERRUPTED, "interrupted");
+        else if (!(rc = report_add(rep, &row, err))) {
+            const char *mname = md->prefix + (strncmp(md->prefix, PEFT_PREFIX, strlen(PEFT_PREFIX)) ? 0 : strlen(PEFT_PREFIX));
+            snprintf(row->name, sizeof row->name, "%s", mname);
+            row->kind = CMP_LINEAR;
+            row->rows = md->m;
+            row->cols = md->n;
+            if ((rc = reduce_module(md, o, row, err)))
+                lk_err_prefix(err, "%s: '%s'", wpath, md->A->name);
+            row->seconds = lk_now() - t1;
+            ranks[k] = md->r > 0 ? md->r : 1;
+            rep->n_linear++;
+            rep->input_params += (int64_t)md->R * (md->m + md->n);
+            rep->delta_params += (int64_t)md->m * md->n;
+            rep->energy_total += row->fro * row->fro;
+            rep->energy_kept += row->fro * row->fro * row->energy_kept;
+        }
+        if (o->progress)
+            o->progress(o->progress_ctx, k + 1, nmod, md->prefix);
+    }
+    int common = rc ? 1 : most_frequent_rank(ranks, nmod);
+    lk_free(ranks);
+    if (rc)
+        goto out;
+    // 3. the tensors, in the input's order: new factors, scaled biases, the rest copied
+    char *path = lk_path_join(tmp, "adapter_model.safetensors");
+    if (!path) {
+        rc = lk_errf(err, LK_ERR_NOMEM, "out of memory");
+        goto out;
+    }
+    struct st_writer w;
+    st_writer_init(&w, path, err);
+    lk_free(path);
+    st_writer_meta(&w, "format", "pt");
+    for (int pass = 0; pass < 2 && !err->code; pass++) {
+        for (int i = 0; i < f.n && !err->code; i++) {
+            const struct st_tensor *t = &f.t[i];
+            struct red_mod *hit = NULL;
+            int role = 0; // 1 A, 2 B, 3 bias
+            for (int k = 0; k < nmod && !hit; k++) {
+                if (t == mods[k].A)
+                    hit = &mods[k], role = 1;
+                else if (t == mods[k].B)
+                    hit = &mods[k], role = 2;
+                else {
+                    const char *bs = ends_with(t->name, ".lora_B.bias");
+                    if (bs && (size_t)(bs - t->name) == strlen(mods[k].prefix) &&
+                        !strncmp(t->name, mods[k].prefix, strlen(mods[k].prefix)))
+                        hit = &mods[k], role = 3;
+                }
+            }
+            int r = hit && hit->r > 0 ? hit->r : 1;
+            if (pass == 0) {
+                if (role == 1)
+                    st_writer_declare(&w, t->name, TENSOR_F32, 2, (int64_t[]){ r, hit->n });
+                else if (role == 2)
+                    st_writer_declare(&w, t->name, TENSOR_F32, 2, (int64_t[]){ hit->m, r });
+                else
+                    st_writer_declare(&w, t->name, role == 3 ? TENSOR_F32 : t->dtype, t->ndim, t->shape);
+                rep->adapter_params += role == 1 ? (int64_t)r * hit->n : role == 2 ? (int64_t)hit->m * r
+                                                                                    : (int64_t)t->numel;
+                if (role == 0 || role == 3)
+                    rep->input_params += (int64_t)t->numel;
+                continue;
+            }
+            if (role == 1)
+                st_writer_write(&w, hit->nA, TENSOR_F32);
+            else if (role == 2)
+                st_writer_write(&w, hit->nB, TENSOR_F32);
+            else if (role == 3) {
+                // PEFT adds s·lora_B.bias; the new scale is 1, so the stored bias takes the old s
+                float *b = lk_malloc(sizeof(float) * (t->numel ? t->numel : 1));
+                if (!b) {
+                    lk_errf(err, LK_ERR_NOMEM, "out of memory");
+                    break;
+                }
+                st_tensor_to_f32(t, b, err);
+                for (size_t j = 0; j < t->numel; j++)
+                    b[j] *= hit->s;
+                st_writer_write(&w, b, TENSOR_F32);
+                lk_free(b);
+            } else
+                st_writer_write(&w, t->data, t->dtype);
+        }
+        if (pass == 0)
+            st_writer_begin(&w);
+    }
+    if (err->code) {
+        rc = err->code;
+        st_writer_abort(&w);
+        goto out;
+    }
+    if ((rc = st_writer_commit(&w)))
+        goto out;
+    // 4. the config: the input's JSON with the new ranks, alpha = r (scale 1), no rsLoRA
+    cJSON *rpat = cJSON_CreateObject(), *apat = cJSON_CreateObject();
+    int np = 0;
+    for (int k = 0; k < nmod && rpat && apat; k++) {
+        int r = mods[k].r > 0 ? mods[k].r : 1;
+        if (r == common)
+            continue;
+        const char *mname = mods[k].prefix + (strncmp(mods[k].prefix, PEFT_PREFIX, strlen(PEFT_PREFIX)) ? 0 : strlen(PEFT_PREFIX));
+        char key[400];
+        LK_ASSERT(cmp_pattern_key(mname, key, sizeof key) == 0);
+        cJSON_AddNumberToObject(rpat, key, r);
+        cJSON_AddNumberToObject(apat, key, r);
+        np++;
+    }
+    if (json_set(root, "r", cJSON_CreateNumber(common)) || json_set(root, "lora_alpha", cJSON_CreateNumber(common)) ||
+        json_set(root, "use_rslora", cJSON_CreateFalse()) || json_set(root, "rank_pattern", rpat) ||
+        json_set(root, "alpha_pattern", apat) || !(otext = cfg_json_print(root)) ||
+        !(opath = lk_path_join(tmp, "adapter_config.json"))) {
+        rc = lk_errf(err, LK_ERR_NOMEM, "out of memory");
+        goto out;
+    }
+    if ((rc = lk_write_file_atomic(opath, otext, strlen(otext), err)))
+        goto out;
+    rep->rank_common = common;
+    rep->n_rank_pattern = np;
+    rep->lora_bias = lc.lora_bias;
+    rc = out_commit(out_dir, tmp, err);
+    rep->seconds = lk_now() - t0;
+out:
+    if (rc && tmp)
+        lk_rm_rf(tmp);
+    for (int k = 0; k < nmod; k++) {
+        lk_free(mods[k].nA);
+        lk_free(mods[k].nB);
+    }
+    lk_free(mods);
+    st_close(&f);
+    cJSON_Delete(root);
+    lk_free(text);
+    lk_free(otext);
+    lk_free(opath);
+    lk_free(tmp);
+    lk_free(cpath);
+    lk_free(wpath);
+    lora_config_release(&lc);
+    return rc;
+}
+
+// ---- the report as JSON ----
+
+static const char *kind_name(enum cmp_kind k)
+{
+    return k == CMP_LINEAR ? "linear" : k == CMP_BIAS ? "bias" : "other";
+}
+
+/* cJSON prints NaN as null; finite numbers as given. */
+char *cmp_report_json(const struct cmp_report *r, int with_tensors)
+{
+    cJSON *root = cJSON_CreateObject(), *tot = cJSON_AddObjectToObject(root, "totals");
+    if (!root || !tot) {
+        cJSON_Delete(root);
+        return NULL;
+    }
+    cJSON_AddNumberToObject(tot, "linears", r->n_linear);
+    cJSON_AddNumberToObject(tot, "rank", r->rank_common);
+    cJSON_AddNumberToObject(tot, "rank_pattern_entries", r->n_rank_pattern);
+    cJSON_AddBoolToObject(tot, "lora_bias", r->lora_bias);
+    cJSON_AddNumberToObject(tot, "adapter_params", (double)r->adapter_params);
+    cJSON_AddNumberToObject(tot, "delta_params", (double)r->delta_params);
+    if (r->input_params)
+        cJSON_AddNumberToObject(tot, "input_params", (double)r->input_params);
+    cJSON_AddNumberToObject(tot, "param_ratio",
+                            r->delta_params ? (double)r->adapter_params / (double)r->delta_params : 0);
+    cJSON_AddNumberToObject(tot, "energy_total", r->energy_total);
+    cJSON_AddNumberToObject(tot, "energy_kept", r->energy_total > 0 ? r->energy_kept / r->energy_total : 1);
+    cJSON_AddNumberToObject(tot, "other_changed", r->n_other_changed);
+    cJSON_AddNumberToObject(tot, "left_out", r->n_left_out);
+    cJSON_AddNumberToObject(tot, "seconds", r->seconds);
+    if (with_tensors) {
+        cJSON *arr = cJSON_AddArrayToObject(root, "tensors");
+        for (int i = 0; arr && i < r->n; i++) {
+            const struct cmp_tensor *t = &r->t[i];
+            cJSON *o = cJSON_CreateObject();
+            if (!o)
+                break;
+            cJSON_AddItemToArray(arr, o);
+            cJSON_AddStringToObject(o, "name", t->name);
+            cJSON_AddStringToObject(o, "kind", kind_name(t->kind));
+            double shp[2] = { (double)t->rows, (double)t->cols };
+            cJSON_AddItemToObject(o, "shape", cJSON_CreateDoubleArray(shp, t->cols > 1 || t->kind == CMP_LINEAR ? 2 : 1));
+            if (t->kind == CMP_LINEAR) {
+                cJSON_AddNumberToObject(o, "rank", t->rank);
+                cJSON_AddStringToObject(o, "method", t->method == SVD_RANDOMIZED ? "randomized" : "exact");
+                cJSON_AddNumberToObject(o, "sigma_next", t->sigma_next);
+                cJSON_AddBoolToObject(o, "sigma_next_estimate", t->sigma_estimate);
+            }
+            cJSON_AddNumberToObject(o, "fro", t->fro);
+            if (t->base_fro > 0)
+                cJSON_AddNumberToObject(o, "rel_change", t->fro / t->base_fro);
+            cJSON_AddNumberToObject(o, "energy_kept", t->energy_kept);
+            cJSON_AddNumberToObject(o, "rel_error", t->rel_error);
+            cJSON_AddBoolToObject(o, "stored", t->stored);
+            cJSON_AddNumberToObject(o, "seconds", t->seconds);
+        }
+    }
+    char *s = cfg_json_print(root);
+    cJSON_Delete(root);
+    return s;
+}

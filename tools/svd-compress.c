@@ -1,0 +1,321 @@
+/*
+ * svd-compress.c - `lorakit svd-compress`: a full fine-tune (base + tuned model folders) to a
+ * LoRA adapter by truncated SVD of each change, or an adapter to a lower rank; prints what
+ * each tensor keeps (table or --json) and records it in the runs database. The work is
+ * libcore/compress.c; this file parses flags, shows progress and prints.
+ */
+#include <cblas.h>
+#include <math.h>
+#include <omp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "../libcore/compress.h"
+#include "../libcore/lora.h"
+#include "../libcore/rdb.h"
+#include "commands.h"
+#include "opts.h"
+
+static const struct cmd_help svdc_help = {
+    "svd-compress",
+    "--base DIR --tuned DIR --out ADAPTER_DIR (--rank R | --energy E) [options]\n"
+    "       lorakit svd-compress --adapter DIR --out DIR (--rank R | --energy E) [options]",
+    "Turns a full fine-tune into a PEFT LoRA adapter: for each target linear, the change\n"
+    "ΔW = W_tuned - W_base is cut to its top singular values (rank R, or per tensor the smallest\n"
+    "rank keeping a fraction E of ‖ΔW‖_F², capped by --max-rank), with B = U·sqrt(S),\n"
+    "A = sqrt(S)·Vᵀ and lora_alpha = r (scale 1); per-tensor ranks go to rank_pattern /\n"
+    "alpha_pattern. Changed q/k/v biases go to lora_B.bias (lora_bias: true). Changed tensors\n"
+    "outside the targets are listed; --keep-other stores embeddings, lm_head and norms as\n"
+    "modules_to_save. The SVD is exact (LAPACK gesdd) or randomized (Halko et al. 2011),\n"
+    "chosen by shape unless forced. The models are read tensor by tensor.\n"
+    "With --adapter, re-factors an existing adapter to a lower rank exactly, from its factors\n"
+    "(QR of B and Aᵀ, SVD of the small core), never forming the full product.\n"
+    "Prints per tensor: shape, rank kept, energy kept, relative Frobenius error, the largest\n"
+    "discarded singular value ('~': an estimate, randomized path); the run goes to the runs\n"
+    "database (default runs.db next to --out).",
+    "  lorakit svd-compress --base Qwen2.5-0.5B --tuned my-full-ft --out my-lora --rank 64\n"
+    "  lorakit svd-compress --base base --tuned ft --out ad --energy 0.9 --max-rank 128 --keep-other\n"
+    "  lorakit svd-compress --adapter my-lora --out my-lora-r16 --rank 16",
+};
+
+struct svdc_args {
+    const char *base, *tuned, *adapter, *out, *targets, *runs, *name;
+    long rank, max_rank, oversample, power_iters, threads, seed;
+    double energy, sv_epsilon;
+    int exact, randomized, keep_other, json, overwrite, quiet;
+};
+
+static void svdc_progress(void *ctx, int done, int total, const char *tensor)
+{
+    (void)ctx;
+    fprintf(stderr, "\r\033[Ksvd-compress: %d/%d %s", done, total, tensor);
+    if (done == total)
+        fprintf(stderr, "\r\033[K");
+    fflush(stderr);
+}
+
+/* "4864x896", "896" */
+static void shape_str(const struct cmp_tensor *t, char *buf, size_t n)
+{
+    if (t->kind == CMP_LINEAR || t->cols > 1)
+        snprintf(buf, n, "%lldx%lld", (long long)t->rows, (long long)t->cols);
+    else
+        snprintf(buf, n, "%lld", (long long)t->rows);
+}
+
+/* 1234567 -> "1.23M" */
+static void count_str(int64_t v, char *buf, size_t n)
+{
+    if (v >= 1000000000)
+        snprintf(buf, n, "%.2fG", v / 1e9);
+    else if (v >= 1000000)
+        snprintf(buf, n, "%.2fM", v / 1e6);
+    else if (v >= 10000)
+        snprintf(buf, n, "%.1fk", v / 1e3);
+    else
+        snprintf(buf, n, "%lld", (long long)v);
+}
+
+static void svdc_print_table(const struct cmp_report *r, const char *out, int reduce)
+{
+    int w = 6;
+    for (int i = 0; i < r->n; i++)
+        if ((int)strlen(r->t[i].name) > w)
+            w = (int)strlen(r->t[i].name);
+    // "σ discarded" is 11 columns but 12 bytes: printed as a literal, not through a width
+    printf("%-*s  %-12s %5s %8s %9s  σ discarded  %s\n", w, reduce ? "module" : "tensor", "shape", "rank", "energy",
+           "rel.err", "svd");
+    char shp[48];
+    for (int i = 0; i < r->n; i++) {
+        const struct cmp_tensor *t = &r->t[i];
+        if (t->kind != CMP_LINEAR)
+            continue;
+        shape_str(t, shp, sizeof shp);
+        char sig[24];
+        snprintf(sig, sizeof sig, "%.3e%s", t->sigma_next, t->sigma_estimate ? "~" : " ");
+        printf("%-*s  %-12s %5d %7.2f%% %9.3e %12s  %s\n", w, t->name, shp, t->rank, 100 * t->energy_kept,
+               t->rel_error, sig, t->method == SVD_RANDOMIZED ? "randomized" : "exact");
+    }
+    int header = 0;
+    for (int i = 0; i < r->n; i++) {
+        const struct cmp_tensor *t = &r->t[i];
+        if (t->kind == CMP_LINEAR)
+            continue;
+        if (!header++)
+            printf("\nchanged outside the low-rank factors:\n");
+        shape_str(t, shp, sizeof shp);
+        const char *where = t->kind == CMP_BIAS ? "in lora_B.bias"
+                            : t->stored        ? "kept (modules_to_save)"
+                            : t->layer >= 0    ? "LEFT OUT (not in --targets)"
+                                               : "LEFT OUT (use --keep-other)";
+        printf("%-*s  %-12s rel. change %.3e  %s\n", w, t->name, shp, t->base_fro > 0 ? t->fro / t->base_fro : 0,
+               where);
+    }
+    char a[32], d[32], in[32];
+    count_str(r->adapter_params, a, sizeof a);
+    count_str(r->delta_params, d, sizeof d);
+    printf("\ntotal: %d %s, adapter %s parameters vs %s in the full delta (%.2f%%)", r->n_linear,
+           reduce ? "modules" : "linears", a, d, r->delta_params ? 100.0 * r->adapter_params / r->delta_params : 0);
+    if (reduce) {
+        count_str(r->input_params, in, sizeof in);
+        printf(", input adapter %s", in);
+    }
+    printf("\nenergy kept overall %.3f%% of Σ‖ΔW‖_F²; r %d, %d module%s in rank_pattern, lora_bias %s\n",
+           r->energy_total > 0 ? 100 * r->energy_kept / r->energy_total : 100.0, r->rank_common,
+           r->n_rank_pattern, r->n_rank_pattern == 1 ? "" : "s", r->lora_bias ? "true" : "false");
+    if (r->n_left_out)
+        printf("the adapter leaves out %d changed tensor%s (listed above)\n", r->n_left_out,
+               r->n_left_out == 1 ? "" : "s");
+    printf("wrote %s in %.1f s\n", out, r->seconds);
+}
+
+static char *default_runs_db(const char *out)
+{
+    const char *slash = strrchr(out, '/');
+    if (!slash)
+        return lk_strdup("runs.db");
+    size_t n = (size_t)(slash - out);
+    char *s = lk_malloc(n + 16);
+    if (s)
+        snprintf(s, n + 16, "%.*s/runs.db", (int)n, out);
+    return s;
+}
+
+static void svdc_record(struct rdb *db, int64_t run, const struct cmp_report *r)
+{
+    struct lk_err e = { 0 };
+    for (int i = 0; i < r->n && !e.code; i++) {
+        const struct cmp_tensor *t = &r->t[i];
+        char extra[320];
+        snprintf(extra, sizeof extra,
+                 "{\"kind\":\"%s\",\"energy_kept\":%.9g,\"stored\":%s,\"method\":\"%s\","
+                 "\"sigma_next\":%.9g,\"sigma_next_estimate\":%s,\"seconds\":%.4f}",
+                 t->kind == CMP_LINEAR ? "linear" : t->kind == CMP_BIAS ? "bias" : "other", t->energy_kept,
+                 t->stored ? "true" : "false", t->method == SVD_RANDOMIZED ? "randomized" : "exact",
+                 isfinite(t->sigma_next) ? t->sigma_next : 0.0, t->sigma_estimate ? "true" : "false", t->seconds);
+        struct rdb_tensor_stat s = {
+            .tensor = t->name,
+            .rows = t->rows,
+            .cols = t->cols,
+            .rank = t->kind == CMP_LINEAR ? t->rank : -1,
+            .fro_norm = t->fro,
+            .rel_change = t->base_fro > 0 ? t->fro / t->base_fro : NAN,
+            .eff_rank = NAN,
+            .energy_json = NULL,
+            .rel_error = t->rel_error,
+            .extra_json = extra,
+        };
+        rdb_tensor_stat(db, run, &s, &e);
+    }
+    if (e.code)
+        fprintf(stderr, "lorakit svd-compress: warning: runs database: %s\n", e.msg);
+}
+
+int cmd_svd_compress(int argc, char **argv)
+{
+    struct svdc_args a;
+    memset(&a, 0, sizeof a);
+    a.oversample = SVD_OVERSAMPLE_DEFAULT;
+    a.power_iters = SVD_POWER_ITERS_DEFAULT;
+    int help = 0;
+    struct lk_err err = { 0 };
+    const struct opt opts[] = {
+        { "base", OPT_STR, &a.base, "DIR", "base model folder" },
+        { "tuned", OPT_STR, &a.tuned, "DIR", "fully fine-tuned model folder (same architecture)" },
+        { "adapter", OPT_STR, &a.adapter, "DIR", "reduce the rank of this adapter instead" },
+        { "out", OPT_STR, &a.out, "DIR", "output adapter folder (written atomically)" },
+        { "rank", OPT_INT, &a.rank, "R", "keep rank R on every tensor" },
+        { "energy", OPT_FLOAT, &a.energy, "E", "per tensor, the smallest rank keeping a fraction E of ‖ΔW‖_F²" },
+        { "max-rank", OPT_INT, &a.max_rank, "R", "cap every rank at R (default: no cap)" },
+        { "sv-epsilon", OPT_FLOAT, &a.sv_epsilon, "EPS", "drop singular values <= EPS (default 0: none)" },
+        { "targets", OPT_STR, &a.targets, "LIST", "modules to compress, e.g. q_proj,v_proj (default all)" },
+        { "exact", OPT_FLAG, &a.exact, NULL, "always LAPACK gesdd" },
+        { "randomized", OPT_FLAG, &a.randomized, NULL, "always the randomized SVD (default: by shape)" },
+        { "oversample", OPT_INT, &a.oversample, "P", "randomized: extra sketch columns (default 10)" },
+        { "power-iters", OPT_INT, &a.power_iters, "Q", "randomized: power iterations (default 2)" },
+        { "seed", OPT_INT, &a.seed, "S", "seed of the randomized sketches (default 0)" },
+        { "threads", OPT_INT, &a.threads, "N", "threads (default: all cores)" },
+        { "keep-other", OPT_FLAG, &a.keep_other, NULL, "store changed embeddings, lm_head, norms as modules_to_save" },
+        { "json", OPT_FLAG, &a.json, NULL, "print the report as JSON" },
+        { "runs", OPT_STR, &a.runs, "DB", "runs database (default runs.db next to --out)" },
+        { "name", OPT_STR, &a.name, "NAME", "run name in the runs database (default: --out)" },
+        { "overwrite", OPT_FLAG, &a.overwrite, NULL, "replace an existing non-empty --out folder" },
+        { "quiet", OPT_FLAG, &a.quiet, NULL, "no progress output" },
+        { 0 },
+    };
+    if (opts_parse(argc, argv, opts, NULL, 0, NULL, &help, &err))
+        return lk_cli_fail("svd-compress", &err);
+    if (help) {
+        opts_usage(stdout, &svdc_help, opts);
+        return 0;
+    }
+    // 1. the flags, checked together
+    const char *bad = NULL;
+    if (!a.out)
+        bad = "missing --out DIR (see --help)";
+    else if (a.adapter ? (a.base || a.tuned || a.keep_other) : (!a.base || !a.tuned))
+        bad = a.adapter ? "--adapter does not combine with --base, --tuned or --keep-other"
+                        : "give --base DIR and --tuned DIR, or --adapter DIR (see --help)";
+    else if ((a.rank != 0) == (a.energy != 0))
+        bad = "give exactly one of --rank R and --energy E";
+    else if (a.rank < 0 || a.rank > 1000000)
+        bad = "option '--rank' must be a positive integer";
+    else if (a.energy != 0 && !(a.energy > 0 && a.energy <= 1))
+        bad = "option '--energy' must be in (0, 1], e.g. 0.9";
+    else if (a.max_rank < 0 || a.max_rank > 1000000)
+        bad = "option '--max-rank' must be a positive integer";
+    else if (a.sv_epsilon < 0 || !isfinite(a.sv_epsilon))
+        bad = "option '--sv-epsilon' must be a non-negative number";
+    else if (a.exact && a.randomized)
+        bad = "give at most one of --exact and --randomized";
+    else if (a.oversample < 0 || a.oversample > 10000 || a.power_iters < 0 || a.power_iters > 100)
+        bad = "options '--oversample' and '--power-iters' must be small non-negative integers";
+    else if (a.seed < 0 || a.threads < 0)
+        bad = "options '--seed' and '--threads' must be non-negative";
+    if (bad) {
+        lk_errf(&err, LK_ERR_USAGE, "%s", bad);
+        return lk_cli_fail("svd-compress", &err);
+    }
+    struct cmp_opts o;
+    cmp_opts_init(&o);
+    o.rank = (int)a.rank;
+    o.energy = a.energy;
+    o.max_rank = (int)a.max_rank;
+    o.sv_epsilon = a.sv_epsilon;
+    o.keep_other = a.keep_other;
+    o.overwrite = a.overwrite;
+    o.svd.method = a.exact ? SVD_EXACT : a.randomized ? SVD_RANDOMIZED : SVD_AUTO;
+    o.svd.oversample = (int)a.oversample;
+    o.svd.power_iters = (int)a.power_iters;
+    o.svd.seed = (uint64_t)a.seed;
+    if (a.targets && lora_targets_parse(a.targets, &o.targets, &err))
+        return lk_cli_fail("svd-compress", &err);
+    if (!a.quiet && isatty(2))
+        o.progress = svdc_progress;
+    if (a.threads > 0) {
+        openblas_set_num_threads((int)a.threads);
+        omp_set_num_threads((int)a.threads);
+    }
+    lk_interrupt_install();
+
+    // 2. the runs database (a failure to open it is a warning, not a failed compression)
+    struct rdb db;
+    memset(&db, 0, sizeof db);
+    int have_db = 0;
+    int64_t run = 0;
+    char *runs = a.runs ? lk_strdup(a.runs) : default_runs_db(a.out);
+    if (runs && rdb_open(&db, runs, &err) == LK_OK) {
+        char params[1024];
+        snprintf(params, sizeof params,
+                 "{\"mode\":\"%s\",\"rank\":%ld,\"energy\":%g,\"max_rank\":%ld,\"sv_epsilon\":%g,"
+                 "\"targets\":\"%s\",\"method\":\"%s\",\"oversample\":%ld,\"power_iters\":%ld,\"seed\":%ld,"
+                 "\"keep_other\":%s}",
+                 a.adapter ? "adapter" : "models", a.rank, a.energy, a.max_rank, a.sv_epsilon,
+                 a.targets ? a.targets : "all", a.exact ? "exact" : a.randomized ? "randomized" : "auto",
+                 a.oversample, a.power_iters, a.seed, a.keep_other ? "true" : "false");
+        have_db = rdb_run_begin(&db, "svd-compress", a.name ? a.name : a.out, a.adapter ? a.adapter : a.base,
+                                a.adapter ? NULL : a.tuned, params, &run, &err) == LK_OK;
+        if (!have_db)
+            rdb_close(&db, NULL);
+    }
+    if (!have_db) {
+        if (!a.quiet)
+            fprintf(stderr, "lorakit svd-compress: warning: runs database not written: %s\n",
+                    runs ? err.msg : "out of memory");
+        err.code = LK_OK;
+        err.msg[0] = 0;
+    }
+
+    // 3. the work
+    struct cmp_report rep;
+    int rc = a.adapter ? cmp_adapter(a.adapter, a.out, &o, &rep, &err)
+                       : cmp_models(a.base, a.tuned, a.out, &o, &rep, &err);
+    if (have_db) {
+        if (!rc) {
+            svdc_record(&db, run, &rep);
+            char *summary = cmp_report_json(&rep, 0);
+            rdb_run_finish(&db, run, RDB_DONE, summary, NULL);
+            lk_free(summary);
+        } else
+            rdb_run_finish(&db, run, rc == LK_ERR_INTERRUPTED ? RDB_INTERRUPTED : RDB_FAILED, NULL, NULL);
+        rdb_close(&db, NULL);
+    }
+    lk_free(runs);
+    if (rc) {
+        if (o.progress)
+            fprintf(stderr, "\r\033[K");
+        cmp_report_release(&rep);
+        return lk_cli_fail("svd-compress", &err);
+    }
+    if (a.json) {
+        char *js = cmp_report_json(&rep, 1);
+        if (js)
+            printf("%s\n", js);
+        lk_free(js);
+    } else
+        svdc_print_table(&rep, a.out, a.adapter != NULL);
+    cmp_report_release(&rep);
+    return 0;
+}
