@@ -50,9 +50,8 @@ TESTBIN   = $(OUT)/tests/run
 # app objects other than main(), linked into the test runner too
 APPLIB_OBJ = $(filter-out $(OUT)/tools/lorakit.o,$(APP_OBJ))
 
-.PHONY: all deps test bench demo clean fuzz check-deps base-model bench-svd bench-diff
-.PHONY: all deps test bench demo clean fuzz check-deps base-model bench-svd bench-merge
-.PHONY: all deps test bench demo clean fuzz check-deps base-model bench-svd bench-compress
+.PHONY: all deps test bench demo clean fuzz check-deps base-model bench-svd bench-diff bench-merge \
+        bench-compress
 all: check-deps $(BIN)
 
 # Installs the Debian packages when one is missing (dpkg-query is quick; apt only if needed).

@@ -6,7 +6,6 @@
  */
 #include <cblas.h>
 #include <math.h>
-#include <omp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -256,7 +255,6 @@ int cmd_svd_compress(int argc, char **argv)
         o.progress = svdc_progress;
     if (a.threads > 0) {
         openblas_set_num_threads((int)a.threads);
-        omp_set_num_threads((int)a.threads);
     }
     lk_interrupt_install();
 
