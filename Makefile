@@ -142,6 +142,8 @@ ifeq ($(MPI),1)
 all: $(MPI_BIN)
 test: $(MPI_BIN)
 bench: bench-mpi
+else ifneq ($(wildcard $(MPI_BIN)),)
+test: $(MPI_BIN)  # built earlier with MPI=1: the tests use it, keep it up to date
 endif
 
 # Tokens/s with 1 and 2 ranks (one per core) on the small config, and the scaling efficiency.

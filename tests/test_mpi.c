@@ -2,9 +2,9 @@
  * test_mpi.c - data-parallel training over MPI (bin/lorakit-mpi, built by `make MPI=1`):
  * `mpirun -np 2` against one plain `lorakit train` process with the same global batch (loss
  * curve from the runs database, adapter tensors), resume with a different number of ranks in
- * both directions (checkpoints carry no per-rank state), and a dead or hung rank stopping the
- * others with a message and a non-zero exit. Skipped when lorakit-mpi (next to the lorakit
- * under test) or mpirun is missing.
+ * both directions (checkpoints carry no per-rank state), a dead or hung rank stopping the
+ * others with a message and a non-zero exit, SIGUSR1 stopping all ranks at one step with a
+ * checkpoint. Skipped when lorakit-mpi (next to the lorakit under test) or mpirun is missing.
  */
 #include "test.h"
 
@@ -318,15 +318,16 @@ static pid_t rank_pid(pid_t parent, int rank)
 }
 
 /* Starts a long 2-rank run in the background (its own process group, output to log), waits
- * until step 3 is printed, sends sig to rank 1 and returns mpirun's exit status (128+signal
- * when signalled) and the seconds it took to exit after the signal; -1 when it did not
- * start, -2 when it did not exit within 30 s (then everything is killed). */
-static int signal_rank1(int sig, const char *env, double *secs)
+ * until step 3 is printed, sends sig to rank 1 (to_mpirun: to mpirun) and returns mpirun's
+ * exit status (128+signal when signalled) and the seconds it took to exit after the signal;
+ * -1 when it did not start, -2 when it did not exit within 30 s (then everything is killed). */
+static int signal_run(int sig, int to_mpirun, const char *env, double *secs)
 {
     char cmd[4096];
     const char *t = test_tmpdir();
     snprintf(cmd, sizeof cmd, "exec env " MPI_ENV " LORAKIT_TEST_DIR='%s' %s mpirun -np 2 '%s' train "
-             "--model '%s/m' --out '%s/k' --runs '%s/k.db' --steps 1000000 " TRAIN_ARGS " >'%s/k.log' 2>&1",
+         "--model '%s/m' --out '%s/k' --runs '%s/k.db' --steps 1000000 --overwrite " TRAIN_ARGS
+             " >'%s/k.log' 2>&1",
              t, env, g_mpi, t, t, t, t, t);
     pid_t mp = fork();
     if (mp < 0)
@@ -351,7 +352,7 @@ static int signal_rank1(int sig, const char *env, double *secs)
         nanosleep(&ts, NULL);
     }
     if (r1 > 0) {
-        kill(r1, sig);
+        kill(to_mpirun ? mp : r1, sig);
         double t0 = lk_now();
         rc = -2;
         while (lk_now() - t0 < 30) {
@@ -385,18 +386,28 @@ TEST(mpi_dead_or_hung_rank_stops_the_others)
     CHECK_INT(make_fixture(), 0);
     double secs = 0;
     // killed: mpirun notices the death and stops rank 0
-    int rc = signal_rank1(SIGKILL, "", &secs);
+    int rc = signal_run(SIGKILL, 0, "", &secs);
     CHECK_MSG(rc > 0, "mpirun status %d after SIGKILL of rank 1:\n%s", rc, test_output());
     CHECK_MSG(secs < 15, "rank 0 took %.1f s to stop", secs);
     CHECK_MSG(strstr(test_output(), "rank 1") && strstr(test_output(), "signal 9"), "no message:\n%s",
               test_output());
     printf("    rank 1 killed: mpirun exited %d after %.1f s\n", rc, secs);
     // hung (stopped): rank 0's allreduce times out with lorakit's message, then MPI_Abort
-    rc = signal_rank1(SIGSTOP, "LORAKIT_MPI_TIMEOUT=2", &secs);
+    rc = signal_run(SIGSTOP, 0, "LORAKIT_MPI_TIMEOUT=2", &secs);
     CHECK_MSG(rc > 0, "mpirun status %d after SIGSTOP of rank 1:\n%s", rc, test_output());
     CHECK_MSG(secs < 15, "rank 0 took %.1f s to stop", secs);
     CHECK_MSG(strstr(test_output(), "lorakit train: error: rank 0 of 2: no answer from the other ranks for 2 s "
                                     "in the gradient allreduce of step "), "no timeout message:\n%s",
               test_output());
     printf("    rank 1 stopped: mpirun exited %d after %.1f s (timeout 2 s)\n", rc, secs);
+    // SIGUSR1 to mpirun (forwarded to every rank): all stop after the same step, rank 0 saves
+    rc = signal_run(SIGUSR1, 1, "", &secs);
+    CHECK_MSG(rc == 130, "mpirun status %d after SIGUSR1:\n%s", rc, test_output());
+    const char *o = test_output(), *p = strstr(o, "lorakit train: interrupted at step ");
+    long step = 0;
+    CHECK_MSG(p && sscanf(p, "lorakit train: interrupted at step %ld", &step) == 1, "%s", o);
+    CHECK_MSG(!strstr(p + 1, "lorakit train: interrupted"), "more than one rank reported:\n%s", o);
+    char ck[1200];
+    snprintf(ck, sizeof ck, "%s/k/checkpoint-%ld/trainer_state.json", test_tmpdir(), step);
+    CHECK_MSG(lk_file_exists(ck), "no checkpoint at step %ld:\n%s", step, o);
 }

@@ -432,7 +432,8 @@ fail:
     lora_release(&l);
     model_release(&m);
     if (rc == LK_ERR_INTERRUPTED) {
-        fprintf(stderr, "lorakit train: %s\n", err.msg);
+        if (lead)
+            fprintf(stderr, "lorakit train: %s\n", err.msg);
         return 130;
     }
     return lk_cli_fail("train", &err);
