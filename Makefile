@@ -37,6 +37,17 @@ else
   BIN   = bin/lorakit
 endif
 
+# MPI=1: also bin/lorakit-mpi, data-parallel `train` over Open MPI (mpi/*.c, compiled with mpicc
+# only; bin/lorakit keeps no MPI dependency). Its Debian packages are installed only with MPI=1.
+MPI_PKGS  = libopenmpi-dev openmpi-bin
+MPICC     = OMPI_CC=$(CC) mpicc
+MPI_SRC   = $(sort $(wildcard mpi/*.c))
+MPI_OBJ   = $(MPI_SRC:%.c=$(OUT)/%.o)
+MPI_BIN   = $(dir $(BIN))lorakit-mpi
+ifeq ($(MPI),1)
+  PKGS   += $(MPI_PKGS)
+endif
+
 CORE_SRC  = $(sort $(wildcard libcore/*.c))
 EVAL_SRC  = $(sort $(wildcard eval/*.c))
 TUI_SRC   = $(sort $(wildcard tui/*.c))
@@ -153,6 +164,30 @@ clean:
 	rm -rf build bin libcore/libcore.a
 
 -include $(CORE_OBJ:.o=.d) $(APP_OBJ:.o=.d) $(TEST_OBJ:.o=.d) $(OUT)/datasets/medworld.d
+-include $(CORE_OBJ:.o=.d) $(APP_OBJ:.o=.d) $(TEST_OBJ:.o=.d) $(MPI_OBJ:.o=.d)
+
+# ---- MPI (make MPI=1): bin/lorakit-mpi, its test (tests/test_mpi.c skips without it), bench-mpi
+$(OUT)/mpi/%.o: mpi/%.c | check-deps
+	@mkdir -p $(dir $@)
+	$(MPICC) $(ALL) -DLK_MPI -MMD -MP -c $< -o $@
+
+$(MPI_BIN): $(MPI_OBJ) $(APPLIB_OBJ) $(LIB)
+	@mkdir -p $(dir $@)
+	$(MPICC) $(LDX) -o $@ $(MPI_OBJ) $(APPLIB_OBJ) $(LIB) $(LIBS)
+
+ifeq ($(MPI),1)
+all: $(MPI_BIN)
+test: $(MPI_BIN)
+bench: bench-mpi
+else ifneq ($(wildcard $(MPI_BIN)),)
+test: $(MPI_BIN)  # built earlier with MPI=1: the tests use it, keep it up to date
+endif
+
+# Tokens/s with 1 and 2 ranks (one per core) on the small config, and the scaling efficiency.
+.PHONY: bench-mpi
+bench-mpi:
+	$(MAKE) --no-print-directory MPI=1 all
+	bench/bench_mpi.sh $(CURDIR)/$(BIN) $(CURDIR)/$(MPI_BIN)
 
 # Training throughput against plain PyTorch (Debian's python3-torch, installed by deps-bench).
 .PHONY: bench-train deps-bench

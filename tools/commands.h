@@ -27,4 +27,9 @@ int cmd_train(int argc, char **argv);
 /* `lorakit info` on a PEFT adapter folder (tools/info_adapter.c): prints, returns the exit status. */
 int info_adapter(const char *dir, int json);
 
+/* Data parallelism for cmd_train: bin/lorakit-mpi (mpi/lorakit_mpi.c) points this at its MPI
+ * hooks before dispatch; NULL (one process) in bin/lorakit. Borrowed. */
+struct train_dist;
+extern const struct train_dist *train_cli_dist;
+
 #endif

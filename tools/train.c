@@ -34,6 +34,8 @@ static const struct cmd_help train_help = {
     "  lorakit train --model tiny --data a.jsonl --out tiny-full --full --lr 1e-3 --steps 200",
 };
 
+const struct train_dist *train_cli_dist;
+
 struct train_cli {
     const char *model, *data, *out, *targets, *init, *schedule, *tmpl, *eval_data, *runs;
     const char *resume, *adapter, *dump_grads, *tokenizer, *dtype, *name;
@@ -49,6 +51,7 @@ struct progress_ctx {
     long log_every;
     int quiet;
     double last_print;
+    int ranks;               /* data-parallel processes (1: none) */
 };
 
 static void on_step(void *ctx, const struct train_progress *p)
@@ -60,7 +63,9 @@ static void on_step(void *ctx, const struct train_progress *p)
     if (c->quiet)
         return;
     double eta = p->step ? p->elapsed_s / p->step * (double)(p->total - p->step) : 0;
-    char ev[48] = "";
+    char ev[48] = "", rk[64] = "";
+    if (c->ranks > 1) // tokens_per_s is the global figure; each rank did its share of it
+        snprintf(rk, sizeof rk, " (%d ranks, %.0f/rank)", c->ranks, p->tokens_per_s / c->ranks);
     if (!isnan(p->eval_loss))
         snprintf(ev, sizeof ev, "  eval %.4f", p->eval_loss);
     if (c->tty) {
@@ -68,13 +73,13 @@ static void on_step(void *ctx, const struct train_progress *p)
         if (now - c->last_print < 0.2 && p->step != p->total && isnan(p->eval_loss))
             return;
         c->last_print = now;
-        fprintf(stderr, "\r\033[Kstep %ld/%ld  loss %.4f%s  lr %.3g  %.0f tok/s  ETA %.0fs", p->step,
-                p->total, p->loss, ev, p->lr, p->tokens_per_s, eta);
+        fprintf(stderr, "\r\033[Kstep %ld/%ld  loss %.4f%s  lr %.3g  %.0f tok/s%s  ETA %.0fs", p->step,
+                p->total, p->loss, ev, p->lr, p->tokens_per_s, rk, eta);
         if (p->step == p->total)
             fprintf(stderr, "\n");
     } else if (p->step % c->log_every == 0 || p->step == p->total || ev[0]) {
-        fprintf(stderr, "step %ld/%ld  loss %.4f%s  lr %.3g  grad %.3g  %.0f tok/s  ETA %.0fs\n", p->step,
-                p->total, p->loss, ev, p->lr, p->grad_norm, p->tokens_per_s, eta);
+        fprintf(stderr, "step %ld/%ld  loss %.4f%s  lr %.3g  grad %.3g  %.0f tok/s%s  ETA %.0fs\n", p->step,
+                p->total, p->loss, ev, p->lr, p->grad_norm, p->tokens_per_s, rk, eta);
     }
 }
 
@@ -222,6 +227,11 @@ int cmd_train(int argc, char **argv)
         openblas_set_num_threads((int)c.threads);
     }
     lk_interrupt_install();
+    // data parallel (bin/lorakit-mpi): rank 0 alone prints and writes the output and runs database
+    int ranks = train_cli_dist ? train_cli_dist->size : 1;
+    int lead = !train_cli_dist || train_cli_dist->rank == 0;
+    if (!lead)
+        c.quiet = 1;
 
     int rc;
     struct model m = { 0 };
@@ -311,6 +321,7 @@ int cmd_train(int argc, char **argv)
     o.save_every = c.save_every;
     o.ckpt_dir = c.dump_grads ? NULL : c.out;
     o.dump_grads = c.dump_grads;
+    o.dist = train_cli_dist;
     struct train_state st;
     if ((rc = train_plan(&o, &d, &st, &err)))
         goto fail;
@@ -326,8 +337,11 @@ int cmd_train(int argc, char **argv)
             fprintf(stderr, ", %d broken lines skipped\n", d.n_skipped);
         fprintf(stderr, "plan: %ld steps of %ld rows x %d tokens (batch %ld x grad-accum %ld)%s\n", st.total,
                 c.batch * c.grad_accum, st.T, c.batch, c.grad_accum, c.pack ? ", packed" : "");
+        if (ranks > 1)
+            fprintf(stderr, "data parallel: %d ranks, micro-batches of %ld rows per rank\n", ranks,
+                    (c.batch + ranks - 1) / ranks);
     }
-    if (c.out && !c.dump_grads) {
+    if (c.out && !c.dump_grads && lead) {
         if ((rc = lk_mkdir_p(c.out, &err)))
             goto fail;
         runs = c.runs ? lk_strdup(c.runs) : default_runs_db(c.out);
@@ -354,9 +368,11 @@ int cmd_train(int argc, char **argv)
             err.code = LK_OK;
         }
     }
-    struct progress_ctx pc = { have_db ? &db : NULL, run_id, isatty(2), c.log_every, c.quiet, 0 };
+    struct progress_ctx pc = { have_db ? &db : NULL, run_id, isatty(2), c.log_every, c.quiet, 0, ranks };
     struct train_hooks hooks = { &pc, on_step, on_checkpoint };
     rc = train_run(&o, &m, c.full ? NULL : &l, &d, ev.n ? &ev : NULL, c.resume, &hooks, &st, &err);
+    if (rc == LK_OK && !lead)
+        goto done;
     if (rc == LK_OK && c.dump_grads) {
         fprintf(stderr, "wrote the first step's gradients (loss %.6f) to %s\n", st.last_loss, c.dump_grads);
         goto done;
@@ -382,9 +398,12 @@ int cmd_train(int argc, char **argv)
     if (rc)
         goto fail;
     double secs = lk_now() - t0;
+    char rk[64] = "";
+    if (ranks > 1)
+        snprintf(rk, sizeof rk, " (%d ranks, %.0f/rank)", ranks, st.tokens_per_s / ranks);
     if (!c.quiet)
-        fprintf(stderr, "done: %ld steps in %.1fs, loss %.4f -> %.4f, %.0f tok/s, wrote %s\n", st.step, secs,
-                st.first_loss, st.last_loss, st.tokens_per_s, c.out);
+        fprintf(stderr, "done: %ld steps in %.1fs, loss %.4f -> %.4f, %.0f tok/s%s, wrote %s\n", st.step, secs,
+                st.first_loss, st.last_loss, st.tokens_per_s, rk, c.out);
     if (have_db) {
         char summary[512], evs[32] = "null";
         if (ev.n && isfinite(st.last_eval_loss))
@@ -418,7 +437,8 @@ fail:
     lora_release(&l);
     model_release(&m);
     if (rc == LK_ERR_INTERRUPTED) {
-        fprintf(stderr, "lorakit train: %s\n", err.msg);
+        if (lead)
+            fprintf(stderr, "lorakit train: %s\n", err.msg);
         return 130;
     }
     return lk_cli_fail("train", &err);
