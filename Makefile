@@ -92,12 +92,19 @@ test: check-deps $(BIN) $(TESTBIN) node-ref
 	OPENBLAS_NUM_THREADS=1 LORAKIT=$(CURDIR)/$(BIN) $(TESTBIN) $(T)
 
 # Benchmarks: one program per bench/bench_<name>.c, run with the caller's OPENBLAS_NUM_THREADS.
-bench: bench-svd bench-tok
+bench: bench-svd bench-tok bench-eval
 
 bench-svd: check-deps $(LIB)
 	@mkdir -p $(OUT)/bench
 	$(CC) $(ALL) -o $(OUT)/bench/bench_svd bench/bench_svd.c $(LIB) $(LIBS)
 	$(OUT)/bench/bench_svd
+
+# generation with/without the KV cache, and eval of 200 questions x 4 modes, on 2 threads
+.PHONY: bench-eval
+bench-eval: check-deps $(LIB) $(BIN)
+	@mkdir -p $(OUT)/bench
+	$(CC) $(ALL) -o $(OUT)/bench/bench_eval bench/bench_eval.c $(LIB) $(LIBS)
+	OPENBLAS_NUM_THREADS=2 OMP_NUM_THREADS=2 $(OUT)/bench/bench_eval $(CURDIR)/$(BIN)
 
 # The reference tokenizer (npm @huggingface/tokenizers) for tokenizer tests and benchmarks, in
 # build/node. When npm is unreachable this says so and the tests that need it are skipped.

@@ -372,49 +372,40 @@ static int is_stop(const struct gen_opts *o, int32_t id)
     return (o->fmt && chat_is_stop(o->fmt, id)) || (o->eos >= 0 && id == o->eos);
 }
 
-int gen_run(struct gen_cache *gc, struct model *m, const struct lora *lora, const int32_t *prompt,
-            int n_prompt, const struct gen_opts *o, gen_token_fn on_token, void *ctx,
-            struct tok_ids *out, int *out_stop, struct lk_err *err)
+/* The sampling loop shared by both paths: next() advances by one token and returns the new
+ * logits (or NULL with err filled). */
+struct gen_step {
+    struct gen_cache *gc;
+    struct model *m;            /* for the no-cache path (model_forward needs it writable) */
+    const struct model *cm;
+    const struct lora *lora;
+    int *seq;                   /* no-cache: the whole sequence so far */
+    int len;
+};
+
+static const float *step_next(struct gen_step *st, int32_t id, struct lk_err *err)
+{
+    if (st->seq) {
+        st->seq[st->len++] = id;
+        if (model_plan(st->m, 1, st->len, 0, err) ||
+            model_forward(st->m, st->lora, st->seq, NULL, NULL, NULL, 0, NULL, err))
+            return NULL;
+        return model_logits(st->m) + (size_t)(st->len - 1) * st->m->cfg.vocab_size;
+    }
+    if (gen_forward(st->gc, st->cm, st->lora, &id, 1, NULL, err))
+        return NULL;
+    return st->gc->logits;
+}
+
+static int sample_loop(struct gen_step *st, const float *logits, const struct gen_opts *o, int V,
+                       gen_token_fn on_token, void *ctx, struct tok_ids *out, int *out_stop,
+                       struct lk_err *err)
 {
     if (out_stop)
         *out_stop = 0;
-    if (n_prompt <= 0)
-        return lk_errf(err, LK_ERR_USAGE, "empty prompt: nothing to continue");
-    if (o->max_new < 0)
-        return lk_errf(err, LK_ERR_USAGE, "max-new %d is negative", o->max_new);
-    int cap = o->no_cache ? m->cfg.max_position_embeddings : gc->T_max;
-    if (cap > 0 && n_prompt + o->max_new > cap)
-        return lk_errf(err, LK_ERR_USAGE, "prompt of %d tokens + %d new tokens exceeds the %d positions "
-                       "available (shorten the prompt or --max-new)", n_prompt, o->max_new, cap);
+    int nv = o->n_vocab > 0 && o->n_vocab < V ? o->n_vocab : V;
     struct gen_sampler s;
-    int nv = o->n_vocab > 0 && o->n_vocab < m->cfg.vocab_size ? o->n_vocab : m->cfg.vocab_size;
     int rc = gen_sampler_init(&s, nv, o->temperature, o->top_p, o->seed, err);
-    if (rc)
-        return rc;
-    int *seq = NULL;
-    const float *logits;
-    if (o->no_cache) {
-        seq = lk_malloc(sizeof(int) * (size_t)(n_prompt + o->max_new + 1));
-        if (!seq) {
-            gen_sampler_release(&s);
-            return lk_errf(err, LK_ERR_NOMEM, "out of memory");
-        }
-        for (int i = 0; i < n_prompt; i++)
-            seq[i] = prompt[i];
-    } else {
-        gen_cache_truncate(gc, 0);
-    }
-    int len = n_prompt;
-    // prefill
-    if (o->no_cache) {
-        rc = model_plan(m, 1, len, 0, err);
-        if (!rc)
-            rc = model_forward(m, lora, seq, NULL, NULL, NULL, 0, NULL, err);
-        logits = model_logits(m) + (size_t)(len - 1) * m->cfg.vocab_size;
-    } else {
-        rc = gen_forward(gc, m, lora, prompt, n_prompt, NULL, err);
-        logits = gc->logits;
-    }
     for (int step = 0; !rc && step < o->max_new; step++) {
         if (lk_interrupted) {
             rc = lk_errf(err, LK_ERR_INTERRUPTED, "interrupted");
@@ -435,19 +426,60 @@ int gen_run(struct gen_cache *gc, struct model *m, const struct lora *lora, cons
         }
         if (step + 1 == o->max_new)
             break;
-        if (o->no_cache) {
-            seq[len++] = id;
-            rc = model_plan(m, 1, len, 0, err);
-            if (!rc)
-                rc = model_forward(m, lora, seq, NULL, NULL, NULL, 0, NULL, err);
-            logits = model_logits(m) + (size_t)(len - 1) * m->cfg.vocab_size;
-        } else {
-            rc = gen_forward(gc, m, lora, &id, 1, NULL, err);
-            logits = gc->logits;
-        }
+        if (!(logits = step_next(st, id, err)))
+            rc = err->code ? err->code : LK_ERR_USAGE;
     }
-    lk_free(seq);
     gen_sampler_release(&s);
+    return rc;
+}
+
+int gen_continue(struct gen_cache *gc, const struct model *m, const struct lora *lora,
+                 const float *logits, const struct gen_opts *o, gen_token_fn on_token, void *ctx,
+                 struct tok_ids *out, int *out_stop, struct lk_err *err)
+{
+    if (o->max_new < 0)
+        return lk_errf(err, LK_ERR_USAGE, "max-new %d is negative", o->max_new);
+    if (o->max_new > 0 && gc->n + o->max_new - 1 > gc->T_max)
+        return lk_errf(err, LK_ERR_USAGE, "%d new tokens after %d do not fit a cache of %d positions",
+                       o->max_new, gc->n, gc->T_max);
+    struct gen_step st = { gc, NULL, m, lora, NULL, 0 };
+    return sample_loop(&st, logits, o, m->cfg.vocab_size, on_token, ctx, out, out_stop, err);
+}
+
+int gen_run(struct gen_cache *gc, struct model *m, const struct lora *lora, const int32_t *prompt,
+            int n_prompt, const struct gen_opts *o, gen_token_fn on_token, void *ctx,
+            struct tok_ids *out, int *out_stop, struct lk_err *err)
+{
+    if (out_stop)
+        *out_stop = 0;
+    if (n_prompt <= 0)
+        return lk_errf(err, LK_ERR_USAGE, "empty prompt: nothing to continue");
+    if (o->max_new < 0)
+        return lk_errf(err, LK_ERR_USAGE, "max-new %d is negative", o->max_new);
+    int cap = o->no_cache ? m->cfg.max_position_embeddings : gc->T_max;
+    if (cap > 0 && n_prompt + o->max_new > cap)
+        return lk_errf(err, LK_ERR_USAGE, "prompt of %d tokens + %d new tokens exceeds the %d positions "
+                       "available (shorten the prompt or --max-new)", n_prompt, o->max_new, cap);
+    int rc;
+    if (!o->no_cache) {
+        gen_cache_truncate(gc, 0);
+        if ((rc = gen_forward(gc, m, lora, prompt, n_prompt, NULL, err)))
+            return rc;
+        return gen_continue(gc, m, lora, gc->logits, o, on_token, ctx, out, out_stop, err);
+    }
+    struct gen_step st = { NULL, m, m, lora, NULL, n_prompt };
+    st.seq = lk_malloc(sizeof(int) * (size_t)(n_prompt + o->max_new + 1));
+    if (!st.seq)
+        return lk_errf(err, LK_ERR_NOMEM, "out of memory");
+    for (int i = 0; i < n_prompt; i++)
+        st.seq[i] = prompt[i];
+    rc = model_plan(m, 1, n_prompt, 0, err);
+    if (!rc)
+        rc = model_forward(m, lora, st.seq, NULL, NULL, NULL, 0, NULL, err);
+    if (!rc)
+        rc = sample_loop(&st, model_logits(m) + (size_t)(n_prompt - 1) * m->cfg.vocab_size, o,
+                         m->cfg.vocab_size, on_token, ctx, out, out_stop, err);
+    lk_free(st.seq);
     return rc;
 }
 

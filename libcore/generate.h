@@ -113,6 +113,14 @@ int gen_run(struct gen_cache *gc, struct model *m, const struct lora *lora, cons
             int n_prompt, const struct gen_opts *o, gen_token_fn on_token, void *ctx,
             struct tok_ids *out, int *out_stop, struct lk_err *err);
 
+/* Continues from the cache as it is: logits[V] are the next-token logits of its last position
+ * (e.g. a copy of gc->logits saved after prefilling, before the cache was used for something
+ * else and rewound). Same stopping rules and callbacks as gen_run; the cache must have room
+ * for max_new - 1 more positions. */
+int gen_continue(struct gen_cache *gc, const struct model *m, const struct lora *lora,
+                 const float *logits, const struct gen_opts *o, gen_token_fn on_token, void *ctx,
+                 struct tok_ids *out, int *out_stop, struct lk_err *err);
+
 /* Length of the longest prefix of s[0..n) that does not end inside a UTF-8 sequence (a lead
  * byte whose continuation bytes have not all arrived yet): for streaming decoded text. */
 size_t gen_utf8_complete(const char *s, size_t n);
