@@ -7,6 +7,7 @@
  */
 #include "generate.h"
 
+#include <cblas.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -108,6 +109,45 @@ int gen_lora_max_rank(const struct lora *l)
 
 // ---- forward ----
 
+/* out[N, OC] = x[N, IC] @ w^T + bias. One token is a matrix-vector product: sgemm would pack
+ * the whole weight matrix on every call (most of the decoding time), sgemv reads it once. */
+static void linear(float *out, const float *x, const float *w, const float *bias, int N, int IC, int OC)
+{
+    if (N != 1) {
+        op_matmul_forward(out, x, w, bias, N, IC, OC);
+        return;
+    }
+    if (bias)
+        memcpy(out, bias, sizeof(float) * (size_t)OC);
+    cblas_sgemv(CblasRowMajor, CblasNoTrans, OC, IC, 1.0f, w, IC, x, 1, bias ? 1.0f : 0.0f, out, 1);
+}
+
+/* out[N, OC] += alpha * x @ w^T */
+static void linear_acc(float *out, const float *x, const float *w, float alpha, int N, int IC, int OC)
+{
+    if (N != 1)
+        op_matmul_forward_acc(out, x, w, alpha, N, IC, OC);
+    else
+        cblas_sgemv(CblasRowMajor, CblasNoTrans, OC, IC, alpha, w, IC, x, 1, 1.0f, out, 1);
+}
+
+/* Dot product with 4 partial sums (a plain float reduction does not vectorize without
+ * -ffast-math). */
+static float dot(const float *a, const float *b, int n)
+{
+    float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    int i = 0;
+    for (; i + 4 <= n; i += 4) {
+        s0 += a[i] * b[i];
+        s1 += a[i + 1] * b[i + 1];
+        s2 += a[i + 2] * b[i + 2];
+        s3 += a[i + 3] * b[i + 3];
+    }
+    for (; i < n; i++)
+        s0 += a[i] * b[i];
+    return (s0 + s1) + (s2 + s3);
+}
+
 /* out[N, out] += s * (x A^T) B^T + s * bias_B, as model.c's lora_forward_linear (no dropout) */
 static void lora_linear(struct gen_cache *gc, const struct lora *lora, int layer, int module,
                         float *out, const float *x, int N)
@@ -116,8 +156,8 @@ static void lora_linear(struct gen_cache *gc, const struct lora *lora, int layer
     if (slot < 0)
         return;
     const struct lora_module *md = &lora->mod[slot];
-    op_matmul_forward(gc->xa, x, md->A, NULL, N, md->in, md->R);
-    op_matmul_forward_acc(out, gc->xa, md->B, md->scale, N, md->R, md->out);
+    linear(gc->xa, x, md->A, NULL, N, md->in, md->R);
+    linear_acc(out, gc->xa, md->B, md->scale, N, md->R, md->out);
     if (md->bias)
         for (int t = 0; t < N; t++)
             for (int o = 0; o < md->out; o++)
@@ -142,10 +182,7 @@ static void cache_attention(struct gen_cache *gc, int l, int n0, int N)
             float mx = -INFINITY;
             for (int t2 = 0; t2 <= t; t2++) {
                 const float *kt = K + (size_t)t2 * ks + (size_t)kh * HS;
-                float s = 0;
-                for (int j = 0; j < HS; j++)
-                    s += qt[j] * kt[j];
-                s *= scale;
+                float s = dot(qt, kt, HS) * scale;
                 a[t2] = s;
                 if (s > mx)
                     mx = s;
@@ -166,7 +203,7 @@ static void cache_attention(struct gen_cache *gc, int l, int n0, int N)
                 o[j] = 0.0f;
             for (int t2 = 0; t2 <= t; t2++) {
                 float w = a[t2];
-                const float *vt = Vc + (size_t)t2 * ks + (size_t)kh * HS;
+                const float *vt = Vc + (size_t)t2 * ks + (size_t)kh * HS; // vectorizes: no reduction
                 for (int j = 0; j < HS; j++)
                     o[j] += w * vt[j];
             }
@@ -203,9 +240,9 @@ static void forward_chunk(struct gen_cache *gc, const struct model *m, const str
         op_rmsnorm_forward(gc->ln, NULL, x, w->ln1, N, C, eps);
         // 2. q, k, v (+ LoRA); k and v go straight into the cache
         float *kc = gc->k[l] + (size_t)n0 * KV, *vc = gc->v[l] + (size_t)n0 * KV;
-        op_matmul_forward(gc->q, gc->ln, w->wq, w->bq, N, C, Q);
-        op_matmul_forward(kc, gc->ln, w->wk, w->bk, N, C, KV);
-        op_matmul_forward(vc, gc->ln, w->wv, w->bv, N, C, KV);
+        linear(gc->q, gc->ln, w->wq, w->bq, N, C, Q);
+        linear(kc, gc->ln, w->wk, w->bk, N, C, KV);
+        linear(vc, gc->ln, w->wv, w->bv, N, C, KV);
         lora_linear(gc, lora, l, CFG_Q, gc->q, gc->ln, N);
         lora_linear(gc, lora, l, CFG_K, kc, gc->ln, N);
         lora_linear(gc, lora, l, CFG_V, vc, gc->ln, N);
@@ -215,20 +252,20 @@ static void forward_chunk(struct gen_cache *gc, const struct model *m, const str
         // 4. attention over the cache
         cache_attention(gc, l, n0, N);
         // 5. x2 = x + o_proj(atty)
-        op_matmul_forward(gc->x2, gc->atty, w->wo, NULL, N, Q, C);
+        linear(gc->x2, gc->atty, w->wo, NULL, N, Q, C);
         lora_linear(gc, lora, l, CFG_O, gc->x2, gc->atty, N);
         for (size_t i = 0; i < (size_t)N * C; i++)
             gc->x2[i] += x[i];
         // 6. ln2
         op_rmsnorm_forward(gc->ln, NULL, gc->x2, w->ln2, N, C, eps);
         // 7. act = silu(gate) * up
-        op_matmul_forward(gc->gate, gc->ln, w->wgate, NULL, N, C, F);
-        op_matmul_forward(gc->up, gc->ln, w->wup, NULL, N, C, F);
+        linear(gc->gate, gc->ln, w->wgate, NULL, N, C, F);
+        linear(gc->up, gc->ln, w->wup, NULL, N, C, F);
         lora_linear(gc, lora, l, CFG_GATE, gc->gate, gc->ln, N);
         lora_linear(gc, lora, l, CFG_UP, gc->up, gc->ln, N);
         op_swiglu_forward(gc->act, gc->gate, gc->up, (size_t)N * F);
         // 8. x = x2 + down(act)
-        op_matmul_forward(x, gc->act, w->wdown, NULL, N, F, C);
+        linear(x, gc->act, w->wdown, NULL, N, F, C);
         lora_linear(gc, lora, l, CFG_DOWN, x, gc->act, N);
         for (size_t i = 0; i < (size_t)N * C; i++)
             x[i] += gc->x2[i];
@@ -237,11 +274,11 @@ static void forward_chunk(struct gen_cache *gc, const struct model *m, const str
     gc->n = n0 + N;
     if (out_logits) {
         op_rmsnorm_forward(gc->lnf, NULL, x, m->w.norm, N, C, eps);
-        op_matmul_forward(out_logits, gc->lnf, m->w.lm_head, NULL, N, C, V);
+        linear(out_logits, gc->lnf, m->w.lm_head, NULL, N, C, V);
         memcpy(gc->logits, out_logits + (size_t)(N - 1) * V, sizeof(float) * (size_t)V);
     } else {
         op_rmsnorm_forward(gc->lnf, NULL, x + (size_t)(N - 1) * C, m->w.norm, 1, C, eps);
-        op_matmul_forward(gc->logits, gc->lnf, m->w.lm_head, NULL, 1, C, V);
+        linear(gc->logits, gc->lnf, m->w.lm_head, NULL, 1, C, V);
     }
 }
 
