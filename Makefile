@@ -117,7 +117,7 @@ test: check-deps $(BIN) $(TESTBIN) $(MEDWORLD) node-ref
 	OPENBLAS_NUM_THREADS=1 LORAKIT=$(CURDIR)/$(BIN) MEDWORLD=$(CURDIR)/$(MEDWORLD) $(TESTBIN) $(T)
 
 # Benchmarks: one program per bench/bench_<name>.c, run with the caller's OPENBLAS_NUM_THREADS.
-bench: bench-svd bench-tok bench-train bench-diff bench-dash bench-merge bench-compress
+bench: bench-svd bench-tok bench-train bench-diff bench-dash bench-merge bench-compress bench-eval bench-mpi
 
 bench-svd: check-deps $(LIB)
 	@mkdir -p $(OUT)/bench
@@ -145,6 +145,12 @@ bench-compress: check-deps $(LIB) $(BIN)
 	@mkdir -p $(OUT)/bench
 	$(CC) $(ALL) -o $(OUT)/bench/bench_compress bench/bench_compress.c $(LIB) $(LIBS)
 	$(OUT)/bench/bench_compress $(CURDIR)/$(BIN) $(CURDIR)/$(OUT)/bench/compress
+# generation with/without the KV cache, and eval of 200 questions x 4 modes, on 2 threads
+.PHONY: bench-eval
+bench-eval: check-deps $(LIB) $(BIN)
+	@mkdir -p $(OUT)/bench
+	$(CC) $(ALL) -o $(OUT)/bench/bench_eval bench/bench_eval.c $(LIB) $(LIBS)
+	OPENBLAS_NUM_THREADS=2 OMP_NUM_THREADS=2 $(OUT)/bench/bench_eval $(CURDIR)/$(BIN)
 
 # The reference tokenizer (npm @huggingface/tokenizers) for tokenizer tests and benchmarks, in
 # build/node. When npm is unreachable this says so and the tests that need it are skipped.
@@ -178,7 +184,6 @@ $(MPI_BIN): $(MPI_OBJ) $(APPLIB_OBJ) $(LIB)
 ifeq ($(MPI),1)
 all: $(MPI_BIN)
 test: $(MPI_BIN)
-bench: bench-mpi
 else ifneq ($(wildcard $(MPI_BIN)),)
 test: $(MPI_BIN)  # built earlier with MPI=1: the tests use it, keep it up to date
 endif

@@ -19,6 +19,8 @@ static int cmd_version(int argc, char **argv);
 static const struct command commands[] = { /* keep sorted by name */
     { "dash",    cmd_dash,    "browse runs in the terminal" },
     { "diff",    cmd_diff,    "show what a fine-tune changed, tensor by tensor" },
+    { "eval", cmd_eval, "compare base, retrieval (rag) and tuned models on questions" },
+    { "generate", cmd_generate, "generate text with a KV cache, streamed" },
     { "index", cmd_index, "build an FTS5 retrieval index from documents" },
     { "info",    cmd_info,    "describe a model folder, adapter or .safetensors file" },
     { "init",    cmd_init,    "write a random model in the Hugging Face layout" },

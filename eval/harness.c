@@ -1,0 +1,911 @@
+/*
+ * harness.c - the eval harness (see harness.h): QA loading, rag prompts fitted to the context,
+ * per-item scoring in base / rag / ft / ft+rag modes over one shared KV cache, bootstrap
+ * summary, verdict, JSON and the runs database. Owns: the items, the cells, the summary.
+ */
+#include "harness.h"
+
+#include <cJSON.h>
+#include <ctype.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+const char *const ev_metric_names[EV_N_METRICS] = { "em", "f1", "rouge_l", "nll", "acc", "recall" };
+const char *const ev_metric_labels[EV_N_METRICS] = { "EM", "F1", "ROUGE-L", "NLL/token", "accuracy",
+                                                     "recall@k" };
+
+// ---- questions ----
+
+static void item_release(struct ev_item *it)
+{
+    lk_free(it->id);
+    lk_free(it->question);
+    lk_free(it->answer);
+    lk_free(it->doc_id);
+    for (int i = 0; i < it->n_choices; i++)
+        lk_free(it->choices[i]);
+    lk_free(it->choices);
+    memset(it, 0, sizeof *it);
+}
+
+void ev_qa_release(struct ev_qa *qa)
+{
+    if (!qa)
+        return;
+    for (int i = 0; i < qa->n; i++)
+        item_release(&qa->items[i]);
+    lk_free(qa->items);
+    memset(qa, 0, sizeof *qa);
+}
+
+/* A string field: *out a fresh copy, or NULL when absent and optional. */
+static int str_field(const cJSON *o, const char *name, int required, char **out, const char *path,
+                     int line, struct lk_err *err)
+{
+    *out = NULL;
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, name);
+    if (!v || cJSON_IsNull(v)) {
+        if (required)
+            return lk_errf(err, LK_ERR_FORMAT, "%s:%d: missing field '%s'", path, line, name);
+        return LK_OK;
+    }
+    if (!cJSON_IsString(v) || !v->valuestring)
+        return lk_errf(err, LK_ERR_FORMAT, "%s:%d: field '%s' must be a string", path, line, name);
+    if (!(*out = lk_strdup(v->valuestring)))
+        return lk_errf(err, LK_ERR_NOMEM, "out of memory");
+    return LK_OK;
+}
+
+static int is_blank(const char *s)
+{
+    for (; *s; s++)
+        if (!isspace((unsigned char)*s))
+            return 0;
+    return 1;
+}
+
+static int parse_item(const char *text, size_t len, const char *path, int line, struct ev_item *it,
+                      struct lk_err *err)
+{
+    memset(it, 0, sizeof *it);
+    it->line = line;
+    cJSON *o = cJSON_ParseWithLength(text, len);
+    if (!o || !cJSON_IsObject(o)) {
+        cJSON_Delete(o);
+        return lk_errf(err, LK_ERR_FORMAT, "%s:%d: not a JSON object", path, line);
+    }
+    int rc = str_field(o, "question", 1, &it->question, path, line, err);
+    if (!rc && is_blank(it->question))
+        rc = lk_errf(err, LK_ERR_FORMAT, "%s:%d: field 'question' is empty", path, line);
+    if (!rc)
+        rc = str_field(o, "doc_id", 0, &it->doc_id, path, line, err);
+    const cJSON *id = cJSON_GetObjectItemCaseSensitive(o, "id");
+    if (!rc) {
+        char buf[64];
+        if (!id || cJSON_IsNull(id)) {
+            snprintf(buf, sizeof buf, "line %d", line);
+            it->id = lk_strdup(buf);
+        } else if (cJSON_IsString(id) && id->valuestring) {
+            it->id = lk_strdup(id->valuestring);
+        } else if (cJSON_IsNumber(id)) {
+            snprintf(buf, sizeof buf, "%.17g", id->valuedouble);
+            it->id = lk_strdup(buf);
+        } else {
+            rc = lk_errf(err, LK_ERR_FORMAT, "%s:%d: field 'id' must be a string or a number", path, line);
+        }
+        if (!rc && !it->id)
+            rc = lk_errf(err, LK_ERR_NOMEM, "out of memory");
+    }
+    const cJSON *ch = cJSON_GetObjectItemCaseSensitive(o, "choices");
+    if (!rc && ch && !cJSON_IsNull(ch)) {
+        // multiple choice
+        int n = cJSON_IsArray(ch) ? cJSON_GetArraySize(ch) : -1;
+        if (n < 2)
+            rc = lk_errf(err, LK_ERR_FORMAT, "%s:%d: field 'choices' must be a list of at least 2 strings",
+                         path, line);
+        if (!rc && !(it->choices = lk_calloc((size_t)n, sizeof(char *))))
+            rc = lk_errf(err, LK_ERR_NOMEM, "out of memory");
+        for (int i = 0; !rc && i < n; i++) {
+            const cJSON *c = cJSON_GetArrayItem(ch, i);
+            if (!cJSON_IsString(c) || !c->valuestring || !c->valuestring[0])
+                rc = lk_errf(err, LK_ERR_FORMAT, "%s:%d: choice %d must be a non-empty string", path, line, i);
+            else if (!(it->choices[i] = lk_strdup(c->valuestring)))
+                rc = lk_errf(err, LK_ERR_NOMEM, "out of memory");
+            it->n_choices = i + 1;
+        }
+        const cJSON *ai = cJSON_GetObjectItemCaseSensitive(o, "answer_index");
+        if (!rc && !ai)
+            rc = lk_errf(err, LK_ERR_FORMAT, "%s:%d: missing field 'answer_index' (items with 'choices' "
+                         "need it)", path, line);
+        if (!rc && (!cJSON_IsNumber(ai) || ai->valuedouble != floor(ai->valuedouble) || ai->valuedouble < 0 ||
+                    ai->valuedouble >= n))
+            rc = lk_errf(err, LK_ERR_FORMAT, "%s:%d: field 'answer_index' must be an integer in [0, %d)", path,
+                         line, n);
+        if (!rc)
+            it->answer_index = (int)ai->valuedouble;
+    } else if (!rc) {
+        rc = str_field(o, "answer", 1, &it->answer, path, line, err);
+        if (rc && err->code == LK_ERR_FORMAT && !cJSON_GetObjectItemCaseSensitive(o, "answer"))
+            lk_errf(err, LK_ERR_FORMAT, "%s:%d: missing field 'answer' (or 'choices' and 'answer_index')",
+                    path, line);
+    }
+    cJSON_Delete(o);
+    if (rc)
+        item_release(it);
+    return rc;
+}
+
+int ev_qa_load(struct ev_qa *qa, const char *path, int limit, struct lk_err *err)
+{
+    memset(qa, 0, sizeof *qa);
+    FILE *f = fopen(path, "rb");
+    if (!f)
+        return lk_errf(err, LK_ERR_IO, "%s: cannot open the questions file", path);
+    char *buf = NULL;
+    size_t cap = 0;
+    ssize_t n;
+    int line = 0, rc = LK_OK, alloc = 0;
+    while (!rc && (limit <= 0 || qa->n < limit) && (n = getline(&buf, &cap, f)) >= 0) {
+        line++;
+        if (is_blank(buf))
+            continue;
+        if (qa->n == alloc) {
+            alloc = alloc ? alloc * 2 : 64;
+            struct ev_item *p = lk_realloc(qa->items, sizeof *p * (size_t)alloc);
+            if (!p) {
+                rc = lk_errf(err, LK_ERR_NOMEM, "out of memory");
+                break;
+            }
+            qa->items = p;
+        }
+        struct ev_item *it = &qa->items[qa->n];
+        if ((rc = parse_item(buf, (size_t)n, path, line, it, err)))
+            break;
+        qa->n++;
+        qa->n_mc += it->choices != NULL;
+        for (int i = 0; i < qa->n - 1; i++)
+            if (!strcmp(qa->items[i].id, it->id)) {
+                rc = lk_errf(err, LK_ERR_FORMAT, "%s:%d: duplicate id '%s' (first on line %d)", path, line, it->id,
+                             qa->items[i].line);
+                break;
+            }
+    }
+    if (!rc && ferror(f))
+        rc = lk_errf(err, LK_ERR_IO, "%s: read error", path);
+    free(buf); // getline's buffer comes from malloc
+    fclose(f);
+    if (!rc && qa->n == 0)
+        rc = lk_errf(err, LK_ERR_FORMAT, "%s: no question in the file", path);
+    if (rc)
+        ev_qa_release(qa);
+    return rc;
+}
+
+// ---- prompts ----
+
+char *ev_rag_text(const char *question, const char *const *passages, int k)
+{
+    size_t n = strlen(question) + 32;
+    for (int i = 0; i < k; i++)
+        n += strlen(passages[i]) + 2;
+    char *s = lk_malloc(n);
+    if (!s)
+        return NULL;
+    if (k == 0) {
+        memcpy(s, question, strlen(question) + 1);
+        return s;
+    }
+    size_t off = (size_t)snprintf(s, n, "Context:\n");
+    for (int i = 0; i < k; i++)
+        off += (size_t)snprintf(s + off, n - off, "%s%s", i ? "\n\n" : "", passages[i]);
+    snprintf(s + off, n - off, "\n\nQuestion: %s", question);
+    return s;
+}
+
+/* The prompt with passages[0..k) where the last one is cut to cut_len bytes (SIZE_MAX: whole). */
+static int prompt_try(struct tok *tk, const struct chat_fmt *fmt, const char *question,
+                      const char *const *passages, int k, size_t cut_len, struct tok_ids *out,
+                      struct lk_err *err)
+{
+    const char *ps[64];
+    char *cut = NULL;
+    LK_ASSERT(k <= 64);
+    for (int i = 0; i < k; i++)
+        ps[i] = passages[i];
+    if (k > 0 && cut_len != SIZE_MAX) {
+        if (!(cut = lk_malloc(cut_len + 1)))
+            return lk_errf(err, LK_ERR_NOMEM, "out of memory");
+        memcpy(cut, passages[k - 1], cut_len);
+        cut[cut_len] = 0;
+        ps[k - 1] = cut;
+    }
+    char *text = ev_rag_text(question, ps, k);
+    lk_free(cut);
+    if (!text)
+        return lk_errf(err, LK_ERR_NOMEM, "out of memory");
+    out->n = 0;
+    int rc = chat_prompt_user(tk, fmt, NULL, text, out, err);
+    lk_free(text);
+    return rc;
+}
+
+int ev_prompt_build(struct tok *tk, const struct chat_fmt *fmt, const char *question,
+                    const char *const *passages, int k, int max_tokens, struct tok_ids *out,
+                    int *out_used, struct lk_err *err)
+{
+    int rc;
+    *out_used = 0;
+    if (k > 64)
+        k = 64;
+    // 1. drop the lowest-ranked passages until the prompt fits
+    for (int n = k; n >= 1; n--) {
+        if ((rc = prompt_try(tk, fmt, question, passages, n, SIZE_MAX, out, err)))
+            return rc;
+        if ((int)out->n <= max_tokens) {
+            *out_used = n;
+            return LK_OK;
+        }
+    }
+    // 2. the best passage alone is too long: cut it to the longest prefix that fits
+    if (k >= 1) {
+        size_t lo = 0, hi = strlen(passages[0]); // lo fits (if anything does), hi does not
+        if ((rc = prompt_try(tk, fmt, question, passages, 1, 0, out, err)))
+            return rc;
+        if ((int)out->n <= max_tokens) {
+            while (hi - lo > 1) {
+                size_t mid = lo + (hi - lo) / 2;
+                while (mid > lo && ((unsigned char)passages[0][mid] & 0xC0) == 0x80)
+                    mid--; // a character boundary
+                if (mid == lo)
+                    break;
+                if ((rc = prompt_try(tk, fmt, question, passages, 1, mid, out, err)))
+                    return rc;
+                if ((int)out->n <= max_tokens)
+                    lo = mid;
+                else
+                    hi = mid;
+            }
+            if (lo > 0) {
+                if ((rc = prompt_try(tk, fmt, question, passages, 1, lo, out, err)))
+                    return rc;
+                *out_used = 1;
+                return LK_OK;
+            }
+        }
+    }
+    // 3. the question alone
+    if ((rc = prompt_try(tk, fmt, question, passages, 0, SIZE_MAX, out, err)))
+        return rc;
+    if ((int)out->n > max_tokens)
+        return lk_errf(err, LK_ERR_USAGE, "the question alone takes %zu tokens, more than the %d the "
+                       "context leaves for the prompt (lower --max-new)", out->n, max_tokens);
+    return LK_OK;
+}
+
+// ---- modes ----
+
+int ev_modes_parse(const char *list, const int *ks, int nk, struct ev_mode **out, int *n,
+                   struct lk_err *err)
+{
+    *out = NULL;
+    *n = 0;
+    int want[4] = { 0 }; // base, rag, ft, ft+rag
+    static const char *const names[4] = { "base", "rag", "ft", "ft+rag" };
+    char *copy = lk_strdup(list);
+    if (!copy)
+        return lk_errf(err, LK_ERR_NOMEM, "out of memory");
+    char *save = NULL;
+    int rc = LK_OK;
+    for (char *t = strtok_r(copy, ",", &save); t && !rc; t = strtok_r(NULL, ",", &save)) {
+        while (*t == ' ')
+            t++;
+        int j = 0;
+        while (j < 4 && strcmp(t, names[j]))
+            j++;
+        if (j == 4)
+            rc = lk_errf(err, LK_ERR_USAGE, "unknown mode '%s' (base, rag, ft, ft+rag)", t);
+        else if (want[j]++)
+            rc = lk_errf(err, LK_ERR_USAGE, "mode '%s' is listed twice", t);
+    }
+    lk_free(copy);
+    if (rc)
+        return rc;
+    if (!want[0] && !want[1] && !want[2] && !want[3])
+        return lk_errf(err, LK_ERR_USAGE, "no mode given");
+    if (nk <= 0 || nk > 32)
+        return lk_errf(err, LK_ERR_USAGE, "give 1 to 32 values of k");
+    for (int i = 0; i < nk; i++) {
+        if (ks[i] < 0 || ks[i] > 64)
+            return lk_errf(err, LK_ERR_USAGE, "k %d is outside [0, 64]", ks[i]);
+        for (int j = 0; j < i; j++)
+            if (ks[j] == ks[i])
+                return lk_errf(err, LK_ERR_USAGE, "k %d is listed twice", ks[i]);
+    }
+    if (nk == 1 && ks[0] == 0 && (want[1] || want[3]))
+        return lk_errf(err, LK_ERR_USAGE, "retrieval modes need k >= 1");
+    struct ev_mode *m = lk_calloc((size_t)(2 + 2 * nk), sizeof *m);
+    if (!m)
+        return lk_errf(err, LK_ERR_NOMEM, "out of memory");
+    int cnt = 0;
+    for (int tuned = 0; tuned < 2; tuned++) {
+        if (want[2 * tuned]) {
+            snprintf(m[cnt].name, sizeof m[cnt].name, "%s", tuned ? "ft" : "base");
+            m[cnt].tuned = tuned;
+            m[cnt++].k = 0;
+        }
+        if (!want[2 * tuned + 1])
+            continue;
+        for (int i = 0; i < nk; i++) {
+            if (ks[i] == 0)
+                continue;
+            if (nk == 1)
+                snprintf(m[cnt].name, sizeof m[cnt].name, "%s", tuned ? "ft+rag" : "rag");
+            else
+                snprintf(m[cnt].name, sizeof m[cnt].name, "%s@%d", tuned ? "ft+rag" : "rag", ks[i]);
+            m[cnt].tuned = tuned;
+            m[cnt++].k = ks[i];
+        }
+    }
+    *out = m;
+    *n = cnt;
+    return LK_OK;
+}
+
+// ---- running ----
+
+struct ev_cell *ev_run_cell(const struct ev_run *r, int i, int j)
+{
+    return &r->cells[(size_t)i * r->n_modes + j];
+}
+
+void ev_run_release(struct ev_run *r)
+{
+    if (!r)
+        return;
+    for (size_t i = 0; r->cells && i < (size_t)r->n_items * r->n_modes; i++) {
+        lk_free(r->cells[i].answer);
+        lk_free(r->cells[i].choice_ll);
+        lk_free(r->cells[i].retrieved);
+    }
+    lk_free(r->cells);
+    lk_free(r->seconds);
+    memset(r, 0, sizeof *r);
+}
+
+/* What one run of the harness needs besides the config. */
+struct ev_ctx {
+    const struct ev_config *c;
+    struct gen_cache gc;
+    float *saved;      /* [V]: next-token logits at the prompt's end */
+    float *chunk;      /* [gc.chunk, V] */
+    struct tok_ids prompt, toks, gen;
+    int32_t eos;
+};
+
+/* Sum of log p(toks[i] | prompt, toks[<i]) for a cache holding the prompt (np positions, next
+ * logits in x->saved); the cache is rewound to np afterwards. */
+static int score_continuation(struct ev_ctx *x, const struct model *m, const struct lora *lora, int np,
+                              const int32_t *toks, int n, double *out, struct lk_err *err)
+{
+    int V = m->cfg.vocab_size;
+    double s = gen_logprob(x->saved, V, toks[0]);
+    int rc = LK_OK;
+    for (int a = 0; a < n - 1 && !rc; a += x->gc.chunk) {
+        int b = a + x->gc.chunk < n - 1 ? a + x->gc.chunk : n - 1;
+        rc = gen_forward(&x->gc, m, lora, toks + a, b - a, x->chunk, err);
+        for (int i = a; !rc && i < b; i++)
+            s += gen_logprob(x->chunk + (size_t)(i - a) * V, V, toks[i + 1]);
+    }
+    gen_cache_truncate(&x->gc, np);
+    *out = s;
+    return rc;
+}
+
+static char *trimmed_copy(const char *s)
+{
+    while (*s && isspace((unsigned char)*s))
+        s++;
+    size_t n = strlen(s);
+    while (n && isspace((unsigned char)s[n - 1]))
+        n--;
+    char *r = lk_malloc(n + 1);
+    if (r) {
+        memcpy(r, s, n);
+        r[n] = 0;
+    }
+    return r;
+}
+
+static char *retrieved_json(const struct fts_hit *hits, int n, int used)
+{
+    cJSON *a = cJSON_CreateArray();
+    for (int i = 0; a && i < n; i++) {
+        cJSON *o = cJSON_CreateObject();
+        if (!o)
+            break;
+        cJSON_AddStringToObject(o, "doc_id", hits[i].doc_id ? hits[i].doc_id : "");
+        cJSON_AddNumberToObject(o, "chunk_no", (double)hits[i].chunk_no);
+        cJSON_AddNumberToObject(o, "score", hits[i].score);
+        cJSON_AddBoolToObject(o, "in_prompt", i < used);
+        cJSON_AddStringToObject(o, "text", hits[i].text ? hits[i].text : "");
+        cJSON_AddItemToArray(a, o);
+    }
+    char *s = a ? cJSON_PrintUnformatted(a) : NULL;
+    cJSON_Delete(a);
+    char *r = s ? lk_strdup(s) : NULL;
+    free(s);
+    return r;
+}
+
+static int run_cell(struct ev_ctx *x, const struct ev_item *it, const struct ev_mode *mode,
+                    const struct fts_hit *hits, int nh, struct ev_cell *cell, struct lk_err *err)
+{
+    const struct ev_config *c = x->c;
+    double t0 = lk_now();
+    const struct model *m = mode->tuned && c->tuned ? c->tuned : c->base;
+    const struct lora *lora = mode->tuned && !c->tuned ? c->lora : NULL;
+    int V = m->cfg.vocab_size, rc;
+    cell->em = cell->f1 = cell->rouge_l = cell->nll = cell->acc = cell->recall = NAN;
+    int k = mode->k < nh ? mode->k : nh;
+    const char *ps[64];
+    for (int i = 0; i < k && i < 64; i++)
+        ps[i] = hits[i].text ? hits[i].text : "";
+    if (mode->k > 0 && it->doc_id) {
+        cell->recall = 0;
+        for (int i = 0; i < k; i++)
+            if (hits[i].doc_id && !strcmp(hits[i].doc_id, it->doc_id))
+                cell->recall = 1;
+    }
+    int budget = c->max_ctx - c->max_new;
+    if ((rc = ev_prompt_build(c->tk, c->fmt, it->question, ps, k, budget, &x->prompt, &cell->n_passages, err)))
+        return rc;
+    if (mode->k > 0 && !(cell->retrieved = retrieved_json(hits, k, cell->n_passages)))
+        return lk_errf(err, LK_ERR_NOMEM, "out of memory");
+    int np = (int)x->prompt.n;
+    cell->prompt_tokens = np;
+    gen_cache_truncate(&x->gc, 0);
+    if ((rc = gen_forward(&x->gc, m, lora, x->prompt.v, np, NULL, err)))
+        return rc;
+    memcpy(x->saved, x->gc.logits, sizeof(float) * (size_t)V);
+    int room = x->gc.T_max - np;
+    if (it->choices) {
+        if (!(cell->choice_ll = lk_calloc((size_t)it->n_choices, sizeof(double))))
+            return lk_errf(err, LK_ERR_NOMEM, "out of memory");
+        int best = 0, n_right = 1;
+        for (int j = 0; j < it->n_choices; j++) {
+            x->toks.n = 0;
+            if ((rc = tok_encode(c->tk, it->choices[j], strlen(it->choices[j]), 0, &x->toks, err)))
+                return rc;
+            int n = (int)x->toks.n < room ? (int)x->toks.n : room;
+            if (n <= 0)
+                return lk_errf(err, LK_ERR_USAGE, "item '%s': no room left for choice %d after the prompt", it->id, j);
+            if ((rc = score_continuation(x, m, lora, np, x->toks.v, n, &cell->choice_ll[j], err)))
+                return rc;
+            if (cell->choice_ll[j] > cell->choice_ll[best])
+                best = j;
+            if (j == it->answer_index)
+                n_right = n;
+        }
+        cell->acc = best == it->answer_index;
+        cell->nll = -cell->choice_ll[it->answer_index] / n_right;
+        cell->answer_tokens = n_right;
+        if (!(cell->answer = lk_strdup(it->choices[best])))
+            return lk_errf(err, LK_ERR_NOMEM, "out of memory");
+    } else {
+        // teacher-forced NLL of the reference
+        x->toks.n = 0;
+        if ((rc = tok_encode(c->tk, it->answer, strlen(it->answer), 0, &x->toks, err)))
+            return rc;
+        int n = (int)x->toks.n < room ? (int)x->toks.n : room;
+        cell->answer_tokens = n;
+        if (n > 0) {
+            double ll;
+            if ((rc = score_continuation(x, m, lora, np, x->toks.v, n, &ll, err)))
+                return rc;
+            cell->nll = -ll / n;
+        }
+        // the greedy answer
+        struct gen_opts o = { c->max_new, 0, 1, 0, c->fmt, x->eos, 0, (int)tok_vocab_size(c->tk) };
+        x->gen.n = 0;
+        if ((rc = gen_continue(&x->gc, m, lora, x->saved, &o, NULL, NULL, &x->gen, NULL, err)))
+            return rc;
+        char *text;
+        if ((rc = tok_decode(c->tk, x->gen.v, x->gen.n, 1, &text, NULL, err)))
+            return rc;
+        cell->answer = trimmed_copy(text);
+        lk_free(text);
+        if (!cell->answer)
+            return lk_errf(err, LK_ERR_NOMEM, "out of memory");
+        struct ev_scores sc;
+        if ((rc = ev_score(cell->answer, it->answer, &sc, err)))
+            return rc;
+        cell->em = sc.em;
+        cell->f1 = sc.f1;
+        cell->rouge_l = sc.rouge_l;
+    }
+    cell->seconds = lk_now() - t0;
+    return LK_OK;
+}
+
+int ev_run_all(struct ev_run *r, const struct ev_config *c, const struct ev_qa *qa,
+               const struct ev_mode *modes, int n_modes, ev_progress_fn progress, void *ctx,
+               struct lk_err *err)
+{
+    memset(r, 0, sizeof *r);
+    int kmax = 0, need_tuned = 0;
+    for (int j = 0; j < n_modes; j++) {
+        if (modes[j].k > kmax)
+            kmax = modes[j].k;
+        need_tuned |= modes[j].tuned;
+    }
+    if (need_tuned && !c->tuned && !c->lora)
+        return lk_errf(err, LK_ERR_USAGE, "the ft modes need a tuned model (--adapter or --tuned)");
+    if (kmax > 0 && !c->idx)
+        return lk_errf(err, LK_ERR_USAGE, "the rag modes need documents (--docs or --index)");
+    if (c->max_new < 1 || c->max_ctx <= c->max_new)
+        return lk_errf(err, LK_ERR_USAGE, "max-new %d leaves no room in a context of %d positions", c->max_new,
+                       c->max_ctx);
+    r->n_items = qa->n;
+    r->n_modes = n_modes;
+    r->modes = modes;
+    r->cells = lk_calloc((size_t)qa->n * (size_t)n_modes, sizeof *r->cells);
+    r->seconds = lk_calloc((size_t)n_modes, sizeof(double));
+    if (!r->cells || !r->seconds)
+        return lk_errf(err, LK_ERR_NOMEM, "out of memory");
+    struct ev_ctx x;
+    memset(&x, 0, sizeof x);
+    x.c = c;
+    int V = c->base->cfg.vocab_size;
+    x.eos = tok_eos(c->tk) >= 0 ? tok_eos(c->tk) : c->base->cfg.eos_token_id;
+    int rc = gen_cache_init(&x.gc, &c->base->cfg, c->max_ctx, 64, gen_lora_max_rank(c->lora), err);
+    if (!rc) {
+        x.saved = lk_malloc(sizeof(float) * (size_t)V);
+        x.chunk = lk_malloc(sizeof(float) * (size_t)V * (size_t)x.gc.chunk);
+        if (!x.saved || !x.chunk)
+            rc = lk_errf(err, LK_ERR_NOMEM, "out of memory");
+    }
+    for (int i = 0; !rc && i < qa->n; i++) {
+        if (lk_interrupted) {
+            rc = lk_errf(err, LK_ERR_INTERRUPTED, "interrupted after %d of %d questions", i, qa->n);
+            break;
+        }
+        const struct ev_item *it = &qa->items[i];
+        struct fts_hit *hits = NULL;
+        int nh = 0;
+        if (kmax > 0) {
+            double t0 = lk_now();
+            rc = fts_search(c->idx, it->question, kmax, &hits, &nh, err);
+            r->retrieval_seconds += lk_now() - t0;
+        }
+        for (int j = 0; !rc && j < n_modes; j++) {
+            struct ev_cell *cell = ev_run_cell(r, i, j);
+            rc = run_cell(&x, it, &modes[j], hits, nh, cell, err);
+            if (rc)
+                lk_err_prefix(err, "question '%s' (line %d), mode %s", it->id, it->line, modes[j].name);
+            r->seconds[j] += cell->seconds;
+        }
+        fts_hits_free(hits, nh);
+        if (progress)
+            progress(ctx, i + 1, qa->n);
+    }
+    lk_free(x.saved);
+    lk_free(x.chunk);
+    tok_ids_release(&x.prompt);
+    tok_ids_release(&x.toks);
+    tok_ids_release(&x.gen);
+    gen_cache_release(&x.gc);
+    return rc;
+}
+
+// ---- summary ----
+
+double ev_cell_metric(const struct ev_cell *c, enum ev_metric m)
+{
+    switch (m) {
+    case EV_EM: return c->em;
+    case EV_F1: return c->f1;
+    case EV_ROUGE_L: return c->rouge_l;
+    case EV_NLL: return c->nll;
+    case EV_ACC: return c->acc;
+    case EV_RECALL: return c->recall;
+    default: return NAN;
+    }
+}
+
+void ev_summary_release(struct ev_summary *s)
+{
+    if (!s)
+        return;
+    lk_free(s->stats);
+    lk_free(s->diffs);
+    memset(s, 0, sizeof *s);
+}
+
+const struct ev_stat *ev_summary_stat(const struct ev_summary *s, int mode, enum ev_metric m)
+{
+    for (int i = 0; i < s->n_stats; i++)
+        if (s->stats[i].mode == mode && s->stats[i].metric == m)
+            return &s->stats[i];
+    return NULL;
+}
+
+static const struct ev_diff *find_diff(const struct ev_summary *s, int a, int b, enum ev_metric m)
+{
+    for (int i = 0; i < s->n_diffs; i++)
+        if (s->diffs[i].a == a && s->diffs[i].b == b && s->diffs[i].metric == m)
+            return &s->diffs[i];
+    return NULL;
+}
+
+/* A seed per (a, b, metric), so each interval is reproducible whatever else is computed. */
+static void stat_rng(struct lk_rng *rng, uint64_t seed, int a, int b, int m)
+{
+    lk_rng_seed(rng, seed * 0x9E3779B97F4A7C15ull + (uint64_t)(a + 1) * 1000003u + (uint64_t)(b + 1) * 1009u +
+                         (uint64_t)m + 1);
+}
+
+static const char *fmt_num(double v, char *buf, size_t n)
+{
+    snprintf(buf, n, fabs(v) >= 0.005 || v == 0 ? "%.2f" : "%.2g", v);
+    return buf;
+}
+
+void ev_verdict(const char *a, const char *b, const char *metric_label, const struct ev_ci *d,
+                int lower_better, char *buf, size_t n)
+{
+    double h = (d->hi - d->lo) / 2, mean = d->mean;
+    char m1[32], m2[32];
+    const char *q = d->n == 1 ? "question" : "questions";
+    if (d->lo > 0 || d->hi < 0) {
+        int a_wins = (mean > 0) != (lower_better != 0);
+        snprintf(buf, n, "%s beats %s on %s by %s ± %s on %zu %s", a_wins ? a : b, a_wins ? b : a, metric_label,
+                 fmt_num(fabs(mean), m1, sizeof m1), fmt_num(h, m2, sizeof m2), d->n, q);
+    } else {
+        snprintf(buf, n, "no clear difference between %s and %s on %s: %s − %s = %s ± %s (95%% interval "
+                 "includes 0) on %zu %s", a, b, metric_label, a, b, fmt_num(mean, m1, sizeof m1),
+                 fmt_num(h, m2, sizeof m2), d->n, q);
+    }
+}
+
+static int find_mode(const struct ev_run *r, int tuned, int k)
+{
+    for (int j = 0; j < r->n_modes; j++)
+        if (r->modes[j].tuned == tuned && r->modes[j].k == k)
+            return j;
+    return -1;
+}
+
+int ev_summarize(const struct ev_run *r, uint64_t seed, struct ev_summary *s, struct lk_err *err)
+{
+    memset(s, 0, sizeof *s);
+    s->seed = seed;
+    size_t n = (size_t)r->n_items;
+    double *a = lk_malloc(sizeof(double) * (n + 1)), *b = lk_malloc(sizeof(double) * (n + 1));
+    s->stats = lk_calloc((size_t)r->n_modes * EV_N_METRICS, sizeof *s->stats);
+    s->diffs = lk_calloc((size_t)r->n_modes * 4 * EV_N_METRICS, sizeof *s->diffs);
+    int rc = LK_OK;
+    if (!a || !b || !s->stats || !s->diffs) {
+        rc = lk_errf(err, LK_ERR_NOMEM, "out of memory");
+        goto done;
+    }
+    for (int j = 0; j < r->n_modes && !rc; j++)
+        for (int m = 0; m < EV_N_METRICS && !rc; m++) {
+            size_t k = 0;
+            for (size_t i = 0; i < n; i++) {
+                double v = ev_cell_metric(ev_run_cell(r, (int)i, j), (enum ev_metric)m);
+                if (!isnan(v))
+                    a[k++] = v;
+            }
+            if (!k)
+                continue;
+            struct lk_rng rng;
+            stat_rng(&rng, seed, j, -1, m);
+            struct ev_stat *st = &s->stats[s->n_stats];
+            st->mode = j;
+            st->metric = (enum ev_metric)m;
+            if (!(rc = ev_bootstrap_mean(a, k, 0, &rng, &st->ci, err)))
+                s->n_stats++;
+        }
+    // the pairs: (ft, rag@k), (ft+rag@k, rag@k), (rag@k, base), (ft, base)
+    int base = find_mode(r, 0, 0), ft = find_mode(r, 1, 0);
+    int pairs[256][2], np = 0;
+    for (int j = 0; j < r->n_modes && np < 250; j++) {
+        if (r->modes[j].tuned || r->modes[j].k == 0)
+            continue;
+        int ftrag = find_mode(r, 1, r->modes[j].k);
+        if (ft >= 0) {
+            pairs[np][0] = ft;
+            pairs[np++][1] = j;
+        }
+        if (ftrag >= 0) {
+            pairs[np][0] = ftrag;
+            pairs[np++][1] = j;
+        }
+        if (base >= 0) {
+            pairs[np][0] = j;
+            pairs[np++][1] = base;
+        }
+    }
+    if (ft >= 0 && base >= 0) {
+        pairs[np][0] = ft;
+        pairs[np++][1] = base;
+    }
+    for (int p = 0; p < np && !rc; p++)
+        for (int m = 0; m < EV_N_METRICS && !rc; m++) {
+            if (m == EV_RECALL)
+                continue;
+            size_t k = 0;
+            for (size_t i = 0; i < n; i++) {
+                double x = ev_cell_metric(ev_run_cell(r, (int)i, pairs[p][0]), (enum ev_metric)m);
+                double y = ev_cell_metric(ev_run_cell(r, (int)i, pairs[p][1]), (enum ev_metric)m);
+                if (!isnan(x) && !isnan(y)) {
+                    a[k] = x;
+                    b[k++] = y;
+                }
+            }
+            if (!k)
+                continue;
+            struct lk_rng rng;
+            stat_rng(&rng, seed, pairs[p][0], pairs[p][1], m);
+            struct ev_diff *d = &s->diffs[s->n_diffs];
+            d->a = pairs[p][0];
+            d->b = pairs[p][1];
+            d->metric = (enum ev_metric)m;
+            if (!(rc = ev_bootstrap_paired(a, b, k, 0, &rng, &d->ci, err)))
+                s->n_diffs++;
+        }
+    if (rc)
+        goto done;
+    // the verdict: F1 (accuracy when every item is multiple choice), ft vs the largest-k rag
+    int any_qa = 0;
+    for (size_t i = 0; i < n && r->n_modes; i++)
+        any_qa |= !isnan(ev_run_cell(r, (int)i, 0)->f1);
+    enum ev_metric vm = any_qa ? EV_F1 : EV_ACC;
+    int rag = -1;
+    for (int j = 0; j < r->n_modes; j++)
+        if (!r->modes[j].tuned && r->modes[j].k > 0 && (rag < 0 || r->modes[j].k > r->modes[rag].k))
+            rag = j;
+    int va = -1, vb = -1;
+    if (ft >= 0 && rag >= 0)
+        va = ft, vb = rag;
+    else if (rag >= 0 && base >= 0)
+        va = rag, vb = base;
+    else if (ft >= 0 && base >= 0)
+        va = ft, vb = base;
+    const struct ev_diff *d = va >= 0 ? find_diff(s, va, vb, vm) : NULL;
+    if (d)
+        ev_verdict(r->modes[va].name, r->modes[vb].name, ev_metric_labels[vm], &d->ci, 0, s->verdict,
+                   sizeof s->verdict);
+    else
+        snprintf(s->verdict, sizeof s->verdict, "no comparison: run at least two of base, rag and ft");
+done:
+    lk_free(a);
+    lk_free(b);
+    if (rc)
+        ev_summary_release(s);
+    return rc;
+}
+
+static void json_num(cJSON *o, const char *key, double v)
+{
+    if (isfinite(v))
+        cJSON_AddNumberToObject(o, key, v);
+    else
+        cJSON_AddNullToObject(o, key);
+}
+
+static cJSON *ci_json(const struct ev_ci *ci)
+{
+    cJSON *o = cJSON_CreateObject();
+    if (o) {
+        json_num(o, "mean", ci->mean);
+        json_num(o, "lo", ci->lo);
+        json_num(o, "hi", ci->hi);
+        cJSON_AddNumberToObject(o, "n", (double)ci->n);
+    }
+    return o;
+}
+
+static char *json_take(cJSON *o)
+{
+    char *s = o ? cJSON_PrintUnformatted(o) : NULL;
+    cJSON_Delete(o);
+    char *r = s ? lk_strdup(s) : NULL;
+    free(s);
+    return r;
+}
+
+char *ev_summary_json(const struct ev_run *r, const struct ev_summary *s)
+{
+    cJSON *root = cJSON_CreateObject();
+    if (!root)
+        return NULL;
+    cJSON_AddNumberToObject(root, "n_items", r->n_items);
+    cJSON_AddNumberToObject(root, "seed", (double)s->seed);
+    cJSON *modes = cJSON_AddObjectToObject(root, "modes");
+    for (int j = 0; modes && j < r->n_modes; j++) {
+        cJSON *mo = cJSON_AddObjectToObject(modes, r->modes[j].name);
+        if (!mo)
+            break;
+        cJSON_AddBoolToObject(mo, "tuned", r->modes[j].tuned);
+        cJSON_AddNumberToObject(mo, "k", r->modes[j].k);
+        for (int m = 0; m < EV_N_METRICS; m++) {
+            const struct ev_stat *st = ev_summary_stat(s, j, (enum ev_metric)m);
+            if (st)
+                cJSON_AddItemToObject(mo, ev_metric_names[m], ci_json(&st->ci));
+        }
+        json_num(mo, "seconds", r->seconds[j]);
+    }
+    json_num(root, "retrieval_seconds", r->retrieval_seconds);
+    cJSON *diffs = cJSON_AddArrayToObject(root, "diffs");
+    for (int i = 0; diffs && i < s->n_diffs; i++) {
+        const struct ev_diff *d = &s->diffs[i];
+        cJSON *o = ci_json(&d->ci);
+        if (!o)
+            break;
+        cJSON_AddStringToObject(o, "a", r->modes[d->a].name);
+        cJSON_AddStringToObject(o, "b", r->modes[d->b].name);
+        cJSON_AddStringToObject(o, "metric", ev_metric_names[d->metric]);
+        cJSON_AddItemToArray(diffs, o);
+    }
+    cJSON_AddStringToObject(root, "verdict", s->verdict);
+    return json_take(root);
+}
+
+static char *cell_json(const struct ev_item *it, const struct ev_cell *c)
+{
+    cJSON *o = cJSON_CreateObject();
+    if (!o)
+        return NULL;
+    for (int m = 0; m < EV_N_METRICS; m++) {
+        double v = ev_cell_metric(c, (enum ev_metric)m);
+        if (!isnan(v))
+            json_num(o, ev_metric_names[m], v);
+    }
+    if (c->choice_ll) {
+        cJSON *a = cJSON_AddArrayToObject(o, "choice_ll");
+        for (int i = 0; a && i < it->n_choices; i++)
+            cJSON_AddItemToArray(a, cJSON_CreateNumber(c->choice_ll[i]));
+    }
+    cJSON_AddNumberToObject(o, "n_passages", c->n_passages);
+    cJSON_AddNumberToObject(o, "prompt_tokens", c->prompt_tokens);
+    cJSON_AddNumberToObject(o, "answer_tokens", c->answer_tokens);
+    json_num(o, "seconds", c->seconds);
+    return json_take(o);
+}
+
+int ev_record(struct rdb *db, int64_t run_id, const struct ev_qa *qa, const struct ev_run *r,
+              const struct ev_summary *s, struct lk_err *err)
+{
+    int rc = LK_OK;
+    for (int i = 0; i < s->n_stats && !rc; i++) {
+        const struct ev_stat *st = &s->stats[i];
+        rc = rdb_eval_result(db, run_id, r->modes[st->mode].name, ev_metric_names[st->metric], st->ci.mean,
+                             st->ci.lo, st->ci.hi, (int64_t)st->ci.n, err);
+    }
+    for (int i = 0; i < s->n_diffs && !rc; i++) {
+        const struct ev_diff *d = &s->diffs[i];
+        char name[64];
+        snprintf(name, sizeof name, "%s - %s", r->modes[d->a].name, r->modes[d->b].name);
+        rc = rdb_eval_result(db, run_id, name, ev_metric_names[d->metric], d->ci.mean, d->ci.lo, d->ci.hi,
+                             (int64_t)d->ci.n, err);
+    }
+    for (int j = 0; j < r->n_modes && !rc; j++)
+        rc = rdb_eval_result(db, run_id, r->modes[j].name, "seconds", r->seconds[j], NAN, NAN, r->n_items, err);
+    for (int i = 0; i < r->n_items && !rc; i++) {
+        const struct ev_item *it = &qa->items[i];
+        const char *ref = it->choices ? it->choices[it->answer_index] : it->answer;
+        for (int j = 0; j < r->n_modes && !rc; j++) {
+            const struct ev_cell *c = ev_run_cell(r, i, j);
+            char *sj = cell_json(it, c);
+            if (!sj)
+                return lk_errf(err, LK_ERR_NOMEM, "out of memory");
+            rc = rdb_eval_item(db, run_id, it->id, r->modes[j].name, it->question, ref, c->answer, c->retrieved,
+                               sj, err);
+            lk_free(sj);
+        }
+    }
+    return rc;
+}

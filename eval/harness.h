@@ -1,0 +1,207 @@
+/*
+ * harness.h - the eval harness: the same questions in four modes, scored and summarised.
+ *
+ *   base    the base model, closed book (the question alone in the chat template)
+ *   rag     the base model with the top-k FTS5 passages before the question
+ *   ft      the tuned model (base + adapter, or a fine-tuned model folder), closed book
+ *   ft+rag  the tuned model with the passages
+ *
+ * With several k (a sweep), the retrieval modes are named "rag@k" and "ft+rag@k" (k = 0 is
+ * base / ft itself and is not repeated).
+ *
+ * The rag prompt is the user message
+ *     "Context:\n<p1>\n\n<p2>...\n\nQuestion: <q>"
+ * (passages: the chunks' text, best first, without titles): the format the project's base model
+ * learned reading comprehension on (datasets/README.md). It must fit max_ctx - max_new tokens:
+ * the lowest-ranked passages are dropped first; when even the best passage alone is too long,
+ * it is cut (at a UTF-8 character boundary) to what fits.
+ *
+ * Per item and mode (struct ev_cell): the greedy answer (up to max_new tokens, stopping at the
+ * template's end of turn or eos); exact match, token F1 and ROUGE-L against the reference after
+ * SQuAD normalisation (eval/metrics.h); the teacher-forced negative log-likelihood per token of
+ * the reference answer given the prompt (the answer's tokens, without end of turn); recall@k
+ * when the item names its doc_id (any of the k retrieved chunks comes from that document).
+ * Multiple-choice items ({question, choices, answer_index}) are scored as lm-evaluation-harness
+ * does: the summed log-likelihood of each choice given the prompt, the highest (lowest index
+ * on ties) is the answer, accuracy is 1 when it is answer_index. No sampling anywhere: results
+ * are deterministic.
+ *
+ * The KV cache of libcore/generate.h serves all of it: the prompt is prefilled once, then the
+ * reference answer and each choice are scored by rewinding the cache to the prompt's end.
+ */
+#ifndef LK_EV_HARNESS_H
+#define LK_EV_HARNESS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "../libcore/chat.h"
+#include "../libcore/generate.h"
+#include "../libcore/lk.h"
+#include "../libcore/lora.h"
+#include "../libcore/model.h"
+#include "../libcore/rdb.h"
+#include "../libcore/tok.h"
+#include "fts.h"
+#include "metrics.h"
+
+// ---- questions ----
+
+struct ev_item {
+    char *id;          /* owned: the "id" field (string or number), else "line N" */
+    char *question;    /* owned */
+    char *answer;      /* owned: the reference, or NULL for a multiple-choice item */
+    char *doc_id;      /* owned: the source document, or NULL */
+    char **choices;    /* owned [n_choices] (multiple choice), or NULL */
+    int n_choices;
+    int answer_index;  /* multiple choice: the right choice */
+    int line;          /* 1-based line in the file */
+};
+
+struct ev_qa {
+    struct ev_item *items; /* owned [n] */
+    int n;
+    int n_mc;              /* items that are multiple choice */
+};
+
+/* Reads a QA JSONL file: one object per line, {"question", "answer"} or {"question",
+ * "choices": [strings, at least 2], "answer_index"}, optional "id" and "doc_id" (other fields
+ * ignored, blank lines skipped). At most limit items (<= 0: all). A line that is not a JSON
+ * object, a missing or mistyped field, an answer_index out of range or a duplicate id is
+ * LK_ERR_FORMAT naming file:line. An empty file is an error too. */
+int ev_qa_load(struct ev_qa *qa, const char *path, int limit, struct lk_err *err);
+void ev_qa_release(struct ev_qa *qa); /* NULL-safe, harmless twice */
+
+// ---- prompts ----
+
+/* The rag user message for k passages (k = 0: the question alone), in a fresh lk_malloc'ed
+ * string (NULL on OOM). */
+char *ev_rag_text(const char *question, const char *const *passages, int k);
+
+/* The chat prompt of a question with up to k passages, fitted into max_tokens as described
+ * above. *out_used is the number of passages kept (the last one possibly cut). Fails
+ * (LK_ERR_USAGE) only when the question alone does not fit. */
+int ev_prompt_build(struct tok *tk, const struct chat_fmt *fmt, const char *question,
+                    const char *const *passages, int k, int max_tokens, struct tok_ids *out,
+                    int *out_used, struct lk_err *err);
+
+// ---- modes ----
+
+struct ev_mode {
+    char name[24];     /* "base", "rag", "ft", "ft+rag", "rag@3", ... */
+    int tuned;         /* 1: the tuned model */
+    int k;             /* passages (0: closed book) */
+};
+
+/* Parses a comma-separated list of base, rag, ft, ft+rag and a list of k (ks[nk], each >= 0)
+ * into modes, in the order base, rag..., ft, ft+rag... (only those listed). A single k names
+ * the retrieval modes "rag"/"ft+rag"; several name them "rag@k"/"ft+rag@k" and skip k = 0.
+ * *out is lk_malloc'ed. LK_ERR_USAGE for an unknown or repeated mode. */
+int ev_modes_parse(const char *list, const int *ks, int nk, struct ev_mode **out, int *n,
+                   struct lk_err *err);
+
+// ---- running ----
+
+struct ev_config {
+    struct tok *tk;              /* borrowed */
+    const struct chat_fmt *fmt;  /* borrowed */
+    struct model *base;          /* borrowed */
+    struct model *tuned;         /* borrowed: the tuned model folder, or NULL (then base + lora) */
+    const struct lora *lora;     /* borrowed: the adapter for the tuned modes, or NULL */
+    struct fts_index *idx;       /* borrowed: needed when a mode has k > 0 */
+    int max_new;                 /* answer tokens generated at most */
+    int max_ctx;                 /* positions a sequence may use (<= max_position_embeddings) */
+};
+
+struct ev_cell {
+    char *answer;                /* owned: the generated answer (or the chosen choice) */
+    double em, f1, rouge_l;      /* NAN for multiple choice */
+    double nll;                  /* per token of the reference (or right choice); NAN if none */
+    double acc;                  /* multiple choice: 1 or 0, else NAN */
+    double recall;               /* recall@k of doc_id; NAN without doc_id or retrieval */
+    int n_passages;              /* passages in the prompt */
+    int prompt_tokens, answer_tokens;
+    double *choice_ll;           /* owned [n_choices]: summed log-likelihoods, or NULL */
+    char *retrieved;             /* owned JSON array of the passages used, or NULL */
+    double seconds;
+};
+
+struct ev_run {
+    int n_items, n_modes;
+    const struct ev_mode *modes; /* borrowed [n_modes] */
+    struct ev_cell *cells;       /* owned [n_items * n_modes], item-major */
+    double *seconds;             /* owned [n_modes]: time spent per mode */
+    double retrieval_seconds;
+};
+
+/* Progress: called after each item. */
+typedef void (*ev_progress_fn)(void *ctx, int done, int total);
+
+/* Runs every item in every mode. Retrieval (the question as the query, top max-k chunks) is
+ * done once per item and shared by the retrieval modes. Checks lk_interrupted per item. On
+ * failure r is still released by ev_run_release. */
+int ev_run_all(struct ev_run *r, const struct ev_config *c, const struct ev_qa *qa,
+               const struct ev_mode *modes, int n_modes, ev_progress_fn progress, void *ctx,
+               struct lk_err *err);
+void ev_run_release(struct ev_run *r);
+/* The cell of item i in mode j. */
+struct ev_cell *ev_run_cell(const struct ev_run *r, int i, int j);
+
+// ---- summary ----
+
+enum ev_metric { EV_EM = 0, EV_F1, EV_ROUGE_L, EV_NLL, EV_ACC, EV_RECALL, EV_N_METRICS };
+extern const char *const ev_metric_names[EV_N_METRICS];  /* "em", "f1", "rouge_l", ... */
+extern const char *const ev_metric_labels[EV_N_METRICS]; /* "EM", "F1", "ROUGE-L", ... */
+
+/* The value of a metric in a cell (NAN when it does not apply). */
+double ev_cell_metric(const struct ev_cell *c, enum ev_metric m);
+
+struct ev_stat {
+    int mode;                    /* index into the run's modes */
+    enum ev_metric metric;
+    struct ev_ci ci;             /* mean with 95% bootstrap interval over the items it applies to */
+};
+
+struct ev_diff {
+    int a, b;                    /* modes: the difference is a - b, paired on items */
+    enum ev_metric metric;
+    struct ev_ci ci;
+};
+
+struct ev_summary {
+    struct ev_stat *stats;       /* owned [n_stats] */
+    int n_stats;
+    struct ev_diff *diffs;       /* owned [n_diffs] */
+    int n_diffs;
+    char verdict[512];
+    uint64_t seed;
+};
+
+/* Means and 95% bootstrap CIs per mode and metric (over the items where the metric applies),
+ * the paired differences ft - rag and ft+rag - rag (each retrieval k), rag - base and
+ * ft - base, and the verdict (see ev_verdict) on F1 (accuracy when every item is multiple
+ * choice) between ft and rag (the largest k), else rag and base, else ft and base. */
+int ev_summarize(const struct ev_run *r, uint64_t seed, struct ev_summary *s, struct lk_err *err);
+void ev_summary_release(struct ev_summary *s);
+/* The stat of (mode, metric), or NULL. */
+const struct ev_stat *ev_summary_stat(const struct ev_summary *s, int mode, enum ev_metric m);
+
+/* One plain-language line about the paired difference d = a - b on n items:
+ *   "rag beats ft on F1 by 0.21 ± 0.04 on 500 questions"   (interval excludes 0)
+ *   "no clear difference between ft and rag on F1: ft − rag = 0.01 ± 0.04 (95% interval
+ *    includes 0) on 500 questions"
+ * "± h" is the half-width of the 95% interval. lower_better flips who "beats" (NLL). */
+void ev_verdict(const char *a, const char *b, const char *metric_label, const struct ev_ci *d,
+                int lower_better, char *buf, size_t n);
+
+/* The summary as a JSON object (modes x metrics with lo/hi/n, seconds per mode, diffs,
+ * verdict), a fresh lk_malloc'ed string (NULL on OOM). */
+char *ev_summary_json(const struct ev_run *r, const struct ev_summary *s);
+
+/* Writes eval_results (mode x metric with lo/hi/n; differences under the mode "a - b";
+ * "seconds" per mode) and eval_items (per item x mode: question, reference, answer, retrieved
+ * passages, scores_json) for run_id. */
+int ev_record(struct rdb *db, int64_t run_id, const struct ev_qa *qa, const struct ev_run *r,
+              const struct ev_summary *s, struct lk_err *err);
+
+#endif

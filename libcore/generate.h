@@ -1,0 +1,128 @@
+/*
+ * generate.h - incremental decoding with a KV cache, sampling, and the generation loop.
+ *
+ * The cache keeps, for every layer, the keys (after rotary embedding) and values of every
+ * token seen so far: k[l], v[l] [T_max, NKV*HS]. gen_forward runs a chunk of new tokens at
+ * positions n..n+N-1 through the same weights as model_forward (struct model's layers,
+ * inv_freq, the ops.h kernels, a LoRA adapter applied as y += s*B(A x) + s*bias_B), appends
+ * their keys and values and attends over the whole cache: the prompt is prefilled in one
+ * chunk, then every new token costs one position. Nothing of the prefix is recomputed.
+ * The arithmetic follows model.c step by step, so logits agree with model_forward on the
+ * full prefix to float rounding (tests/test_generate.c checks every position).
+ *
+ * gen_cache_truncate rewinds the cache (drops positions >= n): the eval harness scores
+ * several continuations of one prompt (reference answer, multiple-choice options) without
+ * prefilling the prompt again.
+ */
+#ifndef LK_GENERATE_H
+#define LK_GENERATE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "chat.h"
+#include "lk.h"
+#include "lora.h"
+#include "model.h"
+
+struct gen_cache {
+    int L, T_max, chunk;  /* layers, positions the cache holds, tokens per forward step */
+    int n;                /* positions filled */
+    int C, F, V, Q, KV, NH, NKV, HS, R; /* dimensions (R: largest LoRA rank it was sized for) */
+    float *mem;           /* owned: the cache and the scratch below, one block */
+    float **k, **v;       /* owned array [L] of pointers into mem: [T_max, KV] each */
+    // scratch for one chunk of up to `chunk` tokens
+    float *x, *ln, *q, *kn, *vn, *atty, *x2, *gate, *up, *act, *xa; /* [chunk, ...] */
+    float *att;           /* [chunk * NH, T_max] attention weights */
+    float *lnf;           /* [chunk, C] */
+    float *logits;        /* [V]: logits of the last token of the last gen_forward */
+    int *pos;             /* owned [chunk] */
+};
+
+/* Sizes a cache for model config c: T_max positions (at most max_position_embeddings is the
+ * caller's business), chunks of up to `chunk` tokens per step (prefill longer prompts in
+ * several steps), LoRA ranks up to max_rank (0 without an adapter). */
+int gen_cache_init(struct gen_cache *gc, const struct cfg *c, int T_max, int chunk, int max_rank,
+                   struct lk_err *err);
+void gen_cache_release(struct gen_cache *gc); /* NULL-safe, harmless twice */
+/* Forgets positions >= n (n <= gc->n): the next gen_forward continues at position n. */
+void gen_cache_truncate(struct gen_cache *gc, int n);
+/* Largest LoRA rank of an adapter (0 for NULL). */
+int gen_lora_max_rank(const struct lora *l);
+
+/* Runs tokens[0..N) at positions gc->n.. and appends them to the cache. The last token's
+ * logits are left in gc->logits [V]; when out_logits is non-NULL every token's logits are
+ * written there [N, V]. lora may be NULL (DoRA is refused; modules_to_save tensors must have
+ * been applied by model_apply_extras, as for model_forward). Errors: the cache would overflow
+ * (LK_ERR_USAGE, with the sizes), a token outside the vocabulary. The cache is unchanged on
+ * error. */
+int gen_forward(struct gen_cache *gc, const struct model *m, const struct lora *lora,
+                const int32_t *tokens, int N, float *out_logits, struct lk_err *err);
+
+// ---- sampling ----
+
+struct gen_prob {
+    float p;
+    int32_t id;
+};
+
+struct gen_sampler {
+    double temperature;   /* <= 0: greedy */
+    double top_p;         /* (0, 1]: nucleus sampling; 1 = off */
+    struct lk_rng rng;
+    int V;
+    struct gen_prob *buf; /* owned [V] scratch */
+};
+int gen_sampler_init(struct gen_sampler *s, int V, double temperature, double top_p, uint64_t seed,
+                     struct lk_err *err);
+void gen_sampler_release(struct gen_sampler *s);
+/* Next token from logits[V]: the arg max (lowest id on ties) when greedy; else softmax of
+ * logits / temperature, restricted to the smallest set of most probable ids whose mass
+ * reaches top_p, sampled with the seeded rng. */
+int32_t gen_sample(struct gen_sampler *s, const float *logits);
+/* The arg max of x[n] (lowest index on ties). */
+int gen_argmax(const float *x, int n);
+/* log softmax(logits)[id], computed in double. */
+double gen_logprob(const float *logits, int V, int32_t id);
+
+// ---- the generation loop ----
+
+struct gen_opts {
+    int max_new;              /* tokens to generate at most */
+    double temperature, top_p;
+    uint64_t seed;
+    const struct chat_fmt *fmt; /* borrowed, may be NULL: its stop ids end generation */
+    int32_t eos;              /* also ends generation when >= 0 */
+    int no_cache;             /* recompute the whole prefix with model_forward per token */
+    int n_vocab;              /* > 0: only ids below it are generated (a tokenizer smaller than
+                                 the embedding table); 0: the model's vocabulary */
+};
+
+/* Called with each generated token (stop tokens are not passed). A non-zero return stops
+ * generation early (the value is returned by gen_run unless it is 1, which is a clean stop). */
+typedef int (*gen_token_fn)(void *ctx, int32_t id);
+
+/* Prefills prompt[0..n_prompt) into the (reset) cache, then samples up to o->max_new tokens,
+ * stopping at a stop id or eos, appending generated ids (without the stop id) to out (may be
+ * NULL) and calling on_token (may be NULL) for each. With o->no_cache the cache is unused
+ * (gc may be NULL) and m is re-planned for B=1, T=prefix length at each step (this is the
+ * slow baseline the benchmark and tests compare with). *out_stop (may be NULL) is set to 1
+ * when a stop id ended generation, 0 when max_new did. Checks lk_interrupted per token. The
+ * prompt plus max_new must fit the cache (LK_ERR_USAGE otherwise: shorten one or the other). */
+int gen_run(struct gen_cache *gc, struct model *m, const struct lora *lora, const int32_t *prompt,
+            int n_prompt, const struct gen_opts *o, gen_token_fn on_token, void *ctx,
+            struct tok_ids *out, int *out_stop, struct lk_err *err);
+
+/* Continues from the cache as it is: logits[V] are the next-token logits of its last position
+ * (e.g. a copy of gc->logits saved after prefilling, before the cache was used for something
+ * else and rewound). Same stopping rules and callbacks as gen_run; the cache must have room
+ * for max_new - 1 more positions. */
+int gen_continue(struct gen_cache *gc, const struct model *m, const struct lora *lora,
+                 const float *logits, const struct gen_opts *o, gen_token_fn on_token, void *ctx,
+                 struct tok_ids *out, int *out_stop, struct lk_err *err);
+
+/* Length of the longest prefix of s[0..n) that does not end inside a UTF-8 sequence (a lead
+ * byte whose continuation bytes have not all arrived yet): for streaming decoded text. */
+size_t gen_utf8_complete(const char *s, size_t n);
+
+#endif

@@ -1,0 +1,619 @@
+/*
+ * test_eval.c - the eval harness: QA loading and its errors, the rag prompt format and its
+ * fitting to the context, mode lists and the k sweep, aggregation (intervals around the mean,
+ * paired difference signs), the verdict text, multiple-choice and reference log-likelihoods
+ * against an independent model_forward, and `lorakit eval` end to end: a model trained in the
+ * test to read its context answers from retrieved documents (rag far above base), bad inputs
+ * leave no run marked 'running'.
+ */
+#include "test.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <sqlite3.h>
+
+#include "../eval/harness.h"
+#include "../libcore/chat.h"
+#include "../libcore/model.h"
+#include "../libcore/rdb.h"
+#include "../libcore/tok.h"
+#include "fix_model.h"
+
+static int write_file(const char *name, const char *text)
+{
+    FILE *f = fopen(test_path(name), "w");
+    if (!f)
+        return -1;
+    fputs(text, f);
+    return fclose(f);
+}
+
+// ---- questions ----
+
+/* Loads a one-file QA set and expects an error mentioning want (NULL: success). */
+static int qa_try(const char *text, const char *want)
+{
+    struct ev_qa qa;
+    if (write_file("qa.jsonl", text))
+        return -1;
+    int rc = ev_qa_load(&qa, test_path("qa.jsonl"), 0, test_err());
+    if (!want) {
+        if (rc)
+            return -2;
+        ev_qa_release(&qa);
+        return 0;
+    }
+    if (rc != LK_ERR_FORMAT) {
+        if (!rc)
+            ev_qa_release(&qa);
+        return -3;
+    }
+    return strstr(test_errmsg(), want) ? 0 : -4;
+}
+
+TEST(ev_qa_load_fields_and_errors)
+{
+    struct ev_qa qa;
+    CHECK_INT(write_file("qa.jsonl", "{\"id\":\"a\",\"question\":\"Q1?\",\"answer\":\"x\",\"doc_id\":\"d1\"}\n\n"
+                                     "{\"question\":\"Q2?\",\"choices\":[\"p\",\"q\",\"r\"],\"answer_index\":2}\n"
+                                     "{\"id\":7,\"question\":\"Q3?\",\"answer\":\"y\",\"extra\":1}\n"), 0);
+    CHECK_OK(ev_qa_load(&qa, test_path("qa.jsonl"), 0, test_err()));
+    CHECK_INT(qa.n, 3);
+    CHECK_INT(qa.n_mc, 1);
+    CHECK(!strcmp(qa.items[0].id, "a") && !strcmp(qa.items[0].doc_id, "d1") && !strcmp(qa.items[0].answer, "x"));
+    CHECK(!strcmp(qa.items[1].id, "line 3") && qa.items[1].n_choices == 3 && qa.items[1].answer_index == 2);
+    CHECK(qa.items[1].answer == NULL && qa.items[1].line == 3);
+    CHECK(!strcmp(qa.items[2].id, "7") && qa.items[2].doc_id == NULL);
+    ev_qa_release(&qa);
+    ev_qa_release(&qa);
+    CHECK_OK(ev_qa_load(&qa, test_path("qa.jsonl"), 2, test_err())); // --limit
+    CHECK_INT(qa.n, 2);
+    ev_qa_release(&qa);
+    CHECK_INT(qa_try("{\"question\":\"a\",\"answer\":\"b\"}\n{\"answer\":\"b\"}\n", "qa.jsonl:2: missing field 'question'"), 0);
+    CHECK_INT(qa_try("{\"question\":\"a\"}\n", "qa.jsonl:1: missing field 'answer'"), 0);
+    CHECK_INT(qa_try("{\"question\":\"a\",\"answer\":3}\n", "qa.jsonl:1: field 'answer' must be a string"), 0);
+    CHECK_INT(qa_try("{\"question\":\"a\",\"answer\":\"b\"\n", "qa.jsonl:1: not a JSON object"), 0);
+    CHECK_INT(qa_try("[1,2]\n", "qa.jsonl:1: not a JSON object"), 0);
+    CHECK_INT(qa_try("{\"question\":\"a\",\"choices\":[\"x\"],\"answer_index\":0}\n", "at least 2"), 0);
+    CHECK_INT(qa_try("{\"question\":\"a\",\"choices\":[\"x\",\"y\"]}\n", "missing field 'answer_index'"), 0);
+    CHECK_INT(qa_try("{\"question\":\"a\",\"choices\":[\"x\",\"y\"],\"answer_index\":2}\n", "'answer_index' must be"), 0);
+    CHECK_INT(qa_try("{\"question\":\"a\",\"choices\":[\"x\",\"\"],\"answer_index\":0}\n", "choice 1"), 0);
+    CHECK_INT(qa_try("{\"id\":\"z\",\"question\":\"a\",\"answer\":\"b\"}\n{\"id\":\"z\",\"question\":\"c\",\"answer\":\"d\"}\n",
+                     "qa.jsonl:2: duplicate id 'z' (first on line 1)"), 0);
+    CHECK_INT(qa_try("{\"question\":\"  \",\"answer\":\"b\"}\n", "'question' is empty"), 0);
+    CHECK_INT(qa_try("{\"question\":\"a\",\"answer\":\"b\",\"doc_id\":5}\n", "'doc_id' must be a string"), 0);
+    CHECK_INT(qa_try("\n\n", "no question"), 0);
+    CHECK(ev_qa_load(&qa, test_path("missing.jsonl"), 0, test_err()) == LK_ERR_IO);
+}
+
+// ---- prompts ----
+
+/* A trained tokenizer (chatml template) in tmpdir/tok. */
+static int make_tokenizer(void)
+{
+    FILE *f = fopen(test_path("corpus.txt"), "w");
+    if (!f)
+        return -1;
+    for (int i = 0; i < 40; i++)
+        fprintf(f, "Context: the code of item %d is %c. Question: what is the code of item %d? é中\n", i,
+                'B' + i % 20, i);
+    fclose(f);
+    const char *files[1] = { test_path("corpus.txt") };
+    struct tok_train_opts o = { files, 1, 300, NULL, 0, 0 };
+    return tok_train(&o, test_path("tok"), test_err());
+}
+
+TEST(ev_rag_prompt_format_and_fitting)
+{
+    const char *ps[3] = { "first passage", "second one", "third" };
+    char *s = ev_rag_text("What is X?", ps, 2);
+    CHECK(s && !strcmp(s, "Context:\nfirst passage\n\nsecond one\n\nQuestion: What is X?"));
+    lk_free(s);
+    s = ev_rag_text("What is X?", ps, 0);
+    CHECK(s && !strcmp(s, "What is X?"));
+    lk_free(s);
+
+    CHECK_OK(make_tokenizer());
+    struct tok *tk;
+    CHECK_OK(tok_load(&tk, test_path("tok"), test_err()));
+    struct chat_fmt fmt;
+    CHECK_OK(chat_fmt_init(&fmt, tk, NULL, test_err()));
+    CHECK_INT(fmt.kind, CHAT_CHATML);
+    // the prompt is exactly the chat template around the rag text
+    struct tok_ids got = { 0 }, want = { 0 };
+    int used;
+    CHECK_OK(ev_prompt_build(tk, &fmt, "What is X?", ps, 3, 1000, &got, &used, test_err()));
+    CHECK_INT(used, 3);
+    s = ev_rag_text("What is X?", ps, 3);
+    CHECK_OK(chat_prompt_user(tk, &fmt, NULL, s, &want, test_err()));
+    lk_free(s);
+    CHECK_INT(got.n, want.n);
+    CHECK(memcmp(got.v, want.v, sizeof(int32_t) * got.n) == 0);
+    char *text;
+    CHECK_OK(tok_decode(tk, got.v, got.n, 0, &text, NULL, test_err()));
+    CHECK_MSG(strstr(text, "<|im_start|>user\nContext:\nfirst passage\n\nsecond one\n\nthird\n\nQuestion: What is X?"
+                           "<|im_end|>\n<|im_start|>assistant\n"), "prompt: %s", text);
+    lk_free(text);
+    // a budget between 2 and 3 passages keeps 2 (the lowest-ranked goes first)
+    size_t n3 = got.n;
+    s = ev_rag_text("What is X?", ps, 2);
+    CHECK_OK(chat_prompt_user(tk, &fmt, NULL, s, &want, test_err()));
+    lk_free(s);
+    size_t n2 = want.n;
+    CHECK(n2 < n3);
+    CHECK_OK(ev_prompt_build(tk, &fmt, "What is X?", ps, 3, (int)n3 - 1, &got, &used, test_err()));
+    CHECK_INT(used, 2);
+    CHECK_INT(got.n, n2);
+    // a long passage alone is cut to fit, at a character boundary
+    char *longp = malloc(4000);
+    for (int i = 0; i < 3990; i += 4)
+        memcpy(longp + i, i % 8 ? "\xC3\xA9\xC3\xA9" : "ab c", 4); // "éé" or "ab c"
+    longp[3990] = 0;
+    const char *lp[1] = { longp };
+    CHECK_OK(ev_prompt_build(tk, &fmt, "What is X?", lp, 1, 60, &got, &used, test_err()));
+    CHECK_INT(used, 1);
+    CHECK(got.n <= 60 && got.n >= 50);
+    CHECK_OK(tok_decode(tk, got.v, got.n, 0, &text, NULL, test_err()));
+    CHECK(tok_utf8_check(text, strlen(text)) == 0);
+    CHECK(strstr(text, "Context:\nab c") && strstr(text, "\n\nQuestion: What is X?"));
+    lk_free(text);
+    // the question alone does not fit: an error
+    CHECK(ev_prompt_build(tk, &fmt, longp, lp, 1, 60, &got, &used, test_err()) == LK_ERR_USAGE);
+    free(longp);
+    tok_ids_release(&got);
+    tok_ids_release(&want);
+    tok_free(tk);
+}
+
+TEST(ev_modes_and_k_sweep)
+{
+    struct ev_mode *m;
+    int n, k3[1] = { 3 }, sweep[4] = { 0, 1, 3, 5 };
+    CHECK_OK(ev_modes_parse("ft+rag,base,rag,ft", k3, 1, &m, &n, test_err()));
+    CHECK_INT(n, 4);
+    CHECK(!strcmp(m[0].name, "base") && !strcmp(m[1].name, "rag") && !strcmp(m[2].name, "ft") &&
+          !strcmp(m[3].name, "ft+rag"));
+    CHECK(m[1].k == 3 && !m[1].tuned && m[3].k == 3 && m[3].tuned && m[2].k == 0);
+    lk_free(m);
+    CHECK_OK(ev_modes_parse("base,rag,ft,ft+rag", sweep, 4, &m, &n, test_err()));
+    CHECK_INT(n, 8); // base, rag@1, rag@3, rag@5, ft, ft+rag@1, ft+rag@3, ft+rag@5
+    CHECK(!strcmp(m[1].name, "rag@1") && m[3].k == 5 && !strcmp(m[7].name, "ft+rag@5") && m[7].tuned);
+    lk_free(m);
+    CHECK(ev_modes_parse("base,foo", k3, 1, &m, &n, test_err()) == LK_ERR_USAGE);
+    CHECK(ev_modes_parse("base,base", k3, 1, &m, &n, test_err()) == LK_ERR_USAGE);
+    int k0[1] = { 0 }, kdup[2] = { 1, 1 };
+    CHECK(ev_modes_parse("rag", k0, 1, &m, &n, test_err()) == LK_ERR_USAGE);
+    CHECK(ev_modes_parse("rag", kdup, 2, &m, &n, test_err()) == LK_ERR_USAGE);
+}
+
+// ---- summary ----
+
+TEST(ev_verdict_text)
+{
+    char buf[512];
+    struct ev_ci d = { -0.21, -0.25, -0.17, 500, 1000 };
+    ev_verdict("ft", "rag", "F1", &d, 0, buf, sizeof buf);
+    CHECK_MSG(!strcmp(buf, "rag beats ft on F1 by 0.21 ± 0.04 on 500 questions"), "%s", buf);
+    struct ev_ci e = { 0.10, 0.06, 0.14, 40, 1000 };
+    ev_verdict("ft", "rag", "F1", &e, 0, buf, sizeof buf);
+    CHECK_MSG(!strcmp(buf, "ft beats rag on F1 by 0.10 ± 0.04 on 40 questions"), "%s", buf);
+    ev_verdict("ft", "rag", "NLL/token", &e, 1, buf, sizeof buf); // lower is better: rag wins
+    CHECK_MSG(!strcmp(buf, "rag beats ft on NLL/token by 0.10 ± 0.04 on 40 questions"), "%s", buf);
+    struct ev_ci z = { 0.01, -0.03, 0.05, 500, 1000 };
+    ev_verdict("ft", "rag", "F1", &z, 0, buf, sizeof buf);
+    CHECK_MSG(strstr(buf, "no clear difference between ft and rag on F1") && strstr(buf, "includes 0") &&
+              strstr(buf, "0.01 ± 0.04") && strstr(buf, "500 questions"), "%s", buf);
+}
+
+/* A synthetic run: F1 of rag is ft's + 0.3 on every item, EM 0/1 patterns, NLL. */
+TEST(ev_summary_aggregation)
+{
+    static const struct ev_mode modes[3] = { { "base", 0, 0 }, { "rag", 0, 3 }, { "ft", 1, 0 } };
+    struct ev_run r = { 0 };
+    int N = 60;
+    r.n_items = N;
+    r.n_modes = 3;
+    r.modes = modes;
+    r.cells = calloc((size_t)N * 3, sizeof *r.cells);
+    r.seconds = calloc(3, sizeof(double));
+    struct lk_rng rng;
+    lk_rng_seed(&rng, 5);
+    double sum_ft = 0;
+    for (int i = 0; i < N; i++) {
+        double u = 0.5 * lk_rng_uniform(&rng);
+        for (int j = 0; j < 3; j++) {
+            struct ev_cell *c = ev_run_cell(&r, i, j);
+            c->f1 = j == 1 ? u + 0.3 : j == 2 ? u : 0.1 * u;
+            c->em = (i + j) % 3 == 0;
+            c->rouge_l = c->f1;
+            c->nll = 2.0 - c->f1;
+            c->acc = NAN;
+            c->recall = j == 1 ? (i % 4 != 0) : NAN;
+            if (j == 2)
+                sum_ft += c->f1;
+        }
+    }
+    struct ev_summary s;
+    CHECK_OK(ev_summarize(&r, 7, &s, test_err()));
+    for (int i = 0; i < s.n_stats; i++) {
+        const struct ev_ci *ci = &s.stats[i].ci;
+        CHECK_MSG(ci->lo <= ci->mean && ci->mean <= ci->hi, "stat %d: mean %g outside [%g, %g]", i, ci->mean,
+                  ci->lo, ci->hi);
+        CHECK(ci->hi - ci->lo < 0.5);
+    }
+    const struct ev_stat *st = ev_summary_stat(&s, 2, EV_F1);
+    CHECK(st && st->ci.n == (size_t)N);
+    CHECK_NEAR(st->ci.mean, sum_ft / N, 1e-12);
+    st = ev_summary_stat(&s, 1, EV_RECALL);
+    CHECK(st && fabs(st->ci.mean - 0.75) < 1e-12);
+    CHECK(ev_summary_stat(&s, 0, EV_RECALL) == NULL); // closed book: no recall
+    CHECK(ev_summary_stat(&s, 0, EV_ACC) == NULL);
+    // ft - rag on F1 is exactly -0.3 on every item: the interval is a point, below 0
+    int found = 0;
+    for (int i = 0; i < s.n_diffs; i++) {
+        const struct ev_diff *d = &s.diffs[i];
+        if (d->a == 2 && d->b == 1 && d->metric == EV_F1) {
+            found = 1;
+            CHECK_NEAR(d->ci.mean, -0.3, 1e-9);
+            CHECK(d->ci.hi < 0);
+        }
+        if (d->a == 1 && d->b == 0 && d->metric == EV_F1)
+            CHECK(d->ci.lo > 0); // rag - base > 0
+        if (d->a == 2 && d->b == 1 && d->metric == EV_NLL)
+            CHECK(d->ci.lo > 0); // ft's NLL is higher
+    }
+    CHECK(found);
+    CHECK_MSG(!strncmp(s.verdict, "rag beats ft on F1 by 0.30 ± 0.00 on 60 questions", 60), "%s", s.verdict);
+    // the same seed gives the same intervals; the JSON carries everything
+    struct ev_summary s2;
+    CHECK_OK(ev_summarize(&r, 7, &s2, test_err()));
+    CHECK(s2.n_stats == s.n_stats && s2.stats[3].ci.lo == s.stats[3].ci.lo);
+    char *js = ev_summary_json(&r, &s);
+    CHECK(js && strstr(js, "\"verdict\":\"rag beats ft on F1") && strstr(js, "\"rag\":{") &&
+          strstr(js, "\"recall\":{\"mean\":0.75"));
+    lk_free(js);
+    ev_summary_release(&s);
+    ev_summary_release(&s2);
+    ev_run_release(&r);
+}
+
+// ---- log-likelihoods against model_forward ----
+
+/* -(sum of log p(cont | prompt)) from one model_forward with targets on the continuation. */
+static double ref_nll_sum(struct model *m, const struct tok_ids *prompt, const struct tok_ids *cont)
+{
+    int T = (int)(prompt->n + cont->n);
+    int *tok = malloc(sizeof(int) * T), *tgt = malloc(sizeof(int) * T);
+    for (int i = 0; i < T; i++) {
+        tok[i] = i < (int)prompt->n ? prompt->v[i] : cont->v[i - prompt->n];
+        tgt[i] = -100;
+    }
+    for (int i = (int)prompt->n - 1; i < T - 1; i++)
+        tgt[i] = tok[i + 1];
+    double loss = NAN;
+    if (model_plan(m, 1, T, 0, test_err()) || model_forward(m, NULL, tok, NULL, NULL, tgt, 1, &loss, test_err()))
+        loss = NAN;
+    free(tok);
+    free(tgt);
+    return loss;
+}
+
+TEST(ev_choice_and_reference_loglik_match_model_forward)
+{
+    CHECK_OK(make_tokenizer());
+    struct tok *tk;
+    CHECK_OK(tok_load(&tk, test_path("tok"), test_err()));
+    struct chat_fmt fmt;
+    CHECK_OK(chat_fmt_init(&fmt, tk, NULL, test_err()));
+    struct cfg c;
+    fix_cfg_qwen2(&c);
+    c.vocab_size = tok_vocab_size(tk) + 3;
+    c.max_position_embeddings = 200; // > the 64-token prefill chunk: scoring crosses chunks
+    struct model m;
+    CHECK_OK(fix_model_random(&m, &c, 0.4f, 41));
+    CHECK_INT(write_file("qa.jsonl",
+                         "{\"id\":\"mc\",\"question\":\"what is the code of item 3?\","
+                         "\"choices\":[\"E\",\"E, Q, B, 7, 11; 6 / 4 * 10 é 中 x y z w v u t s r q p o n m l k j i h "
+                         "g f e d c b a 9 8 7 6 5 4 3 2 1 0 ! ? . , ; : - + = _ ( ) [ ] { } # @ Z Y X W V U T S R\","
+                         "\"B\",\"item 9\"],"
+                         "\"answer_index\":2}\n"
+                         "{\"id\":\"qa\",\"question\":\"what is the code of item 7?\",\"answer\":\"the code is I\"}\n"), 0);
+    struct ev_qa qa;
+    CHECK_OK(ev_qa_load(&qa, test_path("qa.jsonl"), 0, test_err()));
+    static const struct ev_mode modes[1] = { { "base", 0, 0 } };
+    struct ev_config ec = { tk, &fmt, &m, NULL, NULL, NULL, 8, 200 };
+    struct ev_run r;
+    CHECK_OK(ev_run_all(&r, &ec, &qa, modes, 1, NULL, NULL, test_err()));
+    // independent reference: model_forward on prompt + continuation
+    struct tok_ids prompt = { 0 }, cont = { 0 };
+    const struct ev_cell *cell = ev_run_cell(&r, 0, 0);
+    CHECK(cell->choice_ll != NULL);
+    CHECK_OK(chat_prompt_user(tk, &fmt, NULL, qa.items[0].question, &prompt, test_err()));
+    CHECK_INT(cell->prompt_tokens, prompt.n);
+    int best = 0;
+    double ll[4];
+    for (int j = 0; j < 4; j++) {
+        cont.n = 0;
+        CHECK_OK(tok_encode(tk, qa.items[0].choices[j], strlen(qa.items[0].choices[j]), 0, &cont, test_err()));
+        if (j == 1)
+            CHECK(cont.n > 64); // the long choice spans more than one chunk
+        ll[j] = -ref_nll_sum(&m, &prompt, &cont);
+        CHECK_NEAR(cell->choice_ll[j], ll[j], 1e-4);
+        if (ll[j] > ll[best])
+            best = j;
+        if (j == 2)
+            CHECK_NEAR(cell->nll, -ll[j] / (double)cont.n, 1e-5);
+    }
+    CHECK(!strcmp(cell->answer, qa.items[0].choices[best]));
+    CHECK_INT(cell->acc, best == 2);
+    CHECK(isnan(cell->em) && isnan(cell->f1));
+    // the free answer: NLL of the reference, and the greedy answer decodes what generation gives
+    cell = ev_run_cell(&r, 1, 0);
+    CHECK_OK(chat_prompt_user(tk, &fmt, NULL, qa.items[1].question, &prompt, test_err()));
+    cont.n = 0;
+    CHECK_OK(tok_encode(tk, "the code is I", 13, 0, &cont, test_err()));
+    CHECK_NEAR(cell->nll, ref_nll_sum(&m, &prompt, &cont) / (double)cont.n, 1e-5);
+    CHECK(!isnan(cell->em) && !isnan(cell->f1) && isnan(cell->acc) && isnan(cell->recall));
+    struct gen_cache gc;
+    CHECK_OK(gen_cache_init(&gc, &c, 200, 16, 0, test_err()));
+    struct gen_opts o = { 8, 0, 1, 0, &fmt, tok_eos(tk), 0, tok_vocab_size(tk) };
+    struct tok_ids g = { 0 };
+    CHECK_OK(gen_run(&gc, &m, NULL, prompt.v, (int)prompt.n, &o, NULL, NULL, &g, NULL, test_err()));
+    char *text;
+    CHECK_OK(tok_decode(tk, g.v, g.n, 1, &text, NULL, test_err()));
+    char *t = text;
+    while (*t == ' ' || *t == '\n')
+        t++;
+    CHECK_MSG(!strncmp(cell->answer, t, strlen(cell->answer)), "answer '%s' vs generated '%s'", cell->answer, text);
+    lk_free(text);
+    tok_ids_release(&g);
+    gen_cache_release(&gc);
+    tok_ids_release(&prompt);
+    tok_ids_release(&cont);
+    ev_run_release(&r);
+    ev_qa_release(&qa);
+    model_release(&m);
+    tok_free(tk);
+}
+
+// ---- end to end ----
+
+/* Entities with one-character codes; documents state them; a tiny model trained on
+ * reading-comprehension records (the rag prompt format) learns to copy the code from the
+ * context. held.jsonl asks about entities it never saw in training. */
+static const char *const SYL[20] = { "bor", "ka", "mi", "tel", "ros", "vu", "pan", "di", "lek", "so",
+                                     "mar", "tu", "gin", "fe", "lo", "zan", "pe", "ri", "dol", "nu" };
+static const char CODES[] = "BCDFGHJKLMNPQRSTVWXZ23456789";
+
+static int make_rc_fixture(int n_train, int n_held)
+{
+    FILE *d = fopen(test_path("docs.jsonl"), "w"), *t = fopen(test_path("train.jsonl"), "w");
+    FILE *h = fopen(test_path("held.jsonl"), "w"), *x = fopen(test_path("text.txt"), "w");
+    FILE *mc = fopen(test_path("mc.jsonl"), "w");
+    if (!d || !t || !h || !x || !mc)
+        return -1;
+    struct lk_rng rng;
+    lk_rng_seed(&rng, 1);
+    int n = n_train + n_held;
+    char(*names)[32] = calloc((size_t)n, 32);
+    for (int i = 0; i < n; i++) {
+        int dup;
+        do {
+            names[i][0] = 0;
+            for (int s = 0; s < 3; s++)
+                strcat(names[i], SYL[lk_rng_u64(&rng) % 20]);
+            dup = 0;
+            for (int j = 0; j < i; j++)
+                dup |= !strcmp(names[i], names[j]);
+        } while (dup);
+        char code = CODES[lk_rng_u64(&rng) % (sizeof CODES - 1)];
+        char doc[128], q[128];
+        snprintf(doc, sizeof doc, "The code of %s is %c.", names[i], code);
+        snprintf(q, sizeof q, "What is the code of %s?", names[i]);
+        fprintf(d, "{\"id\":\"d%d\",\"title\":\"%s\",\"text\":\"%s\"}\n", i, names[i], doc);
+        fprintf(x, "%s\n%s\n%c\n", doc, q, code);
+        if (i < n_train) {
+            fprintf(t, "{\"messages\":[{\"role\":\"user\",\"content\":\"Context:\\n%s\\n\\nQuestion: %s\"},"
+                       "{\"role\":\"assistant\",\"content\":\"%c\"}]}\n", doc, q, code);
+        } else {
+            fprintf(h, "{\"id\":\"q%d\",\"question\":\"%s\",\"answer\":\"%c\",\"doc_id\":\"d%d\"}\n", i, q, code, i);
+            char other = CODES[(strchr(CODES, code) - CODES + 5) % (sizeof CODES - 1)];
+            int right = i % 2;
+            fprintf(mc, "{\"id\":\"m%d\",\"question\":\"%s\",\"choices\":[\"%c\",\"%c\"],\"answer_index\":%d,"
+                        "\"doc_id\":\"d%d\"}\n", i, q, right ? other : code, right ? code : other, right, i);
+        }
+    }
+    free(names);
+    fclose(d);
+    fclose(t);
+    fclose(h);
+    fclose(x);
+    fclose(mc);
+    // a small Qwen2 (vocab 320), its tokenizer trained on the texts
+    if (write_file("cfg.json",
+                   "{\"architectures\":[\"Qwen2ForCausalLM\"],\"model_type\":\"qwen2\",\"hidden_size\":64,"
+                   "\"intermediate_size\":128,\"num_hidden_layers\":2,\"num_attention_heads\":4,"
+                   "\"num_key_value_heads\":2,\"vocab_size\":320,\"rms_norm_eps\":1e-6,\"rope_theta\":10000,"
+                   "\"tie_word_embeddings\":true,\"max_position_embeddings\":128,\"initializer_range\":0.1,"
+                   "\"torch_dtype\":\"float32\"}\n"))
+        return -1;
+    return test_sh("%s init --config '%s/cfg.json' --out '%s/m' --seed 1 && "
+                   "%s tokenizer train --text '%s/text.txt' --vocab 300 --out '%s/m'",
+                   test_lorakit(), test_tmpdir(), test_tmpdir(), test_lorakit(), test_tmpdir(), test_tmpdir());
+}
+
+/* The value of "key":{"mean":X in a JSON summary, for mode. */
+static double json_mean(const char *js, const char *mode, const char *metric)
+{
+    char pat[64];
+    snprintf(pat, sizeof pat, "\"%s\":{", mode);
+    const char *p = strstr(js, pat);
+    if (!p)
+        return NAN;
+    snprintf(pat, sizeof pat, "\"%s\":{\"mean\":", metric);
+    p = strstr(p, pat);
+    return p ? atof(p + strlen(pat)) : NAN;
+}
+
+static int sanitized(void)
+{
+#if defined(__SANITIZE_ADDRESS__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+TEST(ev_rag_beats_base_on_a_model_that_reads_its_context)
+{
+    if (sanitized() && !test_full())
+        SKIP("training the reading model takes minutes under ASan (runs with LK_TEST_FULL=1)");
+    CHECK_INT(make_rc_fixture(300, 30), 0);
+    CHECK_INT(test_sh("%s train --model '%s/m' --data '%s/train.jsonl' --out '%s/rc' --full --steps 600 --lr 1e-2 "
+                      "--warmup 20 --batch 8 --threads 1 --runs '%s/runs.db' --quiet", test_lorakit(), test_tmpdir(),
+                      test_tmpdir(), test_tmpdir(), test_tmpdir()), 0);
+    CHECK_INT(test_sh("%s eval --model '%s/rc' --qa '%s/held.jsonl' --docs '%s/docs.jsonl' --k 1 --max-new 4 "
+                      "--runs '%s/runs.db' --threads 1 --quiet --json --show 2",
+                      test_lorakit(), test_tmpdir(), test_tmpdir(), test_tmpdir(), test_tmpdir()), 0);
+    const char *js = test_output();
+    double base = json_mean(js, "base", "em"), rag = json_mean(js, "rag", "em");
+    double recall = json_mean(js, "rag", "recall");
+    CHECK_MSG(rag >= 0.7 && base <= 0.2, "EM: rag %g, base %g\n%s", rag, base, js);
+    CHECK_NEAR(recall, 1.0, 1e-12);
+    CHECK_MSG(strstr(js, "\"verdict\":\"rag beats base on F1 by"), "%s", js);
+    CHECK(strstr(js, "--- q300 ---") && strstr(js, "  rag:"));
+    // multiple choice on the same entities: the code in the context wins
+    CHECK_INT(test_sh("%s eval --model '%s/rc' --qa '%s/mc.jsonl' --docs '%s/docs.jsonl' --k 1 "
+                      "--runs '%s/runs.db' --threads 1 --quiet --json",
+                      test_lorakit(), test_tmpdir(), test_tmpdir(), test_tmpdir(), test_tmpdir()), 0);
+    double acc = json_mean(test_output(), "rag", "acc"), acc0 = json_mean(test_output(), "base", "acc");
+    CHECK_MSG(acc >= 0.9 && acc0 <= 0.8, "accuracy: rag %g, base %g", acc, acc0);
+    CHECK(strstr(test_output(), "\"verdict\":\"rag beats base on accuracy by"));
+}
+
+static int count_runs(const char *db_path, const char *status)
+{
+    struct rdb db;
+    if (rdb_open(&db, db_path, test_err()))
+        return -1;
+    struct rdb_run *runs;
+    int n, k = 0;
+    if (rdb_runs_list(&db, 0, &runs, &n, test_err())) {
+        rdb_close(&db, NULL);
+        return -1;
+    }
+    for (int i = 0; i < n; i++)
+        k += !strcmp(runs[i].status, status);
+    rdb_runs_free(runs, n);
+    rdb_close(&db, NULL);
+    return k;
+}
+
+/* Random tiny models: the k sweep, the runs database rows, the adapter and tuned paths. */
+TEST(ev_cli_sweep_and_runs_db)
+{
+    CHECK_INT(make_rc_fixture(20, 12), 0);
+    CHECK_INT(test_sh("%s init --config '%s/cfg.json' --out '%s/t' --seed 9 && cp '%s/m/'tok* '%s/t/'",
+                      test_lorakit(), test_tmpdir(), test_tmpdir(), test_tmpdir(), test_tmpdir()), 0);
+    char db[4200];
+    snprintf(db, sizeof db, "%s", test_path("runs.db"));
+    CHECK_INT(test_sh("%s eval --model '%s/m' --tuned '%s/t' --qa '%s/held.jsonl' --docs '%s/docs.jsonl' "
+                      "--k 0,1,3 --max-new 3 --runs '%s' --threads 1 --quiet --json",
+                      test_lorakit(), test_tmpdir(), test_tmpdir(), test_tmpdir(), test_tmpdir(), db), 0);
+    const char *js = test_output();
+    CHECK(strstr(js, "\"rag@1\":{") && strstr(js, "\"rag@3\":{") && strstr(js, "\"ft+rag@3\":{") &&
+          strstr(js, "\"ft\":{") && !strstr(js, "\"rag@0\""));
+    CHECK(json_mean(js, "rag@3", "recall") >= json_mean(js, "rag@1", "recall"));
+    CHECK(strstr(js, "\"verdict\":"));
+    CHECK_INT(count_runs(db, "done"), 1);
+    // the database: 12 items x 6 modes, results with intervals, the summary with the verdict
+    sqlite3 *s;
+    CHECK_INT(sqlite3_open(db, &s), SQLITE_OK);
+    sqlite3_stmt *st;
+    CHECK_INT(sqlite3_prepare_v2(s, "SELECT (SELECT count(*) FROM eval_items), (SELECT count(*) FROM eval_results "
+                                    "WHERE mode='rag@3' AND metric='f1' AND lo <= value AND value <= hi AND n=12), "
+                                    "(SELECT summary_json LIKE '%\"verdict\":%' FROM runs WHERE kind='eval'), "
+                                    "(SELECT count(*) FROM eval_items WHERE mode='rag@3' AND retrieved LIKE "
+                                    "'[{\"doc_id\":%' AND scores_json LIKE '%\"recall\":%'), "
+                                    "(SELECT count(*) FROM eval_results WHERE mode='ft - rag@3')",
+                                 -1, &st, NULL), SQLITE_OK);
+    CHECK_INT(sqlite3_step(st), SQLITE_ROW);
+    CHECK_INT(sqlite3_column_int(st, 0), 12 * 6);
+    CHECK_INT(sqlite3_column_int(st, 1), 1);
+    CHECK_INT(sqlite3_column_int(st, 2), 1);
+    CHECK_INT(sqlite3_column_int(st, 3), 12);
+    CHECK(sqlite3_column_int(st, 4) >= 4);
+    sqlite3_finalize(st);
+    sqlite3_close(s);
+    // an index built beforehand; an adapter as the tuned model
+    CHECK_INT(test_sh("%s index --docs '%s/docs.jsonl' --db '%s/idx.db' --fts-tokenizer porter", test_lorakit(),
+                      test_tmpdir(), test_tmpdir()), 0);
+    CHECK_INT(test_sh("%s eval --model '%s/m' --qa '%s/held.jsonl' --index '%s/idx.db' --modes base,rag --limit 3 "
+                      "--runs '%s' --threads 1 --quiet --show 3", test_lorakit(), test_tmpdir(), test_tmpdir(),
+                      test_tmpdir(), db), 0);
+    CHECK(strstr(test_output(), "verdict: ") && strstr(test_output(), "--- q22 ---") &&
+          strstr(test_output(), "  reference  "));
+    CHECK_INT(test_sh("%s train --model '%s/m' --data '%s/train.jsonl' --out '%s/ad' --steps 2 --rank 2 --threads 1 "
+                      "--runs '%s/train.db' --quiet && %s eval --model '%s/m' --adapter '%s/ad' --qa '%s/held.jsonl' "
+                      "--modes base,ft --runs '%s' --threads 1 --quiet --json", test_lorakit(), test_tmpdir(),
+                      test_tmpdir(), test_tmpdir(), test_tmpdir(), test_lorakit(), test_tmpdir(), test_tmpdir(),
+                      test_tmpdir(), db), 0);
+    CHECK(strstr(test_output(), "\"ft\":{") && strstr(test_output(), "\"verdict\":\"") &&
+          strstr(test_output(), "base"));
+    CHECK_INT(count_runs(db, "done"), 3);
+}
+
+TEST(ev_cli_bad_inputs)
+{
+    CHECK_INT(make_rc_fixture(10, 4), 0);
+    char db[4200];
+    snprintf(db, sizeof db, "%s", test_path("runs.db"));
+    const char *T = test_tmpdir(), *L = test_lorakit();
+    // a QA line without an answer: file:line, exit 1, no run recorded
+    CHECK_INT(write_file("bad.jsonl", "{\"question\":\"a?\",\"answer\":\"b\"}\n{\"question\":\"c?\"}\n"), 0);
+    CHECK_INT(test_sh("%s eval --model '%s/m' --qa '%s/bad.jsonl' --runs '%s'", L, T, T, db), 1);
+    CHECK(strstr(test_output(), "lorakit eval: error: ") && strstr(test_output(), "bad.jsonl:2: missing field 'answer'"));
+    // a document line without text
+    CHECK_INT(write_file("baddocs.jsonl", "{\"id\":\"x\",\"title\":\"t\",\"text\":\"u\"}\n{\"id\":\"y\",\"title\":\"t\"}\n"), 0);
+    CHECK_INT(test_sh("%s eval --model '%s/m' --qa '%s/held.jsonl' --docs '%s/baddocs.jsonl' --runs '%s'", L, T, T,
+                      T, db), 1);
+    CHECK(strstr(test_output(), "baddocs.jsonl:2:"));
+    // an index made with another tokenizer setting
+    CHECK_INT(test_sh("%s index --docs '%s/docs.jsonl' --db '%s/tri.db' --fts-tokenizer trigram", L, T, T), 0);
+    CHECK_INT(test_sh("%s eval --model '%s/m' --qa '%s/held.jsonl' --index '%s/tri.db' --fts-tokenizer unicode61 "
+                      "--runs '%s'", L, T, T, T, db), 1);
+    CHECK(strstr(test_output(), "trigram") && strstr(test_output(), "unicode61"));
+    // a tuned model of another architecture
+    CHECK_INT(write_file("cfg2.json",
+                         "{\"architectures\":[\"Qwen2ForCausalLM\"],\"model_type\":\"qwen2\",\"hidden_size\":32,"
+                         "\"intermediate_size\":64,\"num_hidden_layers\":2,\"num_attention_heads\":4,"
+                         "\"num_key_value_heads\":2,\"vocab_size\":320,\"tie_word_embeddings\":true,"
+                         "\"max_position_embeddings\":128,\"torch_dtype\":\"float32\"}\n"), 0);
+    CHECK_INT(test_sh("%s init --config '%s/cfg2.json' --out '%s/other' --seed 2", L, T, T), 0);
+    CHECK_INT(test_sh("%s eval --model '%s/m' --tuned '%s/other' --qa '%s/held.jsonl' --modes base,ft --runs '%s'", L,
+                      T, T, T, db), 1);
+    CHECK(strstr(test_output(), "hidden_size 32") && strstr(test_output(), "base's architecture"));
+    // usage errors
+    CHECK_INT(test_sh("%s eval --model '%s/m' --qa '%s/held.jsonl' --modes rag --runs '%s'", L, T, T, db), 2);
+    CHECK_INT(test_sh("%s eval --model '%s/m' --qa '%s/held.jsonl' --modes ft --runs '%s'", L, T, T, db), 2);
+    CHECK_INT(test_sh("%s eval --model '%s/m' --qa '%s/held.jsonl' --k x --runs '%s'", L, T, T, db), 2);
+    CHECK_INT(test_sh("%s eval --help", L), 0);
+    CHECK(strstr(test_output(), "--k K") && strstr(test_output(), "lorakit eval --model"));
+    // no run was left as 'running' (none was even begun)
+    CHECK(count_runs(db, "running") <= 0);
+    // a failure after the run began (a question longer than the context) finishes it as 'failed'
+    char *q = malloc(3000);
+    strcpy(q, "{\"question\":\"");
+    for (int i = 0; i < 300; i++)
+        strcat(q, "bor ka ");
+    strcat(q, "\",\"answer\":\"B\"}\n");
+    CHECK_INT(write_file("long.jsonl", q), 0);
+    free(q);
+    CHECK(test_sh("%s eval --model '%s/m' --qa '%s/long.jsonl' --runs '%s' --quiet", L, T, T, db) != 0);
+    CHECK(strstr(test_output(), "long.jsonl") == NULL || strstr(test_output(), "error"));
+    CHECK(strstr(test_output(), "question 'line 1' (line 1), mode base"));
+    CHECK_INT(count_runs(db, "failed"), 1);
+    CHECK_INT(count_runs(db, "running"), 0);
+}

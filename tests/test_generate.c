@@ -1,0 +1,287 @@
+/*
+ * test_generate.c - the KV-cache forward against model_forward on the full prefix (every
+ * position, chunked prefill and single tokens, with and without an adapter, qwen2 and llama
+ * fixtures), greedy generation with the cache against recomputing the prefix per token,
+ * cache rewinding, sampling, UTF-8 streaming, and `lorakit generate` end to end.
+ */
+#include "test.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../libcore/generate.h"
+#include "../libcore/model.h"
+#include "fix_model.h"
+
+/* max |a - b| / max |b| over n values */
+static double rel_diff(const float *a, const float *b, size_t n)
+{
+    double mx = 0, mref = 0;
+    for (size_t i = 0; i < n; i++) {
+        double d = fabs((double)a[i] - b[i]);
+        if (d > mx)
+            mx = d;
+        if (fabs(b[i]) > mref)
+            mref = fabs(b[i]);
+    }
+    return mx / (mref > 0 ? mref : 1);
+}
+
+/* Prefill n_pre tokens in chunks of `chunk`, then one token at a time: every position's logits
+ * must match model_forward's on the whole sequence (causal: row t depends on tokens 0..t). */
+static void check_cache_vs_full(const struct cfg *c, int with_lora, int chunk, int n_pre)
+{
+    struct model m;
+    struct lora l = { 0 };
+    CHECK_OK(fix_model_random(&m, c, 0.3f, 21));
+    if (with_lora)
+        CHECK_OK(fix_lora_random(&l, c, (1u << CFG_N_MODULES) - 1, 3, 6.0, 0, 0.0f, 22));
+    const struct lora *lp = with_lora ? &l : NULL;
+    int T = 13, V = c->vocab_size;
+    int tok[13];
+    fix_tokens(tok, T, V, 23);
+    CHECK_OK(model_plan(&m, 1, T, 0, test_err()));
+    CHECK_OK(model_forward(&m, lp, tok, NULL, NULL, NULL, 0, NULL, test_err()));
+    float *ref = malloc(sizeof(float) * (size_t)T * V), *got = malloc(sizeof(float) * (size_t)T * V);
+    memcpy(ref, model_logits(&m), sizeof(float) * (size_t)T * V);
+    struct gen_cache gc;
+    CHECK_OK(gen_cache_init(&gc, c, 16, chunk, gen_lora_max_rank(lp), test_err()));
+    int32_t t32[13];
+    for (int i = 0; i < T; i++)
+        t32[i] = tok[i];
+    CHECK_OK(gen_forward(&gc, &m, lp, t32, n_pre, got, test_err()));
+    CHECK_INT(gc.n, n_pre);
+    for (int t = n_pre; t < T; t++) {
+        CHECK_OK(gen_forward(&gc, &m, lp, t32 + t, 1, NULL, test_err()));
+        memcpy(got + (size_t)t * V, gc.logits, sizeof(float) * (size_t)V);
+    }
+    for (int t = 0; t < T; t++) {
+        double r = rel_diff(got + (size_t)t * V, ref + (size_t)t * V, (size_t)V);
+        CHECK_MSG(r < 1e-5, "position %d: cached logits differ from model_forward by %g (rel)", t, r);
+    }
+    // rewinding: drop the last 4 positions and run them again as one chunk
+    gen_cache_truncate(&gc, T - 4);
+    CHECK_OK(gen_forward(&gc, &m, lp, t32 + T - 4, 4, got, test_err()));
+    for (int t = 0; t < 4; t++) {
+        double r = rel_diff(got + (size_t)t * V, ref + (size_t)(T - 4 + t) * V, (size_t)V);
+        CHECK_MSG(r < 1e-5, "after rewinding, position %d differs by %g", T - 4 + t, r);
+    }
+    // a full cache refuses more tokens and is left unchanged
+    CHECK_OK(gen_forward(&gc, &m, lp, t32, 3, NULL, test_err()));
+    CHECK_INT(gc.n, 16);
+    CHECK(gen_forward(&gc, &m, lp, t32, 1, NULL, test_err()) == LK_ERR_USAGE);
+    CHECK_INT(gc.n, 16);
+    int32_t bad = V;
+    gen_cache_truncate(&gc, 0);
+    CHECK(gen_forward(&gc, &m, lp, &bad, 1, NULL, test_err()) == LK_ERR_USAGE);
+    CHECK_INT(gc.n, 0);
+    gen_cache_release(&gc);
+    gen_cache_release(&gc); // harmless twice
+    free(ref);
+    free(got);
+    lora_release(&l);
+    model_release(&m);
+}
+
+TEST(gen_cache_matches_full_forward_qwen2)
+{
+    struct cfg c;
+    fix_cfg_qwen2(&c);
+    check_cache_vs_full(&c, 0, 16, 6);
+    if (test_failed())
+        return;
+    check_cache_vs_full(&c, 0, 4, 9); // prefill in three chunks
+}
+
+TEST(gen_cache_matches_full_forward_qwen2_lora)
+{
+    struct cfg c;
+    fix_cfg_qwen2(&c);
+    check_cache_vs_full(&c, 1, 16, 5);
+    if (test_failed())
+        return;
+    check_cache_vs_full(&c, 1, 3, 7);
+}
+
+TEST(gen_cache_matches_full_forward_llama)
+{
+    struct cfg c;
+    fix_cfg_llama(&c);
+    check_cache_vs_full(&c, 0, 16, 1);
+    if (test_failed())
+        return;
+    check_cache_vs_full(&c, 0, 5, 12);
+}
+
+TEST(gen_cache_matches_full_forward_llama_lora)
+{
+    struct cfg c;
+    fix_cfg_llama(&c);
+    check_cache_vs_full(&c, 1, 16, 4);
+    if (test_failed())
+        return;
+    check_cache_vs_full(&c, 1, 2, 8);
+}
+
+/* Greedy generation with the cache gives the same tokens as recomputing the prefix. */
+static void check_greedy_same(const struct cfg *c, int with_lora, float std)
+{
+    struct model m;
+    struct lora l = { 0 };
+    CHECK_OK(fix_model_random(&m, c, std, 31));
+    if (with_lora)
+        CHECK_OK(fix_lora_random(&l, c, (1u << CFG_N_MODULES) - 1, 2, 4.0, 0, 0.0f, 32));
+    const struct lora *lp = with_lora ? &l : NULL;
+    int32_t prompt[5];
+    int tok[5];
+    fix_tokens(tok, 5, c->vocab_size, 33);
+    for (int i = 0; i < 5; i++)
+        prompt[i] = tok[i];
+    struct gen_cache gc;
+    CHECK_OK(gen_cache_init(&gc, c, 64, 8, gen_lora_max_rank(lp), test_err()));
+    struct gen_opts o = { .max_new = 40, .temperature = 0, .top_p = 1, .eos = -1 };
+    struct tok_ids a = { 0 }, b = { 0 };
+    CHECK_OK(gen_run(&gc, &m, lp, prompt, 5, &o, NULL, NULL, &a, NULL, test_err()));
+    o.no_cache = 1;
+    CHECK_OK(gen_run(NULL, &m, lp, prompt, 5, &o, NULL, NULL, &b, NULL, test_err()));
+    CHECK_INT(a.n, 40);
+    CHECK_INT(b.n, 40);
+    int distinct = 0;
+    for (size_t i = 0; i < a.n; i++) {
+        CHECK_MSG(a.v[i] == b.v[i], "token %zu: cache %d, recompute %d", i, a.v[i], b.v[i]);
+        distinct += i == 0 || a.v[i] != a.v[i - 1];
+    }
+    CHECK_MSG(distinct > 3, "only %d changes in 40 tokens: a weak check", distinct);
+    // eos stops: make the 3rd generated token the eos
+    o.no_cache = 0;
+    o.eos = a.v[2];
+    struct tok_ids e = { 0 };
+    int stopped;
+    CHECK_OK(gen_run(&gc, &m, lp, prompt, 5, &o, NULL, NULL, &e, &stopped, test_err()));
+    size_t first = 0;
+    while (a.v[first] != o.eos)
+        first++;
+    CHECK_INT(e.n, first);
+    CHECK_INT(stopped, 1);
+    // prompt + max_new beyond the cache is refused
+    o.max_new = 60;
+    CHECK(gen_run(&gc, &m, lp, prompt, 5, &o, NULL, NULL, NULL, NULL, test_err()) == LK_ERR_USAGE);
+    tok_ids_release(&a);
+    tok_ids_release(&b);
+    tok_ids_release(&e);
+    gen_cache_release(&gc);
+    lora_release(&l);
+    model_release(&m);
+}
+
+TEST(gen_greedy_same_tokens_as_recompute)
+{
+    struct cfg c;
+    fix_cfg_qwen2(&c);
+    check_greedy_same(&c, 0, 0.5f);
+    if (test_failed())
+        return;
+    check_greedy_same(&c, 1, 0.5f);
+    if (test_failed())
+        return;
+    fix_cfg_llama(&c);
+    check_greedy_same(&c, 0, 0.5f);
+    if (test_failed())
+        return;
+    check_greedy_same(&c, 1, 0.5f);
+}
+
+TEST(gen_sampling)
+{
+    float logits[5] = { 1.0f, 3.0f, 0.5f, 3.0f, -2.0f };
+    CHECK_INT(gen_argmax(logits, 5), 1); // lowest id on ties
+    struct gen_sampler s;
+    CHECK_OK(gen_sampler_init(&s, 5, 0, 1, 1, test_err()));
+    CHECK_INT(gen_sample(&s, logits), 1);
+    gen_sampler_release(&s);
+    // temperature 1: frequencies follow the softmax
+    CHECK_OK(gen_sampler_init(&s, 5, 1.0, 1.0, 7, test_err()));
+    int count[5] = { 0 };
+    int N = 20000;
+    for (int i = 0; i < N; i++)
+        count[gen_sample(&s, logits)]++;
+    gen_sampler_release(&s);
+    double z = 0;
+    for (int i = 0; i < 5; i++)
+        z += exp(logits[i]);
+    for (int i = 0; i < 5; i++) {
+        double p = exp(logits[i]) / z, se = sqrt(p * (1 - p) / N);
+        CHECK_MSG(fabs((double)count[i] / N - p) < 5 * se + 1e-4, "id %d: frequency %g, softmax %g", i,
+                  (double)count[i] / N, p);
+    }
+    // top-p 0.8: only ids 1 and 3 (each 0.44 of the mass) can come out; the same seed repeats
+    int seq1[50], seq2[50];
+    for (int rep = 0; rep < 2; rep++) {
+        CHECK_OK(gen_sampler_init(&s, 5, 1.0, 0.8, 99, test_err()));
+        for (int i = 0; i < 50; i++) {
+            int id = gen_sample(&s, logits);
+            CHECK_MSG(id == 1 || id == 3, "top-p sampled id %d", id);
+            (rep ? seq2 : seq1)[i] = id;
+        }
+        gen_sampler_release(&s);
+    }
+    CHECK(memcmp(seq1, seq2, sizeof seq1) == 0);
+    CHECK(gen_sampler_init(&s, 5, 1.0, 0.0, 1, test_err()) == LK_ERR_USAGE);
+    CHECK(gen_sampler_init(&s, 5, -1.0, 1.0, 1, test_err()) == LK_ERR_USAGE);
+    CHECK_NEAR(gen_logprob(logits, 5, 2), 0.5 - log(z), 1e-9);
+}
+
+TEST(gen_utf8_streaming_boundaries)
+{
+    const char *e = "a\xC3\xA9";          // "aé"
+    CHECK_INT(gen_utf8_complete(e, 3), 3);
+    CHECK_INT(gen_utf8_complete(e, 2), 1); // lead byte only: hold it
+    const char *zh = "\xE4\xB8\xAD";       // 中
+    CHECK_INT(gen_utf8_complete(zh, 1), 0);
+    CHECK_INT(gen_utf8_complete(zh, 2), 0);
+    CHECK_INT(gen_utf8_complete(zh, 3), 3);
+    const char *emoji = "x\xF0\x9F\x98\x80"; // 😀
+    CHECK_INT(gen_utf8_complete(emoji, 4), 1);
+    CHECK_INT(gen_utf8_complete(emoji, 5), 5);
+    CHECK_INT(gen_utf8_complete("abc", 3), 3);
+    CHECK_INT(gen_utf8_complete("\x80\x80", 2), 2); // stray continuation bytes pass
+    CHECK_INT(gen_utf8_complete("", 0), 0);
+}
+
+/* A tokenizer with multi-byte characters and a tiny model: `generate` streams the same text
+ * with and without the cache, and refuses bad input. */
+TEST(gen_cli_end_to_end)
+{
+    FILE *t = fopen(test_path("text.txt"), "w");
+    CHECK(t != NULL);
+    for (int i = 0; i < 30; i++)
+        fprintf(t, "The café number %d serves 中文 tea and 😀 cakes. Question %d answer.\n", i, i);
+    fclose(t);
+    CHECK_INT(test_sh("%s init --preset tiny --out '%s/m' --seed 3 && "
+                      "%s tokenizer train --text '%s/text.txt' --vocab 300 --out '%s/m'",
+                      test_lorakit(), test_tmpdir(), test_lorakit(), test_tmpdir(), test_tmpdir()), 0);
+    const char *cmd = "%s generate --model '%s/m' --chat 'What is served?' --max-new 30 --threads 1 %s "
+                      "> '%s/%s' 2>'%s/err.txt'";
+    CHECK_INT(test_sh(cmd, test_lorakit(), test_tmpdir(), "", test_tmpdir(), "a.txt", test_tmpdir()), 0);
+    CHECK_INT(test_sh(cmd, test_lorakit(), test_tmpdir(), "--no-cache", test_tmpdir(), "b.txt", test_tmpdir()), 0);
+    CHECK_INT(test_sh("cmp '%s/a.txt' '%s/b.txt'", test_tmpdir(), test_tmpdir()), 0);
+    // the streamed text equals the decoded ids (--ids prints them on stderr)
+    CHECK_INT(test_sh("%s generate --model '%s/m' --prompt 'The café' --max-new 25 --temperature 0.8 "
+                      "--top-p 0.9 --seed 5 --threads 1 > '%s/c.txt'", test_lorakit(), test_tmpdir(),
+                      test_tmpdir()), 0);
+    CHECK_INT(test_sh("%s generate --model '%s/m' --prompt 'The café' --max-new 25 --temperature 0.8 "
+                      "--top-p 0.9 --seed 5 --threads 1 > '%s/d.txt'", test_lorakit(), test_tmpdir(),
+                      test_tmpdir()), 0);
+    CHECK_INT(test_sh("cmp '%s/c.txt' '%s/d.txt'", test_tmpdir(), test_tmpdir()), 0);
+    // bad input
+    CHECK_INT(test_sh("%s generate --model '%s/m' --max-new 5", test_lorakit(), test_tmpdir()), 2);
+    CHECK_INT(test_sh("%s generate --model '%s/m' --prompt a --chat b", test_lorakit(), test_tmpdir()), 2);
+    CHECK_INT(test_sh("%s generate --model '%s/m' --prompt a --top-p 1.5", test_lorakit(), test_tmpdir()), 2);
+    CHECK_INT(test_sh("%s generate --model '%s/nope' --prompt a", test_lorakit(), test_tmpdir()), 1);
+    CHECK(strstr(test_output(), "lorakit generate: error:"));
+    CHECK_INT(test_sh("%s generate --model '%s/m' --prompt a --max-new 2000", test_lorakit(), test_tmpdir()), 2);
+    CHECK(strstr(test_output(), "exceeds"));
+    CHECK_INT(test_sh("%s generate --help", test_lorakit()), 0);
+    CHECK(strstr(test_output(), "--no-cache"));
+}
