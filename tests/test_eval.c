@@ -480,7 +480,8 @@ TEST(ev_rag_beats_base_on_a_model_that_reads_its_context)
     const char *js = test_output();
     double base = json_mean(js, "base", "em"), rag = json_mean(js, "rag", "em");
     double recall = json_mean(js, "rag", "recall");
-    CHECK_MSG(rag >= 0.7 && base <= 0.2, "EM: rag %g, base %g\n%s", rag, base, js);
+    // "far above": at least half the held-out codes read from the context, and 0.4 above closed book
+    CHECK_MSG(rag >= 0.5 && rag - base >= 0.4 && base <= 0.2, "EM: rag %g, base %g\n%s", rag, base, js);
     CHECK_NEAR(recall, 1.0, 1e-12);
     CHECK_MSG(strstr(js, "\"verdict\":\"rag beats base on F1 by"), "%s", js);
     CHECK(strstr(js, "--- q300 ---") && strstr(js, "  rag:"));
