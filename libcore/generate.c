@@ -165,38 +165,63 @@ static void lora_linear(struct gen_cache *gc, const struct lora *lora, int layer
 }
 
 /* Attention of the N chunk tokens (positions n0..n0+N-1) over cache positions 0..n0+i, with
- * the arithmetic of op_attention_forward (float scores, double softmax sum). */
+ * the arithmetic of op_attention_forward (float scores, double softmax sum). A prefill chunk
+ * (N >= 8) is two GEMMs per head over the cache (scores, then P V); a single token runs the
+ * plain loops on OpenMP threads. */
+static void softmax_causal_row(float *a, int t)
+{
+    float mx = -INFINITY;
+    for (int t2 = 0; t2 <= t; t2++)
+        if (a[t2] > mx)
+            mx = a[t2];
+    double sum = 0;
+    for (int t2 = 0; t2 <= t; t2++) {
+        float e = expf(a[t2] - mx);
+        a[t2] = e;
+        sum += e;
+    }
+    float inv = (float)(1.0 / sum);
+    for (int t2 = 0; t2 <= t; t2++)
+        a[t2] *= inv;
+}
+
 static void cache_attention(struct gen_cache *gc, int l, int n0, int N)
 {
     int NH = gc->NH, HS = gc->HS, group = gc->NH / gc->NKV, T = gc->T_max;
     float scale = 1.0f / sqrtf((float)HS);
     size_t qs = (size_t)gc->Q, ks = (size_t)gc->KV;
     const float *K = gc->k[l], *Vc = gc->v[l];
+    if (N >= 8) {
+        int Tk = n0 + N; // keys and values 0..Tk-1
+        for (int h = 0; h < NH; h++) {
+            int kh = h / group;
+            // rows of head h in att: (i * NH + h) * T, i.e. a [N, T] view with row stride NH * T
+            float *P = gc->att + (size_t)h * T;
+            int ldp = NH * T;
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, N, Tk, HS, scale, gc->q + (size_t)h * HS,
+                        (int)qs, K + (size_t)kh * HS, (int)ks, 0.0f, P, ldp);
+            for (int i = 0; i < N; i++) {
+                float *a = P + (size_t)i * ldp;
+                softmax_causal_row(a, n0 + i);
+                for (int t2 = n0 + i + 1; t2 < Tk; t2++)
+                    a[t2] = 0.0f;
+            }
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, HS, Tk, 1.0f, P, ldp,
+                        Vc + (size_t)kh * HS, (int)ks, 0.0f, gc->atty + (size_t)h * HS, (int)qs);
+        }
+        return;
+    }
 #pragma omp parallel for collapse(2) schedule(static) if (N * NH * (n0 + N) > 32768)
     for (int i = 0; i < N; i++)
         for (int h = 0; h < NH; h++) {
             int kh = h / group, t = n0 + i;
             const float *qt = gc->q + (size_t)i * qs + (size_t)h * HS;
             float *a = gc->att + ((size_t)i * NH + h) * T;
-            // 1. scores and max
-            float mx = -INFINITY;
-            for (int t2 = 0; t2 <= t; t2++) {
-                const float *kt = K + (size_t)t2 * ks + (size_t)kh * HS;
-                float s = dot(qt, kt, HS) * scale;
-                a[t2] = s;
-                if (s > mx)
-                    mx = s;
-            }
-            // 2. softmax
-            double sum = 0;
-            for (int t2 = 0; t2 <= t; t2++) {
-                float e = expf(a[t2] - mx);
-                a[t2] = e;
-                sum += e;
-            }
-            float inv = (float)(1.0 / sum);
+            // 1. scores
             for (int t2 = 0; t2 <= t; t2++)
-                a[t2] *= inv;
+                a[t2] = dot(qt, K + (size_t)t2 * ks + (size_t)kh * HS, HS) * scale;
+            // 2. softmax
+            softmax_causal_row(a, t);
             // 3. weighted sum of values
             float *o = gc->atty + (size_t)i * qs + (size_t)h * HS;
             for (int j = 0; j < HS; j++)
