@@ -117,7 +117,7 @@ test: check-deps $(BIN) $(TESTBIN) $(MEDWORLD) node-ref
 	OPENBLAS_NUM_THREADS=1 LORAKIT=$(CURDIR)/$(BIN) MEDWORLD=$(CURDIR)/$(MEDWORLD) $(TESTBIN) $(T)
 
 # Benchmarks: one program per bench/bench_<name>.c, run with the caller's OPENBLAS_NUM_THREADS.
-bench: bench-svd bench-tok bench-train bench-diff bench-dash bench-merge bench-compress bench-eval bench-mpi
+bench: bench-svd bench-tok bench-train bench-diff bench-dash bench-merge bench-compress bench-eval
 
 bench-svd: check-deps $(LIB)
 	@mkdir -p $(OUT)/bench
