@@ -111,6 +111,7 @@ struct cache_ent {
 struct tok {
     // token table
     int32_t n_ids;
+    int32_t id_limit;         /* ids must be below it: a few listed tokens cannot size a huge table */
     struct tok_piece *pieces; /* owned [n_ids] */
     char *bytes;              /* owned: all tokens' raw bytes */
     size_t bytes_len, bytes_cap;
@@ -476,7 +477,7 @@ static int load_added(struct tok *t, const char *name, const cJSON *list, struct
     {
         const char *content = json_str(e, "content");
         const cJSON *idj = cJSON_GetObjectItemCaseSensitive(e, "id");
-        if (!content || !*content || !cJSON_IsNumber(idj) || idj->valuedouble < 0 || idj->valuedouble > 1e8)
+        if (!content || !*content || !cJSON_IsNumber(idj) || idj->valuedouble < 0 || idj->valuedouble >= t->id_limit)
             return lk_errf(err, LK_ERR_FORMAT, "%s: added_tokens[%d] needs a non-empty 'content' and an 'id'",
                            name, t->n_added);
         struct tok_added *a = &t->added[t->n_added++];
@@ -540,7 +541,7 @@ static int load_model(struct tok *t, const char *name, const cJSON *m, struct lk
     int rc = LK_OK;
     cJSON_ArrayForEach(e, vocab)
     {
-        if (!cJSON_IsNumber(e) || e->valuedouble < 0 || e->valuedouble > 1e8 ||
+        if (!cJSON_IsNumber(e) || e->valuedouble < 0 || e->valuedouble >= t->id_limit ||
             e->valuedouble != (double)(int32_t)e->valuedouble) {
             rc = lk_errf(err, LK_ERR_FORMAT, "%s: vocab entry '%s' has no valid id", name, e->string);
             break;
@@ -741,8 +742,13 @@ int tok_load_json(struct tok **out, const char *json, size_t len, const char *cf
     const cJSON *dec = cJSON_GetObjectItemCaseSensitive(root, "decoder");
     if (!cJSON_IsObject(root) || !cJSON_IsObject(model))
         rc = lk_errf(err, LK_ERR_FORMAT, "%s: no 'model' object: not a tokenizer.json", name);
-    if (!rc)
+    if (!rc) {
+        // ids are dense in practice: allow gaps, but not a table sized by one stray id
+        double listed = (double)cJSON_GetArraySize(cJSON_GetObjectItemCaseSensitive(model, "vocab")) +
+                        cJSON_GetArraySize(cJSON_GetObjectItemCaseSensitive(root, "added_tokens"));
+        t->id_limit = 2 * listed + 65536 > 1e8 ? 100000000 : (int32_t)(2 * listed + 65536);
         rc = load_added(t, name, cJSON_GetObjectItemCaseSensitive(root, "added_tokens"), err);
+    }
     if (!rc)
         rc = load_model(t, name, model, err);
     if (!rc)

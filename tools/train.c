@@ -247,7 +247,7 @@ int cmd_train(int argc, char **argv)
             goto fail;
         }
     }
-    struct data_opts dopt = { (int)c.seq, c.skip_bad, c.train_on_prompt, c.tmpl };
+    struct data_opts dopt = { (int)c.seq, c.skip_bad, c.train_on_prompt, c.tmpl, m.cfg.vocab_size };
     if ((rc = data_load(&d, c.data, tk, &dopt, &err)))
         goto fail;
     if (d.n_trained == 0) {
