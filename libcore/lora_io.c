@@ -699,8 +699,8 @@ int lora_save(const struct lora *l, const char *dir, struct lk_err *err)
         rc = lk_errf(err, LK_ERR_IO, "%s: cannot replace: %s", cpath, strerror(errno));
     if (!rc)
         rc = lora_save_tensors(l, l->mem, path, err);
-    if (!rc)
-        rc = config_write(&l->cfg, cpath, err);
+    if (!rc && (rc = config_write(&l->cfg, cpath, err)))
+        unlink(path); // weights without their config are no adapter
     lk_free(path);
     lk_free(cpath);
     return rc;
