@@ -543,7 +543,8 @@ static int load_model(struct tok *t, const char *name, const cJSON *m, struct lk
     {
         if (!cJSON_IsNumber(e) || e->valuedouble < 0 || e->valuedouble >= t->id_limit ||
             e->valuedouble != (double)(int32_t)e->valuedouble) {
-            rc = lk_errf(err, LK_ERR_FORMAT, "%s: vocab entry '%s' has no valid id", name, e->string);
+            rc = lk_errf(err, LK_ERR_FORMAT, "%s: vocab entry '%s' has no valid id (an integer from 0 to %d)", name,
+                         e->string, t->id_limit - 1);
             break;
         }
         int32_t id = (int32_t)e->valuedouble;
