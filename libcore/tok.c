@@ -362,7 +362,8 @@ static int compile_re(const char *name, struct tok_step *st, const char *pat, in
 {
     int ec;
     PCRE2_SIZE eo;
-    uint32_t flags = PCRE2_UTF | PCRE2_UCP | PCRE2_NO_UTF_CHECK | (literal ? PCRE2_LITERAL : 0);
+    // the pattern comes from the file: PCRE2 must check its UTF-8 (NO_UTF_CHECK read out of bounds)
+    uint32_t flags = PCRE2_UTF | PCRE2_UCP | (literal ? PCRE2_LITERAL : 0);
     st->re = pcre2_compile((PCRE2_SPTR)pat, PCRE2_ZERO_TERMINATED, flags, &ec, &eo, NULL);
     if (!st->re) {
         PCRE2_UCHAR msg[256];
