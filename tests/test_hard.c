@@ -952,9 +952,14 @@ TEST(hard_limits_data)
         struct lk_err err = { 0 };
         CHECK(data_load(&d, test_path("d.jsonl"), NULL, &o, &err) != 0 && contains(err.msg, "d.jsonl:2:"));
     }
-    // a sequence length from the command line beyond int is refused (not wrapped)
-    int rc = test_sh("%s train --model %s --data %s --out %s --steps 1 --seq 99999999999 --quiet", test_lorakit(), model,
-                     test_path("d.jsonl"), test_path("out"));
-    CHECK_MSG(rc == 2 || rc == 1, "exit %d: %s", rc, test_output());
-    CHECK(!lk_file_exists(test_path("out")));
+    // sizes from the command line beyond int are refused, not wrapped (2^32 + 2 was --seq 2)
+    CHECK_OK(hard_write(test_path("d.jsonl"), "{\"input_ids\":[1,2,3,4,5]}\n"));
+    static const char *const big[] = { "--seq 4294967298", "--seq 99999999999", "--batch 4294967297",
+                                       "--grad-accum 4294967297" };
+    for (size_t i = 0; i < sizeof big / sizeof big[0]; i++) {
+        int rc = test_sh("%s train --model %s --data %s --out %s --steps 1 %s --quiet --runs %s", test_lorakit(), model,
+                         test_path("d.jsonl"), test_path("out"), big[i], test_path("runs.db"));
+        CHECK_MSG(rc == 2 && contains(test_output(), "out of range"), "%s: exit %d: %s", big[i], rc, test_output());
+        CHECK(!lk_file_exists(test_path("out")));
+    }
 }
