@@ -596,7 +596,7 @@ TEST(hard_enospc_index)
     TP(fd, "full");
     CHECK_OK(make_docs(docs, 300, NULL));
     CHECK_OK(lk_mkdir_p(fd, test_err()));
-    static const long budgets[] = { 0, 4096, 30000 };
+    static const long budgets[] = { 0, 4096, 30000, 60000 }; // 60000: while finishing
     for (size_t i = 0; i < sizeof budgets / sizeof budgets[0]; i++) {
         int rc = test_sh("%s LK_FAULT_PATH=%s LK_FAULT_ENOSPC_AFTER=%ld %s index --docs %s --db %s/i.db", sh, fd,
                          budgets[i], test_lorakit(), docs, fd);
