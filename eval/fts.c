@@ -325,7 +325,8 @@ static int sql_fail(sqlite3 *db, const char *path, const char *what, struct lk_e
         return lk_errf(err, LK_ERR_FORMAT, "%s: not an SQLite database", path);
     if (rc == SQLITE_NOMEM)
         return lk_errf(err, LK_ERR_NOMEM, "%s: %s: out of memory", path, what);
-    int se = db ? sqlite3_system_errno(db) : 0; // the OS's reason (a full disk, a read-only folder)
+    // the OS's reason (a read-only folder...); SQLite clears it for a full disk
+    int se = (rc & 0xff) == SQLITE_FULL ? ENOSPC : db ? sqlite3_system_errno(db) : 0;
     return lk_errf(err, LK_ERR_IO, "%s: %s: %s%s%s%s", path, what, db ? sqlite3_errmsg(db) : "error",
                    se ? " (" : "", se ? strerror(se) : "", se ? ")" : "");
 }
