@@ -822,7 +822,6 @@ TEST(hard_names_tensor_and_targets)
     CHECK_MSG(make_model(model) == 0, "init: %s", test_output());
     struct cfg c;
     CHECK_OK(cfg_load(&c, model, test_err()));
-    char *before = tree(test_tmpdir());
     // an adapter whose tensor names walk out of the folder
     TP(ad, "adapter");
     CHECK_OK(lk_mkdir_p(ad, test_err()));
@@ -840,11 +839,23 @@ TEST(hard_names_tensor_and_targets)
     CHECK_OK(st_open(&f, p, test_err())); // names are data: the file itself is valid
     CHECK(st_find(&f, "../../../tmp/evil") != NULL);
     st_close(&f);
+    char *before = tree(test_tmpdir());
     struct lora l = { 0 };
     struct lk_err err = { 0 };
     CHECK(lora_load(&l, ad, &c, &err) != 0);
     CHECK_MSG(contains(err.msg, "adapter_model.safetensors"), "%s", err.msg);
     lora_release(&l);
+    // the commands that read an adapter refuse it and write nothing
+    CHECK_OK(make_data(test_path("d.jsonl"), 2, 8, 64, 1));
+    char *before2 = tree(test_tmpdir());
+    int rc0 = test_sh("%s train --model %s --data %s --adapter %s --out %s --steps 1 --batch 1 --seq 8 --quiet --runs %s",
+                      test_lorakit(), model, test_path("d.jsonl"), ad, test_path("out"), test_path("runs.db"));
+    CHECK_MSG(rc0 == 1 && contains(test_output(), "adapter_model.safetensors"), "train --adapter: %d %s", rc0,
+              test_output());
+    char *after2 = tree(test_tmpdir());
+    CHECK_MSG(!strcmp(before2, after2), "train --adapter wrote:\n%s", after2);
+    lk_free(before2);
+    lk_free(after2);
     // target_modules that are paths
     static const char *const bad_targets[] = { "[\"../../q_proj/x\"]", "[\"q_proj/../../../etc\"]",
                                                "[\"/etc/passwd\"]", "\"../../.*\"" };
@@ -877,13 +888,13 @@ TEST(hard_names_tensor_and_targets)
         CHECK_MSG(st_model_open(&sm, m2, &e2) != 0, "shard '%s' accepted", shards[i]);
         CHECK_MSG(contains(e2.msg, "index.json") || contains(e2.msg, m2), "%s", e2.msg);
     }
+    // nothing was written anywhere (the fixtures made above aside)
+    char *after = tree(test_tmpdir());
+    CHECK_MSG(!contains(after, "evil") && !contains(after, "out -1"), "%s", after);
+    lk_free(after);
+    lk_free(before);
     lk_rm_rf(m2);
     lk_rm_rf(ad);
-    lk_free(before);
-    // nothing was written anywhere else (the tree without the folders made here)
-    char *after = tree(test_tmpdir());
-    CHECK_MSG(!contains(after, "evil"), "%s", after);
-    lk_free(after);
     cfg_release(&c);
 }
 
