@@ -246,9 +246,29 @@ static int regress_one(const char *name, const char *data, size_t n, struct lk_e
         rc = st_model_open(&m, test_tmpdir(), err);
         if (!rc)
             st_model_close(&m);
+    } else if (!strncmp(name, "adapter.", 8)) {
+        // adapter_model.safetensors beside the fixed config of tests/fuzz/fuzz_adapter.c
+        static const char cj[] =
+            "{\"architectures\":[\"Qwen2ForCausalLM\"],\"model_type\":\"qwen2\",\"hidden_size\":8,"
+            "\"intermediate_size\":16,\"num_hidden_layers\":1,\"num_attention_heads\":2,\"num_key_value_heads\":1,"
+            "\"vocab_size\":16,\"max_position_embeddings\":64,\"tie_word_embeddings\":true}";
+        static const char ac[] = "{\"peft_type\":\"LORA\",\"r\":2,\"lora_alpha\":4,\"target_modules\":[\"q_proj\",\"v_proj\"]}";
+        struct cfg c;
+        if ((rc = cfg_parse(&c, cj, "config.json", err)))
+            return lk_errf(err, LK_ERR_USAGE, "fixture config: %s", err->msg);
+        char *p = lk_path_join(test_tmpdir(), "adapter_config.json");
+        lk_write_file_atomic(p, ac, sizeof ac - 1, err);
+        lk_free(p);
+        p = lk_path_join(test_tmpdir(), "adapter_model.safetensors");
+        lk_write_file_atomic(p, data, n, err);
+        lk_free(p);
+        struct lora l = { 0 };
+        rc = lora_load(&l, test_tmpdir(), &c, err);
+        lora_release(&l);
+        cfg_release(&c);
     } else {
         return lk_errf(err, LK_ERR_USAGE, "unknown fixture kind (expected st., cfg., lora_config., tok., data., "
-                       "st_index.)");
+                       "st_index., adapter.)");
     }
     return rc;
 }

@@ -8,7 +8,7 @@ LK=$1
 OUT=$2
 W=$(mktemp -d "${TMPDIR:-/tmp}/lkseed.XXXXXX")
 trap 'rm -rf "$W"' EXIT
-for t in fuzz_st fuzz_st_index fuzz_cfg fuzz_lora_config fuzz_tok fuzz_data fuzz_fts; do mkdir -p "$OUT/$t"; done
+for t in fuzz_st fuzz_st_index fuzz_cfg fuzz_lora_config fuzz_tok fuzz_data fuzz_fts fuzz_adapter; do mkdir -p "$OUT/$t"; done
 
 # models: a 1-layer Qwen2 and Llama (f32, bf16, sharded)
 cat > "$W/qwen.json" <<'J'
@@ -27,6 +27,11 @@ cp "$W/q16/model.safetensors" "$OUT/fuzz_st/seed-qwen-f16"
 for f in "$W"/qsh/model-*.safetensors; do cp "$f" "$OUT/fuzz_st/seed-shard-$(basename "$f" .safetensors)"; done
 cp "$W/q32/config.json" "$OUT/fuzz_cfg/seed-qwen"
 cp "$W/l16/config.json" "$OUT/fuzz_cfg/seed-llama"
+# an adapter for the 1-layer Qwen2 (rank 2 on q_proj, v_proj: the config fuzz_adapter.c fixes)
+printf '{"input_ids":[1,2,3,4,5,6]}\n{"input_ids":[7,8,9,10]}\n' > "$W/pt.jsonl"
+"$LK" train --model "$W/q32" --data "$W/pt.jsonl" --out "$W/ad" --rank 2 --alpha 4 --targets q_proj,v_proj \
+  --steps 1 --batch 1 --seq 8 --threads 1 --quiet --runs "$W/runs.db" >/dev/null
+cp "$W/ad/adapter_model.safetensors" "$OUT/fuzz_adapter/seed-r2"
 # the index over the fuzz target's own two shards (x.weight, y.bias | z.weight), and the
 # layout `lorakit init --shard-size` writes
 cat > "$OUT/fuzz_st_index/seed-ok" <<'J'
