@@ -24,6 +24,7 @@
 #include "../libcore/lk.h"
 #include "../libcore/lora.h"
 #include "../libcore/model.h"
+#include "../libcore/rdb.h"
 #include "../libcore/st.h"
 #include "../libcore/tok.h"
 #include "test.h"
@@ -517,6 +518,15 @@ TEST(hard_kill_train)
         CHECK_MSG(killed_n >= 2, "%s: only %d of %d runs were killed before finishing", kc->name,
                   killed_n, trials);
     }
+    // the runs database every killed run wrote to is still readable (SQLite WAL)
+    struct rdb db = { 0 };
+    CHECK_OK(rdb_open(&db, runs, test_err()));
+    struct rdb_run *rr = NULL;
+    int nr = 0;
+    CHECK_OK(rdb_runs_list(&db, 1000, &rr, &nr, test_err()));
+    CHECK(nr >= trials);
+    rdb_runs_free(rr, nr);
+    CHECK_OK(rdb_close(&db, test_err()));
     cfg_release(&c);
 }
 
