@@ -113,8 +113,9 @@ datasets: check-deps $(MEDWORLD)
 	$(MEDWORLD) --world new --seed $(MEDWORLD_NEW_SEED) --out $(DATASETS_OUT)/new --overwrite
 
 # T=prefix runs only the tests whose names start with it.
-test: check-deps $(BIN) $(TESTBIN) $(MEDWORLD) node-ref
-	OPENBLAS_NUM_THREADS=1 LORAKIT=$(CURDIR)/$(BIN) MEDWORLD=$(CURDIR)/$(MEDWORLD) $(TESTBIN) $(T)
+test: check-deps $(BIN) $(TESTBIN) $(MEDWORLD) node-ref $(OUT)/tests/faultshim.so
+	OPENBLAS_NUM_THREADS=1 LORAKIT=$(CURDIR)/$(BIN) MEDWORLD=$(CURDIR)/$(MEDWORLD) \
+	  LK_FAULTSHIM=$(CURDIR)/$(OUT)/tests/faultshim.so $(TESTBIN) $(T)
 
 # Benchmarks: one program per bench/bench_<name>.c, run with the caller's OPENBLAS_NUM_THREADS.
 bench: bench-svd bench-tok bench-train bench-diff bench-dash bench-merge bench-compress bench-eval
@@ -208,3 +209,57 @@ bench-train: check-deps $(BIN) deps-bench
 # The whole pipeline on the project's own base model and data (datasets/demo.sh).
 demo: check-deps $(BIN) $(MEDWORLD)
 	datasets/demo.sh demo
+
+# ---- hardening: libFuzzer targets (tests/fuzz/fuzz_*.c) and the fault-injection shim ----
+#   make fuzz                 builds build/fuzz (clang, ASan + UBSan + libFuzzer), seeds
+#                             build/fuzz/corpus/<target> from the project's own fixtures, runs
+#                             each target FUZZ_SECONDS (600 = the issue's 10 minutes; CI uses 30)
+#                             and prints executions per target; crash inputs land in
+#                             build/fuzz/crash/<target>/ (turn them into tests/fuzz-regress/ files).
+#   make fuzz-build           only builds the targets.
+# clang's libFuzzer runtime comes with libclang-rt-14-dev (FUZZ_PKGS, installed by fuzz-deps).
+FUZZ_PKGS    = clang-14 libclang-rt-14-dev
+FUZZ_SECONDS ?= 600
+FUZZ_CC      ?= clang
+FUZZ_OUT     = build/fuzz
+FUZZ_SAN     = -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer
+FUZZ_CFLAGS  = $(CSTD) $(WARN) $(WERROR) -O1 -g $(FUZZ_SAN) -fsanitize=fuzzer-no-link $(INCS)
+FUZZ_TARGETS = $(patsubst tests/fuzz/%.c,%,$(sort $(wildcard tests/fuzz/fuzz_*.c)))
+FUZZ_OBJ     = $(CORE_SRC:%.c=$(FUZZ_OUT)/%.o) $(EVAL_SRC:%.c=$(FUZZ_OUT)/%.o)
+.PHONY: fuzz fuzz-build fuzz-corpus fuzz-deps shim
+fuzz-deps:
+	@missing=""; for p in $(FUZZ_PKGS); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; echo "installing:$$missing"; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; fi
+
+$(FUZZ_OUT)/%.o: %.c
+	@mkdir -p $(dir $@)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -MMD -MP -c $< -o $@
+
+$(FUZZ_OUT)/bin/%: tests/fuzz/%.c tests/fuzz/fuzz_util.h $(FUZZ_OBJ)
+	@mkdir -p $(dir $@)
+	$(FUZZ_CC) $(CSTD) $(WARN) $(WERROR) -O1 -g $(FUZZ_SAN) -fsanitize=fuzzer $(INCS) -o $@ $< $(FUZZ_OBJ) $(LIBS)
+
+fuzz-build: check-deps fuzz-deps $(FUZZ_TARGETS:%=$(FUZZ_OUT)/bin/%)
+
+fuzz-corpus: $(BIN)
+	tests/fuzz/seed.sh $(CURDIR)/$(BIN) $(FUZZ_OUT)/corpus
+
+fuzz: fuzz-build fuzz-corpus
+	@for t in $(FUZZ_TARGETS); do mkdir -p $(FUZZ_OUT)/crash/$$t $(FUZZ_OUT)/work/$$t; \
+	  echo "== $$t: $(FUZZ_SECONDS) s"; \
+	  ( cd $(FUZZ_OUT)/work/$$t && ASAN_OPTIONS=detect_leaks=1 OPENBLAS_NUM_THREADS=1 \
+	    ../../bin/$$t -max_total_time=$(FUZZ_SECONDS) -timeout=20 -rss_limit_mb=2048 -max_len=65536 \
+	    -artifact_prefix=../../crash/$$t/ ../../corpus/$$t ) > $(FUZZ_OUT)/$$t.log 2>&1; rc=$$?; \
+	  grep -E '^(#[0-9]+\s+DONE|Done [0-9]+ runs)' $(FUZZ_OUT)/$$t.log | tail -2; \
+	  if [ $$rc -ne 0 ]; then echo "$$t: FINDING (see $(FUZZ_OUT)/$$t.log, $(FUZZ_OUT)/crash/$$t/)"; fail=1; fi; \
+	done; exit $${fail:-0}
+
+# LD_PRELOAD fault injection for tests/test_hard.c (full disk, read-only destination).
+SHIM = $(OUT)/tests/faultshim.so
+shim: $(SHIM)
+$(SHIM): tests/faultshim.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CSTD) -D_GNU_SOURCE $(WARN) $(WERROR) -O1 -g -fPIC -shared -o $@ $< -ldl
+.SECONDARY: $(FUZZ_OBJ)
+-include $(FUZZ_OBJ:.o=.d)

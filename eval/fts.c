@@ -325,7 +325,10 @@ static int sql_fail(sqlite3 *db, const char *path, const char *what, struct lk_e
         return lk_errf(err, LK_ERR_FORMAT, "%s: not an SQLite database", path);
     if (rc == SQLITE_NOMEM)
         return lk_errf(err, LK_ERR_NOMEM, "%s: %s: out of memory", path, what);
-    return lk_errf(err, LK_ERR_IO, "%s: %s: %s", path, what, db ? sqlite3_errmsg(db) : "error");
+    // the OS's reason (a read-only folder...); SQLite clears it for a full disk
+    int se = (rc & 0xff) == SQLITE_FULL ? ENOSPC : db ? sqlite3_system_errno(db) : 0;
+    return lk_errf(err, LK_ERR_IO, "%s: %s: %s%s%s%s", path, what, db ? sqlite3_errmsg(db) : "error",
+                   se ? " (" : "", se ? strerror(se) : "", se ? ")" : "");
 }
 
 static int exec_sql(sqlite3 *db, const char *path, const char *sql, const char *what,
@@ -523,6 +526,14 @@ int fts_index_build(const char *docs_path, const char *db_path, const struct fts
     }
     snprintf(tmp, tl, "%s.tmp.%ld", db_path, (long)getpid());
     unlink(tmp); // a stale one from a crashed run with our pid
+    int tfd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC, 0644); // SQLite would hide why it cannot
+    if (tfd < 0 || close(tfd) != 0) {
+        int e = errno;
+        fclose(f);
+        int r0 = lk_errf(err, LK_ERR_IO, "%s: cannot create: %s", tmp, strerror(e));
+        lk_free(tmp);
+        return r0;
+    }
 
     struct builder b = { .docs_path = docs_path, .tmp = tmp, .s = s };
     int r = LK_OK;

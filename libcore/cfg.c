@@ -11,6 +11,16 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* The parameter count in floating point (no overflow), counting lm_head even when tied and
+ * every bias: an upper bound for the limit check. */
+#define CFG_MAX_PARAMS 1e13
+static double cfg_param_estimate(const struct cfg *c)
+{
+    double C = c->hidden_size, F = c->intermediate_size, V = c->vocab_size, L = c->num_hidden_layers;
+    double Q = (double)c->num_attention_heads * c->head_dim, KV = (double)c->num_key_value_heads * c->head_dim;
+    return 2 * V * C + C + L * (2 * Q * C + 2 * KV * C + Q + 2 * KV + 3 * F * C + 2 * C);
+}
+
 const char *const cfg_module_names[CFG_N_MODULES] = {
     "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
 };
@@ -156,6 +166,12 @@ static int cfg_parse_root(struct cfg *c, const cJSON *root, const char *name, st
                        c->num_attention_heads, c->num_key_value_heads);
     if ((int64_t)c->num_attention_heads * c->head_dim > INT_MAX)
         return lk_errf(err, LK_ERR_FORMAT, "%s: 'num_attention_heads' x 'head_dim' is too large", name);
+    // every size below is a product of these: refuse what no allocation could hold (and what
+    // would overflow the size arithmetic of cfg_param_count and the weight layout)
+    double npar = cfg_param_estimate(c);
+    if (npar > CFG_MAX_PARAMS)
+        return lk_errf(err, LK_ERR_FORMAT, "%s: the dimensions describe %.3g parameters: too large (at most %.0e)",
+                       name, npar, CFG_MAX_PARAMS);
     // 3. numbers with transformers' defaults
     if ((rc = cfg_num(root, "rms_norm_eps", 1e-6, &c->rms_norm_eps, name, err)) ||
         (rc = cfg_num(root, "rope_theta", 10000.0, &c->rope_theta, name, err)) ||
@@ -640,6 +656,8 @@ int cfg_tensors(const struct cfg *c, struct cfg_tensor **out, int *n, struct lk_
 
 int64_t cfg_param_count(const struct cfg *c)
 {
+    if (cfg_param_estimate(c) > CFG_MAX_PARAMS) // no signed overflow on hand-made configs
+        return INT64_MAX;
     int64_t C = c->hidden_size, V = c->vocab_size, p = V * C + C;
     for (int m = 0; m < CFG_N_MODULES; m++) {
         int64_t r, k;

@@ -80,7 +80,7 @@ int data_add(struct data_set *d, const int *ids, const int *labels, int n, int s
 
 /* One record to ids/labels; returns LK_OK or a message without the file:line prefix. */
 static int record_encode(const char *line, struct tok *tk, const struct chat_fmt *fmt, int flags,
-                         struct chat_seq *seq, struct lk_err *err)
+                         int vocab, struct chat_seq *seq, struct lk_err *err)
 {
     cJSON *o = cJSON_Parse(line);
     int rc = LK_OK;
@@ -109,8 +109,14 @@ static int record_encode(const char *line, struct tok *tk, const struct chat_fmt
                 if (!cJSON_IsNumber(a) || a->valuedouble < 0 || a->valuedouble > 2147483647.0 ||
                     a->valuedouble != (double)(int)a->valuedouble)
                     rc = lk_errf(err, LK_ERR_FORMAT, "'input_ids'[%d] is not a token id", i);
-                else if (!cJSON_IsNumber(b) || (b->valuedouble < 0 && b->valuedouble != -100))
+                else if (!cJSON_IsNumber(b) || (b->valuedouble != -100 &&
+                         (b->valuedouble < 0 || b->valuedouble > 2147483647.0 ||
+                          b->valuedouble != (double)(int)b->valuedouble)))
                     rc = lk_errf(err, LK_ERR_FORMAT, "'labels'[%d] must be a token id or -100", i);
+                else if (vocab > 0 && (a->valuedouble >= vocab || b->valuedouble >= vocab))
+                    rc = lk_errf(err, LK_ERR_FORMAT, "'%s'[%d] = %.0f is outside the vocabulary (%d tokens)",
+                                 a->valuedouble >= vocab ? "input_ids" : "labels", i,
+                                 a->valuedouble >= vocab ? a->valuedouble : b->valuedouble, vocab);
                 else {
                     seq->ids[i] = (int32_t)a->valuedouble;
                     seq->labels[i] = (int32_t)b->valuedouble;
@@ -191,7 +197,11 @@ static int load_file(struct data_set *d, const char *path, struct tok *tk, const
         else if (!p[strspn(p, " \t\r")])
             lrc = lk_errf(&le, LK_ERR_FORMAT, "empty line");
         else
-            lrc = record_encode(p, tk, fmt, o->train_on_prompt ? CHAT_TRAIN_ALL : 0, &seq, &le);
+            lrc = record_encode(p, tk, fmt, o->train_on_prompt ? CHAT_TRAIN_ALL : 0, o->vocab, &seq, &le);
+        for (size_t i = 0; !lrc && o->vocab > 0 && i < seq.n; i++)
+            if (seq.ids[i] >= o->vocab || seq.labels[i] >= o->vocab) // a tokenizer larger than the model
+                lrc = lk_errf(&le, LK_ERR_USAGE, "token id %d is outside the model's vocabulary (%d tokens)",
+                              seq.ids[i] >= o->vocab ? seq.ids[i] : seq.labels[i], o->vocab);
         if (lrc == LK_ERR_NOMEM) {
             rc = lk_errf(err, LK_ERR_NOMEM, "%s:%ld: out of memory", path, lineno);
             break;

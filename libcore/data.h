@@ -39,6 +39,7 @@ struct data_opts {
     int skip_bad;            /* skip broken lines (counted) instead of failing */
     int train_on_prompt;     /* labels on every token, not just the assistant's */
     const char *template_name; /* "chatml", "llama3", "plain" or NULL (from the tokenizer) */
+    int vocab;               /* > 0: every id and label must be below it (else file:line error) */
 };
 
 /* Loads one or more JSONL files (comma-separated list). tk may be NULL when every record is

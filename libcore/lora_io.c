@@ -7,11 +7,13 @@
 #include "lora.h"
 
 #include <cJSON.h>
+#include <errno.h>
 #include <math.h>
 #include <regex.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "st.h"
 
@@ -691,10 +693,14 @@ int lora_save(const struct lora *l, const char *dir, struct lk_err *err)
     char *cpath = lk_path_join(dir, "adapter_config.json");
     if (!path || !cpath)
         rc = lk_errf(err, LK_ERR_NOMEM, "out of memory");
+    // adapter_config.json marks a complete adapter: it goes first and comes back last, so a
+    // crash in between never pairs new weights with an old config
+    if (!rc && unlink(cpath) != 0 && errno != ENOENT)
+        rc = lk_errf(err, LK_ERR_IO, "%s: cannot replace: %s", cpath, strerror(errno));
     if (!rc)
         rc = lora_save_tensors(l, l->mem, path, err);
-    if (!rc)
-        rc = config_write(&l->cfg, cpath, err);
+    if (!rc && (rc = config_write(&l->cfg, cpath, err)))
+        unlink(path); // weights without their config are no adapter
     lk_free(path);
     lk_free(cpath);
     return rc;

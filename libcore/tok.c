@@ -111,6 +111,7 @@ struct cache_ent {
 struct tok {
     // token table
     int32_t n_ids;
+    int32_t id_limit;         /* ids must be below it: a few listed tokens cannot size a huge table */
     struct tok_piece *pieces; /* owned [n_ids] */
     char *bytes;              /* owned: all tokens' raw bytes */
     size_t bytes_len, bytes_cap;
@@ -361,7 +362,8 @@ static int compile_re(const char *name, struct tok_step *st, const char *pat, in
 {
     int ec;
     PCRE2_SIZE eo;
-    uint32_t flags = PCRE2_UTF | PCRE2_UCP | PCRE2_NO_UTF_CHECK | (literal ? PCRE2_LITERAL : 0);
+    // the pattern comes from the file: PCRE2 must check its UTF-8 (NO_UTF_CHECK read out of bounds)
+    uint32_t flags = PCRE2_UTF | PCRE2_UCP | (literal ? PCRE2_LITERAL : 0);
     st->re = pcre2_compile((PCRE2_SPTR)pat, PCRE2_ZERO_TERMINATED, flags, &ec, &eo, NULL);
     if (!st->re) {
         PCRE2_UCHAR msg[256];
@@ -476,7 +478,7 @@ static int load_added(struct tok *t, const char *name, const cJSON *list, struct
     {
         const char *content = json_str(e, "content");
         const cJSON *idj = cJSON_GetObjectItemCaseSensitive(e, "id");
-        if (!content || !*content || !cJSON_IsNumber(idj) || idj->valuedouble < 0 || idj->valuedouble > 1e8)
+        if (!content || !*content || !cJSON_IsNumber(idj) || idj->valuedouble < 0 || idj->valuedouble >= t->id_limit)
             return lk_errf(err, LK_ERR_FORMAT, "%s: added_tokens[%d] needs a non-empty 'content' and an 'id'",
                            name, t->n_added);
         struct tok_added *a = &t->added[t->n_added++];
@@ -540,9 +542,10 @@ static int load_model(struct tok *t, const char *name, const cJSON *m, struct lk
     int rc = LK_OK;
     cJSON_ArrayForEach(e, vocab)
     {
-        if (!cJSON_IsNumber(e) || e->valuedouble < 0 || e->valuedouble > 1e8 ||
+        if (!cJSON_IsNumber(e) || e->valuedouble < 0 || e->valuedouble >= t->id_limit ||
             e->valuedouble != (double)(int32_t)e->valuedouble) {
-            rc = lk_errf(err, LK_ERR_FORMAT, "%s: vocab entry '%s' has no valid id", name, e->string);
+            rc = lk_errf(err, LK_ERR_FORMAT, "%s: vocab entry '%s' has no valid id (an integer from 0 to %d)", name,
+                         e->string, t->id_limit - 1);
             break;
         }
         int32_t id = (int32_t)e->valuedouble;
@@ -741,8 +744,13 @@ int tok_load_json(struct tok **out, const char *json, size_t len, const char *cf
     const cJSON *dec = cJSON_GetObjectItemCaseSensitive(root, "decoder");
     if (!cJSON_IsObject(root) || !cJSON_IsObject(model))
         rc = lk_errf(err, LK_ERR_FORMAT, "%s: no 'model' object: not a tokenizer.json", name);
-    if (!rc)
+    if (!rc) {
+        // ids are dense in practice: allow gaps, but not a table sized by one stray id
+        double listed = (double)cJSON_GetArraySize(cJSON_GetObjectItemCaseSensitive(model, "vocab")) +
+                        cJSON_GetArraySize(cJSON_GetObjectItemCaseSensitive(root, "added_tokens"));
+        t->id_limit = 2 * listed + 65536 > 1e8 ? 100000000 : (int32_t)(2 * listed + 65536);
         rc = load_added(t, name, cJSON_GetObjectItemCaseSensitive(root, "added_tokens"), err);
+    }
     if (!rc)
         rc = load_model(t, name, model, err);
     if (!rc)

@@ -177,6 +177,19 @@ static int write_moments(const char *dir, const float *mo, const float *vo, size
     return rc;
 }
 
+/* Removes a checkpoint folder so that a crash midway never leaves a partial checkpoint-N behind:
+ * first renamed to a hidden temporary name (atomic), then deleted. */
+static void checkpoint_remove(const char *ckpt_dir, const char *path)
+{
+    char old[4200];
+    snprintf(old, sizeof old, "%s/.checkpoint-old.tmp.%ld", ckpt_dir, (long)getpid());
+    lk_rm_rf(old);
+    if (rename(path, old) == 0)
+        lk_rm_rf(old);
+    else if (errno != ENOENT)
+        lk_rm_rf(path);
+}
+
 /* Writes ckpt_dir/checkpoint-<step> through a temporary folder renamed into place; removes the
  * previous checkpoint afterwards. */
 static int checkpoint_save(const struct train_opts *o, struct model *m, const struct lora *lora,
@@ -196,7 +209,7 @@ static int checkpoint_save(const struct train_opts *o, struct model *m, const st
         rc = write_state(tmp, step, o, total, loss, err);
     if (!rc) {
         lk_fsync_dir(tmp);
-        lk_rm_rf(fin);
+        checkpoint_remove(o->ckpt_dir, fin);
         if (rename(tmp, fin) != 0)
             rc = lk_errf(err, LK_ERR_IO, "%s: cannot rename checkpoint into place: %s", fin, strerror(errno));
         else
@@ -208,7 +221,7 @@ static int checkpoint_save(const struct train_opts *o, struct model *m, const st
     }
     // keep only the newest checkpoint
     if (out_path && out_path[0] && strcmp(out_path, fin))
-        lk_rm_rf(out_path);
+        checkpoint_remove(o->ckpt_dir, out_path);
     if (out_path)
         snprintf(out_path, out_n, "%s", fin);
     return LK_OK;

@@ -106,7 +106,7 @@ TEST(train_labels_are_exactly_the_assistant_text)
     struct tok *tk;
     CHECK_OK(tok_load(&tk, test_path("m"), test_err()));
     struct data_set d;
-    struct data_opts o = { 512, 0, 0, NULL };
+    struct data_opts o = { 512, 0, 0, NULL, 0 };
     CHECK_OK(data_load(&d, test_path("chat.jsonl"), tk, &o, test_err()));
     CHECK_INT(d.n, 20);
     for (int i = 0; i < d.n; i++) {
@@ -231,7 +231,7 @@ TEST(train_dump_grads_match_central_differences)
     struct st_file f;
     CHECK_OK(st_open(&f, test_path("g.safetensors"), test_err()));
     struct data_set d;
-    struct data_opts o = { 512, 0, 0, NULL };
+    struct data_opts o = { 512, 0, 0, NULL, 0 };
     CHECK_OK(data_load(&d, test_path("d.jsonl"), NULL, &o, test_err()));
     double worst = 0;
     for (int k = 0; k < l.n_mod; k++) {
@@ -323,7 +323,7 @@ TEST(train_saved_adapter_reproduces_the_trainers_eval_loss)
     CHECK_OK(model_load(&m, test_path("m"), test_err()));
     CHECK_OK(lora_load(&l, test_path("ad"), &m.cfg, test_err()));
     struct data_set e;
-    struct data_opts o = { 512, 0, 0, NULL };
+    struct data_opts o = { 512, 0, 0, NULL, 0 };
     CHECK_OK(data_load(&e, test_path("e.jsonl"), NULL, &o, test_err()));
     double mine;
     CHECK_OK(train_eval_loss(&m, &l, &e, 4, &mine, test_err()));

@@ -3,6 +3,7 @@
  * JSONL data, with checkpoints, progress and the runs database.
  */
 #include <cblas.h>
+#include <limits.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -201,7 +202,8 @@ int cmd_train(int argc, char **argv)
     }
     if (c.rank < 1 || c.rank > 4096 || c.alpha <= 0 || c.dropout < 0 || c.dropout >= 1 || c.batch < 1 ||
         c.grad_accum < 1 || c.seq < 2 || c.epochs <= 0 || c.steps < 0 || c.warmup < 0 || c.clip < 0 ||
-        c.loraplus <= 0 || c.weight_decay < 0 || c.save_every < 0 || c.eval_every < 0 || c.log_every < 1) {
+        c.loraplus <= 0 || c.weight_decay < 0 || c.save_every < 0 || c.eval_every < 0 || c.log_every < 1 ||
+        c.batch > INT_MAX || c.grad_accum > INT_MAX || c.seq > INT_MAX || c.threads > 4096) { // cast to int
         lk_errf(&err, LK_ERR_USAGE, "an option is out of range (see --help)");
         return lk_cli_fail("train", &err);
     }
@@ -257,7 +259,7 @@ int cmd_train(int argc, char **argv)
             goto fail;
         }
     }
-    struct data_opts dopt = { (int)c.seq, c.skip_bad, c.train_on_prompt, c.tmpl };
+    struct data_opts dopt = { (int)c.seq, c.skip_bad, c.train_on_prompt, c.tmpl, m.cfg.vocab_size };
     if ((rc = data_load(&d, c.data, tk, &dopt, &err)))
         goto fail;
     if (d.n_trained == 0) {
