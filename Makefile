@@ -249,7 +249,7 @@ fuzz: fuzz-build fuzz-corpus
 	@for t in $(FUZZ_TARGETS); do mkdir -p $(FUZZ_OUT)/crash/$$t $(FUZZ_OUT)/work/$$t; \
 	  echo "== $$t: $(FUZZ_SECONDS) s"; \
 	  ( cd $(FUZZ_OUT)/work/$$t && ASAN_OPTIONS=detect_leaks=1 OPENBLAS_NUM_THREADS=1 \
-	    ../../bin/$$t -max_total_time=$(FUZZ_SECONDS) -timeout=20 -rss_limit_mb=2048 -max_len=65536 \
+	    ../../bin/$$t $(FUZZ_ARGS) -max_total_time=$(FUZZ_SECONDS) -timeout=20 -rss_limit_mb=2048 -max_len=65536 \
 	    -artifact_prefix=../../crash/$$t/ ../../corpus/$$t ) > $(FUZZ_OUT)/$$t.log 2>&1; rc=$$?; \
 	  grep -E '^(#[0-9]+\s+DONE|Done [0-9]+ runs)' $(FUZZ_OUT)/$$t.log | tail -2; \
 	  if [ $$rc -ne 0 ]; then echo "$$t: FINDING (see $(FUZZ_OUT)/$$t.log, $(FUZZ_OUT)/crash/$$t/)"; fail=1; fi; \

@@ -332,6 +332,10 @@ struct kill_cmd {
     "--batch 4 --seq 16 --threads 1 --seed 7 --quiet"
 static const struct kill_cmd kill_cmds[] = {
     { "train", TRAIN_ARGS, RES_ADAPTER, "adapter_model.safetensors", TRAIN_ARGS " --resume {OUT}" },
+    { "merge", "{LK} merge --model {MODEL} --adapter {ADAPTER} --out {OUT} --runs {RUNS}", RES_MODEL,
+      "model.safetensors", NULL },
+    { "svd-compress", "{LK} svd-compress --adapter {ADAPTER} --rank 4 --out {OUT} --runs {RUNS}", RES_ADAPTER,
+      "adapter_model.safetensors", NULL },
 };
 
 struct kill_env {
@@ -742,6 +746,8 @@ static const struct {
     { "train", "{LK} train --model {MODEL} --data {DATA} --out {OUT} --runs {RUNS} --steps 2 --save-every 1 --batch 2 "
                "--seq 12 --threads 1 --quiet" },
     { "index", "{LK} index --docs {DOCS} --db {OUT}" },
+    { "merge", "{LK} merge --model {MODEL} --adapter {ADAPTER} --out {OUT} --runs {RUNS}" },
+    { "svd-compress", "{LK} svd-compress --adapter {ADAPTER} --rank 4 --out {OUT} --runs {RUNS}" },
 };
 
 TEST(hard_faults_table)
