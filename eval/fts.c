@@ -172,36 +172,10 @@ int fts_chunk_text(const char *text, int chunk_tokens, int overlap, struct fts_c
 
 // ---- query building ----
 
-struct sbuf {
-    char *p;
-    size_t n, cap;
-    int oom;
-};
-
-static void sb_add(struct sbuf *b, const char *s, size_t n)
-{
-    if (b->oom)
-        return;
-    if (b->n + n + 1 > b->cap) {
-        size_t cap = b->cap ? b->cap : 64;
-        while (cap < b->n + n + 1)
-            cap *= 2;
-        char *np = lk_realloc(b->p, cap);
-        if (!np) {
-            b->oom = 1;
-            return;
-        }
-        b->p = np;
-        b->cap = cap;
-    }
-    memcpy(b->p + b->n, s, n);
-    b->n += n;
-    b->p[b->n] = 0;
-}
 
 struct qterms {
-    struct sbuf q;      /* the query being built */
-    struct sbuf seen;   /* "\x01term\x01" for every term kept, for de-duplication */
+    struct lk_buf q;      /* the query being built */
+    struct lk_buf seen;   /* "\x01term\x01" for every term kept, for de-duplication */
     int n;
 };
 
@@ -212,12 +186,12 @@ static void add_term(struct qterms *qt, const char *t, size_t n)
         return;
     // de-duplicate: seen is "\x01t1\x01t2\x01..."; look for "\x01term\x01" (terms never
     // contain \x01: it is not a word character)
-    struct sbuf key = { 0 };
-    sb_add(&key, "\x01", 1);
-    sb_add(&key, t, n);
-    sb_add(&key, "\x01", 1);
+    struct lk_buf key = { 0 };
+    lk_buf_put(&key, "\x01", 1);
+    lk_buf_put(&key, t, n);
+    lk_buf_put(&key, "\x01", 1);
     if (!qt->seen.n)
-        sb_add(&qt->seen, "\x01", 1);
+        lk_buf_put(&qt->seen, "\x01", 1);
     if (key.oom || qt->seen.oom) {
         lk_free(key.p);
         qt->q.oom = 1;
@@ -225,13 +199,13 @@ static void add_term(struct qterms *qt, const char *t, size_t n)
     }
     int dup = strstr(qt->seen.p, key.p) != NULL;
     if (!dup) {
-        sb_add(&qt->seen, key.p + 1, key.n - 1); // "term\x01"
+        lk_buf_put(&qt->seen, key.p + 1, key.n - 1); // "term\x01"
         if (qt->n)
-            sb_add(&qt->q, " OR ", 4);
-        sb_add(&qt->q, "\"", 1);
+            lk_buf_put(&qt->q, " OR ", 4);
+        lk_buf_put(&qt->q, "\"", 1);
         for (size_t i = 0; i < n; i++)
-            sb_add(&qt->q, t[i] == '"' ? "\"\"" : t + i, t[i] == '"' ? 2 : 1);
-        sb_add(&qt->q, "\"", 1);
+            lk_buf_put(&qt->q, t[i] == '"' ? "\"\"" : t + i, t[i] == '"' ? 2 : 1);
+        lk_buf_put(&qt->q, "\"", 1);
         qt->n++;
     }
     lk_free(key.p);
@@ -239,7 +213,7 @@ static void add_term(struct qterms *qt, const char *t, size_t n)
 
 /* Ends a run of word characters: word holds its lower-cased bytes, starts[] the byte offset
  * of each character (n_chars of them), cjk says whether the run is CJK. */
-static void end_run(struct qterms *qt, enum fts_tokenizer tok, const struct sbuf *word,
+static void end_run(struct qterms *qt, enum fts_tokenizer tok, const struct lk_buf *word,
                     const size_t *starts, size_t n_chars, int cjk)
 {
     if (n_chars == 0)
@@ -268,11 +242,11 @@ int fts_query_build(const char *text, enum fts_tokenizer tok, char **out, struct
 {
     *out = NULL;
     struct qterms qt = { 0 };
-    struct sbuf word = { 0 };
+    struct lk_buf word = { 0 };
     size_t len = text ? strlen(text) : 0, n_chars = 0, cap_starts = 0;
     size_t *starts = NULL; // byte offset in word of each of its characters
     int run_cjk = 0, oom = 0;
-    sb_add(&qt.q, "", 0); // "" even when no term is kept
+    lk_buf_put(&qt.q, "", 0); // "" even when no term is kept
     for (size_t i = 0; i <= len && !oom; ) {
         int32_t c = -1;
         size_t k = i < len ? next_char(text, i, len, &c) : 1;
@@ -300,7 +274,7 @@ int fts_query_build(const char *text, enum fts_tokenizer tok, char **out, struct
             utf8proc_ssize_t m = utf8proc_encode_char(utf8proc_tolower(c), enc);
             if (m <= 0)
                 m = utf8proc_encode_char(c, enc);
-            sb_add(&word, (const char *)enc, (size_t)m);
+            lk_buf_put(&word, (const char *)enc, (size_t)m);
         }
         i += k;
     }

@@ -436,73 +436,19 @@ int cfg_save(const struct cfg *c, const char *path, struct lk_err *err)
 
 // ---- a JSON printer with Python's layout ----
 
-struct cfg_buf {
-    char *p;
-    size_t n, cap;
-    int oom;
-};
-
-static void cb_put(struct cfg_buf *b, const char *s, size_t n)
+static void cb_indent(struct lk_buf *b, int depth)
 {
-    if (b->oom)
-        return;
-    if (b->n + n + 1 > b->cap) {
-        size_t cap = b->cap ? b->cap : 512;
-        while (cap < b->n + n + 1)
-            cap *= 2;
-        char *p = lk_realloc(b->p, cap);
-        if (!p) {
-            b->oom = 1;
-            return;
-        }
-        b->p = p;
-        b->cap = cap;
-    }
-    memcpy(b->p + b->n, s, n);
-    b->n += n;
-    b->p[b->n] = 0;
-}
-
-static void cb_puts(struct cfg_buf *b, const char *s)
-{
-    cb_put(b, s, strlen(s));
-}
-
-static void cb_indent(struct cfg_buf *b, int depth)
-{
-    cb_put(b, "\n", 1);
+    lk_buf_put(b, "\n", 1);
     for (int i = 0; i < depth; i++)
-        cb_put(b, "  ", 2);
+        lk_buf_put(b, "  ", 2);
 }
 
-static void cb_str(struct cfg_buf *b, const char *s)
-{
-    cb_put(b, "\"", 1);
-    for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
-        char e[8];
-        switch (*p) {
-        case '"': cb_put(b, "\\\"", 2); break;
-        case '\\': cb_put(b, "\\\\", 2); break;
-        case '\n': cb_put(b, "\\n", 2); break;
-        case '\t': cb_put(b, "\\t", 2); break;
-        case '\r': cb_put(b, "\\r", 2); break;
-        default:
-            if (*p < 0x20) {
-                snprintf(e, sizeof e, "\\u%04x", *p);
-                cb_put(b, e, 6);
-            } else {
-                cb_put(b, (const char *)p, 1);
-            }
-        }
-    }
-    cb_put(b, "\"", 1);
-}
 
-static void cb_num(struct cfg_buf *b, double v)
+static void cb_num(struct lk_buf *b, double v)
 {
     char s[40];
     if (!isfinite(v)) {
-        cb_puts(b, "null"); // JSON has no Inf/NaN
+        lk_buf_puts(b, "null"); // JSON has no Inf/NaN
         return;
     }
     if (v == floor(v) && fabs(v) < 1e15) {
@@ -514,50 +460,50 @@ static void cb_num(struct cfg_buf *b, double v)
                 break;
         }
     }
-    cb_puts(b, s);
+    lk_buf_puts(b, s);
 }
 
-static void cb_value(struct cfg_buf *b, const cJSON *j, int depth)
+static void cb_value(struct lk_buf *b, const cJSON *j, int depth)
 {
     if (cJSON_IsNull(j)) {
-        cb_puts(b, "null");
+        lk_buf_puts(b, "null");
     } else if (cJSON_IsTrue(j)) {
-        cb_puts(b, "true");
+        lk_buf_puts(b, "true");
     } else if (cJSON_IsFalse(j)) {
-        cb_puts(b, "false");
+        lk_buf_puts(b, "false");
     } else if (cJSON_IsNumber(j)) {
         cb_num(b, j->valuedouble);
     } else if (cJSON_IsString(j)) {
-        cb_str(b, j->valuestring);
+        lk_buf_json_str(b, j->valuestring);
     } else if (cJSON_IsArray(j) || cJSON_IsObject(j)) {
         int obj = cJSON_IsObject(j);
-        cb_puts(b, obj ? "{" : "[");
+        lk_buf_puts(b, obj ? "{" : "[");
         if (!j->child) {
-            cb_puts(b, obj ? "}" : "]");
+            lk_buf_puts(b, obj ? "}" : "]");
             return;
         }
         for (const cJSON *e = j->child; e; e = e->next) {
             cb_indent(b, depth + 1);
             if (obj) {
-                cb_str(b, e->string);
-                cb_puts(b, ": ");
+                lk_buf_json_str(b, e->string);
+                lk_buf_puts(b, ": ");
             }
             cb_value(b, e, depth + 1);
             if (e->next)
-                cb_puts(b, ",");
+                lk_buf_puts(b, ",");
         }
         cb_indent(b, depth);
-        cb_puts(b, obj ? "}" : "]");
+        lk_buf_puts(b, obj ? "}" : "]");
     } else {
-        cb_puts(b, "null"); // raw/invalid items do not occur in parsed JSON
+        lk_buf_puts(b, "null"); // raw/invalid items do not occur in parsed JSON
     }
 }
 
 char *cfg_json_print(const struct cJSON *j)
 {
-    struct cfg_buf b = { 0 };
+    struct lk_buf b = { 0 };
     cb_value(&b, j, 0);
-    cb_puts(&b, "\n");
+    lk_buf_puts(&b, "\n");
     if (b.oom) {
         lk_free(b.p);
         return NULL;

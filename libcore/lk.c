@@ -153,6 +153,92 @@ int lk_mul3_size(size_t a, size_t b, size_t c, size_t *out)
     return lk_mul_size(ab, c, out);
 }
 
+// ---- growable strings ----
+
+void lk_buf_put(struct lk_buf *b, const char *s, size_t n)
+{
+    if (b->oom)
+        return;
+    if (b->n + n + 1 > b->cap) {
+        size_t cap = b->cap ? b->cap : 256;
+        while (cap < b->n + n + 1)
+            cap *= 2;
+        char *p = lk_realloc(b->p, cap);
+        if (!p) {
+            b->oom = 1;
+            return;
+        }
+        b->p = p;
+        b->cap = cap;
+    }
+    memcpy(b->p + b->n, s, n);
+    b->n += n;
+    b->p[b->n] = 0;
+}
+
+void lk_buf_puts(struct lk_buf *b, const char *s)
+{
+    lk_buf_put(b, s, strlen(s));
+}
+
+void lk_buf_printf(struct lk_buf *b, const char *fmt, ...)
+{
+    char tmp[256];
+    va_list ap;
+    va_start(ap, fmt);
+    int k = vsnprintf(tmp, sizeof tmp, fmt, ap);
+    va_end(ap);
+    if (k < 0) {
+        b->oom = 1;
+        return;
+    }
+    if ((size_t)k < sizeof tmp) {
+        lk_buf_put(b, tmp, (size_t)k);
+        return;
+    }
+    char *big = lk_malloc((size_t)k + 1);
+    if (!big) {
+        b->oom = 1;
+        return;
+    }
+    va_start(ap, fmt);
+    vsnprintf(big, (size_t)k + 1, fmt, ap);
+    va_end(ap);
+    lk_buf_put(b, big, (size_t)k);
+    lk_free(big);
+}
+
+void lk_buf_json_str(struct lk_buf *b, const char *s)
+{
+    lk_buf_put(b, "\"", 1);
+    for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
+        char e[8];
+        switch (*p) {
+        case '"': lk_buf_put(b, "\\\"", 2); break;
+        case '\\': lk_buf_put(b, "\\\\", 2); break;
+        case '\n': lk_buf_put(b, "\\n", 2); break;
+        case '\t': lk_buf_put(b, "\\t", 2); break;
+        case '\r': lk_buf_put(b, "\\r", 2); break;
+        default:
+            if (*p < 0x20) {
+                snprintf(e, sizeof e, "\\u%04x", *p);
+                lk_buf_put(b, e, 6);
+            } else {
+                lk_buf_put(b, (const char *)p, 1);
+            }
+        }
+    }
+    lk_buf_put(b, "\"", 1);
+}
+
+void lk_buf_release(struct lk_buf *b)
+{
+    if (!b)
+        return;
+    lk_free(b->p);
+    memset(b, 0, sizeof *b);
+}
+
 // ---- files ----
 
 int lk_read_file(const char *path, char **out_buf, size_t *out_len, struct lk_err *err)

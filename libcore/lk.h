@@ -60,6 +60,23 @@ extern size_t lk_alloc_largest;
 int lk_mul_size(size_t a, size_t b, size_t *out);
 int lk_mul3_size(size_t a, size_t b, size_t c, size_t *out);
 
+// ---- growable strings ----
+/* A NUL-terminated string that grows as it is written. Errors are sticky: after a failed
+ * allocation (oom set) writes are no-ops, so a builder checks once at the end. p is owned:
+ * lk_buf_release frees it (harmless twice); a zeroed struct is an empty buffer. */
+struct lk_buf {
+    char *p;
+    size_t n, cap;
+    int oom;
+};
+void lk_buf_put(struct lk_buf *b, const char *s, size_t n);
+void lk_buf_puts(struct lk_buf *b, const char *s);
+void lk_buf_printf(struct lk_buf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* A JSON string literal as Python's json.dumps writes it (\" \\ \n \t \r, other control
+ * characters as \u00XX, UTF-8 kept). */
+void lk_buf_json_str(struct lk_buf *b, const char *s);
+void lk_buf_release(struct lk_buf *b);
+
 // ---- files ----
 /* Whole file into a NUL-terminated heap buffer (caller frees with lk_free). */
 int lk_read_file(const char *path, char **out_buf, size_t *out_len, struct lk_err *err);

@@ -19,71 +19,6 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-// ---- a growing string (header and index JSON) ----
-
-struct st_sbuf {
-    char *p;    /* owned */
-    size_t n, cap;
-    int oom;
-};
-
-static void sb_put(struct st_sbuf *b, const char *s, size_t n)
-{
-    if (b->oom)
-        return;
-    if (b->n + n + 1 > b->cap) {
-        size_t cap = b->cap ? b->cap : 256;
-        while (cap < b->n + n + 1)
-            cap *= 2;
-        char *p = lk_realloc(b->p, cap);
-        if (!p) {
-            b->oom = 1;
-            return;
-        }
-        b->p = p;
-        b->cap = cap;
-    }
-    memcpy(b->p + b->n, s, n);
-    b->n += n;
-    b->p[b->n] = 0;
-}
-
-static void sb_puts(struct st_sbuf *b, const char *s)
-{
-    sb_put(b, s, strlen(s));
-}
-
-static void sb_printf(struct st_sbuf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void sb_printf(struct st_sbuf *b, const char *fmt, ...)
-{
-    char tmp[128];
-    va_list ap;
-    va_start(ap, fmt);
-    int k = vsnprintf(tmp, sizeof tmp, fmt, ap);
-    va_end(ap);
-    LK_ASSERT(k >= 0 && (size_t)k < sizeof tmp); // only used for numbers
-    sb_put(b, tmp, (size_t)k);
-}
-
-/* A JSON string literal: quotes, backslash and control characters escaped, UTF-8 kept. */
-static void sb_json_str(struct st_sbuf *b, const char *s)
-{
-    sb_put(b, "\"", 1);
-    for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
-        if (*p == '"' || *p == '\\') {
-            char e[2] = { '\\', (char)*p };
-            sb_put(b, e, 2);
-        } else if (*p < 0x20) {
-            char e[8];
-            snprintf(e, sizeof e, "\\u%04x", *p);
-            sb_put(b, e, 6);
-        } else {
-            sb_put(b, (const char *)p, 1);
-        }
-    }
-    sb_put(b, "\"", 1);
-}
-
 // ---- reading ----
 
 static uint64_t st_le64(const uint8_t *p)
@@ -780,34 +715,34 @@ int st_writer_begin(struct st_writer *w)
     if (rc)
         return rc;
     // the header: metadata first (as the Python library writes it), tensors in declaration order
-    struct st_sbuf b = { 0 };
-    sb_puts(&b, "{");
+    struct lk_buf b = { 0 };
+    lk_buf_puts(&b, "{");
     if (w->n_meta) {
-        sb_puts(&b, "\"__metadata__\":{");
+        lk_buf_puts(&b, "\"__metadata__\":{");
         for (int i = 0; i < w->n_meta; i++) {
             if (i)
-                sb_puts(&b, ",");
-            sb_json_str(&b, w->meta_key[i]);
-            sb_puts(&b, ":");
-            sb_json_str(&b, w->meta_val[i]);
+                lk_buf_puts(&b, ",");
+            lk_buf_json_str(&b, w->meta_key[i]);
+            lk_buf_puts(&b, ":");
+            lk_buf_json_str(&b, w->meta_val[i]);
         }
-        sb_puts(&b, "}");
+        lk_buf_puts(&b, "}");
     }
     size_t off = 0;
     for (int i = 0; i < w->n; i++) {
         const struct st_wtensor *t = &w->t[i];
         if (i || w->n_meta)
-            sb_puts(&b, ",");
-        sb_json_str(&b, t->name);
-        sb_printf(&b, ":{\"dtype\":\"%s\",\"shape\":[", tensor_dtype_name(t->dtype));
+            lk_buf_puts(&b, ",");
+        lk_buf_json_str(&b, t->name);
+        lk_buf_printf(&b, ":{\"dtype\":\"%s\",\"shape\":[", tensor_dtype_name(t->dtype));
         for (int d = 0; d < t->ndim; d++)
-            sb_printf(&b, d ? ",%lld" : "%lld", (long long)t->shape[d]);
-        sb_printf(&b, "],\"data_offsets\":[%zu,%zu]}", off, off + t->nbytes);
+            lk_buf_printf(&b, d ? ",%lld" : "%lld", (long long)t->shape[d]);
+        lk_buf_printf(&b, "],\"data_offsets\":[%zu,%zu]}", off, off + t->nbytes);
         off += t->nbytes;
     }
-    sb_puts(&b, "}");
+    lk_buf_puts(&b, "}");
     while (!b.oom && b.n % 8) // pad with spaces so the data area starts 8-aligned
-        sb_puts(&b, " ");
+        lk_buf_puts(&b, " ");
     if (b.oom) {
         lk_free(b.p);
         return lk_errf(w->err, LK_ERR_NOMEM, "out of memory");
@@ -1128,17 +1063,17 @@ static int st_model_writer_index(struct st_model_writer *mw)
     }
     g_sort_wt = mw->t;
     qsort(ix, (size_t)mw->n, sizeof(int), st_cmp_wname);
-    struct st_sbuf b = { 0 };
-    sb_printf(&b, "{\n  \"metadata\": {\n    \"total_size\": %zu\n  },\n  \"weight_map\": {", total);
+    struct lk_buf b = { 0 };
+    lk_buf_printf(&b, "{\n  \"metadata\": {\n    \"total_size\": %zu\n  },\n  \"weight_map\": {", total);
     for (int i = 0; i < mw->n; i++) {
         char name[64];
         st_shard_name(mw->shard[ix[i]], mw->n_shards, name, sizeof name);
-        sb_puts(&b, i ? ",\n    " : "\n    ");
-        sb_json_str(&b, mw->t[ix[i]].name);
-        sb_puts(&b, ": ");
-        sb_json_str(&b, name);
+        lk_buf_puts(&b, i ? ",\n    " : "\n    ");
+        lk_buf_json_str(&b, mw->t[ix[i]].name);
+        lk_buf_puts(&b, ": ");
+        lk_buf_json_str(&b, name);
     }
-    sb_puts(&b, mw->n ? "\n  }\n}\n" : "}\n}\n");
+    lk_buf_puts(&b, mw->n ? "\n  }\n}\n" : "}\n}\n");
     lk_free(ix);
     char *path = lk_path_join(mw->dir, "model.safetensors.index.json");
     if (b.oom || !path) {
