@@ -124,19 +124,6 @@ static int report_add(struct cmp_report *r, struct cmp_tensor **out, struct lk_e
 
 // ---- the output folder: built under a temporary name, renamed into place ----
 
-static int dir_nonempty(const char *path)
-{
-    DIR *d = opendir(path);
-    if (!d)
-        return 0;
-    struct dirent *e;
-    int n = 0;
-    while (!n && (e = readdir(d)))
-        n = strcmp(e->d_name, ".") && strcmp(e->d_name, "..");
-    closedir(d);
-    return n;
-}
-
 /* Refuses an existing output (unless overwrite) and creates the temporary folder *out_tmp
  * (heap string, caller frees) beside it. */
 static int out_prepare(const char *out, int overwrite, char **out_tmp, struct lk_err *err)
@@ -144,7 +131,7 @@ static int out_prepare(const char *out, int overwrite, char **out_tmp, struct lk
     *out_tmp = NULL;
     if (lk_file_exists(out) && !lk_is_dir(out))
         return lk_errf(err, LK_ERR_EXISTS, "%s: exists and is not a folder", out);
-    if (dir_nonempty(out) && !overwrite)
+    if (lk_dir_nonempty(out) && !overwrite)
         return lk_errf(err, LK_ERR_EXISTS, "%s: folder exists and is not empty (use --overwrite to replace it)",
                        out);
     size_t n = strlen(out) + 32;
@@ -170,7 +157,7 @@ static int out_commit(const char *out, const char *tmp, struct lk_err *err)
     if (!old)
         return lk_errf(err, LK_ERR_NOMEM, "out of memory");
     snprintf(old, n, "%s.old.%ld", out, (long)getpid());
-    int exists = lk_is_dir(out), nonempty = exists && dir_nonempty(out), rc = LK_OK;
+    int exists = lk_is_dir(out), nonempty = exists && lk_dir_nonempty(out), rc = LK_OK;
     if (nonempty && rename(out, old) != 0)
         rc = lk_errf(err, LK_ERR_IO, "%s: cannot move the old folder aside: %s", out, strerror(errno));
     else if (exists && !nonempty && rmdir(out) != 0)

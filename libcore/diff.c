@@ -27,14 +27,6 @@ static int imin(int a, int b)
     return a < b ? a : b;
 }
 
-static float *falloc(size_t a, size_t b)
-{
-    size_t n;
-    if (lk_mul3_size(a, b, sizeof(float), &n) != 0)
-        return NULL;
-    return lk_malloc(n);
-}
-
 static int nomem(struct lk_err *err, const char *what)
 {
     return lk_errf(err, LK_ERR_NOMEM, "out of memory for %s", what);
@@ -151,7 +143,7 @@ static int rowsrc_init(struct rowsrc *rs, const struct st_tensor *t, const float
     rs->rows = n >= DIFF_ROW_BLOCK ? 1 : (size_t)(DIFF_ROW_BLOCK / n);
     if (rs->rows > (size_t)m)
         rs->rows = (size_t)m;
-    if (t && !st_tensor_f32(t) && !(rs->buf = falloc(rs->rows, (size_t)n)))
+    if (t && !st_tensor_f32(t) && !(rs->buf = lk_falloc(rs->rows, (size_t)n)))
         return nomem(err, "a block of weight rows");
     return LK_OK;
 }
@@ -252,7 +244,7 @@ int diff_dense_stats(int m, int n, const float *dW, double w_fro2, const struct 
         set_spectrum(t, NULL, 0, 0, m, n, o);
         return LK_OK;
     }
-    float *S = falloc((size_t)p, 1);
+    float *S = lk_falloc((size_t)p, 1);
     if (!S)
         return nomem(err, "singular values");
     int rc = svd_values(m, n, dW, S, err);
@@ -278,9 +270,9 @@ int diff_factor_stats(int m, int n, int r, float s, const float *B, const float 
         set_spectrum(t, NULL, 0, 0, m, n, o);
         return LK_OK;
     }
-    float *U = out_U ? out_U : falloc((size_t)m, (size_t)r);
-    float *Vt = out_Vt ? out_Vt : falloc((size_t)r, (size_t)n);
-    float *S = falloc((size_t)r, 1);
+    float *U = out_U ? out_U : lk_falloc((size_t)m, (size_t)r);
+    float *Vt = out_Vt ? out_Vt : lk_falloc((size_t)r, (size_t)n);
+    float *S = lk_falloc((size_t)r, 1);
     int rc = LK_OK;
     if (!U || !Vt || !S)
         rc = nomem(err, "a factor SVD");
@@ -316,9 +308,9 @@ int diff_factor_pair(int m, int n, int r1, float s1, const float *B1, const floa
     t->fro_b = sqrt(f2);
     if (!(f1 > 0) || !(f2 > 0))
         return LK_OK; // no directions to compare
-    float *U1 = falloc((size_t)m, (size_t)r1), *Vt1 = falloc((size_t)r1, (size_t)n);
-    float *U2 = falloc((size_t)m, (size_t)r2), *Vt2 = falloc((size_t)r2, (size_t)n);
-    float *S1 = falloc((size_t)r1, 1), *S2 = falloc((size_t)r2, 1);
+    float *U1 = lk_falloc((size_t)m, (size_t)r1), *Vt1 = lk_falloc((size_t)r1, (size_t)n);
+    float *U2 = lk_falloc((size_t)m, (size_t)r2), *Vt2 = lk_falloc((size_t)r2, (size_t)n);
+    float *S1 = lk_falloc((size_t)r1, 1), *S2 = lk_falloc((size_t)r2, 1);
     int rc = LK_OK;
     if (!U1 || !Vt1 || !U2 || !Vt2 || !S1 || !S2) {
         rc = nomem(err, "singular vectors");
@@ -366,7 +358,7 @@ done:
 static int amp_core(struct rowsrc *rs, int m, int n, int k, const float *U, int ldu,
                     const float *Vt, double dw_fro, double *out, struct lk_err *err)
 {
-    float *T = falloc((size_t)m, (size_t)k), *C = falloc((size_t)k, (size_t)k);
+    float *T = lk_falloc((size_t)m, (size_t)k), *C = lk_falloc((size_t)k, (size_t)k);
     if (!T || !C) {
         lk_free(T);
         lk_free(C);
@@ -407,10 +399,10 @@ int diff_intruders(int m, int n, const float *W, const float *W_tuned, int k, do
         return lk_errf(err, LK_ERR_SHAPE, "intruders: bad shape %d x %d or k %d", m, n, k);
     if (k > p)
         k = p;
-    float *Ub = falloc((size_t)m, (size_t)p), *Sb = falloc((size_t)p, 1);
-    float *Vb = falloc((size_t)p, (size_t)n);
-    float *Ut = falloc((size_t)m, (size_t)k), *St = falloc((size_t)k, 1);
-    float *Vtt = falloc((size_t)k, (size_t)n), *C = falloc((size_t)k, (size_t)p);
+    float *Ub = lk_falloc((size_t)m, (size_t)p), *Sb = lk_falloc((size_t)p, 1);
+    float *Vb = lk_falloc((size_t)p, (size_t)n);
+    float *Ut = lk_falloc((size_t)m, (size_t)k), *St = lk_falloc((size_t)k, 1);
+    float *Vtt = lk_falloc((size_t)k, (size_t)n), *C = lk_falloc((size_t)k, (size_t)p);
     int rc = LK_OK;
     if (!Ub || !Sb || !Vb || !Ut || !St || !Vtt || !C) {
         rc = nomem(err, "the intruder SVDs");
@@ -906,7 +898,7 @@ static int fac_get(const struct mods *m, struct fac *f, struct lk_err *err)
     // embedding: ΔE [V, C] = s·(B_e A_e)ᵀ = s·A_eᵀ B_eᵀ, A_e [R, V], B_e [C, R]
     const struct lora *l = m->l;
     int R = l->embed_R, V = l->embed_V, C = l->embed_C;
-    if (!(f->own = falloc((size_t)R, (size_t)V + (size_t)C)))
+    if (!(f->own = lk_falloc((size_t)R, (size_t)V + (size_t)C)))
         return nomem(err, "embedding factors");
     float *Bt = f->own, *At = f->own + (size_t)V * R;
     for (int i = 0; i < R; i++)
@@ -971,7 +963,7 @@ static int compare_factors(struct diff *d, const struct entry *e, const struct m
         goto done;
     // [s_B·B_B | -s_A·B_A] [A_B; A_A], scale folded into the left factor
     int r = fa.r + fb.r;
-    if (!(Bc = falloc((size_t)m, (size_t)r)) || !(Ac = falloc((size_t)r, (size_t)n))) {
+    if (!(Bc = lk_falloc((size_t)m, (size_t)r)) || !(Ac = lk_falloc((size_t)r, (size_t)n))) {
         rc = nomem(err, "the combined factors");
         goto done;
     }
@@ -991,7 +983,7 @@ static int compare_factors(struct diff *d, const struct entry *e, const struct m
         goto done;
     if (r > imin(m, n)) {
         // rank above min(m, n): the dense matrix is no larger than its factors
-        if (!(dense = falloc((size_t)m, (size_t)n))) {
+        if (!(dense = lk_falloc((size_t)m, (size_t)n))) {
             rc = nomem(err, "a small change");
             goto done;
         }
@@ -1001,7 +993,7 @@ static int compare_factors(struct diff *d, const struct entry *e, const struct m
         goto done;
     }
     int want_vec = d->kind == DIFF_BASE_ADAPTER && wt && t->module >= 0 && o->amplification;
-    if (want_vec && (!(U = falloc((size_t)m, (size_t)r)) || !(Vt = falloc((size_t)r, (size_t)n)))) {
+    if (want_vec && (!(U = lk_falloc((size_t)m, (size_t)r)) || !(Vt = lk_falloc((size_t)r, (size_t)n)))) {
         rc = nomem(err, "singular vectors");
         goto done;
     }
@@ -1023,7 +1015,7 @@ static int compare_factors(struct diff *d, const struct entry *e, const struct m
     if (d->kind == DIFF_BASE_ADAPTER && wt && t->module >= 0 && o->intruder_k > 0) {
         // the only dense step: W and W + s·B·A of the adapter, one SVD each
         const struct fac *f = ha ? &fa : &fb;
-        float *W = falloc((size_t)m, (size_t)n), *Wt = falloc((size_t)m, (size_t)n);
+        float *W = lk_falloc((size_t)m, (size_t)n), *Wt = lk_falloc((size_t)m, (size_t)n);
         if (!W || !Wt) {
             lk_free(W);
             lk_free(Wt);
@@ -1065,7 +1057,7 @@ static int compare_dense(struct diff *d, const struct entry *e, const struct mod
     }
     size_t n = (size_t)e->rows * (size_t)e->cols;
     int rows = (int)e->rows, cols = (int)e->cols;
-    float *va = falloc(n, 1), *vb = falloc(n, 1);
+    float *va = lk_falloc(n, 1), *vb = lk_falloc(n, 1);
     int rc = LK_OK;
     if (!va || !vb) {
         rc = nomem(err, "the tensor values");
@@ -1097,8 +1089,8 @@ static int compare_dense(struct diff *d, const struct entry *e, const struct mod
     int k = t->num_rank;
     if (d->kind == DIFF_MODEL_MODEL && linear && o->amplification && k >= 1 &&
         k <= DIFF_AMP_MAX_RANK && k <= imin(rows, cols) / 2) {
-        float *U = falloc((size_t)rows, (size_t)k), *S = falloc((size_t)k, 1);
-        float *Vt = falloc((size_t)k, (size_t)cols);
+        float *U = lk_falloc((size_t)rows, (size_t)k), *S = lk_falloc((size_t)k, 1);
+        float *Vt = lk_falloc((size_t)k, (size_t)cols);
         if (!U || !S || !Vt)
             rc = nomem(err, "singular vectors");
         else if (!(rc = svd_exact(rows, cols, vb, k, U, S, Vt, err))) {

@@ -137,6 +137,14 @@ char *lk_strdup(const char *s)
     return d;
 }
 
+float *lk_falloc(size_t a, size_t b)
+{
+    size_t n;
+    if (lk_mul3_size(a, b, sizeof(float), &n) != 0)
+        return NULL;
+    return lk_malloc(n);
+}
+
 int lk_mul_size(size_t a, size_t b, size_t *out)
 {
     if (a && b > SIZE_MAX / a)
@@ -285,6 +293,19 @@ int lk_is_dir(const char *path)
 {
     struct stat st;
     return stat(path, &st) == 0 && S_ISDIR(st.st_mode);
+}
+
+int lk_dir_nonempty(const char *path)
+{
+    DIR *d = opendir(path);
+    if (!d)
+        return 0;
+    struct dirent *e;
+    int n = 0;
+    while (!n && (e = readdir(d)))
+        n = strcmp(e->d_name, ".") && strcmp(e->d_name, "..");
+    closedir(d);
+    return n;
 }
 
 int lk_mkdir_p(const char *path, struct lk_err *err)

@@ -56,6 +56,9 @@ extern long lk_fail_countdown; /* <= 0: off */
 extern size_t lk_alloc_limit;
 extern size_t lk_alloc_largest;
 
+/* lk_malloc of a*b floats with the product checked; NULL on overflow or failure. */
+float *lk_falloc(size_t a, size_t b);
+
 /* a*b (and a*b*c) with overflow detection: return 0 and set *out, or -1 on overflow */
 int lk_mul_size(size_t a, size_t b, size_t *out);
 int lk_mul3_size(size_t a, size_t b, size_t c, size_t *out);
@@ -82,6 +85,8 @@ void lk_buf_release(struct lk_buf *b);
 int lk_read_file(const char *path, char **out_buf, size_t *out_len, struct lk_err *err);
 int lk_file_exists(const char *path);
 int lk_is_dir(const char *path);
+/* 1 when path is a folder holding anything. */
+int lk_dir_nonempty(const char *path);
 int lk_mkdir_p(const char *path, struct lk_err *err);
 /* Remove a folder and everything in it (for temp output folders). 0 on success. */
 int lk_rm_rf(const char *path);

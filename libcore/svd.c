@@ -20,15 +20,6 @@ static int imin(int a, int b)
     return a < b ? a : b;
 }
 
-/* lk_malloc of count floats with the product checked. */
-static float *falloc(size_t a, size_t b)
-{
-    size_t n;
-    if (lk_mul3_size(a, b, sizeof(float), &n) != 0)
-        return NULL;
-    return lk_malloc(n);
-}
-
 static int nomem(struct lk_err *err, const char *what, int rows, int cols)
 {
     return lk_errf(err, LK_ERR_NOMEM, "svd: out of memory for %s (%d x %d floats)", what, rows,
@@ -105,7 +96,7 @@ static int gesdd_rm(int m, int n, float *X, float *S, float *U, float *Vt, struc
                        (int)info);
     }
     lapack_int lwork = lwork_of(q);
-    float *work = falloc((size_t)lwork, 1);
+    float *work = lk_falloc((size_t)lwork, 1);
     if (!work) {
         lk_free(iwork);
         return nomem(err, "svd workspace", (int)lwork, 1);
@@ -159,10 +150,10 @@ static int exact_full(int m, int n, const float *A, float **out_U, float **out_S
 {
     int mn = imin(m, n);
     *out_U = *out_S = *out_Vt = NULL;
-    float *X = falloc((size_t)m, (size_t)n);
-    float *U = falloc((size_t)m, (size_t)mn);
-    float *S = falloc((size_t)mn, 1);
-    float *Vt = falloc((size_t)mn, (size_t)n);
+    float *X = lk_falloc((size_t)m, (size_t)n);
+    float *U = lk_falloc((size_t)m, (size_t)mn);
+    float *S = lk_falloc((size_t)mn, 1);
+    float *Vt = lk_falloc((size_t)mn, (size_t)n);
     int rc;
     if (!X || !U || !S || !Vt)
         rc = nomem(err, "exact svd", m, n);
@@ -214,7 +205,7 @@ int svd_values(int m, int n, const float *A, float *out_S, struct lk_err *err)
 {
     if (check_shape(m, n, 1, err) != LK_OK)
         return err->code;
-    float *X = falloc((size_t)m, (size_t)n);
+    float *X = lk_falloc((size_t)m, (size_t)n);
     if (!X)
         return nomem(err, "svd values", m, n);
     int rc = copy_finite(m, n, A, X, err);
@@ -242,13 +233,13 @@ int svd_randomized(int m, int n, const float *A, int k, int p, int q, struct lk_
 
     // Yt [l, m] is Y = A·Ω column-major (m x l), Zt [l, n] is Z = Aᵀ·Q column-major (n x l),
     // both QR-factored in place. Bm [l, n] = QᵀA; its SVD gives Ub [l, l], Sb [l], Vb [l, n].
-    float *Yt = falloc((size_t)l, (size_t)m);
-    float *Zt = falloc((size_t)l, (size_t)n);
-    float *Bm = falloc((size_t)l, (size_t)n);
-    float *Ub = falloc((size_t)l, (size_t)l);
-    float *Sb = falloc((size_t)l, 1);
-    float *Vb = falloc((size_t)l, (size_t)n);
-    float *tau = falloc((size_t)l, 1);
+    float *Yt = lk_falloc((size_t)l, (size_t)m);
+    float *Zt = lk_falloc((size_t)l, (size_t)n);
+    float *Bm = lk_falloc((size_t)l, (size_t)n);
+    float *Ub = lk_falloc((size_t)l, (size_t)l);
+    float *Sb = lk_falloc((size_t)l, 1);
+    float *Vb = lk_falloc((size_t)l, (size_t)n);
+    float *tau = lk_falloc((size_t)l, 1);
     float *work = NULL;
     int rc = LK_OK;
     if (!Yt || !Zt || !Bm || !Ub || !Sb || !Vb || !tau) {
@@ -256,7 +247,7 @@ int svd_randomized(int m, int n, const float *A, int k, int p, int q, struct lk_
         goto done;
     }
     lapack_int lwork = qr_lwork(big, l, Yt, tau);
-    work = falloc((size_t)lwork, 1);
+    work = lk_falloc((size_t)lwork, 1);
     if (!work) {
         rc = nomem(err, "qr workspace", (int)lwork, 1);
         goto done;
@@ -489,13 +480,13 @@ int svd_factor(int m, int n, int r, float s, const float *B, const float *A, int
     // already Aᵀ column-major n x r (ld n). Both are QR-factored in place: B = QB·RB,
     // Aᵀ = QA·RA, so s·B·A = QB·(s·RB·RAᵀ)·QAᵀ and only the r x r core needs an SVD.
     int big = m > n ? m : n;
-    float *Bc = falloc((size_t)r, (size_t)m);
-    float *Ac = falloc((size_t)r, (size_t)n);
-    float *C = falloc((size_t)r, (size_t)r);
-    float *Uc = falloc((size_t)r, (size_t)r);
-    float *Sc = falloc((size_t)r, 1);
-    float *Vc = falloc((size_t)r, (size_t)r);
-    float *tau = falloc((size_t)r, 1);
+    float *Bc = lk_falloc((size_t)r, (size_t)m);
+    float *Ac = lk_falloc((size_t)r, (size_t)n);
+    float *C = lk_falloc((size_t)r, (size_t)r);
+    float *Uc = lk_falloc((size_t)r, (size_t)r);
+    float *Sc = lk_falloc((size_t)r, 1);
+    float *Vc = lk_falloc((size_t)r, (size_t)r);
+    float *tau = lk_falloc((size_t)r, 1);
     double *RB = lk_malloc((size_t)r * r * sizeof(double));
     double *RA = lk_malloc((size_t)r * r * sizeof(double));
     float *work = NULL;
@@ -505,7 +496,7 @@ int svd_factor(int m, int n, int r, float s, const float *B, const float *A, int
         goto done;
     }
     lapack_int lwork = qr_lwork(big, r, Bc, tau);
-    work = falloc((size_t)lwork, 1);
+    work = lk_falloc((size_t)lwork, 1);
     if (!work) {
         rc = nomem(err, "qr workspace", (int)lwork, 1);
         goto done;

@@ -144,20 +144,6 @@ static int init_weights(const struct cfg *c, const char *dir, enum tensor_dtype 
     return st_model_writer_commit(&mw);
 }
 
-/* 1 when path is a folder holding anything. */
-static int init_nonempty_dir(const char *path)
-{
-    DIR *d = opendir(path);
-    if (!d)
-        return 0;
-    struct dirent *e;
-    int n = 0;
-    while (!n && (e = readdir(d)))
-        n = strcmp(e->d_name, ".") && strcmp(e->d_name, "..");
-    closedir(d);
-    return n;
-}
-
 int cmd_init(int argc, char **argv)
 {
     const char *config = NULL, *preset = NULL, *out = NULL, *dtype_s = NULL, *shard_s = NULL;
@@ -226,7 +212,7 @@ int cmd_init(int argc, char **argv)
         rc = lk_errf(&err, LK_ERR_EXISTS, "%s: exists and is not a folder", out);
         goto done;
     }
-    int nonempty = exists && init_nonempty_dir(out);
+    int nonempty = exists && lk_dir_nonempty(out);
     if (nonempty && !overwrite) {
         rc = lk_errf(&err, LK_ERR_EXISTS, "%s: folder exists and is not empty (use --overwrite to replace it)", out);
         goto done;
