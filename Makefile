@@ -167,6 +167,16 @@ bench-tok: check-deps $(LIB) node-ref
 	$(CC) $(ALL) -o $(OUT)/bench/bench_tok bench/bench_tok.c $(LIB) $(LIBS)
 	$(OUT)/bench/bench_tok "$${LK_SHARED:-../shared}"
 
+# lorakit's own small base model, trained from scratch (datasets/base-model/README.md). Slow
+# (10-35 minutes on 2 cores), so never part of `make` or `make test`; the demo uses the committed
+# copy. Needs `make datasets`; datasets/base-model is replaced only when every step succeeded.
+RC_EVAL = $(OUT)/rc_eval
+$(RC_EVAL): $(OUT)/datasets/rc_eval.o $(LIB)
+	$(CC) $(LDX) -o $@ $(OUT)/datasets/rc_eval.o $(LIB) $(LIBS)
+
+base-model: datasets $(BIN) $(RC_EVAL)
+	sh datasets/base_model.sh $(BIN) $(MEDWORLD) $(RC_EVAL) $(DATASETS_OUT) datasets/base-model build/base-model
+
 clean:
 	rm -rf build bin libcore/libcore.a
 
