@@ -955,3 +955,88 @@ TEST(dash_cli_help_and_errors)
     CHECK_INT(test_sh("%s dash %s --run 1 --bench-first-draw < /dev/null", test_lorakit(), db), 0);
     CHECK(strstr(test_output(), "first_draw_ms=") && strstr(test_output(), "steps=30"));
 }
+
+/* The text of the first column of the first row of sql (static buffer), or "". */
+static const char *sql_text(const char *db, const char *sql)
+{
+    static char out[1024];
+    sqlite3 *s = NULL;
+    sqlite3_stmt *st;
+    out[0] = 0;
+    if (sqlite3_open_v2(db, &s, SQLITE_OPEN_READONLY, NULL) == SQLITE_OK &&
+        sqlite3_prepare_v2(s, sql, -1, &st, NULL) == SQLITE_OK) {
+        if (sqlite3_step(st) == SQLITE_ROW && sqlite3_column_text(st, 0))
+            snprintf(out, sizeof out, "%s", (const char *)sqlite3_column_text(st, 0));
+        sqlite3_finalize(st);
+    }
+    sqlite3_close(s);
+    return out;
+}
+
+/* Every kind of run written by the real commands (train, merge, svd-compress, diff, eval) on a
+ * tiny model, then shown by dash: the list holds each, the eval view shows the verdict and the
+ * mode table that eval itself stored. */
+static void real_runs_body(const char *db)
+{
+    const char *d = test_tmpdir();
+    FILE *f = fopen(test_path("text.txt"), "w"), *q = fopen(test_path("qa.jsonl"), "w");
+    FILE *docs = fopen(test_path("docs.jsonl"), "w");
+    CHECK(f && q && docs);
+    for (int i = 0; i < 6; i++) {
+        fprintf(f, "The code of item %d is %c. What is the code of item %d?\n", i, 'A' + i, i);
+        fprintf(q, "{\"id\":\"q%d\",\"question\":\"What is the code of item %d?\",\"answer\":\"%c\",\"doc_id\":\"d%d\"}\n",
+                i, i, 'A' + i, i);
+        fprintf(docs, "{\"id\":\"d%d\",\"title\":\"item %d\",\"text\":\"The code of item %d is %c.\"}\n", i, i, i,
+                'A' + i);
+    }
+    fclose(f);
+    fclose(q);
+    fclose(docs);
+    CHECK_MSG(fixture_train(db, "real-lora", 10) == 0, "train: %s", test_output());
+    CHECK_INT(test_sh("%s tokenizer train --text %s/text.txt --vocab 300 --out %s/tiny", test_lorakit(), d, d), 0);
+    CHECK_MSG(test_sh("%s merge --model %s/tiny --adapter %s/real-lora --out %s/merged --runs %s",
+                      test_lorakit(), d, d, d, db) == 0, "merge: %s", test_output());
+    CHECK_MSG(test_sh("%s svd-compress --adapter %s/real-lora --rank 2 --out %s/comp --runs %s --name real-svd",
+                      test_lorakit(), d, d, db) == 0, "svd-compress: %s", test_output());
+    CHECK_MSG(test_sh("%s diff %s/tiny %s/real-lora --runs %s --name real-diff", test_lorakit(), d, d, db) == 0,
+              "diff: %s", test_output());
+    CHECK_MSG(test_sh("%s eval --model %s/tiny --adapter %s/real-lora --qa %s/qa.jsonl --docs %s/docs.jsonl "
+                      "--k 1 --max-new 4 --threads 1 --runs %s --name real-eval --quiet",
+                      test_lorakit(), d, d, d, d, db) == 0, "eval: %s", test_output());
+    char args[700];
+    snprintf(args, sizeof args, "'%s'", db);
+    CHECK_OK(tmux_start(100, 30, args));
+    CHECK_MSG(wait_for("real-eval"), "runs list not shown:\n%s", g_screen);
+    const char *want[] = { "real-lora", "method linear", "real-svd", "real-diff", "real-eval", "train", "merge",
+                           "svd-compress", "diff", "eval" };
+    for (size_t i = 0; i < sizeof want / sizeof want[0]; i++)
+        CHECK_MSG(strstr(screen(), want[i]), "'%s' not on screen:\n%s", want[i], g_screen);
+    keys("q");
+    CHECK_INT(wait_exit(), 0);
+    tmux_stop();
+    // the eval run's own view: its stored verdict and the EM of base as stored
+    int id = (int)sql_real(db, "SELECT id FROM runs WHERE name = 'real-eval'");
+    char verdict[64];
+    snprintf(verdict, sizeof verdict, "%.40s", sql_text(db, "SELECT json_extract(summary_json, '$.verdict') "
+                                                            "FROM runs WHERE name = 'real-eval'"));
+    CHECK_MSG(verdict[0], "eval stored no verdict");
+    snprintf(args, sizeof args, "'%s' --run %d", db, id);
+    CHECK_OK(tmux_start(120, 30, args));
+    CHECK_MSG(wait_for("verdict"), "eval view not shown:\n%s", g_screen);
+    CHECK_MSG(strstr(screen(), verdict), "'%s' not on screen:\n%s", verdict, g_screen);
+    char em[16];
+    snprintf(em, sizeof em, "%.3f", sql_real(db, "SELECT value FROM eval_results WHERE run_id = (SELECT id FROM "
+                                                 "runs WHERE name = 'real-eval') AND mode = 'base' AND metric = 'em'"));
+    CHECK_MSG(strstr(screen(), em), "base EM %s not on screen:\n%s", em, g_screen);
+    keys("q");
+    keys("q");
+    CHECK_INT(wait_exit(), 0);
+}
+
+TEST(dash_tmux_runs_from_the_real_commands)
+{
+    if (!have_tmux())
+        SKIP("tmux is not installed (make deps installs it)");
+    real_runs_body(stable_path("runs.db"));
+    tmux_stop();
+}
