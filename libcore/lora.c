@@ -8,6 +8,7 @@
 #include <math.h>
 #include <regex.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 void lora_config_default(struct lora_config *c)
@@ -42,10 +43,52 @@ void lora_config_release(struct lora_config *c)
     c->n_rank_pattern = c->n_alpha_pattern = c->n_modules_to_save = 0;
 }
 
-/* PEFT's get_pattern_key: the first key k with re.match(rf"(.*\.)?({k})$", name). */
+int lora_regex_check(const char *rx, const char *what, const char *path, struct lk_err *err)
+{
+    // glibc's regcomp expands repeated quantifiers ("a+++", "(a{99}){99}") into trees that can
+    // take gigabytes: PEFT's keys are module names, so refuse long patterns, stacked quantifiers
+    // and large bounded repetitions up front
+    size_t n = strlen(rx);
+    if (n > 256)
+        return lk_errf(err, LK_ERR_FORMAT, "%s: %s '%.40s...' is longer than 256 characters", path, what, rx);
+    int prev_quant = 0, quants = 0, bounded = 0;
+    for (size_t i = 0; i < n; i++) {
+        char ch = rx[i];
+        if (ch == '\\' && i + 1 < n) {
+            i++;
+            prev_quant = 0;
+            continue;
+        }
+        int q = ch == '*' || ch == '+' || ch == '?' || ch == '{';
+        if (q && prev_quant)
+            return lk_errf(err, LK_ERR_FORMAT, "%s: %s '%s' stacks repetition operators", path, what, rx);
+        if (ch == '{') {
+            if (++bounded > 2) // nested bounded repetitions multiply
+                return lk_errf(err, LK_ERR_FORMAT, "%s: %s '%s' has more than 2 bounded repetitions", path,
+                               what, rx);
+            char *end;
+            long lo = strtol(rx + i + 1, &end, 10);
+            if (lo > 16 || (*end == ',' && strtol(end + 1, NULL, 10) > 16))
+                return lk_errf(err, LK_ERR_FORMAT, "%s: %s '%s' repeats more than 16 times", path, what, rx);
+            const char *close = strchr(rx + i, '}');
+            if (close)
+                i = (size_t)(close - rx);
+        }
+        quants += q;
+        prev_quant = q;
+    }
+    if (quants > 16)
+        return lk_errf(err, LK_ERR_FORMAT, "%s: %s '%s' has more than 16 repetition operators", path, what, rx);
+    return LK_OK;
+}
+
+/* PEFT's get_pattern_key: the first key k with re.match(rf"(.*\.)?({k})$", name). Keys that
+ * lora_regex_check refuses never match. */
 static const struct lora_pattern *pattern_match(const struct lora_pattern *p, int n, const char *name)
 {
     for (int i = 0; i < n; i++) {
+        if (lora_regex_check(p[i].key, "pattern", "", NULL) != LK_OK)
+            continue;
         size_t len = strlen(p[i].key) + 16;
         char *rx = lk_malloc(len);
         if (!rx)

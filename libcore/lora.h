@@ -101,6 +101,11 @@ void lora_config_module(const struct lora_config *c, const char *module_name, in
 /* Parses "q_proj,v_proj" or "all" into the targets bitmask. */
 int lora_targets_parse(const char *s, unsigned *out, struct lk_err *err);
 
+/* Refuses a regex (rank/alpha_pattern key, target_modules string) that glibc's regcomp could
+ * expand into gigabytes: over 256 characters, stacked quantifiers, repetitions over 16 or more
+ * than 2 bounded ones. what
+ * and path name it in the message. */
+int lora_regex_check(const char *rx, const char *what, const char *path, struct lk_err *err);
 /* Allocates the factors for every targeted module of a model config (zeroed). */
 int lora_init(struct lora *l, const struct lora_config *lc, const struct cfg *c, struct lk_err *err);
 void lora_release(struct lora *l);

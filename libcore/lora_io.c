@@ -65,6 +65,8 @@ static int patterns_read(const cJSON *o, const char *key, struct lora_pattern **
         if (!cJSON_IsNumber(e) || e->valuedouble <= 0)
             return lk_errf(err, LK_ERR_FORMAT, "%s: '%s' entry '%s' must be a positive number", path,
                            key, e->string);
+        if (lora_regex_check(e->string, key, path, err))
+            return err ? err->code : LK_ERR_FORMAT;
         (*out)[*n].key = lk_strdup(e->string);
         (*out)[*n].value = e->valuedouble;
         if (!(*out)[*n].key)
@@ -193,6 +195,8 @@ int lora_config_load(struct lora_config *lc, const char *dir, struct lk_err *err
             lc->targets = (1u << CFG_N_MODULES) - 1;
         else {
             // a string is a regex that must match the whole module name (PEFT: re.fullmatch)
+            if ((rc = lora_regex_check(v->valuestring, "target_modules", path, err)))
+                goto done;
             size_t n = strlen(v->valuestring) + 8;
             char *rx = lk_malloc(n);
             regex_t re;
