@@ -417,6 +417,9 @@ int cmd_train(int argc, char **argv)
         rdb_run_finish(&db, run_id, RDB_DONE, summary, NULL);
     }
     printf("%s\n", c.out);
+fail:
+    if (rc && have_db)
+        rdb_run_finish(&db, run_id, rc == LK_ERR_INTERRUPTED ? RDB_INTERRUPTED : RDB_FAILED, NULL, NULL);
 done:
     if (have_db)
         rdb_close(&db, NULL);
@@ -426,18 +429,8 @@ done:
     tok_free(tk);
     lora_release(&l);
     model_release(&m);
-    return 0;
-fail:
-    if (have_db) {
-        rdb_run_finish(&db, run_id, rc == LK_ERR_INTERRUPTED ? RDB_INTERRUPTED : RDB_FAILED, NULL, NULL);
-        rdb_close(&db, NULL);
-    }
-    lk_free(runs);
-    data_release(&d);
-    data_release(&ev);
-    tok_free(tk);
-    lora_release(&l);
-    model_release(&m);
+    if (!rc)
+        return 0;
     if (rc == LK_ERR_INTERRUPTED) {
         if (lead)
             fprintf(stderr, "lorakit train: %s\n", err.msg);
