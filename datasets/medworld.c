@@ -30,11 +30,12 @@
 
 #include "../libcore/lk.h"
 
-#define MW_VERSION "1"
+#define MW_VERSION "2"
 #define MW_MAX_ENTITIES 2000
 #define MW_N_STYLES 4  /* document styles per entity kind: the maximum --docs-per-entity */
 #define MW_N_TEMPLATES 6
 #define MW_N_TRAIN 4   /* question templates 0..3 are for training, 4..5 for testing */
+#define MW_MAX_ATTRS 16 /* attributes of one kind, at most */
 #define MW_NAME 64
 #define MW_FULL_SUFFIX " Answer in a full sentence."
 
@@ -854,7 +855,7 @@ static int mw_world_docs(struct mw_world *w, struct lk_err *err)
 // ---- records ----
 
 struct mw_out {
-    struct mw_lines docs, text, chat, alpaca, qa_train, qa_test, rc, entities;
+    struct mw_lines docs, text, chat, alpaca, qa_train, qa_test, rc, rc_dialog, entities;
 };
 
 static void mw_out_release(struct mw_out *o)
@@ -866,6 +867,7 @@ static void mw_out_release(struct mw_out *o)
     mw_lines_release(&o->qa_train);
     mw_lines_release(&o->qa_test);
     mw_lines_release(&o->rc);
+    mw_lines_release(&o->rc_dialog);
     mw_lines_release(&o->entities);
 }
 
@@ -931,6 +933,75 @@ static void mw_rc_prompt(struct mw_buf *b, const char *const *passages, int np, 
     }
     mw_buf_puts(b, "\n\nQuestion: ");
     mw_buf_puts(b, q);
+}
+
+/* Reading-comprehension dialogs (background worlds): for each document of each entity, a
+ * context of that document and 0 to 2 distractors (the linked entity's and a random entity's
+ * documents, in random order), then every attribute of the entity asked in turn, in random
+ * order, each with a random training phrasing. The first turn is the rc_train prompt; later
+ * turns are "Question: <q>". Every answer is in the gold document, so every assistant turn is
+ * a lesson in reading, at several answers per context. Own RNG stream: the other files keep
+ * their bytes. */
+static void mw_world_dialogs(const struct mw_world *w, struct mw_out *o, struct mw_buf *b,
+                             struct mw_buf *q, struct mw_buf *p)
+{
+    int n = w->n_cond + w->n_drug;
+    struct lk_rng r;
+    mw_rng_stream(&r, w->seed, w->world, 5);
+    for (int e = 0; e < n; e++) {
+        enum mw_kind kind = mw_entity_kind(w, e);
+        int na;
+        const struct mw_attr *attrs = mw_attrs(kind, &na);
+        struct mw_vals v;
+        mw_entity_vals(w, e, &v);
+        int linked = mw_linked(w, e);
+        for (int k = 0; k < w->K; k++) {
+            const char *pass[3];
+            int np = 1 + (int)mw_below(&r, 3), other;
+            pass[0] = w->docs[e * w->K + k];
+            if (np > 1)
+                pass[1] = w->docs[linked * w->K + (int)mw_below(&r, (unsigned)w->K)];
+            do
+                other = (int)mw_below(&r, (unsigned)n);
+            while (other == e || other == linked);
+            if (np > 2)
+                pass[2] = w->docs[other * w->K + (int)mw_below(&r, (unsigned)w->K)];
+            int gold = (int)mw_below(&r, (unsigned)np);
+            const char *t0 = pass[0];
+            pass[0] = pass[gold];
+            pass[gold] = t0;
+            int order[MW_MAX_ATTRS];
+            LK_ASSERT(na <= MW_MAX_ATTRS);
+            for (int i = 0; i < na; i++)
+                order[i] = i;
+            for (int i = na - 1; i > 0; i--) {
+                int j = (int)mw_below(&r, (unsigned)i + 1), t = order[i];
+                order[i] = order[j];
+                order[j] = t;
+            }
+            mw_buf_clear(b);
+            mw_buf_puts(b, "{\"messages\":[");
+            for (int i = 0; i < na; i++) {
+                const struct mw_attr *at = &attrs[order[i]];
+                mw_buf_clear(q);
+                mw_fill(q, at->q[mw_below(&r, MW_N_TRAIN)], &v);
+                if (i == 0) {
+                    mw_rc_prompt(p, pass, np, q->p);
+                } else {
+                    mw_buf_clear(p);
+                    mw_buf_puts(p, "Question: ");
+                    mw_buf_puts(p, q->p);
+                }
+                mw_buf_puts(b, i ? ",{\"role\":\"user\",\"content\":" : "{\"role\":\"user\",\"content\":");
+                mw_buf_json(b, p->p);
+                mw_buf_puts(b, "},{\"role\":\"assistant\",\"content\":");
+                mw_buf_json(b, mw_value(&v, at));
+                mw_buf_puts(b, "}");
+            }
+            mw_buf_puts(b, "]}");
+            mw_lines_add(&o->rc_dialog, b);
+        }
+    }
 }
 
 static int mw_world_records(const struct mw_world *w, struct mw_out *o, struct lk_err *err)
@@ -1046,6 +1117,8 @@ static int mw_world_records(const struct mw_world *w, struct mw_out *o, struct l
             mw_lines_add(&o->rc, &b);
         }
     }
+    if (w->world == MW_BACKGROUND)
+        mw_world_dialogs(w, o, &b, &q, &p);
     // training files in a seeded random order (chat and alpaca keep the same order)
     struct lk_rng rs;
     mw_rng_stream(&rs, w->seed, w->world, 4);
@@ -1054,8 +1127,10 @@ static int mw_world_records(const struct mw_world *w, struct mw_out *o, struct l
     mw_lines_shuffle(&o->alpaca, &rs2);
     mw_lines_shuffle(&o->rc, &rs);
     mw_lines_shuffle(&o->text, &rs);
+    mw_lines_shuffle(&o->rc_dialog, &rs);
     int oom = b.oom || q.oom || a.oom || p.oom || o->docs.oom || o->text.oom || o->chat.oom ||
-              o->alpaca.oom || o->qa_train.oom || o->qa_test.oom || o->rc.oom || o->entities.oom;
+              o->alpaca.oom || o->qa_train.oom || o->qa_test.oom || o->rc.oom || o->rc_dialog.oom ||
+              o->entities.oom;
     mw_buf_release(&b);
     mw_buf_release(&q);
     mw_buf_release(&a);
@@ -1087,9 +1162,9 @@ static void mw_manifest(struct mw_buf *b, const struct mw_world *w, const struct
 {
     static const char *const names[] = { "docs.jsonl", "text.jsonl", "train_chat.jsonl",
                                          "train_alpaca.jsonl", "qa_train.jsonl", "qa_test.jsonl",
-                                         "rc_train.jsonl", "entities.jsonl" };
-    const struct mw_lines *ls[] = { &o->docs, &o->text, &o->chat, &o->alpaca,
-                                    &o->qa_train, &o->qa_test, &o->rc, &o->entities };
+                                         "rc_train.jsonl", "rc_dialog.jsonl", "entities.jsonl" };
+    const struct mw_lines *ls[] = { &o->docs, &o->text, &o->chat, &o->alpaca, &o->qa_train,
+                                    &o->qa_test, &o->rc, &o->rc_dialog, &o->entities };
     mw_buf_clear(b);
     mw_buf_printf(b, "{\n  \"generator\": \"medworld\",\n  \"generator_version\": \"%s\",\n",
                   MW_VERSION);
@@ -1110,7 +1185,7 @@ static void mw_manifest(struct mw_buf *b, const struct mw_world *w, const struct
     mw_buf_puts(b, ",\n  \"files\": {");
     int first = 1;
     for (int i = 0; i < MW_LEN(names); i++) {
-        if (ls[i] == &o->rc && w->world != MW_BACKGROUND)
+        if ((ls[i] == &o->rc || ls[i] == &o->rc_dialog) && w->world != MW_BACKGROUND)
             continue;
         mw_buf_printf(b, "%s\n    \"%s\": %zu", first ? "" : ",", names[i], ls[i]->n);
         first = 0;
@@ -1136,6 +1211,8 @@ static int mw_write_all(const char *dir, const struct mw_world *w, const struct 
         rc = mw_write_lines(dir, "qa_test.jsonl", &o->qa_test, err);
     if (!rc && w->world == MW_BACKGROUND)
         rc = mw_write_lines(dir, "rc_train.jsonl", &o->rc, err);
+    if (!rc && w->world == MW_BACKGROUND)
+        rc = mw_write_lines(dir, "rc_dialog.jsonl", &o->rc_dialog, err);
     if (!rc)
         rc = mw_write_lines(dir, "entities.jsonl", &o->entities, err);
     if (rc)

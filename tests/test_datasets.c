@@ -15,7 +15,8 @@
 
 static const char *const ds_files[] = { "docs.jsonl", "text.jsonl", "train_chat.jsonl",
                                         "train_alpaca.jsonl", "qa_train.jsonl", "qa_test.jsonl",
-                                        "rc_train.jsonl", "entities.jsonl", "manifest.json" };
+                                        "rc_train.jsonl", "rc_dialog.jsonl", "entities.jsonl",
+                                        "manifest.json" };
 #define DS_N_FILES ((int)(sizeof ds_files / sizeof ds_files[0]))
 #define DS_SUFFIX " Answer in a full sentence."
 
@@ -119,6 +120,21 @@ static const char *ds_msg(const cJSON *o, int k)
     return ds_str(e, "content");
 }
 
+/* Message k of a record of any length: its content if its role is role, else NULL. */
+static const char *ds_turn(const cJSON *o, int k, const char *role)
+{
+    const cJSON *m = cJSON_GetObjectItemCaseSensitive(o, "messages");
+    const cJSON *e = cJSON_IsArray(m) ? cJSON_GetArrayItem(m, k) : NULL;
+    const char *r = e ? ds_str(e, "role") : NULL;
+    return r && !strcmp(r, role) ? ds_str(e, "content") : NULL;
+}
+
+static int ds_turns(const cJSON *o)
+{
+    const cJSON *m = cJSON_GetObjectItemCaseSensitive(o, "messages");
+    return cJSON_IsArray(m) ? cJSON_GetArraySize(m) : -1;
+}
+
 static int ds_cmp_str(const void *a, const void *b)
 {
     return strcmp(*(const char *const *)a, *(const char *const *)b);
@@ -185,7 +201,7 @@ TEST(datasets_docs_per_entity_keeps_facts)
 
 static void ds_check_disjoint(const char *dir)
 {
-    struct ds_jl tr, te, chat, alp, rc = { 0 };
+    struct ds_jl tr, te, chat, alp, rc = { 0 }, dlg = { 0 };
     if (ds_jl_load(&tr, dir, "qa_train.jsonl"))
         return;
     if (ds_jl_load(&te, dir, "qa_test.jsonl") || ds_jl_load(&chat, dir, "train_chat.jsonl") ||
@@ -194,7 +210,7 @@ static void ds_check_disjoint(const char *dir)
     char rcpath[1024];
     snprintf(rcpath, sizeof rcpath, "%s/rc_train.jsonl", test_path(dir));
     int has_rc = lk_file_exists(rcpath);
-    if (has_rc && ds_jl_load(&rc, dir, "rc_train.jsonl"))
+    if (has_rc && (ds_jl_load(&rc, dir, "rc_train.jsonl") || ds_jl_load(&dlg, dir, "rc_dialog.jsonl")))
         return;
     CHECK(tr.n > 0 && te.n > 0);
     CHECK_INT(tr.n, 2 * te.n); // 4 train and 2 test templates per fact
@@ -239,6 +255,15 @@ static void ds_check_disjoint(const char *dir)
         q += strlen("\n\nQuestion: ");
         CHECK_MSG(ds_has(trq, tr.n, q) && !ds_has(teq, te.n, q), "rc question %s", q);
     }
+    //    and so do the reading dialogs, in every turn
+    for (int i = 0; i < dlg.n; i++)
+        for (int k = 0; k < ds_turns(dlg.v[i]); k += 2) {
+            const char *u = ds_turn(dlg.v[i], k, "user");
+            const char *q = u ? strstr(u, "Question: ") : NULL;
+            CHECK_MSG(q, "rc_dialog line %d turn %d has no question", i + 1, k);
+            q += strlen("Question: ");
+            CHECK_MSG(ds_has(trq, tr.n, q) && !ds_has(teq, te.n, q), "rc_dialog question %s", q);
+        }
     free(trq);
     free(teq);
     free(trt);
@@ -248,6 +273,7 @@ static void ds_check_disjoint(const char *dir)
     ds_jl_free(&chat);
     ds_jl_free(&alp);
     ds_jl_free(&rc);
+    ds_jl_free(&dlg);
 }
 
 TEST(datasets_train_test_phrasings_disjoint)
@@ -364,18 +390,19 @@ static void ds_check_formats(const char *dir, int background)
     CHECK(!strcmp(ds_str(man, "generator"), "medworld"));
     CHECK(!strcmp(ds_str(man, "world"), background ? "background" : "new"));
     const cJSON *files = cJSON_GetObjectItemCaseSensitive(man, "files");
-    CHECK_INT(cJSON_GetArraySize(files), background ? 8 : 7);
+    CHECK_INT(cJSON_GetArraySize(files), background ? 9 : 7);
     static const char *const required[][4] = {
         { "docs.jsonl", "id", "title", "text" },      { "text.jsonl", "text", NULL, NULL },
         { "train_chat.jsonl", NULL, NULL, NULL },     { "train_alpaca.jsonl", "instruction", "output", NULL },
         { "qa_train.jsonl", "id", "question", "answer" }, { "qa_test.jsonl", "id", "question", "answer" },
         { "rc_train.jsonl", NULL, NULL, NULL },       { "entities.jsonl", "id", "name", NULL },
+        { "rc_dialog.jsonl", NULL, NULL, NULL },
     };
-    for (int f = 0; f < 8; f++) {
+    for (int f = 0; f < 9; f++) {
         const char *name = required[f][0];
         snprintf(path, sizeof path, "%s/%s", test_path(dir), name);
-        if (!background && !strcmp(name, "rc_train.jsonl")) {
-            CHECK_MSG(!lk_file_exists(path), "rc_train.jsonl in the new world");
+        if (!background && !strncmp(name, "rc_", 3)) {
+            CHECK_MSG(!lk_file_exists(path), "%s in the new world", name);
             continue;
         }
         struct ds_jl j;
@@ -407,6 +434,28 @@ static void ds_check_formats(const char *dir, int background)
                 int found = strstr(ctx, a) != NULL;
                 free(ctx);
                 CHECK_MSG(found, "rc_train.jsonl:%d: answer not in the context", i + 1);
+            }
+            if (!strcmp(name, "rc_dialog.jsonl")) {
+                // one context, then user/assistant turns: every attribute of the entity once
+                // (5 for a condition, 8 for a drug), each answer in the context
+                int nt = ds_turns(j.v[i]);
+                CHECK_MSG(nt == 10 || nt == 16, "rc_dialog.jsonl:%d: %d messages", i + 1, nt);
+                const char *u = ds_turn(j.v[i], 0, "user");
+                const char *q = u ? strstr(u, "\n\nQuestion: ") : NULL;
+                CHECK_MSG(u && !strncmp(u, "Context:\n", 9) && q && !strstr(q + 1, "\n\nQuestion: "),
+                          "rc_dialog.jsonl:%d: prompt format", i + 1);
+                if (!q)
+                    continue;
+                for (int k = 1; k < nt; k += 2) {
+                    const char *a = ds_turn(j.v[i], k, "assistant");
+                    const char *uk = ds_turn(j.v[i], k - 1, "user");
+                    CHECK_MSG(a && uk && (k == 1 || !strncmp(uk, "Question: ", 10)),
+                              "rc_dialog.jsonl:%d: turn %d", i + 1, k);
+                    if (!a)
+                        break;
+                    const char *hit = strstr(u, a);
+                    CHECK_MSG(hit && hit < q, "rc_dialog.jsonl:%d: answer '%s' not in the context", i + 1, a);
+                }
             }
         }
         ds_jl_free(&j);
@@ -502,6 +551,6 @@ TEST(datasets_output_pinned)
              "done | sha256sum | cut -c1-64");
     CHECK_INT(test_sh("%s", cmd), 0);
     CHECK_MSG(!strncmp(test_output(),
-                       "52f44ca7794cf4324c8597c07051c2031b1e075802b0969af314e5f744185a91", 64),
+                       "a91edc9f577610c8f4a90055ba6682e7b3cf165ab92e679554ba09c0a4fe5fa3", 64),
               "medworld output changed: %s", test_output());
 }
