@@ -20,7 +20,6 @@
  */
 #include <dirent.h>
 #include <errno.h>
-#include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -80,94 +79,13 @@ static void mw_shuffle(struct lk_rng *r, int *v, int n)
 #define MW_LEN(a) ((int)(sizeof(a) / sizeof((a)[0])))
 #define MW_PICK(r, a) ((a)[mw_below((r), (unsigned)MW_LEN(a))])
 
-// ---- growable strings and JSON ----
+// ---- growable strings (libcore's lk_buf) ----
 
-struct mw_buf {
-    char *p;     /* owned, NUL-terminated */
-    size_t n, cap;
-    int oom;     /* sticky: set on the first failed allocation */
-};
-
-static void mw_buf_reserve(struct mw_buf *b, size_t extra)
-{
-    if (b->oom || b->n + extra + 1 <= b->cap)
-        return;
-    size_t cap = b->cap ? b->cap : 256;
-    while (cap < b->n + extra + 1)
-        cap *= 2;
-    char *p = lk_realloc(b->p, cap);
-    if (!p) {
-        b->oom = 1;
-        return;
-    }
-    b->p = p;
-    b->cap = cap;
-}
-
-static void mw_buf_putn(struct mw_buf *b, const char *s, size_t n)
-{
-    mw_buf_reserve(b, n);
-    if (b->oom)
-        return;
-    memcpy(b->p + b->n, s, n);
-    b->n += n;
-    b->p[b->n] = 0;
-}
-
-static void mw_buf_puts(struct mw_buf *b, const char *s)
-{
-    mw_buf_putn(b, s, strlen(s));
-}
-
-static void mw_buf_printf(struct mw_buf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void mw_buf_printf(struct mw_buf *b, const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    int k = vsnprintf(NULL, 0, fmt, ap);
-    va_end(ap);
-    LK_ASSERT(k >= 0);
-    mw_buf_reserve(b, (size_t)k);
-    if (b->oom)
-        return;
-    va_start(ap, fmt);
-    vsnprintf(b->p + b->n, (size_t)k + 1, fmt, ap);
-    va_end(ap);
-    b->n += (size_t)k;
-}
-
-static void mw_buf_clear(struct mw_buf *b)
+static void mw_buf_clear(struct lk_buf *b)
 {
     b->n = 0;
     if (b->p)
         b->p[0] = 0;
-}
-
-static void mw_buf_release(struct mw_buf *b)
-{
-    lk_free(b->p);
-    memset(b, 0, sizeof *b);
-}
-
-/* A JSON string literal (RFC 8259): quotes, backslash and control characters escaped. */
-static void mw_buf_json(struct mw_buf *b, const char *s)
-{
-    mw_buf_putn(b, "\"", 1);
-    for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
-        switch (*p) {
-        case '"': mw_buf_puts(b, "\\\""); break;
-        case '\\': mw_buf_puts(b, "\\\\"); break;
-        case '\n': mw_buf_puts(b, "\\n"); break;
-        case '\t': mw_buf_puts(b, "\\t"); break;
-        case '\r': mw_buf_puts(b, "\\r"); break;
-        default:
-            if (*p < 0x20)
-                mw_buf_printf(b, "\\u%04x", *p);
-            else
-                mw_buf_putn(b, (const char *)p, 1);
-        }
-    }
-    mw_buf_putn(b, "\"", 1);
 }
 
 /* A list of owned strings (records of one output file, in order). */
@@ -177,7 +95,7 @@ struct mw_lines {
     int oom;
 };
 
-static void mw_lines_add(struct mw_lines *l, const struct mw_buf *b)
+static void mw_lines_add(struct mw_lines *l, const struct lk_buf *b)
 {
     if (l->oom || b->oom) {
         l->oom = 1;
@@ -564,21 +482,21 @@ static const char *mw_vals_get(const struct mw_vals *v, const char *k, size_t kl
 }
 
 /* Appends tpl with each {key} replaced by its value; an unknown key is our bug. */
-static void mw_fill(struct mw_buf *b, const char *tpl, const struct mw_vals *v)
+static void mw_fill(struct lk_buf *b, const char *tpl, const struct mw_vals *v)
 {
     const char *p = tpl;
     while (*p) {
         const char *open = strchr(p, '{');
         if (!open) {
-            mw_buf_puts(b, p);
+            lk_buf_puts(b, p);
             return;
         }
-        mw_buf_putn(b, p, (size_t)(open - p));
+        lk_buf_put(b, p, (size_t)(open - p));
         const char *close = strchr(open, '}');
         LK_ASSERT(close != NULL);
         const char *val = mw_vals_get(v, open + 1, (size_t)(close - open - 1));
         LK_ASSERT(val != NULL);
-        mw_buf_puts(b, val);
+        lk_buf_puts(b, val);
         p = close + 1;
     }
 }
@@ -808,7 +726,7 @@ static int mw_world_docs(struct mw_world *w, struct lk_err *err)
     w->doc_style = lk_calloc((size_t)n * (size_t)w->K, sizeof *w->doc_style);
     if (!w->docs || !w->doc_style)
         return lk_errf(err, LK_ERR_NOMEM, "out of memory");
-    struct mw_buf b = { 0 };
+    struct lk_buf b = { 0 };
     for (int e = 0; e < n; e++) {
         struct lk_rng r;
         mw_rng_stream(&r, w->seed, w->world, 1000 + (uint64_t)e);
@@ -831,7 +749,7 @@ static int mw_world_docs(struct mw_world *w, struct lk_err *err)
             mw_buf_clear(&b);
             mw_fill(&b, s->open, &v);
             for (int i = 0; i < nb; i++) {
-                mw_buf_puts(&b, " ");
+                lk_buf_puts(&b, " ");
                 mw_fill(&b, s->body[order[i]], &v);
             }
             if (b.oom)
@@ -848,7 +766,7 @@ static int mw_world_docs(struct mw_world *w, struct lk_err *err)
         }
     }
     int oom = b.oom;
-    mw_buf_release(&b);
+    lk_buf_release(&b);
     return oom ? lk_errf(err, LK_ERR_NOMEM, "out of memory") : LK_OK;
 }
 
@@ -871,45 +789,45 @@ static void mw_out_release(struct mw_out *o)
     mw_lines_release(&o->entities);
 }
 
-static void mw_rec_chat(struct mw_buf *b, const char *user, const char *assistant)
+static void mw_rec_chat(struct lk_buf *b, const char *user, const char *assistant)
 {
     mw_buf_clear(b);
-    mw_buf_puts(b, "{\"messages\":[{\"role\":\"user\",\"content\":");
-    mw_buf_json(b, user);
-    mw_buf_puts(b, "},{\"role\":\"assistant\",\"content\":");
-    mw_buf_json(b, assistant);
-    mw_buf_puts(b, "}]}");
+    lk_buf_puts(b, "{\"messages\":[{\"role\":\"user\",\"content\":");
+    lk_buf_json_str(b, user);
+    lk_buf_puts(b, "},{\"role\":\"assistant\",\"content\":");
+    lk_buf_json_str(b, assistant);
+    lk_buf_puts(b, "}]}");
 }
 
-static void mw_rec_alpaca(struct mw_buf *b, const char *instruction, const char *output)
+static void mw_rec_alpaca(struct lk_buf *b, const char *instruction, const char *output)
 {
     mw_buf_clear(b);
-    mw_buf_puts(b, "{\"instruction\":");
-    mw_buf_json(b, instruction);
-    mw_buf_puts(b, ",\"input\":\"\",\"output\":");
-    mw_buf_json(b, output);
-    mw_buf_puts(b, "}");
+    lk_buf_puts(b, "{\"instruction\":");
+    lk_buf_json_str(b, instruction);
+    lk_buf_puts(b, ",\"input\":\"\",\"output\":");
+    lk_buf_json_str(b, output);
+    lk_buf_puts(b, "}");
 }
 
-static void mw_rec_qa(struct mw_buf *b, const char *id, const char *q, const char *a,
+static void mw_rec_qa(struct lk_buf *b, const char *id, const char *q, const char *a,
                       const char *doc_id, const char *eid, const char *attr, const char *tmpl)
 {
     mw_buf_clear(b);
-    mw_buf_puts(b, "{\"id\":");
-    mw_buf_json(b, id);
-    mw_buf_puts(b, ",\"question\":");
-    mw_buf_json(b, q);
-    mw_buf_puts(b, ",\"answer\":");
-    mw_buf_json(b, a);
-    mw_buf_puts(b, ",\"doc_id\":");
-    mw_buf_json(b, doc_id);
-    mw_buf_puts(b, ",\"entity\":");
-    mw_buf_json(b, eid);
-    mw_buf_puts(b, ",\"attribute\":");
-    mw_buf_json(b, attr);
-    mw_buf_puts(b, ",\"template\":");
-    mw_buf_json(b, tmpl);
-    mw_buf_puts(b, "}");
+    lk_buf_puts(b, "{\"id\":");
+    lk_buf_json_str(b, id);
+    lk_buf_puts(b, ",\"question\":");
+    lk_buf_json_str(b, q);
+    lk_buf_puts(b, ",\"answer\":");
+    lk_buf_json_str(b, a);
+    lk_buf_puts(b, ",\"doc_id\":");
+    lk_buf_json_str(b, doc_id);
+    lk_buf_puts(b, ",\"entity\":");
+    lk_buf_json_str(b, eid);
+    lk_buf_puts(b, ",\"attribute\":");
+    lk_buf_json_str(b, attr);
+    lk_buf_puts(b, ",\"template\":");
+    lk_buf_json_str(b, tmpl);
+    lk_buf_puts(b, "}");
 }
 
 /* The entity linked to e (a drug's indication, a condition's first-line drug): a realistic
@@ -922,17 +840,17 @@ static int mw_linked(const struct mw_world *w, int e)
 }
 
 /* "Context:\n<p1>\n\n<p2>...\n\nQuestion: <q>": the prompt format the eval's rag mode uses. */
-static void mw_rc_prompt(struct mw_buf *b, const char *const *passages, int np, const char *q)
+static void mw_rc_prompt(struct lk_buf *b, const char *const *passages, int np, const char *q)
 {
     mw_buf_clear(b);
-    mw_buf_puts(b, "Context:\n");
+    lk_buf_puts(b, "Context:\n");
     for (int i = 0; i < np; i++) {
         if (i)
-            mw_buf_puts(b, "\n\n");
-        mw_buf_puts(b, passages[i]);
+            lk_buf_puts(b, "\n\n");
+        lk_buf_puts(b, passages[i]);
     }
-    mw_buf_puts(b, "\n\nQuestion: ");
-    mw_buf_puts(b, q);
+    lk_buf_puts(b, "\n\nQuestion: ");
+    lk_buf_puts(b, q);
 }
 
 /* Reading-comprehension dialogs (background worlds): for each document of each entity, a
@@ -942,8 +860,8 @@ static void mw_rc_prompt(struct mw_buf *b, const char *const *passages, int np, 
  * turns are "Question: <q>". Every answer is in the gold document, so every assistant turn is
  * a lesson in reading, at several answers per context. Own RNG stream: the other files keep
  * their bytes. */
-static void mw_world_dialogs(const struct mw_world *w, struct mw_out *o, struct mw_buf *b,
-                             struct mw_buf *q, struct mw_buf *p)
+static void mw_world_dialogs(const struct mw_world *w, struct mw_out *o, struct lk_buf *b,
+                             struct lk_buf *q, struct lk_buf *p)
 {
     int n = w->n_cond + w->n_drug;
     struct lk_rng r;
@@ -980,7 +898,7 @@ static void mw_world_dialogs(const struct mw_world *w, struct mw_out *o, struct 
                 order[j] = t;
             }
             mw_buf_clear(b);
-            mw_buf_puts(b, "{\"messages\":[");
+            lk_buf_puts(b, "{\"messages\":[");
             for (int i = 0; i < na; i++) {
                 const struct mw_attr *at = &attrs[order[i]];
                 mw_buf_clear(q);
@@ -989,16 +907,16 @@ static void mw_world_dialogs(const struct mw_world *w, struct mw_out *o, struct 
                     mw_rc_prompt(p, pass, np, q->p);
                 } else {
                     mw_buf_clear(p);
-                    mw_buf_puts(p, "Question: ");
-                    mw_buf_puts(p, q->p);
+                    lk_buf_puts(p, "Question: ");
+                    lk_buf_puts(p, q->p);
                 }
-                mw_buf_puts(b, i ? ",{\"role\":\"user\",\"content\":" : "{\"role\":\"user\",\"content\":");
-                mw_buf_json(b, p->p);
-                mw_buf_puts(b, "},{\"role\":\"assistant\",\"content\":");
-                mw_buf_json(b, mw_value(&v, at));
-                mw_buf_puts(b, "}");
+                lk_buf_puts(b, i ? ",{\"role\":\"user\",\"content\":" : "{\"role\":\"user\",\"content\":");
+                lk_buf_json_str(b, p->p);
+                lk_buf_puts(b, "},{\"role\":\"assistant\",\"content\":");
+                lk_buf_json_str(b, mw_value(&v, at));
+                lk_buf_puts(b, "}");
             }
-            mw_buf_puts(b, "]}");
+            lk_buf_puts(b, "]}");
             mw_lines_add(&o->rc_dialog, b);
         }
     }
@@ -1007,7 +925,7 @@ static void mw_world_dialogs(const struct mw_world *w, struct mw_out *o, struct 
 static int mw_world_records(const struct mw_world *w, struct mw_out *o, struct lk_err *err)
 {
     int n = w->n_cond + w->n_drug;
-    struct mw_buf b = { 0 }, q = { 0 }, a = { 0 }, p = { 0 };
+    struct lk_buf b = { 0 }, q = { 0 }, a = { 0 }, p = { 0 };
     struct lk_rng rr;
     mw_rng_stream(&rr, w->seed, w->world, 3);
     char eid[32], did[48], id[96], tmpl[64];
@@ -1026,38 +944,38 @@ static int mw_world_records(const struct mw_world *w, struct mw_out *o, struct l
             mw_buf_clear(&q);
             mw_fill(&q, styles[w->doc_style[e * w->K + k]].title, &v);
             mw_buf_clear(&b);
-            mw_buf_puts(&b, "{\"id\":");
-            mw_buf_json(&b, did);
-            mw_buf_puts(&b, ",\"title\":");
-            mw_buf_json(&b, q.p);
-            mw_buf_puts(&b, ",\"text\":");
-            mw_buf_json(&b, w->docs[e * w->K + k]);
-            mw_buf_puts(&b, ",\"entity\":");
-            mw_buf_json(&b, eid);
-            mw_buf_puts(&b, "}");
+            lk_buf_puts(&b, "{\"id\":");
+            lk_buf_json_str(&b, did);
+            lk_buf_puts(&b, ",\"title\":");
+            lk_buf_json_str(&b, q.p);
+            lk_buf_puts(&b, ",\"text\":");
+            lk_buf_json_str(&b, w->docs[e * w->K + k]);
+            lk_buf_puts(&b, ",\"entity\":");
+            lk_buf_json_str(&b, eid);
+            lk_buf_puts(&b, "}");
             mw_lines_add(&o->docs, &b);
             mw_buf_clear(&b);
-            mw_buf_puts(&b, "{\"text\":");
-            mw_buf_json(&b, w->docs[e * w->K + k]);
-            mw_buf_puts(&b, "}");
+            lk_buf_puts(&b, "{\"text\":");
+            lk_buf_json_str(&b, w->docs[e * w->K + k]);
+            lk_buf_puts(&b, "}");
             mw_lines_add(&o->text, &b);
         }
         // the ground truth, one line per entity
         mw_buf_clear(&b);
-        mw_buf_puts(&b, "{\"id\":");
-        mw_buf_json(&b, eid);
-        mw_buf_puts(&b, ",\"type\":");
-        mw_buf_json(&b, mw_kind_names[kind]);
-        mw_buf_puts(&b, ",\"name\":");
-        mw_buf_json(&b, mw_vals_get(&v, "name", 4));
-        mw_buf_puts(&b, ",\"facts\":{");
+        lk_buf_puts(&b, "{\"id\":");
+        lk_buf_json_str(&b, eid);
+        lk_buf_puts(&b, ",\"type\":");
+        lk_buf_json_str(&b, mw_kind_names[kind]);
+        lk_buf_puts(&b, ",\"name\":");
+        lk_buf_json_str(&b, mw_vals_get(&v, "name", 4));
+        lk_buf_puts(&b, ",\"facts\":{");
         for (int i = 0; i < na; i++) {
-            mw_buf_puts(&b, i ? "," : "");
-            mw_buf_json(&b, attrs[i].name);
-            mw_buf_puts(&b, ":");
-            mw_buf_json(&b, mw_value(&v, &attrs[i]));
+            lk_buf_puts(&b, i ? "," : "");
+            lk_buf_json_str(&b, attrs[i].name);
+            lk_buf_puts(&b, ":");
+            lk_buf_json_str(&b, mw_value(&v, &attrs[i]));
         }
-        mw_buf_puts(&b, "}}");
+        lk_buf_puts(&b, "}}");
         mw_lines_add(&o->entities, &b);
         // questions: templates 0..3 to the training files, 4..5 to the test file
         for (int i = 0; i < na; i++, fact++) {
@@ -1081,7 +999,7 @@ static int mw_world_records(const struct mw_world *w, struct mw_out *o, struct l
                 if (t != fact % MW_N_TRAIN)
                     continue;
                 // one full-sentence variant per fact, asked for explicitly
-                mw_buf_puts(&q, MW_FULL_SUFFIX);
+                lk_buf_puts(&q, MW_FULL_SUFFIX);
                 mw_buf_clear(&a);
                 mw_fill(&a, attrs[i].full, &v);
                 mw_rec_chat(&b, q.p, a.p);
@@ -1131,10 +1049,10 @@ static int mw_world_records(const struct mw_world *w, struct mw_out *o, struct l
     int oom = b.oom || q.oom || a.oom || p.oom || o->docs.oom || o->text.oom || o->chat.oom ||
               o->alpaca.oom || o->qa_train.oom || o->qa_test.oom || o->rc.oom || o->rc_dialog.oom ||
               o->entities.oom;
-    mw_buf_release(&b);
-    mw_buf_release(&q);
-    mw_buf_release(&a);
-    mw_buf_release(&p);
+    lk_buf_release(&b);
+    lk_buf_release(&q);
+    lk_buf_release(&a);
+    lk_buf_release(&p);
     return oom ? lk_errf(err, LK_ERR_NOMEM, "out of memory") : LK_OK;
 }
 
@@ -1158,7 +1076,7 @@ static int mw_write_lines(const char *dir, const char *name, const struct mw_lin
     return lk_afile_commit(&af);
 }
 
-static void mw_manifest(struct mw_buf *b, const struct mw_world *w, const struct mw_out *o)
+static void mw_manifest(struct lk_buf *b, const struct mw_world *w, const struct mw_out *o)
 {
     static const char *const names[] = { "docs.jsonl", "text.jsonl", "train_chat.jsonl",
                                          "train_alpaca.jsonl", "qa_train.jsonl", "qa_test.jsonl",
@@ -1166,31 +1084,31 @@ static void mw_manifest(struct mw_buf *b, const struct mw_world *w, const struct
     const struct mw_lines *ls[] = { &o->docs, &o->text, &o->chat, &o->alpaca, &o->qa_train,
                                     &o->qa_test, &o->rc, &o->rc_dialog, &o->entities };
     mw_buf_clear(b);
-    mw_buf_printf(b, "{\n  \"generator\": \"medworld\",\n  \"generator_version\": \"%s\",\n",
+    lk_buf_printf(b, "{\n  \"generator\": \"medworld\",\n  \"generator_version\": \"%s\",\n",
                   MW_VERSION);
-    mw_buf_printf(b, "  \"world\": \"%s\",\n  \"seed\": %llu,\n", mw_world_names[w->world],
+    lk_buf_printf(b, "  \"world\": \"%s\",\n  \"seed\": %llu,\n", mw_world_names[w->world],
                   (unsigned long long)w->seed);
-    mw_buf_printf(b, "  \"entities\": %d,\n  \"conditions\": %d,\n  \"drugs\": %d,\n"
+    lk_buf_printf(b, "  \"entities\": %d,\n  \"conditions\": %d,\n  \"drugs\": %d,\n"
                      "  \"makers\": %d,\n  \"docs_per_entity\": %d,\n",
                   w->n_cond + w->n_drug, w->n_cond, w->n_drug, w->n_maker, w->K);
-    mw_buf_printf(b, "  \"facts\": %d,\n", w->n_cond * MW_LEN(mw_cond_attrs) +
+    lk_buf_printf(b, "  \"facts\": %d,\n", w->n_cond * MW_LEN(mw_cond_attrs) +
                                                w->n_drug * MW_LEN(mw_drug_attrs));
-    mw_buf_puts(b, "  \"train_templates\": [0, 1, 2, 3],\n  \"test_templates\": [4, 5],\n");
-    mw_buf_puts(b, "  \"full_sentence_suffix\": ");
-    mw_buf_json(b, MW_FULL_SUFFIX);
-    mw_buf_puts(b, ",\n  \"rc_prompt\": ");
-    mw_buf_json(b, "Context:\n{passage}\n\nQuestion: {question}");
-    mw_buf_puts(b, ",\n  \"rc_passage_separator\": ");
-    mw_buf_json(b, "\n\n");
-    mw_buf_puts(b, ",\n  \"files\": {");
+    lk_buf_puts(b, "  \"train_templates\": [0, 1, 2, 3],\n  \"test_templates\": [4, 5],\n");
+    lk_buf_puts(b, "  \"full_sentence_suffix\": ");
+    lk_buf_json_str(b, MW_FULL_SUFFIX);
+    lk_buf_puts(b, ",\n  \"rc_prompt\": ");
+    lk_buf_json_str(b, "Context:\n{passage}\n\nQuestion: {question}");
+    lk_buf_puts(b, ",\n  \"rc_passage_separator\": ");
+    lk_buf_json_str(b, "\n\n");
+    lk_buf_puts(b, ",\n  \"files\": {");
     int first = 1;
     for (int i = 0; i < MW_LEN(names); i++) {
         if ((ls[i] == &o->rc || ls[i] == &o->rc_dialog) && w->world != MW_BACKGROUND)
             continue;
-        mw_buf_printf(b, "%s\n    \"%s\": %zu", first ? "" : ",", names[i], ls[i]->n);
+        lk_buf_printf(b, "%s\n    \"%s\": %zu", first ? "" : ",", names[i], ls[i]->n);
         first = 0;
     }
-    mw_buf_puts(b, "\n  }\n}\n");
+    lk_buf_puts(b, "\n  }\n}\n");
 }
 
 static int mw_write_all(const char *dir, const struct mw_world *w, const struct mw_out *o,
@@ -1217,7 +1135,7 @@ static int mw_write_all(const char *dir, const struct mw_world *w, const struct 
         rc = mw_write_lines(dir, "entities.jsonl", &o->entities, err);
     if (rc)
         return rc;
-    struct mw_buf b = { 0 };
+    struct lk_buf b = { 0 };
     mw_manifest(&b, w, o);
     char *path = lk_path_join(dir, "manifest.json");
     if (b.oom || !path)
@@ -1225,7 +1143,7 @@ static int mw_write_all(const char *dir, const struct mw_world *w, const struct 
     else
         rc = lk_write_file_atomic(path, b.p, b.n, err);
     lk_free(path);
-    mw_buf_release(&b);
+    lk_buf_release(&b);
     return rc;
 }
 
@@ -1276,11 +1194,11 @@ static char *mw_parent(const char *path)
 static int mw_publish(const char *out, int overwrite, const struct mw_world *w,
                       const struct mw_out *o, struct lk_err *err)
 {
-    struct mw_buf tmp = { 0 }, old = { 0 };
+    struct lk_buf tmp = { 0 }, old = { 0 };
     char *parent = mw_parent(out);
     int rc = LK_OK;
-    mw_buf_printf(&tmp, "%s.tmp.%ld", out, (long)getpid());
-    mw_buf_printf(&old, "%s.old.%ld", out, (long)getpid());
+    lk_buf_printf(&tmp, "%s.tmp.%ld", out, (long)getpid());
+    lk_buf_printf(&old, "%s.old.%ld", out, (long)getpid());
     if (!parent || tmp.oom || old.oom) {
         rc = lk_errf(err, LK_ERR_NOMEM, "out of memory");
         goto done;
@@ -1319,8 +1237,8 @@ fail:
     lk_rm_rf(tmp.p);
 done:
     lk_free(parent);
-    mw_buf_release(&tmp);
-    mw_buf_release(&old);
+    lk_buf_release(&tmp);
+    lk_buf_release(&old);
     return rc;
 }
 
