@@ -107,19 +107,6 @@ static const char *ds_str(const cJSON *o, const char *key)
     return cJSON_IsString(f) && f->valuestring[0] ? f->valuestring : NULL;
 }
 
-/* {"messages":[{"role":"user",...},{"role":"assistant",...}]}: the user or assistant text. */
-static const char *ds_msg(const cJSON *o, int k)
-{
-    const cJSON *m = cJSON_GetObjectItemCaseSensitive(o, "messages");
-    if (!cJSON_IsArray(m) || cJSON_GetArraySize(m) != 2)
-        return NULL;
-    const cJSON *e = cJSON_GetArrayItem(m, k);
-    const char *role = ds_str(e, "role");
-    if (!role || strcmp(role, k == 0 ? "user" : "assistant"))
-        return NULL;
-    return ds_str(e, "content");
-}
-
 /* Message k of a record of any length: its content if its role is role, else NULL. */
 static const char *ds_turn(const cJSON *o, int k, const char *role)
 {
@@ -133,6 +120,12 @@ static int ds_turns(const cJSON *o)
 {
     const cJSON *m = cJSON_GetObjectItemCaseSensitive(o, "messages");
     return cJSON_IsArray(m) ? cJSON_GetArraySize(m) : -1;
+}
+
+/* Message k of a two-message record (user, then assistant): its content, else NULL. */
+static const char *ds_msg(const cJSON *o, int k)
+{
+    return ds_turns(o) == 2 ? ds_turn(o, k, k == 0 ? "user" : "assistant") : NULL;
 }
 
 static int ds_cmp_str(const void *a, const void *b)
