@@ -29,7 +29,7 @@
 
 #include "../libcore/lk.h"
 
-#define MW_VERSION "2"
+#define MW_VERSION "3"
 #define MW_MAX_ENTITIES 2000
 #define MW_N_STYLES 4  /* document styles per entity kind: the maximum --docs-per-entity */
 #define MW_N_TEMPLATES 6
@@ -773,7 +773,7 @@ static int mw_world_docs(struct mw_world *w, struct lk_err *err)
 // ---- records ----
 
 struct mw_out {
-    struct mw_lines docs, text, chat, alpaca, qa_train, qa_test, rc, rc_dialog, entities;
+    struct mw_lines docs, text, chat, alpaca, qa_train, qa_test, rc, rc_dialog, drill, entities;
 };
 
 static void mw_out_release(struct mw_out *o)
@@ -786,6 +786,7 @@ static void mw_out_release(struct mw_out *o)
     mw_lines_release(&o->qa_test);
     mw_lines_release(&o->rc);
     mw_lines_release(&o->rc_dialog);
+    mw_lines_release(&o->drill);
     mw_lines_release(&o->entities);
 }
 
@@ -922,6 +923,51 @@ static void mw_world_dialogs(const struct mw_world *w, struct mw_out *o, struct 
     }
 }
 
+/* Copying drills (background worlds): "Repeat: a, b, c" answered by "a, b, c", where the items
+ * are 3 to 6 distinct names and attribute values of random entities, MW_DRILLS records per
+ * entity. Reading a passage is copying from it, and a small model trained on question answering
+ * alone did not learn to copy (base model card, "Why it does not read"); these records teach
+ * it. Own RNG stream: the other files keep their bytes. */
+#define MW_DRILLS 8
+static void mw_world_drills(const struct mw_world *w, struct mw_out *o, struct lk_buf *b,
+                            struct lk_buf *q)
+{
+    int n = w->n_cond + w->n_drug;
+    struct lk_rng r;
+    mw_rng_stream(&r, w->seed, w->world, 6);
+    for (int d = 0; d < n * MW_DRILLS; d++) {
+        char items[6][128];
+        int ni = 3 + (int)mw_below(&r, 4);
+        for (int i = 0; i < ni; i++) {
+            int dup;
+            do {
+                int e = (int)mw_below(&r, (unsigned)n), na;
+                const struct mw_attr *attrs = mw_attrs(mw_entity_kind(w, e), &na);
+                struct mw_vals v;
+                mw_entity_vals(w, e, &v);
+                unsigned j = mw_below(&r, (unsigned)na + 1);
+                const char *s = j == (unsigned)na ? mw_vals_get(&v, "name", 4) : mw_value(&v, &attrs[j]);
+                snprintf(items[i], sizeof items[i], "%s", s);
+                dup = 0;
+                for (int k = 0; k < i; k++)
+                    dup |= strcmp(items[k], items[i]) == 0;
+            } while (dup);
+        }
+        mw_buf_clear(q);
+        for (int i = 0; i < ni; i++) {
+            lk_buf_puts(q, i ? ", " : "Repeat: ");
+            lk_buf_puts(q, items[i]);
+        }
+        mw_buf_clear(b);
+        lk_buf_puts(b, "{\"messages\":[{\"role\":\"user\",\"content\":");
+        lk_buf_json_str(b, q->p);
+        lk_buf_puts(b, "},{\"role\":\"assistant\",\"content\":");
+        lk_buf_json_str(b, q->p + strlen("Repeat: "));
+        lk_buf_puts(b, "}]}");
+        mw_lines_add(&o->drill, b);
+    }
+}
+
 static int mw_world_records(const struct mw_world *w, struct mw_out *o, struct lk_err *err)
 {
     int n = w->n_cond + w->n_drug;
@@ -1035,8 +1081,10 @@ static int mw_world_records(const struct mw_world *w, struct mw_out *o, struct l
             mw_lines_add(&o->rc, &b);
         }
     }
-    if (w->world == MW_BACKGROUND)
+    if (w->world == MW_BACKGROUND) {
         mw_world_dialogs(w, o, &b, &q, &p);
+        mw_world_drills(w, o, &b, &q);
+    }
     // training files in a seeded random order (chat and alpaca keep the same order)
     struct lk_rng rs;
     mw_rng_stream(&rs, w->seed, w->world, 4);
@@ -1048,7 +1096,7 @@ static int mw_world_records(const struct mw_world *w, struct mw_out *o, struct l
     mw_lines_shuffle(&o->rc_dialog, &rs);
     int oom = b.oom || q.oom || a.oom || p.oom || o->docs.oom || o->text.oom || o->chat.oom ||
               o->alpaca.oom || o->qa_train.oom || o->qa_test.oom || o->rc.oom || o->rc_dialog.oom ||
-              o->entities.oom;
+              o->drill.oom || o->entities.oom;
     lk_buf_release(&b);
     lk_buf_release(&q);
     lk_buf_release(&a);
@@ -1080,9 +1128,10 @@ static void mw_manifest(struct lk_buf *b, const struct mw_world *w, const struct
 {
     static const char *const names[] = { "docs.jsonl", "text.jsonl", "train_chat.jsonl",
                                          "train_alpaca.jsonl", "qa_train.jsonl", "qa_test.jsonl",
-                                         "rc_train.jsonl", "rc_dialog.jsonl", "entities.jsonl" };
+                                         "rc_train.jsonl", "rc_dialog.jsonl", "copy_drill.jsonl",
+                                         "entities.jsonl" };
     const struct mw_lines *ls[] = { &o->docs, &o->text, &o->chat, &o->alpaca, &o->qa_train,
-                                    &o->qa_test, &o->rc, &o->rc_dialog, &o->entities };
+                                    &o->qa_test, &o->rc, &o->rc_dialog, &o->drill, &o->entities };
     mw_buf_clear(b);
     lk_buf_printf(b, "{\n  \"generator\": \"medworld\",\n  \"generator_version\": \"%s\",\n",
                   MW_VERSION);
@@ -1103,7 +1152,8 @@ static void mw_manifest(struct lk_buf *b, const struct mw_world *w, const struct
     lk_buf_puts(b, ",\n  \"files\": {");
     int first = 1;
     for (int i = 0; i < MW_LEN(names); i++) {
-        if ((ls[i] == &o->rc || ls[i] == &o->rc_dialog) && w->world != MW_BACKGROUND)
+        if ((ls[i] == &o->rc || ls[i] == &o->rc_dialog || ls[i] == &o->drill) &&
+            w->world != MW_BACKGROUND)
             continue;
         lk_buf_printf(b, "%s\n    \"%s\": %zu", first ? "" : ",", names[i], ls[i]->n);
         first = 0;
@@ -1131,6 +1181,8 @@ static int mw_write_all(const char *dir, const struct mw_world *w, const struct 
         rc = mw_write_lines(dir, "rc_train.jsonl", &o->rc, err);
     if (!rc && w->world == MW_BACKGROUND)
         rc = mw_write_lines(dir, "rc_dialog.jsonl", &o->rc_dialog, err);
+    if (!rc && w->world == MW_BACKGROUND)
+        rc = mw_write_lines(dir, "copy_drill.jsonl", &o->drill, err);
     if (!rc)
         rc = mw_write_lines(dir, "entities.jsonl", &o->entities, err);
     if (rc)

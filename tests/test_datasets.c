@@ -15,8 +15,8 @@
 
 static const char *const ds_files[] = { "docs.jsonl", "text.jsonl", "train_chat.jsonl",
                                         "train_alpaca.jsonl", "qa_train.jsonl", "qa_test.jsonl",
-                                        "rc_train.jsonl", "rc_dialog.jsonl", "entities.jsonl",
-                                        "manifest.json" };
+                                        "rc_train.jsonl", "rc_dialog.jsonl", "copy_drill.jsonl",
+                                        "entities.jsonl", "manifest.json" };
 #define DS_N_FILES ((int)(sizeof ds_files / sizeof ds_files[0]))
 #define DS_SUFFIX " Answer in a full sentence."
 
@@ -380,21 +380,26 @@ static void ds_check_formats(const char *dir, int background)
     cJSON *man = cJSON_Parse(buf);
     lk_free(buf);
     CHECK_MSG(man, "manifest.json does not parse");
+    struct ds_jl docs;
+    if (ds_jl_load(&docs, dir, "docs.jsonl")) {
+        cJSON_Delete(man);
+        return;
+    }
     CHECK(!strcmp(ds_str(man, "generator"), "medworld"));
     CHECK(!strcmp(ds_str(man, "world"), background ? "background" : "new"));
     const cJSON *files = cJSON_GetObjectItemCaseSensitive(man, "files");
-    CHECK_INT(cJSON_GetArraySize(files), background ? 9 : 7);
+    CHECK_INT(cJSON_GetArraySize(files), background ? 10 : 7);
     static const char *const required[][4] = {
         { "docs.jsonl", "id", "title", "text" },      { "text.jsonl", "text", NULL, NULL },
         { "train_chat.jsonl", NULL, NULL, NULL },     { "train_alpaca.jsonl", "instruction", "output", NULL },
         { "qa_train.jsonl", "id", "question", "answer" }, { "qa_test.jsonl", "id", "question", "answer" },
         { "rc_train.jsonl", NULL, NULL, NULL },       { "entities.jsonl", "id", "name", NULL },
-        { "rc_dialog.jsonl", NULL, NULL, NULL },
+        { "rc_dialog.jsonl", NULL, NULL, NULL },      { "copy_drill.jsonl", NULL, NULL, NULL },
     };
-    for (int f = 0; f < 9; f++) {
+    for (int f = 0; f < 10; f++) {
         const char *name = required[f][0];
         snprintf(path, sizeof path, "%s/%s", test_path(dir), name);
-        if (!background && !strncmp(name, "rc_", 3)) {
+        if (!background && (!strncmp(name, "rc_", 3) || !strcmp(name, "copy_drill.jsonl"))) {
             CHECK_MSG(!lk_file_exists(path), "%s in the new world", name);
             continue;
         }
@@ -428,6 +433,29 @@ static void ds_check_formats(const char *dir, int background)
                 free(ctx);
                 CHECK_MSG(found, "rc_train.jsonl:%d: answer not in the context", i + 1);
             }
+            if (!strcmp(name, "copy_drill.jsonl")) {
+                // "Repeat: a, b, c" -> "a, b, c": 3 to 6 distinct items, each a name or an
+                // attribute value of this world (it occurs in one of its documents)
+                const char *u = ds_msg(j.v[i], 0), *a = ds_msg(j.v[i], 1);
+                CHECK_MSG(ds_turns(j.v[i]) == 2 && u && a && !strncmp(u, "Repeat: ", 8) &&
+                              !strcmp(u + 8, a),
+                          "copy_drill.jsonl:%d: not a drill", i + 1);
+                if (!a)
+                    continue;
+                char *items = strdup(a), *save = NULL;
+                int ni = 0;
+                for (char *it = strtok_r(items, ",", &save); it; it = strtok_r(NULL, ",", &save)) {
+                    while (*it == ' ')
+                        it++;
+                    ni++;
+                    int found = 0;
+                    for (int d = 0; d < docs.n && !found; d++)
+                        found = strstr(ds_str(docs.v[d], "text"), it) != NULL;
+                    CHECK_MSG(found, "copy_drill.jsonl:%d: '%s' is in no document", i + 1, it);
+                }
+                free(items);
+                CHECK_MSG(ni >= 3 && ni <= 6, "copy_drill.jsonl:%d: %d items", i + 1, ni);
+            }
             if (!strcmp(name, "rc_dialog.jsonl")) {
                 // one context, then user/assistant turns: every attribute of the entity once
                 // (5 for a condition, 8 for a drug), each answer in the context
@@ -456,6 +484,7 @@ static void ds_check_formats(const char *dir, int background)
     const cJSON *facts = cJSON_GetObjectItemCaseSensitive(man, "facts");
     const cJSON *qa = cJSON_GetObjectItemCaseSensitive(files, "qa_test.jsonl");
     CHECK(cJSON_IsNumber(facts) && cJSON_IsNumber(qa) && qa->valueint == 2 * facts->valueint);
+    ds_jl_free(&docs);
     cJSON_Delete(man);
 }
 
@@ -544,6 +573,6 @@ TEST(datasets_output_pinned)
              "done | sha256sum | cut -c1-64");
     CHECK_INT(test_sh("%s", cmd), 0);
     CHECK_MSG(!strncmp(test_output(),
-                       "a91edc9f577610c8f4a90055ba6682e7b3cf165ab92e679554ba09c0a4fe5fa3", 64),
+                       "6ea3c92843d0c2138016f62996386bfcdaa40d6791651db6798fadd94902060f", 64),
               "medworld output changed: %s", test_output());
 }
