@@ -34,7 +34,7 @@ wc -l "$OUT"/data/{docs,train_chat,qa_test}.jsonl | sed 's/^/   /'
 
 step 2 "LoRA: inject the new world into the base model"
 "$L" train --model "$BASE" --data "$OUT/data/train_chat.jsonl,$OUT/data/text.jsonl" --out "$OUT/lora" \
-    --rank 16 --alpha 32 --lr 2e-3 --epochs ${LORA_EPOCHS:-6} --batch 8 --seq 128 --pack --warmup 20 \
+    --rank 16 --alpha 32 --lr 2e-3 --epochs ${LORA_EPOCHS:-6} --batch 8 --seq 192 --pack --warmup 20 \
     --threads "$THREADS" --runs "$RUNS" --name lora --log-every 50
 
 step 3 "merge the adapter into standalone weights, and verify"
@@ -42,7 +42,7 @@ step 3 "merge the adapter into standalone weights, and verify"
 
 step 4 "full fine-tune on the same data"
 "$L" train --model "$BASE" --full --data "$OUT/data/train_chat.jsonl,$OUT/data/text.jsonl" --out "$OUT/full" \
-    --lr 5e-4 --epochs ${FULL_EPOCHS:-4} --batch 8 --seq 128 --pack --warmup 20 --dtype f32 \
+    --lr 5e-4 --epochs ${FULL_EPOCHS:-4} --batch 8 --seq 192 --pack --warmup 20 --dtype f32 \
     --threads "$THREADS" --runs "$RUNS" --name full --log-every 50
 
 step 5 "svd-compress the full fine-tune into an adapter keeping 90% of the change's energy"
@@ -54,7 +54,7 @@ step 6 "diff: the LoRA against the compressed full fine-tune"
 
 step 7 "eval: fine-tuning or retrieval? (held-out phrasings of the new facts)"
 "$L" eval --model "$BASE" --adapter "$OUT/lora" --qa "$OUT/data/qa_test.jsonl" --docs "$OUT/data/docs.jsonl" \
-    --modes base,rag,ft,ft+rag --k 3 --limit ${EVAL_LIMIT:-200} --max-new 16 --show 2 \
+    --modes base,rag,ft,ft+rag --k 1 --limit ${EVAL_LIMIT:-200} --max-new 16 --show 2 \
     --threads "$THREADS" --runs "$RUNS"
 
 step 8 "done in $(( $(date +%s) - t0 ))s"
