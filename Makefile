@@ -168,7 +168,7 @@ bench-tok: check-deps $(LIB) node-ref
 	$(OUT)/bench/bench_tok "$${LK_SHARED:-../shared}"
 
 # lorakit's own small base model, trained from scratch (datasets/base-model/README.md). Slow
-# (35-70 minutes on 2 cores), so never part of `make` or `make test`; the demo uses the committed
+# (about 65 minutes on 2 cores), so never part of `make` or `make test`; the demo uses the committed
 # copy. Needs `make datasets`; datasets/base-model is replaced only when every step succeeded.
 RC_EVAL = $(OUT)/rc_eval
 $(RC_EVAL): $(OUT)/datasets/rc_eval.o $(LIB)
