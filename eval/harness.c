@@ -12,9 +12,10 @@
 #include <stdlib.h>
 #include <string.h>
 
-const char *const ev_metric_names[EV_N_METRICS] = { "em", "f1", "rouge_l", "nll", "acc", "recall" };
-const char *const ev_metric_labels[EV_N_METRICS] = { "EM", "F1", "ROUGE-L", "NLL/token", "accuracy",
-                                                     "recall@k" };
+const char *const ev_metric_names[EV_N_METRICS] = { "em",  "f1",     "rouge_l",   "nll",
+                                                    "acc", "recall", "has_answer" };
+const char *const ev_metric_labels[EV_N_METRICS] = { "EM",       "F1",       "ROUGE-L", "NLL/token",
+                                                     "accuracy", "recall@k", "answer@k" };
 
 // ---- questions ----
 
@@ -439,6 +440,29 @@ static char *retrieved_json(const struct fts_hit *hits, int n, int used)
     return r;
 }
 
+int ev_has_answer(const char *answer, const char *const *passages, int n, double *out,
+                  struct lk_err *err)
+{
+    char *a = NULL;
+    int rc = ev_normalize(answer, &a, err);
+    *out = 0;
+    size_t la = a ? strlen(a) : 0;
+    for (int i = 0; !rc && la && i < n && *out == 0; i++) {
+        char *p = NULL;
+        if ((rc = ev_normalize(passages[i], &p, err)))
+            break;
+        // tokens are joined by single spaces: a match must start and end at one
+        for (const char *h = strstr(p, a); h; h = strstr(h + 1, a))
+            if ((h == p || h[-1] == ' ') && (h[la] == '\0' || h[la] == ' ')) {
+                *out = 1;
+                break;
+            }
+        lk_free(p);
+    }
+    lk_free(a);
+    return rc;
+}
+
 static int run_cell(struct ev_ctx *x, const struct ev_item *it, const struct ev_mode *mode,
                     const struct fts_hit *hits, int nh, struct ev_cell *cell, struct lk_err *err)
 {
@@ -447,7 +471,7 @@ static int run_cell(struct ev_ctx *x, const struct ev_item *it, const struct ev_
     const struct model *m = mode->tuned && c->tuned ? c->tuned : c->base;
     const struct lora *lora = mode->tuned && !c->tuned ? c->lora : NULL;
     int V = m->cfg.vocab_size, rc;
-    cell->em = cell->f1 = cell->rouge_l = cell->nll = cell->acc = cell->recall = NAN;
+    cell->em = cell->f1 = cell->rouge_l = cell->nll = cell->acc = cell->recall = cell->has_answer = NAN;
     int k = mode->k < nh ? mode->k : nh;
     const char *ps[64];
     for (int i = 0; i < k && i < 64; i++)
@@ -463,6 +487,9 @@ static int run_cell(struct ev_ctx *x, const struct ev_item *it, const struct ev_
         return rc;
     if (mode->k > 0 && !(cell->retrieved = retrieved_json(hits, k, cell->n_passages)))
         return lk_errf(err, LK_ERR_NOMEM, "out of memory");
+    if (mode->k > 0 && !it->choices && it->answer &&
+        (rc = ev_has_answer(it->answer, ps, cell->n_passages, &cell->has_answer, err)))
+        return rc;
     int np = (int)x->prompt.n;
     cell->prompt_tokens = np;
     gen_cache_truncate(&x->gc, 0);
@@ -610,6 +637,7 @@ double ev_cell_metric(const struct ev_cell *c, enum ev_metric m)
     case EV_NLL: return c->nll;
     case EV_ACC: return c->acc;
     case EV_RECALL: return c->recall;
+    case EV_HAS_ANSWER: return c->has_answer;
     default: return NAN;
     }
 }
@@ -734,7 +762,7 @@ int ev_summarize(const struct ev_run *r, uint64_t seed, struct ev_summary *s, st
     }
     for (int p = 0; p < np && !rc; p++)
         for (int m = 0; m < EV_N_METRICS && !rc; m++) {
-            if (m == EV_RECALL)
+            if (m == EV_RECALL || m == EV_HAS_ANSWER)
                 continue;
             size_t k = 0;
             for (size_t i = 0; i < n; i++) {

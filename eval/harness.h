@@ -20,7 +20,9 @@
  * template's end of turn or eos); exact match, token F1 and ROUGE-L against the reference after
  * SQuAD normalisation (eval/metrics.h); the teacher-forced negative log-likelihood per token of
  * the reference answer given the prompt (the answer's tokens, without end of turn); recall@k
- * when the item names its doc_id (any of the k retrieved chunks comes from that document).
+ * when the item names its doc_id (any of the k retrieved chunks comes from that document);
+ * answer@k, whether the normalised reference occurs in a passage of the prompt (whatever
+ * document it came from; the best passage counts whole even when the prompt had to cut it).
  * Multiple-choice items ({question, choices, answer_index}) are scored as lm-evaluation-harness
  * does: the summed log-likelihood of each choice given the prompt, the highest (lowest index
  * on ties) is the answer, accuracy is 1 when it is answer_index. No sampling anywhere: results
@@ -119,6 +121,8 @@ struct ev_cell {
     double nll;                  /* per token of the reference (or right choice); NAN if none */
     double acc;                  /* multiple choice: 1 or 0, else NAN */
     double recall;               /* recall@k of doc_id; NAN without doc_id or retrieval */
+    double has_answer;           /* answer@k: the reference is in the prompt's passages (1/0);
+                                  * NAN closed book or multiple choice */
     int n_passages;              /* passages in the prompt */
     int prompt_tokens, answer_tokens;
     double *choice_ll;           /* owned [n_choices]: summed log-likelihoods, or NULL */
@@ -137,6 +141,13 @@ struct ev_run {
 /* Progress: called after each item. */
 typedef void (*ev_progress_fn)(void *ctx, int done, int total);
 
+/* answer@k of one item: *out = 1 when the SQuAD-normalised reference answer occurs, on token
+ * boundaries, in the normalised text of one of the n passages, else 0 (DPR's "has answer"). It
+ * tells retrieval failures from reading failures whichever document the question came from.
+ * An answer with no tokens is never found. */
+int ev_has_answer(const char *answer, const char *const *passages, int n, double *out,
+                  struct lk_err *err);
+
 /* Runs every item in every mode. Retrieval (the question as the query, top max-k chunks) is
  * done once per item and shared by the retrieval modes. Checks lk_interrupted per item. On
  * failure r is still released by ev_run_release. */
@@ -149,7 +160,7 @@ struct ev_cell *ev_run_cell(const struct ev_run *r, int i, int j);
 
 // ---- summary ----
 
-enum ev_metric { EV_EM = 0, EV_F1, EV_ROUGE_L, EV_NLL, EV_ACC, EV_RECALL, EV_N_METRICS };
+enum ev_metric { EV_EM = 0, EV_F1, EV_ROUGE_L, EV_NLL, EV_ACC, EV_RECALL, EV_HAS_ANSWER, EV_N_METRICS };
 extern const char *const ev_metric_names[EV_N_METRICS];  /* "em", "f1", "rouge_l", ... */
 extern const char *const ev_metric_labels[EV_N_METRICS]; /* "EM", "F1", "ROUGE-L", ... */
 

@@ -167,6 +167,34 @@ TEST(ev_rag_prompt_format_and_fitting)
     tok_free(tk);
 }
 
+/* answer@k against hand-worked cases: SQuAD normalisation on both sides, whole tokens only. */
+TEST(ev_has_answer_cases)
+{
+    static const struct {
+        const char *answer, *p1, *p2;
+        int n;
+        double want;
+    } cases[] = {
+        { "5 mg", "The usual dose is 5 mg.", NULL, 1, 1 },
+        { "5 mg", "The usual dose is 25 mg.", NULL, 1, 0 },           // not inside a token
+        { "Tab", "Tablet form only.", NULL, 1, 0 },
+        { "the Liver", "It affects THE liver, mostly.", NULL, 1, 1 }, // case, article, punctuation
+        { "X-ray", "an xray shows it", NULL, 1, 1 },                   // punctuation deleted
+        { "tremor", "nausea", "Its main symptom is tremor", 2, 1 },    // any passage
+        { "tremor", "nausea", "Its main symptom is tremor", 1, 0 },    // only the first n count
+        { "", "anything", NULL, 1, 0 },                                // no tokens: never found
+        { "a", "a cat", NULL, 1, 0 },                                  // "a" normalises to nothing
+        { "mg", "mg", NULL, 1, 1 },
+        { "tremor", "x", NULL, 0, 0 },
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        const char *ps[2] = { cases[i].p1, cases[i].p2 };
+        double v = -1;
+        CHECK_OK(ev_has_answer(cases[i].answer, ps, cases[i].n, &v, test_err()));
+        CHECK_MSG(v == cases[i].want, "case %zu ('%s'): %g", i, cases[i].answer, v);
+    }
+}
+
 TEST(ev_modes_and_k_sweep)
 {
     struct ev_mode *m;
@@ -483,6 +511,7 @@ TEST(ev_rag_beats_base_on_a_model_that_reads_its_context)
     // "far above": at least half the held-out codes read from the context, and 0.4 above closed book
     CHECK_MSG(rag >= 0.5 && rag - base >= 0.4 && base <= 0.2, "EM: rag %g, base %g\n%s", rag, base, js);
     CHECK_NEAR(recall, 1.0, 1e-12);
+    CHECK_NEAR(json_mean(js, "rag", "has_answer"), 1.0, 1e-12); // every document holds its code
     CHECK_MSG(strstr(js, "\"verdict\":\"rag beats base on F1 by"), "%s", js);
     CHECK(strstr(js, "--- q300 ---") && strstr(js, "  rag:"));
     // multiple choice on the same entities: the code in the context wins
@@ -538,7 +567,11 @@ TEST(ev_cli_sweep_and_runs_db)
                                     "(SELECT summary_json LIKE '%\"verdict\":%' FROM runs WHERE kind='eval'), "
                                     "(SELECT count(*) FROM eval_items WHERE mode='rag@3' AND retrieved LIKE "
                                     "'[{\"doc_id\":%' AND scores_json LIKE '%\"recall\":%'), "
-                                    "(SELECT count(*) FROM eval_results WHERE mode='ft - rag@3')",
+                                    "(SELECT count(*) FROM eval_results WHERE mode='ft - rag@3'), "
+                                    "(SELECT count(*) FROM eval_items WHERE mode='rag@3' AND "
+                                    "(scores_json LIKE '%\"has_answer\":0%' OR scores_json LIKE '%\"has_answer\":1%')), "
+                                    "(SELECT count(*) FROM eval_items WHERE mode='ft' AND "
+                                    "scores_json LIKE '%has_answer%')",
                                  -1, &st, NULL), SQLITE_OK);
     CHECK_INT(sqlite3_step(st), SQLITE_ROW);
     CHECK_INT(sqlite3_column_int(st, 0), 12 * 6);
@@ -546,6 +579,8 @@ TEST(ev_cli_sweep_and_runs_db)
     CHECK_INT(sqlite3_column_int(st, 2), 1);
     CHECK_INT(sqlite3_column_int(st, 3), 12);
     CHECK(sqlite3_column_int(st, 4) >= 4);
+    CHECK_INT(sqlite3_column_int(st, 5), 12); // answer@k: 0 or 1 with retrieval,
+    CHECK_INT(sqlite3_column_int(st, 6), 0);  // and left out closed book
     sqlite3_finalize(st);
     sqlite3_close(s);
     // an index built beforehand; an adapter as the tuned model

@@ -30,7 +30,7 @@ static const struct cmd_help eval_help = {
     "passages as \"Context:\\n<p1>\\n\\n<p2>\\n\\nQuestion: <q>\"), ft (the tuned model: base + --adapter,\n"
     "or the --tuned model folder) and ft+rag. Scores: exact match, token F1 and ROUGE-L of the greedy\n"
     "answer (SQuAD normalisation), the teacher-forced NLL per token of the reference, recall@k of the\n"
-    "item's doc_id; multiple-choice items ({question, choices, answer_index}) by the log-likelihood\n"
+    "item's doc_id, answer@k (the reference is in a passage of the prompt); multiple-choice items ({question, choices, answer_index}) by the log-likelihood\n"
     "of each choice (accuracy). Prints means with 95% bootstrap intervals, the paired differences\n"
     "ft - rag and ft+rag - rag, and a one-line verdict; records items, answers, passages, scores and\n"
     "the summary in the runs database. QA lines: {\"id\", \"question\", \"answer\", \"doc_id\"}.",
