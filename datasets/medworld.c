@@ -926,7 +926,7 @@ static void mw_world_dialogs(const struct mw_world *w, struct mw_out *o, struct 
 /* Copying drills (background worlds): "Repeat: a, b, c" answered by "a, b, c", where the items
  * are 3 to 6 distinct names and attribute values of random entities, MW_DRILLS records per
  * entity. Reading a passage is copying from it, and a small model trained on question answering
- * alone did not learn to copy (base model card, "Why it does not read"); these records teach
+ * alone did not learn to copy (base model card, "Why it took three versions"); these records teach
  * it. Own RNG stream: the other files keep their bytes. */
 #define MW_DRILLS 8
 static void mw_world_drills(const struct mw_world *w, struct mw_out *o, struct lk_buf *b,
@@ -958,12 +958,7 @@ static void mw_world_drills(const struct mw_world *w, struct mw_out *o, struct l
             lk_buf_puts(q, i ? ", " : "Repeat: ");
             lk_buf_puts(q, items[i]);
         }
-        mw_buf_clear(b);
-        lk_buf_puts(b, "{\"messages\":[{\"role\":\"user\",\"content\":");
-        lk_buf_json_str(b, q->p);
-        lk_buf_puts(b, "},{\"role\":\"assistant\",\"content\":");
-        lk_buf_json_str(b, q->p + strlen("Repeat: "));
-        lk_buf_puts(b, "}]}");
+        mw_rec_chat(b, q->p, q->p + strlen("Repeat: "));
         mw_lines_add(&o->drill, b);
     }
 }
