@@ -617,3 +617,35 @@ int64_t cfg_param_count(const struct cfg *c)
         p += V * C;
     return p;
 }
+
+// ---- compatibility ----
+
+int cfg_check_same(const struct cfg *base, const struct cfg *b, const char *base_name, const char *other,
+                   int ignore_tie, struct lk_err *err)
+{
+    const struct cfg *a = base;
+    if (a->arch != b->arch || strcmp(a->architecture, b->architecture))
+        return lk_errf(err, LK_ERR_SHAPE, "%s: config.json is a %s, the base '%s' is a %s "
+                       "(hint: a fine-tune must have the base's architecture)", other, b->architecture,
+                       base_name, a->architecture);
+    struct {
+        const char *name;
+        int va, vb;
+    } f[] = {
+        { "hidden_size", a->hidden_size, b->hidden_size },
+        { "intermediate_size", a->intermediate_size, b->intermediate_size },
+        { "num_hidden_layers", a->num_hidden_layers, b->num_hidden_layers },
+        { "num_attention_heads", a->num_attention_heads, b->num_attention_heads },
+        { "num_key_value_heads", a->num_key_value_heads, b->num_key_value_heads },
+        { "head_dim", a->head_dim, b->head_dim },
+        { "vocab_size", a->vocab_size, b->vocab_size },
+        { "attention_bias", a->attention_bias, b->attention_bias },
+        { "tie_word_embeddings", a->tie_word_embeddings, ignore_tie ? a->tie_word_embeddings : b->tie_word_embeddings },
+    };
+    for (size_t i = 0; i < sizeof f / sizeof f[0]; i++)
+        if (f[i].va != f[i].vb)
+            return lk_errf(err, LK_ERR_SHAPE, "%s: config.json has %s %d, the base '%s' has %d "
+                           "(hint: a fine-tune must have the base's architecture: made from another model?)",
+                           other, f[i].name, f[i].vb, base_name, f[i].va);
+    return LK_OK;
+}

@@ -55,6 +55,14 @@ extern const char *const cfg_preset_names[]; /* NULL-terminated */
 /* Total parameter count the config implies (embeddings counted once when tied). */
 int64_t cfg_param_count(const struct cfg *c);
 
+/* The one compatibility check between two configs that must describe the same network (a
+ * base and its fine-tune, a base and the model an adapter was trained on): architecture and
+ * every dimension; tie_word_embeddings too unless ignore_tie (a merge may untie a model).
+ * other names the folder of b in the message: LK_ERR_SHAPE, "OTHER: config.json has FIELD
+ * X, the base 'BASE' has Y (hint: ...)", the first differing field named. */
+int cfg_check_same(const struct cfg *base, const struct cfg *b, const char *base_name, const char *other,
+                   int ignore_tie, struct lk_err *err);
+
 /* JSON text with 2-space indentation, like Python's json.dumps(indent=2) (keys in the order
  * given, integers without a fraction, other numbers in the shortest form that round-trips).
  * Returns a heap string (caller frees with lk_free), NULL on OOM. */

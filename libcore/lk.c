@@ -510,6 +510,84 @@ int lk_write_file_atomic(const char *path, const void *buf, size_t n, struct lk_
     return lk_afile_commit(&af);
 }
 
+// ---- output folders ----
+
+int lk_outdir_check(const char *path, int overwrite, struct lk_err *err)
+{
+    if (lk_file_exists(path) && !lk_is_dir(path))
+        return lk_errf(err, LK_ERR_EXISTS, "%s: exists and is not a folder", path);
+    if (!overwrite && lk_dir_nonempty(path))
+        return lk_errf(err, LK_ERR_EXISTS, "%s: folder exists and is not empty (use --overwrite to replace it)",
+                       path);
+    return LK_OK;
+}
+
+int lk_outdir_begin(struct lk_outdir *od, const char *path, int overwrite, struct lk_err *err)
+{
+    memset(od, 0, sizeof *od);
+    int rc = lk_outdir_check(path, overwrite, err);
+    if (rc)
+        return rc;
+    size_t n = strlen(path) + 32;
+    od->path = lk_strdup(path);
+    od->tmp = lk_malloc(n);
+    if (!od->path || !od->tmp) {
+        lk_outdir_abort(od);
+        return lk_errf(err, LK_ERR_NOMEM, "out of memory");
+    }
+    snprintf(od->tmp, n, "%s.tmp.%ld", path, (long)getpid());
+    lk_rm_rf(od->tmp); // a stale one of a process with our pid
+    if ((rc = lk_mkdir_p(od->tmp, err))) {
+        lk_outdir_abort(od);
+        return rc;
+    }
+    return LK_OK;
+}
+
+int lk_outdir_commit(struct lk_outdir *od, struct lk_err *err)
+{
+    if (!od->path || !od->tmp)
+        return lk_errf(err, LK_ERR_IO, "output folder was not begun");
+    size_t n = strlen(od->path) + 32;
+    char *old = lk_malloc(n);
+    if (!old) {
+        lk_outdir_abort(od);
+        return lk_errf(err, LK_ERR_NOMEM, "out of memory");
+    }
+    snprintf(old, n, "%s.old.%ld", od->path, (long)getpid());
+    int exists = lk_is_dir(od->path), nonempty = exists && lk_dir_nonempty(od->path), rc = LK_OK;
+    if (nonempty && rename(od->path, old) != 0)
+        rc = lk_errf(err, LK_ERR_IO, "%s: cannot move the old folder aside: %s", od->path, strerror(errno));
+    else if (exists && !nonempty && rmdir(od->path) != 0)
+        rc = lk_errf(err, LK_ERR_IO, "%s: cannot replace the empty folder: %s", od->path, strerror(errno));
+    else if (rename(od->tmp, od->path) != 0) {
+        rc = lk_errf(err, LK_ERR_IO, "%s: cannot rename into place: %s", od->path, strerror(errno));
+        if (nonempty)
+            rename(old, od->path);
+    } else {
+        if (nonempty)
+            lk_rm_rf(old);
+        char *dir = lk_dirname(od->path);
+        if (dir)
+            lk_fsync_dir(dir);
+        lk_free(dir);
+        lk_free(od->tmp); // renamed: nothing left to remove
+        od->tmp = NULL;
+    }
+    lk_free(old);
+    lk_outdir_abort(od);
+    return rc;
+}
+
+void lk_outdir_abort(struct lk_outdir *od)
+{
+    if (od->tmp)
+        lk_rm_rf(od->tmp);
+    lk_free(od->tmp);
+    lk_free(od->path);
+    od->tmp = od->path = NULL;
+}
+
 // ---- rng ----
 
 void lk_rng_seed(struct lk_rng *r, uint64_t seed)

@@ -108,6 +108,25 @@ int lk_afile_write(struct lk_afile *af, const void *buf, size_t n);
 int lk_afile_printf(struct lk_afile *af, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 int lk_afile_commit(struct lk_afile *af);
 void lk_afile_abort(struct lk_afile *af);
+/* An output folder, built under a temporary name beside its final path and renamed into
+ * place when complete (git's lockfile, for folders). Every command that writes a folder uses
+ * it, so there is one rule: a path that exists and is not a folder is refused; a non-empty
+ * folder is refused unless overwrite; an empty folder is replaced. On commit an old folder
+ * is moved aside, the new one renamed in, the old one removed (a failed rename puts the old
+ * one back). Files are written into `tmp`. */
+struct lk_outdir {
+    char *path; /* owned: the final folder */
+    char *tmp;  /* owned: "<path>.tmp.<pid>", created by begin; write the outputs here */
+};
+/* The rule alone, to refuse early, before any work: LK_ERR_EXISTS with the hint. */
+int lk_outdir_check(const char *path, int overwrite, struct lk_err *err);
+/* Checks the rule and creates an empty tmp folder (removing a stale one of this pid). On
+ * failure the struct is zeroed (abort is still harmless). */
+int lk_outdir_begin(struct lk_outdir *od, const char *path, int overwrite, struct lk_err *err);
+/* Renames tmp into place and frees the struct's strings. On failure tmp is removed too. */
+int lk_outdir_commit(struct lk_outdir *od, struct lk_err *err);
+/* Removes tmp and frees; harmless after commit, on a zeroed struct and twice. */
+void lk_outdir_abort(struct lk_outdir *od);
 /* Writes a whole buffer atomically to path. */
 int lk_write_file_atomic(const char *path, const void *buf, size_t n, struct lk_err *err);
 /* Copies a file atomically (temp name next to dst, fsync, rename). */

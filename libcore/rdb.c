@@ -5,6 +5,7 @@
  */
 #include "rdb.h"
 
+#include <cjson/cJSON.h>
 #include <math.h>
 #include <sqlite3.h>
 #include <string.h>
@@ -270,7 +271,7 @@ static int rdb_open_flags(struct rdb *db, const char *path, int readonly, struct
     if (version > RDB_SCHEMA_VERSION) {
         r = lk_errf(err, LK_ERR_UNSUPPORTED,
                     "%s: runs database schema version %lld is newer than this lorakit "
-                    "supports (%d) (hint: use a newer lorakit, or another --runs-db)",
+                    "supports (%d) (hint: use a newer lorakit, or another --runs)",
                     path, (long long)version, RDB_SCHEMA_VERSION);
         goto fail;
     }
@@ -405,6 +406,98 @@ int rdb_run_finish(struct rdb *db, int64_t run_id, enum rdb_status status,
         r = lk_errf(err, LK_ERR_MISSING, "%s: no run with id %lld", db->path, (long long)run_id);
     int rf = rdb_flush(db, err);
     return r ? r : rf;
+}
+
+// ---- run records ----
+
+char *rdb_default_path(const char *out)
+{
+    const char *slash = out ? strrchr(out, '/') : NULL;
+    if (!slash)
+        return lk_strdup("runs.db");
+    size_t n = (size_t)(slash - out);
+    char *s = lk_malloc(n + 16);
+    if (s)
+        snprintf(s, n + 16, "%.*s/runs.db", (int)n, out);
+    return s;
+}
+
+static void rdb_rec_warn(struct rdb_rec *rec, const char *path, const struct lk_err *err)
+{
+    const char *why = err && err->msg[0] ? err->msg : lk_status_str(err ? err->code : LK_ERR_IO);
+    if (rec->run_id > 0)
+        snprintf(rec->warning, sizeof rec->warning, "%s run %lld not fully recorded in the runs database '%s': %s",
+                 rec->kind, (long long)rec->run_id, path ? path : "?", why);
+    else
+        snprintf(rec->warning, sizeof rec->warning, "%s run not recorded in the runs database '%s': %s", rec->kind,
+                 path ? path : "?", why);
+}
+
+int rdb_rec_begin(struct rdb_rec *rec, const char *path, const char *kind, const char *name,
+                  const char *model, const char *data, const struct cJSON *params)
+{
+    memset(rec, 0, sizeof *rec);
+    snprintf(rec->kind, sizeof rec->kind, "%s", kind);
+    if (!path)
+        return LK_OK;
+    struct lk_err err = { 0 };
+    char *pj = NULL;
+    if (params && !(pj = cJSON_PrintUnformatted(params)))
+        lk_errf(&err, LK_ERR_NOMEM, "out of memory");
+    int rc = err.code;
+    if (!rc)
+        rc = rdb_open(&rec->db, path, &err);
+    if (!rc && (rc = rdb_run_begin(&rec->db, kind, name, model, data, pj, &rec->run_id, &err)))
+        rdb_close(&rec->db, NULL);
+    cJSON_free(pj);
+    if (rc) {
+        rec->run_id = 0;
+        rdb_rec_warn(rec, path, &err);
+        return rc;
+    }
+    rec->active = 1;
+    return LK_OK;
+}
+
+int rdb_rec_finish(struct rdb_rec *rec, int rc, const struct cJSON *summary)
+{
+    if (!rec->active)
+        return LK_OK;
+    struct lk_err err = { 0 };
+    char *sj = NULL;
+    if (summary && !(sj = cJSON_PrintUnformatted(summary)))
+        lk_errf(&err, LK_ERR_NOMEM, "out of memory");
+    enum rdb_status st = rc == LK_OK ? RDB_DONE : rc == LK_ERR_INTERRUPTED ? RDB_INTERRUPTED : RDB_FAILED;
+    int w = rdb_run_finish(&rec->db, rec->run_id, st, sj, err.code ? NULL : &err);
+    if (!w)
+        w = err.code;
+    cJSON_free(sj);
+    struct lk_err e2 = { 0 };
+    char *path = rec->db.path ? lk_strdup(rec->db.path) : NULL;
+    int c = rdb_close(&rec->db, &e2);
+    if (!w && c) {
+        w = c;
+        err = e2;
+    }
+    if (w)
+        rdb_rec_warn(rec, path, &err);
+    lk_free(path);
+    rec->active = 0;
+    return w;
+}
+
+int rdb_rec_drop(struct rdb_rec *rec, const struct lk_err *err)
+{
+    int code = err && err->code ? (int)err->code : LK_ERR_IO;
+    if (!rec->active)
+        return code;
+    char *path = rec->db.path ? lk_strdup(rec->db.path) : NULL;
+    rdb_run_finish(&rec->db, rec->run_id, RDB_FAILED, NULL, NULL);
+    rdb_close(&rec->db, NULL);
+    rdb_rec_warn(rec, path, err);
+    lk_free(path);
+    rec->active = 0;
+    return code;
 }
 
 // ---- rows ----

@@ -127,6 +127,37 @@ struct rdb_tensor_stat {
 int rdb_tensor_stat(struct rdb *db, int64_t run_id, const struct rdb_tensor_stat *s,
                     struct lk_err *err);
 
+// ---- run records: the one way a command records itself ----
+
+/* The default runs database of a command that writes `out`: runs.db in out's parent folder
+ * ("runs.db" when out has no folder part). Heap string (caller lk_frees); NULL on OOM. */
+char *rdb_default_path(const char *out);
+
+/* One command's run from begin to finish. Recording never costs a run its outputs: when the
+ * database cannot be opened or written, recording stops, `warning` says which run was not
+ * recorded and why, and the command carries on; the caller prints the warning (libcore does
+ * not print) with lk_cli_warn. A rec whose begin had path NULL records nothing, silently. */
+struct rdb_rec {
+    struct rdb db;       /* open while active; per-row calls (rdb_train_step, ...) use &rec->db */
+    int64_t run_id;      /* valid while active */
+    int active;          /* 1 from a successful begin until finish or drop */
+    char kind[32];       /* for the warning */
+    char warning[700];   /* non-empty once recording failed: print it */
+};
+struct cJSON;
+/* Opens (creating) the database at path and records a 'running' run. params: a JSON object
+ * built with cJSON (borrowed; NULL stores NULL). Returns LK_OK, or the status of a failure,
+ * which has already been turned into `warning` (recording is then off). */
+int rdb_rec_begin(struct rdb_rec *rec, const char *path, const char *kind, const char *name,
+                  const char *model, const char *data, const struct cJSON *params);
+/* Marks the run 'done' (rc LK_OK), 'interrupted' (LK_ERR_INTERRUPTED) or 'failed', with the
+ * summary (a cJSON object, borrowed; NULL keeps none) and closes the database. Returns LK_OK
+ * or the status of a failed write (then in `warning`). Harmless when not active. */
+int rdb_rec_finish(struct rdb_rec *rec, int rc, const struct cJSON *summary);
+/* Stops recording after a failed per-row write (err: what failed): closes the database, marks
+ * the run failed if it still can, and fills `warning`. Returns err's code. */
+int rdb_rec_drop(struct rdb_rec *rec, const struct lk_err *err);
+
 // ---- reading (for the dashboard; plain SQL on db->db is fine too) ----
 
 /* One row of runs. Strings are owned by the struct (NULL for SQL NULL). */

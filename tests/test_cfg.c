@@ -244,3 +244,24 @@ TEST(cfg_save_from_scratch_roundtrips)
     CHECK(c.intermediate_size == 8960 && c.vocab_size == 151936 && c.tie_word_embeddings);
     CHECK_INT(cfg_param_count(&c), 1543714304); // Qwen2-1.5B's published parameter count
 }
+
+TEST(cfg_check_same_names_the_first_difference)
+{
+    struct cfg a, b;
+    cfg_default_qwen2(&a);
+    cfg_default_qwen2(&b);
+    struct lk_err err = { 0 };
+    CHECK_OK(cfg_check_same(&a, &b, "base", "tuned", 0, &err));
+    b.num_key_value_heads = 4;
+    CHECK_INT(cfg_check_same(&a, &b, "base", "tuned", 0, &err), LK_ERR_SHAPE);
+    CHECK(strstr(err.msg, "tuned: config.json has num_key_value_heads 4, the base 'base' has 2"));
+    cfg_default_qwen2(&b);
+    b.tie_word_embeddings = 0; // a merge may untie: ignored only when asked
+    CHECK_INT(cfg_check_same(&a, &b, "base", "tuned", 0, &err), LK_ERR_SHAPE);
+    CHECK(strstr(err.msg, "tie_word_embeddings 0"));
+    CHECK_OK(cfg_check_same(&a, &b, "base", "tuned", 1, &err));
+    struct lk_err e2 = { 0 };
+    CHECK_OK(cfg_preset(&b, "llama-tiny", &e2));
+    CHECK_INT(cfg_check_same(&a, &b, "base", "tuned", 1, &err), LK_ERR_SHAPE);
+    CHECK(strstr(err.msg, "is a LlamaForCausalLM") && strstr(err.msg, "Qwen2ForCausalLM"));
+}

@@ -80,3 +80,52 @@ TEST(cli_help_and_unknown_command)
     CHECK_INT(test_sh("%s frobnicate", test_lorakit()), 2);
     CHECK(strstr(test_output(), "not a lorakit command") != NULL);
 }
+
+TEST(lk_outdir_one_rule_for_every_folder)
+{
+    struct lk_err err = { 0 };
+    struct lk_outdir od;
+    const char *out = test_path("out");
+    // a new folder: nothing under the final name until commit
+    CHECK_OK(lk_outdir_begin(&od, out, 0, &err));
+    CHECK(lk_is_dir(od.tmp));
+    CHECK(!lk_file_exists(out));
+    char *f = lk_path_join(od.tmp, "x.txt");
+    CHECK_OK(lk_write_file_atomic(f, "1", 1, &err));
+    lk_free(f);
+    CHECK_OK(lk_outdir_commit(&od, &err));
+    CHECK(od.tmp == NULL && od.path == NULL);
+    CHECK(lk_file_exists(test_path("out/x.txt")));
+    // a non-empty folder is refused without overwrite, and left as it was
+    CHECK_INT(lk_outdir_begin(&od, out, 0, &err), LK_ERR_EXISTS);
+    CHECK(strstr(err.msg, "--overwrite") && strstr(err.msg, out));
+    CHECK(od.tmp == NULL);
+    lk_outdir_abort(&od); // harmless on the zeroed struct
+    // with overwrite the old content is replaced whole
+    CHECK_OK(lk_outdir_begin(&od, out, 1, &err));
+    f = lk_path_join(od.tmp, "y.txt");
+    CHECK_OK(lk_write_file_atomic(f, "2", 1, &err));
+    lk_free(f);
+    CHECK(lk_file_exists(test_path("out/x.txt"))); // still the old one until commit
+    CHECK_OK(lk_outdir_commit(&od, &err));
+    CHECK(!lk_file_exists(test_path("out/x.txt")) && lk_file_exists(test_path("out/y.txt")));
+    // an empty folder is replaced without overwrite
+    CHECK_INT(test_sh("mkdir '%s'", test_path("empty")), 0);
+    CHECK_OK(lk_outdir_begin(&od, test_path("empty"), 0, &err));
+    CHECK_OK(lk_outdir_commit(&od, &err));
+    CHECK(lk_is_dir(test_path("empty")));
+    // a file is never replaced by a folder, overwrite or not
+    CHECK_OK(lk_write_file_atomic(test_path("file"), "z", 1, &err));
+    CHECK_INT(lk_outdir_begin(&od, test_path("file"), 1, &err), LK_ERR_EXISTS);
+    CHECK(strstr(err.msg, "not a folder"));
+    // abort removes the temporary folder and leaves the old output alone
+    CHECK_OK(lk_outdir_begin(&od, out, 1, &err));
+    char *tmp = lk_strdup(od.tmp);
+    lk_outdir_abort(&od);
+    lk_outdir_abort(&od);
+    CHECK(!lk_file_exists(tmp));
+    lk_free(tmp);
+    CHECK(lk_file_exists(test_path("out/y.txt")));
+    // nothing else is left beside the outputs
+    CHECK_INT(test_sh("ls -A '%s' | grep -c 'tmp\\|old' | grep -qx 0", test_tmpdir()), 0);
+}

@@ -6,6 +6,8 @@
 #include <sqlite3.h>
 #include <string.h>
 
+#include <cjson/cJSON.h>
+
 #include "../libcore/rdb.h"
 
 // ---- plain-SQL helpers (the independent reader) ----
@@ -369,5 +371,71 @@ TEST(rdb_hostile_strings_stored_verbatim)
             CHECK_MSG(c == 1, "%s: hostile string %d found %lld times", tables[t], i, c);
         }
     CHECK_INT(raw_int(s, "SELECT count(*) FROM sqlite_schema WHERE type = 'table'"), 5);
+    sqlite3_close(s);
+}
+
+// ---- run records ----
+
+TEST(rdb_rec_records_a_run_and_warns_instead_of_failing)
+{
+    char *p = rdb_default_path("some/dir/out");
+    CHECK(p && !strcmp(p, "some/dir/runs.db"));
+    lk_free(p);
+    p = rdb_default_path("out");
+    CHECK(p && !strcmp(p, "runs.db"));
+    lk_free(p);
+
+    // a run with hostile strings in its parameters: stored as JSON that parses back
+    const char *db = test_path("runs.db");
+    cJSON *params = cJSON_CreateObject();
+    cJSON_AddStringToObject(params, "targets", "q_proj\",\"x\\\n");
+    cJSON_AddNumberToObject(params, "rank", 8);
+    struct rdb_rec rec;
+    CHECK_OK(rdb_rec_begin(&rec, db, "train", "name", "model", "data", params));
+    CHECK(rec.active && rec.run_id > 0 && !rec.warning[0]);
+    CHECK_OK(rdb_train_step(&rec.db, rec.run_id, 1, 2.5, 1e-3, 1, 100, 0.1, NAN, test_err()));
+    cJSON *sum = cJSON_CreateObject();
+    cJSON_AddNumberToObject(sum, "steps", 1);
+    CHECK_OK(rdb_rec_finish(&rec, LK_OK, sum));
+    CHECK(!rec.active && !rec.warning[0]);
+    CHECK_OK(rdb_rec_finish(&rec, LK_OK, sum)); // harmless when no longer active
+    cJSON_Delete(sum);
+    cJSON_Delete(params);
+    sqlite3 *s = raw_open(db);
+    char buf[256];
+    CHECK(s);
+    CHECK(!strcmp(raw_text(s, "SELECT status FROM runs", buf, sizeof buf), "done"));
+    CHECK(!strcmp(raw_text(s, "SELECT json_extract(params_json, '$.targets') FROM runs", buf, sizeof buf),
+                  "q_proj\",\"x\\\n"));
+    CHECK(!strcmp(raw_text(s, "SELECT json_extract(summary_json, '$.steps') FROM runs", buf, sizeof buf), "1"));
+    CHECK_INT(raw_int(s, "SELECT count(*) FROM train_steps"), 1);
+    sqlite3_close(s);
+
+    // an interrupted run is recorded as such
+    CHECK_OK(rdb_rec_begin(&rec, db, "eval", NULL, NULL, NULL, NULL));
+    CHECK_OK(rdb_rec_finish(&rec, LK_ERR_INTERRUPTED, NULL));
+    s = raw_open(db);
+    CHECK(!strcmp(raw_text(s, "SELECT status FROM runs WHERE kind = 'eval'", buf, sizeof buf), "interrupted"));
+    sqlite3_close(s);
+
+    // no path: nothing recorded, no warning
+    CHECK_OK(rdb_rec_begin(&rec, NULL, "merge", NULL, NULL, NULL, NULL));
+    CHECK(!rec.active && !rec.warning[0]);
+    CHECK_OK(rdb_rec_finish(&rec, LK_OK, NULL));
+
+    // a database that cannot be opened: a warning naming the kind and the file, nothing fails later
+    CHECK_OK(lk_write_file_atomic(test_path("junk.db"), "not a database at all, just text......", 38, test_err()));
+    CHECK(rdb_rec_begin(&rec, test_path("junk.db"), "diff", NULL, NULL, NULL, NULL) != LK_OK);
+    CHECK(!rec.active && strstr(rec.warning, "diff run not recorded") && strstr(rec.warning, "junk.db"));
+    CHECK_OK(rdb_rec_finish(&rec, LK_OK, NULL));
+
+    // a failed row write drops the record with a warning that names the run
+    CHECK_OK(rdb_rec_begin(&rec, db, "train", NULL, NULL, NULL, NULL));
+    struct lk_err e = { 0 };
+    lk_errf(&e, LK_ERR_IO, "disk full");
+    CHECK_INT(rdb_rec_drop(&rec, &e), LK_ERR_IO);
+    CHECK(!rec.active && strstr(rec.warning, "not fully recorded") && strstr(rec.warning, "disk full"));
+    s = raw_open(db);
+    CHECK_INT(raw_int(s, "SELECT count(*) FROM runs WHERE kind = 'train' AND status = 'failed'"), 1);
     sqlite3_close(s);
 }

@@ -126,8 +126,19 @@ void opts_usage(FILE *f, const struct cmd_help *h, const struct opt *opts)
 
 int lk_cli_fail(const char *cmd, const struct lk_err *err)
 {
-    fprintf(stderr, "lorakit %s: error: %s\n", cmd, err->msg[0] ? err->msg : lk_status_str(err->code));
+    const char *msg = err->msg[0] ? err->msg : lk_status_str(err->code);
+    if (err->code == LK_ERR_INTERRUPTED) { // Ctrl-C or SIGTERM: the shell's 128 + SIGINT
+        fprintf(stderr, "lorakit %s: %s\n", cmd, msg);
+        return 130;
+    }
+    fprintf(stderr, "lorakit %s: error: %s\n", cmd, msg);
     return err->code == LK_ERR_USAGE ? 2 : 1;
+}
+
+void lk_cli_warn(const char *cmd, const char *msg)
+{
+    if (msg && msg[0])
+        fprintf(stderr, "lorakit %s: warning: %s\n", cmd, msg);
 }
 
 int opts_parse_longs(const char *s, long **out, int *n, struct lk_err *err)

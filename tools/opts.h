@@ -45,8 +45,12 @@ int opts_parse(int argc, char **argv, const struct opt *opts, const char **posit
                int max_pos, int *n_pos, int *help, struct lk_err *err);
 void opts_usage(FILE *f, const struct cmd_help *h, const struct opt *opts);
 
-/* Prints "lorakit CMD: error: MSG" on stderr; returns 2 for usage errors, else 1. */
+/* The one CLI failure path: prints "lorakit CMD: error: MSG" on stderr and returns 2 for
+ * usage errors, else 1; an interrupted run (LK_ERR_INTERRUPTED) prints "lorakit CMD: MSG" and
+ * returns 130, as a shell does for SIGINT. */
 int lk_cli_fail(const char *cmd, const struct lk_err *err);
+/* Prints "lorakit CMD: warning: MSG" on stderr when msg is non-empty (e.g. rdb_rec.warning). */
+void lk_cli_warn(const char *cmd, const char *msg);
 
 /* Parses "1,2,3" into a long array (heap, caller frees). */
 int opts_parse_longs(const char *s, long **out, int *n, struct lk_err *err);
