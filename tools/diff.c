@@ -5,7 +5,6 @@
  * the run in the runs database when --runs is given. Progress goes to stderr on a terminal.
  */
 #include <cJSON.h>
-#include <cblas.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -315,9 +314,7 @@ int cmd_diff(int argc, char **argv)
         return lk_cli_fail("diff", &err);
     // two adapters: many small factor products, which threads only slow down
     long threads = c.threads ? c.threads : d.kind == DIFF_ADAPTER_ADAPTER ? 1 : 0;
-    if (threads > 0) {
-        openblas_set_num_threads((int)threads);
-    }
+    lk_cli_threads(threads);
     if (diff_compare(&d, &o, &err) || diff_summarize(&d, &s, &err)) {
         diff_close(&d);
         return lk_cli_fail("diff", &err);

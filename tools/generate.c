@@ -4,8 +4,6 @@
  * pending buffer and only whole UTF-8 characters are written, so a character split across
  * tokens is never printed in halves.
  */
-#include <cblas.h>
-#include <omp.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -114,10 +112,7 @@ int cmd_generate(int argc, char **argv)
         lk_errf(&err, LK_ERR_USAGE, "--system applies to --chat only");
         return lk_cli_fail("generate", &err);
     }
-    if (threads > 0) {
-        openblas_set_num_threads((int)threads);
-        omp_set_num_threads((int)threads);
-    }
+    lk_cli_threads(threads);
     lk_interrupt_install();
     struct model m = { 0 };
     struct lora l = { 0 };

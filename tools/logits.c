@@ -97,6 +97,11 @@ int cmd_logits(int argc, char **argv)
         lk_errf(&err, LK_ERR_USAGE, "--model, --tokens and --out are required (see --help)");
         return lk_cli_fail("logits", &err);
     }
+    if (threads < 0 || threads > 4096) {
+        lk_errf(&err, LK_ERR_USAGE, "option '--threads' must be in 0..4096");
+        return lk_cli_fail("logits", &err);
+    }
+    lk_cli_threads(threads);
     int *ids = NULL, B = 0, T = 0;
     if (parse_token_rows(tokens, &ids, &B, &T, &err))
         return lk_cli_fail("logits", &err);

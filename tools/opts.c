@@ -3,8 +3,10 @@
  */
 #include "opts.h"
 
+#include <cblas.h>
 #include <errno.h>
 #include <math.h>
+#include <omp.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -139,6 +141,23 @@ void lk_cli_warn(const char *cmd, const char *msg)
 {
     if (msg && msg[0])
         fprintf(stderr, "lorakit %s: warning: %s\n", cmd, msg);
+}
+
+void lk_cli_threads(long n)
+{
+    if (n > 0) {
+        openblas_set_num_threads((int)n);
+        omp_set_num_threads((int)n);
+    }
+}
+
+double lk_cli_round(double v, const char *fmt)
+{
+    char buf[64];
+    if (!isfinite(v))
+        return v;
+    snprintf(buf, sizeof buf, fmt, v);
+    return strtod(buf, NULL);
 }
 
 int opts_parse_longs(const char *s, long **out, int *n, struct lk_err *err)

@@ -51,6 +51,13 @@ void opts_usage(FILE *f, const struct cmd_help *h, const struct opt *opts);
 int lk_cli_fail(const char *cmd, const struct lk_err *err);
 /* Prints "lorakit CMD: warning: MSG" on stderr when msg is non-empty (e.g. rdb_rec.warning). */
 void lk_cli_warn(const char *cmd, const char *msg);
+/* --threads N of every command: OpenBLAS's and OpenMP's thread counts; N <= 0 keeps their
+ * default (all cores, or OPENBLAS_NUM_THREADS / OMP_NUM_THREADS). */
+void lk_cli_threads(long n);
+/* v as printf's fmt ("%.6g", "%.3f") prints it, read back: for the numbers of a run record, so
+ * that one built with cJSON stores the precision the record always had. NAN stays NAN (cJSON
+ * writes null). */
+double lk_cli_round(double v, const char *fmt);
 
 /* Parses "1,2,3" into a long array (heap, caller frees). */
 int opts_parse_longs(const char *s, long **out, int *n, struct lk_err *err);
