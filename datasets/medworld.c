@@ -18,13 +18,11 @@
  * Output goes to "<out>.tmp.<pid>" (each file written atomically) and the folder is renamed
  * into place at the end, so DIR holds a complete world or nothing. Owns: everything it makes.
  */
-#include <dirent.h>
 #include <errno.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include "../libcore/lk.h"
@@ -1194,22 +1192,15 @@ static int mw_write_all(const char *dir, const struct mw_world *w, const struct 
     return rc;
 }
 
-/* May DIR be replaced? Only if it is an empty folder or holds an earlier medworld output, so
- * that a mistyped --out never deletes someone's files. Changes nothing. */
-static int mw_replaceable(const char *dir, struct lk_err *err)
+/* The output rule of every lorakit command (lk_outdir: a file is refused, a non-empty folder
+ * needs --overwrite, an empty one is replaced), plus medworld's own: a non-empty DIR is
+ * replaced only when it holds an earlier medworld output, so that a mistyped --out never
+ * deletes someone's files. Changes nothing. */
+static int mw_check_out(const char *dir, int overwrite, struct lk_err *err)
 {
-    if (!lk_is_dir(dir))
-        return lk_errf(err, LK_ERR_EXISTS, "'%s' exists and is not a folder", dir);
-    DIR *d = opendir(dir);
-    if (!d)
-        return lk_errf(err, LK_ERR_IO, "'%s': cannot read folder: %s", dir, strerror(errno));
-    int empty = 1;
-    struct dirent *e;
-    while (empty && (e = readdir(d)))
-        empty = !strcmp(e->d_name, ".") || !strcmp(e->d_name, "..");
-    closedir(d);
-    if (empty)
-        return LK_OK;
+    int rc = lk_outdir_check(dir, overwrite, err);
+    if (rc || !lk_dir_nonempty(dir))
+        return rc;
     char *man = lk_path_join(dir, "manifest.json");
     char *buf = NULL;
     int ok = man && lk_read_file(man, &buf, NULL, NULL) == LK_OK &&
@@ -1223,70 +1214,19 @@ static int mw_replaceable(const char *dir, struct lk_err *err)
     return LK_OK;
 }
 
-static char *mw_parent(const char *path)
-{
-    const char *slash = strrchr(path, '/');
-    if (!slash)
-        return lk_strdup(".");
-    if (slash == path)
-        return lk_strdup("/");
-    char *d = lk_strdup(path);
-    if (d)
-        d[slash - path] = 0;
-    return d;
-}
-
-/* Builds the folder under "<out>.tmp.<pid>", then swaps it in (an old one goes to
- * "<out>.old.<pid>" and is removed afterwards). */
+/* Builds the folder under a temporary name beside it, then swaps it in (lk_outdir). */
 static int mw_publish(const char *out, int overwrite, const struct mw_world *w,
                       const struct mw_out *o, struct lk_err *err)
 {
-    struct lk_buf tmp = { 0 }, old = { 0 };
-    char *parent = mw_parent(out);
-    int rc = LK_OK;
-    lk_buf_printf(&tmp, "%s.tmp.%ld", out, (long)getpid());
-    lk_buf_printf(&old, "%s.old.%ld", out, (long)getpid());
-    if (!parent || tmp.oom || old.oom) {
-        rc = lk_errf(err, LK_ERR_NOMEM, "out of memory");
-        goto done;
+    struct lk_outdir od;
+    int rc = mw_check_out(out, overwrite, err);
+    if (rc || (rc = lk_outdir_begin(&od, out, overwrite, err)))
+        return rc;
+    if ((rc = mw_write_all(od.tmp, w, o, err))) {
+        lk_outdir_abort(&od);
+        return rc;
     }
-    if ((rc = lk_mkdir_p(parent, err)))
-        goto done;
-    if (mkdir(tmp.p, 0777) != 0) {
-        rc = lk_errf(err, LK_ERR_IO, "%s: cannot create folder: %s", tmp.p, strerror(errno));
-        goto done;
-    }
-    if ((rc = mw_write_all(tmp.p, w, o, err)))
-        goto fail;
-    struct stat st;
-    int exists = lstat(out, &st) == 0;
-    if (exists && !overwrite) {
-        rc = lk_errf(err, LK_ERR_EXISTS, "'%s' already exists (use --overwrite to replace it)", out);
-        goto fail;
-    }
-    if (exists && (rc = mw_replaceable(out, err)))
-        goto fail;
-    if (exists && rename(out, old.p) != 0) {
-        rc = lk_errf(err, LK_ERR_IO, "'%s': cannot move aside: %s", out, strerror(errno));
-        goto fail;
-    }
-    if (rename(tmp.p, out) != 0) {
-        rc = lk_errf(err, LK_ERR_IO, "'%s': cannot rename into place: %s", out, strerror(errno));
-        if (exists)
-            rename(old.p, out);
-        goto fail;
-    }
-    if (exists)
-        lk_rm_rf(old.p);
-    lk_fsync_dir(parent);
-    goto done;
-fail:
-    lk_rm_rf(tmp.p);
-done:
-    lk_free(parent);
-    lk_buf_release(&tmp);
-    lk_buf_release(&old);
-    return rc;
+    return lk_outdir_commit(&od, err);
 }
 
 // ---- command line ----
@@ -1438,15 +1378,8 @@ int main(int argc, char **argv)
         return fflush(stdout) == 0 ? 0 : 1;
     }
     // refuse early (before any work) when DIR is there and may not be replaced
-    struct stat st;
-    if (lstat(o.out, &st) == 0) {
-        if (!o.overwrite) {
-            lk_errf(&err, LK_ERR_EXISTS, "'%s' already exists (use --overwrite to replace it)", o.out);
-            return mw_fail(&err);
-        }
-        if (mw_replaceable(o.out, &err))
-            return mw_fail(&err);
-    }
+    if (mw_check_out(o.out, o.overwrite, &err))
+        return mw_fail(&err);
     mw_templates_check();
     struct mw_world w = { 0 };
     struct mw_out out = { 0 };

@@ -926,6 +926,8 @@ static int write_adapter(struct merge_ctx *x, const char *dir, struct merge_repo
             }
         if (o->progress)
             o->progress(o->progress_ctx, k + 1, nl.n_mod, "");
+        if (!rc && lk_interrupted)
+            rc = lk_errf(err, LK_ERR_INTERRUPTED, "interrupted");
     }
     if (!rc)
         rc = lora_save(&nl, dir, err);
@@ -1098,7 +1100,7 @@ int merge_run(const struct merge_opts *o, struct merge_report *rep_in, struct lk
         return lk_errf(err, LK_ERR_NOMEM, "out of memory");
     x->o = o;
     struct st_model sm = { 0 };
-    char *tmp = NULL, *old = NULL;
+    struct lk_outdir od = { 0 };
     int cfg_loaded = 0;
     if ((rc = cfg_load(&x->cfg, o->model, err)))
         goto out;
@@ -1108,52 +1110,24 @@ int merge_run(const struct merge_opts *o, struct merge_report *rep_in, struct lk
             goto out;
         x->n++;
     }
-    if (lk_file_exists(o->out) && !o->overwrite) {
-        rc = lk_errf(err, LK_ERR_EXISTS, "%s: exists (use --overwrite to replace it)", o->out);
+    if ((rc = lk_outdir_check(o->out, o->overwrite, err)))
         goto out;
-    }
     if ((rc = st_model_open(&sm, o->model, err)))
         goto out;
     if ((rc = check_base(x, &sm, err)) || (rc = check_adapters(x, &sm, err)))
         goto out;
     rep->untied = x->untie;
     // build beside --out, rename into place when complete
-    size_t nout = strlen(o->out) + 48;
-    tmp = lk_malloc(nout);
-    old = lk_malloc(nout);
-    if (!tmp || !old) {
-        rc = lk_errf(err, LK_ERR_NOMEM, "out of memory");
+    if ((rc = lk_outdir_begin(&od, o->out, o->overwrite, err)))
         goto out;
-    }
-    snprintf(tmp, nout, "%s.tmp.%ld", o->out, (long)getpid());
-    snprintf(old, nout, "%s.old.%ld", o->out, (long)getpid());
-    lk_rm_rf(tmp);
-    if ((rc = lk_mkdir_p(tmp, err)))
+    rc = o->into_adapter ? write_adapter(x, od.tmp, rep, err) : write_model(x, &sm, od.tmp, rep, err);
+    if (rc || (rc = lk_outdir_commit(&od, err)))
         goto out;
-    rc = o->into_adapter ? write_adapter(x, tmp, rep, err) : write_model(x, &sm, tmp, rep, err);
-    if (rc)
-        goto out;
-    int exists = lk_file_exists(o->out);
-    if (exists && rename(o->out, old) != 0) {
-        rc = lk_errf(err, LK_ERR_IO, "%s: cannot move the old output aside: %s", o->out, strerror(errno));
-        goto out;
-    }
-    if (rename(tmp, o->out) != 0) {
-        rc = lk_errf(err, LK_ERR_IO, "%s: cannot rename into place: %s", o->out, strerror(errno));
-        if (exists)
-            rename(old, o->out);
-        goto out;
-    }
-    if (exists)
-        lk_rm_rf(old);
     rep->seconds = lk_now() - t0;
     if (o->verify)
         rc = verify(x, &sm, rep, err);
 out:
-    if (rc && tmp)
-        lk_rm_rf(tmp);
-    lk_free(tmp);
-    lk_free(old);
+    lk_outdir_abort(&od);
     st_model_close(&sm);
     for (int i = 0; i < x->n; i++)
         lora_release(&x->ad[i]);

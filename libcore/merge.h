@@ -75,7 +75,7 @@ struct merge_opts {
                                     TENSOR_F32 / TENSOR_F16 / TENSOR_BF16 */
     uint64_t seed;               /* dare's masks */
     int subtract;                /* W - sum w_i D_i (linear only): undo a merge */
-    int overwrite;               /* replace an existing out */
+    int overwrite;               /* replace an existing non-empty out */
     int into_adapter;            /* write one PEFT adapter (cat, svd) instead of a model */
     int portable;                /* with into_adapter: scale folded into B, alpha = r, one rank
                                     for every module (zero-padded), no rank/alpha patterns */
@@ -103,10 +103,11 @@ struct merge_report {
 };
 
 /* Checks options and inputs, then merges (or combines, with into_adapter) into a temporary
- * folder beside o->out, renamed into place when complete; runs the verification when asked.
- * Refusals (bad options, adapters that do not fit the base, an existing out without
- * overwrite, ...) return an error before anything is written; a failure later removes the
- * temporary folder. report may be NULL. */
+ * folder beside o->out, renamed into place when complete (lk_outdir: a non-empty out needs
+ * overwrite, an empty one is replaced, a file is refused); runs the verification when asked.
+ * Refusals (bad options, adapters that do not fit the base, an existing out, ...) return an
+ * error before anything is written; a failure later, or LK_ERR_INTERRUPTED when lk_interrupted
+ * is set (checked per tensor or module), removes the temporary folder. report may be NULL. */
 int merge_run(const struct merge_opts *o, struct merge_report *report, struct lk_err *err);
 
 /* Combines n task vectors of numel floats by method (TIES / DARE / linear; cat and svd are

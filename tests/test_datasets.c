@@ -522,7 +522,7 @@ TEST(datasets_cli_refuses_and_replaces)
         return;
     CHECK_INT(test_sh("cp '%s/docs.jsonl' '%s'", o, test_path("keep")), 0);
     CHECK_INT(test_sh("'%s' --world new --seed 9 --entities 8 --out '%s'", ds_bin(), o), 1);
-    CHECK(strstr(test_output(), "already exists"));
+    CHECK(strstr(test_output(), "exists and is not empty (use --overwrite"));
     CHECK_INT(test_sh("cmp '%s/docs.jsonl' '%s'", o, test_path("keep")), 0);
     CHECK_INT(test_sh("'%s' --world new --seed 9 --entities 8 --out '%s' --overwrite", ds_bin(), o), 0);
     CHECK_INT(test_sh("cmp -s '%s/docs.jsonl' '%s'", o, test_path("keep")), 1);

@@ -3,10 +3,9 @@
  * (config.json, generation_config.json, model.safetensors or shards + index), from a
  * config.json or a named preset. Weights stream tensor by tensor in chunks, so memory stays
  * small whatever the model size; the folder is built under a temporary name beside --out
- * and renamed into place when complete.
+ * and renamed into place when complete (lk_outdir).
  */
 #include <cJSON.h>
-#include <dirent.h>
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -196,62 +195,23 @@ int cmd_init(int argc, char **argv)
     snprintf(c.torch_dtype, sizeof c.torch_dtype, "%s", torch);
 
     // the output folder: refuse a non-empty one unless --overwrite; build beside it
-    int rc = LK_OK;
-    char *tmp = NULL, *old = NULL, *cfgp = NULL;
-    size_t nout = strlen(out) + 48;
-    tmp = lk_malloc(nout);
-    old = lk_malloc(nout);
-    if (!tmp || !old) {
-        rc = lk_errf(&err, LK_ERR_NOMEM, "out of memory");
-        goto done;
-    }
-    snprintf(tmp, nout, "%s.tmp.%ld", out, (long)getpid());
-    snprintf(old, nout, "%s.old.%ld", out, (long)getpid());
-    int exists = lk_file_exists(out);
-    if (exists && !lk_is_dir(out)) {
-        rc = lk_errf(&err, LK_ERR_EXISTS, "%s: exists and is not a folder", out);
-        goto done;
-    }
-    int nonempty = exists && lk_dir_nonempty(out);
-    if (nonempty && !overwrite) {
-        rc = lk_errf(&err, LK_ERR_EXISTS, "%s: folder exists and is not empty (use --overwrite to replace it)", out);
-        goto done;
-    }
-    lk_rm_rf(tmp);
-    if ((rc = lk_mkdir_p(tmp, &err)))
+    struct lk_outdir od;
+    char *cfgp = NULL;
+    int rc = lk_outdir_begin(&od, out, overwrite, &err);
+    if (rc)
         goto done;
     lk_interrupt_install();
-    cfgp = lk_path_join(tmp, "config.json");
-    if (!cfgp) {
+    if (!(cfgp = lk_path_join(od.tmp, "config.json"))) {
         rc = lk_errf(&err, LK_ERR_NOMEM, "out of memory");
         goto done;
     }
-    if ((rc = cfg_save(&c, cfgp, &err)) || (rc = init_generation_config(&c, tmp, &err)) ||
-        (rc = init_weights(&c, tmp, dt, shard, (uint64_t)seed, &err)))
+    if ((rc = cfg_save(&c, cfgp, &err)) || (rc = init_generation_config(&c, od.tmp, &err)) ||
+        (rc = init_weights(&c, od.tmp, dt, shard, (uint64_t)seed, &err)) || (rc = lk_outdir_commit(&od, &err)))
         goto done;
-    if (nonempty && rename(out, old) != 0) {
-        rc = lk_errf(&err, LK_ERR_IO, "%s: cannot move the old folder aside: %s", out, strerror(errno));
-        goto done;
-    }
-    if (exists && !nonempty && rmdir(out) != 0) { // an empty folder is simply replaced
-        rc = lk_errf(&err, LK_ERR_IO, "%s: cannot replace the empty folder: %s", out, strerror(errno));
-        goto done;
-    }
-    if (rename(tmp, out) != 0) {
-        rc = lk_errf(&err, LK_ERR_IO, "%s: cannot rename into place: %s", out, strerror(errno));
-        if (nonempty)
-            rename(old, out);
-        goto done;
-    }
-    if (nonempty)
-        lk_rm_rf(old);
     printf("wrote %s: %s, %lld parameters, %s, seed %ld\n", out, c.architecture, (long long)cfg_param_count(&c),
            torch, seed);
 done:
-    if (rc)
-        lk_rm_rf(tmp);
-    lk_free(tmp);
-    lk_free(old);
+    lk_outdir_abort(&od);
     lk_free(cfgp);
     cfg_release(&c);
     return rc ? lk_cli_fail("init", &err) : 0;
