@@ -9,9 +9,14 @@
 
 #include <cJSON.h>
 #include <dirent.h>
+#include <fcntl.h>
 #include <math.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
 
 #include "../libcore/lora.h"
 #include "../libcore/merge.h"
@@ -261,7 +266,7 @@ TEST(merge_bias_and_cli_with_runs_db)
     CHECK_OK(rdb_runs_list(&db, 0, &runs, &nr, test_err()));
     CHECK_INT(nr, 1);
     CHECK(!strcmp(runs[0].kind, "merge") && !strcmp(runs[0].status, "done"));
-    CHECK(strstr(runs[0].params_json, "\"method\": \"linear\""));
+    CHECK(strstr(runs[0].params_json, "\"method\":\"linear\""));
     CHECK(strstr(runs[0].summary_json, "\"max_rel\""));
     rdb_runs_free(runs, nr);
     rdb_close(&db, NULL);
@@ -853,6 +858,7 @@ TEST(merge_refusals_leave_no_output)
     }
     // an existing output without --overwrite is refused and left alone; with it, replaced
     CHECK_OK(lk_mkdir_p(out, test_err()));
+    CHECK_INT(test_sh("echo precious > '%s/keep.txt'", out), 0);
     CHECK_INT(test_sh("%s merge --model '%s' --adapter '%s' --out '%s'", test_lorakit(), base, ad, out), 1);
     CHECK(strstr(test_output(), "--overwrite"));
     CHECK(!lk_file_exists(test_path("merged/config.json")));
@@ -860,4 +866,66 @@ TEST(merge_refusals_leave_no_output)
     CHECK(lk_file_exists(test_path("merged/config.json")));
     CHECK_INT(test_sh("%s merge --help", test_lorakit()), 0);
     CHECK(strstr(test_output(), "lorakit merge --model"));
+}
+
+/* Ctrl-C during a merge: exit 130 (the shell's 128 + SIGINT), "interrupted" on stderr, no output
+ * folder and no temporary one left. The model is big enough (29M parameters, a TIES merge of
+ * every linear) that the merge is still writing when the signal comes. */
+TEST(merge_sigint_exits_130_and_leaves_nothing)
+{
+    PATHVAR(cfgp, "cfg.json");
+    PATHVAR(base, "base");
+    PATHVAR(ad, "ad");
+    PATHVAR(out, "out");
+    PATHVAR(errp, "err.txt");
+    FILE *f = fopen(cfgp, "w");
+    CHECK(f != NULL);
+    fprintf(f, "{\"architectures\":[\"Qwen2ForCausalLM\"],\"model_type\":\"qwen2\",\"hidden_size\":512,"
+               "\"intermediate_size\":1536,\"num_hidden_layers\":8,\"num_attention_heads\":4,"
+               "\"num_key_value_heads\":2,\"vocab_size\":8192,\"tie_word_embeddings\":true,"
+               "\"max_position_embeddings\":256,\"torch_dtype\":\"bfloat16\"}\n");
+    fclose(f);
+    CHECK_INT(test_sh("%s init --config '%s' --out '%s' --seed 1", test_lorakit(), cfgp, base), 0);
+    struct cfg c;
+    CHECK_OK(cfg_load(&c, base, test_err()));
+    CHECK_OK(save_adapter(ad, &c, ALL_MODULES, 2, 4, 0, 0, 5, 0.1f));
+    cfg_release(&c);
+    pid_t pid = fork();
+    if (pid == 0) {
+        int fd = open(errp, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+        dup2(fd, 1);
+        dup2(fd, 2);
+        execl(test_lorakit(), "lorakit", "merge", "--model", base, "--adapter", ad, "--out", out, "--method",
+              "ties", "--density", "0.5", "--threads", "1", (char *)NULL);
+        _exit(127);
+    }
+    char tmp[1200];
+    snprintf(tmp, sizeof tmp, "%s.tmp.%ld", out, (long)pid);
+    int seen = 0, st = 0, done = 0;
+    for (int i = 0; i < 20000 && !seen && !done; i++) {
+        seen = lk_is_dir(tmp);
+        done = waitpid(pid, &st, WNOHANG) == pid;
+        struct timespec ts = { 0, 1000000 };
+        nanosleep(&ts, NULL);
+    }
+    if (seen) {
+        struct timespec ts = { 0, 30000000 }; // into the tensor loop
+        nanosleep(&ts, NULL);
+        kill(pid, SIGINT);
+        waitpid(pid, &st, 0);
+    } else if (!done) {
+        kill(pid, SIGKILL);
+        waitpid(pid, &st, 0);
+        CHECK_MSG(0, "the merge made no temporary folder in 20 s");
+    }
+    if (WIFEXITED(st) && WEXITSTATUS(st) == 0)
+        SKIP("the merge finished before it could be interrupted (machine too fast for this check)");
+    char *msg = NULL;
+    CHECK_OK(lk_read_file(errp, &msg, NULL, test_err()));
+    CHECK_MSG(WIFEXITED(st) && WEXITSTATUS(st) == 130, "status %d: %s", st, msg);
+    CHECK_MSG(strstr(msg, "lorakit merge: interrupted") && !strstr(msg, "error"), "stderr: %s", msg);
+    lk_free(msg);
+    CHECK(!lk_file_exists(out));
+    CHECK(!lk_file_exists(tmp));
+    CHECK_INT(test_sh("ls -A '%s' | grep -c -e '\\.tmp\\.' -e '\\.old\\.' | grep -qx 0", test_tmpdir()), 0);
 }

@@ -4,8 +4,8 @@
  * (--into-adapter, with --portable for runtimes that ignore rsLoRA and per-module alpha).
  * Parses flags, calls merge_run (libcore/merge.h), prints, records the run.
  */
+#include <cJSON.h>
 #include <errno.h>
-#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -80,93 +80,139 @@ static const char *dtype_label(int d)
     return d < 0 ? "as the base" : d == TENSOR_BF16 ? "bf16" : d == TENSOR_F16 ? "f16" : "f32";
 }
 
-/* JSON string contents (escaped) into f. */
-static void json_s(FILE *f, const char *s)
+/* The run record's parameters and summary (owned by the caller: cJSON_Delete). */
+static cJSON *params_json(const struct merge_opts *o)
 {
-    fputc('"', f);
-    for (; *s; s++) {
-        if (*s == '"' || *s == '\\')
-            fprintf(f, "\\%c", *s);
-        else if ((unsigned char)*s < 0x20)
-            fprintf(f, "\\u%04x", *s);
-        else
-            fputc(*s, f);
+    cJSON *j = cJSON_CreateObject();
+    cJSON_AddStringToObject(j, "model", o->model);
+    cJSON_AddStringToObject(j, "out", o->out);
+    cJSON *ads = cJSON_AddArrayToObject(j, "adapters");
+    for (int i = 0; ads && i < o->n_adapters; i++) {
+        cJSON *a = cJSON_CreateObject();
+        cJSON_AddStringToObject(a, "dir", o->adapters[i].dir);
+        cJSON_AddNumberToObject(a, "weight", o->adapters[i].weight);
+        cJSON_AddItemToArray(ads, a);
     }
-    fputc('"', f);
+    cJSON_AddStringToObject(j, "method", merge_method_name(o->method));
+    cJSON_AddNumberToObject(j, "density", o->density);
+    cJSON_AddNumberToObject(j, "rank", o->rank);
+    cJSON_AddStringToObject(j, "dtype", dtype_label(o->dtype));
+    cJSON_AddNumberToObject(j, "seed", (double)o->seed);
+    cJSON_AddBoolToObject(j, "subtract", o->subtract);
+    cJSON_AddBoolToObject(j, "into_adapter", o->into_adapter);
+    cJSON_AddBoolToObject(j, "portable", o->portable);
+    cJSON_AddBoolToObject(j, "verify", o->verify);
+    return j;
 }
 
-static char *params_json(const struct merge_opts *o)
+static cJSON *summary_json(const struct merge_report *r)
 {
-    char *buf = NULL;
-    size_t len = 0;
-    FILE *f = open_memstream(&buf, &len);
-    if (!f)
-        return NULL;
-    fprintf(f, "{\"model\": ");
-    json_s(f, o->model);
-    fprintf(f, ", \"out\": ");
-    json_s(f, o->out);
-    fprintf(f, ", \"adapters\": [");
-    for (int i = 0; i < o->n_adapters; i++) {
-        fprintf(f, "%s{\"dir\": ", i ? ", " : "");
-        json_s(f, o->adapters[i].dir);
-        fprintf(f, ", \"weight\": %.17g}", o->adapters[i].weight);
-    }
-    fprintf(f, "], \"method\": \"%s\", \"density\": %.17g, \"rank\": %d, \"dtype\": \"%s\", \"seed\": %llu, "
-               "\"subtract\": %s, \"into_adapter\": %s, \"portable\": %s, \"verify\": %s}",
-            merge_method_name(o->method), o->density, o->rank, dtype_label(o->dtype),
-            (unsigned long long)o->seed, o->subtract ? "true" : "false", o->into_adapter ? "true" : "false",
-            o->portable ? "true" : "false", o->verify ? "true" : "false");
-    fclose(f);
-    return buf;
-}
-
-static char *summary_json(const struct merge_report *r)
-{
-    char *buf = NULL;
-    size_t len = 0;
-    FILE *f = open_memstream(&buf, &len);
-    if (!f)
-        return NULL;
-    fprintf(f, "{\"tensors\": %d, \"changed\": %d, \"copied\": %d, \"shards\": %d, \"untied\": %s, "
-               "\"rank\": %d, \"seconds\": %.3f",
-            r->n_tensors, r->n_changed, r->n_copied, r->n_shards, r->untied ? "true" : "false", r->rank,
-            r->seconds);
+    cJSON *j = cJSON_CreateObject();
+    cJSON_AddNumberToObject(j, "tensors", r->n_tensors);
+    cJSON_AddNumberToObject(j, "changed", r->n_changed);
+    cJSON_AddNumberToObject(j, "copied", r->n_copied);
+    cJSON_AddNumberToObject(j, "shards", r->n_shards);
+    cJSON_AddBoolToObject(j, "untied", r->untied);
+    cJSON_AddNumberToObject(j, "rank", r->rank);
+    cJSON_AddNumberToObject(j, "seconds", lk_cli_round(r->seconds, "%.3f"));
     if (r->verified) {
-        fprintf(f, ", \"verify\": {\"reference\": ");
-        json_s(f, r->verify_ref);
-        fprintf(f, ", \"max_abs\": %.9g, \"max_rel\": %.9g, \"rounding_max_abs\": %.9g, "
-                   "\"rounding_max_rel\": %.9g}",
-                r->verify_max_abs, r->verify_max_rel, r->round_max_abs, r->round_max_rel);
+        cJSON *v = cJSON_AddObjectToObject(j, "verify");
+        cJSON_AddStringToObject(v, "reference", r->verify_ref);
+        cJSON_AddNumberToObject(v, "max_abs", lk_cli_round(r->verify_max_abs, "%.9g"));
+        cJSON_AddNumberToObject(v, "max_rel", lk_cli_round(r->verify_max_rel, "%.9g"));
+        cJSON_AddNumberToObject(v, "rounding_max_abs", lk_cli_round(r->round_max_abs, "%.9g"));
+        cJSON_AddNumberToObject(v, "rounding_max_rel", lk_cli_round(r->round_max_rel, "%.9g"));
     }
-    fprintf(f, "}");
-    fclose(f);
-    return buf;
+    return j;
+}
+
+static void print_report(const struct merge_opts *o, const struct merge_report *rep)
+{
+    if (rep->untied)
+        fprintf(stderr, "merge: note: an adapter changes embed_tokens or lm_head of a model with tied "
+                        "embeddings: wrote lm_head.weight and set tie_word_embeddings false\n");
+    if (o->into_adapter)
+        printf("wrote %s: one adapter (%s of %d), r %d over %d modules%s\n", o->out, merge_method_name(o->method),
+               o->n_adapters, rep->rank, rep->n_tensors, o->portable ? ", portable (alpha = r, no patterns)" : "");
+    else
+        printf("wrote %s: %d tensors (%d merged in float32, %d copied), %d shard%s, dtype %s, %.2f s\n", o->out,
+               rep->n_tensors, rep->n_changed, rep->n_copied, rep->n_shards, rep->n_shards == 1 ? "" : "s",
+               dtype_label(rep->out_dtype), rep->seconds);
+    if (rep->verified)
+        printf("verify: reference %s: max |dlogit| %.3g (relative %.3g); rounding the exact merge to "
+               "the output dtype alone: %.3g (relative %.3g)\n",
+               rep->verify_ref, rep->verify_max_abs, rep->verify_max_rel, rep->round_max_abs, rep->round_max_rel);
+}
+
+struct merge_cli {
+    const char *model, *out, *method, *dtype, *runs;
+    struct opt_list adapters;
+    double density;
+    long rank, seed, threads;
+    int verify, into, portable, subtract, overwrite, has_density;
+};
+
+/* The flags, checked together, into o (adapter folders with a weight suffix go to owned). */
+static int merge_opts_from_cli(const struct merge_cli *c, struct merge_opts *o, char **owned, struct lk_err *err)
+{
+    if (!c->model || !c->out || !c->adapters.n)
+        return lk_errf(err, LK_ERR_USAGE, "--model, --adapter and --out are required (see --help)");
+    if (c->adapters.n > MERGE_MAX_ADAPTERS)
+        return lk_errf(err, LK_ERR_USAGE, "at most %d adapters", MERGE_MAX_ADAPTERS);
+    if (c->method && merge_method_parse(c->method) < 0)
+        return lk_errf(err, LK_ERR_USAGE, "unknown --method '%s' (linear, cat, svd, ties, dare_linear, dare_ties)",
+                       c->method);
+    if (c->dtype && strcmp(c->dtype, "auto") && strcmp(c->dtype, "bf16") && strcmp(c->dtype, "f16") &&
+        strcmp(c->dtype, "f32"))
+        return lk_errf(err, LK_ERR_USAGE, "option '--dtype' wants auto, bf16, f16 or f32, got '%s'", c->dtype);
+    if (c->has_density && !(c->density > 0 && c->density <= 1))
+        return lk_errf(err, LK_ERR_USAGE, "option '--density' must be in (0, 1]");
+    if (c->rank < 0 || c->rank > 1 << 20 || c->seed < 0)
+        return lk_errf(err, LK_ERR_USAGE, "--rank and --seed must be non-negative");
+    if (c->threads < 0 || c->threads > 4096)
+        return lk_errf(err, LK_ERR_USAGE, "option '--threads' must be in 0..4096");
+    memset(o, 0, sizeof *o);
+    o->model = c->model;
+    o->out = c->out;
+    o->dtype = -1;
+    if (c->dtype && strcmp(c->dtype, "auto"))
+        o->dtype = !strcmp(c->dtype, "bf16") ? TENSOR_BF16 : !strcmp(c->dtype, "f16") ? TENSOR_F16 : TENSOR_F32;
+    o->verify = c->verify;
+    o->into_adapter = c->into;
+    o->portable = c->portable;
+    o->subtract = c->subtract;
+    o->overwrite = c->overwrite;
+    o->method = c->method ? (enum merge_method)merge_method_parse(c->method) : MERGE_LINEAR;
+    o->density = c->has_density ? c->density : 0;
+    o->rank = (int)c->rank;
+    o->seed = (uint64_t)c->seed;
+    o->n_adapters = c->adapters.n;
+    for (int i = 0; i < c->adapters.n; i++)
+        parse_adapter(c->adapters.v[i], &o->adapters[i], &owned[i]);
+    return LK_OK;
 }
 
 int cmd_merge(int argc, char **argv)
 {
-    const char *model = NULL, *out = NULL, *method_s = NULL, *dtype_s = NULL, *runs = NULL;
-    struct opt_list adapters = { 0 };
-    double density = 0;
-    long rank = 0, seed = 0;
-    int verify = 0, into = 0, portable = 0, subtract = 0, overwrite = 0, help = 0, has_density = 0;
+    struct merge_cli c = { 0 };
+    int help = 0;
     struct lk_err err = { 0 };
     const struct opt opts[] = {
-        { "model", OPT_STR, &model, "DIR", "base model folder (config.json + safetensors)" },
-        { "adapter", OPT_LIST, &adapters, "DIR[:W]", "PEFT adapter folder, optional weight (default 1); repeatable" },
-        { "out", OPT_STR, &out, "DIR", "output folder (a model, or an adapter with --into-adapter)" },
-        { "method", OPT_STR, &method_s, "M", "linear (default), cat, svd, ties, dare_linear, dare_ties" },
-        { "density", OPT_FLOAT, &density, "D", "ties/dare: fraction of each change kept, in (0, 1]" },
-        { "rank", OPT_INT, &rank, "R", "svd: rank of the truncation (default: the largest adapter rank)" },
-        { "dtype", OPT_STR, &dtype_s, "T", "auto (the base's, default), bf16, f16 or f32" },
-        { "seed", OPT_INT, &seed, "S", "dare: seed of the random drop (default 0)" },
-        { "verify", OPT_FLAG, &verify, NULL, "compare logits of the output with base+adapters" },
-        { "into-adapter", OPT_FLAG, &into, NULL, "write one PEFT adapter (cat, svd), not a model" },
-        { "portable", OPT_FLAG, &portable, NULL, "with --into-adapter: scale in B, alpha = r, no patterns" },
-        { "subtract", OPT_FLAG, &subtract, NULL, "remove the adapters from a merged model (W - s B A)" },
-        { "overwrite", OPT_FLAG, &overwrite, NULL, "replace an existing --out" },
-        { "runs", OPT_STR, &runs, "DB", "record the merge in this runs database" },
+        { "model", OPT_STR, &c.model, "DIR", "base model folder (config.json + safetensors)" },
+        { "adapter", OPT_LIST, &c.adapters, "DIR[:W]", "PEFT adapter folder, optional weight (default 1); repeatable" },
+        { "out", OPT_STR, &c.out, "DIR", "output folder (a model, or an adapter with --into-adapter)" },
+        { "method", OPT_STR, &c.method, "M", "linear (default), cat, svd, ties, dare_linear, dare_ties" },
+        { "density", OPT_FLOAT, &c.density, "D", "ties/dare: fraction of each change kept, in (0, 1]" },
+        { "rank", OPT_INT, &c.rank, "R", "svd: rank of the truncation (default: the largest adapter rank)" },
+        { "dtype", OPT_STR, &c.dtype, "T", "auto (the base's, default), bf16, f16 or f32" },
+        { "seed", OPT_INT, &c.seed, "S", "dare: seed of the random drop (default 0)" },
+        { "verify", OPT_FLAG, &c.verify, NULL, "compare logits of the output with base+adapters" },
+        { "into-adapter", OPT_FLAG, &c.into, NULL, "write one PEFT adapter (cat, svd), not a model" },
+        { "portable", OPT_FLAG, &c.portable, NULL, "with --into-adapter: scale in B, alpha = r, no patterns" },
+        { "subtract", OPT_FLAG, &c.subtract, NULL, "remove the adapters from a merged model (W - s B A)" },
+        { "overwrite", OPT_FLAG, &c.overwrite, NULL, "replace an existing non-empty --out folder" },
+        { "runs", OPT_STR, &c.runs, "DB", "record the merge in this runs database" },
+        { "threads", OPT_INT, &c.threads, "N", "threads (default: all cores)" },
         { 0 },
     };
     if (opts_parse(argc, argv, opts, NULL, 0, NULL, &help, &err))
@@ -176,88 +222,32 @@ int cmd_merge(int argc, char **argv)
         return 0;
     }
     for (int i = 1; i < argc; i++)
-        has_density |= !strcmp(argv[i], "--density") || !strncmp(argv[i], "--density=", 10);
+        c.has_density |= !strcmp(argv[i], "--density") || !strncmp(argv[i], "--density=", 10);
     struct merge_opts o;
-    memset(&o, 0, sizeof o);
-    o.model = model;
-    o.out = out;
-    o.dtype = -1;
-    o.verify = verify;
-    o.into_adapter = into;
-    o.portable = portable;
-    o.subtract = subtract;
-    o.overwrite = overwrite;
     char *owned[MERGE_MAX_ADAPTERS] = { 0 };
-    int rc = LK_OK;
-    if (!model || !out || !adapters.n)
-        rc = lk_errf(&err, LK_ERR_USAGE, "--model, --adapter and --out are required (see --help)");
-    else if (adapters.n > MERGE_MAX_ADAPTERS)
-        rc = lk_errf(&err, LK_ERR_USAGE, "at most %d adapters", MERGE_MAX_ADAPTERS);
-    else if (method_s && merge_method_parse(method_s) < 0)
-        rc = lk_errf(&err, LK_ERR_USAGE, "unknown --method '%s' (linear, cat, svd, ties, dare_linear, dare_ties)",
-                     method_s);
-    else if (dtype_s && strcmp(dtype_s, "auto") && strcmp(dtype_s, "bf16") && strcmp(dtype_s, "f16") &&
-             strcmp(dtype_s, "f32"))
-        rc = lk_errf(&err, LK_ERR_USAGE, "option '--dtype' wants auto, bf16, f16 or f32, got '%s'", dtype_s);
-    else if (has_density && !(density > 0 && density <= 1))
-        rc = lk_errf(&err, LK_ERR_USAGE, "option '--density' must be in (0, 1]");
-    else if (rank < 0 || rank > 1 << 20 || seed < 0)
-        rc = lk_errf(&err, LK_ERR_USAGE, "--rank and --seed must be non-negative");
-    if (rc)
+    if (merge_opts_from_cli(&c, &o, owned, &err))
         return lk_cli_fail("merge", &err);
-    o.method = method_s ? (enum merge_method)merge_method_parse(method_s) : MERGE_LINEAR;
-    o.density = has_density ? density : 0;
-    o.rank = (int)rank;
-    o.seed = (uint64_t)seed;
-    if (dtype_s && strcmp(dtype_s, "auto"))
-        o.dtype = !strcmp(dtype_s, "bf16") ? TENSOR_BF16 : !strcmp(dtype_s, "f16") ? TENSOR_F16 : TENSOR_F32;
-    o.n_adapters = adapters.n;
-    for (int i = 0; i < adapters.n; i++)
-        parse_adapter(adapters.v[i], &o.adapters[i], &owned[i]);
     if (isatty(2))
         o.progress = progress;
+    lk_cli_threads(c.threads);
     lk_interrupt_install();
 
-    struct rdb db = { 0 };
-    int64_t run_id = -1;
-    if (runs) {
-        char *params = params_json(&o);
-        struct lk_err e2 = { 0 };
-        if (rdb_open(&db, runs, &e2) || rdb_run_begin(&db, "merge", out, model, NULL, params, &run_id, &e2)) {
-            free(params);
-            rdb_close(&db, NULL);
-            for (int i = 0; i < MERGE_MAX_ADAPTERS; i++)
-                lk_free(owned[i]);
-            return lk_cli_fail("merge", &e2);
-        }
-        free(params);
-    }
+    // the run record (only with --runs); a database that cannot be written is a warning
+    struct rdb_rec rec;
+    cJSON *params = params_json(&o);
+    if (rdb_rec_begin(&rec, c.runs, "merge", c.out, c.model, NULL, params))
+        lk_cli_warn("merge", rec.warning);
+    cJSON_Delete(params);
     struct merge_report rep;
-    rc = merge_run(&o, &rep, &err);
-    if (runs) {
-        char *sum = rc ? NULL : summary_json(&rep);
-        rdb_run_finish(&db, run_id, rc == LK_OK ? RDB_DONE : rc == LK_ERR_INTERRUPTED ? RDB_INTERRUPTED : RDB_FAILED,
-                       sum, NULL);
-        free(sum);
-        rdb_close(&db, NULL);
-    }
+    int rc = merge_run(&o, &rep, &err);
+    cJSON *sum = rc ? NULL : summary_json(&rep);
+    if (rdb_rec_finish(&rec, rc, sum))
+        lk_cli_warn("merge", rec.warning);
+    cJSON_Delete(sum);
     for (int i = 0; i < MERGE_MAX_ADAPTERS; i++)
         lk_free(owned[i]);
     if (rc)
         return lk_cli_fail("merge", &err);
-    if (rep.untied)
-        fprintf(stderr, "merge: note: an adapter changes embed_tokens or lm_head of a model with tied "
-                        "embeddings: wrote lm_head.weight and set tie_word_embeddings false\n");
-    if (o.into_adapter)
-        printf("wrote %s: one adapter (%s of %d), r %d over %d modules%s\n", out, merge_method_name(o.method),
-               o.n_adapters, rep.rank, rep.n_tensors, o.portable ? ", portable (alpha = r, no patterns)" : "");
-    else
-        printf("wrote %s: %d tensors (%d merged in float32, %d copied), %d shard%s, dtype %s, %.2f s\n", out,
-               rep.n_tensors, rep.n_changed, rep.n_copied, rep.n_shards, rep.n_shards == 1 ? "" : "s",
-               dtype_label(rep.out_dtype), rep.seconds);
-    if (rep.verified)
-        printf("verify: reference %s: max |dlogit| %.3g (relative %.3g); rounding the exact merge to "
-               "the output dtype alone: %.3g (relative %.3g)\n",
-               rep.verify_ref, rep.verify_max_abs, rep.verify_max_rel, rep.round_max_abs, rep.round_max_rel);
+    print_report(&o, &rep);
     return 0;
 }
