@@ -4,7 +4,7 @@
  * each tensor keeps (table or --json) and records it in the runs database. The work is
  * libcore/compress.c; this file parses flags, shows progress and prints.
  */
-#include <cblas.h>
+#include <cJSON.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -130,30 +130,22 @@ static void svdc_print_table(const struct cmp_report *r, const char *out, int re
     printf("wrote %s in %.1f s\n", out, r->seconds);
 }
 
-static char *default_runs_db(const char *out)
-{
-    const char *slash = strrchr(out, '/');
-    if (!slash)
-        return lk_strdup("runs.db");
-    size_t n = (size_t)(slash - out);
-    char *s = lk_malloc(n + 16);
-    if (s)
-        snprintf(s, n + 16, "%.*s/runs.db", (int)n, out);
-    return s;
-}
-
-static void svdc_record(struct rdb *db, int64_t run, const struct cmp_report *r)
+/* One tensor_stats row per tensor of the report; a failed write stops recording (warning). */
+static void svdc_record(struct rdb_rec *rec, const struct cmp_report *r)
 {
     struct lk_err e = { 0 };
-    for (int i = 0; i < r->n && !e.code; i++) {
+    for (int i = 0; i < r->n && rec->active && !e.code; i++) {
         const struct cmp_tensor *t = &r->t[i];
-        char extra[320];
-        snprintf(extra, sizeof extra,
-                 "{\"kind\":\"%s\",\"energy_kept\":%.9g,\"stored\":%s,\"method\":\"%s\","
-                 "\"sigma_next\":%.9g,\"sigma_next_estimate\":%s,\"seconds\":%.4f}",
-                 t->kind == CMP_LINEAR ? "linear" : t->kind == CMP_BIAS ? "bias" : "other", t->energy_kept,
-                 t->stored ? "true" : "false", t->method == SVD_RANDOMIZED ? "randomized" : "exact",
-                 isfinite(t->sigma_next) ? t->sigma_next : 0.0, t->sigma_estimate ? "true" : "false", t->seconds);
+        cJSON *x = cJSON_CreateObject();
+        cJSON_AddStringToObject(x, "kind", t->kind == CMP_LINEAR ? "linear" : t->kind == CMP_BIAS ? "bias" : "other");
+        cJSON_AddNumberToObject(x, "energy_kept", lk_cli_round(t->energy_kept, "%.9g"));
+        cJSON_AddBoolToObject(x, "stored", t->stored);
+        cJSON_AddStringToObject(x, "method", t->method == SVD_RANDOMIZED ? "randomized" : "exact");
+        cJSON_AddNumberToObject(x, "sigma_next", isfinite(t->sigma_next) ? lk_cli_round(t->sigma_next, "%.9g") : 0.0);
+        cJSON_AddBoolToObject(x, "sigma_next_estimate", t->sigma_estimate);
+        cJSON_AddNumberToObject(x, "seconds", lk_cli_round(t->seconds, "%.4f"));
+        char *extra = cJSON_PrintUnformatted(x);
+        cJSON_Delete(x);
         struct rdb_tensor_stat s = {
             .tensor = t->name,
             .rows = t->rows,
@@ -166,10 +158,102 @@ static void svdc_record(struct rdb *db, int64_t run, const struct cmp_report *r)
             .rel_error = t->rel_error,
             .extra_json = extra,
         };
-        rdb_tensor_stat(db, run, &s, &e);
+        if (!extra)
+            lk_errf(&e, LK_ERR_NOMEM, "out of memory");
+        else
+            rdb_tensor_stat(&rec->db, rec->run_id, &s, &e);
+        cJSON_free(extra);
     }
-    if (e.code)
-        fprintf(stderr, "lorakit svd-compress: warning: runs database: %s\n", e.msg);
+    if (e.code) {
+        rdb_rec_drop(rec, &e);
+        lk_cli_warn("svd-compress", rec->warning);
+    }
+}
+
+static cJSON *svdc_params(const struct svdc_args *a)
+{
+    cJSON *j = cJSON_CreateObject();
+    cJSON_AddStringToObject(j, "mode", a->adapter ? "adapter" : "models");
+    cJSON_AddNumberToObject(j, "rank", (double)a->rank);
+    cJSON_AddNumberToObject(j, "energy", lk_cli_round(a->energy, "%g"));
+    cJSON_AddNumberToObject(j, "max_rank", (double)a->max_rank);
+    cJSON_AddNumberToObject(j, "sv_epsilon", lk_cli_round(a->sv_epsilon, "%g"));
+    cJSON_AddStringToObject(j, "targets", a->targets ? a->targets : "all");
+    cJSON_AddStringToObject(j, "method", a->exact ? "exact" : a->randomized ? "randomized" : "auto");
+    cJSON_AddNumberToObject(j, "oversample", (double)a->oversample);
+    cJSON_AddNumberToObject(j, "power_iters", (double)a->power_iters);
+    cJSON_AddNumberToObject(j, "seed", (double)a->seed);
+    cJSON_AddBoolToObject(j, "keep_other", a->keep_other);
+    return j;
+}
+
+/* The flags, checked together, into o. */
+static int svdc_opts_from_args(const struct svdc_args *a, struct cmp_opts *o, struct lk_err *err)
+{
+    const char *bad = NULL;
+    if (!a->out)
+        bad = "missing --out DIR (see --help)";
+    else if (a->adapter ? (a->base || a->tuned || a->keep_other) : (!a->base || !a->tuned))
+        bad = a->adapter ? "--adapter does not combine with --base, --tuned or --keep-other"
+                         : "give --base DIR and --tuned DIR, or --adapter DIR (see --help)";
+    else if ((a->rank != 0) == (a->energy != 0))
+        bad = "give exactly one of --rank R and --energy E";
+    else if (a->rank < 0 || a->rank > 1000000)
+        bad = "option '--rank' must be a positive integer";
+    else if (a->energy != 0 && !(a->energy > 0 && a->energy <= 1))
+        bad = "option '--energy' must be in (0, 1], e.g. 0.9";
+    else if (a->max_rank < 0 || a->max_rank > 1000000)
+        bad = "option '--max-rank' must be a positive integer";
+    else if (a->sv_epsilon < 0 || !isfinite(a->sv_epsilon))
+        bad = "option '--sv-epsilon' must be a non-negative number";
+    else if (a->exact && a->randomized)
+        bad = "give at most one of --exact and --randomized";
+    else if (a->oversample < 0 || a->oversample > 10000 || a->power_iters < 0 || a->power_iters > 100)
+        bad = "options '--oversample' and '--power-iters' must be small non-negative integers";
+    else if (a->seed < 0 || a->threads < 0 || a->threads > 4096)
+        bad = "options '--seed' and '--threads' must be non-negative";
+    if (bad)
+        return lk_errf(err, LK_ERR_USAGE, "%s", bad);
+    cmp_opts_init(o);
+    o->rank = (int)a->rank;
+    o->energy = a->energy;
+    o->max_rank = (int)a->max_rank;
+    o->sv_epsilon = a->sv_epsilon;
+    o->keep_other = a->keep_other;
+    o->overwrite = a->overwrite;
+    o->svd.method = a->exact ? SVD_EXACT : a->randomized ? SVD_RANDOMIZED : SVD_AUTO;
+    o->svd.oversample = (int)a->oversample;
+    o->svd.power_iters = (int)a->power_iters;
+    o->svd.seed = (uint64_t)a->seed;
+    if (a->targets)
+        return lora_targets_parse(a->targets, &o->targets, err);
+    return LK_OK;
+}
+
+/* The compression with its run record (the default database is runs.db next to --out; one
+ * that cannot be written is a warning, never a failed compression). */
+static int svdc_run(const struct svdc_args *a, const struct cmp_opts *o, struct cmp_report *rep, struct lk_err *err)
+{
+    struct rdb_rec rec;
+    char *runs = a->runs ? NULL : rdb_default_path(a->out);
+    cJSON *params = svdc_params(a);
+    if (rdb_rec_begin(&rec, a->runs ? a->runs : runs, "svd-compress", a->name ? a->name : a->out,
+                      a->adapter ? a->adapter : a->base, a->adapter ? NULL : a->tuned, params))
+        lk_cli_warn("svd-compress", rec.warning);
+    cJSON_Delete(params);
+    lk_free(runs);
+    int rc = a->adapter ? cmp_adapter(a->adapter, a->out, o, rep, err) : cmp_models(a->base, a->tuned, a->out, o, rep, err);
+    cJSON *sum = NULL;
+    if (!rc) {
+        svdc_record(&rec, rep);
+        char *txt = cmp_report_json(rep, 0);
+        sum = txt ? cJSON_Parse(txt) : NULL;
+        lk_free(txt);
+    }
+    if (rdb_rec_finish(&rec, rc, sum))
+        lk_cli_warn("svd-compress", rec.warning);
+    cJSON_Delete(sum);
+    return rc;
 }
 
 int cmd_svd_compress(int argc, char **argv)
@@ -210,98 +294,15 @@ int cmd_svd_compress(int argc, char **argv)
         opts_usage(stdout, &svdc_help, opts);
         return 0;
     }
-    // 1. the flags, checked together
-    const char *bad = NULL;
-    if (!a.out)
-        bad = "missing --out DIR (see --help)";
-    else if (a.adapter ? (a.base || a.tuned || a.keep_other) : (!a.base || !a.tuned))
-        bad = a.adapter ? "--adapter does not combine with --base, --tuned or --keep-other"
-                        : "give --base DIR and --tuned DIR, or --adapter DIR (see --help)";
-    else if ((a.rank != 0) == (a.energy != 0))
-        bad = "give exactly one of --rank R and --energy E";
-    else if (a.rank < 0 || a.rank > 1000000)
-        bad = "option '--rank' must be a positive integer";
-    else if (a.energy != 0 && !(a.energy > 0 && a.energy <= 1))
-        bad = "option '--energy' must be in (0, 1], e.g. 0.9";
-    else if (a.max_rank < 0 || a.max_rank > 1000000)
-        bad = "option '--max-rank' must be a positive integer";
-    else if (a.sv_epsilon < 0 || !isfinite(a.sv_epsilon))
-        bad = "option '--sv-epsilon' must be a non-negative number";
-    else if (a.exact && a.randomized)
-        bad = "give at most one of --exact and --randomized";
-    else if (a.oversample < 0 || a.oversample > 10000 || a.power_iters < 0 || a.power_iters > 100)
-        bad = "options '--oversample' and '--power-iters' must be small non-negative integers";
-    else if (a.seed < 0 || a.threads < 0)
-        bad = "options '--seed' and '--threads' must be non-negative";
-    if (bad) {
-        lk_errf(&err, LK_ERR_USAGE, "%s", bad);
-        return lk_cli_fail("svd-compress", &err);
-    }
     struct cmp_opts o;
-    cmp_opts_init(&o);
-    o.rank = (int)a.rank;
-    o.energy = a.energy;
-    o.max_rank = (int)a.max_rank;
-    o.sv_epsilon = a.sv_epsilon;
-    o.keep_other = a.keep_other;
-    o.overwrite = a.overwrite;
-    o.svd.method = a.exact ? SVD_EXACT : a.randomized ? SVD_RANDOMIZED : SVD_AUTO;
-    o.svd.oversample = (int)a.oversample;
-    o.svd.power_iters = (int)a.power_iters;
-    o.svd.seed = (uint64_t)a.seed;
-    if (a.targets && lora_targets_parse(a.targets, &o.targets, &err))
+    if (svdc_opts_from_args(&a, &o, &err))
         return lk_cli_fail("svd-compress", &err);
     if (!a.quiet && isatty(2))
         o.progress = svdc_progress;
-    if (a.threads > 0) {
-        openblas_set_num_threads((int)a.threads);
-    }
+    lk_cli_threads(a.threads);
     lk_interrupt_install();
-
-    // 2. the runs database (a failure to open it is a warning, not a failed compression)
-    struct rdb db;
-    memset(&db, 0, sizeof db);
-    int have_db = 0;
-    int64_t run = 0;
-    char *runs = a.runs ? lk_strdup(a.runs) : default_runs_db(a.out);
-    if (runs && rdb_open(&db, runs, &err) == LK_OK) {
-        char params[1024];
-        snprintf(params, sizeof params,
-                 "{\"mode\":\"%s\",\"rank\":%ld,\"energy\":%g,\"max_rank\":%ld,\"sv_epsilon\":%g,"
-                 "\"targets\":\"%s\",\"method\":\"%s\",\"oversample\":%ld,\"power_iters\":%ld,\"seed\":%ld,"
-                 "\"keep_other\":%s}",
-                 a.adapter ? "adapter" : "models", a.rank, a.energy, a.max_rank, a.sv_epsilon,
-                 a.targets ? a.targets : "all", a.exact ? "exact" : a.randomized ? "randomized" : "auto",
-                 a.oversample, a.power_iters, a.seed, a.keep_other ? "true" : "false");
-        have_db = rdb_run_begin(&db, "svd-compress", a.name ? a.name : a.out, a.adapter ? a.adapter : a.base,
-                                a.adapter ? NULL : a.tuned, params, &run, &err) == LK_OK;
-        if (!have_db)
-            rdb_close(&db, NULL);
-    }
-    if (!have_db) {
-        if (!a.quiet)
-            fprintf(stderr, "lorakit svd-compress: warning: runs database not written: %s\n",
-                    runs ? err.msg : "out of memory");
-        err.code = LK_OK;
-        err.msg[0] = 0;
-    }
-
-    // 3. the work
     struct cmp_report rep;
-    int rc = a.adapter ? cmp_adapter(a.adapter, a.out, &o, &rep, &err)
-                       : cmp_models(a.base, a.tuned, a.out, &o, &rep, &err);
-    if (have_db) {
-        if (!rc) {
-            svdc_record(&db, run, &rep);
-            char *summary = cmp_report_json(&rep, 0);
-            rdb_run_finish(&db, run, RDB_DONE, summary, NULL);
-            lk_free(summary);
-        } else
-            rdb_run_finish(&db, run, rc == LK_ERR_INTERRUPTED ? RDB_INTERRUPTED : RDB_FAILED, NULL, NULL);
-        rdb_close(&db, NULL);
-    }
-    lk_free(runs);
-    if (rc) {
+    if (svdc_run(&a, &o, &rep, &err)) {
         if (o.progress)
             fprintf(stderr, "\r\033[K");
         cmp_report_release(&rep);
