@@ -1360,7 +1360,7 @@ static cJSON *group_obj(const struct diff_group *g)
     return j;
 }
 
-static cJSON *summary_obj(const struct diff *d, const struct diff_summary *s)
+cJSON *diff_summary_obj(const struct diff *d, const struct diff_summary *s)
 {
     cJSON *j = cJSON_CreateObject();
     if (!j)
@@ -1378,22 +1378,37 @@ static cJSON *summary_obj(const struct diff *d, const struct diff_summary *s)
     return j;
 }
 
-char *diff_summary_json(const struct diff *d, const struct diff_summary *s)
-{
-    return jprint(summary_obj(d, s));
-}
-
-char *diff_report_json(const struct diff *d, const char *a, const char *b,
-                       const struct diff_opts *o, const struct diff_summary *s)
+/* What was compared: {"a", "b", "kind", "base" (when one is used)}, the start of the report and
+ * of the run record's parameters. */
+static cJSON *head_obj(const struct diff *d, const char *a, const char *b)
 {
     cJSON *j = cJSON_CreateObject();
-    if (!j)
-        return NULL;
     cJSON_AddStringToObject(j, "a", a);
     cJSON_AddStringToObject(j, "b", b);
     cJSON_AddStringToObject(j, "kind", diff_kind_str(d->kind));
     if (d->base_dir)
         cJSON_AddStringToObject(j, "base", d->base_dir);
+    return j;
+}
+
+cJSON *diff_params_obj(const struct diff *d, const char *a, const char *b, const struct diff_opts *o)
+{
+    cJSON *j = head_obj(d, a, b);
+    if (!j)
+        return NULL;
+    cJSON_AddItemToObject(j, "energy", cJSON_CreateDoubleArray(o->energy, o->n_energy));
+    cJSON_AddNumberToObject(j, "top", o->top);
+    cJSON_AddNumberToObject(j, "intruder_k", o->intruder_k);
+    cJSON_AddNumberToObject(j, "intruder_eps", o->intruder_eps);
+    return j;
+}
+
+char *diff_report_json(const struct diff *d, const char *a, const char *b,
+                       const struct diff_opts *o, const struct diff_summary *s)
+{
+    cJSON *j = head_obj(d, a, b);
+    if (!j)
+        return NULL;
     cJSON_AddStringToObject(j, "note", d->note);
     cJSON_AddItemToObject(j, "energy", cJSON_CreateDoubleArray(o->energy, o->n_energy));
     cJSON *arr = cJSON_AddArrayToObject(j, "tensors");
@@ -1405,7 +1420,7 @@ char *diff_report_json(const struct diff *d, const char *a, const char *b,
         tensor_fields(t, &d->t[i], o);
         cJSON_AddItemToArray(arr, t);
     }
-    cJSON_AddItemToObject(j, "summary", summary_obj(d, s));
+    cJSON_AddItemToObject(j, "summary", diff_summary_obj(d, s));
     return jprint(j);
 }
 

@@ -203,8 +203,12 @@ double diff_group_rel(const struct diff_group *g);
 char *diff_energy_json(const struct diff_tensor *t, const struct diff_opts *o);
 /* Everything else of a tensor: state, shape, spectrum, cosine, φ grids, amplification... */
 char *diff_tensor_json(const struct diff_tensor *t, const struct diff_opts *o);
-/* The summary (totals, per module, per layer) as one object. */
-char *diff_summary_json(const struct diff *d, const struct diff_summary *s);
+struct cJSON;
+/* The summary (totals, per module, per layer) as one object (caller cJSON_Deletes; NULL on OOM). */
+struct cJSON *diff_summary_obj(const struct diff *d, const struct diff_summary *s);
+/* A run record's parameters: {"a", "b", "kind", "base", "energy", "top", "intruder_k",
+ * "intruder_eps"} (caller cJSON_Deletes; NULL on OOM). */
+struct cJSON *diff_params_obj(const struct diff *d, const char *a, const char *b, const struct diff_opts *o);
 /* The whole report: {"kind", "a", "b", "note", "tensors": [...], "summary": {...}}. */
 char *diff_report_json(const struct diff *d, const char *a, const char *b,
                        const struct diff_opts *o, const struct diff_summary *s);

@@ -215,51 +215,26 @@ static void print_table(const struct diff *d, const struct diff_opts *o, const s
 
 // ---- the runs database ----
 
-static char *params_json(const char *a, const char *b, const struct diff_opts *o, const struct diff *d)
+/* Records the run, every tensor and the summary (only with --runs); a database that cannot be
+ * written is a warning: the report was printed already. */
+static void record(const struct diff_cli *c, const char *a, const char *b, const struct diff *d,
+                   const struct diff_opts *o, const struct diff_summary *s)
 {
-    cJSON *j = cJSON_CreateObject();
-    if (!j)
-        return NULL;
-    cJSON_AddStringToObject(j, "a", a);
-    cJSON_AddStringToObject(j, "b", b);
-    cJSON_AddStringToObject(j, "kind", diff_kind_str(d->kind));
-    if (d->base_dir)
-        cJSON_AddStringToObject(j, "base", d->base_dir);
-    cJSON_AddItemToObject(j, "energy", cJSON_CreateDoubleArray(o->energy, o->n_energy));
-    cJSON_AddNumberToObject(j, "top", o->top);
-    cJSON_AddNumberToObject(j, "intruder_k", o->intruder_k);
-    cJSON_AddNumberToObject(j, "intruder_eps", o->intruder_eps);
-    char *s = cJSON_PrintUnformatted(j);
-    char *r = s ? lk_strdup(s) : NULL;
-    cJSON_free(s);
-    cJSON_Delete(j);
-    return r;
-}
-
-static int store_runs(const char *path, const char *name, const char *a, const char *b,
-                      const struct diff *d, const struct diff_opts *o, const struct diff_summary *s,
-                      struct lk_err *err)
-{
-    struct rdb db = { 0 };
-    int64_t id = 0;
-    char *pj = params_json(a, b, o, d), *sj = diff_summary_json(d, s);
-    int rc = (!pj || !sj) ? lk_errf(err, LK_ERR_NOMEM, "out of memory") : LK_OK;
-    if (!rc)
-        rc = rdb_open(&db, path, err);
-    if (!rc)
-        rc = rdb_run_begin(&db, "diff", name, a, b, pj, &id, err);
-    if (!rc) {
-        rc = diff_rdb_write(&db, id, d, o, err);
-        struct lk_err e2 = { 0 };
-        if (rdb_run_finish(&db, id, rc ? RDB_FAILED : RDB_DONE, rc ? NULL : sj, &e2) && !rc)
-            rc = lk_errf(err, e2.code, "%s", e2.msg);
+    struct rdb_rec rec;
+    cJSON *params = diff_params_obj(d, a, b, o);
+    if (rdb_rec_begin(&rec, c->runs, "diff", c->name, a, b, params))
+        lk_cli_warn("diff", rec.warning);
+    cJSON_Delete(params);
+    struct lk_err e = { 0 };
+    if (rec.active && diff_rdb_write(&rec.db, rec.run_id, d, o, &e)) {
+        rdb_rec_drop(&rec, &e);
+        lk_cli_warn("diff", rec.warning);
+        return;
     }
-    struct lk_err e3 = { 0 };
-    if (rdb_close(&db, &e3) && !rc)
-        rc = lk_errf(err, e3.code, "%s", e3.msg);
-    lk_free(pj);
-    lk_free(sj);
-    return rc;
+    cJSON *sum = diff_summary_obj(d, s);
+    if (rdb_rec_finish(&rec, LK_OK, sum))
+        lk_cli_warn("diff", rec.warning);
+    cJSON_Delete(sum);
 }
 
 int cmd_diff(int argc, char **argv)
@@ -340,8 +315,8 @@ int cmd_diff(int argc, char **argv)
             sorted = NULL;
         }
     }
-    if (!rc && c.runs && store_runs(c.runs, c.name, pos[0], pos[1], &d, &o, &s, &err))
-        rc = lk_cli_fail("diff", &err);
+    if (!rc)
+        record(&c, pos[0], pos[1], &d, &o, &s);
     diff_summary_release(&s);
     diff_close(&d);
     return rc;
