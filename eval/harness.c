@@ -7,10 +7,12 @@
 
 #include <cJSON.h>
 #include <ctype.h>
+#include <errno.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 const char *const ev_metric_names[EV_N_METRICS] = { "em",  "f1",     "rouge_l",   "nll",
                                                     "acc", "recall", "has_answer" };
@@ -286,6 +288,26 @@ int ev_prompt_build(struct tok *tk, const struct chat_fmt *fmt, const char *ques
 }
 
 // ---- modes ----
+
+int ev_k_parse(const char *s, int *ks, int *nk, struct lk_err *err)
+{
+    *nk = 0;
+    for (const char *p = s;;) {
+        char *end;
+        errno = 0;
+        long v = strtol(p, &end, 10);
+        if (errno || end == p || (*end && *end != ','))
+            return lk_errf(err, LK_ERR_USAGE, "option '--k' wants integers like 3 or 0,1,3,5, got '%s'", s);
+        if (v < 0 || v > 64)
+            return lk_errf(err, LK_ERR_USAGE, "k %ld is outside [0, 64]", v);
+        if (*nk == EV_MAX_K)
+            return lk_errf(err, LK_ERR_USAGE, "give 1 to %d values of k", EV_MAX_K);
+        ks[(*nk)++] = (int)v;
+        if (!*end || !end[1])
+            return LK_OK;
+        p = end + 1;
+    }
+}
 
 int ev_modes_parse(const char *list, const int *ks, int nk, struct ev_mode **out, int *n,
                    struct lk_err *err)
@@ -847,6 +869,11 @@ static char *json_take(cJSON *o)
 
 char *ev_summary_json(const struct ev_run *r, const struct ev_summary *s)
 {
+    return json_take(ev_summary_obj(r, s));
+}
+
+cJSON *ev_summary_obj(const struct ev_run *r, const struct ev_summary *s)
+{
     cJSON *root = cJSON_CreateObject();
     if (!root)
         return NULL;
@@ -879,7 +906,7 @@ char *ev_summary_json(const struct ev_run *r, const struct ev_summary *s)
         cJSON_AddItemToArray(diffs, o);
     }
     cJSON_AddStringToObject(root, "verdict", s->verdict);
-    return json_take(root);
+    return root;
 }
 
 static char *cell_json(const struct ev_item *it, const struct ev_cell *c)
@@ -936,4 +963,115 @@ int ev_record(struct rdb *db, int64_t run_id, const struct ev_qa *qa, const stru
         }
     }
     return rc;
+}
+
+// ---- set-up ----
+
+int ev_setup_parse(struct ev_setup *s, const struct ev_setup_opts *o, struct lk_err *err)
+{
+    memset(s, 0, sizeof *s);
+    if ((o->adapter && o->tuned) || (o->docs && o->index))
+        return lk_errf(err, LK_ERR_USAGE, "give --adapter or --tuned, and --docs or --index, not both");
+    int ks[EV_MAX_K], nk, rc;
+    if ((rc = ev_k_parse(o->k, ks, &nk, err)))
+        return rc;
+    int have_docs = o->docs || o->index, have_tuned = o->adapter || o->tuned;
+    char deflist[32];
+    snprintf(deflist, sizeof deflist, "base%s%s%s", have_docs ? ",rag" : "", have_tuned ? ",ft" : "",
+             have_docs && have_tuned ? ",ft+rag" : "");
+    if ((rc = ev_modes_parse(o->modes ? o->modes : deflist, ks, nk, &s->modes, &s->n_modes, err)))
+        return rc;
+    for (int j = 0; j < s->n_modes; j++) {
+        s->kmax = s->modes[j].k > s->kmax ? s->modes[j].k : s->kmax;
+        s->need_tuned |= s->modes[j].tuned;
+    }
+    if (s->kmax > 0 && !have_docs)
+        return lk_errf(err, LK_ERR_USAGE, "the rag modes need --docs or --index");
+    if (s->need_tuned && !have_tuned)
+        return lk_errf(err, LK_ERR_USAGE, "the ft modes need --adapter or --tuned");
+    s->ftok = FTS_TOK_ANY;
+    return o->fts_tok ? fts_tokenizer_parse(o->fts_tok, &s->ftok, err) : LK_OK;
+}
+
+/* The retrieval index: docs indexed into a temporary file, or an index whose settings match. */
+static int setup_index(struct ev_setup *s, const struct ev_setup_opts *o, struct lk_err *err)
+{
+    if (o->index) {
+        struct fts_settings want = { s->ftok, 0, -1 };
+        int rc = fts_open(&s->idx, o->index, err);
+        if (!rc && fts_index_check(&s->idx, &want, err))
+            rc = err->code = LK_ERR_FORMAT; // the index is bad input, not a bad flag
+        return rc;
+    }
+    const char *td = getenv("TMPDIR");
+    snprintf(s->tmp_index, sizeof s->tmp_index, "%s/lorakit-eval-%ld.fts", td && *td ? td : "/tmp",
+             (long)getpid());
+    struct fts_settings st = { s->ftok == FTS_TOK_ANY ? FTS_TOK_UNICODE61 : s->ftok, o->chunk_tokens, o->overlap };
+    if (o->on_indexing)
+        o->on_indexing(o->ctx, o->docs, &st);
+    int rc = fts_index_build(o->docs, s->tmp_index, &st, 1, NULL, err);
+    return rc ? rc : fts_open(&s->idx, s->tmp_index, err);
+}
+
+/* The tuned side: base + adapter, or a model folder of the base's architecture. */
+static int setup_tuned(struct ev_setup *s, const struct ev_setup_opts *o, struct lk_err *err)
+{
+    int rc;
+    if (o->adapter) {
+        if ((rc = lora_load(&s->lora, o->adapter, &s->base.cfg, err)))
+            return rc;
+        if (s->lora.n_extra)
+            return lk_errf(err, LK_ERR_UNSUPPORTED, "%s: the adapter carries modules_to_save tensors, which would "
+                           "change the base modes too: merge it (lorakit merge) and pass the result as --tuned",
+                           o->adapter);
+        s->cfg.lora = &s->lora;
+        return LK_OK;
+    }
+    if ((rc = model_load(&s->tuned, o->tuned, err)) ||
+        (rc = cfg_check_same(&s->base.cfg, &s->tuned.cfg, o->model, o->tuned, 1, err)))
+        return rc;
+    s->cfg.tuned = &s->tuned;
+    return LK_OK;
+}
+
+int ev_setup_load(struct ev_setup *s, const struct ev_setup_opts *o, struct lk_err *err)
+{
+    int rc;
+    if ((rc = ev_qa_load(&s->qa, o->qa, o->limit, err)))
+        return rc;
+    if ((rc = model_load(&s->base, o->model, err)) || (rc = tok_load(&s->tk, o->model, err)))
+        return rc;
+    if (tok_vocab_size(s->tk) > s->base.cfg.vocab_size)
+        return lk_errf(err, LK_ERR_SHAPE, "%s: the tokenizer has %d ids, the model's vocabulary %d", o->model,
+                       (int)tok_vocab_size(s->tk), s->base.cfg.vocab_size);
+    if ((rc = chat_fmt_init(&s->fmt, s->tk, o->tmpl, err)))
+        return rc;
+    if (s->need_tuned && (rc = setup_tuned(s, o, err)))
+        return rc;
+    if (s->kmax > 0) {
+        if ((rc = setup_index(s, o, err)))
+            return rc;
+        s->cfg.idx = &s->idx;
+    }
+    int maxpos = s->base.cfg.max_position_embeddings;
+    s->cfg.tk = s->tk;
+    s->cfg.fmt = &s->fmt;
+    s->cfg.base = &s->base;
+    s->cfg.max_new = o->max_new;
+    s->cfg.max_ctx = maxpos > 0 ? maxpos : 2048;
+    return LK_OK;
+}
+
+void ev_setup_release(struct ev_setup *s)
+{
+    fts_close(&s->idx);
+    if (s->tmp_index[0])
+        unlink(s->tmp_index);
+    ev_qa_release(&s->qa);
+    tok_free(s->tk);
+    lora_release(&s->lora);
+    model_release(&s->tuned);
+    model_release(&s->base);
+    lk_free(s->modes);
+    memset(s, 0, sizeof *s);
 }

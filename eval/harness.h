@@ -95,6 +95,12 @@ struct ev_mode {
     int k;             /* passages (0: closed book) */
 };
 
+#define EV_MAX_K 32 /* values of k in one sweep */
+
+/* Parses "3" or "0,1,3,5" into ks (room for EV_MAX_K): each k in [0, 64], at most EV_MAX_K of
+ * them; LK_ERR_USAGE naming the bad value otherwise. */
+int ev_k_parse(const char *s, int *ks, int *nk, struct lk_err *err);
+
 /* Parses a comma-separated list of base, rag, ft, ft+rag and a list of k (ks[nk], each >= 0)
  * into modes, in the order base, rag..., ft, ft+rag... (only those listed). A single k names
  * the retrieval modes "rag"/"ft+rag"; several name them "rag@k"/"ft+rag@k" and skip k = 0.
@@ -208,11 +214,65 @@ void ev_verdict(const char *a, const char *b, const char *metric_label, const st
 /* The summary as a JSON object (modes x metrics with lo/hi/n, seconds per mode, diffs,
  * verdict), a fresh lk_malloc'ed string (NULL on OOM). */
 char *ev_summary_json(const struct ev_run *r, const struct ev_summary *s);
+struct cJSON;
+/* The same as a cJSON object (caller cJSON_Deletes; NULL on OOM): the run record's summary. */
+struct cJSON *ev_summary_obj(const struct ev_run *r, const struct ev_summary *s);
 
 /* Writes eval_results (mode x metric with lo/hi/n; differences under the mode "a - b";
  * "seconds" per mode) and eval_items (per item x mode: question, reference, answer, retrieved
  * passages, scores_json) for run_id. */
 int ev_record(struct rdb *db, int64_t run_id, const struct ev_qa *qa, const struct ev_run *r,
               const struct ev_summary *s, struct lk_err *err);
+
+// ---- set-up: the inputs of a run, loaded and checked ----
+
+/* What a run is asked for (borrowed strings, as given on the command line). */
+struct ev_setup_opts {
+    const char *model;     /* base model folder: config.json, safetensors, tokenizer.json */
+    const char *adapter;   /* tuned = base + this PEFT adapter, or NULL */
+    const char *tuned;     /* tuned = this model folder (the base's architecture), or NULL */
+    const char *qa;        /* questions (ev_qa_load) */
+    const char *docs;      /* documents JSONL, indexed for this run into a temporary index, or NULL */
+    const char *index;     /* an index made by `lorakit index` (not with docs), or NULL */
+    const char *modes;     /* "base,rag,ft,ft+rag" or a part; NULL: every mode the inputs allow */
+    const char *k;         /* passages per question, "3" or a sweep "0,1,3,5" */
+    const char *tmpl;      /* chat template name, or NULL: from the tokenizer */
+    const char *fts_tok;   /* unicode61, porter, trigram, or NULL (docs: unicode61; index: any) */
+    int limit;             /* only the first N questions (<= 0: all) */
+    int max_new;           /* answer tokens at most */
+    int chunk_tokens, overlap; /* how docs are chunked */
+    /* Told (may be NULL) before docs are indexed, with the settings used. */
+    void (*on_indexing)(void *ctx, const char *docs, const struct fts_settings *st);
+    void *ctx;
+};
+
+/* Everything ev_run_all needs; owned here, released by ev_setup_release. */
+struct ev_setup {
+    struct ev_mode *modes;  /* owned [n_modes] */
+    int n_modes;
+    int kmax, need_tuned;   /* the largest k of the modes; 1 when a mode uses the tuned model */
+    enum fts_tokenizer ftok;
+    struct ev_qa qa;
+    struct model base, tuned;
+    struct lora lora;
+    struct tok *tk;         /* owned */
+    struct chat_fmt fmt;
+    struct fts_index idx;
+    char tmp_index[4200];   /* a docs index built for this run (removed on release), or "" */
+    struct ev_config cfg;   /* points into this struct: ready after ev_setup_load */
+};
+
+/* Checks the request before anything is read: the k list, the modes (default: those the
+ * inputs allow), that the modes have their inputs (rag: docs or index; ft: adapter or
+ * tuned), adapter XOR tuned, docs XOR index, the FTS tokenizer name. LK_ERR_USAGE. */
+int ev_setup_parse(struct ev_setup *s, const struct ev_setup_opts *o, struct lk_err *err);
+/* Loads and checks every input (after ev_setup_parse): the questions, the base model and its
+ * tokenizer (no more ids than the model's vocabulary), the chat template, the adapter (no
+ * modules_to_save: they would change the base modes too) or the tuned model (cfg_check_same
+ * with the base), and the index (docs: built into a temporary file; index: its settings
+ * checked against fts_tok). Fills s->cfg. */
+int ev_setup_load(struct ev_setup *s, const struct ev_setup_opts *o, struct lk_err *err);
+/* Frees everything, removes a temporary index; harmless twice and on a zeroed struct. */
+void ev_setup_release(struct ev_setup *s);
 
 #endif

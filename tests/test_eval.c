@@ -653,3 +653,30 @@ TEST(ev_cli_bad_inputs)
     CHECK_INT(count_runs(db, "failed"), 1);
     CHECK_INT(count_runs(db, "running"), 0);
 }
+
+/* k is checked before anything is read, and the message names the value given (a k above 64
+ * was once reported as "k -1"). */
+TEST(ev_cli_k_out_of_range_names_the_value)
+{
+    int ks[EV_MAX_K], nk = 0;
+    CHECK_OK(ev_k_parse("0,1,3,64", ks, &nk, test_err()));
+    CHECK_INT(nk, 4);
+    CHECK_INT(ks[3], 64);
+    CHECK_INT(ev_k_parse("100", ks, &nk, test_err()), LK_ERR_USAGE);
+    CHECK(strstr(test_errmsg(), "k 100 is outside [0, 64]"));
+    CHECK_INT(ev_k_parse("3,-2", ks, &nk, test_err()), LK_ERR_USAGE);
+    CHECK(strstr(test_errmsg(), "k -2 is outside"));
+    CHECK_INT(ev_k_parse("1,x", ks, &nk, test_err()), LK_ERR_USAGE);
+    char many[256] = "0";
+    for (int i = 1; i <= EV_MAX_K; i++)
+        snprintf(many + strlen(many), sizeof many - strlen(many), ",%d", i);
+    CHECK_INT(ev_k_parse(many, ks, &nk, test_err()), LK_ERR_USAGE);
+    CHECK(strstr(test_errmsg(), "give 1 to 32 values of k"));
+    // end to end: a usage error (exit 2) before any input is opened
+    CHECK_INT(test_sh("%s eval --model '%s/none' --qa '%s/none.jsonl' --k 100", test_lorakit(), test_tmpdir(),
+                      test_tmpdir()), 2);
+    CHECK_MSG(strstr(test_output(), "lorakit eval: error: k 100 is outside [0, 64]"), "%s", test_output());
+    CHECK_INT(test_sh("%s eval --model '%s/none' --qa '%s/none.jsonl' --k %s --modes base,rag --docs x", test_lorakit(),
+                      test_tmpdir(), test_tmpdir(), many), 2);
+    CHECK(strstr(test_output(), "give 1 to 32 values of k"));
+}

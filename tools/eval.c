@@ -4,10 +4,9 @@
  * The work is eval/harness.c; this file loads the inputs, prints, and keeps the run record
  * honest (a run that fails after it was recorded is finished as 'failed').
  */
-#include <cblas.h>
 #include <cJSON.h>
+#include <limits.h>
 #include <math.h>
-#include <omp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -15,11 +14,7 @@
 
 #include "../eval/fts.h"
 #include "../eval/harness.h"
-#include "../libcore/chat.h"
-#include "../libcore/lora.h"
-#include "../libcore/model.h"
 #include "../libcore/rdb.h"
-#include "../libcore/tok.h"
 #include "commands.h"
 #include "opts.h"
 
@@ -68,33 +63,10 @@ static void on_progress(void *ctx, int done, int total)
     }
 }
 
-static int same_arch(const struct cfg *a, const struct cfg *b, const char *adir, const char *bdir,
-                     struct lk_err *err)
-{
-#define SAME(f)                                                                                    \
-    if (a->f != b->f)                                                                              \
-        return lk_errf(err, LK_ERR_SHAPE, "tuned model '%s' has " #f " %d, base '%s' has %d: a tuned "  \
-                       "model must have the base's architecture", adir, (int)a->f, bdir, (int)b->f)
-    if (strcmp(a->architecture, b->architecture))
-        return lk_errf(err, LK_ERR_SHAPE, "tuned model '%s' is a %s, base '%s' a %s: a tuned model must "
-                       "have the base's architecture", adir, a->architecture, bdir, b->architecture);
-    SAME(hidden_size);
-    SAME(intermediate_size);
-    SAME(num_hidden_layers);
-    SAME(num_attention_heads);
-    SAME(num_key_value_heads);
-    SAME(head_dim);
-    SAME(vocab_size);
-    SAME(attention_bias);
-#undef SAME
-    return LK_OK;
-}
-
-static char *params_json(const struct eval_cli *c, const struct ev_mode *modes, int n_modes)
+/* The run record's parameters (as the record always had them). */
+static cJSON *params_json(const struct eval_cli *c, const struct ev_mode *modes, int n_modes)
 {
     cJSON *o = cJSON_CreateObject();
-    if (!o)
-        return NULL;
     cJSON_AddStringToObject(o, "qa", c->qa);
     if (c->adapter)
         cJSON_AddStringToObject(o, "adapter", c->adapter);
@@ -112,11 +84,7 @@ static char *params_json(const struct eval_cli *c, const struct ev_mode *modes, 
     cJSON_AddNumberToObject(o, "limit", (double)c->limit);
     cJSON_AddNumberToObject(o, "seed", (double)c->seed);
     cJSON_AddStringToObject(o, "fts_tokenizer", c->fts_tok ? c->fts_tok : "unicode61");
-    char *s = cJSON_PrintUnformatted(o);
-    cJSON_Delete(o);
-    char *r = s ? lk_strdup(s) : NULL;
-    free(s);
-    return r;
+    return o;
 }
 
 static void print_table(const struct ev_run *r, const struct ev_summary *s)
@@ -181,10 +149,66 @@ static void print_show(const struct ev_qa *qa, const struct ev_run *r, int n)
     }
 }
 
+static void on_indexing(void *ctx, const char *docs, const struct fts_settings *st)
+{
+    const struct eval_cli *c = ctx;
+    if (!c->quiet)
+        fprintf(stderr, "indexing %s (%s, %d-word chunks)\n", docs, fts_tokenizer_name(st->tokenizer),
+                st->chunk_tokens);
+}
+
+/* The run and its record (a database that cannot be written is a warning); prints the report. */
+static int eval_run(const struct eval_cli *c, struct ev_setup *s, struct lk_err *err)
+{
+    struct ev_run run = { 0 };
+    struct ev_summary sum = { 0 };
+    struct rdb_rec rec;
+    char *runs = c->runs ? NULL : rdb_default_path(NULL);
+    cJSON *params = params_json(c, s->modes, s->n_modes), *summary = NULL;
+    if (rdb_rec_begin(&rec, c->runs ? c->runs : runs, "eval", c->name ? c->name : c->qa, c->model, c->qa, params))
+        lk_cli_warn("eval", rec.warning);
+    cJSON_Delete(params);
+    struct progress pg = { isatty(2), c->quiet, lk_now(), 0 };
+    if (!c->quiet)
+        fprintf(stderr, "%d questions x %d modes, context %d, max-new %ld\n", s->qa.n, s->n_modes, s->cfg.max_ctx,
+                c->max_new);
+    int rc = ev_run_all(&run, &s->cfg, &s->qa, s->modes, s->n_modes, on_progress, &pg, err);
+    if (!rc)
+        rc = ev_summarize(&run, (uint64_t)c->seed, &sum, err);
+    if (!rc && !(summary = ev_summary_obj(&run, &sum)))
+        rc = lk_errf(err, LK_ERR_NOMEM, "out of memory");
+    struct lk_err e = { 0 };
+    if (!rc && rec.active && ev_record(&rec.db, rec.run_id, &s->qa, &run, &sum, &e)) {
+        rdb_rec_drop(&rec, &e);
+        lk_cli_warn("eval", rec.warning);
+    }
+    int64_t run_id = rec.active ? rec.run_id : 0;
+    if (rdb_rec_finish(&rec, rc, summary)) {
+        lk_cli_warn("eval", rec.warning);
+        run_id = 0;
+    }
+    if (!rc) {
+        char *js = c->json ? cJSON_PrintUnformatted(summary) : NULL;
+        if (js)
+            printf("%s\n", js);
+        else
+            print_table(&run, &sum);
+        cJSON_free(js);
+        if (c->show)
+            print_show(&s->qa, &run, (int)c->show);
+        if (run_id && !c->quiet)
+            fprintf(stderr, "recorded as run %lld in %s\n", (long long)run_id, c->runs ? c->runs : runs);
+    }
+    cJSON_Delete(summary);
+    lk_free(runs);
+    ev_summary_release(&sum);
+    ev_run_release(&run);
+    return rc;
+}
+
 int cmd_eval(int argc, char **argv)
 {
-    struct eval_cli c = { .k = "3", .max_new = 32, .seed = 42, .runs = "runs.db", .chunk_tokens = 200,
-                          .overlap = 40 };
+    struct eval_cli c = { .k = "3", .max_new = 32, .seed = 42, .chunk_tokens = 200, .overlap = 40 };
     const struct opt opts[] = {
         { "model", OPT_STR, &c.model, "DIR", "base model folder (config.json, safetensors, tokenizer.json)" },
         { "adapter", OPT_STR, &c.adapter, "DIR", "tuned = base + this PEFT LoRA adapter" },
@@ -218,186 +242,26 @@ int cmd_eval(int argc, char **argv)
         opts_usage(stdout, &eval_help, opts);
         return 0;
     }
-    if (!c.model || !c.qa) {
+    if (!c.model || !c.qa)
         lk_errf(&err, LK_ERR_USAGE, "--model and --qa are required (see --help)");
-        return lk_cli_fail("eval", &err);
-    }
-    if ((c.adapter && c.tuned) || (c.docs && c.index)) {
-        lk_errf(&err, LK_ERR_USAGE, "give --adapter or --tuned, and --docs or --index, not both");
-        return lk_cli_fail("eval", &err);
-    }
-    if (c.max_new < 1 || c.max_new > 100000 || c.limit < 0 || c.show < 0 || c.seed < 0 || c.chunk_tokens < 1 ||
-        c.overlap < 0 || c.overlap >= c.chunk_tokens) {
+    else if (c.max_new < 1 || c.max_new > 100000 || c.limit < 0 || c.limit > INT_MAX || c.show < 0 || c.seed < 0 ||
+             c.chunk_tokens < 1 || c.chunk_tokens > INT_MAX || c.overlap < 0 || c.overlap >= c.chunk_tokens ||
+             c.threads < 0 || c.threads > 4096)
         lk_errf(&err, LK_ERR_USAGE, "an option is out of range (see --help)");
+    struct ev_setup_opts so = { c.model, c.adapter, c.tuned, c.qa, c.docs, c.index, c.modes, c.k, c.tmpl,
+                                c.fts_tok, (int)c.limit, (int)c.max_new, (int)c.chunk_tokens, (int)c.overlap,
+                                on_indexing, &c };
+    struct ev_setup s = { 0 };
+    if (err.code || ev_setup_parse(&s, &so, &err)) {
+        ev_setup_release(&s);
         return lk_cli_fail("eval", &err);
     }
-    long *kl = NULL;
-    int nk = 0;
-    if (opts_parse_longs(c.k, &kl, &nk, &err))
-        return lk_cli_fail("eval", &err);
-    int ks[32];
-    for (int i = 0; i < nk && i < 32; i++)
-        ks[i] = kl[i] < 0 || kl[i] > 64 ? -1 : (int)kl[i];
-    lk_free(kl);
-    int have_docs = c.docs || c.index, have_tuned = c.adapter || c.tuned;
-    char deflist[32];
-    snprintf(deflist, sizeof deflist, "base%s%s%s", have_docs ? ",rag" : "", have_tuned ? ",ft" : "",
-             have_docs && have_tuned ? ",ft+rag" : "");
-    struct ev_mode *modes = NULL;
-    int n_modes = 0, kmax = 0, need_tuned = 0;
-    if (ev_modes_parse(c.modes ? c.modes : deflist, ks, nk > 32 ? 33 : nk, &modes, &n_modes, &err))
-        return lk_cli_fail("eval", &err);
-    for (int j = 0; j < n_modes; j++) {
-        kmax = modes[j].k > kmax ? modes[j].k : kmax;
-        need_tuned |= modes[j].tuned;
-    }
-    if ((kmax > 0 && !have_docs) || (need_tuned && !have_tuned)) {
-        lk_errf(&err, LK_ERR_USAGE, "%s", kmax > 0 && !have_docs ? "the rag modes need --docs or --index"
-                                                                 : "the ft modes need --adapter or --tuned");
-        lk_free(modes);
-        return lk_cli_fail("eval", &err);
-    }
-    enum fts_tokenizer ftok = FTS_TOK_ANY;
-    if (c.fts_tok && fts_tokenizer_parse(c.fts_tok, &ftok, &err)) {
-        lk_free(modes);
-        return lk_cli_fail("eval", &err);
-    }
-    if (c.threads > 0) {
-        openblas_set_num_threads((int)c.threads);
-        omp_set_num_threads((int)c.threads);
-    }
+    lk_cli_threads(c.threads);
     lk_interrupt_install();
-
-    struct ev_qa qa = { 0 };
-    struct model base = { 0 }, tuned = { 0 };
-    struct lora l = { 0 };
-    struct tok *tk = NULL;
-    struct fts_index idx = { 0 };
-    struct rdb db = { 0 };
-    struct ev_run run = { 0 };
-    struct ev_summary sum = { 0 };
-    struct chat_fmt fmt;
-    char tmp_index[4200] = "";
-    char *params = NULL, *summary = NULL;
-    int have_db = 0, have_idx = 0, have_l = 0, have_t = 0, rc;
-    int64_t run_id = 0;
-    // 1. inputs, all checked before the run is recorded
-    if ((rc = ev_qa_load(&qa, c.qa, (int)c.limit, &err)))
-        goto out;
-    if ((rc = model_load(&base, c.model, &err)) || (rc = tok_load(&tk, c.model, &err)))
-        goto out;
-    if (tok_vocab_size(tk) > base.cfg.vocab_size) {
-        rc = lk_errf(&err, LK_ERR_SHAPE, "%s: the tokenizer has %d ids, the model's vocabulary %d", c.model,
-                     (int)tok_vocab_size(tk), base.cfg.vocab_size);
-        goto out;
-    }
-    if ((rc = chat_fmt_init(&fmt, tk, c.tmpl, &err)))
-        goto out;
-    if (c.adapter && need_tuned) {
-        if ((rc = lora_load(&l, c.adapter, &base.cfg, &err)))
-            goto out;
-        have_l = 1;
-        if (l.n_extra) {
-            rc = lk_errf(&err, LK_ERR_UNSUPPORTED, "%s: the adapter carries modules_to_save tensors, which would "
-                         "change the base modes too: merge it (lorakit merge) and pass the result as --tuned",
-                         c.adapter);
-            goto out;
-        }
-    }
-    if (c.tuned && need_tuned) {
-        if ((rc = model_load(&tuned, c.tuned, &err)))
-            goto out;
-        have_t = 1;
-        if ((rc = same_arch(&tuned.cfg, &base.cfg, c.tuned, c.model, &err)))
-            goto out;
-    }
-    if (kmax > 0) {
-        if (c.docs) {
-            const char *td = getenv("TMPDIR");
-            snprintf(tmp_index, sizeof tmp_index, "%s/lorakit-eval-%ld.fts", td && *td ? td : "/tmp", (long)getpid());
-            struct fts_settings st = { ftok == FTS_TOK_ANY ? FTS_TOK_UNICODE61 : ftok, (int)c.chunk_tokens,
-                                       (int)c.overlap };
-            if (!c.quiet)
-                fprintf(stderr, "indexing %s (%s, %ld-word chunks)\n", c.docs, fts_tokenizer_name(st.tokenizer),
-                        c.chunk_tokens);
-            if ((rc = fts_index_build(c.docs, tmp_index, &st, 1, NULL, &err)))
-                goto out;
-            rc = fts_open(&idx, tmp_index, &err);
-        } else {
-            if (!(rc = fts_open(&idx, c.index, &err))) {
-                struct fts_settings want = { ftok, 0, -1 };
-                have_idx = 1;
-                if ((rc = fts_index_check(&idx, &want, &err)))
-                    rc = err.code = LK_ERR_FORMAT; // the index is bad input, not a bad flag
-            }
-        }
-        if (rc)
-            goto out;
-        have_idx = 1;
-    }
-    // 2. the run record
-    if (!(params = params_json(&c, modes, n_modes))) {
-        rc = lk_errf(&err, LK_ERR_NOMEM, "out of memory");
-        goto out;
-    }
-    if ((rc = rdb_open(&db, c.runs, &err)))
-        goto out;
-    have_db = 1;
-    if ((rc = rdb_run_begin(&db, "eval", c.name ? c.name : c.qa, c.model, c.qa, params, &run_id, &err))) {
-        rdb_close(&db, NULL);
-        have_db = 0;
-        goto out;
-    }
-    // 3. the work
-    int maxpos = base.cfg.max_position_embeddings > 0 ? base.cfg.max_position_embeddings : 2048;
-    struct ev_config ec = { tk, &fmt, &base, have_t ? &tuned : NULL, have_l ? &l : NULL, have_idx ? &idx : NULL,
-                            (int)c.max_new, maxpos };
-    struct progress pg = { isatty(2), c.quiet, lk_now(), 0 };
-    if (!c.quiet)
-        fprintf(stderr, "%d questions x %d modes, context %d, max-new %ld\n", qa.n, n_modes, maxpos, c.max_new);
-    if ((rc = ev_run_all(&run, &ec, &qa, modes, n_modes, on_progress, &pg, &err)))
-        goto out;
-    if ((rc = ev_summarize(&run, (uint64_t)c.seed, &sum, &err)))
-        goto out;
-    if (!(summary = ev_summary_json(&run, &sum))) {
-        rc = lk_errf(&err, LK_ERR_NOMEM, "out of memory");
-        goto out;
-    }
-    if ((rc = ev_record(&db, run_id, &qa, &run, &sum, &err)) ||
-        (rc = rdb_run_finish(&db, run_id, RDB_DONE, summary, &err)))
-        goto out;
-    // 4. the report
-    if (c.json)
-        printf("%s\n", summary);
-    else
-        print_table(&run, &sum);
-    if (c.show)
-        print_show(&qa, &run, (int)c.show);
-    if (!c.quiet)
-        fprintf(stderr, "recorded as run %lld in %s\n", (long long)run_id, c.runs);
-out:
-    if (rc && have_db) {
-        rdb_run_finish(&db, run_id, rc == LK_ERR_INTERRUPTED ? RDB_INTERRUPTED : RDB_FAILED, NULL, NULL);
-    }
-    if (have_db)
-        rdb_close(&db, NULL);
-    if (have_idx)
-        fts_close(&idx);
-    if (tmp_index[0])
-        unlink(tmp_index);
-    lk_free(params);
-    lk_free(summary);
-    ev_summary_release(&sum);
-    ev_run_release(&run);
-    ev_qa_release(&qa);
-    tok_free(tk);
-    lora_release(&l);
-    model_release(&tuned);
-    model_release(&base);
-    lk_free(modes);
-    if (rc == LK_ERR_INTERRUPTED) {
-        fprintf(stderr, "lorakit eval: %s\n", err.msg);
-        return 130;
-    }
+    // the inputs, all checked before the run is recorded
+    int rc = ev_setup_load(&s, &so, &err);
+    if (!rc)
+        rc = eval_run(&c, &s, &err);
+    ev_setup_release(&s);
     return rc ? lk_cli_fail("eval", &err) : 0;
 }
