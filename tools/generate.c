@@ -67,28 +67,86 @@ static int stream_token(void *ctx, int32_t id)
     return LK_OK;
 }
 
+struct generate_cli {
+    const char *model, *adapter, *prompt, *chat, *system, *tmpl, *tokdir;
+    long max_new, seed, threads;
+    double temperature, top_p;
+    int no_cache, stats;
+};
+
+/* The prompt's ids: the chat template around --chat, or --prompt as raw text (after bos when
+ * the tokenizer adds one). */
+static int prompt_ids(const struct generate_cli *c, struct tok *tk, const struct chat_fmt *fmt, struct tok_ids *ids,
+                      struct lk_err *err)
+{
+    int rc = LK_OK;
+    if (c->chat) {
+        rc = chat_prompt_user(tk, fmt, c->system, c->chat, ids, err);
+    } else {
+        if (tok_add_bos(tk) && tok_bos(tk) >= 0)
+            rc = tok_ids_push(ids, tok_bos(tk), err);
+        if (!rc)
+            rc = tok_encode(tk, c->prompt, strlen(c->prompt), 1, ids, err);
+    }
+    if (!rc && ids->n == 0)
+        rc = lk_errf(err, LK_ERR_USAGE, "the prompt is empty");
+    return rc;
+}
+
+/* Generates after the prompt, streaming to stdout; --stats on stderr. */
+static int generate_stream(const struct generate_cli *c, struct model *m, const struct lora *l, struct tok *tk,
+                           const struct chat_fmt *fmt, const struct tok_ids *ids, struct lk_err *err)
+{
+    int maxpos = m->cfg.max_position_embeddings > 0 ? m->cfg.max_position_embeddings : 1 << 30;
+    if ((long)ids->n + c->max_new > maxpos)
+        return lk_errf(err, LK_ERR_USAGE, "prompt of %zu tokens + --max-new %ld exceeds the model's %d "
+                       "positions (max_position_embeddings)", ids->n, c->max_new, maxpos);
+    struct gen_cache gc = { 0 };
+    int rc = c->no_cache ? LK_OK
+                         : gen_cache_init(&gc, &m->cfg, (int)ids->n + (int)c->max_new, 64, gen_lora_max_rank(l), err);
+    if (rc)
+        return rc;
+    struct gen_opts o = { (int)c->max_new, c->temperature, c->top_p, (uint64_t)c->seed, fmt,
+                          tok_eos(tk) >= 0 ? tok_eos(tk) : m->cfg.eos_token_id, c->no_cache,
+                          (int)tok_vocab_size(tk) };
+    struct stream st = { .tk = tk, .err = err };
+    struct tok_ids gen = { 0 };
+    double t0 = lk_now();
+    int stopped = 0;
+    rc = gen_run(c->no_cache ? NULL : &gc, m, c->adapter ? l : NULL, ids->v, (int)ids->n, &o, stream_token, &st, &gen,
+                 &stopped, err);
+    double secs = lk_now() - t0;
+    if (st.n && fwrite(st.pend, 1, st.n, stdout) != st.n && !rc)
+        rc = lk_errf(err, LK_ERR_IO, "writing to standard output failed");
+    printf("\n");
+    if (c->stats)
+        fprintf(stderr, "prompt %zu tokens, generated %zu tokens in %.3fs (%.1f tokens/s%s), stopped by %s\n",
+                ids->n, gen.n, secs, secs > 0 ? (double)gen.n / secs : 0.0, c->no_cache ? ", no cache" : "",
+                stopped ? "end of turn" : "--max-new");
+    tok_ids_release(&gen);
+    lk_free(st.pend);
+    gen_cache_release(&gc);
+    return rc;
+}
+
 int cmd_generate(int argc, char **argv)
 {
-    const char *model_dir = NULL, *adapter = NULL, *prompt = NULL, *chat = NULL, *system = NULL;
-    const char *tmpl = NULL, *tokdir = NULL;
-    long max_new = 256, seed = 42, threads = 0;
-    double temperature = 0, top_p = 1;
-    int no_cache = 0, stats = 0;
+    struct generate_cli c = { .max_new = 256, .seed = 42, .top_p = 1 };
     const struct opt opts[] = {
-        { "model", OPT_STR, &model_dir, "DIR", "model folder (config.json, safetensors, tokenizer.json)" },
-        { "adapter", OPT_STR, &adapter, "DIR", "PEFT LoRA adapter folder to apply" },
-        { "prompt", OPT_STR, &prompt, "TEXT", "raw text to continue" },
-        { "chat", OPT_STR, &chat, "TEXT", "a user message, wrapped in the chat template" },
-        { "system", OPT_STR, &system, "TEXT", "system message for --chat" },
-        { "max-new", OPT_INT, &max_new, "N", "tokens to generate at most (default 256)" },
-        { "temperature", OPT_FLOAT, &temperature, "T", "sampling temperature; 0 = greedy (default 0)" },
-        { "top-p", OPT_FLOAT, &top_p, "P", "nucleus sampling mass in (0, 1] (default 1 = off)" },
-        { "seed", OPT_INT, &seed, "S", "sampling seed (default 42)" },
-        { "template", OPT_STR, &tmpl, "NAME", "chat template: chatml, llama3, plain (default: from the tokenizer)" },
-        { "tokenizer", OPT_STR, &tokdir, "DIR", "tokenizer folder (default: the model folder)" },
-        { "no-cache", OPT_FLAG, &no_cache, NULL, "recompute the whole prefix for every token (slow reference)" },
-        { "stats", OPT_FLAG, &stats, NULL, "print token counts and tokens/s on stderr" },
-        { "threads", OPT_INT, &threads, "N", "threads (default: all cores)" },
+        { "model", OPT_STR, &c.model, "DIR", "model folder (config.json, safetensors, tokenizer.json)" },
+        { "adapter", OPT_STR, &c.adapter, "DIR", "PEFT LoRA adapter folder to apply" },
+        { "prompt", OPT_STR, &c.prompt, "TEXT", "raw text to continue" },
+        { "chat", OPT_STR, &c.chat, "TEXT", "a user message, wrapped in the chat template" },
+        { "system", OPT_STR, &c.system, "TEXT", "system message for --chat" },
+        { "max-new", OPT_INT, &c.max_new, "N", "tokens to generate at most (default 256)" },
+        { "temperature", OPT_FLOAT, &c.temperature, "T", "sampling temperature; 0 = greedy (default 0)" },
+        { "top-p", OPT_FLOAT, &c.top_p, "P", "nucleus sampling mass in (0, 1] (default 1 = off)" },
+        { "seed", OPT_INT, &c.seed, "S", "sampling seed (default 42)" },
+        { "template", OPT_STR, &c.tmpl, "NAME", "chat template: chatml, llama3, plain (default: from the tokenizer)" },
+        { "tokenizer", OPT_STR, &c.tokdir, "DIR", "tokenizer folder (default: the model folder)" },
+        { "no-cache", OPT_FLAG, &c.no_cache, NULL, "recompute the whole prefix for every token (slow reference)" },
+        { "stats", OPT_FLAG, &c.stats, NULL, "print token counts and tokens/s on stderr" },
+        { "threads", OPT_INT, &c.threads, "N", "threads (default: all cores)" },
         { 0 },
     };
     struct lk_err err = { 0 };
@@ -99,97 +157,39 @@ int cmd_generate(int argc, char **argv)
         opts_usage(stdout, &generate_help, opts);
         return 0;
     }
-    if (!model_dir || (!prompt == !chat)) {
+    if (!c.model || (!c.prompt == !c.chat))
         lk_errf(&err, LK_ERR_USAGE, "--model and one of --prompt or --chat are required (see --help)");
-        return lk_cli_fail("generate", &err);
-    }
-    if (max_new < 0 || max_new > 1000000 || !(top_p > 0 && top_p <= 1) || !(temperature >= 0) || seed < 0) {
+    else if (c.max_new < 0 || c.max_new > 1000000 || !(c.top_p > 0 && c.top_p <= 1) || !(c.temperature >= 0) ||
+             c.seed < 0)
         lk_errf(&err, LK_ERR_USAGE, "an option is out of range (--max-new >= 0, --temperature >= 0, "
                 "--top-p in (0, 1], --seed >= 0)");
-        return lk_cli_fail("generate", &err);
-    }
-    if (system && !chat) {
+    else if (c.system && !c.chat)
         lk_errf(&err, LK_ERR_USAGE, "--system applies to --chat only");
+    if (err.code)
         return lk_cli_fail("generate", &err);
-    }
-    lk_cli_threads(threads);
+    lk_cli_threads(c.threads);
     lk_interrupt_install();
     struct model m = { 0 };
     struct lora l = { 0 };
     struct tok *tk = NULL;
     struct tok_ids ids = { 0 };
-    struct gen_cache gc = { 0 };
-    struct stream st = { 0 };
     struct chat_fmt fmt;
-    int rc, have_lora = 0;
-    if ((rc = model_load(&m, model_dir, &err)))
-        goto out;
-    if ((rc = tok_load(&tk, tokdir ? tokdir : model_dir, &err)))
+    int rc;
+    if ((rc = model_load(&m, c.model, &err)) || (rc = tok_load(&tk, c.tokdir ? c.tokdir : c.model, &err)))
         goto out;
     if (tok_vocab_size(tk) > m.cfg.vocab_size) {
         rc = lk_errf(&err, LK_ERR_SHAPE, "the tokenizer has %d ids, the model's vocabulary %d",
                      (int)tok_vocab_size(tk), m.cfg.vocab_size);
         goto out;
     }
-    if (adapter) {
-        if ((rc = lora_load(&l, adapter, &m.cfg, &err)) || (rc = model_apply_extras(&m, &l, &err)))
-            goto out;
-        have_lora = 1;
-    }
-    if ((rc = chat_fmt_init(&fmt, tk, tmpl, &err)))
+    if (c.adapter && ((rc = lora_load(&l, c.adapter, &m.cfg, &err)) || (rc = model_apply_extras(&m, &l, &err))))
         goto out;
-    if (chat) {
-        rc = chat_prompt_user(tk, &fmt, system, chat, &ids, &err);
-    } else {
-        if (tok_add_bos(tk) && tok_bos(tk) >= 0)
-            rc = tok_ids_push(&ids, tok_bos(tk), &err);
-        if (!rc)
-            rc = tok_encode(tk, prompt, strlen(prompt), 1, &ids, &err);
-    }
-    if (rc)
-        goto out;
-    if (ids.n == 0) {
-        rc = lk_errf(&err, LK_ERR_USAGE, "the prompt is empty");
-        goto out;
-    }
-    int maxpos = m.cfg.max_position_embeddings > 0 ? m.cfg.max_position_embeddings : 1 << 30;
-    if ((long)ids.n + max_new > maxpos) {
-        rc = lk_errf(&err, LK_ERR_USAGE, "prompt of %zu tokens + --max-new %ld exceeds the model's %d "
-                     "positions (max_position_embeddings)", ids.n, max_new, maxpos);
-        goto out;
-    }
-    if (!no_cache &&
-        (rc = gen_cache_init(&gc, &m.cfg, (int)ids.n + (int)max_new, 64, gen_lora_max_rank(&l), &err)))
-        goto out;
-    struct gen_opts o = { (int)max_new, temperature, top_p, (uint64_t)seed, &fmt,
-                          tok_eos(tk) >= 0 ? tok_eos(tk) : m.cfg.eos_token_id, no_cache,
-                          (int)tok_vocab_size(tk) };
-    st.tk = tk;
-    st.err = &err;
-    struct tok_ids gen = { 0 };
-    double t0 = lk_now();
-    int stopped = 0;
-    rc = gen_run(no_cache ? NULL : &gc, &m, have_lora ? &l : NULL, ids.v, (int)ids.n, &o, stream_token, &st,
-                 &gen, &stopped, &err);
-    double secs = lk_now() - t0;
-    if (st.n && fwrite(st.pend, 1, st.n, stdout) != st.n && !rc)
-        rc = lk_errf(&err, LK_ERR_IO, "writing to standard output failed");
-    printf("\n");
-    if (stats)
-        fprintf(stderr, "prompt %zu tokens, generated %zu tokens in %.3fs (%.1f tokens/s%s), stopped by %s\n",
-                ids.n, gen.n, secs, secs > 0 ? (double)gen.n / secs : 0.0, no_cache ? ", no cache" : "",
-                stopped ? "end of turn" : "--max-new");
-    tok_ids_release(&gen);
+    if (!(rc = chat_fmt_init(&fmt, tk, c.tmpl, &err)) && !(rc = prompt_ids(&c, tk, &fmt, &ids, &err)))
+        rc = generate_stream(&c, &m, &l, tk, &fmt, &ids, &err);
 out:
-    lk_free(st.pend);
-    gen_cache_release(&gc);
     tok_ids_release(&ids);
     tok_free(tk);
     lora_release(&l);
     model_release(&m);
-    if (rc == LK_ERR_INTERRUPTED) {
-        fprintf(stderr, "lorakit generate: interrupted\n");
-        return 130;
-    }
     return rc ? lk_cli_fail("generate", &err) : 0;
 }
