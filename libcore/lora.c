@@ -1,7 +1,7 @@
 /*
  * lora.c - LoRA factors in one block: configuration (ranks and alphas after PEFT's
- * rank_pattern / alpha_pattern), allocation, PEFT's initialisations. The on-disk PEFT
- * format is in lora_io.c.
+ * rank_pattern / alpha_pattern), allocation, PEFT's initialisations, and the adapter a
+ * training run starts from (lora_build). The on-disk PEFT format is in lora_io.c.
  */
 #include "lora.h"
 
@@ -10,6 +10,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "model.h"
 
 void lora_config_default(struct lora_config *c)
 {
@@ -317,4 +319,56 @@ void lora_peft_name(int layer, int module, char *buf, size_t n)
 size_t lora_param_count(const struct lora *l)
 {
     return l->n;
+}
+
+// ---- the adapter a training run starts from ----
+
+int lora_init_kind_parse(const char *s)
+{
+    static const char *const names[] = { "default", "gaussian", "pissa" };
+    for (int i = 0; i < 3; i++)
+        if (!strcmp(s, names[i]))
+            return i;
+    return -1;
+}
+
+int lora_build(struct lora *l, struct model *m, const struct lora_build_opts *o, struct lk_err *err)
+{
+    int rc;
+    memset(l, 0, sizeof *l);
+    if (o->from) {
+        if ((rc = lora_load(l, o->from, &m->cfg, err)))
+            return rc;
+        if (l->n_extra || l->embed_A) {
+            lora_release(l);
+            return lk_errf(err, LK_ERR_UNSUPPORTED, "%s: continued training of embedding or modules_to_save "
+                           "adapters is not supported", o->from);
+        }
+        l->cfg.dropout = o->dropout;
+        return LK_OK;
+    }
+    struct lora_config lc;
+    lora_config_default(&lc);
+    lc.r = o->r;
+    lc.alpha = o->alpha;
+    lc.dropout = o->dropout;
+    lc.use_rslora = o->use_rslora;
+    lc.use_dora = o->use_dora;
+    snprintf(lc.base_model, sizeof lc.base_model, "%s", o->base_model ? o->base_model : "");
+    snprintf(lc.init, sizeof lc.init, "%s",
+             o->init == LORA_INIT_GAUSSIAN ? "gaussian" : o->init == LORA_INIT_PISSA ? "pissa" : "true");
+    if ((rc = lora_targets_parse(o->targets ? o->targets : "all", &lc.targets, err)) ||
+        (rc = lora_init(l, &lc, &m->cfg, err)))
+        return rc;
+    struct lk_rng rng;
+    lk_rng_seed(&rng, o->seed);
+    if (o->init == LORA_INIT_PISSA)
+        rc = lora_init_pissa(l, m, err);
+    else
+        lora_init_weights(l, o->init == LORA_INIT_GAUSSIAN, &rng);
+    if (!rc && o->use_dora)
+        rc = lora_init_dora_magnitude(l, m, err);
+    if (rc)
+        lora_release(l);
+    return rc;
 }

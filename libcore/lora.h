@@ -141,4 +141,29 @@ int lora_save_pissa(const struct lora *l, const struct model *m, const char *dir
 /* Trainable parameter count (A, B, biases). */
 size_t lora_param_count(const struct lora *l);
 
+// ---- the adapter a training run starts from (lora.c) ----
+
+enum lora_init_kind { LORA_INIT_DEFAULT = 0, LORA_INIT_GAUSSIAN, LORA_INIT_PISSA };
+/* "default", "gaussian", "pissa" -> the kind; -1 when unknown. */
+int lora_init_kind_parse(const char *s);
+
+/* How a trained adapter starts: a new one (rank, alpha, targets, init), or an existing adapter
+ * (continued training). */
+struct lora_build_opts {
+    const char *from;          /* borrowed: continue this adapter folder, or NULL: a new one */
+    int r;
+    double alpha, dropout;
+    int use_rslora, use_dora;
+    const char *targets;       /* borrowed: "all" or a list like "q_proj,v_proj" */
+    enum lora_init_kind init;
+    uint64_t seed;             /* seeds the init's random draws */
+    const char *base_model;    /* borrowed: written as base_model_name_or_path */
+};
+/* Builds the adapter to train on m. A new one is initialised as PEFT does (default: kaiming-
+ * uniform A, zero B; gaussian; PiSSA, which also replaces each target W by W - s B A in m),
+ * then DoRA's magnitudes from m when use_dora. `from` is loaded instead, its dropout set to
+ * o->dropout; embedding and modules_to_save adapters are refused (LK_ERR_UNSUPPORTED). On
+ * failure l is released. */
+int lora_build(struct lora *l, struct model *m, const struct lora_build_opts *o, struct lk_err *err);
+
 #endif
