@@ -375,221 +375,284 @@ static uint64_t mix(uint64_t a, uint64_t b)
     return z ^ (z >> 31);
 }
 
+/* The loop's state: the rows and their order, one micro-batch of ids, the gradient block and
+ * AdamW's moments (all of the trainable block's size and layout). */
+struct loop {
+    struct rows r;
+    const struct train_dist *dist; /* NULL: one process */
+    int rank, nranks;
+    int B, T;                 /* this rank's micro-batch rows, row length */
+    long gb, spe;             /* rows per global batch, steps per epoch */
+    float *P;                 /* borrowed: the trainable block (lora->mem or the weights) */
+    size_t n;                 /* floats in it */
+    float *grad, *mo, *vo;    /* owned (grad: gw.mem for a full fine-tune) */
+    struct model_weights gw;  /* full fine-tune: the gradient block with the weights' layout */
+    struct model_tensor *mt;  /* owned: full fine-tune, the named tensors of the block */
+    int n_mt;
+    int *perm, *ibuf;         /* owned: the epoch's order; tok, tgt, pos, seg of one micro-batch */
+    char last_ckpt[4096];     /* the newest checkpoint folder, or "" */
+};
+
+static void loop_release(struct loop *x, const struct lora *lora)
+{
+    if (lora)
+        lk_free(x->grad);
+    model_weights_release(&x->gw);
+    lk_free(x->mo);
+    lk_free(x->vo);
+    lk_free(x->perm);
+    lk_free(x->ibuf);
+    lk_free(x->mt);
+    rows_release(&x->r);
+}
+
+static int loop_init(struct loop *x, const struct train_opts *o, struct model *m, const struct lora *lora,
+                     const struct data_set *d, struct lk_err *err)
+{
+    memset(x, 0, sizeof *x);
+    int rc = rows_build(&x->r, d, o->seq, o->pack, err);
+    if (rc)
+        return rc;
+    x->dist = o->dist && o->dist->size > 1 ? o->dist : NULL;
+    x->rank = x->dist ? x->dist->rank : 0;
+    x->nranks = x->dist ? x->dist->size : 1;
+    // --batch is global: each rank runs micro-batches of batch / size rows (rounded up)
+    x->B = (o->batch + x->nranks - 1) / x->nranks;
+    x->T = x->r.T;
+    x->gb = (long)o->batch * o->grad_accum;
+    x->spe = (x->r.n + x->gb - 1) / x->gb;
+    x->P = lora ? lora->mem : m->w.mem;
+    x->n = lora ? lora->n : m->w.n;
+    size_t BT = (size_t)x->B * x->T;
+    x->mo = lk_calloc(x->n, sizeof(float));
+    x->vo = lk_calloc(x->n, sizeof(float));
+    x->perm = lk_malloc(sizeof(int) * (size_t)x->r.n);
+    x->ibuf = lk_malloc(sizeof(int) * 4 * BT);
+    if (lora)
+        x->grad = lk_calloc(x->n, sizeof(float));
+    if (!x->mo || !x->vo || !x->perm || !x->ibuf || (lora && !x->grad))
+        return lk_errf(err, LK_ERR_NOMEM, "out of memory: optimizer state for %zu parameters", x->n);
+    if (!lora) {
+        // the full fine-tune's gradient block has the weights' layout: a weights struct over it
+        if ((rc = model_weights_alloc(&x->gw, &m->cfg, err)))
+            return rc;
+        x->grad = x->gw.mem;
+        if ((rc = model_weights_tensors(&m->w, &m->cfg, &x->mt, &x->n_mt, err)))
+            return rc;
+    }
+    return model_plan(m, x->B, x->T, 1, err);
+}
+
+/* Restores the step, the trainable block and the moments from a checkpoint. */
+static int loop_resume(struct loop *x, const struct train_opts *o, struct model *m, struct lora *lora,
+                       const char *resume_dir, const struct train_state *st, long *step, struct lk_err *err)
+{
+    char dir[4096];
+    int rc = checkpoint_find(resume_dir, dir, sizeof dir, err);
+    if (!rc)
+        rc = checkpoint_load(dir, m, lora, x->mo, x->vo, x->n, step, err);
+    if (rc)
+        return rc;
+    if (*step > st->total)
+        return lk_errf(err, LK_ERR_USAGE, "%s: checkpoint is at step %ld, past this run's %ld steps", dir, *step,
+                       st->total);
+    if (o->ckpt_dir)
+        snprintf(x->last_ckpt, sizeof x->last_ckpt, "%s", dir);
+    return LK_OK;
+}
+
+/* One step's gradient into x->grad (summed over ranks): 1. the normaliser, every counted target
+ * of the global batch; 2. micro-batches over this rank's contiguous share [lo, hi) of it.
+ * *out_loss is the step's mean token loss; *out_rows the rows of the global batch. */
+static int step_gradient(struct loop *x, const struct train_opts *o, struct model *m, const struct lora *lora,
+                         const struct data_set *d, long step, double *out_loss, int *out_rows, long *tokens,
+                         struct lk_err *err)
+{
+    int B = x->B, T = x->T;
+    size_t BT = (size_t)B * T;
+    int *tok = x->ibuf, *tgt = x->ibuf + BT, *pos = x->ibuf + 2 * BT, *seg = x->ibuf + 3 * BT;
+    long idx = step % x->spe;
+    int first = (int)(idx * x->gb), last = first + (int)x->gb > x->r.n ? x->r.n : first + (int)x->gb;
+    long count = 0;
+    for (int i = first; i < last; i++)
+        count += row_fill(&x->r, d, x->perm[i], tok, tgt, pos, seg);
+    memset(x->grad, 0, sizeof(float) * x->n);
+    double sum = 0;
+    int share = (last - first + x->nranks - 1) / x->nranks;
+    int lo = first + x->rank * share, hi = lo + share > last ? last : lo + share;
+    if (lo > hi)
+        lo = hi;
+    for (int mb = 0; mb * B < hi - lo; mb++) {
+        for (int b = 0; b < B; b++) {
+            int i = lo + mb * B + b;
+            if (i < hi)
+                row_fill(&x->r, d, x->perm[i], tok + b * T, tgt + b * T, pos + b * T, seg + b * T);
+            else
+                for (int t = 0; t < T; t++) {
+                    tok[b * T + t] = 0;
+                    tgt[b * T + t] = -100;
+                    pos[b * T + t] = t;
+                    seg[b * T + t] = 0;
+                }
+        }
+        m->dropout_seed = mix(mix(o->seed, (uint64_t)step), (uint64_t)mb);
+        double l;
+        int rc = model_forward(m, lora, tok, o->pack ? pos : NULL, o->pack ? seg : NULL, tgt,
+                               count ? 1.0f / (float)count : 0.0f, &l, err);
+        if (rc)
+            return rc;
+        model_backward(m, lora, lora ? x->grad : NULL, lora ? NULL : &x->gw);
+        sum += l;
+        *tokens += (long)BT;
+    }
+    if (x->dist) {
+        int rc = x->dist->allreduce_sum(x->dist->ctx, x->grad, x->n, &sum, 1, err);
+        if (rc)
+            return rc;
+    }
+    *out_loss = count ? sum / (double)count : 0.0;
+    *out_rows = last - first;
+    return LK_OK;
+}
+
+/* 3. AdamW on every trainable tensor at learning rate lr (LoRA+: B, the magnitudes and lora_B
+ * biases at ratio x lr; no weight decay on biases and norms), step t (1-based). */
+static void step_update(struct loop *x, const struct train_opts *o, const struct lora *lora, double lr, long t)
+{
+    float *P = x->P, *g = x->grad, *mo = x->mo, *vo = x->vo;
+    float wd = (float)o->weight_decay, lr_b = (float)(lr * o->loraplus_ratio);
+    if (!lora) {
+        // transformers' Trainer default: no decay on biases and norms
+        for (int k = 0; k < x->n_mt; k++) {
+            size_t off = (size_t)(x->mt[k].data - P);
+            int decay = !x->mt[k].is_bias && x->mt[k].ndim == 2;
+            adamw_step(&o->adam, x->mt[k].data, g + off, mo + off, vo + off, x->mt[k].numel, (float)lr,
+                       decay ? wd : 0.0f, t);
+        }
+        return;
+    }
+    for (int k = 0; k < lora->n_mod; k++) {
+        struct lora_module *md = &lora->mod[k];
+        size_t na = (size_t)md->R * md->in, nb = (size_t)md->out * md->R;
+        size_t oa = (size_t)(md->A - P), ob = (size_t)(md->B - P);
+        adamw_step(&o->adam, md->A, g + oa, mo + oa, vo + oa, na, (float)lr, wd, t);
+        adamw_step(&o->adam, md->B, g + ob, mo + ob, vo + ob, nb, lr_b, wd, t);
+        if (md->mag) { // PEFT's LoRA+ puts 1-D adapter parameters (the magnitudes) with B
+            size_t om = (size_t)(md->mag - P);
+            adamw_step(&o->adam, md->mag, g + om, mo + om, vo + om, (size_t)md->out, lr_b, wd, t);
+        }
+        if (md->bias) {
+            size_t oc = (size_t)(md->bias - P);
+            adamw_step(&o->adam, md->bias, g + oc, mo + oc, vo + oc, (size_t)md->out, lr_b, 0.0f, t);
+        }
+    }
+}
+
+/* 4. After step (0-based) was taken: held-out loss, progress, checkpoints; LK_ERR_INTERRUPTED
+ * once every rank has seen SIGINT/SIGTERM (after the checkpoint). */
+static int step_after(struct loop *x, const struct train_opts *o, struct model *m, const struct lora *lora,
+                      const struct data_set *eval, const struct train_hooks *h, struct train_state *st,
+                      struct train_progress *p, long step, struct lk_err *err)
+{
+    int rc;
+    int want_eval = eval && eval->n && ((o->eval_every && (step + 1) % o->eval_every == 0) || step + 1 == st->total);
+    if (want_eval) {
+        if ((rc = train_eval_loss(m, lora, eval, x->B, &p->eval_loss, err)))
+            return rc;
+        st->last_eval_loss = p->eval_loss;
+    }
+    if (h && h->on_step)
+        h->on_step(h->ctx, p);
+    int stop = lk_interrupted;
+    if (x->dist) { // every rank stops together when any of them was interrupted
+        double flag = stop;
+        if ((rc = x->dist->allreduce_sum(x->dist->ctx, NULL, 0, &flag, 1, err)))
+            return rc;
+        stop = flag > 0;
+    }
+    if (x->rank == 0 && o->ckpt_dir && ((o->save_every && (step + 1) % o->save_every == 0) || stop)) {
+        if ((rc = checkpoint_save(o, m, lora, x->mo, x->vo, x->n, step + 1, st->total, p->loss, x->last_ckpt,
+                                  sizeof x->last_ckpt, err)))
+            return rc;
+        if (h && h->on_checkpoint)
+            h->on_checkpoint(h->ctx, step + 1, x->last_ckpt);
+    }
+    if (stop)
+        return lk_errf(err, LK_ERR_INTERRUPTED, "interrupted at step %ld%s%s", step + 1,
+                       x->last_ckpt[0] ? "; resume from " : "", x->last_ckpt);
+    return LK_OK;
+}
+
+/* The gradient of the first step, written to o->dump_grads (rank 0) instead of a step. */
+static int dump_grads(struct loop *x, const struct train_opts *o, struct model *m, const struct lora *lora,
+                      struct lk_err *err)
+{
+    if (x->rank != 0)
+        return LK_OK;
+    return lora ? lora_save_tensors(lora, x->grad, o->dump_grads, err)
+                : model_weights_save_st(&x->gw, &m->cfg, o->dump_grads, TENSOR_F32, err);
+}
+
 int train_run(const struct train_opts *o, struct model *m, struct lora *lora,
               const struct data_set *d, const struct data_set *eval, const char *resume_dir,
               const struct train_hooks *h, struct train_state *st, struct lk_err *err)
 {
-    struct rows r;
+    struct loop x;
     int rc = train_plan(o, d, st, err);
     if (rc)
         return rc;
-    if ((rc = rows_build(&r, d, o->seq, o->pack, err)))
-        return rc;
-    const struct train_dist *dist = o->dist && o->dist->size > 1 ? o->dist : NULL;
-    int rank = dist ? dist->rank : 0, nranks = dist ? dist->size : 1;
-    // --batch is global: each rank runs micro-batches of batch / size rows (rounded up)
-    int B = (o->batch + nranks - 1) / nranks, T = r.T;
-    long gb = (long)o->batch * o->grad_accum;
-    long spe = (r.n + gb - 1) / gb;
-    float *P = lora ? lora->mem : m->w.mem;
-    size_t n = lora ? lora->n : m->w.n;
-    size_t BT = (size_t)B * T;
-    float *grad = lk_calloc(n, sizeof(float)), *mo = lk_calloc(n, sizeof(float));
-    float *vo = lk_calloc(n, sizeof(float));
-    int *perm = lk_malloc(sizeof(int) * (size_t)r.n), *ibuf = lk_malloc(sizeof(int) * 4 * BT);
-    struct model_weights gw = { 0 };
-    struct model_tensor *mt = NULL;
-    int n_mt = 0;
-    char last_ckpt[4096] = "";
-    if (!grad || !mo || !vo || !perm || !ibuf) {
-        rc = lk_errf(err, LK_ERR_NOMEM, "out of memory: optimizer state for %zu parameters", n);
-        goto out;
-    }
-    if (!lora) {
-        // the full fine-tune's gradient block has the weights' layout: point a weights struct at it
-        if ((rc = model_weights_alloc(&gw, &m->cfg, err)))
-            goto out;
-        lk_free(grad);
-        grad = gw.mem;
-        if ((rc = model_weights_tensors(&m->w, &m->cfg, &mt, &n_mt, err)))
-            goto out;
-    }
-    if ((rc = model_plan(m, B, T, 1, err)))
-        goto out;
     long step = 0;
-    if (resume_dir) {
-        char dir[4096];
-        if ((rc = checkpoint_find(resume_dir, dir, sizeof dir, err)))
-            goto out;
-        if ((rc = checkpoint_load(dir, m, lora, mo, vo, n, &step, err)))
-            goto out;
-        if (step > st->total) {
-            rc = lk_errf(err, LK_ERR_USAGE, "%s: checkpoint is at step %ld, past this run's %ld steps", dir,
-                         step, st->total);
-            goto out;
-        }
-        if (o->ckpt_dir)
-            snprintf(last_ckpt, sizeof last_ckpt, "%s", dir);
+    if ((rc = loop_init(&x, o, m, lora, d, err)) || (resume_dir && (rc = loop_resume(&x, o, m, lora, resume_dir, st,
+                                                                                       &step, err)))) {
+        loop_release(&x, lora);
+        return rc;
     }
-    int *tok = ibuf, *tgt = ibuf + BT, *pos = ibuf + 2 * BT, *seg = ibuf + 3 * BT;
-    long cur_epoch = -1, tokens = 0, tokens_after_first = 0;
-    double t0 = lk_now(), loss = NAN, t_first = 0;
-    long step0 = step;
+    long cur_epoch = -1, tokens = 0, tokens_after_first = 0, step0 = step;
+    double t0 = lk_now(), t_first = 0;
     st->first_loss = NAN;
-    for (; step < st->total; step++) {
-        long epoch = step / spe, idx = step % spe;
-        if (epoch != cur_epoch) {
-            permute(perm, r.n, o->seed, epoch);
-            cur_epoch = epoch;
+    for (; step < st->total && !rc; step++) {
+        if (step / x.spe != cur_epoch) {
+            cur_epoch = step / x.spe;
+            permute(x.perm, x.r.n, o->seed, cur_epoch);
         }
-        int first = (int)(idx * gb), last = first + (int)gb > r.n ? r.n : first + (int)gb;
-        // 1. the normaliser: every counted target of the global batch
-        long count = 0;
-        for (int i = first; i < last; i++)
-            count += row_fill(&r, d, perm[i], tok, tgt, pos, seg);
-        memset(grad, 0, sizeof(float) * n);
-        double sum = 0;
-        double ts = lk_now();
-        // 2. micro-batches over this rank's contiguous share [lo, hi) of the global batch
-        int share = (last - first + nranks - 1) / nranks;
-        int lo = first + rank * share, hi = lo + share > last ? last : lo + share;
-        if (lo > hi)
-            lo = hi;
-        for (int mb = 0; mb * B < hi - lo; mb++) {
-            for (int b = 0; b < B; b++) {
-                int i = lo + mb * B + b;
-                if (i < hi)
-                    row_fill(&r, d, perm[i], tok + b * T, tgt + b * T, pos + b * T, seg + b * T);
-                else
-                    for (int t = 0; t < T; t++) {
-                        tok[b * T + t] = 0;
-                        tgt[b * T + t] = -100;
-                        pos[b * T + t] = t;
-                        seg[b * T + t] = 0;
-                    }
-            }
-            m->dropout_seed = mix(mix(o->seed, (uint64_t)step), (uint64_t)mb);
-            double l;
-            rc = model_forward(m, lora, tok, o->pack ? pos : NULL, o->pack ? seg : NULL, tgt,
-                               count ? 1.0f / (float)count : 0.0f, &l, err);
-            if (rc)
-                goto out;
-            model_backward(m, lora, lora ? grad : NULL, lora ? NULL : &gw);
-            sum += l;
-            tokens += (long)BT;
-        }
-        if (dist && (rc = dist->allreduce_sum(dist->ctx, grad, n, &sum, 1, err)))
-            goto out;
-        loss = count ? sum / (double)count : 0.0;
-        double gnorm = adamw_grad_norm(grad, n);
+        double ts = lk_now(), loss;
+        int rows;
+        if ((rc = step_gradient(&x, o, m, lora, d, step, &loss, &rows, &tokens, err)))
+            break;
+        double gnorm = adamw_grad_norm(x.grad, x.n);
         if (o->dump_grads) {
-            if (rank != 0) {
-                st->last_loss = loss;
-                goto out;
-            }
-            rc = lora ? lora_save_tensors(lora, grad, o->dump_grads, err)
-                      : model_weights_save_st(&gw, &m->cfg, o->dump_grads, TENSOR_F32, err);
             st->last_loss = loss;
-            goto out;
+            rc = dump_grads(&x, o, m, lora, err);
+            break;
         }
         if (!isfinite(loss) || !isfinite(gnorm)) {
             rc = lk_errf(err, LK_ERR_NUMERIC, "step %ld: the %s is not finite (%g); stopping%s%s", step + 1,
                          isfinite(loss) ? "gradient norm" : "loss", isfinite(loss) ? gnorm : loss,
-                         last_ckpt[0] ? ", the last good checkpoint is " : "", last_ckpt);
-            goto out;
+                         x.last_ckpt[0] ? ", the last good checkpoint is " : "", x.last_ckpt);
+            break;
         }
-        // 3. clip, schedule, AdamW
         if (o->clip > 0 && gnorm > o->clip) {
             float c = (float)(o->clip / gnorm);
-            for (size_t i = 0; i < n; i++)
-                grad[i] *= c;
+            for (size_t i = 0; i < x.n; i++)
+                x.grad[i] *= c;
         }
         double lr = adamw_lr(o->schedule, o->lr, step, o->warmup, st->total);
-        long t = step + 1;
-        if (lora) {
-            for (int k = 0; k < lora->n_mod; k++) {
-                struct lora_module *md = &lora->mod[k];
-                size_t na = (size_t)md->R * md->in, nb = (size_t)md->out * md->R;
-                size_t oa = (size_t)(md->A - P), ob = (size_t)(md->B - P);
-                adamw_step(&o->adam, md->A, grad + oa, mo + oa, vo + oa, na, (float)lr, (float)o->weight_decay, t);
-                adamw_step(&o->adam, md->B, grad + ob, mo + ob, vo + ob, nb, (float)(lr * o->loraplus_ratio),
-                           (float)o->weight_decay, t);
-                if (md->mag) {
-                    // PEFT's LoRA+ puts 1-D adapter parameters (the magnitudes) with B
-                    size_t om = (size_t)(md->mag - P);
-                    adamw_step(&o->adam, md->mag, grad + om, mo + om, vo + om, (size_t)md->out,
-                               (float)(lr * o->loraplus_ratio), (float)o->weight_decay, t);
-                }
-                if (md->bias) {
-                    size_t oc = (size_t)(md->bias - P);
-                    adamw_step(&o->adam, md->bias, grad + oc, mo + oc, vo + oc, (size_t)md->out,
-                               (float)(lr * o->loraplus_ratio), 0.0f, t);
-                }
-            }
-        } else {
-            // no weight decay on biases and norms (transformers' Trainer default)
-            for (int k = 0; k < n_mt; k++) {
-                size_t off = (size_t)(mt[k].data - P);
-                int decay = !mt[k].is_bias && mt[k].ndim == 2;
-                adamw_step(&o->adam, mt[k].data, grad + off, mo + off, vo + off, mt[k].numel, (float)lr,
-                           decay ? (float)o->weight_decay : 0.0f, t);
-            }
-        }
+        step_update(&x, o, lora, lr, step + 1);
         if (isnan(st->first_loss))
             st->first_loss = loss;
         if (step == step0)
             t_first = lk_now();
         else {
-            tokens_after_first += (long)(last - first) * T;
+            tokens_after_first += (long)rows * x.T;
             st->tokens_per_s = (double)tokens_after_first / (lk_now() - t_first);
         }
         st->last_loss = loss;
         st->step = step + 1;
-        // 4. held-out loss, progress, checkpoints
-        struct train_progress p = { step + 1, st->total, loss, lr, gnorm, 0, 0, NAN, tokens };
         double now = lk_now();
-        p.elapsed_s = now - t0;
-        p.tokens_per_s = (double)(last - first) * T / (now - ts > 1e-9 ? now - ts : 1e-9);
-        int want_eval = eval && eval->n && ((o->eval_every && (step + 1) % o->eval_every == 0) ||
-                                            step + 1 == st->total);
-        if (want_eval) {
-            if ((rc = train_eval_loss(m, lora, eval, B, &p.eval_loss, err)))
-                goto out;
-            st->last_eval_loss = p.eval_loss;
-        }
-        if (h && h->on_step)
-            h->on_step(h->ctx, &p);
-        int stop = lk_interrupted;
-        if (dist) {
-            // every rank stops together when any of them was interrupted
-            double flag = stop;
-            if ((rc = dist->allreduce_sum(dist->ctx, NULL, 0, &flag, 1, err)))
-                goto out;
-            stop = flag > 0;
-        }
-        if (rank == 0 && o->ckpt_dir && ((o->save_every && (step + 1) % o->save_every == 0) || stop)) {
-            if ((rc = checkpoint_save(o, m, lora, mo, vo, n, step + 1, st->total, loss, last_ckpt,
-                                      sizeof last_ckpt, err)))
-                goto out;
-            if (h && h->on_checkpoint)
-                h->on_checkpoint(h->ctx, step + 1, last_ckpt);
-        }
-        if (stop) {
-            rc = lk_errf(err, LK_ERR_INTERRUPTED, "interrupted at step %ld%s%s", step + 1,
-                         last_ckpt[0] ? "; resume from " : "", last_ckpt);
-            goto out;
-        }
+        struct train_progress p = { step + 1, st->total, loss, lr, gnorm, 0, now - t0, NAN, tokens };
+        p.tokens_per_s = (double)rows * x.T / (now - ts > 1e-9 ? now - ts : 1e-9);
+        rc = step_after(&x, o, m, lora, eval, h, st, &p, step, err);
     }
-out:
-    if (!lora)
-        model_weights_release(&gw);
-    else
-        lk_free(grad);
-    lk_free(mo);
-    lk_free(vo);
-    lk_free(perm);
-    lk_free(ibuf);
-    lk_free(mt);
-    rows_release(&r);
+    loop_release(&x, lora);
     return rc;
 }
