@@ -6,6 +6,7 @@
  */
 #include "test.h"
 
+#include <malloc.h>
 #include <math.h>
 #include <signal.h>
 #include <stdlib.h>
@@ -427,5 +428,65 @@ TEST(train_dora_writes_magnitudes_that_load_and_run)
     CHECK_INT(test_sh("%s train --model '%s/m' --data '%s/d.jsonl' --out '%s/ad2' --dora --dropout 0.1 --steps 1",
                       test_lorakit(), test_tmpdir(), test_tmpdir(), test_tmpdir()), 2);
     lora_release(&l);
+    model_release(&m);
+}
+
+TEST(train_unknown_dtype_is_a_usage_error)
+{
+    // checked with the other enum flags, before the model is even opened
+    CHECK_INT(test_sh("%s train --model '%s/none' --data '%s/none.jsonl' --out '%s/o' --full --dtype f8",
+                      test_lorakit(), test_tmpdir(), test_tmpdir(), test_tmpdir()), 2);
+    CHECK_MSG(strstr(test_output(), "lorakit train: error: unknown --dtype 'f8' (auto, f32, bf16, f16)"), "%s",
+              test_output());
+    CHECK(!lk_file_exists(test_path("o")));
+    CHECK_INT(test_sh("%s train --model '%s/none' --data '%s/none.jsonl' --out '%s/o' --init kaiming",
+                      test_lorakit(), test_tmpdir(), test_tmpdir(), test_tmpdir()), 2);
+    CHECK(strstr(test_output(), "unknown --init 'kaiming' (default, gaussian, pissa)"));
+}
+
+/* Bytes the process holds from malloc (0 under a sanitizer, whose allocator glibc does not see:
+ * LeakSanitizer checks those builds). */
+static size_t heap_in_use(void)
+{
+    struct mallinfo2 mi = mallinfo2();
+    return mi.uordblks + mi.hblkhd;
+}
+
+/* The Nth allocation of a full fine-tune's train_run fails, for every N until the run succeeds:
+ * LK_ERR_NOMEM each time and nothing kept (the gradient block once leaked when the weights-shaped
+ * gradient could not be allocated). */
+TEST(train_allocation_failures_leak_nothing)
+{
+    CHECK_INT(test_sh("%s init --preset tiny --out '%s/m' --seed 4 --dtype f32", test_lorakit(), test_tmpdir()), 0);
+    write_pretokenized("d.jsonl", 6, 10, 3);
+    struct model m;
+    struct data_set d;
+    struct data_opts dop = { 64, 0, 0, NULL, 0 };
+    CHECK_OK(model_load(&m, test_path("m"), test_err()));
+    CHECK_OK(data_load(&d, test_path("d.jsonl"), NULL, &dop, test_err()));
+    struct train_opts o;
+    train_opts_default(&o);
+    o.steps = 1;
+    o.batch = 2;
+    o.seq = 16;
+    struct train_state st;
+    CHECK_OK(train_run(&o, &m, NULL, &d, NULL, NULL, NULL, &st, test_err())); // warm-up: BLAS, the plan
+    size_t block = sizeof(float) * m.w.n;
+    int done = 0;
+    long n;
+    for (n = 1; n < 1000 && !done; n++) {
+        struct lk_err e = { 0 };
+        size_t before = heap_in_use();
+        lk_fail_countdown = n;
+        int rc = train_run(&o, &m, NULL, &d, NULL, NULL, NULL, &st, &e);
+        lk_fail_countdown = 0;
+        size_t after = heap_in_use();
+        done = rc == LK_OK;
+        CHECK_MSG(done || rc == LK_ERR_NOMEM, "allocation %ld: status %d: %s", n, rc, e.msg);
+        CHECK_MSG(after < before + block / 2, "allocation %ld failed and %zu bytes stayed allocated", n,
+                  after - before);
+    }
+    CHECK_MSG(done, "no run succeeded after %ld failed allocations", n);
+    data_release(&d);
     model_release(&m);
 }

@@ -2,7 +2,7 @@
  * train.c - `lorakit train`: LoRA (or full) fine-tuning of a Hugging Face model folder on
  * JSONL data, with checkpoints, progress and the runs database.
  */
-#include <cblas.h>
+#include <cJSON.h>
 #include <limits.h>
 #include <math.h>
 #include <stdio.h>
@@ -43,11 +43,15 @@ struct train_cli {
     long rank, steps, batch, grad_accum, seq, warmup, seed, eval_every, save_every, threads, log_every;
     double alpha, dropout, loraplus, lr, epochs, weight_decay, clip;
     int rslora, dora, full, pack, overwrite, skip_bad, train_on_prompt, quiet;
+    /* from the enum flags, checked at parse time */
+    enum adamw_schedule sched;
+    enum lora_init_kind init_kind;
+    int out_dtype;           /* --full: TENSOR_* to write, -1 auto (the base's) */
+    int ranks, lead;         /* data parallel: processes, 1 on rank 0 (which alone prints and writes) */
 };
 
 struct progress_ctx {
-    struct rdb *db;
-    int64_t run_id;
+    struct rdb_rec *rec;
     int tty;
     long log_every;
     int quiet;
@@ -58,9 +62,12 @@ struct progress_ctx {
 static void on_step(void *ctx, const struct train_progress *p)
 {
     struct progress_ctx *c = ctx;
-    if (c->db)
-        rdb_train_step(c->db, c->run_id, p->step, p->loss, p->lr, p->grad_norm, p->tokens_per_s,
-                       p->elapsed_s, p->eval_loss, NULL);
+    struct lk_err e = { 0 };
+    if (c->rec->active && rdb_train_step(&c->rec->db, c->rec->run_id, p->step, p->loss, p->lr, p->grad_norm,
+                                         p->tokens_per_s, p->elapsed_s, p->eval_loss, &e)) {
+        rdb_rec_drop(c->rec, &e);
+        lk_cli_warn("train", c->rec->warning);
+    }
     if (c->quiet)
         return;
     double eta = p->step ? p->elapsed_s / p->step * (double)(p->total - p->step) : 0;
@@ -91,28 +98,156 @@ static void on_checkpoint(void *ctx, long step, const char *dir)
         fprintf(stderr, "%scheckpoint at step %ld: %s\n", c->tty ? "\r\033[K" : "", step, dir);
 }
 
-static char *default_runs_db(const char *out)
+/* Every flag, checked before any work: required ones, combinations, ranges, the enums
+ * (--schedule, --init, --dtype), and the output folder (lk_outdir's rule; --resume continues
+ * in it). */
+static int train_check(struct train_cli *c, struct lk_err *err)
 {
-    const char *slash = strrchr(out, '/');
-    if (!slash)
-        return lk_strdup("runs.db");
-    size_t n = (size_t)(slash - out);
-    char *s = lk_malloc(n + 16);
-    if (s)
-        snprintf(s, n + 16, "%.*s/runs.db", (int)n, out);
-    return s;
+    if (!c->model || !c->data || (!c->out && !c->dump_grads))
+        return lk_errf(err, LK_ERR_USAGE, "--model, --data and --out are required (see --help)");
+    if (c->dora && (c->full || c->dropout > 0 || !strcmp(c->init, "pissa")))
+        return lk_errf(err, LK_ERR_USAGE, "--dora does not combine with %s",
+                       c->full ? "--full"
+                       : c->dropout > 0 ? "--dropout (PEFT recomputes the base on the dropped input)" : "--init pissa");
+    if (c->rank < 1 || c->rank > 4096 || c->alpha <= 0 || c->dropout < 0 || c->dropout >= 1 || c->batch < 1 ||
+        c->grad_accum < 1 || c->seq < 2 || c->epochs <= 0 || c->steps < 0 || c->warmup < 0 || c->clip < 0 ||
+        c->loraplus <= 0 || c->weight_decay < 0 || c->save_every < 0 || c->eval_every < 0 || c->log_every < 1 ||
+        c->batch > INT_MAX || c->grad_accum > INT_MAX || c->seq > INT_MAX || c->threads > 4096) // cast to int
+        return lk_errf(err, LK_ERR_USAGE, "an option is out of range (see --help)");
+    int sched = adamw_schedule_parse(c->schedule), init = lora_init_kind_parse(c->init);
+    if (sched < 0)
+        return lk_errf(err, LK_ERR_USAGE, "unknown --schedule '%s' (cosine, linear, constant)", c->schedule);
+    if (init < 0)
+        return lk_errf(err, LK_ERR_USAGE, "unknown --init '%s' (default, gaussian, pissa)", c->init);
+    c->sched = (enum adamw_schedule)sched;
+    c->init_kind = (enum lora_init_kind)init;
+    static const char *const dtypes[] = { "auto", "f32", "bf16", "f16" };
+    static const int dtype_of[] = { -1, TENSOR_F32, TENSOR_BF16, TENSOR_F16 };
+    int k = 0;
+    while (k < 4 && strcmp(c->dtype, dtypes[k]))
+        k++;
+    if (k == 4)
+        return lk_errf(err, LK_ERR_USAGE, "unknown --dtype '%s' (auto, f32, bf16, f16)", c->dtype);
+    c->out_dtype = dtype_of[k];
+    if (c->full && (c->adapter || c->init_kind != LORA_INIT_DEFAULT))
+        return lk_errf(err, LK_ERR_USAGE, "--full trains every weight: --adapter and --init do not apply");
+    if (c->out && !c->resume && lk_outdir_check(c->out, c->overwrite, err)) {
+        if (err->code == LK_ERR_EXISTS && lk_is_dir(c->out)) // the usual case: an earlier run's output
+            lk_errf(err, LK_ERR_EXISTS, "%s: output folder exists and is not empty (use --overwrite, or "
+                    "--resume %s)", c->out, c->out);
+        return err->code;
+    }
+    return LK_OK;
 }
 
-static int folder_nonempty(const char *dir)
+/* The model, its tokenizer (unless every record is pre-tokenized) and the data. */
+static int train_load(const struct train_cli *c, struct model *m, struct tok **tk, struct data_set *d,
+                      struct data_set *ev, struct lk_err *err)
 {
-    if (!lk_is_dir(dir))
-        return lk_file_exists(dir);
-    char probe[4200];
-    snprintf(probe, sizeof probe, "%s/adapter_config.json", dir);
-    if (lk_file_exists(probe))
-        return 1;
-    snprintf(probe, sizeof probe, "%s/config.json", dir);
-    return lk_file_exists(probe);
+    int rc = model_load(m, c->model, err);
+    if (rc)
+        return rc;
+    const char *tdir = c->tokenizer ? c->tokenizer : c->model;
+    char tpath[4200];
+    snprintf(tpath, sizeof tpath, "%s/tokenizer.json", tdir);
+    if (lk_file_exists(tpath) && (rc = tok_load(tk, tdir, err)))
+        return rc;
+    if (c->tokenizer && !*tk)
+        return lk_errf(err, LK_ERR_MISSING, "%s: no tokenizer.json", c->tokenizer);
+    struct data_opts dopt = { (int)c->seq, c->skip_bad, c->train_on_prompt, c->tmpl, m->cfg.vocab_size };
+    if ((rc = data_load(d, c->data, *tk, &dopt, err)))
+        return rc;
+    if (d->n_trained == 0)
+        return lk_errf(err, LK_ERR_USAGE, "%s: no token to train on (every label is -100 after templating "
+                       "and truncation)", c->data);
+    return c->eval_data ? data_load(ev, c->eval_data, *tk, &dopt, err) : LK_OK;
+}
+
+static void train_opts_from_cli(const struct train_cli *c, struct train_opts *o)
+{
+    train_opts_default(o);
+    o->steps = c->steps;
+    o->epochs = c->epochs;
+    o->batch = (int)c->batch;
+    o->grad_accum = (int)c->grad_accum;
+    o->seq = (int)c->seq;
+    o->pack = c->pack;
+    o->lr = c->lr > 0 ? c->lr : c->full ? 2e-5 : 2e-4;
+    o->loraplus_ratio = c->loraplus;
+    o->warmup = c->warmup;
+    o->schedule = c->sched;
+    o->weight_decay = c->weight_decay;
+    o->clip = c->clip;
+    o->seed = (uint64_t)c->seed;
+    o->eval_every = c->eval_every;
+    o->save_every = c->save_every;
+    o->ckpt_dir = c->dump_grads ? NULL : c->out;
+    o->dump_grads = c->dump_grads;
+    o->dist = train_cli_dist;
+}
+
+static void print_plan(const struct train_cli *c, const struct data_set *d, const struct train_state *st,
+                       size_t trainable, size_t all)
+{
+    fprintf(stderr, "trainable params: %zu || all params: %zu || trainable%%: %.4f\n", trainable, all,
+            100.0 * (double)trainable / (double)all);
+    fprintf(stderr, "data: %d records, %zu tokens (%zu trained on), %d truncated to %ld tokens%s", d->n, d->n_tokens,
+            d->n_trained, d->n_truncated, c->seq, d->n_skipped ? "" : "\n");
+    if (d->n_skipped)
+        fprintf(stderr, ", %d broken lines skipped\n", d->n_skipped);
+    fprintf(stderr, "plan: %ld steps of %ld rows x %d tokens (batch %ld x grad-accum %ld)%s\n", st->total,
+            c->batch * c->grad_accum, st->T, c->batch, c->grad_accum, c->pack ? ", packed" : "");
+    if (c->ranks > 1)
+        fprintf(stderr, "data parallel: %d ranks, micro-batches of %ld rows per rank\n", c->ranks,
+                (c->batch + c->ranks - 1) / c->ranks);
+}
+
+/* The run record's parameters and summary, with the precision the record always had. */
+static cJSON *train_params(const struct train_cli *c, const struct train_opts *o, const struct train_state *st,
+                           const struct data_set *d, size_t trainable, size_t all)
+{
+    cJSON *j = cJSON_CreateObject();
+    cJSON_AddStringToObject(j, "mode", c->full ? "full" : "lora");
+    cJSON_AddNumberToObject(j, "rank", (double)c->rank);
+    cJSON_AddNumberToObject(j, "alpha", lk_cli_round(c->alpha, "%g"));
+    cJSON_AddNumberToObject(j, "dropout", lk_cli_round(c->dropout, "%g"));
+    cJSON_AddStringToObject(j, "targets", c->targets);
+    cJSON_AddBoolToObject(j, "rslora", c->rslora);
+    cJSON_AddStringToObject(j, "init", c->init);
+    cJSON_AddNumberToObject(j, "lr", lk_cli_round(o->lr, "%g"));
+    cJSON_AddNumberToObject(j, "steps", (double)st->total);
+    cJSON_AddNumberToObject(j, "batch", (double)c->batch);
+    cJSON_AddNumberToObject(j, "grad_accum", (double)c->grad_accum);
+    cJSON_AddNumberToObject(j, "seq", (double)c->seq);
+    cJSON_AddBoolToObject(j, "pack", c->pack);
+    cJSON_AddNumberToObject(j, "warmup", (double)c->warmup);
+    cJSON_AddStringToObject(j, "schedule", c->schedule);
+    cJSON_AddNumberToObject(j, "weight_decay", lk_cli_round(c->weight_decay, "%g"));
+    cJSON_AddNumberToObject(j, "clip", lk_cli_round(c->clip, "%g"));
+    cJSON_AddNumberToObject(j, "seed", (double)c->seed);
+    cJSON_AddNumberToObject(j, "loraplus_ratio", lk_cli_round(c->loraplus, "%g"));
+    cJSON_AddNumberToObject(j, "trainable_params", (double)trainable);
+    cJSON_AddNumberToObject(j, "all_params", (double)all);
+    cJSON_AddNumberToObject(j, "records", d->n);
+    cJSON_AddNumberToObject(j, "tokens", (double)d->n_tokens);
+    cJSON_AddNumberToObject(j, "truncated", d->n_truncated);
+    return j;
+}
+
+static cJSON *train_summary(const struct train_state *st, const struct data_set *d, const struct data_set *ev,
+                            double secs)
+{
+    cJSON *j = cJSON_CreateObject();
+    cJSON_AddNumberToObject(j, "steps", (double)st->step);
+    cJSON_AddNumberToObject(j, "first_loss", lk_cli_round(st->first_loss, "%.6g"));
+    cJSON_AddNumberToObject(j, "final_loss", lk_cli_round(st->last_loss, "%.6g"));
+    cJSON_AddNumberToObject(j, "eval_loss", ev->n && isfinite(st->last_eval_loss) ? lk_cli_round(st->last_eval_loss,
+                                                                                                  "%.6g") : NAN);
+    cJSON_AddNumberToObject(j, "seconds", lk_cli_round(secs, "%.3f"));
+    cJSON_AddNumberToObject(j, "tokens_per_s", lk_cli_round(st->tokens_per_s, "%.1f"));
+    cJSON_AddNumberToObject(j, "truncated", d->n_truncated);
+    cJSON_AddNumberToObject(j, "skipped", d->n_skipped);
+    return j;
 }
 
 /* The tokenizer and generation files a model folder carries along. */
@@ -130,6 +265,75 @@ static int copy_side_files(const char *tdir, const char *mdir, const char *out, 
                 return rc;
         }
     }
+    return LK_OK;
+}
+
+/* The result: a model folder (--full, in --dtype) with the tokenizer's files, or the adapter. */
+static int train_save(const struct train_cli *c, const struct model *m, const struct lora *l, const struct tok *tk,
+                      struct lk_err *err)
+{
+    if (!c->full)
+        return c->init_kind == LORA_INIT_PISSA ? lora_save_pissa(l, m, c->out, err) : lora_save(l, c->out, err);
+    int dtype = c->out_dtype >= 0                            ? c->out_dtype
+                : !strcmp(m->cfg.torch_dtype, "bfloat16") ? TENSOR_BF16
+                : !strcmp(m->cfg.torch_dtype, "float16")  ? TENSOR_F16
+                                                          : TENSOR_F32;
+    int rc = model_save(m, c->out, dtype, err);
+    if (!rc && tk)
+        rc = copy_side_files(c->tokenizer ? c->tokenizer : c->model, c->model, c->out, err);
+    return rc;
+}
+
+/* The training run from loaded inputs: plan, record, train, save, summary. rec is begun here
+ * (rank 0 with an --out only) and finished by the caller. */
+static int train_go(struct train_cli *c, struct model *m, struct lora *l, const struct tok *tk,
+                    const struct data_set *d, const struct data_set *ev, struct rdb_rec *rec, struct lk_err *err)
+{
+    struct train_opts o;
+    struct train_state st;
+    train_opts_from_cli(c, &o);
+    int rc = train_plan(&o, d, &st, err);
+    if (rc)
+        return rc;
+    size_t base_n = model_param_count(&m->cfg), trainable = c->full ? base_n : lora_param_count(l);
+    size_t all = c->full ? base_n : base_n + trainable;
+    if (!c->quiet)
+        print_plan(c, d, &st, trainable, all);
+    if (c->out && !c->dump_grads && c->lead) {
+        if ((rc = lk_mkdir_p(c->out, err)))
+            return rc;
+        char *runs = c->runs ? NULL : rdb_default_path(c->out);
+        cJSON *params = train_params(c, &o, &st, d, trainable, all);
+        if (rdb_rec_begin(rec, c->runs ? c->runs : runs, "train", c->name ? c->name : c->out, c->model, c->data,
+                          params))
+            lk_cli_warn("train", rec->warning);
+        cJSON_Delete(params);
+        lk_free(runs);
+    }
+    double t0 = lk_now();
+    struct progress_ctx pc = { rec, isatty(2), c->log_every, c->quiet, 0, c->ranks };
+    struct train_hooks hooks = { &pc, on_step, on_checkpoint };
+    if ((rc = train_run(&o, m, c->full ? NULL : l, d, ev->n ? ev : NULL, c->resume, &hooks, &st, err)))
+        return rc;
+    if (c->dump_grads) {
+        if (c->lead)
+            fprintf(stderr, "wrote the first step's gradients (loss %.6f) to %s\n", st.last_loss, c->dump_grads);
+        return LK_OK;
+    }
+    if (!c->lead || (rc = train_save(c, m, l, tk, err)))
+        return rc;
+    double secs = lk_now() - t0;
+    char rk[64] = "";
+    if (c->ranks > 1)
+        snprintf(rk, sizeof rk, " (%d ranks, %.0f/rank)", c->ranks, st.tokens_per_s / c->ranks);
+    if (!c->quiet)
+        fprintf(stderr, "done: %ld steps in %.1fs, loss %.4f -> %.4f, %.0f tok/s%s, wrote %s\n", st.step, secs,
+                st.first_loss, st.last_loss, st.tokens_per_s, rk, c->out);
+    cJSON *sum = train_summary(&st, d, ev, secs);
+    if (rdb_rec_finish(rec, LK_OK, sum))
+        lk_cli_warn("train", rec->warning);
+    cJSON_Delete(sum);
+    printf("%s\n", c->out);
     return LK_OK;
 }
 
@@ -190,251 +394,35 @@ int cmd_train(int argc, char **argv)
         opts_usage(stdout, &train_help, opts);
         return 0;
     }
-    if (!c.model || !c.data || (!c.out && !c.dump_grads)) {
-        lk_errf(&err, LK_ERR_USAGE, "--model, --data and --out are required (see --help)");
+    if (train_check(&c, &err))
         return lk_cli_fail("train", &err);
-    }
-    if (c.dora && (c.full || c.dropout > 0 || !strcmp(c.init, "pissa"))) {
-        lk_errf(&err, LK_ERR_USAGE, "--dora does not combine with %s",
-                c.full ? "--full" : c.dropout > 0 ? "--dropout (PEFT recomputes the base on the dropped input)"
-                                                  : "--init pissa");
-        return lk_cli_fail("train", &err);
-    }
-    if (c.rank < 1 || c.rank > 4096 || c.alpha <= 0 || c.dropout < 0 || c.dropout >= 1 || c.batch < 1 ||
-        c.grad_accum < 1 || c.seq < 2 || c.epochs <= 0 || c.steps < 0 || c.warmup < 0 || c.clip < 0 ||
-        c.loraplus <= 0 || c.weight_decay < 0 || c.save_every < 0 || c.eval_every < 0 || c.log_every < 1 ||
-        c.batch > INT_MAX || c.grad_accum > INT_MAX || c.seq > INT_MAX || c.threads > 4096) { // cast to int
-        lk_errf(&err, LK_ERR_USAGE, "an option is out of range (see --help)");
-        return lk_cli_fail("train", &err);
-    }
-    int sched = adamw_schedule_parse(c.schedule);
-    if (sched < 0) {
-        lk_errf(&err, LK_ERR_USAGE, "unknown --schedule '%s' (cosine, linear, constant)", c.schedule);
-        return lk_cli_fail("train", &err);
-    }
-    int pissa = !strcmp(c.init, "pissa"), gaussian = !strcmp(c.init, "gaussian");
-    if (!pissa && !gaussian && strcmp(c.init, "default")) {
-        lk_errf(&err, LK_ERR_USAGE, "unknown --init '%s' (default, gaussian, pissa)", c.init);
-        return lk_cli_fail("train", &err);
-    }
-    if (c.full && (c.adapter || pissa || gaussian)) {
-        lk_errf(&err, LK_ERR_USAGE, "--full trains every weight: --adapter and --init do not apply");
-        return lk_cli_fail("train", &err);
-    }
-    if (c.out && !c.resume && !c.overwrite && folder_nonempty(c.out)) {
-        lk_errf(&err, LK_ERR_EXISTS, "%s: output folder exists (use --overwrite, or --resume %s)", c.out, c.out);
-        return lk_cli_fail("train", &err);
-    }
-    if (c.threads > 0) {
-        openblas_set_num_threads((int)c.threads);
-    }
+    lk_cli_threads(c.threads);
     lk_interrupt_install();
     // data parallel (bin/lorakit-mpi): rank 0 alone prints and writes the output and runs database
-    int ranks = train_cli_dist ? train_cli_dist->size : 1;
-    int lead = !train_cli_dist || train_cli_dist->rank == 0;
-    if (!lead)
+    c.ranks = train_cli_dist ? train_cli_dist->size : 1;
+    c.lead = !train_cli_dist || train_cli_dist->rank == 0;
+    if (!c.lead)
         c.quiet = 1;
-
-    int rc;
     struct model m = { 0 };
     struct lora l = { 0 };
     struct tok *tk = NULL;
     struct data_set d = { 0 }, ev = { 0 };
-    struct rdb db = { 0 };
-    int have_db = 0;
-    int64_t run_id = 0;
-    char *runs = NULL;
-    double t0 = lk_now();
-    if ((rc = model_load(&m, c.model, &err)))
-        goto fail;
-    // tokenizer: needed unless every record is pre-tokenized
-    {
-        const char *tdir = c.tokenizer ? c.tokenizer : c.model;
-        char tpath[4200];
-        snprintf(tpath, sizeof tpath, "%s/tokenizer.json", tdir);
-        if (lk_file_exists(tpath) && (rc = tok_load(&tk, tdir, &err)))
-            goto fail;
-        if (c.tokenizer && !tk) {
-            rc = lk_errf(&err, LK_ERR_MISSING, "%s: no tokenizer.json", c.tokenizer);
-            goto fail;
-        }
-    }
-    struct data_opts dopt = { (int)c.seq, c.skip_bad, c.train_on_prompt, c.tmpl, m.cfg.vocab_size };
-    if ((rc = data_load(&d, c.data, tk, &dopt, &err)))
-        goto fail;
-    if (d.n_trained == 0) {
-        rc = lk_errf(&err, LK_ERR_USAGE, "%s: no token to train on (every label is -100 after templating "
-                     "and truncation)", c.data);
-        goto fail;
-    }
-    if (c.eval_data && (rc = data_load(&ev, c.eval_data, tk, &dopt, &err)))
-        goto fail;
-    if (!c.full) {
-        struct lora_config lc;
-        if (c.adapter) {
-            if ((rc = lora_load(&l, c.adapter, &m.cfg, &err)))
-                goto fail;
-            if (l.n_extra || l.embed_A) {
-                rc = lk_errf(&err, LK_ERR_UNSUPPORTED, "%s: continued training of embedding or "
-                             "modules_to_save adapters is not supported", c.adapter);
-                goto fail;
-            }
-            l.cfg.dropout = c.dropout;
-        } else {
-            lora_config_default(&lc);
-            lc.r = (int)c.rank;
-            lc.alpha = c.alpha;
-            lc.dropout = c.dropout;
-            lc.use_rslora = c.rslora;
-            lc.use_dora = c.dora;
-            if ((rc = lora_targets_parse(c.targets, &lc.targets, &err)))
-                goto fail;
-            snprintf(lc.base_model, sizeof lc.base_model, "%s", c.model);
-            snprintf(lc.init, sizeof lc.init, "%s", gaussian ? "gaussian" : pissa ? "pissa" : "true");
-            if ((rc = lora_init(&l, &lc, &m.cfg, &err)))
-                goto fail;
-            struct lk_rng rng;
-            lk_rng_seed(&rng, (uint64_t)c.seed);
-            if (pissa) {
-                if ((rc = lora_init_pissa(&l, &m, &err)))
-                    goto fail;
-            } else
-                lora_init_weights(&l, gaussian, &rng);
-            if (c.dora && (rc = lora_init_dora_magnitude(&l, &m, &err)))
-                goto fail;
-        }
-    }
-    struct train_opts o;
-    train_opts_default(&o);
-    o.steps = c.steps;
-    o.epochs = c.epochs;
-    o.batch = (int)c.batch;
-    o.grad_accum = (int)c.grad_accum;
-    o.seq = (int)c.seq;
-    o.pack = c.pack;
-    o.lr = c.lr > 0 ? c.lr : c.full ? 2e-5 : 2e-4;
-    o.loraplus_ratio = c.loraplus;
-    o.warmup = c.warmup;
-    o.schedule = (enum adamw_schedule)sched;
-    o.weight_decay = c.weight_decay;
-    o.clip = c.clip;
-    o.seed = (uint64_t)c.seed;
-    o.eval_every = c.eval_every;
-    o.save_every = c.save_every;
-    o.ckpt_dir = c.dump_grads ? NULL : c.out;
-    o.dump_grads = c.dump_grads;
-    o.dist = train_cli_dist;
-    struct train_state st;
-    if ((rc = train_plan(&o, &d, &st, &err)))
-        goto fail;
-    size_t base_n = model_param_count(&m.cfg);
-    size_t trainable = c.full ? base_n : lora_param_count(&l);
-    size_t all = c.full ? base_n : base_n + trainable;
-    if (!c.quiet) {
-        fprintf(stderr, "trainable params: %zu || all params: %zu || trainable%%: %.4f\n", trainable, all,
-                100.0 * (double)trainable / (double)all);
-        fprintf(stderr, "data: %d records, %zu tokens (%zu trained on), %d truncated to %ld tokens%s",
-                d.n, d.n_tokens, d.n_trained, d.n_truncated, c.seq, d.n_skipped ? "" : "\n");
-        if (d.n_skipped)
-            fprintf(stderr, ", %d broken lines skipped\n", d.n_skipped);
-        fprintf(stderr, "plan: %ld steps of %ld rows x %d tokens (batch %ld x grad-accum %ld)%s\n", st.total,
-                c.batch * c.grad_accum, st.T, c.batch, c.grad_accum, c.pack ? ", packed" : "");
-        if (ranks > 1)
-            fprintf(stderr, "data parallel: %d ranks, micro-batches of %ld rows per rank\n", ranks,
-                    (c.batch + ranks - 1) / ranks);
-    }
-    if (c.out && !c.dump_grads && lead) {
-        if ((rc = lk_mkdir_p(c.out, &err)))
-            goto fail;
-        runs = c.runs ? lk_strdup(c.runs) : default_runs_db(c.out);
-        if (runs && rdb_open(&db, runs, &err) == LK_OK) {
-            have_db = 1;
-            char params[1024];
-            snprintf(params, sizeof params,
-                     "{\"mode\":\"%s\",\"rank\":%ld,\"alpha\":%g,\"dropout\":%g,\"targets\":\"%s\","
-                     "\"rslora\":%s,\"init\":\"%s\",\"lr\":%g,\"steps\":%ld,\"batch\":%ld,\"grad_accum\":%ld,"
-                     "\"seq\":%ld,\"pack\":%s,\"warmup\":%ld,\"schedule\":\"%s\",\"weight_decay\":%g,"
-                     "\"clip\":%g,\"seed\":%ld,\"loraplus_ratio\":%g,\"trainable_params\":%zu,"
-                     "\"all_params\":%zu,\"records\":%d,\"tokens\":%zu,\"truncated\":%d}",
-                     c.full ? "full" : "lora", c.rank, c.alpha, c.dropout, c.targets, c.rslora ? "true" : "false",
-                     c.init, o.lr, st.total, c.batch, c.grad_accum, c.seq, c.pack ? "true" : "false", c.warmup,
-                     c.schedule, c.weight_decay, c.clip, c.seed, c.loraplus, trainable, all, d.n, d.n_tokens,
-                     d.n_truncated);
-            if (rdb_run_begin(&db, "train", c.name ? c.name : c.out, c.model, c.data, params, &run_id, &err)) {
-                rdb_close(&db, NULL);
-                have_db = 0;
-            }
-        }
-        if (!have_db && !c.quiet) {
-            fprintf(stderr, "lorakit train: warning: runs database not written: %s\n", err.msg);
-            err.code = LK_OK;
-        }
-    }
-    struct progress_ctx pc = { have_db ? &db : NULL, run_id, isatty(2), c.log_every, c.quiet, 0, ranks };
-    struct train_hooks hooks = { &pc, on_step, on_checkpoint };
-    rc = train_run(&o, &m, c.full ? NULL : &l, &d, ev.n ? &ev : NULL, c.resume, &hooks, &st, &err);
-    if (rc == LK_OK && !lead)
-        goto done;
-    if (rc == LK_OK && c.dump_grads) {
-        fprintf(stderr, "wrote the first step's gradients (loss %.6f) to %s\n", st.last_loss, c.dump_grads);
-        goto done;
-    }
-    if (rc)
-        goto fail;
-    // the result
-    if (c.full) {
-        int dtype = TENSOR_F32;
-        if (!strcmp(c.dtype, "bf16"))
-            dtype = TENSOR_BF16;
-        else if (!strcmp(c.dtype, "f16"))
-            dtype = TENSOR_F16;
-        else if (!strcmp(c.dtype, "auto"))
-            dtype = !strcmp(m.cfg.torch_dtype, "bfloat16") ? TENSOR_BF16
-                    : !strcmp(m.cfg.torch_dtype, "float16") ? TENSOR_F16 : TENSOR_F32;
-        rc = model_save(&m, c.out, dtype, &err);
-        if (!rc && tk)
-            rc = copy_side_files(c.tokenizer ? c.tokenizer : c.model, c.model, c.out, &err);
-    } else {
-        rc = pissa ? lora_save_pissa(&l, &m, c.out, &err) : lora_save(&l, c.out, &err);
-    }
-    if (rc)
-        goto fail;
-    double secs = lk_now() - t0;
-    char rk[64] = "";
-    if (ranks > 1)
-        snprintf(rk, sizeof rk, " (%d ranks, %.0f/rank)", ranks, st.tokens_per_s / ranks);
-    if (!c.quiet)
-        fprintf(stderr, "done: %ld steps in %.1fs, loss %.4f -> %.4f, %.0f tok/s%s, wrote %s\n", st.step, secs,
-                st.first_loss, st.last_loss, st.tokens_per_s, rk, c.out);
-    if (have_db) {
-        char summary[512], evs[32] = "null";
-        if (ev.n && isfinite(st.last_eval_loss))
-            snprintf(evs, sizeof evs, "%.6g", st.last_eval_loss);
-        snprintf(summary, sizeof summary,
-                 "{\"steps\":%ld,\"first_loss\":%.6g,\"final_loss\":%.6g,\"eval_loss\":%s,\"seconds\":%.3f,"
-                 "\"tokens_per_s\":%.1f,\"truncated\":%d,\"skipped\":%d}",
-                 st.step, st.first_loss, st.last_loss, evs, secs, st.tokens_per_s, d.n_truncated, d.n_skipped);
-        rdb_run_finish(&db, run_id, RDB_DONE, summary, NULL);
-    }
-    printf("%s\n", c.out);
-fail:
-    if (rc && have_db)
-        rdb_run_finish(&db, run_id, rc == LK_ERR_INTERRUPTED ? RDB_INTERRUPTED : RDB_FAILED, NULL, NULL);
-done:
-    if (have_db)
-        rdb_close(&db, NULL);
-    lk_free(runs);
+    struct rdb_rec rec = { 0 };
+    struct lora_build_opts lb = { c.adapter, (int)c.rank, c.alpha, c.dropout, c.rslora, c.dora, c.targets,
+                                  c.init_kind, (uint64_t)c.seed, c.model };
+    int rc = train_load(&c, &m, &tk, &d, &ev, &err);
+    if (!rc && !c.full)
+        rc = lora_build(&l, &m, &lb, &err);
+    if (!rc)
+        rc = train_go(&c, &m, &l, tk, &d, &ev, &rec, &err);
+    if (rc && rdb_rec_finish(&rec, rc, NULL))
+        lk_cli_warn("train", rec.warning);
     data_release(&d);
     data_release(&ev);
     tok_free(tk);
     lora_release(&l);
     model_release(&m);
-    if (!rc)
-        return 0;
-    if (rc == LK_ERR_INTERRUPTED) {
-        if (lead)
-            fprintf(stderr, "lorakit train: %s\n", err.msg);
-        return 130;
-    }
-    return lk_cli_fail("train", &err);
+    if (rc == LK_ERR_INTERRUPTED && !c.lead)
+        return 130; // every rank stopped at the same step; rank 0 alone says so
+    return rc ? lk_cli_fail("train", &err) : 0;
 }
