@@ -5,7 +5,6 @@
  * honest (a run that fails after it was recorded is finished as 'failed').
  */
 #include <cJSON.h>
-#include <limits.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -244,9 +243,8 @@ int cmd_eval(int argc, char **argv)
     }
     if (!c.model || !c.qa)
         lk_errf(&err, LK_ERR_USAGE, "--model and --qa are required (see --help)");
-    else if (c.max_new < 1 || c.max_new > 100000 || c.limit < 0 || c.limit > INT_MAX || c.show < 0 || c.seed < 0 ||
-             c.chunk_tokens < 1 || c.chunk_tokens > INT_MAX || c.overlap < 0 || c.overlap >= c.chunk_tokens ||
-             c.threads < 0 || c.threads > 4096)
+    else if (c.max_new < 1 || c.max_new > 100000 || c.limit < 0 || c.show < 0 || c.seed < 0 || c.chunk_tokens < 1 ||
+             c.overlap < 0 || c.overlap >= c.chunk_tokens)
         lk_errf(&err, LK_ERR_USAGE, "an option is out of range (see --help)");
     struct ev_setup_opts so = { c.model, c.adapter, c.tuned, c.qa, c.docs, c.index, c.modes, c.k, c.tmpl,
                                 c.fts_tok, (int)c.limit, (int)c.max_new, (int)c.chunk_tokens, (int)c.overlap,
