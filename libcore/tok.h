@@ -74,18 +74,33 @@ int tok_nfc(const char *text, size_t len, char **out, size_t *out_len, struct lk
 size_t tok_utf8_check(const char *s, size_t len);
 
 // ---- training (tok_train.c) ----
+enum tok_train_stage { TOK_TRAIN_COUNTED = 0, TOK_TRAIN_MERGING, TOK_TRAIN_DONE };
+/* Where a training run is: the words were counted, every 1000 merges, the merges ended. */
+struct tok_train_progress {
+    enum tok_train_stage stage;
+    size_t words;             /* distinct words */
+    int merges;               /* merges so far */
+    int vocab;                /* ids so far: 256 bytes + merges (specials come after) */
+    int specials;
+};
+/* Progress of a training run (libcore prints nothing: the caller does). */
+struct tok_train_hooks {
+    void *ctx;
+    void (*progress)(void *ctx, const struct tok_train_progress *p);
+};
 struct tok_train_opts {
     const char *const *files; /* borrowed: text files read whole */
     int n_files;
     int vocab_size;           /* total, including the 256 byte tokens and the specials */
     const char *const *extra_specials; /* borrowed, may be NULL: more added special tokens */
     int n_extra_specials;
-    int verbose;              /* progress on stderr (only tools set this) */
+    const struct tok_train_hooks *hooks; /* borrowed, may be NULL: progress */
 };
 /* Learns a byte-level BPE and writes out_dir/tokenizer.json and tokenizer_config.json
  * (atomically; out_dir is created). Specials <|endoftext|>, <|im_start|>, <|im_end|> come
  * after the BPE ids; the chat template is chatml. Deterministic: same input, same files.
- * Stops early (fewer merges) when no pair occurs twice. */
+ * Stops early (fewer merges) when no pair occurs twice; LK_ERR_INTERRUPTED (nothing written)
+ * when lk_interrupted is set during the merges. */
 int tok_train(const struct tok_train_opts *o, const char *out_dir, struct lk_err *err);
 
 #endif

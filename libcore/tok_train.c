@@ -578,13 +578,19 @@ static int count_file(struct trainer *tr, pcre2_code *re, pcre2_match_data *md, 
     return rc;
 }
 
-static int train(struct trainer *tr, const struct tok_train_opts *o, const char *const *specials, int n_specials,
-                 const char *dir, struct lk_err *err)
+static void progress(const struct tok_train_opts *o, const struct trainer *tr, int stage, int n_specials)
 {
-    int n_merges_max = o->vocab_size - 256 - n_specials;
-    if (n_merges_max < 0)
-        return lk_errf(err, LK_ERR_USAGE, "vocab size %d is too small: 256 byte tokens and %d specials need %d",
-                       o->vocab_size, n_specials, 256 + n_specials);
+    if (o->hooks && o->hooks->progress) {
+        struct tok_train_progress p = { (enum tok_train_stage)stage, tr->n_words, tr->n_merges, tr->n_tok,
+                                         n_specials };
+        o->hooks->progress(o->hooks->ctx, &p);
+    }
+}
+
+/* 1. The distinct words of every file (NFC, split by the pre-tokenizer regex) and their counts. */
+static int count_all(struct trainer *tr, const struct tok_train_opts *o, const char *const *specials,
+                     int n_specials, struct lk_err *err)
+{
     int ec;
     PCRE2_SIZE eo;
     pcre2_code *re = pcre2_compile((PCRE2_SPTR)QWEN2_REGEX, PCRE2_ZERO_TERMINATED,
@@ -600,12 +606,12 @@ static int train(struct trainer *tr, const struct tok_train_opts *o, const char 
         rc = count_file(tr, re, md, o->files[f], specials, n_specials, err);
     pcre2_match_data_free(md);
     pcre2_code_free(re);
-    if (rc)
-        return rc;
-    if (o->verbose)
-        fprintf(stderr, "tokenizer train: %zu distinct words\n", tr->n_words);
+    return rc;
+}
 
-    // base tokens and word symbols
+/* 2. The 256 byte tokens, every word as byte tokens, the pair counts and the heap of pairs. */
+static int init_symbols(struct trainer *tr, int n_merges_max, struct lk_err *err)
+{
     int32_t id_of_byte[256];
     uint32_t b2u[256];
     byte_order(id_of_byte, b2u);
@@ -640,11 +646,113 @@ static int train(struct trainer *tr, const struct tok_train_opts *o, const char 
     for (int32_t p = 0; p < tr->n_pairs; p++)
         if (tr->pcount[p] > 0 && heap_push(tr, tr->pcount[p], p))
             return lk_errf(err, LK_ERR_NOMEM, "out of memory");
+    return LK_OK;
+}
 
-    struct ivec touched = { 0 };
-    int32_t *tmp = NULL;
-    size_t tmp_cap = 0;
-    uint32_t stamp = 0;
+/* Scratch of one merge: pairs whose count changed, a word's new symbols. */
+struct merge_scratch {
+    struct ivec touched;
+    int32_t *tmp;
+    size_t tmp_cap;
+    uint32_t stamp;
+};
+
+/* Replaces pair a b by token c in word w (when it still has it), moving the pair counts; the
+ * pairs with c go to x->touched. */
+static int merge_word(struct trainer *tr, struct merge_scratch *x, int32_t w, int32_t a, int32_t b, int32_t c,
+                      struct lk_err *err)
+{
+    int32_t *s = tr->syms + tr->woff[w];
+    uint32_t n = tr->wlen[w];
+    int found = 0;
+    for (uint32_t k = 0; k + 1 < n && !found; k++)
+        found = s[k] == a && s[k + 1] == b;
+    if (!found)
+        return LK_OK; // an old entry: the word no longer has the pair
+    if (n > x->tmp_cap) {
+        int32_t *t2 = lk_realloc(x->tmp, n * 2 * sizeof *t2);
+        if (!t2)
+            return lk_errf(err, LK_ERR_NOMEM, "out of memory");
+        x->tmp = t2;
+        x->tmp_cap = n * 2;
+    }
+    int64_t cnt = tr->wcount[w];
+    int fail = 0;
+    for (uint32_t k = 0; k + 1 < n; k++)
+        fail |= pair_add(tr, s[k], s[k + 1], -cnt, w);
+    uint32_t m = 0;
+    for (uint32_t k = 0; k < n;) {
+        if (k + 1 < n && s[k] == a && s[k + 1] == b) {
+            x->tmp[m++] = c;
+            k += 2;
+        } else {
+            x->tmp[m++] = s[k++];
+        }
+    }
+    memcpy(s, x->tmp, m * sizeof *s);
+    tr->wlen[w] = m;
+    for (uint32_t k = 0; k + 1 < m; k++) {
+        fail |= pair_add(tr, s[k], s[k + 1], cnt, w);
+        if (s[k] == c || s[k + 1] == c) {
+            int32_t q = pair_get(tr, s[k], s[k + 1], 0);
+            if (q >= 0 && tr->pstamp[q] != x->stamp) {
+                tr->pstamp[q] = x->stamp;
+                fail |= ivec_push(&x->touched, q);
+            }
+        }
+    }
+    return fail ? lk_errf(err, LK_ERR_NOMEM, "out of memory") : LK_OK;
+}
+
+/* 3. One merge: the pair p becomes a new token, in every word that has it. */
+static int merge_pair(struct trainer *tr, struct merge_scratch *x, int32_t p, struct lk_err *err)
+{
+    int32_t a = tr->pa[p], b = tr->pb[p], c = tr->n_tok;
+    tr->tok_len[c] = tr->tok_len[a] + tr->tok_len[b];
+    tr->tok_bytes[c] = lk_malloc(tr->tok_len[c]);
+    if (!tr->tok_bytes[c])
+        return lk_errf(err, LK_ERR_NOMEM, "out of memory");
+    memcpy(tr->tok_bytes[c], tr->tok_bytes[a], tr->tok_len[a]);
+    memcpy(tr->tok_bytes[c] + tr->tok_len[a], tr->tok_bytes[b], tr->tok_len[b]);
+    tr->n_tok++;
+    tr->merge_a[tr->n_merges] = a;
+    tr->merge_b[tr->n_merges] = b;
+    tr->n_merges++;
+    x->stamp++;
+    x->touched.n = 0;
+    // p's word list is not appended to below (new pairs all contain c), so it is stable
+    int32_t *list = tr->pwhere[p].v;
+    uint32_t nlist = tr->pwhere[p].n;
+    int rc = LK_OK;
+    for (uint32_t li = 0; li < nlist && !rc; li++) {
+        int32_t w = list[li];
+        if (tr->wstamp[w] == x->stamp)
+            continue;
+        tr->wstamp[w] = x->stamp;
+        rc = merge_word(tr, x, w, a, b, c, err);
+    }
+    for (uint32_t i = 0; i < x->touched.n && !rc; i++) {
+        int32_t q = x->touched.v[i];
+        if (tr->pcount[q] > 0 && heap_push(tr, tr->pcount[q], q))
+            rc = lk_errf(err, LK_ERR_NOMEM, "out of memory");
+    }
+    return rc;
+}
+
+static int train(struct trainer *tr, const struct tok_train_opts *o, const char *const *specials, int n_specials,
+                 const char *dir, struct lk_err *err)
+{
+    int n_merges_max = o->vocab_size - 256 - n_specials;
+    if (n_merges_max < 0)
+        return lk_errf(err, LK_ERR_USAGE, "vocab size %d is too small: 256 byte tokens and %d specials need %d",
+                       o->vocab_size, n_specials, 256 + n_specials);
+    int rc = count_all(tr, o, specials, n_specials, err);
+    if (rc)
+        return rc;
+    progress(o, tr, TOK_TRAIN_COUNTED, n_specials);
+    if ((rc = init_symbols(tr, n_merges_max, err)))
+        return rc;
+    struct merge_scratch x = { 0 };
     while (tr->n_merges < n_merges_max && tr->n_heap && !rc) {
         struct heap_ent top = heap_pop(tr);
         int32_t p = top.pair;
@@ -655,88 +763,19 @@ static int train(struct trainer *tr, const struct tok_train_opts *o, const char 
         }
         if (top.count < 2)
             break; // nothing repeats: more merges would only memorize single words
-        int32_t a = tr->pa[p], b = tr->pb[p], c = tr->n_tok;
-        tr->tok_len[c] = tr->tok_len[a] + tr->tok_len[b];
-        tr->tok_bytes[c] = lk_malloc(tr->tok_len[c]);
-        if (!tr->tok_bytes[c]) {
-            rc = lk_errf(err, LK_ERR_NOMEM, "out of memory");
+        if (lk_interrupted) {
+            rc = lk_errf(err, LK_ERR_INTERRUPTED, "interrupted after %d merges", tr->n_merges);
             break;
         }
-        memcpy(tr->tok_bytes[c], tr->tok_bytes[a], tr->tok_len[a]);
-        memcpy(tr->tok_bytes[c] + tr->tok_len[a], tr->tok_bytes[b], tr->tok_len[b]);
-        tr->n_tok++;
-        tr->merge_a[tr->n_merges] = a;
-        tr->merge_b[tr->n_merges] = b;
-        tr->n_merges++;
-        stamp++;
-        touched.n = 0;
-        // p's word list is not appended to below (new pairs all contain c), so it is stable
-        int32_t *list = tr->pwhere[p].v;
-        uint32_t nlist = tr->pwhere[p].n;
-        for (uint32_t li = 0; li < nlist && !rc; li++) {
-            int32_t w = list[li];
-            if (tr->wstamp[w] == stamp)
-                continue;
-            tr->wstamp[w] = stamp;
-            int32_t *s = tr->syms + tr->woff[w];
-            uint32_t n = tr->wlen[w];
-            int found = 0;
-            for (uint32_t k = 0; k + 1 < n && !found; k++)
-                found = s[k] == a && s[k + 1] == b;
-            if (!found)
-                continue; // an old entry: the word no longer has the pair
-            if (n > tmp_cap) {
-                tmp_cap = n * 2;
-                int32_t *t2 = lk_realloc(tmp, tmp_cap * sizeof *t2);
-                if (!t2) {
-                    rc = lk_errf(err, LK_ERR_NOMEM, "out of memory");
-                    break;
-                }
-                tmp = t2;
-            }
-            int64_t cnt = tr->wcount[w];
-            int fail = 0;
-            for (uint32_t k = 0; k + 1 < n; k++)
-                fail |= pair_add(tr, s[k], s[k + 1], -cnt, w);
-            uint32_t m = 0;
-            for (uint32_t k = 0; k < n;) {
-                if (k + 1 < n && s[k] == a && s[k + 1] == b) {
-                    tmp[m++] = c;
-                    k += 2;
-                } else {
-                    tmp[m++] = s[k++];
-                }
-            }
-            memcpy(s, tmp, m * sizeof *s);
-            tr->wlen[w] = m;
-            for (uint32_t k = 0; k + 1 < m; k++) {
-                fail |= pair_add(tr, s[k], s[k + 1], cnt, w);
-                if (s[k] == c || s[k + 1] == c) {
-                    int32_t q = pair_get(tr, s[k], s[k + 1], 0);
-                    if (q >= 0 && tr->pstamp[q] != stamp) {
-                        tr->pstamp[q] = stamp;
-                        fail |= ivec_push(&touched, q);
-                    }
-                }
-            }
-            if (fail)
-                rc = lk_errf(err, LK_ERR_NOMEM, "out of memory");
-        }
-        for (uint32_t i = 0; i < touched.n && !rc; i++) {
-            int32_t q = touched.v[i];
-            if (tr->pcount[q] > 0 && heap_push(tr, tr->pcount[q], q))
-                rc = lk_errf(err, LK_ERR_NOMEM, "out of memory");
-        }
-        if (o->verbose && tr->n_merges % 1000 == 0)
-            fprintf(stderr, "tokenizer train: %d merges\n", tr->n_merges);
+        rc = merge_pair(tr, &x, p, err);
+        if (!rc && tr->n_merges % 1000 == 0)
+            progress(o, tr, TOK_TRAIN_MERGING, n_specials);
     }
-    lk_free(touched.v);
-    lk_free(tmp);
+    lk_free(x.touched.v);
+    lk_free(x.tmp);
     if (rc)
         return rc;
-    if (o->verbose)
-        fprintf(stderr, "tokenizer train: %d merges, vocab %d + %d specials\n", tr->n_merges, tr->n_tok,
-                n_specials);
+    progress(o, tr, TOK_TRAIN_DONE, n_specials);
     return write_files(tr, specials, n_specials, dir, err);
 }
 

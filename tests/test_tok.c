@@ -1010,3 +1010,53 @@ TEST(tok_other_byte_level_styles_match_reference)
     texts_free(&t);
     lk_free(json);
 }
+
+// ---- the trainer's progress goes through a callback (libcore prints nothing) ----
+
+struct progress_log {
+    int n, first_stage, last_stage, last_merges, last_vocab, specials, monotone;
+    size_t words;
+};
+
+static void log_progress(void *ctx, const struct tok_train_progress *p)
+{
+    struct progress_log *l = ctx;
+    if (!l->n++) {
+        l->first_stage = (int)p->stage;
+        l->words = p->words;
+    }
+    l->monotone &= p->merges >= l->last_merges && p->vocab == 256 + p->merges;
+    l->last_stage = (int)p->stage;
+    l->last_merges = p->merges;
+    l->last_vocab = p->vocab;
+    l->specials = p->specials;
+}
+
+TEST(tok_train_reports_progress_through_the_callback)
+{
+    const char *path = test_path("corpus.txt");
+    FILE *f = fopen(path, "w");
+    CHECK(f != NULL);
+    for (int i = 0; i < 400; i++)
+        fprintf(f, "word%d and word%d again; the number %d, then more text %d\n", i % 37, i % 11, i, i * 7);
+    fclose(f);
+    const char *files[] = { path };
+    struct progress_log log = { .monotone = 1 };
+    const struct tok_train_hooks hooks = { &log, log_progress };
+    struct tok_train_opts o = { files, 1, 1400, NULL, 0, &hooks };
+    CHECK_OK(tok_train(&o, test_path("tok"), test_err()));
+    CHECK_INT(log.first_stage, TOK_TRAIN_COUNTED);
+    CHECK_INT(log.last_stage, TOK_TRAIN_DONE);
+    CHECK(log.words > 30 && log.monotone && log.specials == 3);
+    CHECK(log.n >= 3); // counted, at least one "every 1000 merges", done
+    // the figures are those of the file written: as many merges and ids
+    char *text = NULL;
+    CHECK_OK(lk_read_file(test_path("tok/tokenizer.json"), &text, NULL, test_err()));
+    cJSON *j = cJSON_Parse(text);
+    lk_free(text);
+    CHECK(j != NULL);
+    const cJSON *model = cJSON_GetObjectItem(j, "model");
+    CHECK_INT(cJSON_GetArraySize(cJSON_GetObjectItem(model, "merges")), log.last_merges);
+    CHECK_INT(cJSON_GetArraySize(cJSON_GetObjectItem(model, "vocab")), log.last_vocab);
+    cJSON_Delete(j);
+}

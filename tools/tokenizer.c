@@ -21,6 +21,17 @@ static const struct cmd_help tokenizer_help = {
     "  lorakit tokenizer train --text data/corpus.txt --vocab 8000 --out models/tok8k",
 };
 
+static void on_progress(void *ctx, const struct tok_train_progress *p)
+{
+    (void)ctx;
+    if (p->stage == TOK_TRAIN_COUNTED)
+        fprintf(stderr, "tokenizer train: %zu distinct words\n", p->words);
+    else if (p->stage == TOK_TRAIN_MERGING)
+        fprintf(stderr, "tokenizer train: %d merges\n", p->merges);
+    else
+        fprintf(stderr, "tokenizer train: %d merges, vocab %d + %d specials\n", p->merges, p->vocab, p->specials);
+}
+
 int cmd_tokenizer(int argc, char **argv)
 {
     struct opt_list text = { 0 }, special = { 0 };
@@ -52,7 +63,9 @@ int cmd_tokenizer(int argc, char **argv)
         lk_errf(&err, LK_ERR_USAGE, "--vocab wants a number from 259 to 10000000, got %ld", vocab);
     if (err.code)
         return lk_cli_fail("tokenizer", &err);
-    struct tok_train_opts o = { text.v, text.n, (int)vocab, special.v, special.n, 1 };
+    const struct tok_train_hooks hooks = { NULL, on_progress };
+    struct tok_train_opts o = { text.v, text.n, (int)vocab, special.v, special.n, &hooks };
+    lk_interrupt_install();
     double t0 = lk_now();
     if (tok_train(&o, out, &err))
         return lk_cli_fail("tokenizer", &err);
