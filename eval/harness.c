@@ -1,7 +1,8 @@
 /*
  * harness.c - the eval harness (see harness.h): QA loading, rag prompts fitted to the context,
  * per-item scoring in base / rag / ft / ft+rag modes over one shared KV cache, bootstrap
- * summary, verdict, JSON and the runs database. Owns: the items, the cells, the summary.
+ * summary, verdict, JSON and the runs database, and the set-up of a run (inputs loaded and
+ * checked). Owns: the items, the cells, the summary, the set-up's models and index.
  */
 #include "harness.h"
 

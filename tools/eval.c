@@ -1,8 +1,9 @@
 /*
  * eval.c - `lorakit eval`: base / rag / ft / ft+rag on the same questions, with bootstrap
  * intervals, paired differences, a one-line verdict, and everything in the runs database.
- * The work is eval/harness.c; this file loads the inputs, prints, and keeps the run record
- * honest (a run that fails after it was recorded is finished as 'failed').
+ * The work, set-up included, is eval/harness.c; this file parses flags, records the run
+ * (rdb_rec: a run that fails after it began is finished as 'failed'; a database that cannot be
+ * written is a warning) and prints.
  */
 #include <cJSON.h>
 #include <math.h>

@@ -1,6 +1,7 @@
 /*
  * train.c - `lorakit train`: LoRA (or full) fine-tuning of a Hugging Face model folder on
- * JSONL data, with checkpoints, progress and the runs database.
+ * JSONL data, with checkpoints, progress and the runs database. The adapter comes from
+ * lora_build, the loop is train_run; this file checks flags, loads, prints and records.
  */
 #include <cJSON.h>
 #include <limits.h>
@@ -10,7 +11,6 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "../libcore/chat.h"
 #include "../libcore/data.h"
 #include "../libcore/lora.h"
 #include "../libcore/model.h"
