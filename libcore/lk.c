@@ -535,7 +535,10 @@ int lk_outdir_begin(struct lk_outdir *od, const char *path, int overwrite, struc
         lk_outdir_abort(od);
         return lk_errf(err, LK_ERR_NOMEM, "out of memory");
     }
-    snprintf(od->tmp, n, "%s.tmp.%ld", path, (long)getpid());
+    // "out/" names the folder out: without this the temporary folder would go inside it
+    for (size_t k = strlen(od->path); k > 1 && od->path[k - 1] == '/'; k--)
+        od->path[k - 1] = 0;
+    snprintf(od->tmp, n, "%s.tmp.%ld", od->path, (long)getpid());
     lk_rm_rf(od->tmp); // a stale one of a process with our pid
     if ((rc = lk_mkdir_p(od->tmp, err))) {
         lk_outdir_abort(od);

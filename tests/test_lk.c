@@ -126,6 +126,13 @@ TEST(lk_outdir_one_rule_for_every_folder)
     CHECK(!lk_file_exists(tmp));
     lk_free(tmp);
     CHECK(lk_file_exists(test_path("out/y.txt")));
+    // "out/" is the folder out: the temporary folder goes beside it, not inside
+    char slash[1024], want[1024];
+    snprintf(slash, sizeof slash, "%s/", test_path("sub"));
+    snprintf(want, sizeof want, "%s.tmp.", test_path("sub"));
+    CHECK_OK(lk_outdir_begin(&od, slash, 0, &err));
+    CHECK(!strcmp(od.path, test_path("sub")) && !strncmp(od.tmp, want, strlen(want)));
+    lk_outdir_abort(&od);
     // nothing else is left beside the outputs
     CHECK_INT(test_sh("ls -A '%s' | grep -c 'tmp\\|old' | grep -qx 0", test_tmpdir()), 0);
 }
