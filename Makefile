@@ -118,7 +118,7 @@ test: check-deps $(BIN) $(TESTBIN) $(MEDWORLD) node-ref $(OUT)/tests/faultshim.s
 	  LK_FAULTSHIM=$(CURDIR)/$(OUT)/tests/faultshim.so $(TESTBIN) $(T)
 
 # Benchmarks: one program per bench/bench_<name>.c, run with the caller's OPENBLAS_NUM_THREADS.
-bench: bench-svd bench-tok bench-train bench-diff bench-dash bench-merge bench-compress bench-eval
+bench: bench-svd bench-tok bench-train bench-diff bench-dash bench-merge bench-compress bench-eval bench-fts
 
 bench-svd: check-deps $(LIB)
 	@mkdir -p $(OUT)/bench
@@ -273,3 +273,9 @@ $(SHIM): tests/faultshim.c
 	$(CC) $(CSTD) -D_GNU_SOURCE $(WARN) $(WERROR) -O1 -g -fPIC -shared -o $@ $< -ldl
 .SECONDARY: $(FUZZ_OBJ)
 -include $(FUZZ_OBJ:.o=.d)
+
+# Retrieval on MedQuAD: document recall@5 and ms/query of lorakit's ranking against plain BM25,
+# measured in the same run (needs ../shared/data/medquad; skipped without it).
+.PHONY: bench-fts
+bench-fts: check-deps $(BIN)
+	bench/bench_fts.sh $(CURDIR)/$(BIN)

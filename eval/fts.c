@@ -172,11 +172,46 @@ int fts_chunk_text(const char *text, int chunk_tokens, int overlap, struct fts_c
 
 // ---- query building ----
 
+/* English function words: Lucene's English stop set (articles, conjunctions, prepositions,
+ * pronouns, forms of "be") plus question words, auxiliaries and personal pronouns, which
+ * questions are full of and documents too. Sorted, for bsearch. */
+static const char *const stopwords[] = {
+    "a", "am", "an", "and", "are", "as", "at", "be", "been", "being", "but", "by", "can",
+    "could", "did", "do", "does", "for", "from", "had", "has", "have", "how", "i", "if", "in",
+    "into", "is", "it", "its", "may", "me", "might", "my", "no", "not", "of", "on", "or",
+    "our", "should", "such", "that", "the", "their", "then", "there", "these", "they", "this",
+    "to", "us", "was", "we", "were", "what", "when", "where", "which", "who", "whom", "whose",
+    "why", "will", "with", "would", "you", "your",
+};
+
+struct word_ref {
+    const char *p;
+    size_t n;
+};
+
+static int cmp_stopword(const void *key, const void *elem)
+{
+    const struct word_ref *w = key;
+    const char *s = *(const char *const *)elem;
+    size_t m = strlen(s);
+    int c = memcmp(w->p, s, w->n < m ? w->n : m);
+    return c ? c : (w->n > m) - (w->n < m);
+}
+
+int fts_is_stopword(const char *w, size_t n)
+{
+    struct word_ref key = { w, n };
+    return n > 0 && n <= 8 &&
+           bsearch(&key, stopwords, sizeof stopwords / sizeof stopwords[0], sizeof stopwords[0],
+                   cmp_stopword) != NULL;
+}
+
 
 struct qterms {
     struct lk_buf q;      /* the query being built */
     struct lk_buf seen;   /* "\x01term\x01" for every term kept, for de-duplication */
     int n;
+    int drop_stopwords;
 };
 
 /* Adds one term (UTF-8 bytes, lower-cased already) unless seen or over the cap. */
@@ -219,7 +254,7 @@ static void end_run(struct qterms *qt, enum fts_tokenizer tok, const struct lk_b
     if (n_chars == 0)
         return;
     if (tok != FTS_TOK_TRIGRAM) {
-        if (n_chars <= FTS_TERM_MAX_CHARS)
+        if (n_chars <= FTS_TERM_MAX_CHARS && !(qt->drop_stopwords && fts_is_stopword(word->p, word->n)))
             add_term(qt, word->p, word->n);
         return;
     }
@@ -240,8 +275,28 @@ static void end_run(struct qterms *qt, enum fts_tokenizer tok, const struct lk_b
 
 int fts_query_build(const char *text, enum fts_tokenizer tok, char **out, struct lk_err *err)
 {
+    return fts_query_build_flags(text, tok, 0, out, err);
+}
+
+static int query_build(const char *text, enum fts_tokenizer tok, int drop_stopwords, char **out,
+                       struct lk_err *err);
+
+int fts_query_build_flags(const char *text, enum fts_tokenizer tok, unsigned flags, char **out,
+                          struct lk_err *err)
+{
+    int drop = (flags & FTS_QUERY_STOPWORDS) && tok != FTS_TOK_TRIGRAM;
+    int r = query_build(text, tok, drop, out, err);
+    if (r || !drop || (*out)[0])
+        return r;
+    lk_free(*out); // nothing but stop words: keep them
+    return query_build(text, tok, 0, out, err);
+}
+
+static int query_build(const char *text, enum fts_tokenizer tok, int drop_stopwords, char **out,
+                       struct lk_err *err)
+{
     *out = NULL;
-    struct qterms qt = { 0 };
+    struct qterms qt = { .drop_stopwords = drop_stopwords };
     struct lk_buf word = { 0 };
     size_t len = text ? strlen(text) : 0, n_chars = 0, cap_starts = 0;
     size_t *starts = NULL; // byte offset in word of each of its characters
@@ -328,7 +383,7 @@ static int json_field(const cJSON *o, const char *name, const char *file, long l
 
 struct builder {
     sqlite3 *db;
-    sqlite3_stmt *doc, *chunk, *find;
+    sqlite3_stmt *doc, *chunk, *find, *docfts;
     const char *docs_path, *tmp;
     const struct fts_settings *s;
     struct fts_build_stats st;
@@ -355,11 +410,16 @@ static int build_line(struct builder *b, const char *buf, size_t n, long line, s
     size_t nc = 0;
     if (!r)
         r = fts_chunk_text(text, b->s->chunk_tokens, b->s->overlap, &ch, &nc, err);
+    // explicit rowids: document i is row i + 1 of docs and docfts, its chunks follow the
+    // chunks of the documents before it
+    sqlite3_int64 doc_row = b->st.n_docs + 1, first_chunk = b->st.n_chunks + 1;
     if (!r) {
         sqlite3_bind_text(b->doc, 1, id, -1, SQLITE_STATIC);
         sqlite3_bind_text(b->doc, 2, title, -1, SQLITE_STATIC);
         sqlite3_bind_int64(b->doc, 3, line);
         sqlite3_bind_int64(b->doc, 4, (sqlite3_int64)nc);
+        sqlite3_bind_int64(b->doc, 5, first_chunk);
+        sqlite3_bind_int64(b->doc, 6, doc_row);
         int rc = sqlite3_step(b->doc);
         sqlite3_reset(b->doc);
         if (rc == SQLITE_CONSTRAINT) {
@@ -372,11 +432,21 @@ static int build_line(struct builder *b, const char *buf, size_t n, long line, s
             r = sql_fail(b->db, b->tmp, "writing the index", err);
         }
     }
+    if (!r) {
+        sqlite3_bind_int64(b->docfts, 1, doc_row);
+        sqlite3_bind_text(b->docfts, 2, title, -1, SQLITE_STATIC);
+        sqlite3_bind_text(b->docfts, 3, text, -1, SQLITE_STATIC);
+        int rc = sqlite3_step(b->docfts);
+        sqlite3_reset(b->docfts);
+        if (rc != SQLITE_DONE)
+            r = sql_fail(b->db, b->tmp, "writing the index", err);
+    }
     for (size_t i = 0; !r && i < nc; i++) {
         sqlite3_bind_text(b->chunk, 1, id, -1, SQLITE_STATIC);
         sqlite3_bind_text(b->chunk, 2, title, -1, SQLITE_STATIC);
         sqlite3_bind_int64(b->chunk, 3, (sqlite3_int64)i);
         sqlite3_bind_text(b->chunk, 4, text + ch[i].off, (int)ch[i].len, SQLITE_STATIC);
+        sqlite3_bind_int64(b->chunk, 5, first_chunk + (sqlite3_int64)i);
         int rc = sqlite3_step(b->chunk);
         sqlite3_reset(b->chunk);
         if (rc != SQLITE_DONE)
@@ -407,23 +477,26 @@ static int put_meta(sqlite3 *db, const char *tmp, const char *key, const char *v
 
 static int build_all(struct builder *b, FILE *f, struct lk_err *err)
 {
-    char sql[512];
+    char sql[768];
     snprintf(sql, sizeof sql,
              "PRAGMA journal_mode = OFF; PRAGMA synchronous = OFF;"
              "CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);"
              "CREATE TABLE docs(id TEXT PRIMARY KEY, title TEXT NOT NULL, line INTEGER NOT NULL,"
-             " n_chunks INTEGER NOT NULL);"
+             " n_chunks INTEGER NOT NULL, first_chunk INTEGER NOT NULL);"
+             "CREATE VIRTUAL TABLE docfts USING fts5(title, text, content = '', tokenize = '%s');"
              "CREATE VIRTUAL TABLE chunks USING fts5(doc_id UNINDEXED, title, chunk_no UNINDEXED,"
              " text, tokenize = '%s');"
              "BEGIN;",
-             tokenize_arg(b->s->tokenizer));
+             tokenize_arg(b->s->tokenizer), tokenize_arg(b->s->tokenizer));
     int r = exec_sql(b->db, b->tmp, sql, "creating the index", err);
     if (r)
         return r;
-    if (sqlite3_prepare_v2(b->db, "INSERT INTO docs(id, title, line, n_chunks) VALUES(?1, ?2, ?3, ?4)",
-                           -1, &b->doc, NULL) != SQLITE_OK ||
-        sqlite3_prepare_v2(b->db, "INSERT INTO chunks(doc_id, title, chunk_no, text)"
-                           " VALUES(?1, ?2, ?3, ?4)", -1, &b->chunk, NULL) != SQLITE_OK ||
+    if (sqlite3_prepare_v2(b->db, "INSERT INTO docs(id, title, line, n_chunks, first_chunk, rowid)"
+                           " VALUES(?1, ?2, ?3, ?4, ?5, ?6)", -1, &b->doc, NULL) != SQLITE_OK ||
+        sqlite3_prepare_v2(b->db, "INSERT INTO docfts(rowid, title, text) VALUES(?1, ?2, ?3)", -1,
+                           &b->docfts, NULL) != SQLITE_OK ||
+        sqlite3_prepare_v2(b->db, "INSERT INTO chunks(doc_id, title, chunk_no, text, rowid)"
+                           " VALUES(?1, ?2, ?3, ?4, ?5)", -1, &b->chunk, NULL) != SQLITE_OK ||
         sqlite3_prepare_v2(b->db, "SELECT line FROM docs WHERE id = ?1", -1, &b->find,
                            NULL) != SQLITE_OK)
         return sql_fail(b->db, b->tmp, "preparing the index", err);
@@ -472,7 +545,8 @@ static int build_all(struct builder *b, FILE *f, struct lk_err *err)
                          "INSERT INTO meta(key, value) VALUES('created_at',"
                          " strftime('%Y-%m-%dT%H:%M:%SZ', 'now'));"
                          "COMMIT;"
-                         "INSERT INTO chunks(chunks) VALUES('optimize');",
+                         "INSERT INTO chunks(chunks) VALUES('optimize');"
+                         "INSERT INTO docfts(docfts) VALUES('optimize');",
                          "finishing the index", err);
     return r;
 }
@@ -519,6 +593,7 @@ int fts_index_build(const char *docs_path, const char *db_path, const struct fts
     sqlite3_finalize(b.doc);
     sqlite3_finalize(b.chunk);
     sqlite3_finalize(b.find);
+    sqlite3_finalize(b.docfts);
     if (b.db && sqlite3_close(b.db) != SQLITE_OK && !r)
         r = lk_errf(err, LK_ERR_IO, "%s: cannot close", tmp);
     if (!r) { // durable before it gets its name
@@ -556,6 +631,9 @@ void fts_close(struct fts_index *idx)
         return;
     sqlite3_finalize(idx->st);
     sqlite3_finalize(idx->st_hit);
+    sqlite3_finalize(idx->st_docs);
+    sqlite3_finalize(idx->st_doc);
+    sqlite3_finalize(idx->st_best);
     if (idx->db)
         sqlite3_close(idx->db);
     lk_free(idx->path);
@@ -618,6 +696,10 @@ static int read_meta(struct fts_index *idx, struct lk_err *err)
     if (version < 1 || idx->settings.tokenizer == FTS_TOK_ANY || idx->settings.chunk_tokens <= 0 ||
         idx->settings.overlap < 0)
         return lk_errf(err, LK_ERR_FORMAT, "%s: index meta table is incomplete", idx->path);
+    if (version < FTS_VERSION)
+        return lk_errf(err, LK_ERR_UNSUPPORTED, "%s: index version %d predates document ranking "
+                       "(version %d) (hint: rebuild it with `lorakit index --overwrite`)", idx->path,
+                       version, FTS_VERSION);
     return LK_OK;
 }
 
@@ -652,7 +734,17 @@ int fts_open(struct fts_index *idx, const char *path, struct lk_err *err)
         sqlite3_prepare_v2(idx->db,
                            "SELECT title, text, snippet(chunks, 3, '[', ']', '...', 16)"
                            " FROM chunks WHERE chunks MATCH ?1 AND rowid = ?2",
-                           -1, &idx->st_hit, NULL) != SQLITE_OK) {
+                           -1, &idx->st_hit, NULL) != SQLITE_OK ||
+        sqlite3_prepare_v2(idx->db,
+                           "SELECT rowid, bm25(docfts, ?3, 1.0) AS score FROM docfts"
+                           " WHERE docfts MATCH ?1 ORDER BY score LIMIT ?2",
+                           -1, &idx->st_docs, NULL) != SQLITE_OK ||
+        sqlite3_prepare_v2(idx->db, "SELECT id, first_chunk, n_chunks FROM docs WHERE rowid = ?1", -1,
+                           &idx->st_doc, NULL) != SQLITE_OK ||
+        sqlite3_prepare_v2(idx->db,
+                           "SELECT rowid, bm25(chunks, 0.0, ?4, 0.0, 1.0) AS score, chunk_no FROM chunks"
+                           " WHERE chunks MATCH ?1 AND rowid BETWEEN ?2 AND ?3 ORDER BY score LIMIT 1",
+                           -1, &idx->st_best, NULL) != SQLITE_OK) {
         r = sql_fail(idx->db, path, "preparing the search", err);
         goto fail;
     }
@@ -678,16 +770,21 @@ int fts_index_check(const struct fts_index *idx, const struct fts_settings *want
     return LK_OK;
 }
 
-void fts_hits_free(struct fts_hit *hits, int n)
+static void fts_hits_free_items(struct fts_hit *hits, int n)
 {
-    if (!hits)
-        return;
     for (int i = 0; i < n; i++) {
         lk_free(hits[i].doc_id);
         lk_free(hits[i].title);
         lk_free(hits[i].text);
         lk_free(hits[i].snippet);
     }
+}
+
+void fts_hits_free(struct fts_hit *hits, int n)
+{
+    if (!hits)
+        return;
+    fts_hits_free_items(hits, n);
     lk_free(hits);
 }
 
@@ -700,85 +797,228 @@ static char *col_dup(sqlite3_stmt *st, int i, int *oom)
     return s;
 }
 
-/* The k best chunks; full: also title, text and snippet (a second lookup per hit). */
-static int search(struct fts_index *idx, const char *query_text, int k, int full,
-                  struct fts_hit **out, int *n, struct lk_err *err)
+const char *const fts_rank_names[3] = { "lorakit", "plain-bm25", "chunks" };
+
+/* A search in progress: the query, the hits so far, a sticky out-of-memory flag. */
+struct search {
+    struct fts_index *idx;
+    const char *q;
+    struct fts_hit *hits;
+    int cnt, oom, full;
+};
+
+/* Reads the winner's title, text and snippet (MATCH + rowid is a lookup). */
+static int hit_columns(struct search *s, struct fts_hit *h, sqlite3_int64 chunk_row)
+{
+    sqlite3_stmt *sh = s->idx->st_hit;
+    sqlite3_bind_text(sh, 1, s->q, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(sh, 2, chunk_row);
+    int rc = sqlite3_step(sh);
+    if (rc == SQLITE_ROW) {
+        h->title = col_dup(sh, 0, &s->oom);
+        h->text = col_dup(sh, 1, &s->oom);
+        h->snippet = col_dup(sh, 2, &s->oom);
+        rc = SQLITE_DONE;
+    } else if (rc == SQLITE_DONE) { // the chunk does not match (plain ranking's first chunk)
+        h->title = lk_strdup("");
+        h->text = lk_strdup("");
+        h->snippet = lk_strdup("");
+        s->oom |= !h->title || !h->text || !h->snippet;
+    }
+    sqlite3_reset(sh);
+    sqlite3_clear_bindings(sh);
+    return rc;
+}
+
+/* Version 1's ranking: the k best chunks. */
+static int rank_chunks(struct search *s, int k)
+{
+    sqlite3_stmt *st = s->idx->st;
+    sqlite3_bind_text(st, 1, s->q, -1, SQLITE_STATIC);
+    sqlite3_bind_int(st, 2, k);
+    int rc = SQLITE_DONE;
+    while (s->cnt < k && !s->oom && (rc = sqlite3_step(st)) == SQLITE_ROW) {
+        struct fts_hit *h = &s->hits[s->cnt++];
+        h->score = -sqlite3_column_double(st, 1);
+        h->doc_id = col_dup(st, 2, &s->oom);
+        h->chunk_no = sqlite3_column_int64(st, 3);
+        if (s->full && (rc = hit_columns(s, h, sqlite3_column_int64(st, 0))) != SQLITE_DONE)
+            break;
+    }
+    if (rc == SQLITE_ROW || s->oom)
+        rc = SQLITE_DONE; // stopped at k (or out of memory, reported by the caller)
+    sqlite3_reset(st);
+    sqlite3_clear_bindings(st);
+    return rc;
+}
+
+/* Best score first; equal scores keep the document ranking's order (doc_rank). */
+static int cmp_hit_score(const void *a, const void *b)
+{
+    const struct fts_hit *x = a, *y = b;
+    if (x->score != y->score)
+        return x->score < y->score ? 1 : -1;
+    return (x->doc_rank > y->doc_rank) - (x->doc_rank < y->doc_rank);
+}
+
+/* Document ranking: the k best documents by BM25 over whole documents. best = 0: each hit is
+ * the document's first chunk, scored by the document. best = 1: each hit is the document's
+ * best chunk (BM25 over that document's chunks), scored by that chunk, for re-ranking. */
+static int rank_docs(struct search *s, int k, double title_weight, int best)
+{
+    struct fts_index *idx = s->idx;
+    sqlite3_stmt *st = idx->st_docs, *sd = idx->st_doc, *sb = idx->st_best;
+    sqlite3_bind_text(st, 1, s->q, -1, SQLITE_STATIC);
+    sqlite3_bind_int(st, 2, k);
+    sqlite3_bind_double(st, 3, title_weight);
+    int rc = SQLITE_DONE;
+    while (s->cnt < k && !s->oom && (rc = sqlite3_step(st)) == SQLITE_ROW) {
+        struct fts_hit *h = &s->hits[s->cnt++];
+        h->score = -sqlite3_column_double(st, 1);
+        sqlite3_bind_int64(sd, 1, sqlite3_column_int64(st, 0));
+        if ((rc = sqlite3_step(sd)) != SQLITE_ROW) {
+            rc = rc == SQLITE_DONE ? SQLITE_CORRUPT : rc; // a docfts row without its docs row
+            sqlite3_reset(sd);
+            break;
+        }
+        h->doc_id = col_dup(sd, 0, &s->oom);
+        sqlite3_int64 first = sqlite3_column_int64(sd, 1), nc = sqlite3_column_int64(sd, 2);
+        sqlite3_int64 row = first;
+        h->chunk_no = 0;
+        sqlite3_reset(sd);
+        h->doc_rank = s->cnt;
+        if (best) { // one chunk needs the lookup too: its score replaces the document's
+            sqlite3_bind_text(sb, 1, s->q, -1, SQLITE_STATIC);
+            sqlite3_bind_int64(sb, 2, first);
+            sqlite3_bind_int64(sb, 3, first + nc - 1);
+            sqlite3_bind_double(sb, 4, title_weight);
+            if ((rc = sqlite3_step(sb)) == SQLITE_ROW) {
+                row = sqlite3_column_int64(sb, 0);
+                h->score = -sqlite3_column_double(sb, 1);
+                h->chunk_no = sqlite3_column_int64(sb, 2);
+            }
+            sqlite3_reset(sb);
+            if (rc != SQLITE_ROW && rc != SQLITE_DONE)
+                break;
+        }
+        if (s->full && (rc = hit_columns(s, h, row)) != SQLITE_DONE)
+            break;
+    }
+    if (rc == SQLITE_ROW || s->oom)
+        rc = SQLITE_DONE; // stopped at k (or out of memory, reported by the caller)
+    sqlite3_reset(st);
+    sqlite3_clear_bindings(st);
+    sqlite3_clear_bindings(sb);
+    return rc;
+}
+
+int fts_search_ranked(struct fts_index *idx, const char *query_text, int k, enum fts_rank rank,
+                      int full, struct fts_hit **out, int *n, struct lk_err *err)
 {
     *out = NULL;
     *n = 0;
     if (k <= 0)
         return LK_OK;
     char *q;
-    int r = fts_query_build(query_text, idx->settings.tokenizer, &q, err);
+    unsigned flags = rank == FTS_RANK_PLAIN ? 0 : FTS_QUERY_STOPWORDS;
+    int r = fts_query_build_flags(query_text, idx->settings.tokenizer, flags, &q, err);
     if (r)
         return r;
     if (!q[0]) {
         lk_free(q);
         return LK_OK;
     }
-    struct fts_hit *hits = lk_calloc((size_t)k, sizeof *hits);
-    if (!hits) {
+    // lorakit's ranking re-orders at least FTS_RERANK_MIN candidate documents by their best
+    // chunk, so its first results do not depend on k
+    int cap = rank == FTS_RANK_DOCS && k < FTS_RERANK_MIN ? FTS_RERANK_MIN : k;
+    struct search s = { idx, q, lk_calloc((size_t)cap, sizeof *s.hits), 0, 0, full };
+    if (!s.hits) {
         lk_free(q);
         return lk_errf(err, LK_ERR_NOMEM, "out of memory");
     }
-    sqlite3_stmt *st = idx->st, *sh = idx->st_hit;
-    sqlite3_bind_text(st, 1, q, -1, SQLITE_STATIC);
-    sqlite3_bind_int(st, 2, k);
-    int cnt = 0, oom = 0, rc = SQLITE_DONE;
-    while (cnt < k && (rc = sqlite3_step(st)) == SQLITE_ROW) {
-        struct fts_hit *h = &hits[cnt++];
-        h->score = -sqlite3_column_double(st, 1);
-        h->doc_id = col_dup(st, 2, &oom);
-        h->chunk_no = sqlite3_column_int64(st, 3);
-        if (!full) {
-            if (oom)
-                break;
-            continue;
+    int rc = rank == FTS_RANK_CHUNKS ? rank_chunks(&s, k)
+             : rank == FTS_RANK_PLAIN ? rank_docs(&s, k, 1.0, 0)
+                                      : rank_docs(&s, cap, FTS_TITLE_WEIGHT, 1);
+    if (rank == FTS_RANK_DOCS && rc == SQLITE_DONE && !s.oom) {
+        qsort(s.hits, (size_t)s.cnt, sizeof *s.hits, cmp_hit_score);
+        if (s.cnt > k) { // the candidates beyond k
+            fts_hits_free_items(s.hits + k, s.cnt - k);
+            s.cnt = k;
         }
-        sqlite3_bind_text(sh, 1, q, -1, SQLITE_STATIC);
-        sqlite3_bind_int64(sh, 2, sqlite3_column_int64(st, 0));
-        rc = sqlite3_step(sh);
-        if (rc == SQLITE_ROW) {
-            h->title = col_dup(sh, 0, &oom);
-            h->text = col_dup(sh, 1, &oom);
-            h->snippet = col_dup(sh, 2, &oom);
-        }
-        sqlite3_reset(sh);
-        if (rc != SQLITE_ROW || oom)
-            break;
     }
-    if (rc == SQLITE_ROW && !oom)
-        rc = SQLITE_DONE; // stopped at k, or every winner's columns read
-    if (oom)
+    if (s.oom)
         r = lk_errf(err, LK_ERR_NOMEM, "out of memory");
     else if (rc != SQLITE_DONE)
         r = lk_errf(err, LK_ERR_IO, "%s: search failed: %s (query %s)", idx->path,
-                    sqlite3_errmsg(idx->db), q);
-    sqlite3_reset(st);
-    sqlite3_clear_bindings(st);
-    sqlite3_clear_bindings(sh);
+                    rc == SQLITE_CORRUPT ? "document table out of step with the index"
+                                         : sqlite3_errmsg(idx->db), q);
     lk_free(q);
-    if (r) {
-        fts_hits_free(hits, cnt);
+    if (r || s.cnt == 0) {
+        fts_hits_free(s.hits, s.cnt);
         return r;
     }
-    if (cnt == 0) {
-        lk_free(hits);
-        hits = NULL;
-    }
-    *out = hits;
-    *n = cnt;
+    *out = s.hits;
+    *n = s.cnt;
     return LK_OK;
 }
 
 int fts_search(struct fts_index *idx, const char *query_text, int k, struct fts_hit **out,
                int *n, struct lk_err *err)
 {
-    return search(idx, query_text, k, 1, out, n, err);
+    return fts_search_ranked(idx, query_text, k, FTS_RANK_DOCS, 1, out, n, err);
 }
 
 int fts_search_ids(struct fts_index *idx, const char *query_text, int k, struct fts_hit **out,
                    int *n, struct lk_err *err)
 {
-    return search(idx, query_text, k, 0, out, n, err);
+    return fts_search_ranked(idx, query_text, k, FTS_RANK_DOCS, 0, out, n, err);
 }
+
+// ---- recall ----
+
+const int fts_recall_ks[3] = { 1, 5, 20 };
+
+int fts_recall_measure(struct fts_index *idx, const char *const *questions,
+                       const char *const *doc_ids, int64_t n, enum fts_rank rank,
+                       struct fts_recall *out, struct lk_err *err)
+{
+    memset(out, 0, sizeof *out);
+    int64_t found[3] = { 0 };
+    double rr = 0;
+    for (int64_t i = 0; i < n; i++) {
+        if (lk_interrupted)
+            return lk_errf(err, LK_ERR_INTERRUPTED, "interrupted after %lld of %lld questions",
+                           (long long)i, (long long)n);
+        // k = 5 (timed) gives recall@1 and @5, k = 20 recall@20 and the reciprocal rank: what
+        // a caller asking for that k gets (lorakit's re-ranking makes the order depend on k)
+        for (int pass = 0; pass < 2; pass++) {
+            struct fts_hit *hits;
+            int nh, k = pass ? FTS_RECALL_KMAX : 5;
+            double t0 = lk_now();
+            int r = fts_search_ranked(idx, questions[i], k, rank, 0, &hits, &nh, err);
+            if (!pass)
+                out->seconds += lk_now() - t0;
+            if (r)
+                return r;
+            int at = 0; // rank of the first hit of the document, 1-based
+            for (int j = 0; j < nh && !at; j++)
+                if (!strcmp(hits[j].doc_id, doc_ids[i]))
+                    at = j + 1;
+            if (!pass) {
+                found[0] += at == 1;
+                found[1] += at >= 1;
+                out->n_no_results += nh == 0;
+            } else {
+                found[2] += at >= 1;
+                rr += at ? 1.0 / at : 0.0;
+            }
+            fts_hits_free(hits, nh);
+        }
+    }
+    out->n_questions = n;
+    for (int j = 0; j < 3 && n; j++)
+        out->recall[j] = (double)found[j] / (double)n;
+    out->mrr = n ? rr / (double)n : 0;
+    return LK_OK;
+}
+

@@ -6,8 +6,13 @@
  *   meta(key TEXT PRIMARY KEY, value TEXT)   -- format 'lorakit-fts', version, tokenizer,
  *                                            -- chunk_tokens, overlap, source, n_docs,
  *                                            -- n_chunks, created_at (ISO-8601 UTC)
- *   docs(id TEXT PRIMARY KEY, title, line, n_chunks) -- one row per source document
+ *   docs(id TEXT PRIMARY KEY, title, line, n_chunks, first_chunk) -- one row per document;
+ *                                            -- its chunks are the rows first_chunk ..
+ *                                            -- first_chunk + n_chunks - 1 of chunks
+ *   docfts USING fts5(title, text, content='', tokenize=...) -- whole documents, rowid =
+ *                                            -- docs.rowid (contentless: ranking only)
  *   chunks USING fts5(doc_id UNINDEXED, title, chunk_no UNINDEXED, text, tokenize=...)
+ * Version 1 had no docfts and no first_chunk: it is refused with a hint to rebuild.
  *
  * Chunking: a "token" is a run of non-whitespace characters, except that every CJK ideograph,
  * kana or bopomofo character is a token on its own (Chinese and Japanese have no spaces).
@@ -21,8 +26,17 @@
  * Chinese searchable; unicode61 keeps a run of ideographs as one token, so it does not
  * segment Chinese).
  *
- * Ranking: bm25() with weight FTS_TITLE_WEIGHT on title and 1 on text; a hit's score is
- * -bm25 (higher is better).
+ * Ranking (fts_search), retrieve then re-rank: the best max(k, FTS_RERANK_MIN) DOCUMENTS by
+ * bm25() over whole documents (docfts), with weight FTS_TITLE_WEIGHT on the title and 1 on
+ * the text; each is represented by its best chunk (bm25 over that document's chunks, same
+ * weights); the candidates are ordered by that chunk's score and the first k returned. So k
+ * results are k distinct documents, found by all of their words (not only those that fall
+ * in one chunk), and the first result is the best passage among them. English stop words are
+ * dropped from the query (FTS_QUERY_STOPWORDS) for unicode61 and porter: they match almost
+ * every row, cost most of the time, and barely change the ranking. A hit's score is -bm25 of
+ * its chunk (higher is better). fts_search_ranked also offers, for
+ * comparison, plain BM25 (whole documents, every query word, title weight 1) and the ranking
+ * of version 1 (the top k chunks, which may repeat a document).
  *
  * Queries: see fts_query_build. No text, in any language, with any characters, can make the
  * MATCH fail or inject FTS5 syntax.
@@ -36,8 +50,9 @@
 #include "../libcore/lk.h"
 
 #define FTS_FORMAT "lorakit-fts"
-#define FTS_VERSION 1
-#define FTS_TITLE_WEIGHT 2.0
+#define FTS_VERSION 2
+#define FTS_TITLE_WEIGHT 5.0  /* measured on MedQuAD dev: README, "Retrieval recall" */
+#define FTS_RERANK_MIN 5      /* candidate documents re-ranked by their best chunk */
 #define FTS_QUERY_MAX_TERMS 64   /* distinct terms kept from a query, in order */
 #define FTS_TERM_MAX_CHARS 100   /* longer "words" are not words: dropped */
 
@@ -88,6 +103,9 @@ struct fts_index {
     struct sqlite3 *db;           /* owned, read-only connection */
     struct sqlite3_stmt *st;      /* owned: ranking (rowid, bm25) of the matching chunks */
     struct sqlite3_stmt *st_hit;  /* owned: one chunk's columns and snippet, by rowid */
+    struct sqlite3_stmt *st_docs; /* owned: ranking of the matching documents, ?3 = title weight */
+    struct sqlite3_stmt *st_doc;  /* owned: one document's id, first chunk and chunk count */
+    struct sqlite3_stmt *st_best; /* owned: the best chunk in a range of chunk rowids */
     char *path;                   /* owned */
     struct fts_settings settings; /* from meta */
     char *source;                 /* owned: the docs file it was built from */
@@ -114,6 +132,15 @@ int fts_index_check(const struct fts_index *idx, const struct fts_settings *want
  * (trigram cannot match them). Invalid UTF-8 bytes are separators. *out is a fresh
  * lk_malloc'ed string, "" when no term is usable. */
 int fts_query_build(const char *text, enum fts_tokenizer tok, char **out, struct lk_err *err);
+/* The same with flags: FTS_QUERY_STOPWORDS drops English stop words (fts_is_stopword) under
+ * unicode61 and porter, unless every term is one (then they are all kept, so "The Who" still
+ * searches). */
+enum { FTS_QUERY_STOPWORDS = 1 };
+int fts_query_build_flags(const char *text, enum fts_tokenizer tok, unsigned flags, char **out,
+                          struct lk_err *err);
+/* 1 when the lower-case word (n bytes) is one of the English function words dropped from
+ * queries: articles, pronouns, auxiliaries, prepositions, question words. */
+int fts_is_stopword(const char *w, size_t n);
 
 struct fts_hit {
     char *doc_id, *title; /* owned (title NULL from fts_search_ids) */
@@ -121,16 +148,45 @@ struct fts_hit {
     char *snippet;        /* owned: a short excerpt with matches in [brackets] */
     int64_t chunk_no;
     double score;         /* -bm25: higher is better */
+    int doc_rank;         /* 0-based rank of the document before re-ranking (lorakit) */
 };
-/* The k best chunks for free text query_text (through fts_query_build with the index's
- * tokenizer). A query without usable terms gives *n = 0, not an error. *out is an array of
- * *n hits (NULL when 0); free with fts_hits_free. */
+/* The k best documents for free text query_text, each as its best chunk (see Ranking above;
+ * the query goes through fts_query_build_flags with the index's tokenizer and
+ * FTS_QUERY_STOPWORDS). A query without usable terms gives *n = 0, not an error. *out is an
+ * array of *n hits (NULL when 0); free with fts_hits_free. */
 int fts_search(struct fts_index *idx, const char *query_text, int k, struct fts_hit **out,
                int *n, struct lk_err *err);
 /* The same ranking, filling only doc_id, chunk_no and score (title, text, snippet NULL):
  * for recall measurements, where the per-hit lookups would double the time. */
 int fts_search_ids(struct fts_index *idx, const char *query_text, int k, struct fts_hit **out,
                    int *n, struct lk_err *err);
+
+enum fts_rank {
+    FTS_RANK_DOCS = 0, /* fts_search's ranking */
+    FTS_RANK_PLAIN,    /* plain BM25 over whole documents: every query word, title weight 1;
+                        * each hit is the document's first chunk */
+    FTS_RANK_CHUNKS,   /* version 1: the k best chunks (a document may come several times) */
+};
+extern const char *const fts_rank_names[3]; /* "lorakit", "plain-bm25", "chunks" */
+/* Any of the rankings above; full as for fts_search (else as fts_search_ids). */
+int fts_search_ranked(struct fts_index *idx, const char *query_text, int k, enum fts_rank rank,
+                      int full, struct fts_hit **out, int *n, struct lk_err *err);
 void fts_hits_free(struct fts_hit *hits, int n);
+
+// ---- recall ----
+
+#define FTS_RECALL_KMAX 20
+struct fts_recall {
+    int64_t n_questions, n_no_results;
+    double recall[3];  /* the share whose document is among the top 1, 5, 20 results */
+    double mrr;        /* mean reciprocal rank within the top 20 (0 when absent) */
+    double seconds;    /* in fts_search_ranked alone (k 5, ids only), for all questions */
+};
+extern const int fts_recall_ks[3]; /* 1, 5, 20 */
+/* Searches each of the n questions with the ranking and finds doc_ids[i] among the results.
+ * Checks lk_interrupted between questions. */
+int fts_recall_measure(struct fts_index *idx, const char *const *questions,
+                       const char *const *doc_ids, int64_t n, enum fts_rank rank,
+                       struct fts_recall *out, struct lk_err *err);
 
 #endif

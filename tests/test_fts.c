@@ -596,3 +596,186 @@ TEST(fts_medquad_questions_never_error)
         fts_close(&idx);
     }
 }
+
+// ---- document ranking (version 2) ----
+
+TEST(fts_query_stopwords_dropped_unless_all)
+{
+    char *q;
+    CHECK_OK(fts_query_build_flags("What are the symptoms of Glaucoma ?", FTS_TOK_PORTER,
+                                   FTS_QUERY_STOPWORDS, &q, test_err()));
+    CHECK(!strcmp(q, "\"symptoms\" OR \"glaucoma\""));
+    lk_free(q);
+    CHECK_OK(fts_query_build_flags("The Who", FTS_TOK_UNICODE61, FTS_QUERY_STOPWORDS, &q, test_err()));
+    CHECK(!strcmp(q, "\"the\" OR \"who\"")); // nothing but stop words: all kept
+    lk_free(q);
+    CHECK_OK(fts_query_build_flags("what the glaucoma", FTS_TOK_TRIGRAM, FTS_QUERY_STOPWORDS, &q, test_err()));
+    CHECK(!strcmp(q, "\"what\" OR \"the\" OR \"glaucoma\"")); // trigram: no stop words
+    lk_free(q);
+    CHECK_OK(fts_query_build("What is it", FTS_TOK_PORTER, &q, test_err())); // the plain builder keeps all
+    CHECK(!strcmp(q, "\"what\" OR \"is\" OR \"it\""));
+    lk_free(q);
+    CHECK(fts_is_stopword("the", 3) && fts_is_stopword("your", 4) && fts_is_stopword("a", 1));
+    CHECK(!fts_is_stopword("them", 4) && !fts_is_stopword("th", 2) && !fts_is_stopword("", 0));
+    CHECK(!fts_is_stopword("thermometer", 11) && !fts_is_stopword("aa", 2));
+}
+
+/* Hits of a search as "doc:chunk doc:chunk ...". */
+static const char *hits_str(struct fts_index *idx, const char *q, int k, enum fts_rank rank)
+{
+    static char buf[1024];
+    struct fts_hit *h;
+    int n;
+    snprintf(buf, sizeof buf, "<error>");
+    if (fts_search_ranked(idx, q, k, rank, 1, &h, &n, test_err()) != LK_OK)
+        return buf;
+    buf[0] = 0;
+    for (int i = 0; i < n; i++)
+        snprintf(buf + strlen(buf), sizeof buf - strlen(buf), "%s%s:%lld", i ? " " : "", h[i].doc_id,
+                 (long long)h[i].chunk_no);
+    fts_hits_free(h, n);
+    return buf;
+}
+
+TEST(fts_search_returns_distinct_documents_as_their_best_chunk)
+{
+    // "long" has 4 chunks of 6 tokens (overlap 0); only its third mentions the query's words
+    const char *docs =
+        "{\"id\":\"long\",\"title\":\"Notes\",\"text\":\"one two three four five six seven eight nine ten "
+        "eleven twelve kidney stones hurt kidney stones pass thirteen fourteen fifteen sixteen seventeen "
+        "eighteen\"}\n"
+        "{\"id\":\"a\",\"title\":\"Kidney stones\",\"text\":\"Hard deposits form in the kidney.\"}\n"
+        "{\"id\":\"b\",\"title\":\"Gout\",\"text\":\"Crystals of uric acid; stones are rare.\"}\n";
+    CHECK_OK(write_text(test_path("d.jsonl"), docs));
+    struct fts_settings s = { FTS_TOK_PORTER, 6, 0 };
+    CHECK_OK(fts_index_build(test_path("d.jsonl"), test_path("d.fts"), &s, 0, NULL, test_err()));
+    struct fts_index idx;
+    CHECK_OK(fts_open(&idx, test_path("d.fts"), test_err()));
+    // version 1's ranking may return one document several times; v2 never does
+    const char *all = hits_str(&idx, "kidney stones", 10, FTS_RANK_DOCS);
+    char got[1024];
+    snprintf(got, sizeof got, "%s", all); // hits_str's buffer is reused below
+    all = got;
+    CHECK_MSG(strstr(all, "long:2") && strstr(all, "a:0") && strstr(all, "b:0"), "%s", all);
+    int count = 0;
+    for (const char *p = all; (p = strstr(p, "long:")); p++)
+        count++;
+    CHECK_INT(count, 1);
+    // k 1: the best passage among the candidates, whatever k is
+    char first[1024];
+    snprintf(first, sizeof first, "%s", all);
+    first[strcspn(first, " ")] = 0;
+    CHECK(!strcmp(hits_str(&idx, "kidney stones", 1, FTS_RANK_DOCS), first));
+    // the plain ranking's hit is the document's first chunk
+    CHECK(strstr(hits_str(&idx, "kidney stones hurt", 3, FTS_RANK_PLAIN), "long:0"));
+    struct fts_hit *h;
+    int n;
+    CHECK_OK(fts_search(&idx, "What hurts?", 5, &h, &n, test_err())); // "what" dropped, "hurt" stems
+    CHECK(n == 1 && !strcmp(h[0].doc_id, "long") && h[0].chunk_no == 2 && strstr(h[0].text, "hurt") &&
+          strstr(h[0].snippet, "[hurt]"));
+    fts_hits_free(h, n);
+    fts_close(&idx);
+}
+
+TEST(fts_title_weighs_more_than_text)
+{
+    // the same word once in a title, once in a text of the same length: the title wins, and
+    // by the configured weight (bm25 scores are linear in the column weights)
+    const char *docs =
+        "{\"id\":\"t\",\"title\":\"Rickets\",\"text\":\"soft bones in children low vitamin\"}\n"
+        "{\"id\":\"x\",\"title\":\"Bones\",\"text\":\"rickets soft in children low vitamin\"}\n"
+        "{\"id\":\"y\",\"title\":\"Other\",\"text\":\"nothing to see here at all\"}\n";
+    CHECK_OK(write_text(test_path("t.jsonl"), docs));
+    struct fts_settings s = { FTS_TOK_UNICODE61, 200, 40 };
+    CHECK_OK(fts_index_build(test_path("t.jsonl"), test_path("t.fts"), &s, 0, NULL, test_err()));
+    struct fts_index idx;
+    CHECK_OK(fts_open(&idx, test_path("t.fts"), test_err()));
+    struct fts_hit *h;
+    int n;
+    CHECK_OK(fts_search(&idx, "rickets", 5, &h, &n, test_err()));
+    CHECK(n == 2 && !strcmp(h[0].doc_id, "t") && !strcmp(h[1].doc_id, "x"));
+    // FTS5's bm25 (sqlite.org/fts5.html, "The bm25() function"): a column's weight multiplies
+    // the count of the phrase's hits in it, f = sum of weights, and the row scores
+    // idf * f * (k1 + 1) / (f + k1 * (1 - b + b * D / avgD)), D the row's token count, k1 1.2.
+    // All three rows have 7 tokens (D = avgD) and the same idf, so the ratio of the two scores
+    // is (w (k1 + 1) / (w + k1)) / ((k1 + 1) / (1 + k1)) with w = FTS_TITLE_WEIGHT.
+    double k1 = 1.2, w = FTS_TITLE_WEIGHT;
+    CHECK_NEAR(h[0].score / h[1].score, w * (k1 + 1) / (w + k1), 1e-9);
+    fts_hits_free(h, n);
+    // the plain ranking weighs both columns 1: a tie
+    CHECK_OK(fts_search_ranked(&idx, "rickets", 5, FTS_RANK_PLAIN, 0, &h, &n, test_err()));
+    CHECK(n == 2);
+    CHECK_NEAR(h[0].score, h[1].score, 1e-9);
+    fts_hits_free(h, n);
+    fts_close(&idx);
+}
+
+TEST(fts_version_1_index_is_refused_with_a_hint)
+{
+    CHECK_OK(write_text(test_path("d.jsonl"), CORPUS));
+    CHECK_OK(build(test_path("d.jsonl"), test_path("v.fts"), FTS_TOK_PORTER));
+    sqlite3 *db;
+    CHECK(sqlite3_open(test_path("v.fts"), &db) == SQLITE_OK);
+    CHECK(sqlite3_exec(db, "UPDATE meta SET value = '1' WHERE key = 'version'", NULL, NULL, NULL) == SQLITE_OK);
+    sqlite3_close(db);
+    struct fts_index idx;
+    CHECK_INT(fts_open(&idx, test_path("v.fts"), test_err()), LK_ERR_UNSUPPORTED);
+    CHECK(strstr(test_errmsg(), "version 1") && strstr(test_errmsg(), "--overwrite"));
+}
+
+/* The share of questions in a QA file whose doc_id is among the top 5 of the ranking. */
+static double recall_at_5(struct fts_index *idx, const char *qa, enum fts_rank rank, int *n_q)
+{
+    FILE *f = fopen(qa, "r");
+    if (!f)
+        return -1;
+    char *line = NULL;
+    size_t cap = 0;
+    int n = 0, found = 0;
+    while (getline(&line, &cap, f) > 0) {
+        cJSON *o = cJSON_Parse(line);
+        const char *q = cJSON_GetStringValue(cJSON_GetObjectItem(o, "question"));
+        const char *d = cJSON_GetStringValue(cJSON_GetObjectItem(o, "doc_id"));
+        struct fts_hit *h;
+        int nh;
+        if (q && d && fts_search_ranked(idx, q, 5, rank, 0, &h, &nh, test_err()) == LK_OK) {
+            n++;
+            for (int i = 0; i < nh; i++)
+                if (!strcmp(h[i].doc_id, d)) {
+                    found++;
+                    break;
+                }
+            fts_hits_free(h, nh);
+        }
+        cJSON_Delete(o);
+    }
+    free(line);
+    fclose(f);
+    *n_q = n;
+    return n ? (double)found / n : -1;
+}
+
+TEST(fts_medquad_document_recall_at_5)
+{
+    const char *dev = test_shared("data/medquad/dev.jsonl");
+    const char *docs = dev ? test_shared("data/medquad/docs.jsonl") : NULL;
+    if (!dev || !docs)
+        SKIP("data/medquad not found (set LK_SHARED)");
+    if (!test_full())
+        SKIP("full tier only (LK_TEST_FULL=1): indexes all 5,483 MedQuAD documents");
+    char devp[1024];
+    snprintf(devp, sizeof devp, "%s", dev);
+    struct fts_settings s = { FTS_TOK_PORTER, 200, 40 };
+    CHECK_OK(fts_index_build(docs, test_path("mq.fts"), &s, 0, NULL, test_err()));
+    struct fts_index idx;
+    CHECK_OK(fts_open(&idx, test_path("mq.fts"), test_err()));
+    int n = 0, n2 = 0;
+    double r5 = recall_at_5(&idx, devp, FTS_RANK_DOCS, &n);
+    double plain = recall_at_5(&idx, devp, FTS_RANK_PLAIN, &n2);
+    fts_close(&idx);
+    fprintf(stderr, "    MedQuAD dev: document recall@5 %.4f, plain BM25 %.4f\n", r5, plain);
+    CHECK_INT(n, 1782);
+    CHECK_INT(n2, 1782);
+    CHECK_MSG(r5 >= 0.98, "document recall@5 %.4f < 0.98", r5);
+    CHECK_MSG(r5 >= plain, "lorakit %.4f below plain BM25 %.4f", r5, plain);
+}

@@ -38,7 +38,7 @@ static cJSON *settings_json(const struct fts_index *idx)
     cJSON_AddNumberToObject(o, "n_docs", (double)idx->n_docs);
     cJSON_AddNumberToObject(o, "n_chunks", (double)idx->n_chunks);
     cJSON_AddStringToObject(o, "source", idx->source ? idx->source : "");
-    cJSON_AddStringToObject(o, "title_weight_bm25", "2");
+    cJSON_AddNumberToObject(o, "title_weight_bm25", FTS_TITLE_WEIGHT);
     return o;
 }
 
@@ -102,84 +102,135 @@ static int run_query(struct fts_index *idx, const char *query, int k, int json, 
     return r;
 }
 
-/* --eval-recall: for every {"question","doc_id"} line, is doc_id among the top 1/5/20 chunks? */
-static int eval_recall(struct fts_index *idx, const char *path, int json, struct lk_err *err)
+/* The {"question","doc_id"} lines of a QA file (other fields ignored; blank lines skipped). */
+struct recall_qs {
+    char **q, **doc;
+    int64_t n, cap;
+};
+
+static void recall_qs_release(struct recall_qs *r)
 {
-    static const int ks[] = { 1, 5, 20 };
-    enum { NK = 3, KMAX = 20 };
+    for (int64_t i = 0; i < r->n; i++) {
+        lk_free(r->q[i]);
+        lk_free(r->doc[i]);
+    }
+    lk_free(r->q);
+    lk_free(r->doc);
+    memset(r, 0, sizeof *r);
+}
+
+static int recall_qs_add(struct recall_qs *r, const char *q, const char *d, struct lk_err *err)
+{
+    if (r->n == r->cap) {
+        int64_t cap = r->cap ? 2 * r->cap : 256;
+        char **nq = lk_realloc(r->q, sizeof *nq * (size_t)cap);
+        if (nq)
+            r->q = nq;
+        char **nd = nq ? lk_realloc(r->doc, sizeof *nd * (size_t)cap) : NULL;
+        if (!nd)
+            return lk_errf(err, LK_ERR_NOMEM, "out of memory");
+        r->doc = nd;
+        r->cap = cap;
+    }
+    r->q[r->n] = lk_strdup(q);
+    r->doc[r->n] = lk_strdup(d);
+    r->n++;
+    if (!r->q[r->n - 1] || !r->doc[r->n - 1])
+        return lk_errf(err, LK_ERR_NOMEM, "out of memory");
+    return LK_OK;
+}
+
+static int recall_qs_load(struct recall_qs *r, const char *path, struct lk_err *err)
+{
+    memset(r, 0, sizeof *r);
     FILE *f = fopen(path, "r");
     if (!f)
         return lk_errf(err, errno == ENOENT ? LK_ERR_MISSING : LK_ERR_IO, "%s: cannot open: %s",
                        path, strerror(errno));
     char *buf = NULL;
     size_t cap = 0;
-    long line = 0, n_q = 0, n_empty = 0, found[NK] = { 0 };
-    double rr = 0;
-    int r = LK_OK;
+    long line = 0;
+    int rc = LK_OK;
     ssize_t len;
-    double t0 = lk_now();
-    while (!r && (len = getline(&buf, &cap, f)) >= 0) {
+    while (!rc && (len = getline(&buf, &cap, f)) >= 0) {
         line++;
         if (strspn(buf, " \t\r\n") == (size_t)len)
             continue;
-        if (lk_interrupted) {
-            r = lk_errf(err, LK_ERR_INTERRUPTED, "%s: interrupted at line %ld", path, line);
-            break;
-        }
         cJSON *o = cJSON_ParseWithLength(buf, (size_t)len);
         const cJSON *q = cJSON_GetObjectItemCaseSensitive(o, "question");
         const cJSON *d = cJSON_GetObjectItemCaseSensitive(o, "doc_id");
-        if (!cJSON_IsObject(o) || !cJSON_IsString(q) || !cJSON_IsString(d)) {
-            cJSON_Delete(o);
-            r = lk_errf(err, LK_ERR_FORMAT, "%s:%ld: expected an object with string fields "
-                        "'question' and 'doc_id'", path, line);
-            break;
-        }
-        struct fts_hit *hits;
-        int n;
-        r = fts_search_ids(idx, q->valuestring, KMAX, &hits, &n, err);
-        if (!r) {
-            n_q++;
-            n_empty += n == 0;
-            int rank = 0;
-            for (int i = 0; i < n && !rank; i++)
-                if (!strcmp(hits[i].doc_id, d->valuestring))
-                    rank = i + 1;
-            for (int j = 0; j < NK; j++)
-                found[j] += rank && rank <= ks[j];
-            rr += rank ? 1.0 / rank : 0.0;
-            fts_hits_free(hits, n);
-        }
+        if (!cJSON_IsObject(o) || !cJSON_IsString(q) || !cJSON_IsString(d))
+            rc = lk_errf(err, LK_ERR_FORMAT, "%s:%ld: expected an object with string fields "
+                         "'question' and 'doc_id'", path, line);
+        else
+            rc = recall_qs_add(r, q->valuestring, d->valuestring, err);
         cJSON_Delete(o);
     }
     free(buf);
     fclose(f);
+    if (!rc && r->n == 0)
+        rc = lk_errf(err, LK_ERR_FORMAT, "%s: no questions", path);
+    if (rc)
+        recall_qs_release(r);
+    return rc;
+}
+
+static void recall_json(cJSON *o, const struct fts_recall *m)
+{
+    for (int j = 0; j < 3; j++) {
+        char key[32];
+        snprintf(key, sizeof key, "recall@%d", fts_recall_ks[j]);
+        cJSON_AddNumberToObject(o, key, m->recall[j]);
+    }
+    cJSON_AddNumberToObject(o, "mrr@20", m->mrr);
+    cJSON_AddNumberToObject(o, "ms_per_query", 1000.0 * m->seconds / (double)m->n_questions);
+    cJSON_AddNumberToObject(o, "n_no_results", (double)m->n_no_results);
+}
+
+/* --eval-recall: for every {"question","doc_id"} line, is doc_id among the top 1/5/20
+ * documents? lorakit's ranking, then plain BM25 and version 1's chunk ranking for comparison,
+ * each timed alone over the same questions. */
+static int eval_recall(struct fts_index *idx, const char *path, int json, struct lk_err *err)
+{
+    struct recall_qs qs;
+    int r = recall_qs_load(&qs, path, err);
     if (r)
         return r;
-    if (n_q == 0)
-        return lk_errf(err, LK_ERR_FORMAT, "%s: no questions", path);
-    double secs = lk_now() - t0;
+    struct fts_recall m[3];
+    for (int k = 0; !r && k < 3; k++)
+        r = fts_recall_measure(idx, (const char *const *)qs.q, (const char *const *)qs.doc, qs.n,
+                               (enum fts_rank)k, &m[k], err);
+    int64_t n_q = qs.n;
+    recall_qs_release(&qs);
+    if (r)
+        return r;
     if (json) {
         cJSON *o = cJSON_CreateObject();
         cJSON_AddStringToObject(o, "questions_file", path);
         cJSON_AddItemToObject(o, "index", settings_json(idx));
         cJSON_AddNumberToObject(o, "n_questions", (double)n_q);
-        cJSON_AddNumberToObject(o, "n_no_results", (double)n_empty);
-        for (int j = 0; j < NK; j++) {
-            char key[32];
-            snprintf(key, sizeof key, "recall@%d", ks[j]);
-            cJSON_AddNumberToObject(o, key, (double)found[j] / (double)n_q);
+        recall_json(o, &m[FTS_RANK_DOCS]); // lorakit's figures at the top level
+        cJSON *b = cJSON_AddObjectToObject(o, "baselines");
+        for (int k = 1; b && k < 3; k++) {
+            cJSON *x = cJSON_AddObjectToObject(b, fts_rank_names[k]);
+            if (x)
+                recall_json(x, &m[k]);
         }
-        cJSON_AddNumberToObject(o, "mrr@20", rr / (double)n_q);
-        cJSON_AddNumberToObject(o, "seconds", secs);
         return print_json(o, err);
     }
     print_settings(idx);
-    printf("questions %ld from %s (no results for %ld), %.1f s\n", n_q, path, n_empty, secs);
-    printf("source document among the top k chunks:\n");
-    for (int j = 0; j < NK; j++)
-        printf("  recall@%-3d %.3f\n", ks[j], (double)found[j] / (double)n_q);
-    printf("  mrr@20     %.3f\n", rr / (double)n_q);
+    printf("questions %lld from %s (no results for %lld)\n", (long long)n_q, path,
+           (long long)m[FTS_RANK_DOCS].n_no_results);
+    printf("source document among the top k results (ms/query: search alone, in-process):\n");
+    printf("  %-12s %9s %9s %9s %7s %9s\n", "ranking", "recall@1", "recall@5", "recall@20", "mrr@20",
+           "ms/query");
+    for (int k = 0; k < 3; k++)
+        printf("  %-12s %9.3f %9.3f %9.3f %7.3f %9.2f\n", fts_rank_names[k], m[k].recall[0], m[k].recall[1],
+               m[k].recall[2], m[k].mrr, 1000.0 * m[k].seconds / (double)n_q);
+    printf("lorakit: the top k documents by BM25 over whole documents (title weight %g, English stop\n"
+           "words dropped), each as its best chunk; plain-bm25: whole documents, every word, title\n"
+           "weight 1; chunks: the top k chunks, a document may come more than once (version 1)\n",
+           FTS_TITLE_WEIGHT);
     return LK_OK;
 }
 
