@@ -6,6 +6,8 @@
  */
 #include "harness.h"
 
+#include "retain.h"
+
 #include <cJSON.h>
 #include <ctype.h>
 #include <errno.h>
@@ -401,6 +403,8 @@ void ev_run_release(struct ev_run *r)
 /* What one run of the harness needs besides the config. */
 struct ev_ctx {
     const struct ev_config *c;
+    const struct ev_system *sys; /* borrowed [n_sys], or NULL: c->tuned / c->lora */
+    int n_sys;
     struct gen_cache gc;
     float *saved;      /* [V]: next-token logits at the prompt's end */
     float *chunk;      /* [gc.chunk, V] */
@@ -486,13 +490,35 @@ int ev_has_answer(const char *answer, const char *const *passages, int n, double
     return rc;
 }
 
+/* The model and adapter a mode runs. */
+static void mode_model(const struct ev_ctx *x, const struct ev_mode *mode, const struct model **m,
+                       const struct lora **lora)
+{
+    const struct ev_config *c = x->c;
+    *m = c->base;
+    *lora = NULL;
+    if (!mode->tuned)
+        return;
+    if (x->sys) {
+        LK_ASSERT(mode->tuned >= 1 && mode->tuned <= x->n_sys);
+        *m = x->sys[mode->tuned - 1].m;
+        *lora = x->sys[mode->tuned - 1].l;
+    } else if (c->tuned) {
+        *m = c->tuned;
+    } else {
+        *lora = c->lora;
+    }
+}
+
+/* One item in one mode: prompt (with up to mode->k of the item's hits), answer, scores. */
 static int run_cell(struct ev_ctx *x, const struct ev_item *it, const struct ev_mode *mode,
                     const struct fts_hit *hits, int nh, struct ev_cell *cell, struct lk_err *err)
 {
     const struct ev_config *c = x->c;
     double t0 = lk_now();
-    const struct model *m = mode->tuned && c->tuned ? c->tuned : c->base;
-    const struct lora *lora = mode->tuned && !c->tuned ? c->lora : NULL;
+    const struct model *m;
+    const struct lora *lora;
+    mode_model(x, mode, &m, &lora);
     int V = m->cfg.vocab_size, rc;
     cell->em = cell->f1 = cell->rouge_l = cell->nll = cell->acc = cell->recall = cell->has_answer = NAN;
     int k = mode->k < nh ? mode->k : nh;
@@ -579,9 +605,74 @@ static int run_cell(struct ev_ctx *x, const struct ev_item *it, const struct ev_
     return LK_OK;
 }
 
+/* The generation state shared by every item: a KV cache sized for the largest adapter rank. */
+static int ctx_init(struct ev_ctx *x, const struct ev_config *c, const struct ev_system *sys, int n_sys,
+                    struct lk_err *err)
+{
+    memset(x, 0, sizeof *x);
+    x->c = c;
+    x->sys = sys;
+    x->n_sys = n_sys;
+    int V = c->base->cfg.vocab_size, R = sys ? 0 : gen_lora_max_rank(c->lora);
+    for (int s = 0; s < n_sys; s++)
+        if (gen_lora_max_rank(sys[s].l) > R)
+            R = gen_lora_max_rank(sys[s].l);
+    x->eos = tok_eos(c->tk) >= 0 ? tok_eos(c->tk) : c->base->cfg.eos_token_id;
+    int rc = gen_cache_init(&x->gc, &c->base->cfg, c->max_ctx, 64, R, err);
+    if (!rc) {
+        x->saved = lk_malloc(sizeof(float) * (size_t)V);
+        x->chunk = lk_malloc(sizeof(float) * (size_t)V * (size_t)x->gc.chunk);
+        if (!x->saved || !x->chunk)
+            rc = lk_errf(err, LK_ERR_NOMEM, "out of memory");
+    }
+    return rc;
+}
+
+static void ctx_release(struct ev_ctx *x)
+{
+    lk_free(x->saved);
+    lk_free(x->chunk);
+    tok_ids_release(&x->prompt);
+    tok_ids_release(&x->toks);
+    tok_ids_release(&x->gen);
+    gen_cache_release(&x->gc);
+    memset(x, 0, sizeof *x);
+}
+
+/* One item in every mode: the retrieval (the question as the query, top kmax chunks) done once
+ * and shared by the retrieval modes, then each mode's cell (row[j], time added to seconds[j]).
+ * The unit a batched evaluation would group. */
+static int run_item(struct ev_ctx *x, const struct ev_item *it, const struct ev_mode *modes, int n_modes,
+                    int kmax, struct ev_cell *row, double *seconds, double *retrieval_seconds,
+                    struct lk_err *err)
+{
+    struct fts_hit *hits = NULL;
+    int nh = 0, rc = LK_OK;
+    if (kmax > 0) {
+        double t0 = lk_now();
+        rc = fts_search(x->c->idx, it->question, kmax, &hits, &nh, err);
+        *retrieval_seconds += lk_now() - t0;
+    }
+    for (int j = 0; !rc && j < n_modes; j++) {
+        rc = run_cell(x, it, &modes[j], hits, nh, &row[j], err);
+        if (rc)
+            lk_err_prefix(err, "question '%s' (line %d), mode %s", it->id, it->line, modes[j].name);
+        seconds[j] += row[j].seconds;
+    }
+    fts_hits_free(hits, nh);
+    return rc;
+}
+
 int ev_run_all(struct ev_run *r, const struct ev_config *c, const struct ev_qa *qa,
                const struct ev_mode *modes, int n_modes, ev_progress_fn progress, void *ctx,
                struct lk_err *err)
+{
+    return ev_run_systems(r, c, NULL, 0, qa, modes, n_modes, progress, ctx, err);
+}
+
+int ev_run_systems(struct ev_run *r, const struct ev_config *c, const struct ev_system *systems,
+                   int n_systems, const struct ev_qa *qa, const struct ev_mode *modes, int n_modes,
+                   ev_progress_fn progress, void *ctx, struct lk_err *err)
 {
     memset(r, 0, sizeof *r);
     int kmax = 0, need_tuned = 0;
@@ -589,8 +680,11 @@ int ev_run_all(struct ev_run *r, const struct ev_config *c, const struct ev_qa *
         if (modes[j].k > kmax)
             kmax = modes[j].k;
         need_tuned |= modes[j].tuned;
+        if (systems && (modes[j].tuned < 0 || modes[j].tuned > n_systems))
+            return lk_errf(err, LK_ERR_USAGE, "mode %s names system %d of %d", modes[j].name, modes[j].tuned,
+                           n_systems);
     }
-    if (need_tuned && !c->tuned && !c->lora)
+    if (need_tuned && !c->tuned && !c->lora && !systems)
         return lk_errf(err, LK_ERR_USAGE, "the ft modes need a tuned model (--adapter or --tuned)");
     if (kmax > 0 && !c->idx)
         return lk_errf(err, LK_ERR_USAGE, "the rag modes need documents (--docs or --index)");
@@ -605,48 +699,91 @@ int ev_run_all(struct ev_run *r, const struct ev_config *c, const struct ev_qa *
     if (!r->cells || !r->seconds)
         return lk_errf(err, LK_ERR_NOMEM, "out of memory");
     struct ev_ctx x;
-    memset(&x, 0, sizeof x);
-    x.c = c;
-    int V = c->base->cfg.vocab_size;
-    x.eos = tok_eos(c->tk) >= 0 ? tok_eos(c->tk) : c->base->cfg.eos_token_id;
-    int rc = gen_cache_init(&x.gc, &c->base->cfg, c->max_ctx, 64, gen_lora_max_rank(c->lora), err);
-    if (!rc) {
-        x.saved = lk_malloc(sizeof(float) * (size_t)V);
-        x.chunk = lk_malloc(sizeof(float) * (size_t)V * (size_t)x.gc.chunk);
-        if (!x.saved || !x.chunk)
-            rc = lk_errf(err, LK_ERR_NOMEM, "out of memory");
-    }
+    int rc = ctx_init(&x, c, systems, n_systems, err);
     for (int i = 0; !rc && i < qa->n; i++) {
         if (lk_interrupted) {
             rc = lk_errf(err, LK_ERR_INTERRUPTED, "interrupted after %d of %d questions", i, qa->n);
             break;
         }
-        const struct ev_item *it = &qa->items[i];
-        struct fts_hit *hits = NULL;
-        int nh = 0;
-        if (kmax > 0) {
-            double t0 = lk_now();
-            rc = fts_search(c->idx, it->question, kmax, &hits, &nh, err);
-            r->retrieval_seconds += lk_now() - t0;
-        }
-        for (int j = 0; !rc && j < n_modes; j++) {
-            struct ev_cell *cell = ev_run_cell(r, i, j);
-            rc = run_cell(&x, it, &modes[j], hits, nh, cell, err);
-            if (rc)
-                lk_err_prefix(err, "question '%s' (line %d), mode %s", it->id, it->line, modes[j].name);
-            r->seconds[j] += cell->seconds;
-        }
-        fts_hits_free(hits, nh);
+        rc = run_item(&x, &qa->items[i], modes, n_modes, kmax, ev_run_cell(r, i, 0), r->seconds,
+                      &r->retrieval_seconds, err);
         if (progress)
             progress(ctx, i + 1, qa->n);
     }
-    lk_free(x.saved);
-    lk_free(x.chunk);
-    tok_ids_release(&x.prompt);
-    tok_ids_release(&x.toks);
-    tok_ids_release(&x.gen);
-    gen_cache_release(&x.gc);
+    ctx_release(&x);
     return rc;
+}
+
+// ---- texts: NLL per token ----
+
+/* NLL per token of one text under (m, lora): its tokens (at most the context less one), each
+ * given the ones before it, after one end-of-text token (BOS when the tokenizer adds one), as
+ * lm-evaluation-harness's rolling log-likelihood does. NAN for a text with no token. */
+static int text_item(struct ev_ctx *x, const struct model *m, const struct lora *lora, const char *text,
+                     double *out, int *out_tokens, struct lk_err *err)
+{
+    const struct ev_config *c = x->c;
+    *out = NAN;
+    x->toks.n = 0;
+    int rc = tok_encode(c->tk, text, strlen(text), 0, &x->toks, err);
+    int n = (int)x->toks.n < x->gc.T_max - 1 ? (int)x->toks.n : x->gc.T_max - 1;
+    *out_tokens = n;
+    if (rc || n <= 0)
+        return rc;
+    int32_t first = tok_add_bos(c->tk) && tok_bos(c->tk) >= 0 ? tok_bos(c->tk) : x->eos;
+    gen_cache_truncate(&x->gc, 0);
+    if ((rc = gen_forward(&x->gc, m, lora, &first, 1, NULL, err)))
+        return rc;
+    memcpy(x->saved, x->gc.logits, sizeof(float) * (size_t)m->cfg.vocab_size);
+    double ll;
+    if ((rc = score_continuation(x, m, lora, 1, x->toks.v, n, &ll, err)))
+        return rc;
+    *out = -ll / n;
+    return LK_OK;
+}
+
+int ev_text_run_all(struct ev_text_run *r, const struct ev_config *c, const struct ev_system *systems,
+                    int n_systems, const struct ev_text *t, ev_progress_fn progress, void *ctx,
+                    struct lk_err *err)
+{
+    memset(r, 0, sizeof *r);
+    r->n_items = t->n;
+    r->n_models = 1 + n_systems;
+    size_t n = (size_t)t->n * (size_t)r->n_models;
+    r->nll = lk_malloc(sizeof(double) * (n ? n : 1));
+    r->tokens = lk_calloc((size_t)t->n + 1, sizeof(int));
+    if (!r->nll || !r->tokens)
+        return lk_errf(err, LK_ERR_NOMEM, "out of memory");
+    struct ev_ctx x;
+    int rc = ctx_init(&x, c, systems, n_systems, err);
+    double t0 = lk_now();
+    for (int i = 0; !rc && i < t->n; i++) {
+        if (lk_interrupted) {
+            rc = lk_errf(err, LK_ERR_INTERRUPTED, "interrupted after %d of %d texts", i, t->n);
+            break;
+        }
+        for (int j = 0; !rc && j < r->n_models; j++) {
+            const struct model *m = j ? systems[j - 1].m : c->base;
+            const struct lora *l = j ? systems[j - 1].l : NULL;
+            rc = text_item(&x, m, l, t->v[i], &r->nll[(size_t)i * r->n_models + j], &r->tokens[i], err);
+            if (rc)
+                lk_err_prefix(err, "%s:%d", t->path, t->line[i]);
+        }
+        if (progress)
+            progress(ctx, i + 1, t->n);
+    }
+    r->seconds = lk_now() - t0;
+    ctx_release(&x);
+    return rc;
+}
+
+void ev_text_run_release(struct ev_text_run *r)
+{
+    if (!r)
+        return;
+    lk_free(r->nll);
+    lk_free(r->tokens);
+    memset(r, 0, sizeof *r);
 }
 
 // ---- summary ----
@@ -682,7 +819,7 @@ const struct ev_stat *ev_summary_stat(const struct ev_summary *s, int mode, enum
     return NULL;
 }
 
-static const struct ev_diff *find_diff(const struct ev_summary *s, int a, int b, enum ev_metric m)
+const struct ev_diff *ev_summary_diff(const struct ev_summary *s, int a, int b, enum ev_metric m)
 {
     for (int i = 0; i < s->n_diffs; i++)
         if (s->diffs[i].a == a && s->diffs[i].b == b && s->diffs[i].metric == m)
@@ -695,6 +832,36 @@ static void stat_rng(struct lk_rng *rng, uint64_t seed, int a, int b, int m)
 {
     lk_rng_seed(rng, seed * 0x9E3779B97F4A7C15ull + (uint64_t)(a + 1) * 1000003u + (uint64_t)(b + 1) * 1009u +
                          (uint64_t)m + 1);
+}
+
+/* 1 when the run has more than one system. */
+static int multi_sys(const struct ev_run *r)
+{
+    for (int j = 0; j < r->n_modes; j++)
+        if (r->modes[j].tuned > 1)
+            return 1;
+    return 0;
+}
+
+/* The place of mode j that seeds its statistics: with several systems each system's modes take
+ * the first system's places (base modes keep theirs), so every system is resampled alike; with
+ * one system it is j itself, as it always was. */
+static int seed_index(const struct ev_run *r, int j)
+{
+    if (!multi_sys(r))
+        return j;
+    int n_base = 0, before = 0;
+    for (int i = 0; i < r->n_modes; i++) {
+        n_base += !r->modes[i].tuned;
+        if (i < j && r->modes[i].tuned == r->modes[j].tuned)
+            before++;
+    }
+    return r->modes[j].tuned ? n_base + before : before;
+}
+
+void ev_stat_rng(const struct ev_run *r, uint64_t seed, int a, int b, int m, struct lk_rng *rng)
+{
+    stat_rng(rng, seed, seed_index(r, a), b < 0 ? -1 : seed_index(r, b), m);
 }
 
 static const char *fmt_num(double v, char *buf, size_t n)
@@ -720,101 +887,110 @@ void ev_verdict(const char *a, const char *b, const char *metric_label, const st
     }
 }
 
-static int find_mode(const struct ev_run *r, int tuned, int k)
+int ev_run_find_mode(const struct ev_run *r, int tuned, int sys, int k)
 {
     for (int j = 0; j < r->n_modes; j++)
-        if (r->modes[j].tuned == tuned && r->modes[j].k == k)
+        if (r->modes[j].tuned == (tuned ? sys + 1 : 0) && r->modes[j].k == k)
             return j;
     return -1;
 }
 
-int ev_summarize(const struct ev_run *r, uint64_t seed, struct ev_summary *s, struct lk_err *err)
+static int find_mode(const struct ev_run *r, int tuned, int k)
 {
-    memset(s, 0, sizeof *s);
-    s->seed = seed;
-    size_t n = (size_t)r->n_items;
-    double *a = lk_malloc(sizeof(double) * (n + 1)), *b = lk_malloc(sizeof(double) * (n + 1));
-    s->stats = lk_calloc((size_t)r->n_modes * EV_N_METRICS, sizeof *s->stats);
-    s->diffs = lk_calloc((size_t)r->n_modes * 4 * EV_N_METRICS, sizeof *s->diffs);
+    return ev_run_find_mode(r, tuned, 0, k);
+}
+
+/* Means and intervals of every (mode, metric) that applies to some item; a holds n values. */
+static int summarize_stats(const struct ev_run *r, uint64_t seed, struct ev_summary *s, double *a,
+                           struct lk_err *err)
+{
     int rc = LK_OK;
-    if (!a || !b || !s->stats || !s->diffs) {
-        rc = lk_errf(err, LK_ERR_NOMEM, "out of memory");
-        goto done;
-    }
     for (int j = 0; j < r->n_modes && !rc; j++)
         for (int m = 0; m < EV_N_METRICS && !rc; m++) {
             size_t k = 0;
-            for (size_t i = 0; i < n; i++) {
-                double v = ev_cell_metric(ev_run_cell(r, (int)i, j), (enum ev_metric)m);
+            for (int i = 0; i < r->n_items; i++) {
+                double v = ev_cell_metric(ev_run_cell(r, i, j), (enum ev_metric)m);
                 if (!isnan(v))
                     a[k++] = v;
             }
             if (!k)
                 continue;
             struct lk_rng rng;
-            stat_rng(&rng, seed, j, -1, m);
+            ev_stat_rng(r, seed, j, -1, m, &rng);
             struct ev_stat *st = &s->stats[s->n_stats];
             st->mode = j;
             st->metric = (enum ev_metric)m;
             if (!(rc = ev_bootstrap_mean(a, k, 0, &rng, &st->ci, err)))
                 s->n_stats++;
         }
-    // the pairs: (ft, rag@k), (ft+rag@k, rag@k), (rag@k, base), (ft, base)
-    int base = find_mode(r, 0, 0), ft = find_mode(r, 1, 0);
-    int pairs[256][2], np = 0;
-    for (int j = 0; j < r->n_modes && np < 250; j++) {
+    return rc;
+}
+
+/* The paired difference pa - pb on metric m over the items where both apply, appended to
+ * s->diffs (which has room); nothing when no item has both. a, b hold n values. */
+static int add_diff(const struct ev_run *r, uint64_t seed, struct ev_summary *s, int pa, int pb,
+                    enum ev_metric m, double *a, double *b, struct lk_err *err)
+{
+    size_t k = 0;
+    for (int i = 0; i < r->n_items; i++) {
+        double x = ev_cell_metric(ev_run_cell(r, i, pa), m), y = ev_cell_metric(ev_run_cell(r, i, pb), m);
+        if (!isnan(x) && !isnan(y)) {
+            a[k] = x;
+            b[k++] = y;
+        }
+    }
+    if (!k)
+        return LK_OK;
+    struct lk_rng rng;
+    ev_stat_rng(r, seed, pa, pb, m, &rng);
+    struct ev_diff *d = &s->diffs[s->n_diffs];
+    d->a = pa;
+    d->b = pb;
+    d->metric = m;
+    int rc = ev_bootstrap_paired(a, b, k, 0, &rng, &d->ci, err);
+    if (!rc)
+        s->n_diffs++;
+    return rc;
+}
+
+/* The pairs compared, in order: for each rag@k, each system's (S, rag@k) and (S+rag@k, rag@k),
+ * then (rag@k, base); then each system's (S, base). With one system: ft - rag@k, ft+rag@k -
+ * rag@k, rag@k - base, ft - base, as always. *out is lk_malloc'ed [*np][2]. */
+static int summary_pairs(const struct ev_run *r, int (**out)[2], int *np, struct lk_err *err)
+{
+    int n_sys = 0, base = find_mode(r, 0, 0), cnt = 0;
+    for (int j = 0; j < r->n_modes; j++)
+        if (r->modes[j].tuned > n_sys)
+            n_sys = r->modes[j].tuned;
+    int(*p)[2] = lk_malloc(sizeof *p * (size_t)(r->n_modes * (2 * n_sys + 1) + n_sys + 1));
+    if (!(*out = p))
+        return lk_errf(err, LK_ERR_NOMEM, "out of memory");
+    for (int j = 0; j < r->n_modes; j++) {
         if (r->modes[j].tuned || r->modes[j].k == 0)
             continue;
-        int ftrag = find_mode(r, 1, r->modes[j].k);
-        if (ft >= 0) {
-            pairs[np][0] = ft;
-            pairs[np++][1] = j;
+        for (int sy = 0; sy < n_sys; sy++) {
+            int ft = ev_run_find_mode(r, 1, sy, 0), ftrag = ev_run_find_mode(r, 1, sy, r->modes[j].k);
+            if (ft >= 0)
+                p[cnt][0] = ft, p[cnt++][1] = j;
+            if (ftrag >= 0)
+                p[cnt][0] = ftrag, p[cnt++][1] = j;
         }
-        if (ftrag >= 0) {
-            pairs[np][0] = ftrag;
-            pairs[np++][1] = j;
-        }
-        if (base >= 0) {
-            pairs[np][0] = j;
-            pairs[np++][1] = base;
-        }
+        if (base >= 0)
+            p[cnt][0] = j, p[cnt++][1] = base;
     }
-    if (ft >= 0 && base >= 0) {
-        pairs[np][0] = ft;
-        pairs[np++][1] = base;
+    for (int sy = 0; sy < n_sys; sy++) {
+        int ft = ev_run_find_mode(r, 1, sy, 0);
+        if (ft >= 0 && base >= 0)
+            p[cnt][0] = ft, p[cnt++][1] = base;
     }
-    for (int p = 0; p < np && !rc; p++)
-        for (int m = 0; m < EV_N_METRICS && !rc; m++) {
-            if (m == EV_RECALL || m == EV_HAS_ANSWER)
-                continue;
-            size_t k = 0;
-            for (size_t i = 0; i < n; i++) {
-                double x = ev_cell_metric(ev_run_cell(r, (int)i, pairs[p][0]), (enum ev_metric)m);
-                double y = ev_cell_metric(ev_run_cell(r, (int)i, pairs[p][1]), (enum ev_metric)m);
-                if (!isnan(x) && !isnan(y)) {
-                    a[k] = x;
-                    b[k++] = y;
-                }
-            }
-            if (!k)
-                continue;
-            struct lk_rng rng;
-            stat_rng(&rng, seed, pairs[p][0], pairs[p][1], m);
-            struct ev_diff *d = &s->diffs[s->n_diffs];
-            d->a = pairs[p][0];
-            d->b = pairs[p][1];
-            d->metric = (enum ev_metric)m;
-            if (!(rc = ev_bootstrap_paired(a, b, k, 0, &rng, &d->ci, err)))
-                s->n_diffs++;
-        }
-    if (rc)
-        goto done;
-    // the verdict: F1 (accuracy when every item is multiple choice), ft vs the largest-k rag
-    int any_qa = 0;
-    for (size_t i = 0; i < n && r->n_modes; i++)
-        any_qa |= !isnan(ev_run_cell(r, (int)i, 0)->f1);
-    enum ev_metric vm = any_qa ? EV_F1 : EV_ACC;
-    int rag = -1;
+    *np = cnt;
+    return LK_OK;
+}
+
+/* One system: the verdict between ft and the largest-k rag, else rag and base, else ft and base. */
+static void verdict_single(const struct ev_run *r, struct ev_summary *s, enum ev_metric vm)
+{
+    int base = find_mode(r, 0, 0), ft = find_mode(r, 1, 0), rag = -1;
     for (int j = 0; j < r->n_modes; j++)
         if (!r->modes[j].tuned && r->modes[j].k > 0 && (rag < 0 || r->modes[j].k > r->modes[rag].k))
             rag = j;
@@ -825,13 +1001,114 @@ int ev_summarize(const struct ev_run *r, uint64_t seed, struct ev_summary *s, st
         va = rag, vb = base;
     else if (ft >= 0 && base >= 0)
         va = ft, vb = base;
-    const struct ev_diff *d = va >= 0 ? find_diff(s, va, vb, vm) : NULL;
+    const struct ev_diff *d = va >= 0 ? ev_summary_diff(s, va, vb, vm) : NULL;
     if (d)
         ev_verdict(r->modes[va].name, r->modes[vb].name, ev_metric_labels[vm], &d->ci, 0, s->verdict,
                    sizeof s->verdict);
     else
         snprintf(s->verdict, sizeof s->verdict, "no comparison: run at least two of base, rag and ft");
-done:
+}
+
+/* The best mode on metric m (highest mean; lowest for NLL), or -1. */
+static int best_mode(const struct ev_run *r, const struct ev_summary *s, enum ev_metric m)
+{
+    int best = -1;
+    double bv = 0;
+    for (int j = 0; j < r->n_modes; j++) {
+        const struct ev_stat *st = ev_summary_stat(s, j, m);
+        if (st && (best < 0 || (m == EV_NLL ? st->ci.mean < bv : st->ci.mean > bv)))
+            best = j, bv = st->ci.mean;
+    }
+    return best;
+}
+
+/* One clause of the verdict with several systems: the best mode on m and the modes its paired
+ * interval cannot separate from it (best - other computed here when not already a pair). */
+static int verdict_metric(const struct ev_run *r, uint64_t seed, struct ev_summary *s, enum ev_metric m,
+                          double *a, double *b, struct lk_buf *out, struct lk_err *err)
+{
+    int best = best_mode(r, s, m), tied = 0, rc = LK_OK;
+    if (best < 0)
+        return LK_OK;
+    char m1[32];
+    lk_buf_printf(out, "%sbest on %s: %s (%s)", out->n ? "; " : "", ev_metric_labels[m], r->modes[best].name,
+                  fmt_num(ev_summary_stat(s, best, m)->ci.mean, m1, sizeof m1));
+    for (int j = 0; j < r->n_modes && !rc; j++) {
+        if (j == best || !ev_summary_stat(s, j, m))
+            continue;
+        const struct ev_diff *d = ev_summary_diff(s, best, j, m);
+        double sign = 1;
+        if (!d && (d = ev_summary_diff(s, j, best, m)))
+            sign = -1;
+        if (!d) {
+            if ((rc = add_diff(r, seed, s, best, j, m, a, b, err)) || !s->n_diffs ||
+                s->diffs[s->n_diffs - 1].a != best || s->diffs[s->n_diffs - 1].b != j)
+                continue;
+            d = &s->diffs[s->n_diffs - 1];
+        }
+        if (d->ci.lo > 0 || d->ci.hi < 0)
+            continue;
+        if (tied < 3) {
+            double lo = sign > 0 ? d->ci.lo : -d->ci.hi, hi = sign > 0 ? d->ci.hi : -d->ci.lo;
+            lk_buf_printf(out, "%s %s (%+.3f [%+.3f, %+.3f])", tied ? "," : ", not separated from", r->modes[j].name,
+                          sign * d->ci.mean, lo, hi);
+        }
+        tied++;
+    }
+    if (tied > 3)
+        lk_buf_printf(out, " and %d more", tied - 3);
+    if (!tied)
+        lk_buf_printf(out, ", ahead of every other row (paired 95%% intervals exclude 0)");
+    return rc;
+}
+
+/* Several systems: the best row per metric (EM, F1, NLL; accuracy and NLL when every item is
+ * multiple choice), and which rows its interval cannot separate from it. */
+static int verdict_multi(const struct ev_run *r, uint64_t seed, struct ev_summary *s, int any_qa,
+                         double *a, double *b, struct lk_err *err)
+{
+    static const enum ev_metric qa_m[3] = { EV_EM, EV_F1, EV_NLL }, mc_m[2] = { EV_ACC, EV_NLL };
+    struct lk_buf out = { 0 };
+    int rc = LK_OK;
+    for (int i = 0; i < (any_qa ? 3 : 2) && !rc; i++)
+        rc = verdict_metric(r, seed, s, any_qa ? qa_m[i] : mc_m[i], a, b, &out, err);
+    if (!rc && out.oom)
+        rc = lk_errf(err, LK_ERR_NOMEM, "out of memory");
+    if (!rc)
+        snprintf(s->verdict, sizeof s->verdict, "%s", out.n ? out.p : "no comparison: nothing was scored");
+    lk_buf_release(&out);
+    return rc;
+}
+
+int ev_summarize(const struct ev_run *r, uint64_t seed, struct ev_summary *s, struct lk_err *err)
+{
+    memset(s, 0, sizeof *s);
+    s->seed = seed;
+    size_t n = (size_t)r->n_items;
+    int(*pairs)[2] = NULL, np = 0;
+    double *a = lk_malloc(sizeof(double) * (n + 1)), *b = lk_malloc(sizeof(double) * (n + 1));
+    s->stats = lk_calloc((size_t)r->n_modes * EV_N_METRICS + 1, sizeof *s->stats);
+    int rc = !a || !b || !s->stats ? lk_errf(err, LK_ERR_NOMEM, "out of memory") : LK_OK;
+    if (!rc)
+        rc = summary_pairs(r, &pairs, &np, err);
+    // room for every pair, and for the verdict's best - other on up to three metrics
+    if (!rc && !(s->diffs = lk_calloc((size_t)(np + 3 * r->n_modes) * EV_N_METRICS + 1, sizeof *s->diffs)))
+        rc = lk_errf(err, LK_ERR_NOMEM, "out of memory");
+    if (!rc)
+        rc = summarize_stats(r, seed, s, a, err);
+    for (int p = 0; p < np && !rc; p++)
+        for (int m = 0; m < EV_N_METRICS && !rc; m++)
+            if (m != EV_RECALL && m != EV_HAS_ANSWER)
+                rc = add_diff(r, seed, s, pairs[p][0], pairs[p][1], (enum ev_metric)m, a, b, err);
+    // the verdict: F1 (accuracy when every item is multiple choice)
+    int any_qa = 0;
+    for (size_t i = 0; i < n && r->n_modes; i++)
+        any_qa |= !isnan(ev_run_cell(r, (int)i, 0)->f1);
+    if (!rc && multi_sys(r))
+        rc = verdict_multi(r, seed, s, any_qa, a, b, err);
+    else if (!rc)
+        verdict_single(r, s, any_qa ? EV_F1 : EV_ACC);
+    lk_free(pairs);
     lk_free(a);
     lk_free(b);
     if (rc)
@@ -943,7 +1220,7 @@ int ev_record(struct rdb *db, int64_t run_id, const struct ev_qa *qa, const stru
     }
     for (int i = 0; i < s->n_diffs && !rc; i++) {
         const struct ev_diff *d = &s->diffs[i];
-        char name[64];
+        char name[80];
         snprintf(name, sizeof name, "%s - %s", r->modes[d->a].name, r->modes[d->b].name);
         rc = rdb_eval_result(db, run_id, name, ev_metric_names[d->metric], d->ci.mean, d->ci.lo, d->ci.hi,
                              (int64_t)d->ci.n, err);
@@ -968,19 +1245,76 @@ int ev_record(struct rdb *db, int64_t run_id, const struct ev_qa *qa, const stru
 
 // ---- set-up ----
 
+/* The systems asked for: "ft" (--adapter or --tuned) first, then each --system, no name twice. */
+static int setup_systems_parse(struct ev_setup *s, const struct ev_setup_opts *o, struct lk_err *err)
+{
+    int n = (o->adapter || o->tuned) + o->n_systems;
+    s->systems = lk_calloc((size_t)n + 1, sizeof *s->systems);
+    s->names = lk_calloc((size_t)n + 1, sizeof *s->names);
+    if (!s->systems || !s->names)
+        return lk_errf(err, LK_ERR_NOMEM, "out of memory");
+    if (o->adapter || o->tuned) {
+        snprintf(s->systems[0].name, sizeof s->systems[0].name, "ft");
+        s->systems[0].path = o->adapter ? o->adapter : o->tuned;
+        s->names[s->n_systems++] = s->systems[0].name;
+    }
+    for (int i = 0; i < o->n_systems; i++) {
+        struct ev_system *sy = &s->systems[s->n_systems];
+        int rc = ev_system_parse(o->systems[i], sy, err);
+        if (rc)
+            return rc;
+        for (int j = 0; j < s->n_systems; j++)
+            if (!strcmp(s->names[j], sy->name))
+                return lk_errf(err, LK_ERR_USAGE, "system '%s' is given twice%s", sy->name,
+                               strcmp(sy->name, "ft") ? "" : " (--adapter and --tuned are the system 'ft')");
+        s->names[s->n_systems++] = sy->name;
+    }
+    return LK_OK;
+}
+
+/* The modes of the retain questions: base and each system, closed book, and with retrieval
+ * over retain_docs at every k of the run. */
+static int setup_retain_modes(struct ev_setup *s, const struct ev_setup_opts *o, const int *ks, int nk,
+                              struct lk_err *err)
+{
+    if (o->retain_docs && !o->retain)
+        return lk_errf(err, LK_ERR_USAGE, "--retain-docs needs --retain (the questions to retrieve for)");
+    if ((o->retain || o->retain_text) && !s->n_systems)
+        return lk_errf(err, LK_ERR_USAGE, "--retain and --retain-text compare systems with the base: give "
+                       "--adapter, --tuned or --system");
+    if (!o->retain)
+        return LK_OK;
+    struct ev_mode *m = NULL;
+    int n = 0, rc = ev_modes_parse(o->retain_docs ? "base,rag,ft,ft+rag" : "base,ft", ks, nk, &m, &n, err);
+    if (rc)
+        return lk_err_prefix(err, "--retain-docs");
+    rc = ev_modes_expand(m, n, s->names, s->n_systems, &s->retain_modes, &s->n_retain_modes, err);
+    lk_free(m);
+    return rc;
+}
+
 int ev_setup_parse(struct ev_setup *s, const struct ev_setup_opts *o, struct lk_err *err)
 {
     memset(s, 0, sizeof *s);
     if ((o->adapter && o->tuned) || (o->docs && o->index))
         return lk_errf(err, LK_ERR_USAGE, "give --adapter or --tuned, and --docs or --index, not both");
     int ks[EV_MAX_K], nk, rc;
-    if ((rc = ev_k_parse(o->k, ks, &nk, err)))
+    if ((rc = ev_k_parse(o->k, ks, &nk, err)) || (rc = setup_systems_parse(s, o, err)))
         return rc;
-    int have_docs = o->docs || o->index, have_tuned = o->adapter || o->tuned;
+    int have_docs = o->docs || o->index, have_tuned = s->n_systems > 0;
     char deflist[32];
     snprintf(deflist, sizeof deflist, "base%s%s%s", have_docs ? ",rag" : "", have_tuned ? ",ft" : "",
              have_docs && have_tuned ? ",ft+rag" : "");
-    if ((rc = ev_modes_parse(o->modes ? o->modes : deflist, ks, nk, &s->modes, &s->n_modes, err)))
+    struct ev_mode *m = NULL;
+    int n = 0;
+    if ((rc = ev_modes_parse(o->modes ? o->modes : deflist, ks, nk, &m, &n, err)))
+        return rc;
+    if (have_tuned)
+        rc = ev_modes_expand(m, n, s->names, s->n_systems, &s->modes, &s->n_modes, err);
+    else
+        s->modes = m, s->n_modes = n, m = NULL;
+    lk_free(m);
+    if (rc)
         return rc;
     for (int j = 0; j < s->n_modes; j++) {
         s->kmax = s->modes[j].k > s->kmax ? s->modes[j].k : s->kmax;
@@ -989,9 +1323,24 @@ int ev_setup_parse(struct ev_setup *s, const struct ev_setup_opts *o, struct lk_
     if (s->kmax > 0 && !have_docs)
         return lk_errf(err, LK_ERR_USAGE, "the rag modes need --docs or --index");
     if (s->need_tuned && !have_tuned)
-        return lk_errf(err, LK_ERR_USAGE, "the ft modes need --adapter or --tuned");
+        return lk_errf(err, LK_ERR_USAGE, "the ft modes need --adapter, --tuned or --system");
+    if ((rc = setup_retain_modes(s, o, ks, nk, err)))
+        return rc;
     s->ftok = FTS_TOK_ANY;
     return o->fts_tok ? fts_tokenizer_parse(o->fts_tok, &s->ftok, err) : LK_OK;
+}
+
+/* An index of docs built for this run into a temporary file named after the process and tag. */
+static int build_index(const struct ev_setup *s, const struct ev_setup_opts *o, const char *docs,
+                       const char *tag, char *tmp, size_t tmp_n, struct fts_index *idx, struct lk_err *err)
+{
+    const char *td = getenv("TMPDIR");
+    snprintf(tmp, tmp_n, "%s/lorakit-eval-%ld%s.fts", td && *td ? td : "/tmp", (long)getpid(), tag);
+    struct fts_settings st = { s->ftok == FTS_TOK_ANY ? FTS_TOK_UNICODE61 : s->ftok, o->chunk_tokens, o->overlap };
+    if (o->on_indexing)
+        o->on_indexing(o->ctx, docs, &st);
+    int rc = fts_index_build(docs, tmp, &st, 1, NULL, err);
+    return rc ? rc : fts_open(idx, tmp, err);
 }
 
 /* The retrieval index: docs indexed into a temporary file, or an index whose settings match. */
@@ -1004,41 +1353,42 @@ static int setup_index(struct ev_setup *s, const struct ev_setup_opts *o, struct
             rc = err->code = LK_ERR_FORMAT; // the index is bad input, not a bad flag
         return rc;
     }
-    const char *td = getenv("TMPDIR");
-    snprintf(s->tmp_index, sizeof s->tmp_index, "%s/lorakit-eval-%ld.fts", td && *td ? td : "/tmp",
-             (long)getpid());
-    struct fts_settings st = { s->ftok == FTS_TOK_ANY ? FTS_TOK_UNICODE61 : s->ftok, o->chunk_tokens, o->overlap };
-    if (o->on_indexing)
-        o->on_indexing(o->ctx, o->docs, &st);
-    int rc = fts_index_build(o->docs, s->tmp_index, &st, 1, NULL, err);
-    return rc ? rc : fts_open(&s->idx, s->tmp_index, err);
+    return build_index(s, o, o->docs, "", s->tmp_index, sizeof s->tmp_index, &s->idx, err);
 }
 
-/* The tuned side: base + adapter, or a model folder of the base's architecture. */
-static int setup_tuned(struct ev_setup *s, const struct ev_setup_opts *o, struct lk_err *err)
+/* Every system checked against the base before any is loaded, so a misfit is refused before
+ * any work. --adapter is an adapter and --tuned a model folder, whatever they hold. */
+static int setup_systems(struct ev_setup *s, const struct ev_setup_opts *o, struct lk_err *err)
 {
-    int rc;
-    if (o->adapter) {
-        if ((rc = lora_load(&s->lora, o->adapter, &s->base.cfg, err)))
-            return rc;
-        if (s->lora.n_extra)
-            return lk_errf(err, LK_ERR_UNSUPPORTED, "%s: the adapter carries modules_to_save tensors, which would "
-                           "change the base modes too: merge it (lorakit merge) and pass the result as --tuned",
-                           o->adapter);
-        s->cfg.lora = &s->lora;
-        return LK_OK;
+    int rc = LK_OK;
+    for (int i = 0; i < s->n_systems && !rc; i++) {
+        int force = i == 0 && (o->adapter || o->tuned) ? (o->adapter ? 1 : 2) : 0;
+        rc = ev_system_check(&s->systems[i], force, &s->base, o->model, err);
     }
-    if ((rc = model_load(&s->tuned, o->tuned, err)) ||
-        (rc = cfg_check_same(&s->base.cfg, &s->tuned.cfg, o->model, o->tuned, 1, err)))
+    for (int i = 0; i < s->n_systems && !rc; i++)
+        rc = ev_system_load(&s->systems[i], &s->base, o->model, err);
+    return rc;
+}
+
+/* The retention inputs: retain questions (and their index), texts. */
+static int setup_retain(struct ev_setup *s, const struct ev_setup_opts *o, struct lk_err *err)
+{
+    int rc = LK_OK;
+    if (o->retain_text) {
+        if (!(s->text = lk_calloc(1, sizeof *s->text)))
+            return lk_errf(err, LK_ERR_NOMEM, "out of memory");
+        if ((rc = ev_text_load(s->text, o->retain_text, o->limit, err)))
+            return rc;
+    }
+    if (o->retain && (rc = ev_qa_load(&s->retain, o->retain, o->limit, err)))
         return rc;
-    s->cfg.tuned = &s->tuned;
     return LK_OK;
 }
 
 int ev_setup_load(struct ev_setup *s, const struct ev_setup_opts *o, struct lk_err *err)
 {
     int rc;
-    if ((rc = ev_qa_load(&s->qa, o->qa, o->limit, err)))
+    if ((rc = ev_qa_load(&s->qa, o->qa, o->limit, err)) || (rc = setup_retain(s, o, err)))
         return rc;
     if ((rc = model_load(&s->base, o->model, err)) || (rc = tok_load(&s->tk, o->model, err)))
         return rc;
@@ -1047,7 +1397,7 @@ int ev_setup_load(struct ev_setup *s, const struct ev_setup_opts *o, struct lk_e
                        (int)tok_vocab_size(s->tk), s->base.cfg.vocab_size);
     if ((rc = chat_fmt_init(&s->fmt, s->tk, o->tmpl, err)))
         return rc;
-    if (s->need_tuned && (rc = setup_tuned(s, o, err)))
+    if ((s->need_tuned || o->retain || o->retain_text) && (rc = setup_systems(s, o, err)))
         return rc;
     if (s->kmax > 0) {
         if ((rc = setup_index(s, o, err)))
@@ -1060,6 +1410,14 @@ int ev_setup_load(struct ev_setup *s, const struct ev_setup_opts *o, struct lk_e
     s->cfg.base = &s->base;
     s->cfg.max_new = o->max_new;
     s->cfg.max_ctx = maxpos > 0 ? maxpos : 2048;
+    s->retain_cfg = s->cfg;
+    s->retain_cfg.idx = NULL;
+    if (o->retain_docs) {
+        if ((rc = build_index(s, o, o->retain_docs, "-retain", s->tmp_retain_index, sizeof s->tmp_retain_index,
+                              &s->retain_idx, err)))
+            return rc;
+        s->retain_cfg.idx = &s->retain_idx;
+    }
     return LK_OK;
 }
 
@@ -1068,11 +1426,20 @@ void ev_setup_release(struct ev_setup *s)
     fts_close(&s->idx);
     if (s->tmp_index[0])
         unlink(s->tmp_index);
+    fts_close(&s->retain_idx);
+    if (s->tmp_retain_index[0])
+        unlink(s->tmp_retain_index);
     ev_qa_release(&s->qa);
+    ev_qa_release(&s->retain);
+    ev_text_release(s->text);
+    lk_free(s->text);
     tok_free(s->tk);
-    lora_release(&s->lora);
-    model_release(&s->tuned);
+    for (int i = 0; s->systems && i < s->n_systems; i++)
+        ev_system_release(&s->systems[i]);
+    lk_free(s->systems);
+    lk_free(s->names);
     model_release(&s->base);
     lk_free(s->modes);
+    lk_free(s->retain_modes);
     memset(s, 0, sizeof *s);
 }

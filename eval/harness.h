@@ -90,8 +90,8 @@ int ev_prompt_build(struct tok *tk, const struct chat_fmt *fmt, const char *ques
 // ---- modes ----
 
 struct ev_mode {
-    char name[24];     /* "base", "rag", "ft", "ft+rag", "rag@3", ... */
-    int tuned;         /* 1: the tuned model */
+    char name[32];     /* "base", "rag", "ft", "ft+rag", "rag@3", "lora+rag@3", ... */
+    int tuned;         /* 0: the base; s + 1: the tuned system s (1 with one system) */
     int k;             /* passages (0: closed book) */
 };
 
@@ -107,6 +107,45 @@ int ev_k_parse(const char *s, int *ks, int *nk, struct lk_err *err);
  * *out is lk_malloc'ed. LK_ERR_USAGE for an unknown or repeated mode. */
 int ev_modes_parse(const char *list, const int *ks, int nk, struct ev_mode **out, int *n,
                    struct lk_err *err);
+
+/* The tuned modes (tuned = 1) repeated once per system (tuned = s + 1), named after it: "ft" becomes
+ * "NAME", "ft+rag@3" "NAME+rag@3". Order: the base modes, then each system's modes in turn.
+ * With the one system named "ft" the list is the input's. *out is lk_malloc'ed. */
+int ev_modes_expand(const struct ev_mode *in, int n_in, const char *const *names, int n_sys,
+                    struct ev_mode **out, int *n, struct lk_err *err);
+
+// ---- systems ----
+
+#define EV_SYS_NAME_MAX 24 /* bytes of a system name, NUL included */
+
+/* One tuned system: a PEFT adapter on the base, or a model folder of the base's architecture.
+ * --adapter and --tuned are the system named "ft". */
+struct ev_system {
+    char name[EV_SYS_NAME_MAX];
+    const char *path;          /* borrowed: as given */
+    int is_adapter;            /* 1: PATH holds adapter_config.json */
+    struct model own;          /* owned: the model folder, or the base with the adapter's
+                                * modules_to_save applied; empty otherwise */
+    struct lora lora;          /* owned: the adapter (empty for a model folder) */
+    const struct model *m;     /* the model it runs: &own, or the shared base */
+    const struct lora *l;      /* &lora for an adapter, else NULL */
+};
+
+/* Parses "NAME=PATH" into s (name checked: 1 to 23 characters of [A-Za-z0-9_.-], not "base"
+ * or "rag"; path non-empty). LK_ERR_USAGE naming the argument. */
+int ev_system_parse(const char *arg, struct ev_system *s, struct lk_err *err);
+/* Checks a system against the base before anything heavy is read (base_dir is the base's
+ * folder, for messages): PATH with adapter_config.json is an adapter, loaded here (lora_load
+ * checks its shapes against the base); PATH with config.json a model folder, whose config must
+ * pass cfg_check_same with the base's. force: 0 detect, 1 adapter, 2 model folder. Errors name
+ * the system ("system 'NAME': ...") unless it is "ft", whose messages stay those of --adapter
+ * and --tuned. */
+int ev_system_check(struct ev_system *s, int force, const struct model *base, const char *base_dir,
+                    struct lk_err *err);
+/* Loads what a checked system runs: a model folder's weights, or for an adapter carrying
+ * modules_to_save a private copy of the base with them applied (model_apply_extras). Sets m, l. */
+int ev_system_load(struct ev_system *s, const struct model *base, const char *base_dir, struct lk_err *err);
+void ev_system_release(struct ev_system *s); /* harmless twice */
 
 // ---- running ----
 
@@ -156,10 +195,16 @@ int ev_has_answer(const char *answer, const char *const *passages, int n, double
 
 /* Runs every item in every mode. Retrieval (the question as the query, top max-k chunks) is
  * done once per item and shared by the retrieval modes. Checks lk_interrupted per item. On
- * failure r is still released by ev_run_release. */
+ * failure r is still released by ev_run_release. The tuned modes run c->tuned or base +
+ * c->lora. */
 int ev_run_all(struct ev_run *r, const struct ev_config *c, const struct ev_qa *qa,
                const struct ev_mode *modes, int n_modes, ev_progress_fn progress, void *ctx,
                struct lk_err *err);
+/* The same with several systems: a tuned mode (tuned = s + 1) runs systems[s] (c->tuned and
+ * c->lora are unused). Every system answers the same items, with the same retrieval. */
+int ev_run_systems(struct ev_run *r, const struct ev_config *c, const struct ev_system *systems,
+                   int n_systems, const struct ev_qa *qa, const struct ev_mode *modes, int n_modes,
+                   ev_progress_fn progress, void *ctx, struct lk_err *err);
 void ev_run_release(struct ev_run *r);
 /* The cell of item i in mode j. */
 struct ev_cell *ev_run_cell(const struct ev_run *r, int i, int j);
@@ -190,18 +235,32 @@ struct ev_summary {
     int n_stats;
     struct ev_diff *diffs;       /* owned [n_diffs] */
     int n_diffs;
-    char verdict[512];
+    char verdict[1024];
     uint64_t seed;
 };
 
 /* Means and 95% bootstrap CIs per mode and metric (over the items where the metric applies),
  * the paired differences ft - rag and ft+rag - rag (each retrieval k), rag - base and
- * ft - base, and the verdict (see ev_verdict) on F1 (accuracy when every item is multiple
- * choice) between ft and rag (the largest k), else rag and base, else ft and base. */
+ * ft - base (with several systems, each system's S - rag, S+rag - rag and S - base), and the
+ * verdict. One system: ev_verdict on F1 (accuracy when every item is multiple choice) between
+ * ft and rag (the largest k), else rag and base, else ft and base. Several systems: for EM, F1
+ * and NLL (accuracy and NLL for multiple choice) the best row, and the rows whose paired
+ * interval against it includes 0 ("not separated from"); those best - other differences join
+ * the diffs. */
 int ev_summarize(const struct ev_run *r, uint64_t seed, struct ev_summary *s, struct lk_err *err);
 void ev_summary_release(struct ev_summary *s);
 /* The stat of (mode, metric), or NULL. */
 const struct ev_stat *ev_summary_stat(const struct ev_summary *s, int mode, enum ev_metric m);
+/* The difference a - b on metric m, or NULL. */
+const struct ev_diff *ev_summary_diff(const struct ev_summary *s, int a, int b, enum ev_metric m);
+/* The mode (tuned, system sys, k) of a run, or -1 (sys is ignored for untuned modes). */
+int ev_run_find_mode(const struct ev_run *r, int tuned, int sys, int k);
+
+/* Seeds rng for the statistic a - b on metric m of run r (b = -1: the mean of a). The seed
+ * depends on (seed, the modes' places, m) only, so each interval is reproducible whatever else
+ * is computed; with several systems every system's modes take the first system's places, so
+ * every system is resampled on the same items with the same resamples. */
+void ev_stat_rng(const struct ev_run *r, uint64_t seed, int a, int b, int m, struct lk_rng *rng);
 
 /* One plain-language line about the paired difference d = a - b on n items:
  *   "rag beats ft on F1 by 0.21 ± 0.04 on 500 questions"   (interval excludes 0)
@@ -244,7 +303,15 @@ struct ev_setup_opts {
     /* Told (may be NULL) before docs are indexed, with the settings used. */
     void (*on_indexing)(void *ctx, const char *docs, const struct fts_settings *st);
     void *ctx;
+    const char *const *systems; /* [n_systems] "NAME=PATH" (--system): PATH an adapter or a model folder */
+    int n_systems;
+    const char *retain;        /* QA from the domain the base knew (closed book, and rag with
+                                * retain_docs), or NULL; --limit applies to it too */
+    const char *retain_docs;   /* documents for retain's rag modes, indexed for this run, or NULL */
+    const char *retain_text;   /* texts scored by NLL per token (eval/retain.h), or NULL */
 };
+
+struct ev_text;
 
 /* Everything ev_run_all needs; owned here, released by ev_setup_release. */
 struct ev_setup {
@@ -253,24 +320,37 @@ struct ev_setup {
     int kmax, need_tuned;   /* the largest k of the modes; 1 when a mode uses the tuned model */
     enum fts_tokenizer ftok;
     struct ev_qa qa;
-    struct model base, tuned;
-    struct lora lora;
+    struct model base;
     struct tok *tk;         /* owned */
     struct chat_fmt fmt;
     struct fts_index idx;
     char tmp_index[4200];   /* a docs index built for this run (removed on release), or "" */
     struct ev_config cfg;   /* points into this struct: ready after ev_setup_load */
+    struct ev_system *systems; /* owned [n_systems]: "ft" (--adapter/--tuned) first, then --system;
+                                * loaded when a mode or the retention needs them */
+    int n_systems;
+    const char **names;     /* owned [n_systems]: pointers to the systems' names */
+    // retention (eval/retain.h): the retain questions' modes, index and config, the texts
+    struct ev_mode *retain_modes; /* owned [n_retain_modes], or NULL without --retain */
+    int n_retain_modes;
+    struct ev_qa retain;
+    struct fts_index retain_idx;
+    char tmp_retain_index[4200];
+    struct ev_config retain_cfg; /* cfg with the retain index */
+    struct ev_text *text;   /* owned, or NULL without --retain-text */
 };
 
 /* Checks the request before anything is read: the k list, the modes (default: those the
- * inputs allow), that the modes have their inputs (rag: docs or index; ft: adapter or
- * tuned), adapter XOR tuned, docs XOR index, the FTS tokenizer name. LK_ERR_USAGE. */
+ * inputs allow), that the modes have their inputs (rag: docs or index; ft: adapter, tuned or a
+ * system), adapter XOR tuned, docs XOR index, the FTS tokenizer name, the system names (no
+ * repeat; "ft" is --adapter/--tuned's), that retention has a system and retain_docs a retain
+ * file. The tuned modes are repeated per system (ev_modes_expand). LK_ERR_USAGE. */
 int ev_setup_parse(struct ev_setup *s, const struct ev_setup_opts *o, struct lk_err *err);
-/* Loads and checks every input (after ev_setup_parse): the questions, the base model and its
- * tokenizer (no more ids than the model's vocabulary), the chat template, the adapter (no
- * modules_to_save: they would change the base modes too) or the tuned model (cfg_check_same
- * with the base), and the index (docs: built into a temporary file; index: its settings
- * checked against fts_tok). Fills s->cfg. */
+/* Loads and checks every input (after ev_setup_parse): the questions (and retain questions and
+ * texts), the base model and its tokenizer (no more ids than the model's vocabulary), the chat
+ * template, every system (each checked against the base by ev_system_check before any is
+ * loaded), and the index (docs: built into a temporary file; index: its settings checked
+ * against fts_tok; retain_docs: a second temporary index). Fills s->cfg and s->retain_cfg. */
 int ev_setup_load(struct ev_setup *s, const struct ev_setup_opts *o, struct lk_err *err);
 /* Frees everything, removes a temporary index; harmless twice and on a zeroed struct. */
 void ev_setup_release(struct ev_setup *s);

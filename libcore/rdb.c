@@ -8,6 +8,7 @@
 #include <cjson/cJSON.h>
 #include <math.h>
 #include <sqlite3.h>
+#include <stdio.h>
 #include <string.h>
 
 // ---- schema ----
@@ -52,8 +53,17 @@ static const char MIGRATE_V1_V2[] =
     "ALTER TABLE eval_results ADD COLUMN n INTEGER;"
     "ALTER TABLE tensor_stats ADD COLUMN extra_json TEXT;";
 
+/* Version 2 -> 3: what each system of an eval learned and forgot (eval/retain.h). */
+static const char MIGRATE_V2_V3[] =
+    "CREATE TABLE eval_retention("
+    " run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,"
+    " system TEXT NOT NULL, kind TEXT NOT NULL CHECK(kind IN ('learned','forgot')),"
+    " metric TEXT NOT NULL, base REAL, value REAL, diff REAL, lo REAL, hi REAL, n INTEGER,"
+    " no_room INTEGER NOT NULL DEFAULT 0,"
+    " PRIMARY KEY(run_id, system, kind, metric));";
+
 /* migrations[v] takes a database at version v to v + 1 (v = 0 is an empty file). */
-static const char *const migrations[RDB_SCHEMA_VERSION] = { SCHEMA_V1, MIGRATE_V1_V2 };
+static const char *const migrations[RDB_SCHEMA_VERSION] = { SCHEMA_V1, MIGRATE_V1_V2, MIGRATE_V2_V3 };
 
 static const char SQL_STEP[] =
     "INSERT INTO train_steps(run_id, step, loss, lr, grad_norm, tokens_per_s, elapsed_s,"
@@ -690,6 +700,95 @@ int rdb_runs_list(struct rdb *db, int limit, struct rdb_run **out, int *n, struc
     }
     sqlite3_finalize(st);
     *out = runs;
+    *n = cnt;
+    return LK_OK;
+}
+
+int rdb_eval_retention(struct rdb *db, int64_t run_id, const struct rdb_retention *x, struct lk_err *err)
+{
+    int r = rdb_batch_begin(db, err);
+    if (r)
+        return r;
+    sqlite3_stmt *st;
+    if ((r = rdb_prepare(db,
+                         "INSERT OR REPLACE INTO eval_retention(run_id, system, kind, metric, base, value, diff,"
+                         " lo, hi, n, no_room) VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                         &st, err)))
+        return r;
+    sqlite3_bind_int64(st, 1, run_id);
+    bind_text(st, 2, x->system);
+    bind_text(st, 3, x->kind);
+    bind_text(st, 4, x->metric);
+    bind_real(st, 5, x->base);
+    bind_real(st, 6, x->value);
+    bind_real(st, 7, x->diff);
+    bind_real(st, 8, x->lo);
+    bind_real(st, 9, x->hi);
+    if (x->n >= 0)
+        sqlite3_bind_int64(st, 10, x->n);
+    else
+        sqlite3_bind_null(st, 10);
+    sqlite3_bind_int(st, 11, x->no_room != 0);
+    if ((r = rdb_step_done(db, st, 0, "recording a retention figure", err)))
+        return r;
+    return rdb_batch_row(db, err);
+}
+
+static void retention_row(sqlite3_stmt *st, struct rdb_retention *x)
+{
+    memset(x, 0, sizeof *x);
+    const unsigned char *t;
+    if ((t = sqlite3_column_text(st, 0)))
+        snprintf(x->system, sizeof x->system, "%s", (const char *)t);
+    if ((t = sqlite3_column_text(st, 1)))
+        snprintf(x->kind, sizeof x->kind, "%s", (const char *)t);
+    if ((t = sqlite3_column_text(st, 2)))
+        snprintf(x->metric, sizeof x->metric, "%s", (const char *)t);
+    x->base = column_real(st, 3);
+    x->value = column_real(st, 4);
+    x->diff = column_real(st, 5);
+    x->lo = column_real(st, 6);
+    x->hi = column_real(st, 7);
+    x->n = sqlite3_column_type(st, 8) == SQLITE_NULL ? -1 : sqlite3_column_int64(st, 8);
+    x->no_room = sqlite3_column_int(st, 9);
+}
+
+int rdb_retention_load(struct rdb *db, int64_t run_id, struct rdb_retention **out, int *n, struct lk_err *err)
+{
+    *out = NULL;
+    *n = 0;
+    sqlite3_stmt *st;
+    int r = rdb_prepare(db,
+                        "SELECT system, kind, metric, base, value, diff, lo, hi, n, no_room FROM eval_retention"
+                        " WHERE run_id = ?1 ORDER BY rowid",
+                        &st, err);
+    if (r)
+        return r;
+    sqlite3_bind_int64(st, 1, run_id);
+    struct rdb_retention *rows = NULL;
+    int cnt = 0, cap = 0, rc, oom = 0;
+    while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+        if (cnt == cap) {
+            int ncap = cap ? cap * 2 : 32;
+            struct rdb_retention *nr = lk_realloc(rows, sizeof *rows * (size_t)ncap);
+            if (!nr) {
+                oom = 1;
+                break;
+            }
+            rows = nr;
+            cap = ncap;
+        }
+        retention_row(st, &rows[cnt++]);
+    }
+    if (oom || rc != SQLITE_DONE) {
+        r = oom ? lk_errf(err, LK_ERR_NOMEM, "%s: out of memory loading retention figures", db->path)
+                : rdb_fail(db, err, rc, "loading retention figures");
+        sqlite3_finalize(st);
+        lk_free(rows);
+        return r;
+    }
+    sqlite3_finalize(st);
+    *out = rows;
     *n = cnt;
     return LK_OK;
 }

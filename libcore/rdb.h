@@ -26,6 +26,15 @@
  *        PRIMARY KEY(run_id, item_id, mode)) -- retrieved: text or JSON given by the caller
  *   tensor_stats(run_id, tensor, rows, cols, rank, fro_norm, rel_change, eff_rank,
  *        energy_json, rel_error, extra_json, PRIMARY KEY(run_id, tensor))
+ *   eval_retention(run_id, system, kind, metric, base, value, diff, lo, hi, n, no_room,
+ *        PRIMARY KEY(run_id, system, kind, metric)) -- an eval's systems against its base
+ *                                         -- (eval/retain.h): kind 'learned' (metric 'f1',
+ *                                         -- 'em', 'nll', 'acc' on the run's questions; diff =
+ *                                         -- the gain) or 'forgot' (metric 'closed.f1',
+ *                                         -- 'rag.em', 'text.nll', ...; diff = the forgetting);
+ *                                         -- positive diff = learned / forgot; base and value the
+ *                                         -- two means; lo/hi its 95% interval; no_room 1 when
+ *                                         -- the base's own score leaves nothing to forget
  *
  * Every child table references runs(id) ON DELETE CASCADE (foreign keys are on in every
  * connection rdb_open makes), so deleting a run deletes its rows. Writing a row whose key
@@ -33,13 +42,14 @@
  * loss can be added to a step logged earlier); the other tables replace the row.
  *
  * Versions: 1 was the DESIGN.md sketch (no train_steps.eval_loss, eval_results.lo/hi/n,
- * tensor_stats.extra_json); 2 adds those columns. rdb_open migrates an older file in one
+ * tensor_stats.extra_json); 2 adds those columns; 3 adds eval_retention. rdb_open migrates an older file in one
  * transaction, refuses a newer one (LK_ERR_UNSUPPORTED) and refuses a file that is not an
  * SQLite database, or an SQLite database with other tables and no lorakit version
  * (LK_ERR_FORMAT).
  *
  * Writes: rdb_run_begin and rdb_run_finish commit at once (the dashboard sees them). The
- * per-row calls (rdb_train_step, rdb_eval_result, rdb_eval_item, rdb_tensor_stat) join a
+ * per-row calls (rdb_train_step, rdb_eval_result, rdb_eval_item, rdb_eval_retention,
+ * rdb_tensor_stat) join a
  * write transaction that is committed every RDB_BATCH_ROWS rows or RDB_BATCH_SECONDS
  * seconds, whichever comes first, and by rdb_flush, rdb_run_finish and rdb_close. So a
  * crash loses at most about a second of steps, and a reader waits at most that long for
@@ -53,7 +63,7 @@
 
 #include "lk.h"
 
-#define RDB_SCHEMA_VERSION 2
+#define RDB_SCHEMA_VERSION 3
 #define RDB_BATCH_ROWS 256
 #define RDB_BATCH_SECONDS 1.0
 #define RDB_BUSY_TIMEOUT_MS 5000
@@ -112,6 +122,17 @@ int rdb_eval_result(struct rdb *db, int64_t run_id, const char *mode, const char
 int rdb_eval_item(struct rdb *db, int64_t run_id, const char *item_id, const char *mode,
                   const char *question, const char *reference, const char *answer,
                   const char *retrieved, const char *scores_json, struct lk_err *err);
+/* One row of eval_retention (see the schema above); also what rdb_retention_load returns. */
+struct rdb_retention {
+    char system[32];         /* the system's name */
+    char kind[8];            /* "learned" or "forgot" */
+    char metric[48];
+    double base, value;      /* the base's and the system's means (NAN: NULL) */
+    double diff, lo, hi;     /* the gain or forgetting with its 95% interval */
+    int64_t n;               /* items (-1: NULL) */
+    int no_room;
+};
+int rdb_eval_retention(struct rdb *db, int64_t run_id, const struct rdb_retention *x, struct lk_err *err);
 /* Statistics of one tensor (diff, svd-compress). rank < 0 and NAN values are stored as NULL. */
 struct rdb_tensor_stat {
     const char *tensor;      /* borrowed: tensor name */
@@ -170,6 +191,11 @@ struct rdb_run {
  * free it with rdb_runs_free. */
 int rdb_runs_list(struct rdb *db, int limit, struct rdb_run **out, int *n, struct lk_err *err);
 void rdb_runs_free(struct rdb_run *runs, int n);
+
+/* The eval_retention rows of a run in the order written; *out is an lk_malloc'ed array of *n
+ * (caller lk_frees; NULL and 0 when there is none). */
+int rdb_retention_load(struct rdb *db, int64_t run_id, struct rdb_retention **out, int *n,
+                       struct lk_err *err);
 
 /* Train steps of a run with step > after_step (-1: all), in step order. Columns that are
  * NULL come back as NAN. *out is an lk_malloc'ed array of *n rows (caller lk_frees). */

@@ -14,6 +14,7 @@
 
 #include "../eval/fts.h"
 #include "../eval/harness.h"
+#include "../eval/retain.h"
 #include "../libcore/rdb.h"
 #include "commands.h"
 #include "opts.h"
@@ -37,11 +38,14 @@ struct eval_cli {
     const char *model, *adapter, *tuned, *qa, *docs, *index, *modes, *k, *runs, *fts_tok, *tmpl, *name;
     long max_new, limit, show, seed, threads, chunk_tokens, overlap;
     int json, quiet;
+    struct opt_list systems;
+    const char *retain, *retain_docs, *retain_text;
 };
 
 struct progress {
     int tty, quiet;
     double t0, last;
+    const char *what;  /* "question", "retain question", "text" */
 };
 
 static void on_progress(void *ctx, int done, int total)
@@ -54,12 +58,12 @@ static void on_progress(void *ctx, int done, int total)
         if (now - p->last < 0.2 && done != total)
             return;
         p->last = now;
-        fprintf(stderr, "\r\033[Kquestion %d/%d  %.1fs", done, total, now - p->t0);
+        fprintf(stderr, "\r\033[K%s %d/%d  %.1fs", p->what, done, total, now - p->t0);
         if (done == total)
             fprintf(stderr, "\n");
     } else if (done == total || now - p->last >= 10) {
         p->last = now;
-        fprintf(stderr, "question %d/%d  %.1fs\n", done, total, now - p->t0);
+        fprintf(stderr, "%s %d/%d  %.1fs\n", p->what, done, total, now - p->t0);
     }
 }
 
@@ -84,6 +88,17 @@ static cJSON *params_json(const struct eval_cli *c, const struct ev_mode *modes,
     cJSON_AddNumberToObject(o, "limit", (double)c->limit);
     cJSON_AddNumberToObject(o, "seed", (double)c->seed);
     cJSON_AddStringToObject(o, "fts_tokenizer", c->fts_tok ? c->fts_tok : "unicode61");
+    if (c->systems.n) {
+        cJSON *sy = cJSON_AddArrayToObject(o, "systems");
+        for (int i = 0; sy && i < c->systems.n; i++)
+            cJSON_AddItemToArray(sy, cJSON_CreateString(c->systems.v[i]));
+    }
+    if (c->retain)
+        cJSON_AddStringToObject(o, "retain", c->retain);
+    if (c->retain_docs)
+        cJSON_AddStringToObject(o, "retain_docs", c->retain_docs);
+    if (c->retain_text)
+        cJSON_AddStringToObject(o, "retain_text", c->retain_text);
     return o;
 }
 
@@ -92,13 +107,16 @@ static void print_table(const struct ev_run *r, const struct ev_summary *s)
     int has[EV_N_METRICS] = { 0 };
     for (int i = 0; i < s->n_stats; i++)
         has[s->stats[i].metric] = 1;
-    printf("%-12s %5s", "mode", "n");
+    int w = 12;
+    for (int j = 0; j < r->n_modes; j++)
+        w = (int)strlen(r->modes[j].name) > w ? (int)strlen(r->modes[j].name) : w;
+    printf("%-*s %5s", w, "mode", "n");
     for (int m = 0; m < EV_N_METRICS; m++)
         if (has[m])
             printf("  %-21s", ev_metric_labels[m]);
     printf("  %8s\n", "time");
     for (int j = 0; j < r->n_modes; j++) {
-        printf("%-12s %5d", r->modes[j].name, r->n_items);
+        printf("%-*s %5d", w, r->modes[j].name, r->n_items);
         for (int m = 0; m < EV_N_METRICS; m++) {
             if (!has[m])
                 continue;
@@ -117,7 +135,7 @@ static void print_table(const struct ev_run *r, const struct ev_summary *s)
             continue;
         if (!any++)
             printf("\npaired differences (95%% bootstrap interval):\n");
-        char pair[64];
+        char pair[80];
         snprintf(pair, sizeof pair, "%s - %s", r->modes[d->a].name, r->modes[d->b].name);
         printf("  %-22s %-10s %+.3f [%+.3f, %+.3f]%s\n", pair, ev_metric_labels[d->metric], d->ci.mean, d->ci.lo,
                d->ci.hi, d->ci.lo > 0 || d->ci.hi < 0 ? "" : "  (includes 0)");
@@ -142,7 +160,7 @@ static void print_show(const struct ev_qa *qa, const struct ev_run *r, int n)
         print_one_line("reference", it->choices ? it->choices[it->answer_index] : it->answer);
         for (int j = 0; j < r->n_modes; j++) {
             const struct ev_cell *c = ev_run_cell(r, i, j);
-            char label[32];
+            char label[48];
             snprintf(label, sizeof label, "%s:", r->modes[j].name);
             print_one_line(label, c->answer);
         }
@@ -157,52 +175,196 @@ static void on_indexing(void *ctx, const char *docs, const struct fts_settings *
                 st->chunk_tokens);
 }
 
-/* The run and its record (a database that cannot be written is a warning); prints the report. */
-static int eval_run(const struct eval_cli *c, struct ev_setup *s, struct lk_err *err)
+static void print_ci(const struct ev_ci *ci)
 {
-    struct ev_run run = { 0 };
-    struct ev_summary sum = { 0 };
-    struct rdb_rec rec;
-    char *runs = c->runs ? NULL : rdb_default_path(NULL);
-    cJSON *params = params_json(c, s->modes, s->n_modes), *summary = NULL;
-    if (rdb_rec_begin(&rec, c->runs ? c->runs : runs, "eval", c->name ? c->name : c->qa, c->model, c->qa, params))
-        lk_cli_warn("eval", rec.warning);
-    cJSON_Delete(params);
-    struct progress pg = { isatty(2), c->quiet, lk_now(), 0 };
+    char cell[64];
+    snprintf(cell, sizeof cell, "%+.3f [%+.3f, %+.3f]", ci->mean, ci->lo, ci->hi);
+    printf("  %-25s", cell);
+}
+
+/* The forgot figure shown beside learned for a retain set (prefix "closed", "rag", "rag@3",
+ * "text"): its headline metric when the base leaves room to forget, else its NLL. */
+static const struct ev_forget *forgot_pick(const struct ev_retention *r, int sys, const char *prefix)
+{
+    const struct ev_forget *head = NULL, *nll = NULL;
+    size_t n = strlen(prefix);
+    for (int i = 0; i < r->n_f; i++) {
+        const struct ev_forget *f = &r->f[i];
+        if (f->sys != sys || strncmp(f->metric, prefix, n) || f->metric[n] != '.')
+            continue;
+        if (!strcmp(f->metric + n + 1, ev_metric_names[r->headline]) && !f->no_room)
+            head = f;
+        if (!strcmp(f->metric + n + 1, "nll"))
+            nll = f;
+    }
+    return head ? head : nll;
+}
+
+static void print_retention(const struct ev_retention *r)
+{
+    printf("\nretention (forgetting = base - system; NLL: system - base; > 0 means forgotten; 95%% bootstrap "
+           "interval):\n  %-12s %-14s %7s %7s  %s\n", "system", "metric", "base", "system", "forgetting");
+    for (int i = 0; i < r->n_f; i++) {
+        const struct ev_forget *f = &r->f[i];
+        printf("  %-12s %-14s %7.3f %7.3f", r->names[f->sys], f->metric, f->base, f->value);
+        print_ci(&f->forgetting);
+        if (f->no_room)
+            printf("  no room to forget: the base scores %.3f", f->base);
+        printf("\n");
+    }
+    // the sets, in order of first appearance (system 0's rows hold every set)
+    char sets[16][40];
+    int ns = 0;
+    for (int i = 0; i < r->n_f && ns < 16; i++) {
+        char p[40];
+        snprintf(p, sizeof p, "%.*s", (int)(strrchr(r->f[i].metric, '.') - r->f[i].metric), r->f[i].metric);
+        int seen = 0;
+        for (int j = 0; j < ns; j++)
+            seen |= !strcmp(sets[j], p);
+        if (!seen)
+            memcpy(sets[ns++], p, sizeof p);
+    }
+    printf("\nlearned against forgot (learned = system - base on the questions, closed book; NLL: base - system):\n"
+           "  %-12s  %-25s", "system", "learned");
+    for (int j = 0; j < ns; j++) {
+        const struct ev_forget *f = forgot_pick(r, 0, sets[j]);
+        printf("  forgot %-18s", f ? f->metric : sets[j]);
+    }
+    printf("\n");
+    for (int sy = 0; sy < r->n_systems; sy++) {
+        const struct ev_learned *l = ev_retention_learned(r, sy, r->headline);
+        printf("  %-12s", r->names[sy]);
+        if (l) {
+            char cell[64];
+            snprintf(cell, sizeof cell, "%s %+.3f [%+.3f, %+.3f]", ev_metric_labels[r->headline], l->gain.mean,
+                     l->gain.lo, l->gain.hi);
+            printf("  %-25s", cell);
+        } else {
+            printf("  %-25s", "-");
+        }
+        for (int j = 0; j < ns; j++) {
+            const struct ev_forget *f = forgot_pick(r, sy, sets[j]);
+            if (f)
+                print_ci(&f->forgetting);
+            else
+                printf("  %-25s", "-");
+        }
+        printf("\n");
+    }
+    for (int i = 0; i < r->n_f; i++)
+        if (r->f[i].no_room && r->f[i].sys == 0)
+            printf("note: the base scores %.3f on %s: no room to forget, so that row measures nothing\n",
+                   r->f[i].base, r->f[i].metric);
+}
+
+/* Everything a run computes. */
+struct eval_out {
+    struct ev_run run, retain;
+    struct ev_text_run text;
+    struct ev_summary sum;
+    struct ev_retention ret;
+    int has_ret;
+    cJSON *summary;
+};
+
+static void eval_out_release(struct eval_out *x)
+{
+    cJSON_Delete(x->summary);
+    ev_retention_release(&x->ret);
+    ev_summary_release(&x->sum);
+    ev_text_run_release(&x->text);
+    ev_run_release(&x->retain);
+    ev_run_release(&x->run);
+}
+
+/* The systems as the summary names them: name, kind, path. */
+static int systems_json(const struct ev_setup *s, cJSON *root)
+{
+    cJSON *a = cJSON_AddArrayToObject(root, "systems");
+    for (int i = 0; a && i < s->n_systems; i++) {
+        cJSON *o = cJSON_CreateObject();
+        if (!o)
+            return LK_ERR_NOMEM;
+        cJSON_AddStringToObject(o, "name", s->systems[i].name);
+        cJSON_AddStringToObject(o, "kind", s->systems[i].is_adapter ? "adapter" : "model");
+        cJSON_AddStringToObject(o, "path", s->systems[i].path);
+        cJSON_AddItemToArray(a, o);
+    }
+    return a ? LK_OK : LK_ERR_NOMEM;
+}
+
+/* The runs (questions, retain questions, texts), the summary and the retention figures. */
+static int eval_work(const struct eval_cli *c, struct ev_setup *s, struct eval_out *x, struct lk_err *err)
+{
+    struct progress pg = { isatty(2), c->quiet, lk_now(), 0, "question" };
     if (!c->quiet)
         fprintf(stderr, "%d questions x %d modes, context %d, max-new %ld\n", s->qa.n, s->n_modes, s->cfg.max_ctx,
                 c->max_new);
-    int rc = ev_run_all(&run, &s->cfg, &s->qa, s->modes, s->n_modes, on_progress, &pg, err);
+    int rc = ev_run_systems(&x->run, &s->cfg, s->systems, s->n_systems, &s->qa, s->modes, s->n_modes, on_progress,
+                            &pg, err);
+    if (!rc && s->retain_modes) {
+        if (!c->quiet)
+            fprintf(stderr, "retention: %d questions x %d modes\n", s->retain.n, s->n_retain_modes);
+        pg = (struct progress){ isatty(2), c->quiet, lk_now(), 0, "retain question" };
+        rc = ev_run_systems(&x->retain, &s->retain_cfg, s->systems, s->n_systems, &s->retain, s->retain_modes,
+                            s->n_retain_modes, on_progress, &pg, err);
+    }
+    if (!rc && s->text) {
+        pg = (struct progress){ isatty(2), c->quiet, lk_now(), 0, "text" };
+        rc = ev_text_run_all(&x->text, &s->cfg, s->systems, s->n_systems, s->text, on_progress, &pg, err);
+    }
     if (!rc)
-        rc = ev_summarize(&run, (uint64_t)c->seed, &sum, err);
-    if (!rc && !(summary = ev_summary_obj(&run, &sum)))
+        rc = ev_summarize(&x->run, (uint64_t)c->seed, &x->sum, err);
+    x->has_ret = s->retain_modes || s->text;
+    if (!rc && x->has_ret)
+        rc = ev_retention_compute(&x->run, &x->sum, s->retain_modes ? &x->retain : NULL, s->text ? &x->text : NULL,
+                                  s->n_systems, s->names, (uint64_t)c->seed, &x->ret, err);
+    if (!rc && !(x->summary = ev_summary_obj(&x->run, &x->sum)))
         rc = lk_errf(err, LK_ERR_NOMEM, "out of memory");
+    if (!rc && ((c->systems.n && systems_json(s, x->summary)) || (x->has_ret && ev_retention_json(&x->ret, x->summary))))
+        rc = lk_errf(err, LK_ERR_NOMEM, "out of memory");
+    return rc;
+}
+
+/* The run and its record (a database that cannot be written is a warning); prints the report. */
+static int eval_run(const struct eval_cli *c, struct ev_setup *s, struct lk_err *err)
+{
+    struct eval_out x = { 0 };
+    struct rdb_rec rec;
+    char *runs = c->runs ? NULL : rdb_default_path(NULL);
+    cJSON *params = params_json(c, s->modes, s->n_modes);
+    if (rdb_rec_begin(&rec, c->runs ? c->runs : runs, "eval", c->name ? c->name : c->qa, c->model, c->qa, params))
+        lk_cli_warn("eval", rec.warning);
+    cJSON_Delete(params);
+    int rc = eval_work(c, s, &x, err);
     struct lk_err e = { 0 };
-    if (!rc && rec.active && ev_record(&rec.db, rec.run_id, &s->qa, &run, &sum, &e)) {
+    if (!rc && rec.active &&
+        (ev_record(&rec.db, rec.run_id, &s->qa, &x.run, &x.sum, &e) ||
+         (x.has_ret && ev_retention_record(&rec.db, rec.run_id, &x.ret, &e)))) {
         rdb_rec_drop(&rec, &e);
         lk_cli_warn("eval", rec.warning);
     }
     int64_t run_id = rec.active ? rec.run_id : 0;
-    if (rdb_rec_finish(&rec, rc, summary)) {
+    if (rdb_rec_finish(&rec, rc, x.summary)) {
         lk_cli_warn("eval", rec.warning);
         run_id = 0;
     }
     if (!rc) {
-        char *js = c->json ? cJSON_PrintUnformatted(summary) : NULL;
+        char *js = c->json ? cJSON_PrintUnformatted(x.summary) : NULL;
         if (js)
             printf("%s\n", js);
         else
-            print_table(&run, &sum);
+            print_table(&x.run, &x.sum);
         cJSON_free(js);
+        if (!c->json && x.has_ret)
+            print_retention(&x.ret);
         if (c->show)
-            print_show(&s->qa, &run, (int)c->show);
+            print_show(&s->qa, &x.run, (int)c->show);
         if (run_id && !c->quiet)
             fprintf(stderr, "recorded as run %lld in %s\n", (long long)run_id, c->runs ? c->runs : runs);
     }
-    cJSON_Delete(summary);
     lk_free(runs);
-    ev_summary_release(&sum);
-    ev_run_release(&run);
+    eval_out_release(&x);
     return rc;
 }
 
@@ -211,8 +373,10 @@ int cmd_eval(int argc, char **argv)
     struct eval_cli c = { .k = "3", .max_new = 32, .seed = 42, .chunk_tokens = 200, .overlap = 40 };
     const struct opt opts[] = {
         { "model", OPT_STR, &c.model, "DIR", "base model folder (config.json, safetensors, tokenizer.json)" },
-        { "adapter", OPT_STR, &c.adapter, "DIR", "tuned = base + this PEFT LoRA adapter" },
-        { "tuned", OPT_STR, &c.tuned, "DIR", "tuned = this fine-tuned model folder (same architecture)" },
+        { "adapter", OPT_STR, &c.adapter, "DIR", "tuned = base + this PEFT LoRA adapter (the system 'ft')" },
+        { "tuned", OPT_STR, &c.tuned, "DIR", "tuned = this fine-tuned model folder, same architecture (the system 'ft')" },
+        { "system", OPT_LIST, &c.systems, "NAME=PATH", "one more tuned system: an adapter for --model or a model "
+                                                       "folder (repeatable; modes NAME, NAME+rag)" },
         { "qa", OPT_STR, &c.qa, "FILE", "questions, JSONL: {id, question, answer, doc_id} or {question, choices, answer_index}" },
         { "docs", OPT_STR, &c.docs, "FILE", "documents, JSONL {id, title, text}: indexed for this run" },
         { "index", OPT_STR, &c.index, "DB", "an index made by `lorakit index`" },
@@ -230,6 +394,10 @@ int cmd_eval(int argc, char **argv)
                                                       "--index: the index must match)" },
         { "chunk-tokens", OPT_INT, &c.chunk_tokens, "N", "--docs: words per chunk (default 200)" },
         { "overlap", OPT_INT, &c.overlap, "M", "--docs: words shared by consecutive chunks (default 40)" },
+        { "retain", OPT_STR, &c.retain, "FILE", "QA the base knew: forgetting, closed book (and rag with --retain-docs)" },
+        { "retain-docs", OPT_STR, &c.retain_docs, "FILE", "documents for --retain's rag modes (indexed for this run)" },
+        { "retain-text", OPT_STR, &c.retain_text, "FILE", "texts the base knew ({\"text\"} JSONL or lines): forgetting "
+                                                         "in NLL per token" },
         { "threads", OPT_INT, &c.threads, "N", "threads (default: all cores)" },
         { "quiet", OPT_FLAG, &c.quiet, NULL, "no progress output" },
         { 0 },
@@ -249,7 +417,8 @@ int cmd_eval(int argc, char **argv)
         lk_errf(&err, LK_ERR_USAGE, "an option is out of range (see --help)");
     struct ev_setup_opts so = { c.model, c.adapter, c.tuned, c.qa, c.docs, c.index, c.modes, c.k, c.tmpl,
                                 c.fts_tok, (int)c.limit, (int)c.max_new, (int)c.chunk_tokens, (int)c.overlap,
-                                on_indexing, &c };
+                                on_indexing, &c, c.systems.v, c.systems.n, c.retain, c.retain_docs,
+                                c.retain_text };
     struct ev_setup s = { 0 };
     if (err.code || ev_setup_parse(&s, &so, &err)) {
         ev_setup_release(&s);
