@@ -1036,29 +1036,26 @@ static int verdict_metric(const struct ev_run *r, uint64_t seed, struct ev_summa
     for (int j = 0; j < r->n_modes && !rc; j++) {
         if (j == best || !ev_summary_stat(s, j, m))
             continue;
+        // the pair may already be there, either way round: its interval excludes 0 or not alike
         const struct ev_diff *d = ev_summary_diff(s, best, j, m);
-        double sign = 1;
-        if (!d && (d = ev_summary_diff(s, j, best, m)))
-            sign = -1;
+        if (!d)
+            d = ev_summary_diff(s, j, best, m);
         if (!d) {
-            if ((rc = add_diff(r, seed, s, best, j, m, a, b, err)) || !s->n_diffs ||
-                s->diffs[s->n_diffs - 1].a != best || s->diffs[s->n_diffs - 1].b != j)
+            int before = s->n_diffs;
+            if ((rc = add_diff(r, seed, s, best, j, m, a, b, err)) || s->n_diffs == before)
                 continue;
             d = &s->diffs[s->n_diffs - 1];
         }
         if (d->ci.lo > 0 || d->ci.hi < 0)
             continue;
-        if (tied < 3) {
-            double lo = sign > 0 ? d->ci.lo : -d->ci.hi, hi = sign > 0 ? d->ci.hi : -d->ci.lo;
-            lk_buf_printf(out, "%s %s (%+.3f [%+.3f, %+.3f])", tied ? "," : ", not separated from", r->modes[j].name,
-                          sign * d->ci.mean, lo, hi);
-        }
+        if (tied < 4)
+            lk_buf_printf(out, "%s%s", tied ? ", " : ", not separated from ", r->modes[j].name);
         tied++;
     }
-    if (tied > 3)
-        lk_buf_printf(out, " and %d more", tied - 3);
-    if (!tied)
-        lk_buf_printf(out, ", ahead of every other row (paired 95%% intervals exclude 0)");
+    if (tied > 4)
+        lk_buf_printf(out, " and %d more", tied - 4);
+    lk_buf_printf(out, tied ? " (paired 95%% intervals include 0)" : ", ahead of every other row (paired 95%% "
+                  "intervals exclude 0)");
     return rc;
 }
 

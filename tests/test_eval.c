@@ -12,9 +12,11 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <cJSON.h>
 #include <sqlite3.h>
 
 #include "../eval/harness.h"
+#include "../eval/retain.h"
 #include "../libcore/chat.h"
 #include "../libcore/model.h"
 #include "../libcore/rdb.h"
@@ -679,4 +681,435 @@ TEST(ev_cli_k_out_of_range_names_the_value)
     CHECK_INT(test_sh("%s eval --model '%s/none' --qa '%s/none.jsonl' --k %s --modes base,rag --docs x", test_lorakit(),
                       test_tmpdir(), test_tmpdir(), many), 2);
     CHECK(strstr(test_output(), "give 1 to 32 values of k"));
+}
+
+// ---- several systems, learned against forgot ----
+
+/* A run of n items in the given modes, every metric NAN (the test fills what it needs). */
+static void synth_run(struct ev_run *r, const struct ev_mode *modes, int n_modes, int n)
+{
+    memset(r, 0, sizeof *r);
+    r->n_items = n;
+    r->n_modes = n_modes;
+    r->modes = modes;
+    r->cells = calloc((size_t)n * n_modes, sizeof *r->cells);
+    r->seconds = calloc((size_t)n_modes, sizeof(double));
+    for (int i = 0; i < n * n_modes; i++) {
+        struct ev_cell *c = &r->cells[i];
+        c->em = c->f1 = c->rouge_l = c->nll = c->acc = c->recall = c->has_answer = NAN;
+    }
+}
+
+static const struct ev_forget *forget_of(const struct ev_retention *r, int sys, const char *metric)
+{
+    for (int i = 0; i < r->n_f; i++)
+        if (r->f[i].sys == sys && !strcmp(r->f[i].metric, metric))
+            return &r->f[i];
+    return NULL;
+}
+
+/* Forgetting on four hand-worked items. "same" answers as the base does; "loses" loses the
+ * fourth answer (EM and F1 1 -> 0, NLL 0.5 -> 1.5). Per-item forgetting of "loses" is then
+ * d = (0, 0, 0, 1): mean 0.25. A bootstrap resample of 4 items holds X copies of the fourth,
+ * X ~ Binomial(4, 1/4), mean X/4: P(X = 0) = (3/4)^4 = 0.316 > 0.025, so the 2.5th percentile
+ * is 0; P(X <= 2) = 0.949 < 0.975 <= P(X <= 3) = 0.996, so the 97.5th is 3/4. (With 1,000
+ * resamples the order statistics 24-25 and 974-975 are 0 and 0.75 unless the counts stray
+ * 3.5 standard deviations; the seed is fixed.) "same": d = 0 on every item, so 0 with an
+ * interval of zero width. Learned (F1 on the new questions, closed book): "loses" gains
+ * (1, 1, 0, 0), mean 0.5; X ~ Binomial(4, 1/2), P(X = 0) = 1/16 > 0.025 and P(X <= 3) =
+ * 15/16 < 0.975: interval [0, 1]. Texts: NLL (1, 2, 3, 4) against (1, 2, 3, 5): 0.25 [0, 0.75]. */
+TEST(ev_forgetting_hand_worked)
+{
+    static const struct ev_mode modes[3] = { { "base", 0, 0 }, { "same", 1, 0 }, { "loses", 2, 0 } };
+    static const char *const names[2] = { "same", "loses" };
+    struct ev_run main, rt;
+    synth_run(&main, modes, 3, 4);
+    synth_run(&rt, modes, 3, 4);
+    for (int i = 0; i < 4; i++) {
+        ev_run_cell(&main, i, 0)->f1 = ev_run_cell(&main, i, 1)->f1 = 0;
+        ev_run_cell(&main, i, 2)->f1 = i < 2;
+        for (int j = 0; j < 3; j++) {
+            struct ev_cell *c = ev_run_cell(&rt, i, j);
+            c->em = c->f1 = !(j == 2 && i == 3);
+            c->nll = j == 2 && i == 3 ? 1.5 : 0.5;
+        }
+    }
+    struct ev_text_run tx = { 4, 3, calloc(12, sizeof(double)), calloc(4, sizeof(int)), 0 };
+    for (int i = 0; i < 4; i++)
+        for (int j = 0; j < 3; j++)
+            tx.nll[i * 3 + j] = i + 1 + (j == 2 && i == 3);
+    struct ev_summary ms;
+    CHECK_OK(ev_summarize(&main, 42, &ms, test_err()));
+    struct ev_retention ret;
+    CHECK_OK(ev_retention_compute(&main, &ms, &rt, &tx, 2, names, 42, &ret, test_err()));
+    CHECK_INT(ret.n_f, 2 * 4); // closed.em, closed.f1, closed.nll, text.nll per system
+    static const char *const metrics[4] = { "closed.em", "closed.f1", "closed.nll", "text.nll" };
+    for (int q = 0; q < 4; q++) {
+        const struct ev_forget *s = forget_of(&ret, 0, metrics[q]), *l = forget_of(&ret, 1, metrics[q]);
+        CHECK_MSG(s && l, "%s", metrics[q]);
+        CHECK_MSG(s->forgetting.mean == 0 && s->forgetting.lo == 0 && s->forgetting.hi == 0, "same %s: %g [%g, %g]",
+                  metrics[q], s->forgetting.mean, s->forgetting.lo, s->forgetting.hi);
+        CHECK(s->base == s->value && !s->no_room && s->forgetting.n == 4);
+        CHECK_NEAR(l->forgetting.mean, 0.25, 1e-12);
+        CHECK_MSG(l->forgetting.lo == 0 && fabs(l->forgetting.hi - 0.75) < 1e-12, "loses %s: [%g, %g]", metrics[q],
+                  l->forgetting.lo, l->forgetting.hi);
+    }
+    CHECK_NEAR(forget_of(&ret, 1, "closed.em")->value, 0.75, 1e-12);
+    CHECK_NEAR(forget_of(&ret, 1, "closed.nll")->value, 0.75, 1e-12); // NLL: 1.5 on one item of four
+    const struct ev_learned *g0 = ev_retention_learned(&ret, 0, EV_F1), *g1 = ev_retention_learned(&ret, 1, EV_F1);
+    CHECK(g0 && g1 && ret.headline == EV_F1);
+    CHECK(g0->gain.mean == 0 && g0->gain.lo == 0 && g0->gain.hi == 0);
+    CHECK_NEAR(g1->gain.mean, 0.5, 1e-12);
+    CHECK(g1->gain.lo == 0 && g1->gain.hi == 1);
+    // the JSON list, as --json prints it
+    cJSON *root = cJSON_CreateObject();
+    CHECK_OK(ev_retention_json(&ret, root));
+    char *js = cJSON_PrintUnformatted(root);
+    CHECK_MSG(strstr(js, "{\"system\":\"loses\",\"metric\":\"closed.em\",\"base\":1,\"value\":0.75,"
+                         "\"forgetting\":{\"mean\":0.25,\"lo\":0,\"hi\":0.75,\"n\":4},\"no_room\":false}"), "%s", js);
+    CHECK(strstr(js, "\"learned\":[") && strstr(js, "\"gain\":{\"mean\":0.5,\"lo\":0,\"hi\":1,\"n\":4}"));
+    free(js);
+    cJSON_Delete(root);
+    ev_retention_release(&ret);
+    // a base that answers nothing closed book leaves no room to forget; NLL always has room
+    for (int i = 0; i < 4; i++)
+        for (int j = 0; j < 3; j++)
+            ev_run_cell(&rt, i, j)->em = 0;
+    CHECK_OK(ev_retention_compute(&main, &ms, &rt, NULL, 2, names, 42, &ret, test_err()));
+    CHECK(forget_of(&ret, 1, "closed.em")->no_room && !forget_of(&ret, 1, "closed.f1")->no_room &&
+          !forget_of(&ret, 1, "closed.nll")->no_room && !forget_of(&ret, 1, "text.nll"));
+    ev_retention_release(&ret);
+    ev_summary_release(&ms);
+    ev_text_run_release(&tx);
+    ev_run_release(&main);
+    ev_run_release(&rt);
+}
+
+/* Percentile bootstrap of mean(a - b), written out here: the reference for the resamples. */
+static void ref_paired(const double *a, const double *b, int n, struct lk_rng *rng, double *lo, double *hi)
+{
+    double *m = malloc(sizeof(double) * EV_BOOTSTRAP_B);
+    for (int r = 0; r < EV_BOOTSTRAP_B; r++) {
+        double t = 0;
+        for (int i = 0; i < n; i++) {
+            int k = (int)(lk_rng_u64(rng) % (uint64_t)n);
+            t += a[k] - b[k];
+        }
+        m[r] = t / n;
+    }
+    for (int i = 1; i < EV_BOOTSTRAP_B; i++) // insertion sort: small and obviously right
+        for (int j = i; j > 0 && m[j - 1] > m[j]; j--) {
+            double x = m[j];
+            m[j] = m[j - 1];
+            m[j - 1] = x;
+        }
+    double h = (EV_BOOTSTRAP_B - 1) * 0.025, g = (EV_BOOTSTRAP_B - 1) * 0.975;
+    *lo = m[(int)h] + (h - (int)h) * (m[(int)h + 1] - m[(int)h]);
+    *hi = m[(int)g] + (g - (int)g) * (m[(int)g + 1] - m[(int)g]);
+    free(m);
+}
+
+/* Two systems on the same items: system b draws exactly the resamples system a draws, so equal
+ * answers give equal intervals, and b's interval is the reference bootstrap of b's values on
+ * a's stream of indices. */
+TEST(ev_systems_share_items_and_resamples)
+{
+    static const struct ev_mode modes[6] = { { "base", 0, 0 }, { "rag", 0, 1 }, { "a", 1, 0 },
+                                             { "a+rag", 1, 1 },  { "b", 2, 0 },  { "b+rag", 2, 1 } };
+    struct ev_run r;
+    int N = 40;
+    synth_run(&r, modes, 6, N);
+    struct lk_rng g;
+    lk_rng_seed(&g, 3);
+    for (int i = 0; i < N; i++)
+        for (int j = 0; j < 6; j++) {
+            struct ev_cell *c = ev_run_cell(&r, i, j);
+            int src = j >= 4 ? j - 2 : j; // b answers exactly as a
+            c->f1 = src == j ? lk_rng_uniform(&g) : ev_run_cell(&r, i, src)->f1;
+            c->em = c->f1 > 0.5;
+            c->nll = 2 - c->f1;
+        }
+    struct ev_summary s;
+    CHECK_OK(ev_summarize(&r, 11, &s, test_err()));
+    for (int m = 0; m < 3; m++) {
+        enum ev_metric mm = m == 0 ? EV_EM : m == 1 ? EV_F1 : EV_NLL;
+        const struct ev_stat *sa = ev_summary_stat(&s, 2, mm), *sb = ev_summary_stat(&s, 4, mm);
+        CHECK(sa && sb && sa->ci.lo == sb->ci.lo && sa->ci.hi == sb->ci.hi && sa->ci.mean == sb->ci.mean);
+        const struct ev_diff *da = ev_summary_diff(&s, 2, 0, mm), *db = ev_summary_diff(&s, 4, 0, mm);
+        CHECK(da && db && da->ci.lo == db->ci.lo && da->ci.hi == db->ci.hi);
+        da = ev_summary_diff(&s, 3, 1, mm), db = ev_summary_diff(&s, 5, 1, mm);
+        CHECK(da && db && da->ci.lo == db->ci.lo && da->ci.hi == db->ci.hi);
+    }
+    // equal rows cannot be separated: the verdict says so
+    CHECK_MSG(strstr(s.verdict, "best on F1: ") && strstr(s.verdict, "not separated from"), "%s", s.verdict);
+    ev_summary_release(&s);
+    // b now answers differently; its interval is still drawn from a's stream of item indices
+    for (int i = 0; i < N; i++)
+        ev_run_cell(&r, i, 4)->f1 = 0.5 * lk_rng_uniform(&g);
+    CHECK_OK(ev_summarize(&r, 11, &s, test_err()));
+    double a[64], b[64], lo, hi;
+    for (int i = 0; i < N; i++)
+        a[i] = ev_run_cell(&r, i, 4)->f1, b[i] = ev_run_cell(&r, i, 0)->f1;
+    struct lk_rng ra, rb;
+    ev_stat_rng(&r, 11, 2, 0, EV_F1, &ra); // system a's stream for a - base
+    ev_stat_rng(&r, 11, 4, 0, EV_F1, &rb);
+    CHECK(lk_rng_u64(&ra) == lk_rng_u64(&rb));
+    ev_stat_rng(&r, 11, 2, 0, EV_F1, &ra);
+    ref_paired(a, b, N, &ra, &lo, &hi);
+    const struct ev_diff *d = ev_summary_diff(&s, 4, 0, EV_F1);
+    CHECK(d && d->ci.n == (size_t)N);
+    CHECK_NEAR(d->ci.lo, lo, 1e-12);
+    CHECK_NEAR(d->ci.hi, hi, 1e-12);
+    ev_summary_release(&s);
+    ev_run_release(&r);
+}
+
+/* The verdict with several systems names the best row per metric, and says when nothing
+ * separates it from another. */
+TEST(ev_verdict_several_systems)
+{
+    static const struct ev_mode modes[4] = { { "base", 0, 0 }, { "lora", 1, 0 }, { "full", 2, 0 }, { "tiny", 3, 0 } };
+    struct ev_run r;
+    int N = 50;
+    synth_run(&r, modes, 4, N);
+    for (int i = 0; i < N; i++)
+        for (int j = 0; j < 4; j++) {
+            struct ev_cell *c = ev_run_cell(&r, i, j);
+            c->f1 = j == 2 ? 0.9 : j == 1 ? 0.3 + 0.01 * (i % 3) : 0.3; // full ahead on every item
+            c->em = j >= 1 && i % 2;                                      // lora, full, tiny tie on EM
+            c->nll = 1.0;
+        }
+    struct ev_summary s;
+    CHECK_OK(ev_summarize(&r, 5, &s, test_err()));
+    CHECK_MSG(strstr(s.verdict, "best on F1: full (0.90), ahead of every other row (paired 95% intervals exclude 0)"),
+              "%s", s.verdict);
+    CHECK_MSG(strstr(s.verdict, "best on EM: lora (0.50), not separated from full, tiny (paired 95% intervals "
+                                "include 0)"), "%s", s.verdict);
+    CHECK(strstr(s.verdict, "best on NLL/token: base (1.00), not separated from lora, full, tiny"));
+    // the best - other pairs it needed are among the diffs (full - lora was not a pair before)
+    CHECK(ev_summary_diff(&s, 2, 1, EV_F1) && ev_summary_diff(&s, 1, 2, EV_EM));
+    ev_summary_release(&s);
+    ev_run_release(&r);
+}
+
+/* Texts: JSONL {"text"} or plain lines, errors by file:line; and the NLL per token of a text
+ * against an independent model_forward over [end-of-text] + the text's tokens. */
+TEST(ev_text_load_and_nll_match_model_forward)
+{
+    struct ev_text t;
+    CHECK_INT(write_file("t.jsonl", "{\"text\":\"the code of item 3 is E\",\"id\":1}\n\n{\"text\":\"what is the code\"}\n"),
+              0);
+    CHECK_OK(ev_text_load(&t, test_path("t.jsonl"), 0, test_err()));
+    CHECK(t.n == 2 && !strcmp(t.v[1], "what is the code") && t.line[1] == 3);
+    ev_text_release(&t);
+    CHECK_INT(write_file("t.txt", "plain line one\n\n  {not json} line two\n"), 0);
+    CHECK_OK(ev_text_load(&t, test_path("t.txt"), 0, test_err()));
+    CHECK(t.n == 2 && !strcmp(t.v[0], "plain line one") && !strcmp(t.v[1], "  {not json} line two"));
+    ev_text_release(&t);
+    CHECK_INT(write_file("bad.jsonl", "{\"text\":\"a\"}\n{\"txt\":\"b\"}\n"), 0);
+    CHECK_INT(ev_text_load(&t, test_path("bad.jsonl"), 0, test_err()), LK_ERR_FORMAT);
+    CHECK_MSG(strstr(test_errmsg(), "bad.jsonl:2: missing or empty string field 'text'"), "%s", test_errmsg());
+    CHECK_INT(write_file("bad.jsonl", "{\"text\":\"a\"}\nnot json\n"), 0);
+    CHECK_INT(ev_text_load(&t, test_path("bad.jsonl"), 0, test_err()), LK_ERR_FORMAT);
+    CHECK(strstr(test_errmsg(), "bad.jsonl:2: not a JSON object"));
+    CHECK_INT(write_file("empty.txt", "\n \n"), 0);
+    CHECK_INT(ev_text_load(&t, test_path("empty.txt"), 0, test_err()), LK_ERR_FORMAT);
+
+    CHECK_OK(make_tokenizer());
+    struct tok *tk;
+    CHECK_OK(tok_load(&tk, test_path("tok"), test_err()));
+    struct chat_fmt fmt;
+    CHECK_OK(chat_fmt_init(&fmt, tk, NULL, test_err()));
+    struct cfg c;
+    fix_cfg_qwen2(&c);
+    c.vocab_size = tok_vocab_size(tk) + 3;
+    c.max_position_embeddings = 200;
+    struct model m;
+    CHECK_OK(fix_model_random(&m, &c, 0.4f, 43));
+    CHECK_INT(write_file("t.txt", "Context: the code of item 7 is I. Question: what is the code of item 7? é中 "
+                                  "the code of item 12 is N, the code of item 13 is P, and item 14 is Q. Zyx wvu "
+                                  "tsr qpo nml kji hgf edc ba 98 76 54 32 10 !? ;: -+ =_ () [] {} #@ ZY XW VU.\n"
+                                  "item 9\n"), 0);
+    CHECK_OK(ev_text_load(&t, test_path("t.txt"), 0, test_err()));
+    struct ev_system sys;
+    memset(&sys, 0, sizeof sys);
+    snprintf(sys.name, sizeof sys.name, "same");
+    sys.m = &m; // the base itself as a system: identical figures
+    struct ev_config ec = { tk, &fmt, &m, NULL, NULL, NULL, 8, 200 };
+    struct ev_text_run tr;
+    CHECK_OK(ev_text_run_all(&tr, &ec, &sys, 1, &t, NULL, NULL, test_err()));
+    CHECK(tr.n_items == 2 && tr.n_models == 2);
+    for (int i = 0; i < 2; i++) {
+        struct tok_ids pre = { 0 }, cont = { 0 };
+        CHECK_OK(tok_ids_push(&pre, tok_eos(tk), test_err()));
+        CHECK_OK(tok_encode(tk, t.v[i], strlen(t.v[i]), 0, &cont, test_err()));
+        if (i == 0)
+            CHECK(cont.n > 64); // crosses the 64-token prefill chunk
+        CHECK_INT(tr.tokens[i], cont.n);
+        CHECK_NEAR(tr.nll[i * 2], ref_nll_sum(&m, &pre, &cont) / (double)cont.n, 1e-5);
+        CHECK(tr.nll[i * 2 + 1] == tr.nll[i * 2]);
+        tok_ids_release(&pre);
+        tok_ids_release(&cont);
+    }
+    ev_text_run_release(&tr);
+    ev_text_release(&t);
+    model_release(&m);
+    tok_free(tk);
+}
+
+/* The JSON summary printed by a --json run (the first line starting with '{'). */
+static cJSON *json_out(void)
+{
+    const char *p = test_output();
+    while (p && *p && *p != '{')
+        p = strchr(p, '\n') ? strchr(p, '\n') + 1 : NULL;
+    return p && *p ? cJSON_Parse(p) : NULL;
+}
+
+static const cJSON *json_find(const cJSON *list, const char *k1, const char *v1, const char *k2, const char *v2)
+{
+    const cJSON *o;
+    cJSON_ArrayForEach(o, list) {
+        const cJSON *a = cJSON_GetObjectItem(o, k1), *b = cJSON_GetObjectItem(o, k2);
+        if (a && b && cJSON_IsString(a) && cJSON_IsString(b) && !strcmp(a->valuestring, v1) &&
+            !strcmp(b->valuestring, v2))
+            return o;
+    }
+    return NULL;
+}
+
+/* End to end: three systems (an adapter under two names, and a copy of the base folder) with
+ * retention on questions, retrieval and texts; the JSON, the table and the runs database. */
+TEST(ev_cli_systems_and_retention)
+{
+    CHECK_INT(make_rc_fixture(20, 12), 0);
+    const char *T = test_tmpdir(), *L = test_lorakit();
+    CHECK_INT(test_sh("cp -r '%s/m' '%s/same' && %s train --model '%s/m' --data '%s/train.jsonl' --out '%s/ad' --steps 2 "
+                      "--rank 2 --threads 1 --runs '%s/train.db' --quiet", T, T, L, T, T, T, T), 0);
+    CHECK_INT(test_sh("%s eval --model '%s/m' --system ad='%s/ad' --system ad2='%s/ad' --system same='%s/same' "
+                      "--qa '%s/held.jsonl' --docs '%s/docs.jsonl' --k 1 --max-new 3 --retain '%s/held.jsonl' "
+                      "--retain-docs '%s/docs.jsonl' --retain-text '%s/text.txt' --runs '%s/runs.db' --threads 1 "
+                      "--quiet --json", L, T, T, T, T, T, T, T, T, T, T), 0);
+    cJSON *js = json_out();
+    CHECK_MSG(js, "%s", test_output());
+    const cJSON *modes = cJSON_GetObjectItem(js, "modes"), *sys = cJSON_GetObjectItem(js, "systems");
+    static const char *const want[8] = { "base", "rag", "ad", "ad+rag", "ad2", "ad2+rag", "same", "same+rag" };
+    for (int i = 0; i < 8; i++)
+        CHECK_MSG(cJSON_GetObjectItem(modes, want[i]), "mode %s", want[i]);
+    CHECK(cJSON_GetArraySize(sys) == 3 &&
+          !strcmp(cJSON_GetObjectItem(cJSON_GetArrayItem(sys, 0), "kind")->valuestring, "adapter") &&
+          !strcmp(cJSON_GetObjectItem(cJSON_GetArrayItem(sys, 2), "kind")->valuestring, "model"));
+    // ad and ad2 are one adapter: the same rows, the same intervals (same items, same resamples)
+    CHECK(cJSON_Compare(cJSON_GetObjectItem(modes, "ad"), cJSON_GetObjectItem(modes, "ad2"), 1) ||
+          // seconds differ; compare the metric objects
+          cJSON_Compare(cJSON_GetObjectItem(cJSON_GetObjectItem(modes, "ad"), "f1"),
+                        cJSON_GetObjectItem(cJSON_GetObjectItem(modes, "ad2"), "f1"), 1));
+    const cJSON *diffs = cJSON_GetObjectItem(js, "diffs"), *d1, *d2;
+    cJSON_ArrayForEach(d1, diffs) {
+        if (strcmp(cJSON_GetObjectItem(d1, "a")->valuestring, "ad"))
+            continue;
+        int found = 0;
+        cJSON_ArrayForEach(d2, diffs)
+            found |= !strcmp(cJSON_GetObjectItem(d2, "a")->valuestring, "ad2") &&
+                     !strcmp(cJSON_GetObjectItem(d2, "b")->valuestring, cJSON_GetObjectItem(d1, "b")->valuestring) &&
+                     !strcmp(cJSON_GetObjectItem(d2, "metric")->valuestring,
+                             cJSON_GetObjectItem(d1, "metric")->valuestring) &&
+                     cJSON_GetObjectItem(d2, "lo")->valuedouble == cJSON_GetObjectItem(d1, "lo")->valuedouble &&
+                     cJSON_GetObjectItem(d2, "hi")->valuedouble == cJSON_GetObjectItem(d1, "hi")->valuedouble;
+        CHECK_MSG(found, "no ad2 twin of ad - %s", cJSON_GetObjectItem(d1, "b")->valuestring);
+    }
+    // retention: 7 figures per system; the copy of the base forgets exactly 0, ad and ad2 alike
+    const cJSON *ret = cJSON_GetObjectItem(js, "retention"), *o;
+    CHECK_INT(cJSON_GetArraySize(ret), 21);
+    static const char *const met[7] = { "closed.em", "closed.f1", "closed.nll", "rag.em", "rag.f1", "rag.nll",
+                                        "text.nll" };
+    for (int q = 0; q < 7; q++) {
+        const cJSON *s = json_find(ret, "system", "same", "metric", met[q]), *a = json_find(ret, "system", "ad", "metric", met[q]),
+                    *b = json_find(ret, "system", "ad2", "metric", met[q]);
+        CHECK_MSG(s && a && b, "%s", met[q]);
+        const cJSON *f = cJSON_GetObjectItem(s, "forgetting");
+        CHECK_MSG(cJSON_GetObjectItem(f, "mean")->valuedouble == 0 && cJSON_GetObjectItem(f, "lo")->valuedouble == 0 &&
+                  cJSON_GetObjectItem(f, "hi")->valuedouble == 0, "same forgets on %s", met[q]);
+        CHECK(cJSON_Compare(cJSON_GetObjectItem(a, "forgetting"), cJSON_GetObjectItem(b, "forgetting"), 1));
+        double base = cJSON_GetObjectItem(s, "base")->valuedouble;
+        int no_room = cJSON_IsTrue(cJSON_GetObjectItem(s, "no_room"));
+        CHECK_INT(no_room, strstr(met[q], "nll") ? 0 : base < EV_NO_ROOM);
+    }
+    o = json_find(cJSON_GetObjectItem(js, "learned"), "system", "same", "metric", "f1");
+    CHECK(o && cJSON_GetObjectItem(cJSON_GetObjectItem(o, "gain"), "hi")->valuedouble == 0);
+    // the runs database: schema 3, one eval_retention row per figure, as printed
+    sqlite3 *s;
+    CHECK_INT(sqlite3_open(test_path("runs.db"), &s), SQLITE_OK);
+    sqlite3_stmt *st;
+    CHECK_INT(sqlite3_prepare_v2(s, "SELECT (SELECT user_version FROM pragma_user_version), "
+                                    "(SELECT count(*) FROM eval_retention WHERE kind='forgot'), "
+                                    "(SELECT count(*) FROM eval_retention WHERE kind='learned'), "
+                                    "(SELECT count(*) FROM eval_retention WHERE system='same' AND diff=0 AND lo=0 AND hi=0), "
+                                    "(SELECT base FROM eval_retention WHERE system='ad' AND metric='text.nll')",
+                                 -1, &st, NULL), SQLITE_OK);
+    CHECK_INT(sqlite3_step(st), SQLITE_ROW);
+    CHECK_INT(sqlite3_column_int(st, 0), 3);
+    CHECK_INT(sqlite3_column_int(st, 1), 21);
+    CHECK_INT(sqlite3_column_int(st, 2), cJSON_GetArraySize(cJSON_GetObjectItem(js, "learned")));
+    CHECK_INT(sqlite3_column_int(st, 3), 7 + cJSON_GetArraySize(cJSON_GetObjectItem(js, "learned")) / 3);
+    CHECK_NEAR(sqlite3_column_double(st, 4),
+               cJSON_GetObjectItem(json_find(ret, "system", "ad", "metric", "text.nll"), "base")->valuedouble, 1e-12);
+    sqlite3_finalize(st);
+    sqlite3_close(s);
+    cJSON_Delete(js);
+    // the table: one row per system and mode, retention and learned against forgot
+    CHECK_INT(test_sh("%s eval --model '%s/m' --adapter '%s/ad' --system same='%s/same' --qa '%s/held.jsonl' "
+                      "--modes base,ft --max-new 3 --retain '%s/held.jsonl' --retain-text '%s/text.txt' "
+                      "--runs '%s/runs.db' --threads 1 --quiet", L, T, T, T, T, T, T, T), 0);
+    const char *out = test_output();
+    CHECK_MSG(strstr(out, "\nft ") && strstr(out, "\nsame ") && strstr(out, "verdict: best on EM: ") &&
+              strstr(out, "retention (forgetting = base - system") && strstr(out, "learned against forgot") &&
+              strstr(out, "  same         text.nll "), "%s", out);
+}
+
+/* A system that does not fit the base is refused before any work: before the documents are
+ * indexed, before the run is recorded, with its name in the message. */
+TEST(ev_cli_misfit_system_refused_first)
+{
+    CHECK_INT(make_rc_fixture(10, 4), 0);
+    const char *T = test_tmpdir(), *L = test_lorakit();
+    CHECK_INT(write_file("cfg2.json",
+                         "{\"architectures\":[\"Qwen2ForCausalLM\"],\"model_type\":\"qwen2\",\"hidden_size\":32,"
+                         "\"intermediate_size\":64,\"num_hidden_layers\":2,\"num_attention_heads\":4,"
+                         "\"num_key_value_heads\":2,\"vocab_size\":320,\"tie_word_embeddings\":true,"
+                         "\"max_position_embeddings\":128,\"torch_dtype\":\"float32\"}\n"), 0);
+    CHECK_INT(test_sh("%s init --config '%s/cfg2.json' --out '%s/other' --seed 2 && cp '%s/m/'tok* '%s/other/' && "
+                      "%s train --model '%s/m' --data '%s/train.jsonl' --out '%s/ad' --steps 1 --rank 2 --threads 1 "
+                      "--runs '%s/t.db' --quiet && %s train --model '%s/other' --data '%s/train.jsonl' --out "
+                      "'%s/otherad' --steps 1 --rank 2 --threads 1 --runs '%s/t.db' --quiet",
+                      L, T, T, T, T, L, T, T, T, T, L, T, T, T, T), 0);
+    static const struct {
+        const char *name, *dir, *want;
+    } cases[] = {
+        { "bad", "other", "system 'bad': " },       // a model folder of another shape
+        { "badad", "otherad", "system 'badad': " }, // an adapter trained on another shape
+        { "none", "nowhere", "system 'none': " },   // neither
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        CHECK_INT(test_sh("%s eval --model '%s/m' --system ok='%s/ad' --system %s='%s/%s' --qa '%s/held.jsonl' "
+                          "--docs '%s/docs.jsonl' --runs '%s/runs.db' --threads 1", L, T, T, cases[i].name, T,
+                          cases[i].dir, T, T, T), 1);
+        CHECK_MSG(strstr(test_output(), cases[i].want) && !strstr(test_output(), "indexing") &&
+                  !strstr(test_output(), "question"), "%s", test_output());
+    }
+    CHECK(strstr(test_output(), "neither an adapter"));
+    CHECK_INT(test_sh("%s eval --model '%s/m' --system bad='%s/other' --qa '%s/held.jsonl' --threads 1 --runs '%s/runs.db'",
+                      L, T, T, T, T), 1);
+    CHECK(strstr(test_output(), "hidden_size 32") && strstr(test_output(), "system 'bad': "));
+    CHECK(count_runs(test_path("runs.db"), "running") <= 0 && count_runs(test_path("runs.db"), "failed") <= 0 &&
+          count_runs(test_path("runs.db"), "done") <= 0);
+    // usage errors, before anything is read
+    static const char *const usage[] = {
+        "--system base=x", "--system 'a b=x'", "--system a=", "--system ad=x --system ad=y",
+        "--adapter x --system ft=y", "--retain-docs x", "--retain x", "--retain-text x --modes base",
+    };
+    for (size_t i = 0; i < sizeof usage / sizeof usage[0]; i++) {
+        CHECK_INT(test_sh("%s eval --model '%s/none' --qa '%s/none.jsonl' %s", L, T, T, usage[i]), 2);
+        CHECK_MSG(strstr(test_output(), "lorakit eval: error: "), "%s: %s", usage[i], test_output());
+    }
 }

@@ -175,11 +175,12 @@ static void on_indexing(void *ctx, const char *docs, const struct fts_settings *
                 st->chunk_tokens);
 }
 
-static void print_ci(const struct ev_ci *ci)
+/* "+0.012 [-0.010, +0.030]" in a column of w (0: no padding); -0 prints as +0. */
+static void print_ci(const char *prefix, const struct ev_ci *ci, int w)
 {
-    char cell[64];
-    snprintf(cell, sizeof cell, "%+.3f [%+.3f, %+.3f]", ci->mean, ci->lo, ci->hi);
-    printf("  %-25s", cell);
+    char cell[80];
+    snprintf(cell, sizeof cell, "%s%+.3f [%+.3f, %+.3f]", prefix, ci->mean + 0.0, ci->lo + 0.0, ci->hi + 0.0);
+    printf("  %-*s", w, cell);
 }
 
 /* The forgot figure shown beside learned for a retain set (prefix "closed", "rag", "rag@3",
@@ -207,7 +208,7 @@ static void print_retention(const struct ev_retention *r)
     for (int i = 0; i < r->n_f; i++) {
         const struct ev_forget *f = &r->f[i];
         printf("  %-12s %-14s %7.3f %7.3f", r->names[f->sys], f->metric, f->base, f->value);
-        print_ci(&f->forgetting);
+        print_ci("", &f->forgetting, f->no_room ? 25 : 0);
         if (f->no_room)
             printf("  no room to forget: the base scores %.3f", f->base);
         printf("\n");
@@ -224,30 +225,25 @@ static void print_retention(const struct ev_retention *r)
         if (!seen)
             memcpy(sets[ns++], p, sizeof p);
     }
-    printf("\nlearned against forgot (learned = system - base on the questions, closed book; NLL: base - system):\n"
-           "  %-12s  %-25s", "system", "learned");
+    char head[48];
+    snprintf(head, sizeof head, "learned %s", ev_metric_labels[r->headline]);
+    printf("\nlearned against forgot (learned = system - base on the questions, closed book):\n  %-12s  %-25s",
+           "system", head);
     for (int j = 0; j < ns; j++) {
         const struct ev_forget *f = forgot_pick(r, 0, sets[j]);
-        printf("  forgot %-18s", f ? f->metric : sets[j]);
+        char col[64];
+        snprintf(col, sizeof col, "forgot %.47s", f ? f->metric : sets[j]);
+        printf(j + 1 < ns ? "  %-25s" : "  %s", col);
     }
     printf("\n");
     for (int sy = 0; sy < r->n_systems; sy++) {
         const struct ev_learned *l = ev_retention_learned(r, sy, r->headline);
+        static const struct ev_ci none = { NAN, NAN, NAN, 0, 0 };
         printf("  %-12s", r->names[sy]);
-        if (l) {
-            char cell[64];
-            snprintf(cell, sizeof cell, "%s %+.3f [%+.3f, %+.3f]", ev_metric_labels[r->headline], l->gain.mean,
-                     l->gain.lo, l->gain.hi);
-            printf("  %-25s", cell);
-        } else {
-            printf("  %-25s", "-");
-        }
+        print_ci("", l ? &l->gain : &none, 25);
         for (int j = 0; j < ns; j++) {
             const struct ev_forget *f = forgot_pick(r, sy, sets[j]);
-            if (f)
-                print_ci(&f->forgetting);
-            else
-                printf("  %-25s", "-");
+            print_ci("", f ? &f->forgetting : &none, j + 1 < ns ? 25 : 0);
         }
         printf("\n");
     }
