@@ -192,7 +192,8 @@ struct rdb_run {
 int rdb_runs_list(struct rdb *db, int limit, struct rdb_run **out, int *n, struct lk_err *err);
 void rdb_runs_free(struct rdb_run *runs, int n);
 
-/* The eval_retention rows of a run in the order written; *out is an lk_malloc'ed array of *n
+/* The eval_retention rows of a run in the order written (a replaced row counts as written
+ * last); *out is an lk_malloc'ed array of *n
  * (caller lk_frees; NULL and 0 when there is none). */
 int rdb_retention_load(struct rdb *db, int64_t run_id, struct rdb_retention **out, int *n,
                        struct lk_err *err);

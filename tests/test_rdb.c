@@ -370,7 +370,7 @@ TEST(rdb_hostile_strings_stored_verbatim)
             sqlite3_finalize(st);
             CHECK_MSG(c == 1, "%s: hostile string %d found %lld times", tables[t], i, c);
         }
-    CHECK_INT(raw_int(s, "SELECT count(*) FROM sqlite_schema WHERE type = 'table'"), 5);
+    CHECK_INT(raw_int(s, "SELECT count(*) FROM sqlite_schema WHERE type = 'table'"), 6); // 6 since eval_retention
     sqlite3_close(s);
 }
 
@@ -437,5 +437,78 @@ TEST(rdb_rec_records_a_run_and_warns_instead_of_failing)
     CHECK(!rec.active && strstr(rec.warning, "not fully recorded") && strstr(rec.warning, "disk full"));
     s = raw_open(db);
     CHECK_INT(raw_int(s, "SELECT count(*) FROM runs WHERE kind = 'train' AND status = 'failed'"), 1);
+    sqlite3_close(s);
+}
+
+/* Version 2 -> 3: a version-2 file (version 1 by hand plus the 1 -> 2 columns) keeps its rows
+ * and gains eval_retention; retention rows round-trip, NULLs come back as NAN / -1, a second
+ * write of a key replaces the row, and deleting the run deletes them. */
+TEST(rdb_migrates_version_2_and_retention_rows)
+{
+    const char *path = test_path("v2.db");
+    sqlite3 *s = raw_open(path);
+    CHECK(s != NULL);
+    const char *v2 =
+        "CREATE TABLE runs(id INTEGER PRIMARY KEY, kind TEXT NOT NULL, name TEXT NOT NULL"
+        " DEFAULT '', started_at TEXT NOT NULL, finished_at TEXT, status TEXT NOT NULL,"
+        " model TEXT, data TEXT, params_json TEXT, summary_json TEXT);"
+        "CREATE TABLE train_steps(run_id INTEGER NOT NULL, step INTEGER NOT NULL, loss REAL,"
+        " lr REAL, grad_norm REAL, tokens_per_s REAL, elapsed_s REAL, eval_loss REAL, PRIMARY KEY(run_id, step));"
+        "CREATE TABLE eval_results(run_id INTEGER NOT NULL, mode TEXT NOT NULL, metric TEXT NOT"
+        " NULL, value REAL, lo REAL, hi REAL, n INTEGER, PRIMARY KEY(run_id, mode, metric));"
+        "CREATE TABLE eval_items(run_id INTEGER NOT NULL, item_id TEXT NOT NULL, mode TEXT NOT"
+        " NULL, question TEXT, reference TEXT, answer TEXT, retrieved TEXT, scores_json TEXT,"
+        " PRIMARY KEY(run_id, item_id, mode));"
+        "CREATE TABLE tensor_stats(run_id INTEGER NOT NULL, tensor TEXT NOT NULL, rows INTEGER,"
+        " cols INTEGER, rank INTEGER, fro_norm REAL, rel_change REAL, eff_rank REAL,"
+        " energy_json TEXT, rel_error REAL, extra_json TEXT, PRIMARY KEY(run_id, tensor));"
+        "INSERT INTO runs VALUES(3, 'eval', 'old', '2023-01-01T00:00:00Z', NULL, 'done',"
+        " NULL, NULL, NULL, NULL);"
+        "INSERT INTO eval_results VALUES(3, 'base', 'f1', 0.3, 0.2, 0.4, 10);"
+        "PRAGMA user_version = 2;";
+    CHECK_INT(sqlite3_exec(s, v2, NULL, NULL, NULL), 0);
+    sqlite3_close(s);
+    struct lk_err err = { 0 };
+    struct rdb db;
+    CHECK(rdb_open_readonly(&db, path, &err) == LK_ERR_UNSUPPORTED); // readers do not migrate
+    CHECK_OK(rdb_open(&db, path, &err));
+    int64_t id;
+    CHECK_OK(rdb_run_begin(&db, "eval", "new", NULL, NULL, NULL, &id, &err));
+    struct rdb_retention a = { "lora", "forgot", "rag.f1", 0.5, 0.4, 0.1, 0.05, 0.15, 200, 0 };
+    struct rdb_retention b = { "full", "learned", "f1", 0.01, 0.3, 0.29, 0.2, 0.35, 200, 0 };
+    struct rdb_retention c = { "full", "forgot", "closed.em", 0, 0, 0, NAN, NAN, -1, 1 };
+    CHECK_OK(rdb_eval_retention(&db, id, &a, &err));
+    CHECK_OK(rdb_eval_retention(&db, id, &b, &err));
+    CHECK_OK(rdb_eval_retention(&db, id, &c, &err));
+    a.diff = 0.12; // the same key again: replaced
+    CHECK_OK(rdb_eval_retention(&db, id, &a, &err));
+    struct rdb_retention bad = { "x", "gained", "f1", 0, 0, 0, 0, 0, 1, 0 }; // kind is checked
+    CHECK(rdb_eval_retention(&db, id, &bad, &err) != LK_OK);
+    CHECK_OK(rdb_close(&db, &err));
+    s = raw_open(path);
+    CHECK_INT(raw_int(s, "PRAGMA user_version"), RDB_SCHEMA_VERSION);
+    CHECK_INT(RDB_SCHEMA_VERSION, 3);
+    CHECK_NEAR(raw_real(s, "SELECT lo FROM eval_results WHERE run_id = 3"), 0.2, 0); // kept
+    CHECK_INT(raw_int(s, "SELECT count(*) FROM eval_retention"), 3);
+    CHECK_NEAR(raw_real(s, "SELECT diff FROM eval_retention WHERE system = 'lora'"), 0.12, 0);
+    CHECK_INT(raw_int(s, "SELECT count(*) FROM eval_retention WHERE system = 'full' AND kind = 'forgot'"
+                         " AND lo IS NULL AND n IS NULL AND no_room = 1"), 1);
+    sqlite3_close(s);
+    CHECK_OK(rdb_open_readonly(&db, path, &err));
+    struct rdb_retention *rows;
+    int n;
+    CHECK_OK(rdb_retention_load(&db, id, &rows, &n, &err));
+    CHECK_INT(n, 3); // in the order written; the replaced row counts as written last
+    CHECK(!strcmp(rows[0].system, "full") && !strcmp(rows[0].kind, "learned") && !strcmp(rows[0].metric, "f1"));
+    CHECK(rows[0].base == 0.01 && rows[0].value == 0.3 && rows[0].hi == 0.35 && rows[0].n == 200 && !rows[0].no_room);
+    CHECK(isnan(rows[1].lo) && rows[1].n == -1 && rows[1].no_room == 1);
+    CHECK(!strcmp(rows[2].system, "lora") && rows[2].diff == 0.12);
+    lk_free(rows);
+    CHECK_OK(rdb_retention_load(&db, 3, &rows, &n, &err)); // a run without any
+    CHECK(n == 0 && rows == NULL);
+    rdb_close(&db, NULL);
+    s = raw_open(path);
+    CHECK_INT(sqlite3_exec(s, "PRAGMA foreign_keys = ON; DELETE FROM runs WHERE id = 4", NULL, NULL, NULL), 0);
+    CHECK_INT(raw_int(s, "SELECT count(*) FROM eval_retention"), 0);
     sqlite3_close(s);
 }
