@@ -1113,7 +1113,7 @@ int ev_summarize(const struct ev_run *r, uint64_t seed, struct ev_summary *s, st
     return rc;
 }
 
-static void json_num(cJSON *o, const char *key, double v)
+void ev_json_num(cJSON *o, const char *key, double v)
 {
     if (isfinite(v))
         cJSON_AddNumberToObject(o, key, v);
@@ -1121,13 +1121,13 @@ static void json_num(cJSON *o, const char *key, double v)
         cJSON_AddNullToObject(o, key);
 }
 
-static cJSON *ci_json(const struct ev_ci *ci)
+cJSON *ev_ci_obj(const struct ev_ci *ci)
 {
     cJSON *o = cJSON_CreateObject();
     if (o) {
-        json_num(o, "mean", ci->mean);
-        json_num(o, "lo", ci->lo);
-        json_num(o, "hi", ci->hi);
+        ev_json_num(o, "mean", ci->mean);
+        ev_json_num(o, "lo", ci->lo);
+        ev_json_num(o, "hi", ci->hi);
         cJSON_AddNumberToObject(o, "n", (double)ci->n);
     }
     return o;
@@ -1164,15 +1164,15 @@ cJSON *ev_summary_obj(const struct ev_run *r, const struct ev_summary *s)
         for (int m = 0; m < EV_N_METRICS; m++) {
             const struct ev_stat *st = ev_summary_stat(s, j, (enum ev_metric)m);
             if (st)
-                cJSON_AddItemToObject(mo, ev_metric_names[m], ci_json(&st->ci));
+                cJSON_AddItemToObject(mo, ev_metric_names[m], ev_ci_obj(&st->ci));
         }
-        json_num(mo, "seconds", r->seconds[j]);
+        ev_json_num(mo, "seconds", r->seconds[j]);
     }
-    json_num(root, "retrieval_seconds", r->retrieval_seconds);
+    ev_json_num(root, "retrieval_seconds", r->retrieval_seconds);
     cJSON *diffs = cJSON_AddArrayToObject(root, "diffs");
     for (int i = 0; diffs && i < s->n_diffs; i++) {
         const struct ev_diff *d = &s->diffs[i];
-        cJSON *o = ci_json(&d->ci);
+        cJSON *o = ev_ci_obj(&d->ci);
         if (!o)
             break;
         cJSON_AddStringToObject(o, "a", r->modes[d->a].name);
@@ -1192,7 +1192,7 @@ static char *cell_json(const struct ev_item *it, const struct ev_cell *c)
     for (int m = 0; m < EV_N_METRICS; m++) {
         double v = ev_cell_metric(c, (enum ev_metric)m);
         if (!isnan(v))
-            json_num(o, ev_metric_names[m], v);
+            ev_json_num(o, ev_metric_names[m], v);
     }
     if (c->choice_ll) {
         cJSON *a = cJSON_AddArrayToObject(o, "choice_ll");
@@ -1202,7 +1202,7 @@ static char *cell_json(const struct ev_item *it, const struct ev_cell *c)
     cJSON_AddNumberToObject(o, "n_passages", c->n_passages);
     cJSON_AddNumberToObject(o, "prompt_tokens", c->prompt_tokens);
     cJSON_AddNumberToObject(o, "answer_tokens", c->answer_tokens);
-    json_num(o, "seconds", c->seconds);
+    ev_json_num(o, "seconds", c->seconds);
     return json_take(o);
 }
 

@@ -276,6 +276,10 @@ char *ev_summary_json(const struct ev_run *r, const struct ev_summary *s);
 struct cJSON;
 /* The same as a cJSON object (caller cJSON_Deletes; NULL on OOM): the run record's summary. */
 struct cJSON *ev_summary_obj(const struct ev_run *r, const struct ev_summary *s);
+/* {"mean", "lo", "hi", "n"} of an interval (NULL on OOM); non-finite numbers as null. */
+struct cJSON *ev_ci_obj(const struct ev_ci *ci);
+/* o[key] = v, or null when v is not finite. */
+void ev_json_num(struct cJSON *o, const char *key, double v);
 
 /* Writes eval_results (mode x metric with lo/hi/n; differences under the mode "a - b";
  * "seconds" per mode) and eval_items (per item x mode: question, reference, answer, retrieved

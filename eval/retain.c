@@ -265,64 +265,41 @@ int ev_retention_compute(const struct ev_run *main, const struct ev_summary *mai
 
 // ---- JSON and the runs database ----
 
-static void num(cJSON *o, const char *key, double v)
+/* {system, metric, base, value, ci_key: {mean, lo, hi, n}, flag_key: flag} appended to list. */
+static int json_row(cJSON *list, const char *sys, const char *metric, double base, double value, const char *ci_key,
+                    const struct ev_ci *ci, const char *flag_key, int flag)
 {
-    if (isfinite(v))
-        cJSON_AddNumberToObject(o, key, v);
-    else
-        cJSON_AddNullToObject(o, key);
-}
-
-static cJSON *ci_obj(const struct ev_ci *ci)
-{
-    cJSON *o = cJSON_CreateObject();
-    if (o) {
-        num(o, "mean", ci->mean);
-        num(o, "lo", ci->lo);
-        num(o, "hi", ci->hi);
-        cJSON_AddNumberToObject(o, "n", (double)ci->n);
+    cJSON *o = cJSON_CreateObject(), *c = ev_ci_obj(ci);
+    if (!o || !c) {
+        cJSON_Delete(o);
+        cJSON_Delete(c);
+        return LK_ERR_NOMEM;
     }
-    return o;
+    cJSON_AddStringToObject(o, "system", sys);
+    cJSON_AddStringToObject(o, "metric", metric);
+    ev_json_num(o, "base", base);
+    ev_json_num(o, "value", value);
+    cJSON_AddItemToObject(o, ci_key, c);
+    cJSON_AddBoolToObject(o, flag_key, flag);
+    cJSON_AddItemToArray(list, o);
+    return LK_OK;
 }
 
 int ev_retention_json(const struct ev_retention *r, cJSON *root)
 {
     cJSON *ret = cJSON_AddArrayToObject(root, "retention"), *lea = cJSON_AddArrayToObject(root, "learned");
-    if (!ret || !lea)
-        return LK_ERR_NOMEM;
-    for (int i = 0; i < r->n_f; i++) {
+    int rc = !ret || !lea ? LK_ERR_NOMEM : LK_OK;
+    for (int i = 0; i < r->n_f && !rc; i++) {
         const struct ev_forget *f = &r->f[i];
-        cJSON *o = cJSON_CreateObject(), *ci = ci_obj(&f->forgetting);
-        if (!o || !ci) {
-            cJSON_Delete(o);
-            cJSON_Delete(ci);
-            return LK_ERR_NOMEM;
-        }
-        cJSON_AddStringToObject(o, "system", r->names[f->sys]);
-        cJSON_AddStringToObject(o, "metric", f->metric);
-        num(o, "base", f->base);
-        num(o, "value", f->value);
-        cJSON_AddItemToObject(o, "forgetting", ci);
-        cJSON_AddBoolToObject(o, "no_room", f->no_room);
-        cJSON_AddItemToArray(ret, o);
+        rc = json_row(ret, r->names[f->sys], f->metric, f->base, f->value, "forgetting", &f->forgetting, "no_room",
+                      f->no_room);
     }
-    for (int i = 0; i < r->n_l; i++) {
+    for (int i = 0; i < r->n_l && !rc; i++) {
         const struct ev_learned *l = &r->l[i];
-        cJSON *o = cJSON_CreateObject(), *ci = ci_obj(&l->gain);
-        if (!o || !ci) {
-            cJSON_Delete(o);
-            cJSON_Delete(ci);
-            return LK_ERR_NOMEM;
-        }
-        cJSON_AddStringToObject(o, "system", r->names[l->sys]);
-        cJSON_AddStringToObject(o, "metric", ev_metric_names[l->metric]);
-        num(o, "base", l->base);
-        num(o, "value", l->value);
-        cJSON_AddItemToObject(o, "gain", ci);
-        cJSON_AddBoolToObject(o, "headline", l->metric == r->headline);
-        cJSON_AddItemToArray(lea, o);
+        rc = json_row(lea, r->names[l->sys], ev_metric_names[l->metric], l->base, l->value, "gain", &l->gain,
+                      "headline", l->metric == r->headline);
     }
-    return LK_OK;
+    return rc;
 }
 
 static int record_row(struct rdb *db, int64_t run_id, const char *sys, const char *kind, const char *metric,

@@ -67,19 +67,21 @@ static void on_progress(void *ctx, int done, int total)
     }
 }
 
-/* The run record's parameters (as the record always had them). */
+static void add_str(cJSON *o, const char *key, const char *v)
+{
+    if (v)
+        cJSON_AddStringToObject(o, key, v);
+}
+
+/* The run record's parameters (as the record always had them; the new flags when given). */
 static cJSON *params_json(const struct eval_cli *c, const struct ev_mode *modes, int n_modes)
 {
     cJSON *o = cJSON_CreateObject();
     cJSON_AddStringToObject(o, "qa", c->qa);
-    if (c->adapter)
-        cJSON_AddStringToObject(o, "adapter", c->adapter);
-    if (c->tuned)
-        cJSON_AddStringToObject(o, "tuned", c->tuned);
-    if (c->docs)
-        cJSON_AddStringToObject(o, "docs", c->docs);
-    if (c->index)
-        cJSON_AddStringToObject(o, "index", c->index);
+    add_str(o, "adapter", c->adapter);
+    add_str(o, "tuned", c->tuned);
+    add_str(o, "docs", c->docs);
+    add_str(o, "index", c->index);
     cJSON *m = cJSON_AddArrayToObject(o, "modes");
     for (int j = 0; m && j < n_modes; j++)
         cJSON_AddItemToArray(m, cJSON_CreateString(modes[j].name));
@@ -93,12 +95,9 @@ static cJSON *params_json(const struct eval_cli *c, const struct ev_mode *modes,
         for (int i = 0; sy && i < c->systems.n; i++)
             cJSON_AddItemToArray(sy, cJSON_CreateString(c->systems.v[i]));
     }
-    if (c->retain)
-        cJSON_AddStringToObject(o, "retain", c->retain);
-    if (c->retain_docs)
-        cJSON_AddStringToObject(o, "retain_docs", c->retain_docs);
-    if (c->retain_text)
-        cJSON_AddStringToObject(o, "retain_text", c->retain_text);
+    add_str(o, "retain", c->retain);
+    add_str(o, "retain_docs", c->retain_docs);
+    add_str(o, "retain_text", c->retain_text);
     return o;
 }
 
