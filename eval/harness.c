@@ -1363,7 +1363,7 @@ static int setup_systems(struct ev_setup *s, const struct ev_setup_opts *o, stru
         rc = ev_system_check(&s->systems[i], force, &s->base, o->model, err);
     }
     for (int i = 0; i < s->n_systems && !rc; i++)
-        rc = ev_system_load(&s->systems[i], &s->base, o->model, err);
+        rc = ev_system_load(&s->systems[i], &s->base, err);
     return rc;
 }
 

@@ -143,8 +143,10 @@ int ev_system_parse(const char *arg, struct ev_system *s, struct lk_err *err);
 int ev_system_check(struct ev_system *s, int force, const struct model *base, const char *base_dir,
                     struct lk_err *err);
 /* Loads what a checked system runs: a model folder's weights, or for an adapter carrying
- * modules_to_save a private copy of the base with them applied (model_apply_extras). Sets m, l. */
-int ev_system_load(struct ev_system *s, const struct model *base, const char *base_dir, struct lk_err *err);
+ * modules_to_save a private copy of the base with them applied (model_apply_extras). On a tied
+ * base an adapter that replaces embed_tokens or lm_head gets an untied copy, as PEFT runs it and
+ * `lorakit merge` writes it: a replaced embed_tokens changes the input side only. Sets m, l. */
+int ev_system_load(struct ev_system *s, const struct model *base, struct lk_err *err);
 void ev_system_release(struct ev_system *s); /* harmless twice */
 
 // ---- running ----

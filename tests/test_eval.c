@@ -20,6 +20,7 @@
 #include "../libcore/chat.h"
 #include "../libcore/model.h"
 #include "../libcore/rdb.h"
+#include "../libcore/tensor.h"
 #include "../libcore/tok.h"
 #include "fix_model.h"
 
@@ -1112,4 +1113,61 @@ TEST(ev_cli_misfit_system_refused_first)
         CHECK_INT(test_sh("%s eval --model '%s/none' --qa '%s/none.jsonl' %s", L, T, T, usage[i]), 2);
         CHECK_MSG(strstr(test_output(), "lorakit eval: error: "), "%s: %s", usage[i], test_output());
     }
+}
+
+/* An adapter that carries modules_to_save (svd-compress --keep-other of a fine-tune that changed
+ * the tied embeddings and a norm) runs as a system on a private copy of the base, untied as PEFT
+ * runs it: every figure equals that of the model `lorakit merge` writes from it (the reference),
+ * and the base modes are the base's. */
+TEST(ev_system_with_modules_to_save_matches_its_merge)
+{
+    CHECK_INT(make_rc_fixture(10, 6), 0);
+    const char *T = test_tmpdir(), *L = test_lorakit();
+    struct model m;
+    CHECK_OK(model_load(&m, test_path("m"), test_err()));
+    struct lk_rng g;
+    lk_rng_seed(&g, 17);
+    size_t nv = (size_t)m.cfg.vocab_size * m.cfg.hidden_size;
+    for (size_t i = 0; i < nv; i++)
+        m.w.embed[i] += 0.05f * lk_rng_normal(&g);
+    for (int i = 0; i < m.cfg.hidden_size; i++)
+        m.w.norm[i] *= 1.1f;
+    size_t no = (size_t)m.cfg.hidden_size * m.cfg.num_attention_heads * m.cfg.head_dim;
+    for (size_t i = 0; i < no; i++) // one linear without a bias changes too (a rank-2 factor keeps most)
+        m.w.layer[0].wo[i] += 0.02f * lk_rng_normal(&g);
+    CHECK_OK(model_save(&m, test_path("t2"), TENSOR_F32, test_err()));
+    model_release(&m);
+    CHECK_INT(test_sh("%s svd-compress --base '%s/m' --tuned '%s/t2' --out '%s/comp' --rank 2 --keep-other --runs "
+                      "'%s/c.db' && %s merge --model '%s/m' --adapter '%s/comp' --out '%s/merged' --runs '%s/c.db' && "
+                      "grep -q '\"tie_word_embeddings\": false' '%s/merged/config.json'",
+                      L, T, T, T, T, L, T, T, T, T, T), 0);
+    CHECK_INT(test_sh("%s eval --model '%s/m' --system comp='%s/comp' --system merged='%s/merged' --qa '%s/held.jsonl' "
+                      "--docs '%s/docs.jsonl' --k 1 --max-new 3 --retain-text '%s/text.txt' --runs '%s/r.db' "
+                      "--threads 1 --quiet --json", L, T, T, T, T, T, T, T), 0);
+    cJSON *js = json_out();
+    CHECK_MSG(js, "%s", test_output());
+    const cJSON *modes = cJSON_GetObjectItem(js, "modes");
+    static const char *const pairs[2][2] = { { "comp", "merged" }, { "comp+rag", "merged+rag" } };
+    for (int p = 0; p < 2; p++)
+        for (int q = 0; q < 3; q++) {
+            const char *met = q == 0 ? "em" : q == 1 ? "f1" : "nll";
+            double a = cJSON_GetObjectItem(cJSON_GetObjectItem(cJSON_GetObjectItem(modes, pairs[p][0]), met), "mean")
+                           ->valuedouble;
+            double b = cJSON_GetObjectItem(cJSON_GetObjectItem(cJSON_GetObjectItem(modes, pairs[p][1]), met), "mean")
+                           ->valuedouble;
+            CHECK_NEAR(a, b, 1e-5);
+        }
+    const cJSON *ret = cJSON_GetObjectItem(js, "retention");
+    double tc = cJSON_GetObjectItem(json_find(ret, "system", "comp", "metric", "text.nll"), "value")->valuedouble;
+    double tm = cJSON_GetObjectItem(json_find(ret, "system", "merged", "metric", "text.nll"), "value")->valuedouble;
+    double tb = cJSON_GetObjectItem(json_find(ret, "system", "comp", "metric", "text.nll"), "base")->valuedouble;
+    CHECK_NEAR(tc, tm, 1e-5);
+    CHECK_MSG(fabs(tc - tb) > 1e-3, "the extras changed nothing: %g vs %g", tc, tb);
+    double base_nll = cJSON_GetObjectItem(cJSON_GetObjectItem(cJSON_GetObjectItem(modes, "base"), "nll"), "mean")
+                          ->valuedouble;
+    cJSON_Delete(js);
+    // the base modes are the base's: the same figure without any system
+    CHECK_INT(test_sh("%s eval --model '%s/m' --qa '%s/held.jsonl' --max-new 3 --runs '%s/r.db' --threads 1 --quiet "
+                      "--json", L, T, T, T), 0);
+    CHECK_NEAR(json_mean(test_output(), "base", "nll"), base_nll, 1e-9);
 }

@@ -127,7 +127,11 @@ static void print_table(const struct ev_run *r, const struct ev_summary *s)
         }
         printf("  %7.1fs\n", r->seconds[j]);
     }
-    int any = 0;
+    int any = 0, pw = 22;
+    for (int i = 0; i < s->n_diffs; i++) {
+        int n = (int)(strlen(r->modes[s->diffs[i].a].name) + strlen(r->modes[s->diffs[i].b].name)) + 3;
+        pw = n > pw ? n : pw;
+    }
     for (int i = 0; i < s->n_diffs; i++) {
         const struct ev_diff *d = &s->diffs[i];
         if (d->metric != EV_F1 && d->metric != EV_EM && d->metric != EV_ACC && d->metric != EV_NLL)
@@ -136,7 +140,7 @@ static void print_table(const struct ev_run *r, const struct ev_summary *s)
             printf("\npaired differences (95%% bootstrap interval):\n");
         char pair[80];
         snprintf(pair, sizeof pair, "%s - %s", r->modes[d->a].name, r->modes[d->b].name);
-        printf("  %-22s %-10s %+.3f [%+.3f, %+.3f]%s\n", pair, ev_metric_labels[d->metric], d->ci.mean, d->ci.lo,
+        printf("  %-*s %-10s %+.3f [%+.3f, %+.3f]%s\n", pw, pair, ev_metric_labels[d->metric], d->ci.mean, d->ci.lo,
                d->ci.hi, d->ci.lo > 0 || d->ci.hi < 0 ? "" : "  (includes 0)");
     }
     printf("\nverdict: %s\n", s->verdict);
