@@ -662,20 +662,11 @@ static int step_linear(const struct cmp_pair *p, struct cmp_work *w, int i, cons
 /* A changed embedding, norm or lm_head kept whole as a modules_to_save copy. */
 static int keep_extra(const struct cfg_tensor *c, const struct st_tensor *tt, struct cmp_work *w, struct lk_err *err)
 {
-    struct lora_extra *nx = lk_realloc(w->extra, sizeof *nx * (size_t)(w->n_extra + 1));
-    if (!nx)
-        return lk_errf(err, LK_ERR_NOMEM, "out of memory");
-    w->extra = nx;
-    struct lora_extra *x = &w->extra[w->n_extra++];
-    memset(x, 0, sizeof *x);
-    x->name = lk_strdup(c->name);
-    x->ndim = c->ndim;
-    x->shape[0] = c->shape[0];
-    x->shape[1] = c->ndim == 2 ? c->shape[1] : 0;
-    x->data = lk_malloc(sizeof(float) * (tt->numel ? tt->numel : 1));
-    if (!x->name || !x->data)
-        return lk_errf(err, LK_ERR_NOMEM, "out of memory (keeping '%s')", c->name);
-    tensor_to_f32(x->data, tt->data, tt->dtype, tt->numel);
+    float *data;
+    int rc = lora_extra_add(&w->extra, &w->n_extra, c->name, c->ndim, c->shape, &data, err);
+    if (rc)
+        return rc;
+    tensor_to_f32(data, tt->data, tt->dtype, tt->numel);
     drop_pages(tt->data, tt->nbytes);
     return LK_OK;
 }

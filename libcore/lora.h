@@ -163,6 +163,11 @@ void lora_file_close(struct lora_file *lf);
 int lora_file_bind(const struct lora_file *lf, const struct cfg *c, struct lora *l, struct lk_err *err);
 /* lora_file_open, lora_file_bind, lora_file_close: an adapter folder read for a base config. */
 int lora_load(struct lora *l, const char *dir, const struct cfg *c, struct lk_err *err);
+/* Appends a modules_to_save tensor to the array *v of *n: name copied, shape [shape[0]] or
+ * [shape[0], shape[1]], *out_data its floats (allocated, not filled). On failure the entry is
+ * still counted, its fields NULL or owned, so that releasing the array frees everything. */
+int lora_extra_add(struct lora_extra **v, int *n, const char *name, int ndim, const int64_t shape[2],
+                   float **out_data, struct lk_err *err);
 /* Writes an adapter folder atomically (both files to temp names, then renamed). */
 int lora_save(const struct lora *l, const char *dir, struct lk_err *err);
 /* Writes the tensors of a block with lora->mem's layout (the factors, or their gradients) under

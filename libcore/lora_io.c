@@ -762,6 +762,31 @@ static int bind_embed(const struct lora_file *lf, const struct cfg *c, struct lo
     return st_tensor_to_f32(t, *dst, err);
 }
 
+int lora_extra_add(struct lora_extra **v, int *n, const char *name, int ndim, const int64_t shape[2],
+                   float **out_data, struct lk_err *err)
+{
+    *out_data = NULL;
+    struct lora_extra *nv = lk_realloc(*v, sizeof *nv * (size_t)(*n + 1));
+    if (!nv)
+        return lk_errf(err, LK_ERR_NOMEM, "out of memory");
+    *v = nv;
+    struct lora_extra *x = &nv[(*n)++];
+    memset(x, 0, sizeof *x);
+    x->ndim = ndim;
+    x->shape[0] = shape[0];
+    x->shape[1] = ndim > 1 ? shape[1] : 0;
+    size_t numel;
+    if (lk_mul_size((size_t)x->shape[0], (size_t)(ndim > 1 ? x->shape[1] : 1), &numel) ||
+        numel > SIZE_MAX / sizeof(float))
+        return lk_errf(err, LK_ERR_NOMEM, "out of memory (keeping '%s')", name);
+    x->name = lk_strdup(name);
+    x->data = lk_malloc(sizeof(float) * (numel ? numel : 1));
+    if (!x->name || !x->data)
+        return lk_errf(err, LK_ERR_NOMEM, "out of memory (keeping '%s')", name);
+    *out_data = x->data;
+    return LK_OK;
+}
+
 /* A modules_to_save copy "base_model.model.<name>": name is a tensor of the base (lm_head also
  * when the base ties it), with its shape. */
 static int bind_extra(const struct lora_file *lf, const struct cfg *c, struct lora *l, const struct st_tensor *t,
@@ -786,20 +811,9 @@ static int bind_extra(const struct lora_file *lf, const struct cfg *c, struct lo
         return lk_errf(err, LK_ERR_FORMAT, "%s: unknown adapter tensor '%s'", lf->path, t->name);
     if ((rc = check_shape(t, hit.ndim, hit.shape[0], hit.shape[1], lf->path, err)))
         return rc;
-    struct lora_extra *nx = lk_realloc(l->extra, sizeof *nx * (size_t)(l->n_extra + 1));
-    if (!nx)
-        return lk_errf(err, LK_ERR_NOMEM, "out of memory");
-    l->extra = nx;
-    struct lora_extra *x = &l->extra[l->n_extra++];
-    memset(x, 0, sizeof *x);
-    x->name = lk_strdup(mname);
-    x->ndim = hit.ndim;
-    x->shape[0] = hit.shape[0];
-    x->shape[1] = hit.shape[1];
-    x->data = lk_malloc(sizeof(float) * (t->numel ? t->numel : 1));
-    if (!x->name || !x->data)
-        return lk_errf(err, LK_ERR_NOMEM, "out of memory");
-    return st_tensor_to_f32(t, x->data, err);
+    float *data;
+    rc = lora_extra_add(&l->extra, &l->n_extra, mname, hit.ndim, hit.shape, &data, err);
+    return rc ? rc : st_tensor_to_f32(t, data, err);
 }
 
 /* Tensor i of the file into l, checked against the base. */
