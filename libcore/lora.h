@@ -110,7 +110,8 @@ int lora_regex_check(const char *rx, const char *what, const char *path, struct 
 /* Allocates the factors for every targeted module of a model config (zeroed). */
 int lora_init(struct lora *l, const struct lora_config *lc, const struct cfg *c, struct lk_err *err);
 void lora_release(struct lora *l);
-/* DoRA's initial magnitudes: m = ||W + s B A|| per output row (PEFT's init). */
+/* DoRA's set-up (lora_dora.c): the initial magnitudes m = ||W + s B A|| per output row (PEFT's
+ * init). */
 int lora_init_dora_magnitude(struct lora *l, const struct model *m, struct lk_err *err);
 /* PEFT's default init: A ~ kaiming_uniform(a = sqrt 5) = U(-1/sqrt(in), 1/sqrt(in)), B = 0;
  * gaussian: A ~ N(0, 1/R), B = 0. */
@@ -182,6 +183,9 @@ struct model;
 int lora_init_pissa(struct lora *l, struct model *m, struct lk_err *err);
 /* Saves a PiSSA-trained adapter converted to apply to the original base: rank 2R. */
 int lora_save_pissa(const struct lora *l, const struct model *m, const char *dir, struct lk_err *err);
+/* The frozen weight W [out, in] of (layer, module) in a model's float32 block (lora_pissa.c; also
+ * used by lora_dora.c). Points into the model. */
+float *lora_base_weight(const struct model *m, int layer, int module);
 
 /* Trainable parameter count (A, B, biases). */
 size_t lora_param_count(const struct lora *l);
