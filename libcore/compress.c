@@ -1,8 +1,11 @@
 /*
  * compress.c - svd-compress: full fine-tune -> LoRA adapter by truncated SVD of each ΔW, and
  * exact rank reduction of an adapter from its factors. The numerics are svd.h's; this file
- * streams the models, picks ranks, lays out the PEFT adapter and reports what was kept.
- * Owns: the per-call scratch buffers, the factors until they are copied into struct lora.
+ * streams the models, picks ranks, lays out the PEFT adapter and reports what was kept. The
+ * configs are compared by cfg_check_same, an input adapter is read by lora_io.c's reader
+ * (lora_file_open), the output folder is written through lk_outdir. Each entry point is a short
+ * list of named steps. Owns: the per-call scratch buffers, the factors until they are copied
+ * into struct lora.
  */
 // madvise(MADV_DONTNEED) is not in POSIX (posix_madvise's DONTNEED is a no-op in glibc): it
 // is what lets a streamed pass over a mapped model keep its resident size small. (The

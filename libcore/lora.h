@@ -165,8 +165,9 @@ int lora_file_bind(const struct lora_file *lf, const struct cfg *c, struct lora 
 /* lora_file_open, lora_file_bind, lora_file_close: an adapter folder read for a base config. */
 int lora_load(struct lora *l, const char *dir, const struct cfg *c, struct lk_err *err);
 /* Appends a modules_to_save tensor to the array *v of *n: name copied, shape [shape[0]] or
- * [shape[0], shape[1]], *out_data its floats (allocated, not filled). On failure the entry is
- * still counted, its fields NULL or owned, so that releasing the array frees everything. */
+ * [shape[0], shape[1]], *out_data its floats (allocated, not filled). On failure (LK_ERR_NOMEM)
+ * the array stays valid: an entry that was added is counted with its fields NULL or owned, so
+ * releasing the array as usual frees everything. */
 int lora_extra_add(struct lora_extra **v, int *n, const char *name, int ndim, const int64_t shape[2],
                    float **out_data, struct lk_err *err);
 /* Writes an adapter folder atomically (both files to temp names, then renamed). */
