@@ -440,52 +440,47 @@ static void cfg_set_arch(struct cfg *c, enum cfg_arch arch)
     c->qk_norm = arch == CFG_ARCH_QWEN3;
 }
 
+/* The published configs' numbers (Qwen/Qwen2.5-0.5B, Qwen/Qwen2-1.5B, Qwen/Qwen3-0.6B,
+ * meta-llama/Llama-3.2-1B config.json); tiny and llama-tiny are the project's own. */
+static const struct cfg_preset_row {
+    const char *name;
+    enum cfg_arch arch;
+    int C, F, L, NH, NKV, HS, V, max_pos, tied, bos, eos;
+    double eps, theta;
+    struct cfg_rope_scaling rope;
+    const char *dtype;
+} cfg_presets[] = {
+    { "tiny", CFG_ARCH_QWEN2, 64, 176, 2, 4, 2, 16, 512, 1024, 1, -1, -1, 1e-6, 1e4, { 0 }, "float32" },
+    { "qwen2.5-0.5b", CFG_ARCH_QWEN2, 896, 4864, 24, 14, 2, 64, 151936, 32768, 1, 151643, 151643, 1e-6, 1e6, { 0 },
+      "bfloat16" },
+    { "qwen2-1.5b", CFG_ARCH_QWEN2, 1536, 8960, 28, 12, 2, 128, 151936, 131072, 1, 151643, 151643, 1e-6, 1e6, { 0 },
+      "bfloat16" },
+    // head_dim 128 although hidden / heads is 64
+    { "qwen3-0.6b", CFG_ARCH_QWEN3, 1024, 3072, 28, 16, 8, 128, 151936, 40960, 1, 151643, 151645, 1e-6, 1e6, { 0 },
+      "bfloat16" },
+    { "llama3.2-1b", CFG_ARCH_LLAMA, 2048, 8192, 16, 32, 8, 64, 128256, 131072, 1, 128000, 128001, 1e-5, 5e5,
+      { CFG_ROPE_LLAMA3, 32.0, 1.0, 4.0, 8192 }, "bfloat16" },
+    { "llama-tiny", CFG_ARCH_LLAMA, 64, 176, 2, 4, 2, 16, 512, 1024, 0, -1, -1, 1e-5, 1e4, { 0 }, "float32" },
+};
+
 int cfg_preset(struct cfg *c, const char *name, struct lk_err *err)
 {
     cfg_default_qwen2(c);
-    if (!strcmp(name, "tiny"))
-        return LK_OK;
-    if (!strcmp(name, "qwen2.5-0.5b") || !strcmp(name, "qwen2-1.5b")) {
-        // Qwen/Qwen2.5-0.5B and Qwen/Qwen2-1.5B config.json
-        if (name[5] == '.')
-            cfg_dims(c, 896, 4864, 24, 14, 2, 151936);
-        else
-            cfg_dims(c, 1536, 8960, 28, 12, 2, 151936);
-        c->max_position_embeddings = name[5] == '.' ? 32768 : 131072;
-        c->rope_theta = 1000000.0;
-        c->bos_token_id = c->eos_token_id = 151643;
-        cfg_copy(c->torch_dtype, sizeof c->torch_dtype, "bfloat16");
-        return LK_OK;
-    }
-    if (!strcmp(name, "qwen3-0.6b")) {
-        // Qwen/Qwen3-0.6B config.json: head_dim 128 although hidden / heads is 64, tied
-        cfg_set_arch(c, CFG_ARCH_QWEN3);
-        cfg_dims(c, 1024, 3072, 28, 16, 8, 151936);
-        c->head_dim = 128;
-        c->max_position_embeddings = 40960;
-        c->rope_theta = 1000000.0;
-        c->bos_token_id = 151643;
-        c->eos_token_id = 151645;
-        cfg_copy(c->torch_dtype, sizeof c->torch_dtype, "bfloat16");
-        return LK_OK;
-    }
-    if (!strcmp(name, "llama3.2-1b")) {
-        // meta-llama/Llama-3.2-1B config.json: llama3 rope scaling, tied embeddings
-        cfg_set_arch(c, CFG_ARCH_LLAMA);
-        cfg_dims(c, 2048, 8192, 16, 32, 8, 128256);
-        c->max_position_embeddings = 131072;
-        c->rms_norm_eps = 1e-5;
-        c->rope_theta = 500000.0;
-        c->rope_scaling = (struct cfg_rope_scaling){ CFG_ROPE_LLAMA3, 32.0, 1.0, 4.0, 8192 };
-        c->bos_token_id = 128000;
-        c->eos_token_id = 128001;
-        cfg_copy(c->torch_dtype, sizeof c->torch_dtype, "bfloat16");
-        return LK_OK;
-    }
-    if (!strcmp(name, "llama-tiny")) {
-        cfg_set_arch(c, CFG_ARCH_LLAMA);
-        c->tie_word_embeddings = 0;
-        c->rms_norm_eps = 1e-5;
+    for (size_t i = 0; i < sizeof cfg_presets / sizeof cfg_presets[0]; i++) {
+        const struct cfg_preset_row *p = &cfg_presets[i];
+        if (strcmp(name, p->name))
+            continue;
+        cfg_set_arch(c, p->arch);
+        cfg_dims(c, p->C, p->F, p->L, p->NH, p->NKV, p->V);
+        c->head_dim = p->HS;
+        c->max_position_embeddings = p->max_pos;
+        c->tie_word_embeddings = p->tied;
+        c->bos_token_id = p->bos;
+        c->eos_token_id = p->eos;
+        c->rms_norm_eps = p->eps;
+        c->rope_theta = p->theta;
+        c->rope_scaling = p->rope;
+        cfg_copy(c->torch_dtype, sizeof c->torch_dtype, p->dtype);
         return LK_OK;
     }
     return lk_errf(err, LK_ERR_USAGE, "unknown preset '%s' (presets: tiny, qwen2.5-0.5b, qwen2-1.5b, qwen3-0.6b, "

@@ -267,6 +267,19 @@ static void py_strip(const char **s, size_t *n, const char *chars, int which)
     }
 }
 
+/* Llama 3's turn header: <|start_header_id|>role<|end_header_id|>\n\n */
+static int llama3_header(const struct chat_fmt *f, struct segs *a, const char *role, struct lk_err *err)
+{
+    int rc = seg_tok(a, f->start, 0, err);
+    if (!rc)
+        rc = seg_text(a, role, 0, err);
+    if (!rc)
+        rc = seg_tok(a, f->hdr_end, 0, err);
+    if (!rc)
+        rc = seg_text(a, "\n\n", 0, err);
+    return rc;
+}
+
 /* Renders one message; trained marks its content and end-of-turn token. */
 static int render_msg(const struct chat_fmt *f, struct segs *a, const char *role, const char *content,
                       int trained, struct lk_err *err)
@@ -290,13 +303,7 @@ static int render_msg(const struct chat_fmt *f, struct segs *a, const char *role
         break;
     case CHAT_LLAMA3:
         py_strip(&content, &n, NULL, 3); // the template writes message['content'] | trim
-        rc = seg_tok(a, f->start, 0, err);
-        if (!rc)
-            rc = seg_text(a, role, 0, err);
-        if (!rc)
-            rc = seg_tok(a, f->hdr_end, 0, err);
-        if (!rc)
-            rc = seg_text(a, "\n\n", 0, err);
+        rc = llama3_header(f, a, role, err);
         if (!rc)
             rc = seg_add(a, content, n, -1, trained, err);
         if (!rc)
@@ -402,13 +409,7 @@ static int render_llama32_system(const struct chat_fmt *f, struct segs *a, const
 {
     size_t n = strlen(sys);
     py_strip(&sys, &n, NULL, 3);
-    int rc = seg_tok(a, f->start, 0, err);
-    if (!rc)
-        rc = seg_text(a, "system", 0, err);
-    if (!rc)
-        rc = seg_tok(a, f->hdr_end, 0, err);
-    if (!rc)
-        rc = seg_text(a, "\n\n", 0, err);
+    int rc = llama3_header(f, a, "system", err);
     if (!rc)
         rc = seg_text(a, f->sys_header, 0, err);
     if (!rc)
@@ -431,13 +432,7 @@ static int render_gen_header(const struct chat_fmt *f, struct segs *a, struct lk
             rc = seg_text(a, "<think>\n\n</think>\n\n", 0, err);
         break;
     case CHAT_LLAMA3:
-        rc = seg_tok(a, f->start, 0, err);
-        if (!rc)
-            rc = seg_text(a, "assistant", 0, err);
-        if (!rc)
-            rc = seg_tok(a, f->hdr_end, 0, err);
-        if (!rc)
-            rc = seg_text(a, "\n\n", 0, err);
+        rc = llama3_header(f, a, "assistant", err);
         break;
     case CHAT_PLAIN:
         rc = seg_text(a, "### Response:\n", 0, err);

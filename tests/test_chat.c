@@ -255,13 +255,20 @@ static char *trained_text(struct tok *tk, const struct chat_seq *s)
     return t;
 }
 
+/* The trained tokenizer in tmpdir/t and template name on it. */
+static int setup(struct tok **tk, struct chat_fmt *f, const char *name)
+{
+    *tk = NULL;
+    if (train_tok(test_path("t")) || tok_load(tk, test_path("t"), test_err()))
+        return -1;
+    return chat_fmt_init(f, *tk, name, test_err());
+}
+
 TEST(chat_qwen3_masks_the_empty_think_block)
 {
-    CHECK_INT(train_tok(test_path("t")), 0);
     struct tok *tk;
-    CHECK_OK(tok_load(&tk, test_path("t"), test_err()));
     struct chat_fmt f;
-    CHECK_OK(chat_fmt_init(&f, tk, "qwen3", test_err()));
+    CHECK_OK(setup(&tk, &f, "qwen3"));
     struct chat_seq s = { 0 };
     char *text, *tr;
     // the last answer gets the template's empty block, masked; the earlier one gets none
@@ -300,11 +307,9 @@ TEST(chat_qwen3_masks_the_empty_think_block)
 TEST(chat_llama32_system_header_as_published)
 {
     // the layout of meta-llama/Llama-3.2-1B-Instruct's chat_template, written out by hand
-    CHECK_INT(train_tok(test_path("t")), 0);
     struct tok *tk;
-    CHECK_OK(tok_load(&tk, test_path("t"), test_err()));
     struct chat_fmt f;
-    CHECK_OK(chat_fmt_init(&f, tk, "llama3.2", test_err()));
+    CHECK_OK(setup(&tk, &f, "llama3.2"));
     struct chat_seq s = { 0 };
     char *text, *tr;
     const struct chat_msg m[] = { { "system", " Be brief. " }, { "user", "Q?\n" }, { "assistant", "A." } };

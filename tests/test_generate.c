@@ -208,39 +208,25 @@ static void check_greedy_same(const struct cfg *c, int with_lora, float std)
     model_release(&m);
 }
 
-TEST(gen_greedy_same_tokens_as_recompute)
+/* check_greedy_same without and with an adapter, for two fixtures. */
+static void check_greedy_two(void (*fix_a)(struct cfg *), void (*fix_b)(struct cfg *))
 {
     struct cfg c;
-    fix_cfg_qwen2(&c);
-    check_greedy_same(&c, 0, 0.5f);
-    if (test_failed())
-        return;
-    check_greedy_same(&c, 1, 0.5f);
-    if (test_failed())
-        return;
-    fix_cfg_llama(&c);
-    check_greedy_same(&c, 0, 0.5f);
-    if (test_failed())
-        return;
-    check_greedy_same(&c, 1, 0.5f);
+    for (int k = 0; k < 4 && !test_failed(); k++) {
+        (k < 2 ? fix_a : fix_b)(&c);
+        check_greedy_same(&c, k & 1, 0.5f);
+    }
+}
+
+TEST(gen_greedy_same_tokens_as_recompute)
+{
+    check_greedy_two(fix_cfg_qwen2, fix_cfg_llama);
 }
 
 TEST(gen_greedy_same_tokens_as_recompute_qwen3_llama32)
 {
     // 45 positions: past the llama3 fixture's original context (32) and all its band edges
-    struct cfg c;
-    fix_cfg_qwen3(&c);
-    check_greedy_same(&c, 0, 0.5f);
-    if (test_failed())
-        return;
-    check_greedy_same(&c, 1, 0.5f);
-    if (test_failed())
-        return;
-    fix_cfg_llama32(&c);
-    check_greedy_same(&c, 0, 0.5f);
-    if (test_failed())
-        return;
-    check_greedy_same(&c, 1, 0.5f);
+    check_greedy_two(fix_cfg_qwen3, fix_cfg_llama32);
 }
 
 TEST(gen_dynamic_rope_refuses_positions_beyond_max)
