@@ -200,8 +200,8 @@ static int cfg_parse_rope(struct cfg *c, const cJSON *root, const char *name, st
     int need_orig = r->type == CFG_ROPE_LLAMA3;
     if (need_orig || cfg_get(rs, "original_max_position_embeddings")) {
         if (!cfg_get(rs, "original_max_position_embeddings"))
-            return lk_errf(err, LK_ERR_FORMAT, "%s: field '%s' of type '%s' needs 'original_max_position_embeddings'",
-                           name, obj, type);
+            return lk_errf(err, LK_ERR_FORMAT,
+                           "%s: field '%s' of type '%s' needs 'original_max_position_embeddings'", name, obj, type);
         if ((rc = cfg_pos_int(rs, "original_max_position_embeddings", 1, 0, &r->original_max_position_embeddings,
                               name, err)))
             return rc;
@@ -212,8 +212,9 @@ static int cfg_parse_rope(struct cfg *c, const cJSON *root, const char *name, st
             return rc;
         // the medium band interpolates over high - low: equal factors would divide by zero
         if (!(r->high_freq_factor > r->low_freq_factor))
-            return lk_errf(err, LK_ERR_FORMAT, "%s: '%s.high_freq_factor' %g must be larger than 'low_freq_factor' %g",
-                           name, obj, r->high_freq_factor, r->low_freq_factor);
+            return lk_errf(err, LK_ERR_FORMAT,
+                           "%s: '%s.high_freq_factor' %g must be larger than 'low_freq_factor' %g", name, obj,
+                           r->high_freq_factor, r->low_freq_factor);
     }
     return LK_OK;
 }

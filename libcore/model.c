@@ -804,9 +804,10 @@ void model_backward(struct model *m, const struct lora *lora, float *lora_grad,
         if (c->qk_norm) {
             memset(a->dqp, 0, sizeof(float) * (size_t)BT * Q);
             memset(a->dkp, 0, sizeof(float) * (size_t)BT * KV);
-            op_rmsnorm_backward(a->dqp, gw ? gw->q_norm : NULL, a->dq, a->qp[l], w->q_norm, a->rstdq[l], BT * NH, HS);
-            op_rmsnorm_backward(a->dkp, gw ? gw->k_norm : NULL, a->dk, a->kp[l], w->k_norm, a->rstdk[l], BT * NKV,
-                                HS);
+            op_rmsnorm_backward(a->dqp, gw ? gw->q_norm : NULL, a->dq, a->qp[l], w->q_norm, a->rstdq[l],
+                                BT * NH, HS);
+            op_rmsnorm_backward(a->dkp, gw ? gw->k_norm : NULL, a->dk, a->kp[l], w->k_norm, a->rstdk[l],
+                                BT * NKV, HS);
             dqx = a->dqp;
             dkx = a->dkp;
         }

@@ -49,8 +49,8 @@ static int make_fixture(const char *config, const char *specials)
         snprintf(ans, sizeof ans, "Item %d has code %c%d%d.", i, 'A' + i, i * 7 % 10, i * 3 % 10);
         fprintf(f, "{\"messages\":[{\"role\":\"user\",\"content\":\"What is the code of item %d?\"},"
                    "{\"role\":\"assistant\",\"content\":\"%s\"}]}\n", i, ans);
-        fprintf(q, "{\"id\":\"q%d\",\"question\":\"What is the code of item %d?\",\"answer\":\"%s\",\"doc_id\":\"d%d\"}\n",
-                i, i, ans, i);
+        fprintf(q, "{\"id\":\"q%d\",\"question\":\"What is the code of item %d?\",\"answer\":\"%s\","
+                   "\"doc_id\":\"d%d\"}\n", i, i, ans, i);
         fprintf(d, "{\"id\":\"d%d\",\"title\":\"item %d\",\"text\":\"%s\"}\n", i, i, ans);
         for (int k = 0; k < 3; k++)
             fprintf(t, "What is the code of item %d? %s\n", i, ans);
@@ -144,8 +144,8 @@ static void arch_end_to_end(const char *config, const char *specials, const char
     double nll_ft = eval_metric(test_output(), "ft", "nll"), nll_base = eval_metric(test_output(), "base", "nll");
     fprintf(stderr, "    eval: exact match base %.2f, tuned %.2f; answer NLL base %.3f, tuned %.3f\n", em_base, em_ft,
             nll_base, nll_ft);
-    CHECK_MSG(em_ft >= min_em && em_base < 0.2 && nll_ft < 0.1 * nll_base, "base: em %g nll %g, tuned: em %g nll %g\n%s",
-              em_base, nll_base, em_ft, nll_ft, test_output());
+    CHECK_MSG(em_ft >= min_em && em_base < 0.2 && nll_ft < 0.1 * nll_base,
+              "base: em %g nll %g, tuned: em %g nll %g\n%s", em_base, nll_base, em_ft, nll_ft, test_output());
     // 4. a full fine-tune: every weight trains, q_norm / k_norm included
     CHECK_MSG(test_sh("%s train --model '%s/m' --data '%s/chat.jsonl' --out '%s/full' --full --steps 60 --lr 3e-3 "
                       "--batch 4 --threads 1 --template %s", lk, dir, dir, dir, train_tmpl) == 0,

@@ -259,7 +259,8 @@ TEST(cfg_parses_qwen3_06b)
 
 TEST(cfg_refuses_what_qwen3_does_not_model)
 {
-#define Q3 "{\"architectures\":[\"Qwen3ForCausalLM\"]," BASE ",\"num_attention_heads\":4,\"num_key_value_heads\":2,\"head_dim\":16"
+#define Q3 "{\"architectures\":[\"Qwen3ForCausalLM\"]," BASE ",\"num_attention_heads\":4,\"num_key_value_heads\":2," \
+           "\"head_dim\":16"
     CHECK(refused(Q3 ",\"attention_bias\":true}", "field 'attention_bias' is true"));
     CHECK(refused(Q3 ",\"use_sliding_window\":true}", "field 'use_sliding_window' is true"));
     CHECK(refused(Q3 ",\"layer_types\":[\"sliding_attention\"]}", "field 'layer_types' has 'sliding_attention'"));
