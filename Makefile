@@ -17,7 +17,7 @@ OMP     = -fopenmp
 SANFLAGS = -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer
 
 PKGS    = libopenblas-dev liblapacke-dev libsqlite3-dev libcjson-dev libncurses-dev \
-          libpcre2-dev libutf8proc-dev pkg-config tmux
+          libpcre2-dev libutf8proc-dev pkg-config tmux python3-jinja2
 PKGCONF = sqlite3 libcjson libpcre2-8 libutf8proc ncursesw
 INCS    = -I/usr/include/x86_64-linux-gnu/openblas-pthread -I/usr/include/openblas \
           $(shell pkg-config --cflags $(PKGCONF) 2>/dev/null)

@@ -27,6 +27,13 @@ cp "$W/q16/model.safetensors" "$OUT/fuzz_st/seed-qwen-f16"
 for f in "$W"/qsh/model-*.safetensors; do cp "$f" "$OUT/fuzz_st/seed-shard-$(basename "$f" .safetensors)"; done
 cp "$W/q32/config.json" "$OUT/fuzz_cfg/seed-qwen"
 cp "$W/l16/config.json" "$OUT/fuzz_cfg/seed-llama"
+# Qwen3 (head_dim, q/k norm) and Llama 3.2 (llama3 rope scaling) configs
+cat > "$OUT/fuzz_cfg/seed-qwen3" <<'J'
+{"architectures":["Qwen3ForCausalLM"],"model_type":"qwen3","hidden_size":8,"intermediate_size":16,"num_hidden_layers":1,"num_attention_heads":2,"num_key_value_heads":1,"head_dim":8,"vocab_size":16,"attention_bias":false,"use_sliding_window":false,"layer_types":["full_attention"],"rope_scaling":null,"tie_word_embeddings":true}
+J
+cat > "$OUT/fuzz_cfg/seed-llama32" <<'J'
+{"architectures":["LlamaForCausalLM"],"hidden_size":8,"intermediate_size":16,"num_hidden_layers":1,"num_attention_heads":2,"vocab_size":12,"rope_theta":500000.0,"rope_scaling":{"factor":32.0,"high_freq_factor":4.0,"low_freq_factor":1.0,"original_max_position_embeddings":8192,"rope_type":"llama3"},"rope_parameters":{"rope_type":"dynamic","factor":2.0}}
+J
 # an adapter for the 1-layer Qwen2 (rank 2 on q_proj, v_proj: the config fuzz_adapter.c fixes)
 printf '{"input_ids":[1,2,3,4,5,6]}\n{"input_ids":[7,8,9,10]}\n' > "$W/pt.jsonl"
 "$LK" train --model "$W/q32" --data "$W/pt.jsonl" --out "$W/ad" --rank 2 --alpha 4 --targets q_proj,v_proj \
