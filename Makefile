@@ -18,10 +18,13 @@ SANFLAGS = -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=all -fno-om
 
 PKGS    = libopenblas-dev liblapacke-dev libsqlite3-dev libcjson-dev libncurses-dev \
           libpcre2-dev libutf8proc-dev pkg-config tmux
-PKGCONF = sqlite3 libcjson libpcre2-8 libutf8proc ncursesw
-INCS    = -I/usr/include/x86_64-linux-gnu/openblas-pthread -I/usr/include/openblas \
-          $(shell pkg-config --cflags $(PKGCONF) 2>/dev/null)
-LIBS    = $(shell pkg-config --libs $(PKGCONF) 2>/dev/null) -lopenblas -llapacke -lm -lpthread
+# Include paths and libraries come from pkg-config (Debian ships a .pc for each). ncursesw's
+# cflags (-D_DEFAULT_SOURCE -D_XOPEN_SOURCE=600) reach tui/ only, the one place that includes
+# curses: everything else compiles at the POSIX level CSTD names. LDFLAGS is added to every link.
+PKGCONF = sqlite3 libcjson libpcre2-8 libutf8proc openblas lapacke
+INCS    = $(shell pkg-config --cflags $(PKGCONF) 2>/dev/null)
+CURSES_CFLAGS = $(shell pkg-config --cflags ncursesw 2>/dev/null)
+LIBS    = $(shell pkg-config --libs $(PKGCONF) ncursesw 2>/dev/null) -lm -lpthread
 
 ifeq ($(SAN),1)
   OUT   = build/san
@@ -78,6 +81,10 @@ $(OUT)/%.o: %.c
 	@mkdir -p $(dir $@)
 	$(CC) $(ALL) -MMD -MP -c $< -o $@
 
+$(OUT)/tui/%.o: tui/%.c
+	@mkdir -p $(dir $@)
+	$(CC) $(ALL) $(CURSES_CFLAGS) -MMD -MP -c $< -o $@
+
 $(LIB): $(CORE_OBJ)
 	@mkdir -p $(dir $@)
 	rm -f $@
@@ -85,7 +92,7 @@ $(LIB): $(CORE_OBJ)
 
 $(BIN): $(APP_OBJ) $(LIB)
 	@mkdir -p $(dir $@)
-	$(CC) $(LDX) -o $@ $(APP_OBJ) $(LIB) $(LIBS)
+	$(CC) $(LDX) $(LDFLAGS) -o $@ $(APP_OBJ) $(LIB) $(LIBS)
 
 # The test registry: every `TEST(name)` line in tests/test_*.c, as X(name).
 $(OUT)/tests/registry.h: $(TEST_SRC)
@@ -97,7 +104,7 @@ $(OUT)/tests/run.o: tests/run.c $(OUT)/tests/registry.h
 	$(CC) $(ALL) -I$(OUT)/tests -c tests/run.c -o $@
 
 $(TESTBIN): $(TEST_OBJ) $(APPLIB_OBJ) $(LIB)
-	$(CC) $(LDX) -o $@ $(TEST_OBJ) $(APPLIB_OBJ) $(LIB) $(LIBS)
+	$(CC) $(LDX) $(LDFLAGS) -o $@ $(TEST_OBJ) $(APPLIB_OBJ) $(LIB) $(LIBS)
 
 # The synthetic medical worlds of the demo (datasets/README.md); generated, never committed.
 MEDWORLD          = $(OUT)/medworld
@@ -106,7 +113,7 @@ MEDWORLD_NEW_SEED = 2
 DATASETS_OUT      = datasets/out
 .PHONY: datasets
 $(MEDWORLD): $(OUT)/datasets/medworld.o $(LIB)
-	$(CC) $(LDX) -o $@ $(OUT)/datasets/medworld.o $(LIB) $(LIBS)
+	$(CC) $(LDX) $(LDFLAGS) -o $@ $(OUT)/datasets/medworld.o $(LIB) $(LIBS)
 
 datasets: check-deps $(MEDWORLD)
 	$(MEDWORLD) --world background --seed $(MEDWORLD_BG_SEED) --out $(DATASETS_OUT)/background --overwrite
@@ -122,35 +129,35 @@ bench: bench-svd bench-tok bench-train bench-diff bench-dash bench-merge bench-c
 
 bench-svd: check-deps $(LIB)
 	@mkdir -p $(OUT)/bench
-	$(CC) $(ALL) -o $(OUT)/bench/bench_svd bench/bench_svd.c $(LIB) $(LIBS)
+	$(CC) $(ALL) $(LDFLAGS) -o $(OUT)/bench/bench_svd bench/bench_svd.c $(LIB) $(LIBS)
 	$(OUT)/bench/bench_svd
 
 bench-diff: check-deps $(LIB) $(BIN)
 	@mkdir -p $(OUT)/bench
-	$(CC) $(ALL) -o $(OUT)/bench/bench_diff bench/bench_diff.c $(LIB) $(LIBS)
+	$(CC) $(ALL) $(LDFLAGS) -o $(OUT)/bench/bench_diff bench/bench_diff.c $(LIB) $(LIBS)
 	$(OUT)/bench/bench_diff $(CURDIR)/$(BIN) $(OUT)/bench-diff
 # Time to the first frame of `lorakit dash` on a 100,000-step training run against 1,000 steps.
 .PHONY: bench-dash
 bench-dash: check-deps $(LIB) $(BIN)
 	@mkdir -p $(OUT)/bench
-	$(CC) $(ALL) -o $(OUT)/bench/bench_dash bench/bench_dash.c $(LIB) $(LIBS)
+	$(CC) $(ALL) $(LDFLAGS) -o $(OUT)/bench/bench_dash bench/bench_dash.c $(LIB) $(LIBS)
 	$(OUT)/bench/bench_dash $(BIN) $(OUT)/bench
 # merge of a rank-16 adapter into a 3 GB bf16 qwen2-1.5b (made once in build/bench-merge, kept):
 # peak RSS and time against cp of the same files. Needs about 10 GB of free disk.
 bench-merge: check-deps $(LIB) $(BIN)
 	@mkdir -p $(OUT)/bench
-	$(CC) $(ALL) -o $(OUT)/bench/bench_merge bench/bench_merge.c $(LIB) $(LIBS)
+	$(CC) $(ALL) $(LDFLAGS) -o $(OUT)/bench/bench_merge bench/bench_merge.c $(LIB) $(LIBS)
 	$(OUT)/bench/bench_merge $(CURDIR)/$(BIN) $(CURDIR)/build/bench-merge
 # svd-compress end to end (randomized vs exact; a 0.5B-shaped fine-tune, BENCH_05B=0 skips it).
 bench-compress: check-deps $(LIB) $(BIN)
 	@mkdir -p $(OUT)/bench
-	$(CC) $(ALL) -o $(OUT)/bench/bench_compress bench/bench_compress.c $(LIB) $(LIBS)
+	$(CC) $(ALL) $(LDFLAGS) -o $(OUT)/bench/bench_compress bench/bench_compress.c $(LIB) $(LIBS)
 	$(OUT)/bench/bench_compress $(CURDIR)/$(BIN) $(CURDIR)/$(OUT)/bench/compress
 # generation with/without the KV cache, and eval of 200 questions x 4 modes, on 2 threads
 .PHONY: bench-eval
 bench-eval: check-deps $(LIB) $(BIN)
 	@mkdir -p $(OUT)/bench
-	$(CC) $(ALL) -o $(OUT)/bench/bench_eval bench/bench_eval.c $(LIB) $(LIBS)
+	$(CC) $(ALL) $(LDFLAGS) -o $(OUT)/bench/bench_eval bench/bench_eval.c $(LIB) $(LIBS)
 	OPENBLAS_NUM_THREADS=2 OMP_NUM_THREADS=2 $(OUT)/bench/bench_eval $(CURDIR)/$(BIN)
 
 # The reference tokenizer (npm @huggingface/tokenizers) for tokenizer tests and benchmarks, in
@@ -164,7 +171,7 @@ node-ref:
 
 bench-tok: check-deps $(LIB) node-ref
 	@mkdir -p $(OUT)/bench
-	$(CC) $(ALL) -o $(OUT)/bench/bench_tok bench/bench_tok.c $(LIB) $(LIBS)
+	$(CC) $(ALL) $(LDFLAGS) -o $(OUT)/bench/bench_tok bench/bench_tok.c $(LIB) $(LIBS)
 	$(OUT)/bench/bench_tok "$${LK_SHARED:-../shared}"
 
 # lorakit's own small base model, trained from scratch (datasets/base-model/README.md). Slow
@@ -172,7 +179,7 @@ bench-tok: check-deps $(LIB) node-ref
 # copy. Needs `make datasets`; datasets/base-model is replaced only when every step succeeded.
 RC_EVAL = $(OUT)/rc_eval
 $(RC_EVAL): $(OUT)/datasets/rc_eval.o $(LIB)
-	$(CC) $(LDX) -o $@ $(OUT)/datasets/rc_eval.o $(LIB) $(LIBS)
+	$(CC) $(LDX) $(LDFLAGS) -o $@ $(OUT)/datasets/rc_eval.o $(LIB) $(LIBS)
 
 base-model: datasets $(BIN) $(RC_EVAL)
 	sh datasets/base_model.sh $(BIN) $(MEDWORLD) $(RC_EVAL) $(DATASETS_OUT) datasets/base-model build/base-model
@@ -190,7 +197,7 @@ $(OUT)/mpi/%.o: mpi/%.c | check-deps
 
 $(MPI_BIN): $(MPI_OBJ) $(APPLIB_OBJ) $(LIB)
 	@mkdir -p $(dir $@)
-	$(MPICC) $(LDX) -o $@ $(MPI_OBJ) $(APPLIB_OBJ) $(LIB) $(LIBS)
+	$(MPICC) $(LDX) $(LDFLAGS) -o $@ $(MPI_OBJ) $(APPLIB_OBJ) $(LIB) $(LIBS)
 
 ifeq ($(MPI),1)
 all: $(MPI_BIN)
@@ -213,7 +220,7 @@ deps-bench:
 
 bench-train: check-deps $(BIN) deps-bench
 	@mkdir -p $(OUT)/bench
-	$(CC) $(ALL) -o $(OUT)/bench/bench_sgemm bench/bench_sgemm.c $(LIB) $(LIBS)
+	$(CC) $(ALL) $(LDFLAGS) -o $(OUT)/bench/bench_sgemm bench/bench_sgemm.c $(LIB) $(LIBS)
 	bench/bench_train.sh $(CURDIR)/$(BIN) $(OUT)/bench/bench_sgemm $${THREADS:-2}
 
 # The whole pipeline on the project's own base model and data (datasets/demo.sh).
@@ -248,7 +255,7 @@ $(FUZZ_OUT)/%.o: %.c
 
 $(FUZZ_OUT)/bin/%: tests/fuzz/%.c tests/fuzz/fuzz_util.h $(FUZZ_OBJ)
 	@mkdir -p $(dir $@)
-	$(FUZZ_CC) $(CSTD) $(WARN) $(WERROR) -O1 -g $(FUZZ_SAN) -fsanitize=fuzzer $(INCS) -o $@ $< $(FUZZ_OBJ) $(LIBS)
+	$(FUZZ_CC) $(CSTD) $(WARN) $(WERROR) -O1 -g $(FUZZ_SAN) -fsanitize=fuzzer $(INCS) $(LDFLAGS) -o $@ $< $(FUZZ_OBJ) $(LIBS)
 
 fuzz-build: check-deps fuzz-deps $(FUZZ_TARGETS:%=$(FUZZ_OUT)/bin/%)
 
@@ -270,6 +277,6 @@ SHIM = $(OUT)/tests/faultshim.so
 shim: $(SHIM)
 $(SHIM): tests/faultshim.c
 	@mkdir -p $(dir $@)
-	$(CC) $(CSTD) -D_GNU_SOURCE $(WARN) $(WERROR) -O1 -g -fPIC -shared -o $@ $< -ldl
+	$(CC) $(CSTD) -D_GNU_SOURCE $(WARN) $(WERROR) -O1 -g -fPIC -shared $(LDFLAGS) -o $@ $< -ldl
 .SECONDARY: $(FUZZ_OBJ)
 -include $(FUZZ_OBJ:.o=.d)

@@ -5,10 +5,12 @@
  */
 #include "test.h"
 
+#include <errno.h>
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "../libcore/lk.h"
@@ -125,6 +127,13 @@ const char *test_shared(const char *rel)
     char *b = buf[k++ & 3];
     snprintf(b, sizeof buf[0], "%s/%s", root, rel);
     return lk_file_exists(b) ? b : NULL;
+}
+
+void test_sleep_ms(long ms)
+{
+    struct timespec ts = { ms / 1000, (ms % 1000) * 1000000L };
+    while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
+        ;
 }
 
 int test_full(void)

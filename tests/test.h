@@ -85,6 +85,8 @@ int test_sh(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 const char *test_output(void);
 /* A path under ../shared (or $LK_SHARED), or NULL when it is absent: tests then SKIP. */
 const char *test_shared(const char *rel);
+/* Sleeps ms milliseconds (nanosleep: usleep is not in POSIX.1-2008). */
+void test_sleep_ms(long ms);
 /* 1 when the full tier is on (LK_TEST_FULL=1, set by CI). */
 int test_full(void);
 
