@@ -94,10 +94,13 @@ $(BIN): $(APP_OBJ) $(LIB)
 	@mkdir -p $(dir $@)
 	$(CC) $(LDX) $(LDFLAGS) -o $@ $(APP_OBJ) $(LIB) $(LIBS)
 
-# The test registry: every `TEST(name)` line in tests/test_*.c, as X(name).
-$(OUT)/tests/registry.h: $(TEST_SRC)
+# The test registry: every `TEST(name)` line in tests/test_*.c, as X(name). Remade on every run
+# (a removed test file changes no prerequisite's time) but replaced only when its text changes.
+.PHONY: FORCE
+$(OUT)/tests/registry.h: $(TEST_SRC) FORCE
 	@mkdir -p $(dir $@)
-	grep -ho '^TEST([A-Za-z0-9_]*)' $(TEST_SRC) | sed 's/^TEST(\(.*\))/X(\1)/' > $@.tmp && mv $@.tmp $@
+	@grep -ho '^TEST([A-Za-z0-9_]*)' $(TEST_SRC) | sed 's/^TEST(\(.*\))/X(\1)/' > $@.tmp && \
+	  { cmp -s $@.tmp $@ && rm -f $@.tmp || mv $@.tmp $@; }
 
 $(OUT)/tests/run.o: tests/run.c $(OUT)/tests/registry.h
 	@mkdir -p $(dir $@)

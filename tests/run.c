@@ -1,7 +1,11 @@
 /*
  * run.c - the test runner. `run` runs every test; `run st_ model_` those whose names start
  * with one of the given prefixes. Each test forks, so a crash or an abort is one failure.
- * The last line is `N passed, N failed, N skipped`; any failure gives a non-zero exit.
+ * The last line is `N passed, N failed, N skipped`; any failure gives a non-zero exit, and so
+ * does a prefix that matches no test (a typo must not pass as "nothing failed"). With
+ * LK_TEST_REQUIRE_RUN=1 (CI) a run in which no test passed (all skipped) fails too.
+ * In sanitizer builds each test child runs LeakSanitizer's check before it exits (_exit skips
+ * the check at exit): memory a test or the code under test leaked is a failure of that test.
  */
 #include "test.h"
 
@@ -14,6 +18,13 @@
 #include <unistd.h>
 
 #include "../libcore/lk.h"
+
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/lsan_interface.h>
+#define RUN_LEAK_CHECK 1
+#else
+#define RUN_LEAK_CHECK 0
+#endif
 
 #define X(name) void test_##name(void);
 #include "registry.h"
@@ -152,6 +163,31 @@ static int matches(const char *name, int argc, char **argv)
     return 0;
 }
 
+/* 1 when some test's name starts with prefix. */
+static int prefix_used(const char *prefix, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (!strncmp(tests[i].name, prefix, strlen(prefix)))
+            return 1;
+    return 0;
+}
+
+/* LeakSanitizer's check, in the child before _exit (which would skip the check at exit). The
+ * test's temporary buffers still reachable from statics (test_output) are not leaks. 1 when
+ * something leaked (the report is on stderr). ASAN_OPTIONS=detect_leaks=0 turns it off. */
+static int leak_check(void)
+{
+#if RUN_LEAK_CHECK
+    lk_free(g_out);
+    g_out = NULL;
+    if (__lsan_do_recoverable_leak_check()) {
+        fprintf(stderr, "    leaked memory (LeakSanitizer's report above)\n");
+        return 1;
+    }
+#endif
+    return 0;
+}
+
 /* 0 passed, 1 failed, 3 skipped */
 static int run_one(const struct test_case *t)
 {
@@ -167,6 +203,8 @@ static int run_one(const struct test_case *t)
     if (pid == 0) {
         g_failed = g_skipped = 0;
         t->fn();
+        if (leak_check())
+            g_failed = 1;
         fflush(stdout);
         fflush(stderr);
         _exit(g_failed ? 1 : g_skipped ? 3 : 0);
@@ -187,6 +225,14 @@ int main(int argc, char **argv)
     int passed = 0, failed = 0, skipped = 0;
     size_t n = sizeof tests / sizeof tests[0];
     setvbuf(stdout, NULL, _IOLBF, 0);
+    int unknown = 0;
+    for (int i = 1; i < argc; i++)
+        if (!prefix_used(argv[i], n)) {
+            fprintf(stderr, "run: no test name starts with '%s'\n", argv[i]);
+            unknown = 1;
+        }
+    if (unknown)
+        return 2;
     for (size_t i = 0; i < n; i++) {
         if (!matches(tests[i].name, argc, argv))
             continue;
@@ -203,5 +249,10 @@ int main(int argc, char **argv)
             failed++;
     }
     printf("%d passed, %d failed, %d skipped\n", passed, failed, skipped);
+    const char *req = getenv("LK_TEST_REQUIRE_RUN");
+    if (!failed && !passed && req && *req && strcmp(req, "0")) {
+        fprintf(stderr, "run: no test passed (LK_TEST_REQUIRE_RUN is set: a step that runs nothing fails)\n");
+        return 1;
+    }
     return failed ? 1 : 0;
 }
