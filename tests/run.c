@@ -188,6 +188,67 @@ static int leak_check(void)
     return 0;
 }
 
+/* LeakSanitizer's check inside a test (allocation sweeps): 1 when something leaked. */
+static int leaked_now(void)
+{
+#if RUN_LEAK_CHECK
+    return __lsan_do_recoverable_leak_check() != 0;
+#else
+    return 0;
+#endif
+}
+
+long test_alloc_sweep(const char *file, int line, const char *what, int (*op)(void *ctx, struct lk_err *err),
+                      void *ctx, long max)
+{
+    struct lk_err err = { 0 };
+    lk_fail_countdown = 0;
+    int rc = op(ctx, &err);
+    if (rc != LK_OK) {
+        test_fail(file, line, "%s: fails without injected faults: status %d: %s", what, rc, err.msg);
+        return -1;
+    }
+    long failed_runs = 0;
+    for (long n = 1; n <= max; n++) {
+        memset(&err, 0, sizeof err);
+        long live = lk_alloc_live();
+        lk_fail_countdown = n;
+        rc = op(ctx, &err);
+        int reached = lk_fail_countdown == 0; // the nth allocation happened, and failed
+        lk_fail_countdown = 0;
+        if (rc == -1 && test_failed())
+            return -1; // op found a wrong result and said so
+        if (rc != LK_OK && rc != LK_ERR_NOMEM) {
+            test_fail(file, line, "%s: allocation %ld failed: status %d (%s), not LK_ERR_NOMEM: %s", what, n,
+                      rc, lk_status_str((enum lk_status)rc), err.msg);
+            return -1;
+        }
+        if (rc == LK_ERR_NOMEM && !err.msg[0]) {
+            test_fail(file, line, "%s: allocation %ld failed: LK_ERR_NOMEM without a message", what, n);
+            return -1;
+        }
+        if (rc != LK_OK && !reached) {
+            test_fail(file, line, "%s: run %ld returned %d but no allocation failed: %s", what, n, rc, err.msg);
+            return -1;
+        }
+        if (lk_alloc_live() != live) {
+            test_fail(file, line, "%s: allocation %ld failed (status %d): %ld lk_malloc blocks left behind", what,
+                      n, rc, lk_alloc_live() - live);
+            return -1;
+        }
+        if (leaked_now()) {
+            test_fail(file, line, "%s: allocation %ld failed (status %d): LeakSanitizer found a leak (above)",
+                      what, n, rc);
+            return -1;
+        }
+        if (!reached)
+            return failed_runs; // every allocation of the operation has been made to fail once
+        failed_runs++;
+    }
+    test_fail(file, line, "%s: still allocating after %ld runs", what, max);
+    return -1;
+}
+
 /* 0 passed, 1 failed, 3 skipped */
 static int run_one(const struct test_case *t)
 {
