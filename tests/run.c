@@ -188,22 +188,14 @@ static int leak_check(void)
     return 0;
 }
 
-/* LeakSanitizer's check inside a test (allocation sweeps): 1 when something leaked. */
-static int leaked_now(void)
-{
-#if RUN_LEAK_CHECK
-    return __lsan_do_recoverable_leak_check() != 0;
-#else
-    return 0;
-#endif
-}
-
 long test_alloc_sweep(const char *file, int line, const char *what, int (*op)(void *ctx, struct lk_err *err),
-                      void *ctx, long max)
+                      int (*done)(void *ctx, int rc), void *ctx, long max)
 {
     struct lk_err err = { 0 };
     lk_fail_countdown = 0;
     int rc = op(ctx, &err);
+    if (done && done(ctx, rc))
+        return -1;
     if (rc != LK_OK) {
         test_fail(file, line, "%s: fails without injected faults: status %d: %s", what, rc, err.msg);
         return -1;
@@ -216,8 +208,6 @@ long test_alloc_sweep(const char *file, int line, const char *what, int (*op)(vo
         rc = op(ctx, &err);
         int reached = lk_fail_countdown == 0; // the nth allocation happened, and failed
         lk_fail_countdown = 0;
-        if (rc == -1 && test_failed())
-            return -1; // op found a wrong result and said so
         if (rc != LK_OK && rc != LK_ERR_NOMEM) {
             test_fail(file, line, "%s: allocation %ld failed: status %d (%s), not LK_ERR_NOMEM: %s", what, n,
                       rc, lk_status_str((enum lk_status)rc), err.msg);
@@ -231,14 +221,11 @@ long test_alloc_sweep(const char *file, int line, const char *what, int (*op)(vo
             test_fail(file, line, "%s: run %ld returned %d but no allocation failed: %s", what, n, rc, err.msg);
             return -1;
         }
+        if (done && done(ctx, rc))
+            return -1; // a wrong result, or something partial left: done said which
         if (lk_alloc_live() != live) {
             test_fail(file, line, "%s: allocation %ld failed (status %d): %ld lk_malloc blocks left behind", what,
                       n, rc, lk_alloc_live() - live);
-            return -1;
-        }
-        if (leaked_now()) {
-            test_fail(file, line, "%s: allocation %ld failed (status %d): LeakSanitizer found a leak (above)",
-                      what, n, rc);
             return -1;
         }
         if (!reached)

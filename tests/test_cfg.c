@@ -351,18 +351,27 @@ TEST(cfg_load_bounds_the_config_by_its_weights)
     cfg_release(&c);
 }
 
+struct cfg_sweep {
+    const char *path;
+    struct cfg c;
+};
+
 static int sweep_cfg_load(void *ctx, struct lk_err *err)
 {
-    struct cfg c;
-    int rc = cfg_load(&c, ctx, err);
-    if (rc)
-        return rc;
-    if (c.hidden_size != 64 || c.num_hidden_layers != 2 || !c.json || !strstr(c.json, "Qwen2ForCausalLM")) {
+    struct cfg_sweep *sw = ctx;
+    return cfg_load(&sw->c, sw->path, err);
+}
+
+static int sweep_cfg_done(void *ctx, int rc)
+{
+    struct cfg_sweep *sw = ctx;
+    const struct cfg *c = &sw->c;
+    int bad = rc == LK_OK && (c->hidden_size != 64 || c->num_hidden_layers != 2 || !c->json ||
+                              !strstr(c->json, "Qwen2ForCausalLM"));
+    cfg_release(&sw->c);
+    if (bad)
         test_fail(__FILE__, __LINE__, "loaded under allocation failures, but the config reads wrong");
-        rc = -1;
-    }
-    cfg_release(&c);
-    return rc;
+    return bad ? -1 : 0;
 }
 
 TEST(cfg_load_survives_allocation_failures)
@@ -374,9 +383,11 @@ TEST(cfg_load_survives_allocation_failures)
     CHECK_INT(test_sh("%s init --preset tiny --seed 1 --shard-size 200000 --out '%s'", test_lorakit(), dir), 0);
     snprintf(p, sizeof p, "%s/model.safetensors.index.json", dir);
     CHECK_MSG(lk_file_exists(p), "not sharded: %s", test_output());
-    long n1 = ALLOC_SWEEP("cfg_load (model folder)", sweep_cfg_load, dir, 5000);
+    struct cfg_sweep sw = { dir, { 0 } };
+    long n1 = ALLOC_SWEEP("cfg_load (model folder)", sweep_cfg_load, sweep_cfg_done, &sw, 5000);
     snprintf(p, sizeof p, "%s/config.json", dir);
-    long n2 = ALLOC_SWEEP("cfg_load (config.json)", sweep_cfg_load, p, 1000);
+    sw.path = p;
+    long n2 = ALLOC_SWEEP("cfg_load (config.json)", sweep_cfg_load, sweep_cfg_done, &sw, 1000);
     CHECK(n2 >= 3 && n1 > n2 + 20); // the path, the text, its copy; then the shards
     fprintf(stderr, "    allocations made to fail: cfg_load of a sharded folder %ld, of a file %ld\n", n1, n2);
 }

@@ -641,60 +641,54 @@ TEST(st_model_rejects_bad_shard_and_missing_folder)
 struct st_sweep {
     const char *buf, *path, *dir; /* the buffer and file of one small file; a sharded folder */
     size_t len;
+    struct st_file f;             /* what the operation opened */
+    struct st_model m;
 };
-
-/* The two tensors and the metadata of sweep_hdr, checked after a successful open. */
-static int sweep_check_file(const struct st_file *f)
-{
-    const struct st_tensor *b = st_find(f, "b");
-    if (f->n != 2 || !b || b->numel != 2 || !st_find(f, "a") || !st_meta(f, "format") ||
-        strcmp(st_meta(f, "format"), "pt")) {
-        test_fail(__FILE__, __LINE__, "opened under allocation failures, but the file reads wrong");
-        return -1;
-    }
-    return LK_OK;
-}
 
 static int sweep_open_buffer(void *ctx, struct lk_err *err)
 {
-    const struct st_sweep *sw = ctx;
-    struct st_file f;
-    int rc = st_open_buffer(&f, sw->buf, sw->len, "x", err);
-    if (!rc) {
-        rc = sweep_check_file(&f);
-        st_close(&f);
-    }
-    return rc;
+    struct st_sweep *sw = ctx;
+    return st_open_buffer(&sw->f, sw->buf, sw->len, "x", err);
 }
 
 static int sweep_open_file(void *ctx, struct lk_err *err)
 {
-    const struct st_sweep *sw = ctx;
-    struct st_file f;
-    int rc = st_open(&f, sw->path, err);
-    if (!rc) {
-        rc = sweep_check_file(&f);
-        st_close(&f);
-    }
-    return rc;
+    struct st_sweep *sw = ctx;
+    return st_open(&sw->f, sw->path, err);
+}
+
+/* After an open: the two tensors and the metadata of the file; closed. */
+static int sweep_file_done(void *ctx, int rc)
+{
+    struct st_sweep *sw = ctx;
+    const struct st_file *f = &sw->f;
+    const struct st_tensor *b = st_find(f, "b");
+    int bad = rc == LK_OK && (f->n != 2 || !b || b->numel != 2 || !st_find(f, "a") || !st_meta(f, "format") ||
+                              strcmp(st_meta(f, "format"), "pt"));
+    st_close(&sw->f);
+    if (bad)
+        test_fail(__FILE__, __LINE__, "opened under allocation failures, but the file reads wrong");
+    return bad ? -1 : 0;
 }
 
 static int sweep_model_open(void *ctx, struct lk_err *err)
 {
-    const struct st_sweep *sw = ctx;
-    struct st_model m;
-    int rc = st_model_open(&m, sw->dir, err);
-    if (rc)
-        return rc;
-    const struct st_tensor *t = st_model_find(&m, "t.4", NULL);
+    struct st_sweep *sw = ctx;
+    return st_model_open(&sw->m, sw->dir, err);
+}
+
+static int sweep_model_done(void *ctx, int rc)
+{
+    struct st_sweep *sw = ctx;
+    const struct st_model *m = &sw->m;
+    const struct st_tensor *t = rc == LK_OK ? st_model_find(m, "t.4", NULL) : NULL;
     float v[20];
-    if (!m.sharded || m.n_files != 4 || st_model_count(&m) != 5 || !t || st_tensor_to_f32(t, v, err) ||
-        v[19] != 419.0f) {
+    int bad = rc == LK_OK && (!m->sharded || m->n_files != 4 || st_model_count(m) != 5 || !t ||
+                              st_tensor_to_f32(t, v, NULL) || v[19] != 419.0f);
+    st_model_close(&sw->m);
+    if (bad)
         test_fail(__FILE__, __LINE__, "opened under allocation failures, but the model reads wrong");
-        rc = -1;
-    }
-    st_model_close(&m);
-    return rc;
+    return bad ? -1 : 0;
 }
 
 /* Entries in a folder (plain libc: no lk_malloc inside a sweep's operation); with rm, removes
@@ -722,7 +716,12 @@ static int dir_entries(const char *dir, int rm)
 static int sweep_model_write(void *ctx, struct lk_err *err)
 {
     const struct st_sweep *sw = ctx;
-    int rc = write_model(sw->dir, 5, 64, err);
+    return write_model(sw->dir, 5, 64, err);
+}
+
+static int sweep_write_done(void *ctx, int rc)
+{
+    const struct st_sweep *sw = ctx;
     if (rc != LK_OK && dir_entries(sw->dir, 0) != 0) {
         test_fail(__FILE__, __LINE__, "a failed write left %d files behind", dir_entries(sw->dir, 0));
         return -1;
@@ -731,7 +730,7 @@ static int sweep_model_write(void *ctx, struct lk_err *err)
         test_fail(__FILE__, __LINE__, "the model was written without its 4 shards and index");
         return -1;
     }
-    return rc;
+    return 0;
 }
 
 TEST(st_open_survives_allocation_failures)
@@ -745,8 +744,8 @@ TEST(st_open_survives_allocation_failures)
     sw.path = write_raw("ok.safetensors", hdr, 6);
     CHECK_OK(lk_read_file(sw.path, &buf, &sw.len, test_err()));
     sw.buf = buf;
-    long n1 = ALLOC_SWEEP("st_open_buffer", sweep_open_buffer, &sw, 1000);
-    long n2 = ALLOC_SWEEP("st_open", sweep_open_file, &sw, 1000);
+    long n1 = ALLOC_SWEEP("st_open_buffer", sweep_open_buffer, sweep_file_done, &sw, 1000);
+    long n2 = ALLOC_SWEEP("st_open", sweep_open_file, sweep_file_done, &sw, 1000);
     lk_free(buf);
     CHECK(n1 >= 8 && n2 >= n1); // path, tensors, names, sorted index, metadata: all were reached
     char dir[1024];
@@ -754,10 +753,10 @@ TEST(st_open_survives_allocation_failures)
     CHECK_OK(lk_mkdir_p(dir, test_err()));
     CHECK_OK(write_model(dir, 5, 64, test_err()));
     sw.dir = dir;
-    long n3 = ALLOC_SWEEP("st_model_open (index, 4 shards)", sweep_model_open, &sw, 5000);
+    long n3 = ALLOC_SWEEP("st_model_open (index, 4 shards)", sweep_model_open, sweep_model_done, &sw, 5000);
     CHECK(n3 > 4 * n1);
     CHECK(dir_entries(dir, 1) == 5);
-    long n4 = ALLOC_SWEEP("st_model_writer (4 shards)", sweep_model_write, &sw, 5000);
+    long n4 = ALLOC_SWEEP("st_model_writer (4 shards)", sweep_model_write, sweep_write_done, &sw, 5000);
     CHECK(n4 > 20);
     fprintf(stderr, "    allocations made to fail: st_open_buffer %ld, st_open %ld, st_model_open %ld, "
             "st_model_writer %ld\n", n1, n2, n3, n4);
