@@ -232,19 +232,30 @@ demo: check-deps $(BIN) $(MEDWORLD)
 
 # ---- hardening: libFuzzer targets (tests/fuzz/fuzz_*.c) and the fault-injection shim ----
 #   make fuzz                 builds build/fuzz (clang, ASan + UBSan + libFuzzer), seeds
-#                             build/fuzz/corpus/<target> from the project's own fixtures, runs
-#                             each target FUZZ_SECONDS (600 = the issue's 10 minutes; CI uses 30)
-#                             and prints executions per target; crash inputs land in
-#                             build/fuzz/crash/<target>/ (turn them into tests/fuzz-regress/ files).
+#                             build/fuzz/corpus/<target> from the project's own fixtures (the
+#                             corpora grow from run to run), runs each target FUZZ_SECONDS (600 =
+#                             the issue's 10 minutes) from a new random seed each run, printed
+#                             (FUZZ_SEED=N repeats a run; target i gets seed N + i), and prints
+#                             executions per target. Every finding (build/fuzz/crash/<target>/)
+#                             is kept as tests/fuzz-regress/<kind>.fuzz-<sha1>.hex, which make test
+#                             replays (hard_fuzz_regress); the artifact then moves to crash/<t>/kept.
+#   make fuzz FUZZ_ARGS="-seed=1 -runs=20000"
+#                             CI's regression pass: a -seed in FUZZ_ARGS replaces the rotation.
+#   make fuzz FUZZ_TARGETS="fuzz_cfg fuzz_st"
+#                             only those targets.
 #   make fuzz-build           only builds the targets.
-# clang's libFuzzer runtime comes with libclang-rt-14-dev (FUZZ_PKGS, installed by fuzz-deps).
 FUZZ_PKGS    = clang-14 libclang-rt-14-dev
 FUZZ_SECONDS ?= 600
 FUZZ_CC      ?= clang
 FUZZ_OUT     = build/fuzz
 FUZZ_SAN     = -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer
 FUZZ_CFLAGS  = $(CSTD) $(WARN) $(WERROR) -O1 -g $(FUZZ_SAN) -fsanitize=fuzzer-no-link $(INCS)
-FUZZ_TARGETS = $(patsubst tests/fuzz/%.c,%,$(sort $(wildcard tests/fuzz/fuzz_*.c)))
+FUZZ_ALL     = $(patsubst tests/fuzz/%.c,%,$(sort $(wildcard tests/fuzz/fuzz_*.c)))
+FUZZ_TARGETS ?= $(FUZZ_ALL)
+ifeq ($(origin FUZZ_SEED),undefined)
+  FUZZ_SEED := $(shell date +%s)
+endif
+FUZZ_REGRESS = tests/fuzz-regress
 FUZZ_OBJ     = $(CORE_SRC:%.c=$(FUZZ_OUT)/%.o) $(EVAL_SRC:%.c=$(FUZZ_OUT)/%.o)
 .PHONY: fuzz fuzz-build fuzz-corpus fuzz-deps shim
 fuzz-deps:
@@ -256,7 +267,7 @@ $(FUZZ_OUT)/%.o: %.c
 	@mkdir -p $(dir $@)
 	$(FUZZ_CC) $(FUZZ_CFLAGS) -MMD -MP -c $< -o $@
 
-$(FUZZ_OUT)/bin/%: tests/fuzz/%.c tests/fuzz/fuzz_util.h $(FUZZ_OBJ)
+$(FUZZ_OUT)/bin/%: tests/fuzz/%.c tests/fuzz/fuzz_util.h tests/fuzz/fuzz_weights.h $(FUZZ_OBJ)
 	@mkdir -p $(dir $@)
 	$(FUZZ_CC) $(CSTD) $(WARN) $(WERROR) -O1 -g $(FUZZ_SAN) -fsanitize=fuzzer $(INCS) $(LDFLAGS) -o $@ $< $(FUZZ_OBJ) $(LIBS)
 
@@ -265,14 +276,24 @@ fuzz-build: check-deps fuzz-deps $(FUZZ_TARGETS:%=$(FUZZ_OUT)/bin/%)
 fuzz-corpus: $(BIN)
 	tests/fuzz/seed.sh $(CURDIR)/$(BIN) $(FUZZ_OUT)/corpus
 
+# One target: run it (from seed $(FUZZ_SEED) + its index unless FUZZ_ARGS names a seed), then
+# keep each artifact as a regression fixture (fuzz_fts has no replay kind: its command is printed).
 fuzz: fuzz-build fuzz-corpus
-	@for t in $(FUZZ_TARGETS); do mkdir -p $(FUZZ_OUT)/crash/$$t $(FUZZ_OUT)/work/$$t; \
-	  echo "== $$t: $(FUZZ_SECONDS) s"; \
+	@case "$(FUZZ_ARGS)" in *-seed=*) rot=0;; *) rot=1; echo "fuzz seed $(FUZZ_SEED) (FUZZ_SEED=$(FUZZ_SEED) make fuzz repeats this run)";; esac; \
+	i=0; for t in $(FUZZ_TARGETS); do i=$$((i + 1)); mkdir -p $(FUZZ_OUT)/crash/$$t/kept $(FUZZ_OUT)/work/$$t; \
+	  seed=""; [ $$rot = 0 ] || seed="-seed=$$(($(FUZZ_SEED) + i))"; \
+	  echo "== $$t: $(FUZZ_SECONDS) s $$seed $(FUZZ_ARGS)"; \
 	  ( cd $(FUZZ_OUT)/work/$$t && ASAN_OPTIONS=detect_leaks=1 OPENBLAS_NUM_THREADS=1 \
-	    ../../bin/$$t $(FUZZ_ARGS) -max_total_time=$(FUZZ_SECONDS) -timeout=20 -rss_limit_mb=2048 -max_len=65536 \
+	    ../../bin/$$t $$seed $(FUZZ_ARGS) -max_total_time=$(FUZZ_SECONDS) -timeout=20 -rss_limit_mb=2048 -max_len=65536 \
 	    -artifact_prefix=../../crash/$$t/ ../../corpus/$$t ) > $(FUZZ_OUT)/$$t.log 2>&1; rc=$$?; \
 	  grep -E '^(#[0-9]+\s+DONE|Done [0-9]+ runs)' $(FUZZ_OUT)/$$t.log | tail -2; \
 	  if [ $$rc -ne 0 ]; then echo "$$t: FINDING (see $(FUZZ_OUT)/$$t.log, $(FUZZ_OUT)/crash/$$t/)"; fail=1; fi; \
+	  for f in $(FUZZ_OUT)/crash/$$t/*; do [ -f "$$f" ] || continue; k=$${t#fuzz_}; \
+	    if [ $$k = fts ]; then echo "  $$f: replay with $(FUZZ_OUT)/bin/$$t $$f (add its case to tests/test_fts.c)"; fail=1; continue; fi; \
+	    r=$(FUZZ_REGRESS)/$$k.fuzz-$$(sha1sum < "$$f" | cut -c1-12).hex; \
+	    { echo "# $$t $$(basename "$$f") $$seed $(FUZZ_ARGS)"; od -An -v -tx1 "$$f"; } > "$$r" && mv "$$f" $(FUZZ_OUT)/crash/$$t/kept/ && \
+	      echo "  kept as $$r (make test replays it: hard_fuzz_regress)"; fail=1; \
+	  done; \
 	done; exit $${fail:-0}
 
 # LD_PRELOAD fault injection for tests/test_hard.c (full disk, read-only destination).

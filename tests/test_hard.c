@@ -28,6 +28,7 @@
 #include "../libcore/rdb.h"
 #include "../libcore/st.h"
 #include "../libcore/tok.h"
+#include "fuzz/fuzz_weights.h"
 #include "test.h"
 
 // ---- helpers ----
@@ -212,8 +213,19 @@ static int regress_one(const char *name, const char *data, size_t n, struct lk_e
         if (!rc)
             st_close(&f);
     } else if (!strncmp(name, "cfg.", 4)) {
+        // config.json of a model folder beside the fixed weights of tests/fuzz/fuzz_cfg.c
+        char dir[1024];
+        snprintf(dir, sizeof dir, "%s/cfg", test_tmpdir());
+        char *w = lk_path_join(dir, "model.safetensors");
+        char *p = lk_path_join(dir, "config.json");
+        int wrc = lk_mkdir_p(dir, NULL) || fz_weights_write(w);
+        lk_write_file_atomic(p, data, n, err);
+        lk_free(w);
+        lk_free(p);
+        if (wrc)
+            return lk_errf(err, LK_ERR_USAGE, "fixture weights: cannot write");
         struct cfg c;
-        rc = cfg_parse(&c, data, name, err);
+        rc = cfg_load(&c, dir, err);
         if (!rc)
             cfg_release(&c);
     } else if (!strncmp(name, "lora_config.", 12)) {
