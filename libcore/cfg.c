@@ -12,6 +12,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "st.h"
+
 /* The parameter count in floating point (no overflow), counting lm_head even when tied and
  * every bias: an upper bound for the limit check. */
 #define CFG_MAX_PARAMS 1e13
@@ -372,10 +374,54 @@ int cfg_parse(struct cfg *c, const char *text, const char *name, struct lk_err *
     return rc;
 }
 
+/* 1 when a folder holds model weights (model.safetensors or the sharded index), -1 on OOM. */
+static int cfg_has_weights(const char *dir)
+{
+    char *a = lk_path_join(dir, "model.safetensors"), *b = lk_path_join(dir, "model.safetensors.index.json");
+    int r = !a || !b ? -1 : lk_file_exists(a) || lk_file_exists(b);
+    lk_free(a);
+    lk_free(b);
+    return r;
+}
+
+/* What config.json describes must fit the weights beside it, checked before anything is sized
+ * from the config: a 190-byte config.json asking for 7,171,000 layers of width 2 passes the
+ * parameter limit, and beside an empty model.safetensors once cost 13 GB and two minutes before
+ * any refusal. The bound (st_model_capacity) counts at least 2 + 9 tensors per layer (embedding,
+ * final norm; per layer 7 linears, 2 norms) and cfg_param_count elements. A folder without
+ * weights is not checked here: a caller that needs them opens them before sizing (model_load). */
+static int cfg_fits_weights(const struct cfg *c, const char *dir, const char *name, struct lk_err *err)
+{
+    int has = cfg_has_weights(dir);
+    if (has <= 0)
+        return has < 0 ? lk_errf(err, LK_ERR_NOMEM, "out of memory") : LK_OK;
+    struct st_model sm;
+    int rc = st_model_open(&sm, dir, err);
+    if (rc)
+        return rc;
+    uint64_t cap_t, cap_e;
+    st_model_capacity(&sm, &cap_t, &cap_e);
+    st_model_close(&sm);
+    uint64_t need_t = 2 + (uint64_t)c->num_hidden_layers * (CFG_N_MODULES + 2);
+    uint64_t need_e = (uint64_t)cfg_param_count(c);
+    if (need_t > cap_t)
+        return lk_errf(err, LK_ERR_SHAPE,
+                       "%s: describes %d layers (at least %llu tensors), more than the weights in '%s' can "
+                       "hold (at most %llu tensors in their headers): this config.json does not belong to them",
+                       name, c->num_hidden_layers, (unsigned long long)need_t, dir, (unsigned long long)cap_t);
+    if (need_e > cap_e)
+        return lk_errf(err, LK_ERR_SHAPE,
+                       "%s: describes %llu parameters, more than the weights in '%s' can hold (%llu bytes of "
+                       "tensor data): this config.json does not belong to them (hint: quantized weights are "
+                       "not supported)", name, (unsigned long long)need_e, dir, (unsigned long long)cap_e);
+    return LK_OK;
+}
+
 int cfg_load(struct cfg *c, const char *path, struct lk_err *err)
 {
     memset(c, 0, sizeof *c);
-    char *p = lk_is_dir(path) ? lk_path_join(path, "config.json") : lk_strdup(path);
+    int dir = lk_is_dir(path);
+    char *p = dir ? lk_path_join(path, "config.json") : lk_strdup(path);
     if (!p)
         return lk_errf(err, LK_ERR_NOMEM, "out of memory");
     char *text;
@@ -384,6 +430,8 @@ int cfg_load(struct cfg *c, const char *path, struct lk_err *err)
         rc = cfg_parse(c, text, p, err);
         lk_free(text);
     }
+    if (!rc && dir && (rc = cfg_fits_weights(c, path, p, err)))
+        cfg_release(c);
     lk_free(p);
     return rc;
 }

@@ -2,7 +2,8 @@
  * test_cfg.c - config.json: real-looking Qwen2.5-0.5B, Qwen3-0.6B and Llama-3.2-1B configs
  * (parameter counts checked against the published 494,032,768, 596,049,920 and 1,235,814,400),
  * transformers' defaults, rope scaling as transformers reads it, every refusal naming its field,
- * saving with unknown fields kept, and the tensor list / module helpers.
+ * saving with unknown fields kept, the tensor list / module helpers, a config bounded by the
+ * weights beside it (the hostile config fuzz_cfg found), and cfg_load under allocation failures.
  */
 #include "test.h"
 
@@ -12,6 +13,7 @@
 
 #include "../libcore/cfg.h"
 #include "../libcore/lk.h"
+#include "../libcore/st.h"
 
 static const char *QWEN05 =
     "{\n  \"architectures\": [\"Qwen2ForCausalLM\"],\n  \"attention_dropout\": 0.0,\n"
@@ -440,4 +442,128 @@ TEST(cfg_check_same_names_the_first_difference)
     CHECK_OK(cfg_preset(&b, "llama-tiny", &e2));
     CHECK_INT(cfg_check_same(&a, &b, "base", "tuned", 1, &err), LK_ERR_SHAPE);
     CHECK(strstr(err.msg, "is a LlamaForCausalLM") && strstr(err.msg, "Qwen2ForCausalLM"));
+}
+
+// ---- config.json bounded by the weights beside it ----
+
+/* A model folder: config.json text and n tensors "t.K" of k floats each (n = 0: a file of no
+ * tensors; n < 0: no weights file). */
+static int bounded_dir(const char *dir, const char *config, int n, int k)
+{
+    char p[1100];
+    if (lk_mkdir_p(dir, test_err()))
+        return -1;
+    snprintf(p, sizeof p, "%s/config.json", dir);
+    if (lk_write_file_atomic(p, config, strlen(config), test_err()))
+        return -1;
+    if (n < 0)
+        return 0;
+    static float data[64];
+    static char names[64][16];
+    struct st_item it[64];
+    for (int i = 0; i < n && i < 64; i++) {
+        snprintf(names[i], sizeof names[i], "t.%d", i);
+        it[i] = (struct st_item){ names[i], 1, { k }, data };
+    }
+    snprintf(p, sizeof p, "%s/model.safetensors", dir);
+    return st_write_f32(p, it, n, TENSOR_F32, test_err());
+}
+
+#define QWEN_HEAD "{\"architectures\":[\"Qwen2ForCausalLM\"],\"model_type\":\"qwen2\","
+
+TEST(cfg_load_bounds_the_config_by_its_weights)
+{
+    // layers, vocabulary and heads beyond what the weights could hold, each refused by cfg_load
+    // before anything is sized from them; the message names config.json and the folder
+    static const struct {
+        const char *config;
+        int n, k;
+        const char *want;
+    } bad[] = {
+        { QWEN_HEAD "\"hidden_size\":2,\"intermediate_size\":2,\"num_hidden_layers\":7171000,"
+          "\"num_attention_heads\":1,\"num_key_value_heads\":1,\"vocab_size\":2}", 0, 0,
+          "describes 7171000 layers (at least 64539002 tensors)" },
+        { QWEN_HEAD "\"hidden_size\":1,\"intermediate_size\":1,\"num_hidden_layers\":1,"
+          "\"num_attention_heads\":1,\"vocab_size\":1000000000}", 16, 4, "describes 2000000013 parameters" },
+        { QWEN_HEAD "\"hidden_size\":1,\"intermediate_size\":1,\"num_hidden_layers\":1,"
+          "\"num_attention_heads\":100000000,\"num_key_value_heads\":1,\"head_dim\":1,\"vocab_size\":1}", 16, 4,
+          "describes 300000012 parameters" },
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        char dir[1024];
+        snprintf(dir, sizeof dir, "%s/bad%zu", test_tmpdir(), i);
+        CHECK_OK(bounded_dir(dir, bad[i].config, bad[i].n, bad[i].k));
+        struct cfg c;
+        struct lk_err err = { 0 };
+        CHECK_INT(cfg_load(&c, dir, &err), LK_ERR_SHAPE);
+        CHECK_MSG(strstr(err.msg, bad[i].want) && strstr(err.msg, "config.json") && strstr(err.msg, dir),
+                  "case %zu: %s", i, err.msg);
+        // the same text parses on its own (cfg_parse sizes nothing), and a config.json given by
+        // path is not bounded (init makes the model a config describes)
+        char p[1100];
+        snprintf(p, sizeof p, "%s/config.json", dir);
+        CHECK_OK(cfg_load(&c, p, test_err()));
+        cfg_release(&c);
+    }
+    // what fits loads; a config asking for a little more than the weights hold passes the bound,
+    // so that the reader's own check names the missing tensor
+    const char *tiny = QWEN_HEAD "\"hidden_size\":2,\"intermediate_size\":2,\"num_hidden_layers\":1,"
+                       "\"num_attention_heads\":1,\"vocab_size\":2,\"tie_word_embeddings\":true}";
+    struct cfg c;
+    char dir[1024];
+    snprintf(dir, sizeof dir, "%s/fits", test_tmpdir());
+    CHECK_OK(bounded_dir(dir, tiny, 14, 4)); // 14 tensors: the 14 the config implies
+    CHECK_OK(cfg_load(&c, dir, test_err()));
+    CHECK_INT(c.num_hidden_layers, 1);
+    cfg_release(&c);
+    snprintf(dir, sizeof dir, "%s/short", test_tmpdir());
+    CHECK_OK(bounded_dir(dir, tiny, 12, 4)); // two tensors short of the 14
+    CHECK_OK(cfg_load(&c, dir, test_err()));
+    cfg_release(&c);
+    // no weights: nothing to bound by (whoever needs the weights opens them before sizing)
+    snprintf(dir, sizeof dir, "%s/none", test_tmpdir());
+    CHECK_OK(bounded_dir(dir, bad[0].config, -1, 0));
+    CHECK_OK(cfg_load(&c, dir, test_err()));
+    cfg_release(&c);
+}
+
+struct cfg_sweep {
+    const char *path;
+    struct cfg c;
+};
+
+static int sweep_cfg_load(void *ctx, struct lk_err *err)
+{
+    struct cfg_sweep *sw = ctx;
+    return cfg_load(&sw->c, sw->path, err);
+}
+
+static int sweep_cfg_done(void *ctx, int rc)
+{
+    struct cfg_sweep *sw = ctx;
+    const struct cfg *c = &sw->c;
+    int bad = rc == LK_OK && (c->hidden_size != 64 || c->num_hidden_layers != 2 || !c->json ||
+                              !strstr(c->json, "Qwen2ForCausalLM"));
+    cfg_release(&sw->c);
+    if (bad)
+        test_fail(__FILE__, __LINE__, "loaded under allocation failures, but the config reads wrong");
+    return bad ? -1 : 0;
+}
+
+TEST(cfg_load_survives_allocation_failures)
+{
+    // a model folder (the config is checked against the sharded weights: index and shards are
+    // opened too) and a config.json given by path
+    char dir[1024], p[1100];
+    snprintf(dir, sizeof dir, "%s/m", test_tmpdir());
+    CHECK_INT(test_sh("%s init --preset tiny --seed 1 --shard-size 200000 --out '%s'", test_lorakit(), dir), 0);
+    snprintf(p, sizeof p, "%s/model.safetensors.index.json", dir);
+    CHECK_MSG(lk_file_exists(p), "not sharded: %s", test_output());
+    struct cfg_sweep sw = { dir, { 0 } };
+    long n1 = ALLOC_SWEEP("cfg_load (model folder)", sweep_cfg_load, sweep_cfg_done, &sw, 5000);
+    snprintf(p, sizeof p, "%s/config.json", dir);
+    sw.path = p;
+    long n2 = ALLOC_SWEEP("cfg_load (config.json)", sweep_cfg_load, sweep_cfg_done, &sw, 1000);
+    CHECK(n2 >= 3 && n1 > n2 + 20); // the path, the text, its copy; then the shards
+    fprintf(stderr, "    allocations made to fail: cfg_load of a sharded folder %ld, of a file %ld\n", n1, n2);
 }
