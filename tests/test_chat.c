@@ -130,7 +130,7 @@ static int write_messages(const struct conv *c, const char *path)
  * undefined, false, true), lorakit against Jinja. Returns the number of renderings compared. */
 static int check_folder(const char *dir, const char *trained)
 {
-    char *cfg_path = lk_path_join(dir, "tokenizer_config.json"), *cfg_text, *tok_json = lk_path_join(dir, "tokenizer.json");
+    char *cfg_path = lk_path_join(dir, "tokenizer_config.json"), *cfg_text = NULL, *tok_json = lk_path_join(dir, "tokenizer.json");
     int compared = 0;
     struct tok *tk = NULL;
     if (lk_read_file(cfg_path, &cfg_text, NULL, test_err()))
@@ -193,6 +193,7 @@ static int check_folder(const char *dir, const char *trained)
     }
 out:
     tok_free(tk);
+    lk_free(cfg_text);
     lk_free(cfg_path);
     lk_free(tok_json);
     return compared;
