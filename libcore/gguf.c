@@ -349,12 +349,13 @@ static int check_keys(struct gguf_file *f, struct cur *c)
     if (!ix)
         return lk_errf(c->err, LK_ERR_NOMEM, "%s: out of memory", c->name);
     char kb[72];
-    for (int64_t i = 1; i < f->n_kv; i++)
-        if (!str_cmp(&f->kv[ix[i]].key, &f->kv[ix[i - 1]].key)) {
-            lk_free(ix);
-            return lk_errf(c->err, LK_ERR_FORMAT, "%s: key '%s' appears twice", c->name, show(&f->kv[ix[i]].key, kb, sizeof kb));
-        }
+    int rc = LK_OK;
+    for (int64_t i = 1; i < f->n_kv && !rc; i++)
+        if (!str_cmp(&f->kv[ix[i]].key, &f->kv[ix[i - 1]].key))
+            rc = lk_errf(c->err, LK_ERR_FORMAT, "%s: key '%s' appears twice", c->name, show(&f->kv[ix[i]].key, kb, sizeof kb));
     lk_free(ix);
+    if (rc)
+        return rc;
     f->alignment = GGUF_ALIGNMENT;
     const struct gguf_kv *al = gguf_find_kv(f, "general.alignment");
     if (al) {
@@ -418,12 +419,13 @@ static int check_tensors(struct gguf_file *f, struct cur *c)
     int64_t *ix = sorted_idx(f, f->n_tensors, cmp_t_name);
     if (!ix)
         return lk_errf(c->err, LK_ERR_NOMEM, "%s: out of memory", c->name);
-    for (int64_t i = 1; i < f->n_tensors; i++)
-        if (!str_cmp(&f->t[ix[i]].name, &f->t[ix[i - 1]].name)) {
-            lk_free(ix);
-            return lk_errf(c->err, LK_ERR_FORMAT, "%s: tensor '%s' appears twice", c->name, show(&f->t[ix[i]].name, nb, sizeof nb));
-        }
+    int rc = LK_OK;
+    for (int64_t i = 1; i < f->n_tensors && !rc; i++)
+        if (!str_cmp(&f->t[ix[i]].name, &f->t[ix[i - 1]].name))
+            rc = lk_errf(c->err, LK_ERR_FORMAT, "%s: tensor '%s' appears twice", c->name, show(&f->t[ix[i]].name, nb, sizeof nb));
     lk_free(ix);
+    if (rc)
+        return rc;
     size_t room = c->len > f->data_off ? c->len - f->data_off : 0;
     for (int64_t i = 0; i < f->n_tensors; i++) {
         struct gguf_tensor *t = &f->t[i];
@@ -440,7 +442,6 @@ static int check_tensors(struct gguf_file *f, struct cur *c)
     ix = sorted_idx(f, f->n_tensors, cmp_t_off);
     if (!ix)
         return lk_errf(c->err, LK_ERR_NOMEM, "%s: out of memory", c->name);
-    int rc = LK_OK;
     char nb2[72];
     for (int64_t i = 1; i < f->n_tensors && !rc; i++) {
         const struct gguf_tensor *a = &f->t[ix[i - 1]], *b = &f->t[ix[i]];

@@ -1,29 +1,29 @@
 // llama_ref.mjs - llama.cpp as a test peer: node-llama-cpp 3.21.1 (a prebuilt CPU build of
-// llama.cpp, installed by `make llama-ref` into build/llama) runs a GGUF file.
+// llama.cpp, installed by `make llama-ref` into build/llama) runs GGUF files.
 //   node tests/llama_ref.mjs JOB.json OUT.json
-// JOB: {"model": "m.gguf", "lora": "a.gguf" (optional, scale 1),
-//       "tokenize": ["text", ...]           ids of each text, special tokens parsed, no BOS added
-//       "generate": [[ids...], ...], "n": 16  greedy (temperature 0) continuation of each prompt,
-//                                             n tokens, end-of-generation tokens included
-//       "logprobs": [[ids...], ...]          next-token log-probabilities over the whole
-//                                             vocabulary after each prompt (null where the peer's
-//                                             float32 softmax underflows to 0)
-//       "info": true}                        readGgufFileInfo's view of the file (metadata
-//                                             without the token and merge arrays, tensor table)
-// OUT: the same keys with the results. The context has an F32 KV cache and no flash attention,
-// so that only the model differs from lorakit's float32 forward; one sequence, one thread pool,
-// history cleared before each prompt.
+// JOB is one run, or {"runs": [run, ...]} (one process, one llama.cpp instance, several models).
+// A run: {"model": "m.gguf", "lora": "a.gguf" (optional, applied with scale 1),
+//   "tokenize": ["text", ...]        ids of each text, special tokens parsed, no BOS added
+//   "generate": [[ids...], ...], "n": 16
+//                                    greedy (temperature 0) continuation of each prompt, n tokens,
+//                                    end-of-generation tokens included (generation goes on)
+//   "logprobs": [[ids...], ...]      next-token log-probabilities over the whole vocabulary after
+//                                    each prompt (null where the float32 softmax underflows)
+//   "info": true}                    readGgufFileInfo's view of the file: the metadata (arrays as
+//                                    their length and first 8 values) and the tensor table
+// OUT has the same keys with the results ({"runs": [...]} for several). Contexts use an F32 KV
+// cache and no flash attention, so that only the model differs from lorakit's float32 forward;
+// one sequence, its history cleared before each prompt. One thread: on a loaded 2-core machine
+// llama.cpp's spinning thread pool made two threads 10x slower than one.
 import fs from "node:fs";
 
 const lib = new URL("../build/llama/node_modules/node-llama-cpp/dist/index.js", import.meta.url);
 const { getLlama, readGgufFileInfo, LlamaLogLevel } = await import(lib.href);
 
-const [jobPath, outPath] = process.argv.slice(2);
-const job = JSON.parse(fs.readFileSync(jobPath, "utf8"));
-const out = {};
+let llama = null;
 
-if (job.info) {
-    const info = await readGgufFileInfo(job.model, { logWarnings: false });
+async function info(path) {
+    const gi = await readGgufFileInfo(path, { logWarnings: false });
     const meta = {};
     const walk = (o, prefix) => {
         for (const [k, v] of Object.entries(o)) {
@@ -33,19 +33,29 @@ if (job.info) {
             else meta[key] = typeof v === "bigint" ? Number(v) : v;
         }
     };
-    walk(info.metadata, "");
-    out.info = {
-        version: info.version,
-        tensors: (info.tensorInfo || []).map((t) => ({
+    walk(gi.metadata, "");
+    return {
+        version: gi.version,
+        tensors: (gi.tensorInfo || []).map((t) => ({
             name: t.name, dims: t.dimensions.map(Number), type: t.ggmlType, offset: Number(t.offset),
         })),
         metadata: meta,
     };
 }
 
-const needModel = job.tokenize || job.generate || job.logprobs;
-if (needModel) {
-    const llama = await getLlama({ gpu: false, build: "never", logLevel: LlamaLogLevel.error, maxThreads: 2 });
+// Evaluates prompt (a list of ids) from an empty history; the last token asks for `next`.
+async function evalPrompt(seq, prompt, next) {
+    await seq.clearHistory();
+    const input = prompt.map((id, i) => (i === prompt.length - 1 ? [id, { generateNext: next }] : id));
+    const res = await seq.controlledEvaluate(input);
+    return res[res.length - 1].next;
+}
+
+async function run(job) {
+    const out = {};
+    if (job.info) out.info = await info(job.model);
+    if (!job.tokenize && !job.generate && !job.logprobs) return out;
+    llama ??= await getLlama({ gpu: false, build: "never", logLevel: LlamaLogLevel.error, maxThreads: 1 });
     const model = await llama.loadModel({ modelPath: job.model, gpuLayers: 0 });
     if (job.tokenize) out.tokenize = job.tokenize.map((t) => Array.from(model.tokenize(t, true)));
     if (job.generate || job.logprobs) {
@@ -55,23 +65,23 @@ if (needModel) {
             flashAttention: false,
             experimentalKvCacheKeyType: "F32",
             experimentalKvCacheValueType: "F32",
-            threads: 2,
+            threads: 1,
         };
         if (job.lora) ctxOpts.lora = { adapters: [{ filePath: job.lora, scale: 1 }] };
         const ctx = await model.createContext(ctxOpts);
         const seq = ctx.getSequence();
-        const next = { generateNext: { token: true, probabilities: true, options: { temperature: 0 } } };
+        const greedy = { token: true, options: { temperature: 0 } };
         if (job.generate) {
             out.generate = [];
             for (const prompt of job.generate) {
-                await seq.clearHistory();
                 const ids = [];
-                let input = prompt.map((id, i) => (i === prompt.length - 1 ? [id, { generateNext: { token: true, options: { temperature: 0 } } }] : id));
+                let next = await evalPrompt(seq, prompt, greedy);
                 for (let k = 0; k < (job.n || 16); k++) {
-                    const res = await seq.controlledEvaluate(input);
-                    const tok = res[res.length - 1].next.token;
-                    ids.push(tok);
-                    input = [[tok, { generateNext: { token: true, options: { temperature: 0 } } }]];
+                    ids.push(next.token);
+                    if (k + 1 < (job.n || 16)) {
+                        const res = await seq.controlledEvaluate([[next.token, { generateNext: greedy }]]);
+                        next = res[0].next;
+                    }
                 }
                 out.generate.push(ids);
             }
@@ -79,10 +89,8 @@ if (needModel) {
         if (job.logprobs) {
             out.logprobs = [];
             for (const prompt of job.logprobs) {
-                await seq.clearHistory();
-                const input = prompt.map((id, i) => (i === prompt.length - 1 ? [id, next] : id));
-                const res = await seq.controlledEvaluate(input);
-                const probs = res[res.length - 1].next.probabilities;
+                const probs = (await evalPrompt(seq, prompt, { probabilities: true, options: { temperature: 0 } }))
+                    .probabilities;
                 const lp = new Array(probs.size).fill(null); // every token of the vocabulary is there
                 for (const [tok, p] of probs) lp[tok] = p > 0 ? Math.log(p) : null;
                 out.logprobs.push(lp);
@@ -91,6 +99,12 @@ if (needModel) {
         await ctx.dispose();
     }
     await model.dispose();
-    await llama.dispose();
+    return out;
 }
-fs.writeFileSync(outPath, JSON.stringify(out));
+
+const [jobPath, outPath] = process.argv.slice(2);
+const job = JSON.parse(fs.readFileSync(jobPath, "utf8"));
+const results = [];
+for (const r of job.runs || [job]) results.push(await run(r));
+if (llama) await llama.dispose();
+fs.writeFileSync(outPath, JSON.stringify(job.runs ? { runs: results } : results[0]));
