@@ -343,19 +343,30 @@ static int64_t *sorted_idx(const struct gguf_file *f, int64_t n, int (*cmp)(cons
     return ix;
 }
 
-static int check_keys(struct gguf_file *f, struct cur *c)
+/* Sorts the indices of n entries with cmp; *out_dup is one whose entry equals the one before it
+ * (a name that appears twice), or -1. */
+static int find_dup(const struct gguf_file *f, int64_t n, int (*cmp)(const void *, const void *), struct cur *c,
+                    int64_t *out_dup)
 {
-    int64_t *ix = sorted_idx(f, f->n_kv, cmp_kv_idx);
+    int64_t *ix = sorted_idx(f, n, cmp);
     if (!ix)
         return lk_errf(c->err, LK_ERR_NOMEM, "%s: out of memory", c->name);
-    char kb[72];
-    int rc = LK_OK;
-    for (int64_t i = 1; i < f->n_kv && !rc; i++)
-        if (!str_cmp(&f->kv[ix[i]].key, &f->kv[ix[i - 1]].key))
-            rc = lk_errf(c->err, LK_ERR_FORMAT, "%s: key '%s' appears twice", c->name, show(&f->kv[ix[i]].key, kb, sizeof kb));
+    *out_dup = -1;
+    for (int64_t i = 1; i < n && *out_dup < 0; i++)
+        if (!cmp(&ix[i], &ix[i - 1]))
+            *out_dup = ix[i];
     lk_free(ix);
-    if (rc)
-        return rc;
+    return LK_OK;
+}
+
+static int check_keys(struct gguf_file *f, struct cur *c)
+{
+    char kb[72];
+    int64_t d = -1;
+    if (find_dup(f, f->n_kv, cmp_kv_idx, c, &d))
+        return c->err->code;
+    if (d >= 0)
+        return lk_errf(c->err, LK_ERR_FORMAT, "%s: key '%s' appears twice", c->name, show(&f->kv[d].key, kb, sizeof kb));
     f->alignment = GGUF_ALIGNMENT;
     const struct gguf_kv *al = gguf_find_kv(f, "general.alignment");
     if (al) {
@@ -416,16 +427,11 @@ static int rd_tinfo(struct cur *c, struct gguf_tensor *t, int64_t i)
 static int check_tensors(struct gguf_file *f, struct cur *c)
 {
     char nb[72];
-    int64_t *ix = sorted_idx(f, f->n_tensors, cmp_t_name);
-    if (!ix)
-        return lk_errf(c->err, LK_ERR_NOMEM, "%s: out of memory", c->name);
-    int rc = LK_OK;
-    for (int64_t i = 1; i < f->n_tensors && !rc; i++)
-        if (!str_cmp(&f->t[ix[i]].name, &f->t[ix[i - 1]].name))
-            rc = lk_errf(c->err, LK_ERR_FORMAT, "%s: tensor '%s' appears twice", c->name, show(&f->t[ix[i]].name, nb, sizeof nb));
-    lk_free(ix);
-    if (rc)
-        return rc;
+    int64_t d = -1;
+    if (find_dup(f, f->n_tensors, cmp_t_name, c, &d))
+        return c->err->code;
+    if (d >= 0)
+        return lk_errf(c->err, LK_ERR_FORMAT, "%s: tensor '%s' appears twice", c->name, show(&f->t[d].name, nb, sizeof nb));
     size_t room = c->len > f->data_off ? c->len - f->data_off : 0;
     for (int64_t i = 0; i < f->n_tensors; i++) {
         struct gguf_tensor *t = &f->t[i];
@@ -439,10 +445,11 @@ static int check_tensors(struct gguf_file *f, struct cur *c)
                            (unsigned long long)t->offset, c->len);
         t->data = c->p + f->data_off + t->offset;
     }
-    ix = sorted_idx(f, f->n_tensors, cmp_t_off);
+    int64_t *ix = sorted_idx(f, f->n_tensors, cmp_t_off);
     if (!ix)
         return lk_errf(c->err, LK_ERR_NOMEM, "%s: out of memory", c->name);
     char nb2[72];
+    int rc = LK_OK;
     for (int64_t i = 1; i < f->n_tensors && !rc; i++) {
         const struct gguf_tensor *a = &f->t[ix[i - 1]], *b = &f->t[ix[i]];
         if (b->offset < a->offset + a->nbytes)

@@ -22,6 +22,7 @@
 #include <math.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "lora.h"
@@ -108,6 +109,12 @@ static void base_name(const char *path, char *buf, size_t n)
     while (start > 0 && path[start - 1] != '/')
         start--;
     snprintf(buf, n, "%.*s", (int)(len - start), path + start);
+}
+
+static uint64_t file_bytes(const char *path)
+{
+    struct stat sb;
+    return stat(path, &sb) == 0 ? (uint64_t)sb.st_size : 0;
 }
 
 /* The dtype a tensor is written in: 1-D stays f32; q8_0 needs rows of whole blocks. */
@@ -326,21 +333,13 @@ static int export_run(struct exporter *e, const char *out_path, const struct ggu
         gguf_writer_abort(&w);
         return err->code;
     }
-    uint64_t bytes = 0;
-    for (int i = 0; i < w.n; i++) // the data area (every tensor padded) and the aligned header
-        bytes += (w.t[i].nbytes + GGUF_ALIGNMENT - 1) / GGUF_ALIGNMENT * GGUF_ALIGNMENT;
-    rep->bytes = bytes; // the header is added below from the file itself
     if (gguf_writer_commit(&w))
         return err->code;
     rep->n_tensors = e->nt;
     snprintf(rep->arch, sizeof rep->arch, "%s", arch);
     snprintf(rep->pre, sizeof rep->pre, "%s", v->pre);
     rep->n_vocab = v->n;
-    FILE *f = fopen(out_path, "rb");
-    if (f && fseek(f, 0, SEEK_END) == 0)
-        rep->bytes = (uint64_t)ftell(f);
-    if (f)
-        fclose(f);
+    rep->bytes = file_bytes(out_path);
     return LK_OK;
 }
 
@@ -474,13 +473,8 @@ int gguf_export_lora(const char *adapter_dir, const char *model_dir, int dtype, 
     }
     rep->n_modules = l.n_mod;
     rep->alpha = alpha;
-    if (!err->code) {
-        FILE *f = fopen(out_path, "rb");
-        if (f && fseek(f, 0, SEEK_END) == 0)
-            rep->bytes = (uint64_t)ftell(f);
-        if (f)
-            fclose(f);
-    }
+    if (!err->code)
+        rep->bytes = file_bytes(out_path);
     lora_release(&l);
     cfg_release(&c);
     return err->code;

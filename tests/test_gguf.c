@@ -75,6 +75,19 @@ static int put_file(const char *path, const char *text, size_t n)
     return fclose(f) || bad ? -1 : 0;
 }
 
+/* A JSON file (config.json, tokenizer.json, the peer's output) parsed here, independently of the
+ * exporter; NULL when missing or broken. */
+static cJSON *read_json(const char *path)
+{
+    char *text;
+    size_t n;
+    if (lk_read_file(path, &text, &n, NULL))
+        return NULL;
+    cJSON *j = cJSON_ParseWithLength(text, n);
+    lk_free(text);
+    return j;
+}
+
 /* Runs the peer on a job (cJSON, consumed); returns its output or NULL (with the reason printed). */
 static cJSON *peer(cJSON *job)
 {
@@ -88,13 +101,7 @@ static cJSON *peer(cJSON *job)
         fprintf(stderr, "    llama.cpp peer failed: %s\n", test_output());
         return NULL;
     }
-    char *buf;
-    size_t n;
-    if (lk_read_file(out, &buf, &n, NULL))
-        return NULL;
-    cJSON *r = cJSON_ParseWithLength(buf, n);
-    lk_free(buf);
-    return r;
+    return read_json(out);
 }
 
 static cJSON *int_rows(int32_t *const *rows, const int *lens, int n)
@@ -767,52 +774,34 @@ TEST(gguf_reader_names_each_problem)
     CHECK(!expect_fail(f, n, "version 1"));
     n = mk(f, 0, 1000000, NULL, NULL, 0);
     CHECK(!expect_fail(f, n, "more than"));
-    gstr(&kv, "k");
-    le(&kv, 8, 4);
-    le(&kv, 1ull << 40, 8); // a string longer than the file
-    n = mk(f, 0, 1, &kv, NULL, 0);
-    CHECK(!expect_fail(f, n, "past the end"));
-    kv.n = 0;
-    gstr(&kv, "b");
-    le(&kv, 7, 4);
-    le(&kv, 2, 1);
-    n = mk(f, 0, 1, &kv, NULL, 0);
-    CHECK(!expect_fail(f, n, "boolean byte 2"));
-    kv.n = 0;
-    gstr(&kv, "arr");
-    le(&kv, 9, 4);
-    le(&kv, 9, 4);
-    le(&kv, 0, 8);
-    n = mk(f, 0, 1, &kv, NULL, 0);
-    CHECK(!expect_fail(f, n, "arrays of arrays"));
-    kv.n = 0;
-    gstr(&kv, "x");
-    le(&kv, 13, 4);
-    n = mk(f, 0, 1, &kv, NULL, 0);
-    CHECK(!expect_fail(f, n, "invalid value type 13"));
-    kv.n = 0;
-    for (int i = 0; i < 2; i++) {
-        gstr(&kv, "dup");
-        le(&kv, 4, 4);
-        le(&kv, 1, 4);
-    }
-    n = mk(f, 0, 2, &kv, NULL, 0);
-    CHECK(!expect_fail(f, n, "'dup' appears twice"));
-    uint32_t aligns[2] = { 0, 48 };
-    for (int i = 0; i < 2; i++) {
+    // one kv (repeated `times`): key, value type, then up to three little-endian fields
+    static const struct {
+        const char *key;
+        uint32_t type;
+        uint64_t v[3];
+        int width[3], times;
+        const char *want;
+    } kvs[] = {
+        { "k", 8, { 1ull << 40 }, { 8 }, 1, "past the end" }, // a string longer than the file
+        { "b", 7, { 2 }, { 1 }, 1, "boolean byte 2" },
+        { "arr", 9, { 9, 0 }, { 4, 8 }, 1, "arrays of arrays" },
+        { "x", 13, { 0 }, { 0 }, 1, "invalid value type 13" },
+        { "dup", 4, { 1 }, { 4 }, 2, "'dup' appears twice" },
+        { "general.alignment", 4, { 0 }, { 4 }, 1, "not a power of two" },
+        { "general.alignment", 4, { 48 }, { 4 }, 1, "not a power of two" },
+        { "general.alignment", 5, { 32 }, { 4 }, 1, "must be a u32" },
+    };
+    for (size_t i = 0; i < sizeof kvs / sizeof kvs[0]; i++) {
         kv.n = 0;
-        gstr(&kv, "general.alignment");
-        le(&kv, 4, 4);
-        le(&kv, aligns[i], 4);
-        n = mk(f, 0, 1, &kv, NULL, 0);
-        CHECK(!expect_fail(f, n, "not a power of two"));
+        for (int r = 0; r < kvs[i].times; r++) {
+            gstr(&kv, kvs[i].key);
+            le(&kv, kvs[i].type, 4);
+            for (int k = 0; k < 3 && kvs[i].width[k]; k++)
+                le(&kv, kvs[i].v[k], kvs[i].width[k]);
+        }
+        n = mk(f, 0, kvs[i].times, &kv, NULL, 0);
+        CHECK_MSG(!expect_fail(f, n, kvs[i].want), "kv case %zu", i);
     }
-    kv.n = 0;
-    gstr(&kv, "general.alignment");
-    le(&kv, 5, 4);
-    le(&kv, 32, 4);
-    n = mk(f, 0, 1, &kv, NULL, 0);
-    CHECK(!expect_fail(f, n, "must be a u32"));
     // tensor infos
     int64_t ne[5] = { 4, 2, 1, 1, 1 };
     struct {
@@ -861,18 +850,6 @@ TEST(gguf_reader_names_each_problem)
     CHECK(put_file(test_path("empty.gguf"), "", 0) == 0);
     CHECK(gguf_open(&g, test_path("empty.gguf"), test_err()) == LK_ERR_FORMAT);
     CHECK(strstr(test_errmsg(), "empty.gguf: empty file") != NULL);
-}
-
-/* tokenizer.json and tokenizer_config.json read here, independently of the exporter. */
-static cJSON *read_json(const char *path)
-{
-    char *text;
-    size_t n;
-    if (lk_read_file(path, &text, &n, NULL))
-        return NULL;
-    cJSON *j = cJSON_ParseWithLength(text, n);
-    lk_free(text);
-    return j;
 }
 
 static int has_str(const struct gguf_file *g, const char *key, const char *want)
