@@ -259,6 +259,12 @@ int gguf_vocab_load(struct gguf_vocab *v, const char *dir, int32_t n_vocab, stru
 void gguf_vocab_release(struct gguf_vocab *v);
 /* Adds the tokenizer.* metadata to a writer (before begin). */
 int gguf_vocab_write(const struct gguf_vocab *v, struct gguf_writer *w);
+/* The reverse, for `generate` on a .gguf: a lorakit tokenizer from a GGUF's tokenizer.* metadata
+ * (gpt2 model with pre qwen2, llama-bpe or gpt-2; control and user-defined tokens become added
+ * tokens, special for control; unused ones are left out; qwen2 gets Qwen's NFC normalizer),
+ * through tok_load_json, so it is validated like a tokenizer.json. *out is freed with tok_free. */
+struct tok;
+int gguf_tok_load(struct tok **out, const struct gguf_file *f, struct lk_err *err);
 
 // ---- models and adapters (gguf_model.c) ----
 

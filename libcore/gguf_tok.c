@@ -6,6 +6,8 @@
  * add_bos and the chat template come from it. What tok.h does not expose is read from
  * tokenizer.json here: the merges (in rank order), which ids are added tokens, and the
  * pre-tokenizer's regex and ignore_merges flag, which choose llama.cpp's `tokenizer.ggml.pre`.
+ * gguf_tok_load goes the other way: a tokenizer.json and tokenizer_config.json rebuilt from a
+ * GGUF's metadata and loaded with tok_load_json.
  * Owns: the token and merge tables of a struct gguf_vocab.
  */
 #include "gguf.h"
@@ -396,4 +398,149 @@ int gguf_vocab_write(const struct gguf_vocab *v, struct gguf_writer *w)
     lk_free(tokens);
     lk_free(merges);
     return w->err->code;
+}
+
+// ---- GGUF metadata back to a tokenizer ----
+
+/* tokenizer.json's pre_tokenizer for a llama.cpp pre name (NULL when lorakit has none). */
+static cJSON *pretok_json(const char *pre)
+{
+    const char *re = !strcmp(pre, "qwen2") ? QWEN2_RE : !strcmp(pre, "llama-bpe") ? LLAMA3_RE : NULL;
+    if (!re && strcmp(pre, "gpt-2"))
+        return NULL;
+    cJSON *bl = cJSON_CreateObject();
+    cJSON_AddStringToObject(bl, "type", "ByteLevel");
+    cJSON_AddBoolToObject(bl, "add_prefix_space", 0);
+    cJSON_AddBoolToObject(bl, "use_regex", re == NULL);
+    if (!re)
+        return bl;
+    cJSON *split = cJSON_CreateObject(), *seq = cJSON_CreateObject(), *list = cJSON_CreateArray();
+    cJSON_AddStringToObject(split, "type", "Split");
+    cJSON_AddStringToObject(cJSON_AddObjectToObject(split, "pattern"), "Regex", re);
+    cJSON_AddStringToObject(split, "behavior", "Isolated");
+    cJSON_AddStringToObject(seq, "type", "Sequence");
+    cJSON_AddItemToArray(list, split);
+    cJSON_AddItemToArray(list, bl);
+    cJSON_AddItemToObject(seq, "pretokenizers", list);
+    return seq;
+}
+
+/* A GGUF string as a NUL-terminated heap copy (NULL on OOM). */
+static char *zstr(struct gguf_str s)
+{
+    char *p = lk_malloc((size_t)s.n + 1);
+    if (p) {
+        memcpy(p, s.p, (size_t)s.n);
+        p[s.n] = 0;
+    }
+    return p;
+}
+
+/* The vocab, added tokens and merges of tokenizer.json into root. */
+static int tok_tables(cJSON *root, const struct gguf_file *f, const char *pre, struct lk_err *err)
+{
+    const struct gguf_kv *toks = gguf_find_kv(f, "tokenizer.ggml.tokens"), *types = gguf_find_kv(f, "tokenizer.ggml.token_type");
+    const struct gguf_kv *merges = gguf_find_kv(f, "tokenizer.ggml.merges");
+    if (!toks || toks->arr_type != GGUF_VT_STRING || !merges || merges->arr_type != GGUF_VT_STRING)
+        return lk_errf(err, LK_ERR_MISSING, "%s: no tokenizer.ggml.tokens or merges (string arrays)", f->path);
+    if (types && (types->type != GGUF_VT_ARRAY || types->n != toks->n))
+        return lk_errf(err, LK_ERR_FORMAT, "%s: tokenizer.ggml.token_type does not match the tokens", f->path);
+    cJSON *model = cJSON_AddObjectToObject(root, "model"), *vocab = cJSON_AddObjectToObject(model, "vocab");
+    cJSON *added = cJSON_AddArrayToObject(root, "added_tokens"), *ml = cJSON_AddArrayToObject(model, "merges");
+    cJSON_AddStringToObject(model, "type", "BPE");
+    cJSON_AddBoolToObject(model, "ignore_merges", !strcmp(pre, "llama-bpe"));
+    for (uint64_t i = 0; i < toks->n; i++) {
+        int type = types ? (int)gguf_arr_num(types, i) : TT_NORMAL;
+        char *s = zstr(gguf_arr_str(toks, i));
+        if (!s)
+            return lk_errf(err, LK_ERR_NOMEM, "out of memory");
+        if (type == TT_CONTROL || type == TT_USER_DEFINED) {
+            cJSON *a = cJSON_CreateObject();
+            cJSON_AddNumberToObject(a, "id", (double)i);
+            cJSON_AddStringToObject(a, "content", s);
+            cJSON_AddBoolToObject(a, "special", type == TT_CONTROL);
+            cJSON_AddItemToArray(added, a);
+        } else if (type != TT_UNUSED) {
+            cJSON_AddNumberToObject(vocab, s, (double)i);
+        }
+        lk_free(s);
+    }
+    for (uint64_t i = 0; i < merges->n; i++) {
+        char *s = zstr(gguf_arr_str(merges, i));
+        if (!s)
+            return lk_errf(err, LK_ERR_NOMEM, "out of memory");
+        cJSON_AddItemToArray(ml, cJSON_CreateString(s));
+        lk_free(s);
+    }
+    return LK_OK;
+}
+
+/* tokenizer_config.json: bos / eos / pad by content, add_bos_token, the chat template. */
+static cJSON *tok_config(const struct gguf_file *f)
+{
+    static const char *const keys[][2] = { { "tokenizer.ggml.bos_token_id", "bos_token" },
+                                           { "tokenizer.ggml.eos_token_id", "eos_token" },
+                                           { "tokenizer.ggml.padding_token_id", "pad_token" } };
+    const struct gguf_kv *toks = gguf_find_kv(f, "tokenizer.ggml.tokens");
+    cJSON *cfg = cJSON_CreateObject();
+    struct lk_err e = { 0 };
+    for (int i = 0; i < 3; i++) {
+        uint64_t id;
+        if (gguf_find_kv(f, keys[i][0]) && gguf_get_uint(f, keys[i][0], &id, &e) == LK_OK && id < toks->n) {
+            char *s = zstr(gguf_arr_str(toks, id));
+            if (s)
+                cJSON_AddStringToObject(cfg, keys[i][1], s);
+            lk_free(s);
+        }
+    }
+    int add_bos = 0;
+    if (gguf_find_kv(f, "tokenizer.ggml.add_bos_token"))
+        gguf_get_bool(f, "tokenizer.ggml.add_bos_token", &add_bos, &e);
+    cJSON_AddBoolToObject(cfg, "add_bos_token", add_bos);
+    char *tmpl = NULL;
+    if (gguf_find_kv(f, "tokenizer.chat_template") && gguf_get_str(f, "tokenizer.chat_template", &tmpl, &e) == LK_OK)
+        cJSON_AddStringToObject(cfg, "chat_template", tmpl);
+    lk_free(tmpl);
+    return cfg;
+}
+
+int gguf_tok_load(struct tok **out, const struct gguf_file *f, struct lk_err *err)
+{
+    *out = NULL;
+    char *model = NULL, *pre = NULL;
+    if (gguf_get_str(f, "tokenizer.ggml.model", &model, err))
+        return err->code;
+    int rc = strcmp(model, "gpt2") ? lk_errf(err, LK_ERR_UNSUPPORTED, "%s: tokenizer model '%.32s' is not supported "
+                                             "(only gpt2, byte-level BPE)", f->path, model) : LK_OK;
+    if (!rc)
+        rc = gguf_get_str(f, "tokenizer.ggml.pre", &pre, err);
+    cJSON *root = cJSON_CreateObject(), *pt = rc ? NULL : pretok_json(pre), *cfg = NULL;
+    if (!rc && !pt)
+        rc = lk_errf(err, LK_ERR_UNSUPPORTED, "%s: pre-tokenizer '%.32s' is not supported (qwen2, llama-bpe, gpt-2)",
+                     f->path, pre);
+    if (!rc)
+        rc = tok_tables(root, f, pre, err);
+    char *json = NULL, *cfg_json = NULL;
+    if (!rc) {
+        cJSON_AddItemToObject(root, "pre_tokenizer", pt);
+        pt = NULL;
+        if (!strcmp(pre, "qwen2"))
+            cJSON_AddStringToObject(cJSON_AddObjectToObject(root, "normalizer"), "type", "NFC");
+        cJSON_AddStringToObject(cJSON_AddObjectToObject(root, "decoder"), "type", "ByteLevel");
+        cfg = tok_config(f);
+        json = cJSON_PrintUnformatted(root);
+        cfg_json = cfg ? cJSON_PrintUnformatted(cfg) : NULL;
+        if (!json || !cfg_json)
+            rc = lk_errf(err, LK_ERR_NOMEM, "out of memory");
+    }
+    if (!rc)
+        rc = tok_load_json(out, json, strlen(json), cfg_json, f->path, err);
+    cJSON_free(json);
+    cJSON_free(cfg_json);
+    cJSON_Delete(cfg);
+    cJSON_Delete(pt);
+    cJSON_Delete(root);
+    lk_free(model);
+    lk_free(pre);
+    return rc;
 }

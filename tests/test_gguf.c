@@ -852,6 +852,69 @@ TEST(gguf_reader_names_each_problem)
     CHECK(strstr(test_errmsg(), "empty.gguf: empty file") != NULL);
 }
 
+TEST(gguf_reader_and_writer_survive_allocation_failures)
+{
+    // every allocation of the writer, then of the reader, failing in turn: a clean
+    // LK_ERR_NOMEM (no file left behind) or the right answer, until the operation succeeds
+    TMPPATH(path, "small.gguf");
+    int ok = 0;
+    for (long n = 1; n < 1000 && !ok; n++) {
+        struct lk_err err = { 0 };
+        lk_fail_countdown = n;
+        int rc = write_small(path, &err);
+        lk_fail_countdown = 0;
+        CHECK_MSG(rc == LK_OK || rc == LK_ERR_NOMEM, "writer, countdown %ld: %d %s", n, rc, err.msg);
+        CHECK_MSG(rc == LK_OK || !lk_file_exists(path), "writer, countdown %ld: a file was left", n);
+        ok = rc == LK_OK;
+    }
+    CHECK(ok);
+    char *buf;
+    size_t len;
+    CHECK_OK(lk_read_file(path, &buf, &len, test_err()));
+    ok = 0;
+    for (long n = 1; n < 1000 && !ok; n++) {
+        struct gguf_file g;
+        struct lk_err err = { 0 };
+        lk_fail_countdown = n;
+        int rc = gguf_open_buffer(&g, buf, len, "x.gguf", &err);
+        lk_fail_countdown = 0;
+        CHECK_MSG(rc == LK_OK || rc == LK_ERR_NOMEM, "reader, countdown %ld: %d %s", n, rc, err.msg);
+        if (rc == LK_OK) {
+            CHECK(g.n_tensors == 2 && g.n_kv == 6 && gguf_find_tensor(&g, "b.weight"));
+            gguf_close(&g);
+            ok = 1;
+        }
+    }
+    lk_free(buf);
+    CHECK(ok);
+}
+
+TEST(gguf_model_load_names_what_is_missing)
+{
+    // metadata of a 1-layer qwen2 and no tensors; then another architecture
+    TMPPATH(path, "meta.gguf");
+    struct gguf_writer w;
+    struct lk_err err = { 0 };
+    gguf_writer_init(&w, path, &err);
+    gguf_writer_str(&w, "general.architecture", "qwen2");
+    static const char *const keys[] = { "qwen2.embedding_length", "qwen2.feed_forward_length", "qwen2.block_count",
+                                        "qwen2.attention.head_count", "qwen2.context_length" };
+    static const uint32_t vals[] = { 32, 64, 1, 2, 64 };
+    for (int i = 0; i < 5; i++)
+        gguf_writer_u32(&w, keys[i], vals[i]);
+    gguf_writer_f32(&w, "qwen2.rope.freq_base", 10000);
+    gguf_writer_f32(&w, "qwen2.attention.layer_norm_rms_epsilon", 1e-6f);
+    CHECK_OK(gguf_writer_commit(&w));
+    struct model m;
+    CHECK(gguf_model_load(&m, path, test_err()) == LK_ERR_FORMAT);
+    CHECK(strstr(test_errmsg(), "meta.gguf: tensor 'token_embd.weight' is missing") != NULL);
+    gguf_writer_init(&w, path, &err);
+    gguf_writer_str(&w, "general.architecture", "gemma");
+    CHECK_OK(gguf_writer_commit(&w));
+    CHECK(gguf_model_load(&m, path, test_err()) == LK_ERR_UNSUPPORTED);
+    CHECK(strstr(test_errmsg(), "architecture 'gemma' is not supported") != NULL);
+}
+
 static int has_str(const struct gguf_file *g, const char *key, const char *want)
 {
     char *s = NULL;
@@ -1007,6 +1070,58 @@ TEST(gguf_llama_permutation_and_roundtrip)
     free(deq);
     gguf_close(&g);
     model_release(&back);
+}
+
+/* The tokenizer rebuilt from a GGUF (gguf_tok_load) against the folder's: the same ids on the
+ * texts, the same specials and template. Returns the number of differences. */
+static int tok_roundtrip(const char *dir, const char *gguf, char **texts, int n)
+{
+    struct tok *a = NULL, *b = NULL;
+    struct gguf_file g;
+    struct lk_err err = { 0 };
+    if (tok_load(&a, dir, &err) || gguf_open(&g, gguf, &err)) {
+        fprintf(stderr, "    %s\n", err.msg);
+        tok_free(a);
+        return 1;
+    }
+    int rc = gguf_tok_load(&b, &g, &err), bad = 0;
+    gguf_close(&g);
+    if (rc) {
+        fprintf(stderr, "    gguf_tok_load: %s\n", err.msg);
+        tok_free(a);
+        return 1;
+    }
+    for (int i = 0; i < n; i++) {
+        struct tok_ids x = { 0 }, y = { 0 };
+        tok_encode(a, texts[i], strlen(texts[i]), 1, &x, &err);
+        tok_encode(b, texts[i], strlen(texts[i]), 1, &y, &err);
+        if (x.n != y.n || memcmp(x.v, y.v, x.n * sizeof *x.v))
+            bad += !bad ? fprintf(stderr, "    text %d differs with the tokenizer read back\n", i) > 0 : 1;
+        tok_ids_release(&x);
+        tok_ids_release(&y);
+    }
+    const char *ta = tok_chat_template(a), *tb = tok_chat_template(b);
+    bad += tok_eos(a) != tok_eos(b) || tok_pad(a) != tok_pad(b) || tok_add_bos(a) != tok_add_bos(b);
+    bad += (ta == NULL) != (tb == NULL) || (ta && strcmp(ta, tb));
+    tok_free(a);
+    tok_free(b);
+    return bad;
+}
+
+TEST(gguf_tokenizer_read_back_from_gguf)
+{
+    if (!lk_file_exists(BASE "/config.json"))
+        SKIP("no %s (run from the repository root)", BASE);
+    TMPPATH(out, "base.gguf");
+    TMPPATH(dir, "llama");
+    TMPPATH(lout, "llama.gguf");
+    CHECK_INT(test_sh("%s convert --model " BASE " --out '%s'", test_lorakit(), out), 0);
+    CHECK_INT(make_llama(dir), 0);
+    CHECK_INT(test_sh("%s convert --model '%s' --out '%s'", test_lorakit(), dir, lout), 0);
+    char **texts = all_texts();
+    int bad = tok_roundtrip(BASE, out, texts, N_TEXTS) + tok_roundtrip(dir, lout, texts, N_TEXTS);
+    free_texts(texts, N_TEXTS, NULL);
+    CHECK_INT(bad, 0);
 }
 
 /* A rows source over a loaded model that records the largest request. */
@@ -1446,6 +1561,7 @@ TEST(gguf_llama_qwen3_tokenizer)
     int bad = compare_ids(cJSON_GetObjectItem(o, "tokenize"), texts, ids, n);
     fprintf(stderr, "    Qwen3 tokenizer in llama.cpp: %d/%d texts tokenized alike\n", n - bad, n);
     cJSON_Delete(o);
+    bad += tok_roundtrip(dir, out, texts, n); // and lorakit reads the tokenizer back from the GGUF
     free_texts(texts, n, ids);
     CHECK_INT(bad, 0);
 }
