@@ -438,17 +438,19 @@ static int check_model_in_llama(const char *model_dir, const char *gguf, const c
     return bad;
 }
 
-/* A Llama model (untied, GQA, head_dim 32 != hidden / heads) with the base model's vocabulary
- * and a Llama 3 pre-tokenizer (its regex, ignore_merges): llama.cpp's 'llama-bpe'. */
-static int make_llama(const char *dir)
+/* A Llama model (untied, GQA, head_dim 32 != hidden / heads; q/k/v biases when asked) with the
+ * base model's vocabulary and a Llama 3 pre-tokenizer (its regex, ignore_merges): llama.cpp's
+ * 'llama-bpe'. */
+static int make_llama_bias(const char *dir, int bias)
 {
     TMPPATH(cfg, "llama.json");
-    static const char json[] =
-        "{\"architectures\":[\"LlamaForCausalLM\"],\"model_type\":\"llama\",\"hidden_size\":96,"
-        "\"intermediate_size\":160,\"num_hidden_layers\":2,\"num_attention_heads\":4,\"num_key_value_heads\":2,"
-        "\"head_dim\":32,\"vocab_size\":768,\"max_position_embeddings\":512,\"rms_norm_eps\":1e-5,"
-        "\"rope_theta\":500000,\"tie_word_embeddings\":false,\"attention_bias\":false,\"initializer_range\":0.1,"
-        "\"torch_dtype\":\"float32\",\"bos_token_id\":765,\"eos_token_id\":767}";
+    char json[600];
+    snprintf(json, sizeof json,
+             "{\"architectures\":[\"LlamaForCausalLM\"],\"model_type\":\"llama\",\"hidden_size\":96,"
+             "\"intermediate_size\":160,\"num_hidden_layers\":2,\"num_attention_heads\":4,\"num_key_value_heads\":2,"
+             "\"head_dim\":32,\"vocab_size\":768,\"max_position_embeddings\":512,\"rms_norm_eps\":1e-5,"
+             "\"rope_theta\":500000,\"tie_word_embeddings\":false,\"attention_bias\":%s,\"initializer_range\":0.1,"
+             "\"torch_dtype\":\"float32\",\"bos_token_id\":765,\"eos_token_id\":767}", bias ? "true" : "false");
     if (put_file(cfg, json, strlen(json)) ||
         test_sh("%s init --config '%s' --out '%s' --seed 7 && cp " BASE "/tokenizer_config.json '%s'/", test_lorakit(),
                 cfg, dir, dir))
@@ -471,6 +473,11 @@ static int make_llama(const char *dir)
     int rc = put_file(path, out, strlen(out));
     free(out);
     return rc;
+}
+
+static int make_llama(const char *dir)
+{
+    return make_llama_bias(dir, 0);
 }
 
 /* A small LoRA trained on the model in a few steps with a high rate, so that it matters. */
@@ -1362,6 +1369,13 @@ TEST(gguf_llama_llama_model_f32)
     CHECK_INT(test_sh("%s convert --model '%s' --out '%s'", test_lorakit(), dir, out), 0);
     double d;
     CHECK_INT(check_model_in_llama(dir, out, NULL, NULL, "llama model f32 (untied, GQA, head_dim 32)", &d), 0);
+    // with q/k/v biases (llama.cpp takes them optionally; q and k biases permuted like the rows)
+    TMPPATH(bdir, "llama-bias");
+    TMPPATH(bout, "llama-bias.gguf");
+    CHECK_INT(make_llama_bias(bdir, 1), 0);
+    CHECK_INT(test_sh("%s convert --model '%s' --out '%s'", test_lorakit(), bdir, bout), 0);
+    CHECK(strstr(test_output(), "llama, 27 tensors") != NULL);
+    CHECK_INT(check_model_in_llama(bdir, bout, NULL, NULL, "llama model f32 with q/k/v biases", &d), 0);
 }
 
 TEST(gguf_llama_base_model_dtypes)
@@ -1423,7 +1437,12 @@ static int check_lora(const char *model_dir, const char *adapter, const char *wh
         fprintf(stderr, "    convert: %s\n", test_output());
         return -1;
     }
-    fprintf(stderr, "    %s", test_output());
+    for (const char *l = test_output(); *l;) { // the two "wrote" lines, indented like the rest
+        const char *nl = strchr(l, '\n');
+        int len = nl ? (int)(nl - l) : (int)strlen(l);
+        fprintf(stderr, "    %.*s\n", len, l);
+        l += len + (nl != NULL);
+    }
     if (!strstr(test_output(), "per-module scales folded into lora_b") != !folded)
         return -1;
     double d;
