@@ -310,3 +310,19 @@ $(SHIM): tests/faultshim.c
 .PHONY: bench-fts
 bench-fts: check-deps $(BIN)
 	bench/bench_fts.sh $(CURDIR)/$(BIN)
+
+# ---- llama.cpp as a test peer (tests/llama_ref.mjs, tests/test_gguf.c): npm node-llama-cpp,
+# pinned exactly, with its prebuilt CPU build of llama.cpp for this Linux platform only
+# (--omit=optional leaves out the CUDA and Vulkan builds), in build/llama. No install scripts
+# run, so nothing is downloaded or built from source. Without npm or the registry this says so
+# and the tests that need the peer are skipped.
+LLAMA_REF_VERSION = 3.21.1
+LLAMA_REF = build/llama/node_modules/node-llama-cpp/package.json
+.PHONY: llama-ref
+llama-ref:
+	@grep -qs '"version": "$(LLAMA_REF_VERSION)"' $(LLAMA_REF) || ! command -v npm >/dev/null || { \
+	  rm -rf build/llama && mkdir -p build/llama && timeout 300 npm install --prefix build/llama \
+	  --no-audit --no-fund --silent --ignore-scripts --omit=optional --save-exact \
+	  node-llama-cpp@$(LLAMA_REF_VERSION) @node-llama-cpp/linux-$$(node -p process.arch)@$(LLAMA_REF_VERSION) \
+	  >/dev/null 2>&1 || echo "llama-ref: npm install failed (tests needing llama.cpp skip)"; }
+test: llama-ref

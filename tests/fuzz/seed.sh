@@ -62,6 +62,19 @@ for i in 1 2 3 4 5 6; do cat "$W/corpus.txt"; done > "$W/corpus6.txt"
 cp "$W/tok/tokenizer.json" "$OUT/fuzz_tok/seed-bpe"
 { cat "$W/tok/tokenizer.json"; printf '\000'; cat "$W/tok/tokenizer_config.json"; } > "$OUT/fuzz_tok/seed-bpe-cfg"
 
+# GGUF files (fuzz_gguf): a 1-layer Qwen2 and Llama with that tokenizer, f16 and q8_0 (under
+# the 64 KB -max_len of `make fuzz`)
+mkdir -p "$OUT/fuzz_gguf"
+cat > "$W/qg.json" <<'J'
+{"architectures":["Qwen2ForCausalLM"],"model_type":"qwen2","hidden_size":32,"intermediate_size":32,"num_hidden_layers":1,"num_attention_heads":2,"num_key_value_heads":1,"vocab_size":320,"max_position_embeddings":64,"rms_norm_eps":1e-6,"rope_theta":10000,"tie_word_embeddings":true,"torch_dtype":"float32"}
+J
+sed 's/Qwen2ForCausalLM/LlamaForCausalLM/; s/"qwen2"/"llama"/; s/"tie_word_embeddings":true/"tie_word_embeddings":false/' "$W/qg.json" > "$W/lg.json"
+for m in qg lg; do
+  "$LK" init --config "$W/$m.json" --out "$W/$m" >/dev/null && cp "$W"/tok/tokenizer*.json "$W/$m/"
+  "$LK" convert --model "$W/$m" --out "$OUT/fuzz_gguf/seed-$m-f16.gguf" --dtype f16 >/dev/null
+  "$LK" convert --model "$W/$m" --out "$OUT/fuzz_gguf/seed-$m-q8_0.gguf" --dtype q8_0 >/dev/null
+done
+
 # JSONL of each data format (first byte: options, see fuzz_data.c)
 printf '\000{"messages":[{"role":"system","content":"Be brief."},{"role":"user","content":"fever?"},{"role":"assistant","content":"Rest."}]}\n' > "$OUT/fuzz_data/seed-chat"
 printf '\004{"instruction":"Name a symptom","input":"flu","output":"fever"}\n{"instruction":"Say hi","output":"hi"}\n' > "$OUT/fuzz_data/seed-alpaca"
