@@ -17,11 +17,14 @@ OMP     = -fopenmp
 SANFLAGS = -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer
 
 PKGS    = libopenblas-dev liblapacke-dev libsqlite3-dev libcjson-dev libncurses-dev \
-          libpcre2-dev libutf8proc-dev pkg-config tmux
-PKGCONF = sqlite3 libcjson libpcre2-8 libutf8proc ncursesw
-INCS    = -I/usr/include/x86_64-linux-gnu/openblas-pthread -I/usr/include/openblas \
-          $(shell pkg-config --cflags $(PKGCONF) 2>/dev/null)
-LIBS    = $(shell pkg-config --libs $(PKGCONF) 2>/dev/null) -lopenblas -llapacke -lm -lpthread
+          libpcre2-dev libutf8proc-dev pkg-config tmux python3-jinja2
+# Include paths and libraries come from pkg-config (Debian ships a .pc for each). ncursesw's
+# cflags (-D_DEFAULT_SOURCE -D_XOPEN_SOURCE=600) reach tui/ only, the one place that includes
+# curses: everything else compiles at the POSIX level CSTD names. LDFLAGS is added to every link.
+PKGCONF = sqlite3 libcjson libpcre2-8 libutf8proc openblas lapacke
+INCS    = $(shell pkg-config --cflags $(PKGCONF) 2>/dev/null)
+CURSES_CFLAGS = $(shell pkg-config --cflags ncursesw 2>/dev/null)
+LIBS    = $(shell pkg-config --libs $(PKGCONF) ncursesw 2>/dev/null) -lm -lpthread
 
 ifeq ($(SAN),1)
   OUT   = build/san
@@ -78,6 +81,10 @@ $(OUT)/%.o: %.c
 	@mkdir -p $(dir $@)
 	$(CC) $(ALL) -MMD -MP -c $< -o $@
 
+$(OUT)/tui/%.o: tui/%.c
+	@mkdir -p $(dir $@)
+	$(CC) $(ALL) $(CURSES_CFLAGS) -MMD -MP -c $< -o $@
+
 $(LIB): $(CORE_OBJ)
 	@mkdir -p $(dir $@)
 	rm -f $@
@@ -85,19 +92,22 @@ $(LIB): $(CORE_OBJ)
 
 $(BIN): $(APP_OBJ) $(LIB)
 	@mkdir -p $(dir $@)
-	$(CC) $(LDX) -o $@ $(APP_OBJ) $(LIB) $(LIBS)
+	$(CC) $(LDX) $(LDFLAGS) -o $@ $(APP_OBJ) $(LIB) $(LIBS)
 
-# The test registry: every `TEST(name)` line in tests/test_*.c, as X(name).
-$(OUT)/tests/registry.h: $(TEST_SRC)
+# The test registry: every `TEST(name)` line in tests/test_*.c, as X(name). Remade on every run
+# (a removed test file changes no prerequisite's time) but replaced only when its text changes.
+.PHONY: FORCE
+$(OUT)/tests/registry.h: $(TEST_SRC) FORCE
 	@mkdir -p $(dir $@)
-	grep -ho '^TEST([A-Za-z0-9_]*)' $(TEST_SRC) | sed 's/^TEST(\(.*\))/X(\1)/' > $@.tmp && mv $@.tmp $@
+	@grep -ho '^TEST([A-Za-z0-9_]*)' $(TEST_SRC) | sed 's/^TEST(\(.*\))/X(\1)/' > $@.tmp && \
+	  { cmp -s $@.tmp $@ && rm -f $@.tmp || mv $@.tmp $@; }
 
 $(OUT)/tests/run.o: tests/run.c $(OUT)/tests/registry.h
 	@mkdir -p $(dir $@)
 	$(CC) $(ALL) -I$(OUT)/tests -c tests/run.c -o $@
 
 $(TESTBIN): $(TEST_OBJ) $(APPLIB_OBJ) $(LIB)
-	$(CC) $(LDX) -o $@ $(TEST_OBJ) $(APPLIB_OBJ) $(LIB) $(LIBS)
+	$(CC) $(LDX) $(LDFLAGS) -o $@ $(TEST_OBJ) $(APPLIB_OBJ) $(LIB) $(LIBS)
 
 # The synthetic medical worlds of the demo (datasets/README.md); generated, never committed.
 MEDWORLD          = $(OUT)/medworld
@@ -106,7 +116,7 @@ MEDWORLD_NEW_SEED = 2
 DATASETS_OUT      = datasets/out
 .PHONY: datasets
 $(MEDWORLD): $(OUT)/datasets/medworld.o $(LIB)
-	$(CC) $(LDX) -o $@ $(OUT)/datasets/medworld.o $(LIB) $(LIBS)
+	$(CC) $(LDX) $(LDFLAGS) -o $@ $(OUT)/datasets/medworld.o $(LIB) $(LIBS)
 
 datasets: check-deps $(MEDWORLD)
 	$(MEDWORLD) --world background --seed $(MEDWORLD_BG_SEED) --out $(DATASETS_OUT)/background --overwrite
@@ -122,35 +132,35 @@ bench: bench-svd bench-tok bench-train bench-diff bench-dash bench-merge bench-c
 
 bench-svd: check-deps $(LIB)
 	@mkdir -p $(OUT)/bench
-	$(CC) $(ALL) -o $(OUT)/bench/bench_svd bench/bench_svd.c $(LIB) $(LIBS)
+	$(CC) $(ALL) $(LDFLAGS) -o $(OUT)/bench/bench_svd bench/bench_svd.c $(LIB) $(LIBS)
 	$(OUT)/bench/bench_svd
 
 bench-diff: check-deps $(LIB) $(BIN)
 	@mkdir -p $(OUT)/bench
-	$(CC) $(ALL) -o $(OUT)/bench/bench_diff bench/bench_diff.c $(LIB) $(LIBS)
+	$(CC) $(ALL) $(LDFLAGS) -o $(OUT)/bench/bench_diff bench/bench_diff.c $(LIB) $(LIBS)
 	$(OUT)/bench/bench_diff $(CURDIR)/$(BIN) $(OUT)/bench-diff
 # Time to the first frame of `lorakit dash` on a 100,000-step training run against 1,000 steps.
 .PHONY: bench-dash
 bench-dash: check-deps $(LIB) $(BIN)
 	@mkdir -p $(OUT)/bench
-	$(CC) $(ALL) -o $(OUT)/bench/bench_dash bench/bench_dash.c $(LIB) $(LIBS)
+	$(CC) $(ALL) $(LDFLAGS) -o $(OUT)/bench/bench_dash bench/bench_dash.c $(LIB) $(LIBS)
 	$(OUT)/bench/bench_dash $(BIN) $(OUT)/bench
 # merge of a rank-16 adapter into a 3 GB bf16 qwen2-1.5b (made once in build/bench-merge, kept):
 # peak RSS and time against cp of the same files. Needs about 10 GB of free disk.
 bench-merge: check-deps $(LIB) $(BIN)
 	@mkdir -p $(OUT)/bench
-	$(CC) $(ALL) -o $(OUT)/bench/bench_merge bench/bench_merge.c $(LIB) $(LIBS)
+	$(CC) $(ALL) $(LDFLAGS) -o $(OUT)/bench/bench_merge bench/bench_merge.c $(LIB) $(LIBS)
 	$(OUT)/bench/bench_merge $(CURDIR)/$(BIN) $(CURDIR)/build/bench-merge
 # svd-compress end to end (randomized vs exact; a 0.5B-shaped fine-tune, BENCH_05B=0 skips it).
 bench-compress: check-deps $(LIB) $(BIN)
 	@mkdir -p $(OUT)/bench
-	$(CC) $(ALL) -o $(OUT)/bench/bench_compress bench/bench_compress.c $(LIB) $(LIBS)
+	$(CC) $(ALL) $(LDFLAGS) -o $(OUT)/bench/bench_compress bench/bench_compress.c $(LIB) $(LIBS)
 	$(OUT)/bench/bench_compress $(CURDIR)/$(BIN) $(CURDIR)/$(OUT)/bench/compress
 # generation with/without the KV cache, and eval of 200 questions x 4 modes, on 2 threads
 .PHONY: bench-eval
 bench-eval: check-deps $(LIB) $(BIN)
 	@mkdir -p $(OUT)/bench
-	$(CC) $(ALL) -o $(OUT)/bench/bench_eval bench/bench_eval.c $(LIB) $(LIBS)
+	$(CC) $(ALL) $(LDFLAGS) -o $(OUT)/bench/bench_eval bench/bench_eval.c $(LIB) $(LIBS)
 	OPENBLAS_NUM_THREADS=2 OMP_NUM_THREADS=2 $(OUT)/bench/bench_eval $(CURDIR)/$(BIN)
 
 # The reference tokenizer (npm @huggingface/tokenizers) for tokenizer tests and benchmarks, in
@@ -164,7 +174,7 @@ node-ref:
 
 bench-tok: check-deps $(LIB) node-ref
 	@mkdir -p $(OUT)/bench
-	$(CC) $(ALL) -o $(OUT)/bench/bench_tok bench/bench_tok.c $(LIB) $(LIBS)
+	$(CC) $(ALL) $(LDFLAGS) -o $(OUT)/bench/bench_tok bench/bench_tok.c $(LIB) $(LIBS)
 	$(OUT)/bench/bench_tok "$${LK_SHARED:-../shared}"
 
 # lorakit's own small base model, trained from scratch (datasets/base-model/README.md). Slow
@@ -172,7 +182,7 @@ bench-tok: check-deps $(LIB) node-ref
 # copy. Needs `make datasets`; datasets/base-model is replaced only when every step succeeded.
 RC_EVAL = $(OUT)/rc_eval
 $(RC_EVAL): $(OUT)/datasets/rc_eval.o $(LIB)
-	$(CC) $(LDX) -o $@ $(OUT)/datasets/rc_eval.o $(LIB) $(LIBS)
+	$(CC) $(LDX) $(LDFLAGS) -o $@ $(OUT)/datasets/rc_eval.o $(LIB) $(LIBS)
 
 base-model: datasets $(BIN) $(RC_EVAL)
 	sh datasets/base_model.sh $(BIN) $(MEDWORLD) $(RC_EVAL) $(DATASETS_OUT) datasets/base-model build/base-model
@@ -190,7 +200,7 @@ $(OUT)/mpi/%.o: mpi/%.c | check-deps
 
 $(MPI_BIN): $(MPI_OBJ) $(APPLIB_OBJ) $(LIB)
 	@mkdir -p $(dir $@)
-	$(MPICC) $(LDX) -o $@ $(MPI_OBJ) $(APPLIB_OBJ) $(LIB) $(LIBS)
+	$(MPICC) $(LDX) $(LDFLAGS) -o $@ $(MPI_OBJ) $(APPLIB_OBJ) $(LIB) $(LIBS)
 
 ifeq ($(MPI),1)
 all: $(MPI_BIN)
@@ -213,7 +223,7 @@ deps-bench:
 
 bench-train: check-deps $(BIN) deps-bench
 	@mkdir -p $(OUT)/bench
-	$(CC) $(ALL) -o $(OUT)/bench/bench_sgemm bench/bench_sgemm.c $(LIB) $(LIBS)
+	$(CC) $(ALL) $(LDFLAGS) -o $(OUT)/bench/bench_sgemm bench/bench_sgemm.c $(LIB) $(LIBS)
 	bench/bench_train.sh $(CURDIR)/$(BIN) $(OUT)/bench/bench_sgemm $${THREADS:-2}
 
 # The whole pipeline on the project's own base model and data (datasets/demo.sh).
@@ -222,19 +232,30 @@ demo: check-deps $(BIN) $(MEDWORLD)
 
 # ---- hardening: libFuzzer targets (tests/fuzz/fuzz_*.c) and the fault-injection shim ----
 #   make fuzz                 builds build/fuzz (clang, ASan + UBSan + libFuzzer), seeds
-#                             build/fuzz/corpus/<target> from the project's own fixtures, runs
-#                             each target FUZZ_SECONDS (600 = the issue's 10 minutes; CI uses 30)
-#                             and prints executions per target; crash inputs land in
-#                             build/fuzz/crash/<target>/ (turn them into tests/fuzz-regress/ files).
+#                             build/fuzz/corpus/<target> from the project's own fixtures (the
+#                             corpora grow from run to run), runs each target FUZZ_SECONDS (600 =
+#                             the issue's 10 minutes) from a new random seed each run, printed
+#                             (FUZZ_SEED=N repeats a run; target i gets seed N + i), and prints
+#                             executions per target. Every finding (build/fuzz/crash/<target>/)
+#                             is kept as tests/fuzz-regress/<kind>.fuzz-<sha1>.hex, which make test
+#                             replays (hard_fuzz_regress); the artifact then moves to crash/<t>/kept.
+#   make fuzz FUZZ_ARGS="-seed=1 -runs=20000"
+#                             CI's regression pass: a -seed in FUZZ_ARGS replaces the rotation.
+#   make fuzz FUZZ_TARGETS="fuzz_cfg fuzz_st"
+#                             only those targets.
 #   make fuzz-build           only builds the targets.
-# clang's libFuzzer runtime comes with libclang-rt-14-dev (FUZZ_PKGS, installed by fuzz-deps).
 FUZZ_PKGS    = clang-14 libclang-rt-14-dev
 FUZZ_SECONDS ?= 600
 FUZZ_CC      ?= clang
 FUZZ_OUT     = build/fuzz
 FUZZ_SAN     = -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer
 FUZZ_CFLAGS  = $(CSTD) $(WARN) $(WERROR) -O1 -g $(FUZZ_SAN) -fsanitize=fuzzer-no-link $(INCS)
-FUZZ_TARGETS = $(patsubst tests/fuzz/%.c,%,$(sort $(wildcard tests/fuzz/fuzz_*.c)))
+FUZZ_ALL     = $(patsubst tests/fuzz/%.c,%,$(sort $(wildcard tests/fuzz/fuzz_*.c)))
+FUZZ_TARGETS ?= $(FUZZ_ALL)
+ifeq ($(origin FUZZ_SEED),undefined)
+  FUZZ_SEED := $(shell date +%s)
+endif
+FUZZ_REGRESS = tests/fuzz-regress
 FUZZ_OBJ     = $(CORE_SRC:%.c=$(FUZZ_OUT)/%.o) $(EVAL_SRC:%.c=$(FUZZ_OUT)/%.o)
 .PHONY: fuzz fuzz-build fuzz-corpus fuzz-deps shim
 fuzz-deps:
@@ -246,23 +267,33 @@ $(FUZZ_OUT)/%.o: %.c
 	@mkdir -p $(dir $@)
 	$(FUZZ_CC) $(FUZZ_CFLAGS) -MMD -MP -c $< -o $@
 
-$(FUZZ_OUT)/bin/%: tests/fuzz/%.c tests/fuzz/fuzz_util.h $(FUZZ_OBJ)
+$(FUZZ_OUT)/bin/%: tests/fuzz/%.c tests/fuzz/fuzz_util.h tests/fuzz/fuzz_weights.h $(FUZZ_OBJ)
 	@mkdir -p $(dir $@)
-	$(FUZZ_CC) $(CSTD) $(WARN) $(WERROR) -O1 -g $(FUZZ_SAN) -fsanitize=fuzzer $(INCS) -o $@ $< $(FUZZ_OBJ) $(LIBS)
+	$(FUZZ_CC) $(CSTD) $(WARN) $(WERROR) -O1 -g $(FUZZ_SAN) -fsanitize=fuzzer $(INCS) $(LDFLAGS) -o $@ $< $(FUZZ_OBJ) $(LIBS)
 
 fuzz-build: check-deps fuzz-deps $(FUZZ_TARGETS:%=$(FUZZ_OUT)/bin/%)
 
 fuzz-corpus: $(BIN)
 	tests/fuzz/seed.sh $(CURDIR)/$(BIN) $(FUZZ_OUT)/corpus
 
+# One target: run it (from seed $(FUZZ_SEED) + its index unless FUZZ_ARGS names a seed), then
+# keep each artifact as a regression fixture (fuzz_fts has no replay kind: its command is printed).
 fuzz: fuzz-build fuzz-corpus
-	@for t in $(FUZZ_TARGETS); do mkdir -p $(FUZZ_OUT)/crash/$$t $(FUZZ_OUT)/work/$$t; \
-	  echo "== $$t: $(FUZZ_SECONDS) s"; \
+	@case "$(FUZZ_ARGS)" in *-seed=*) rot=0;; *) rot=1; echo "fuzz seed $(FUZZ_SEED) (FUZZ_SEED=$(FUZZ_SEED) make fuzz repeats this run)";; esac; \
+	i=0; for t in $(FUZZ_TARGETS); do i=$$((i + 1)); mkdir -p $(FUZZ_OUT)/crash/$$t/kept $(FUZZ_OUT)/work/$$t; \
+	  seed=""; [ $$rot = 0 ] || seed="-seed=$$(($(FUZZ_SEED) + i))"; \
+	  echo "== $$t: $(FUZZ_SECONDS) s $$seed $(FUZZ_ARGS)"; \
 	  ( cd $(FUZZ_OUT)/work/$$t && ASAN_OPTIONS=detect_leaks=1 OPENBLAS_NUM_THREADS=1 \
-	    ../../bin/$$t $(FUZZ_ARGS) -max_total_time=$(FUZZ_SECONDS) -timeout=20 -rss_limit_mb=2048 -max_len=65536 \
+	    ../../bin/$$t $$seed $(FUZZ_ARGS) -max_total_time=$(FUZZ_SECONDS) -timeout=20 -rss_limit_mb=2048 -max_len=65536 \
 	    -artifact_prefix=../../crash/$$t/ ../../corpus/$$t ) > $(FUZZ_OUT)/$$t.log 2>&1; rc=$$?; \
 	  grep -E '^(#[0-9]+\s+DONE|Done [0-9]+ runs)' $(FUZZ_OUT)/$$t.log | tail -2; \
 	  if [ $$rc -ne 0 ]; then echo "$$t: FINDING (see $(FUZZ_OUT)/$$t.log, $(FUZZ_OUT)/crash/$$t/)"; fail=1; fi; \
+	  for f in $(FUZZ_OUT)/crash/$$t/*; do [ -f "$$f" ] || continue; k=$${t#fuzz_}; \
+	    if [ $$k = fts ]; then echo "  $$f: replay with $(FUZZ_OUT)/bin/$$t $$f (add its case to tests/test_fts.c)"; fail=1; continue; fi; \
+	    r=$(FUZZ_REGRESS)/$$k.fuzz-$$(sha1sum < "$$f" | cut -c1-12).hex; \
+	    { echo "# $$t $$(basename "$$f") $$seed $(FUZZ_ARGS)"; od -An -v -tx1 "$$f"; } > "$$r" && mv "$$f" $(FUZZ_OUT)/crash/$$t/kept/ && \
+	      echo "  kept as $$r (make test replays it: hard_fuzz_regress)"; fail=1; \
+	  done; \
 	done; exit $${fail:-0}
 
 # LD_PRELOAD fault injection for tests/test_hard.c (full disk, read-only destination).
@@ -270,7 +301,7 @@ SHIM = $(OUT)/tests/faultshim.so
 shim: $(SHIM)
 $(SHIM): tests/faultshim.c
 	@mkdir -p $(dir $@)
-	$(CC) $(CSTD) -D_GNU_SOURCE $(WARN) $(WERROR) -O1 -g -fPIC -shared -o $@ $< -ldl
+	$(CC) $(CSTD) -D_GNU_SOURCE $(WARN) $(WERROR) -O1 -g -fPIC -shared $(LDFLAGS) -o $@ $< -ldl
 .SECONDARY: $(FUZZ_OBJ)
 -include $(FUZZ_OBJ:.o=.d)
 
@@ -279,3 +310,19 @@ $(SHIM): tests/faultshim.c
 .PHONY: bench-fts
 bench-fts: check-deps $(BIN)
 	bench/bench_fts.sh $(CURDIR)/$(BIN)
+
+# ---- llama.cpp as a test peer (tests/llama_ref.mjs, tests/test_gguf.c): npm node-llama-cpp,
+# pinned exactly, with its prebuilt CPU build of llama.cpp for this Linux platform only
+# (--omit=optional leaves out the CUDA and Vulkan builds), in build/llama. No install scripts
+# run, so nothing is downloaded or built from source. Without npm or the registry this says so
+# and the tests that need the peer are skipped.
+LLAMA_REF_VERSION = 3.21.1
+LLAMA_REF = build/llama/node_modules/node-llama-cpp/package.json
+.PHONY: llama-ref
+llama-ref:
+	@grep -qs '"version": "$(LLAMA_REF_VERSION)"' $(LLAMA_REF) || ! command -v npm >/dev/null || { \
+	  rm -rf build/llama && mkdir -p build/llama && timeout 300 npm install --prefix build/llama \
+	  --no-audit --no-fund --silent --ignore-scripts --omit=optional --save-exact \
+	  node-llama-cpp@$(LLAMA_REF_VERSION) @node-llama-cpp/linux-$$(node -p process.arch)@$(LLAMA_REF_VERSION) \
+	  >/dev/null 2>&1 || echo "llama-ref: npm install failed (tests needing llama.cpp skip)"; }
+test: llama-ref

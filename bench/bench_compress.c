@@ -13,6 +13,7 @@
  *    peak RSS against the model's size, energy kept. Set BENCH_05B=0 to skip.
  * Usage: bench_compress LORAKIT WORKDIR. Exit status 1 when a target is missed.
  */
+#define _DEFAULT_SOURCE /* wait4 (the child's peak RSS) is a BSD extension, not POSIX */
 #include <cJSON.h>
 #include <cblas.h>
 #include <lapacke.h>

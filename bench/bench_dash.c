@@ -28,7 +28,7 @@ static int write_run(struct rdb *db, long steps, int64_t *id, struct lk_err *err
         s = s * 6364136223846793005ULL + 1442695040888963407ULL;
         double noise = ((double)(s >> 11) / 9007199254740992.0 - 0.5) * 0.2;
         double loss = 2.0 + 4.0 * exp(-(double)i / (steps / 5.0)) + noise;
-        double lr = 2e-4 * 0.5 * (1 + cos(M_PI * (double)i / (double)steps));
+        double lr = 2e-4 * 0.5 * (1 + cos(3.14159265358979323846 * (double)i / (double)steps));
         double ev = i % 500 == 0 ? loss + 0.1 : NAN;
         if (rdb_train_step(db, *id, i, loss, lr, 1.0, 30000.0, i * 0.01, ev, err))
             return 1;

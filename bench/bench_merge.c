@@ -11,6 +11,7 @@
  * peak RSS comes from wait4's rusage. Prints both, the ratio, and the pass/fail of the
  * targets (RSS < 1 GiB, time <= 2 x cp). The copy and the merged model are removed after.
  */
+#define _DEFAULT_SOURCE /* wait4 (the child's peak RSS) is a BSD extension, not POSIX */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>

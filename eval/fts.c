@@ -14,26 +14,9 @@
 #include <unistd.h>
 #include <utf8proc.h>
 
+#include "text.h"
+
 // ---- characters ----
-
-/* Ideographs, kana, bopomofo (the same ranges as eval/metrics.c). */
-static int is_cjk(int32_t c)
-{
-    return (c >= 0x2E80 && c <= 0x2FDF) || (c >= 0x3040 && c <= 0x30FF) ||
-           (c >= 0x3100 && c <= 0x312F) || (c >= 0x31A0 && c <= 0x31FF) ||
-           (c >= 0x3400 && c <= 0x4DBF) || (c >= 0x4E00 && c <= 0x9FFF) ||
-           (c >= 0xF900 && c <= 0xFAFF) || (c >= 0xFF66 && c <= 0xFF9F) ||
-           (c >= 0x20000 && c <= 0x3FFFF);
-}
-
-static int is_space(int32_t c)
-{
-    if (c < 0x80)
-        return c <= 0x20 || c == 0x7f;
-    utf8proc_category_t k = utf8proc_category(c);
-    return k == UTF8PROC_CATEGORY_ZS || k == UTF8PROC_CATEGORY_ZL || k == UTF8PROC_CATEGORY_ZP ||
-           k == UTF8PROC_CATEGORY_CC;
-}
 
 /* Letters, numbers, combining marks: what a query term is made of. */
 static int is_word(int32_t c)
@@ -106,7 +89,7 @@ static int tokens_of(const char *text, struct span **out, size_t *n, struct lk_e
     while (i < len) {
         int32_t c;
         size_t k = next_char(text, i, len, &c);
-        int sp = c >= 0 && is_space(c), cjk = c >= 0 && is_cjk(c);
+        int sp = c >= 0 && ev_char_is_space(c), cjk = c >= 0 && ev_char_is_cjk(c);
         if (sp || cjk)
             in_word = 0;
         if (!sp && !in_word) {
@@ -306,7 +289,7 @@ static int query_build(const char *text, enum fts_tokenizer tok, int drop_stopwo
         int32_t c = -1;
         size_t k = i < len ? next_char(text, i, len, &c) : 1;
         int w = c >= 0 && is_word(c);
-        int cjk = w && is_cjk(c);
+        int cjk = w && ev_char_is_cjk(c);
         // a run ends at a separator, and (under trigram) where CJK meets non-CJK
         if (n_chars && (!w || (tok == FTS_TOK_TRIGRAM && cjk != run_cjk))) {
             end_run(&qt, tok, &word, starts, n_chars, run_cjk);

@@ -15,7 +15,8 @@
  * Version 1 had no docfts and no first_chunk: it is refused with a hint to rebuild.
  *
  * Chunking: a "token" is a run of non-whitespace characters, except that every CJK ideograph,
- * kana or bopomofo character is a token on its own (Chinese and Japanese have no spaces).
+ * kana or bopomofo character is a token on its own (Chinese and Japanese have no spaces); the
+ * classes are eval/text.h's, the ones answer scoring (metrics.h) uses.
  * A chunk is the original text from its first to its last token (inner whitespace and line
  * breaks kept): chunks of N tokens start every N - M tokens, the last one ends at the text's
  * end, so consecutive chunks share M tokens. A text of at most N tokens is one chunk; an

@@ -8,21 +8,9 @@
 #include <string.h>
 #include <utf8proc.h>
 
-// ---- characters ----
+#include "text.h"
 
-/* Ideographs, kana, bopomofo: one token per character. (eval/fts.c uses the same ranges.) */
-static int is_cjk(int32_t c)
-{
-    return (c >= 0x2E80 && c <= 0x2FDF) ||   // CJK radicals, Kangxi radicals
-           (c >= 0x3040 && c <= 0x30FF) ||   // hiragana, katakana
-           (c >= 0x3100 && c <= 0x312F) ||   // bopomofo
-           (c >= 0x31A0 && c <= 0x31FF) ||   // bopomofo extended, katakana extension
-           (c >= 0x3400 && c <= 0x4DBF) ||   // CJK extension A
-           (c >= 0x4E00 && c <= 0x9FFF) ||   // CJK unified ideographs
-           (c >= 0xF900 && c <= 0xFAFF) ||   // CJK compatibility ideographs
-           (c >= 0xFF66 && c <= 0xFF9F) ||   // half-width katakana
-           (c >= 0x20000 && c <= 0x3FFFF);   // extensions B..H
-}
+// ---- characters ----
 
 /* SQuAD deletes Python's string.punctuation; we also delete every Unicode punctuation. */
 static int is_punct(int32_t c)
@@ -31,15 +19,6 @@ static int is_punct(int32_t c)
         return c > 0x20 && c < 0x7f && strchr("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~", (int)c);
     utf8proc_category_t k = utf8proc_category(c);
     return k >= UTF8PROC_CATEGORY_PC && k <= UTF8PROC_CATEGORY_PO;
-}
-
-static int is_space(int32_t c)
-{
-    if (c < 0x80)
-        return c <= 0x20 || c == 0x7f; // ASCII whitespace and control characters
-    utf8proc_category_t k = utf8proc_category(c);
-    return k == UTF8PROC_CATEGORY_ZS || k == UTF8PROC_CATEGORY_ZL || k == UTF8PROC_CATEGORY_ZP ||
-           k == UTF8PROC_CATEGORY_CC;
 }
 
 // ---- tokens ----
@@ -94,7 +73,7 @@ int ev_tokenize(const char *s, struct ev_tokens *out, struct lk_err *err)
         i += (size_t)k;
         if (is_punct(c))
             continue;
-        if (is_space(c)) {
+        if (ev_char_is_space(c)) {
             w = token_end(buf, start, w, &n_tok);
             start = w;
             continue;
@@ -104,7 +83,7 @@ int ev_tokenize(const char *s, struct ev_tokens *out, struct lk_err *err)
         utf8proc_ssize_t m = utf8proc_encode_char(lc, enc);
         if (m <= 0)
             m = utf8proc_encode_char(c, enc);
-        if (is_cjk(c)) {
+        if (ev_char_is_cjk(c)) {
             w = token_end(buf, start, w, &n_tok);
             start = w;
             memcpy(buf + w, enc, (size_t)m);

@@ -9,7 +9,8 @@
  *     not replaced by a space, as SQuAD does ("don't" -> "dont", "x-ray" -> "xray");
  *   - whitespace is Unicode whitespace; other control characters also separate tokens;
  *   - CJK ideographs, kana and bopomofo are one token per character (Chinese and Japanese have
- *     no spaces), so token F1 and ROUGE-L are character-level there, as in CMRC/DuReader;
+ *     no spaces), so token F1 and ROUGE-L are character-level there, as in CMRC/DuReader
+ *     (white space and CJK are eval/text.h's classes, the ones retrieval's chunking uses);
  *   - invalid UTF-8 bytes are dropped.
  * Exact match compares the normalised token sequences, so '高血压' equals '高 血 压'.
  */

@@ -6,6 +6,9 @@
 #include <math.h>
 #include <string.h>
 
+/* pi to double precision: C11 has no M_PI (it is an XSI extension of <math.h>) */
+#define ADAMW_PI 3.14159265358979323846
+
 void adamw_step(const struct adamw *o, float *p, const float *g, float *m, float *v, size_t n,
                 float lr, float weight_decay, long t)
 {
@@ -34,7 +37,7 @@ double adamw_lr(enum adamw_schedule s, double lr, long step, long warmup, long t
         progress = 1;
     if (s == ADAMW_LINEAR)
         return lr * (1.0 - progress);
-    return lr * 0.5 * (1.0 + cos(M_PI * progress));
+    return lr * 0.5 * (1.0 + cos(ADAMW_PI * progress));
 }
 
 int adamw_schedule_parse(const char *s)

@@ -1,8 +1,11 @@
 /*
- * cfg.h - config.json of LlamaForCausalLM and Qwen2ForCausalLM, through cJSON.
- * A field lorakit does not implement (rope_scaling of any type, sliding-window attention
- * switched on, a hidden_act other than silu, attention/mlp bias settings we do not model)
- * is refused with a message naming it, never silently ignored.
+ * cfg.h - config.json of LlamaForCausalLM, Qwen2ForCausalLM and Qwen3ForCausalLM, through cJSON.
+ * Rotary scaling is read as transformers reads it (rope_scaling, or transformers 5's
+ * rope_parameters): types default, linear, llama3, and dynamic (exact only for positions below
+ * max_position_embeddings, so longer ones are refused when run). A field lorakit does not
+ * implement (another rope type, sliding-window attention switched on, a hidden_act other than
+ * silu, attention/mlp bias settings we do not model) is refused with a message naming it, never
+ * silently ignored.
  * Also: the list of weight tensors a config implies, with their names and shapes
  * (as transformers names them), shared by init, the model loader, merge and diff.
  */
@@ -13,31 +16,46 @@
 
 #include "lk.h"
 
-enum cfg_arch { CFG_ARCH_LLAMA = 0, CFG_ARCH_QWEN2 };
+enum cfg_arch { CFG_ARCH_LLAMA = 0, CFG_ARCH_QWEN2, CFG_ARCH_QWEN3 };
+
+/* Rotary scaling types (transformers' modeling_rope_utils.py ROPE_INIT_FUNCTIONS). */
+enum cfg_rope_type { CFG_ROPE_DEFAULT = 0, CFG_ROPE_LINEAR, CFG_ROPE_DYNAMIC, CFG_ROPE_LLAMA3 };
+
+struct cfg_rope_scaling {
+    enum cfg_rope_type type;
+    double factor;              /* linear, dynamic, llama3 */
+    double low_freq_factor;     /* llama3 */
+    double high_freq_factor;    /* llama3 */
+    int original_max_position_embeddings; /* llama3 (required); dynamic (optional, 0 when absent) */
+};
 
 struct cfg {
     enum cfg_arch arch;
-    char architecture[64];      /* "Qwen2ForCausalLM" / "LlamaForCausalLM" */
-    char model_type[32];        /* "qwen2" / "llama" */
+    char architecture[64];      /* "Qwen2ForCausalLM" / "Qwen3ForCausalLM" / "LlamaForCausalLM" */
+    char model_type[32];        /* "qwen2" / "qwen3" / "llama" */
     int hidden_size;            /* C */
     int intermediate_size;      /* F */
     int num_hidden_layers;      /* L */
     int num_attention_heads;    /* NH */
     int num_key_value_heads;    /* NKV */
-    int head_dim;               /* HS = hidden_size / num_attention_heads unless given */
+    int head_dim;               /* HS = hidden_size / num_attention_heads unless given (Qwen3: 128) */
     int vocab_size;             /* V */
     int max_position_embeddings;
     double rms_norm_eps;
     double rope_theta;
+    struct cfg_rope_scaling rope_scaling; /* type CFG_ROPE_DEFAULT when absent or null */
     double initializer_range;
     int tie_word_embeddings;
-    int attention_bias;         /* q/k/v biases: 1 for Qwen2, attention_bias for Llama */
+    int attention_bias;         /* q/k/v biases: 1 for Qwen2, attention_bias for Llama, 0 for Qwen3 */
+    int qk_norm;                /* Qwen3: RMSNorm over each head of q and k (weights [HS]) before rotary */
     int bos_token_id, eos_token_id; /* -1 when absent */
     char torch_dtype[16];       /* "float32", "bfloat16", "float16" */
     char *json;                 /* owned: the original text, so writers keep unknown fields */
 };
 
-/* path is config.json or a folder holding it. */
+/* path is config.json or a folder holding it. A folder's weights (model.safetensors or the
+ * sharded index), when present, are opened and must be able to hold what the config describes
+ * (st_model_capacity), else LK_ERR_SHAPE: nothing is sized from a config its weights disprove. */
 int cfg_load(struct cfg *c, const char *path, struct lk_err *err);
 /* name is used in messages only. */
 int cfg_parse(struct cfg *c, const char *text, const char *name, struct lk_err *err);
@@ -48,12 +66,20 @@ void cfg_release(struct cfg *c);
  * L 2, NH 4, NKV 2, HS 16, V 512, tied embeddings, q/k/v biases, rope_theta 10000,
  * rms_norm_eps 1e-6, max_position_embeddings 1024, float32, no bos/eos (-1). */
 void cfg_default_qwen2(struct cfg *c);
-/* Fills c from a named preset ("tiny", "qwen2.5-0.5b", "qwen2-1.5b", "llama-tiny"): the
- * dimensions of the published configs, json NULL. LK_ERR_USAGE naming the presets when unknown. */
+/* Fills c from a named preset ("tiny", "qwen2.5-0.5b", "qwen2-1.5b", "qwen3-0.6b", "llama3.2-1b",
+ * "llama-tiny"): the dimensions of the published configs, json NULL. LK_ERR_USAGE naming the
+ * presets when unknown. */
 int cfg_preset(struct cfg *c, const char *name, struct lk_err *err);
 extern const char *const cfg_preset_names[]; /* NULL-terminated */
 /* Total parameter count the config implies (embeddings counted once when tied). */
 int64_t cfg_param_count(const struct cfg *c);
+/* Positions 0 .. n-1 for which the config's rotary embedding is what transformers computes:
+ * INT_MAX except for rope type dynamic, whose frequencies transformers recomputes once a
+ * sequence passes max_position_embeddings (or rope_scaling's original_max_position_embeddings
+ * when smaller). */
+int cfg_rope_positions(const struct cfg *c);
+/* The rope type's name as config.json writes it ("default", "linear", "dynamic", "llama3"). */
+const char *cfg_rope_type_name(enum cfg_rope_type t);
 
 /* The one compatibility check between two configs that must describe the same network (a
  * base and its fine-tune, a base and the model an adapter was trained on): architecture and
@@ -71,7 +97,7 @@ char *cfg_json_print(const struct cJSON *j);
 
 enum cfg_tensor_kind {
     CFG_T_EMBED,   /* model.embed_tokens.weight [V, C] */
-    CFG_T_NORM,    /* *_layernorm.weight, model.norm.weight [C] */
+    CFG_T_NORM,    /* *_layernorm.weight, model.norm.weight [C]; Qwen3's self_attn.q_norm/k_norm [HS] */
     CFG_T_LINEAR,  /* *_proj.weight [out, in] */
     CFG_T_BIAS,    /* *_proj.bias [out] */
     CFG_T_LM_HEAD, /* lm_head.weight [V, C], absent when tied */

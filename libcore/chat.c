@@ -7,6 +7,9 @@
  * prompt at inference. (Hugging Face tokenizes the whole rendering at once; the two differ
  * only where BPE would merge across the header/answer boundary, e.g. an answer that
  * starts with a newline.)
+ * Each template follows its Jinja source line by line (Qwen2.5's and Qwen3's chatml, Llama 3's
+ * and 3.2's tokenizer_config.json chat_template); string operations are Python's (Jinja's trim
+ * is str.strip(), whose whitespace includes Unicode spaces).
  * Owns: nothing beyond the chat_seq it fills.
  */
 #include "chat.h"
@@ -15,6 +18,9 @@
 #include <string.h>
 
 static const char *QWEN25_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.";
+/* Llama 3.1-3.3's templates: the date when strftime_now is not given, and the line before it */
+static const char *LLAMA32_DATE = "26 Jul 2024";
+static const char *LLAMA32_CUTOFF = "Cutting Knowledge Date: December 2023\n";
 
 const char *chat_kind_name(enum chat_kind k)
 {
@@ -23,10 +29,39 @@ const char *chat_kind_name(enum chat_kind k)
         return "chatml";
     case CHAT_LLAMA3:
         return "llama3";
+    case CHAT_QWEN3:
+        return "qwen3";
     case CHAT_PLAIN:
         return "plain";
     }
     return "?";
+}
+
+const char *chat_fmt_name(const struct chat_fmt *f)
+{
+    if (f->kind == CHAT_QWEN3 && !f->thinking)
+        return "qwen3-nothink";
+    if (f->kind == CHAT_LLAMA3 && f->sys_header[0])
+        return "llama3.2";
+    return chat_kind_name(f->kind);
+}
+
+/* The system header's text: the date_string a Llama 3.1+ template sets when none is given
+ * ({%- set date_string = "..." %}), or the published one when there is no template. */
+static void llama32_header(struct chat_fmt *f, const char *tmpl)
+{
+    const char *key = "set date_string = \"", *date = LLAMA32_DATE;
+    size_t n = strlen(date);
+    const char *p = tmpl ? strstr(tmpl, key) : NULL;
+    if (p) {
+        p += strlen(key);
+        const char *q = strchr(p, '"');
+        if (q && q - p < 32) {
+            date = p;
+            n = (size_t)(q - p);
+        }
+    }
+    snprintf(f->sys_header, sizeof f->sys_header, "%sToday Date: %.*s\n\n", LLAMA32_CUTOFF, (int)n, date);
 }
 
 static void add_stop(struct chat_fmt *f, int32_t id)
@@ -53,31 +88,43 @@ int chat_fmt_init(struct chat_fmt *f, const struct tok *t, const char *name, str
     f->bos = f->start = f->hdr_end = f->eot = -1;
     const char *tmpl = tok_chat_template(t);
     enum chat_kind k;
+    int header = 0;
+    f->thinking = 1;
     if (!name || !strcmp(name, "auto")) {
-        if (tmpl && strstr(tmpl, "<|im_start|>"))
-            k = CHAT_CHATML;
-        else if (tmpl && strstr(tmpl, "<|start_header_id|>"))
+        if (tmpl && strstr(tmpl, "<|im_start|>")) {
+            k = strstr(tmpl, "<think>") ? CHAT_QWEN3 : CHAT_CHATML;
+        } else if (tmpl && strstr(tmpl, "<|start_header_id|>")) {
             k = CHAT_LLAMA3;
-        else
+            header = strstr(tmpl, "Cutting Knowledge Date") != NULL;
+        } else {
             k = CHAT_PLAIN;
+        }
     } else if (!strcmp(name, "chatml")) {
         k = CHAT_CHATML;
-    } else if (!strcmp(name, "llama3")) {
+    } else if (!strcmp(name, "qwen3") || !strcmp(name, "qwen3-nothink")) {
+        k = CHAT_QWEN3;
+        f->thinking = !strcmp(name, "qwen3");
+    } else if (!strcmp(name, "llama3") || !strcmp(name, "llama3.2")) {
         k = CHAT_LLAMA3;
+        header = !strcmp(name, "llama3.2");
     } else if (!strcmp(name, "plain")) {
         k = CHAT_PLAIN;
     } else {
-        return lk_errf(err, LK_ERR_USAGE, "unknown chat template '%s' (chatml, llama3, plain or auto)", name);
+        return lk_errf(err, LK_ERR_USAGE, "unknown chat template '%s' (chatml, qwen3, qwen3-nothink, llama3, "
+                       "llama3.2, plain or auto)", name);
     }
     f->kind = k;
+    if (header)
+        llama32_header(f, tmpl);
     int rc = LK_OK;
     switch (k) {
     case CHAT_CHATML:
-        rc = need_token(t, "<|im_start|>", &f->start, "chatml", err);
+    case CHAT_QWEN3:
+        rc = need_token(t, "<|im_start|>", &f->start, chat_kind_name(k), err);
         if (!rc)
-            rc = need_token(t, "<|im_end|>", &f->eot, "chatml", err);
+            rc = need_token(t, "<|im_end|>", &f->eot, chat_kind_name(k), err);
         // Qwen2.5's template writes this system turn when the conversation has none.
-        if (tmpl && strstr(tmpl, QWEN25_SYSTEM))
+        if (k == CHAT_CHATML && tmpl && strstr(tmpl, QWEN25_SYSTEM))
             f->default_system = QWEN25_SYSTEM;
         add_stop(f, f->eot);
         add_stop(f, tok_eos(t));
@@ -183,9 +230,54 @@ static int seg_tok(struct segs *a, int32_t id, int trained, struct lk_err *err)
     return seg_add(a, NULL, 0, id, trained, err);
 }
 
-static int is_ws(char c)
+/* Bytes of the Python whitespace character (str.isspace) that s[0..n) is, or 0. */
+static size_t py_space_len(const char *s, size_t n)
 {
-    return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' || c == '\f';
+    const unsigned char *u = (const unsigned char *)s;
+    if (n == 1)
+        return (u[0] >= 0x09 && u[0] <= 0x0D) || (u[0] >= 0x1C && u[0] <= 0x20);
+    if (n == 2)
+        return u[0] == 0xC2 && (u[1] == 0x85 || u[1] == 0xA0) ? 2 : 0; // U+0085, U+00A0
+    if (n != 3 || (u[0] & 0xF0) != 0xE0 || (u[1] & 0xC0) != 0x80 || (u[2] & 0xC0) != 0x80)
+        return 0;
+    unsigned cp = ((u[0] & 0x0Fu) << 12) | ((u[1] & 0x3Fu) << 6) | (u[2] & 0x3Fu);
+    int sp = cp == 0x1680 || (cp >= 0x2000 && cp <= 0x200A) || cp == 0x2028 || cp == 0x2029 || cp == 0x202F ||
+             cp == 0x205F || cp == 0x3000;
+    return sp ? 3 : 0;
+}
+
+/* Python's str.strip() (chars NULL: whitespace) or str.strip(chars) on (*s, *n), in place;
+ * which: 1 = the left end, 2 = the right end, 3 = both. */
+static void py_strip(const char **s, size_t *n, const char *chars, int which)
+{
+    for (int more = which & 1; more && *n;) {
+        size_t k = 0;
+        for (size_t b = 1; b <= 3 && b <= *n && !k; b++)
+            k = chars ? (b == 1 && strchr(chars, **s) ? 1 : 0) : py_space_len(*s, b);
+        *s += k;
+        *n -= k;
+        more = k > 0;
+    }
+    for (int more = which & 2; more && *n;) {
+        size_t k = 0;
+        for (size_t b = 1; b <= 3 && b <= *n && !k; b++)
+            k = chars ? (b == 1 && strchr(chars, (*s)[*n - 1]) ? 1 : 0) : py_space_len(*s + *n - b, b);
+        *n -= k;
+        more = k > 0;
+    }
+}
+
+/* Llama 3's turn header: <|start_header_id|>role<|end_header_id|>\n\n */
+static int llama3_header(const struct chat_fmt *f, struct segs *a, const char *role, struct lk_err *err)
+{
+    int rc = seg_tok(a, f->start, 0, err);
+    if (!rc)
+        rc = seg_text(a, role, 0, err);
+    if (!rc)
+        rc = seg_tok(a, f->hdr_end, 0, err);
+    if (!rc)
+        rc = seg_text(a, "\n\n", 0, err);
+    return rc;
 }
 
 /* Renders one message; trained marks its content and end-of-turn token. */
@@ -196,6 +288,7 @@ static int render_msg(const struct chat_fmt *f, struct segs *a, const char *role
     size_t n = strlen(content);
     switch (f->kind) {
     case CHAT_CHATML:
+    case CHAT_QWEN3:
         rc = seg_tok(a, f->start, 0, err);
         if (!rc)
             rc = seg_text(a, role, 0, err);
@@ -209,19 +302,8 @@ static int render_msg(const struct chat_fmt *f, struct segs *a, const char *role
             rc = seg_text(a, "\n", 0, err);
         break;
     case CHAT_LLAMA3:
-        while (n && is_ws(*content)) { // the template writes message['content'] | trim
-            content++;
-            n--;
-        }
-        while (n && is_ws(content[n - 1]))
-            n--;
-        rc = seg_tok(a, f->start, 0, err);
-        if (!rc)
-            rc = seg_text(a, role, 0, err);
-        if (!rc)
-            rc = seg_tok(a, f->hdr_end, 0, err);
-        if (!rc)
-            rc = seg_text(a, "\n\n", 0, err);
+        py_strip(&content, &n, NULL, 3); // the template writes message['content'] | trim
+        rc = llama3_header(f, a, role, err);
         if (!rc)
             rc = seg_add(a, content, n, -1, trained, err);
         if (!rc)
@@ -250,23 +332,107 @@ static int render_msg(const struct chat_fmt *f, struct segs *a, const char *role
     return rc;
 }
 
+/*
+ * Qwen3's assistant turn, as its template writes it: reasoning given in the content as
+ * <think>...</think> is split off (content: what follows the last </think>, less leading
+ * newlines; reasoning: what precedes the first </think>, after the last <think> there, newlines
+ * trimmed). With think (the last turn after the last user query, or one with reasoning) the
+ * turn carries its think block, else the reasoning is dropped. An empty block is the template's,
+ * not the answer's: it is masked like the prompt. The answer, its reasoning and <|im_end|> are
+ * trained.
+ */
+static int render_qwen3_answer(const struct chat_fmt *f, struct segs *a, const char *content, int after_query,
+                               int last, struct lk_err *err)
+{
+    const char *c = content, *r = "", *close = strstr(content, "</think>");
+    size_t cn = strlen(content), rn = 0;
+    if (close) {
+        const char *lastc = close;
+        for (const char *p = close; (p = strstr(p + 1, "</think>"));)
+            lastc = p;
+        c = lastc + strlen("</think>");
+        cn = strlen(c);
+        py_strip(&c, &cn, "\n", 1);
+        r = content;
+        rn = (size_t)(close - content);
+        py_strip(&r, &rn, "\n", 2);
+        const char *open = NULL;
+        for (const char *p = r; (p = strstr(p, "<think>")) && p + strlen("<think>") <= r + rn; p++)
+            open = p;
+        if (open) {
+            rn -= (size_t)(open + strlen("<think>") - r);
+            r = open + strlen("<think>");
+        }
+        py_strip(&r, &rn, "\n", 1);
+    }
+    int think = after_query && (last || rn > 0);
+    int rc = seg_tok(a, f->start, 0, err);
+    if (!rc)
+        rc = seg_text(a, "assistant\n", 0, err);
+    if (!rc && think) {
+        py_strip(&r, &rn, "\n", 3);
+        py_strip(&c, &cn, "\n", 1);
+        int rt = rn > 0;
+        rc = seg_text(a, "<think>\n", rt, err);
+        if (!rc)
+            rc = seg_add(a, r, rn, -1, rt, err);
+        if (!rc)
+            rc = seg_text(a, "\n</think>\n\n", rt, err);
+    }
+    if (!rc)
+        rc = seg_add(a, c, cn, -1, 1, err);
+    if (!rc)
+        rc = seg_tok(a, f->eot, 1, err);
+    if (!rc)
+        rc = seg_text(a, "\n", 0, err);
+    return rc;
+}
+
+/* Index of the last user message that is a query (not a wrapped tool response), else n - 1: the
+ * ns.last_query_index of Qwen3's template. */
+static int qwen3_last_query(const struct chat_msg *msgs, int n)
+{
+    const char *open = "<tool_response>", *close = "</tool_response>";
+    for (int i = n - 1; i >= 0; i--) {
+        const char *s = msgs[i].content;
+        size_t len = strlen(s), e = strlen(close);
+        int tool = !strncmp(s, open, strlen(open)) && len >= e && !strcmp(s + len - e, close);
+        if (!strcmp(msgs[i].role, "user") && !tool)
+            return i;
+    }
+    return n - 1;
+}
+
+/* Llama 3.1-3.3: the system header every conversation opens with, holding the first message when
+ * it is a system one (trimmed). */
+static int render_llama32_system(const struct chat_fmt *f, struct segs *a, const char *sys, struct lk_err *err)
+{
+    size_t n = strlen(sys);
+    py_strip(&sys, &n, NULL, 3);
+    int rc = llama3_header(f, a, "system", err);
+    if (!rc)
+        rc = seg_text(a, f->sys_header, 0, err);
+    if (!rc)
+        rc = seg_add(a, sys, n, -1, 0, err);
+    if (!rc)
+        rc = seg_tok(a, f->eot, 0, err);
+    return rc;
+}
+
 static int render_gen_header(const struct chat_fmt *f, struct segs *a, struct lk_err *err)
 {
     int rc = LK_OK;
     switch (f->kind) {
     case CHAT_CHATML:
+    case CHAT_QWEN3:
         rc = seg_tok(a, f->start, 0, err);
         if (!rc)
             rc = seg_text(a, "assistant\n", 0, err);
+        if (!rc && f->kind == CHAT_QWEN3 && !f->thinking) // enable_thinking=false
+            rc = seg_text(a, "<think>\n\n</think>\n\n", 0, err);
         break;
     case CHAT_LLAMA3:
-        rc = seg_tok(a, f->start, 0, err);
-        if (!rc)
-            rc = seg_text(a, "assistant", 0, err);
-        if (!rc)
-            rc = seg_tok(a, f->hdr_end, 0, err);
-        if (!rc)
-            rc = seg_text(a, "\n\n", 0, err);
+        rc = llama3_header(f, a, "assistant", err);
         break;
     case CHAT_PLAIN:
         rc = seg_text(a, "### Response:\n", 0, err);
@@ -288,16 +454,27 @@ static int render(const struct chat_fmt *f, const struct chat_msg *msgs, int n, 
                   struct lk_err *err)
 {
     int rc = LK_OK;
-    if (f->bos >= 0)
-        rc = seg_tok(a, f->bos, 0, err);
-    if (!rc && f->default_system && (n == 0 || strcmp(msgs[0].role, "system")))
-        rc = render_msg(f, a, "system", f->default_system, 0, err);
     for (int i = 0; i < n && !rc; i++) {
         rc = check_role(msgs[i].role, i, err);
         if (!rc && !msgs[i].content)
             rc = lk_errf(err, LK_ERR_FORMAT, "messages[%d]: no 'content'", i);
-        if (!rc)
-            rc = render_msg(f, a, msgs[i].role, msgs[i].content, !strcmp(msgs[i].role, "assistant"), err);
+    }
+    int has_sys = n > 0 && !strcmp(msgs[0].role, "system"), first = 0;
+    if (!rc && f->bos >= 0)
+        rc = seg_tok(a, f->bos, 0, err);
+    if (!rc && f->default_system && !has_sys)
+        rc = render_msg(f, a, "system", f->default_system, 0, err);
+    if (!rc && f->sys_header[0]) { // Llama 3.2: the first system message goes into the header
+        rc = render_llama32_system(f, a, has_sys ? msgs[0].content : "", err);
+        first = has_sys;
+    }
+    int last_query = f->kind == CHAT_QWEN3 ? qwen3_last_query(msgs, n) : n;
+    for (int i = first; i < n && !rc; i++) {
+        int answer = !strcmp(msgs[i].role, "assistant");
+        if (answer && f->kind == CHAT_QWEN3)
+            rc = render_qwen3_answer(f, a, msgs[i].content, i > last_query, i == n - 1, err);
+        else
+            rc = render_msg(f, a, msgs[i].role, msgs[i].content, answer, err);
     }
     if (!rc && gen)
         rc = render_gen_header(f, a, err);

@@ -1,8 +1,11 @@
 /*
  * compress.c - svd-compress: full fine-tune -> LoRA adapter by truncated SVD of each ΔW, and
  * exact rank reduction of an adapter from its factors. The numerics are svd.h's; this file
- * streams the models, picks ranks, lays out the PEFT adapter and reports what was kept.
- * Owns: the per-call scratch buffers, the factors until they are copied into struct lora.
+ * streams the models, picks ranks, lays out the PEFT adapter and reports what was kept. The
+ * configs are compared by cfg_check_same, an input adapter is read by lora_io.c's reader
+ * (lora_file_open), the output folder is written through lk_outdir. Each entry point is a short
+ * list of named steps. Owns: the per-call scratch buffers, the factors until they are copied
+ * into struct lora.
  */
 // madvise(MADV_DONTNEED) is not in POSIX (posix_madvise's DONTNEED is a no-op in glibc): it
 // is what lets a streamed pass over a mapped model keep its resident size small. (The
@@ -15,8 +18,6 @@
 
 #include <cJSON.h>
 #include <cblas.h>
-#include <dirent.h>
-#include <errno.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -120,56 +121,6 @@ static int report_add(struct cmp_report *r, struct cmp_tensor **out, struct lk_e
     (*out)->layer = (*out)->module = -1;
     (*out)->cols = 1;
     return LK_OK;
-}
-
-// ---- the output folder: built under a temporary name, renamed into place ----
-
-/* Refuses an existing output (unless overwrite) and creates the temporary folder *out_tmp
- * (heap string, caller frees) beside it. */
-static int out_prepare(const char *out, int overwrite, char **out_tmp, struct lk_err *err)
-{
-    *out_tmp = NULL;
-    if (lk_file_exists(out) && !lk_is_dir(out))
-        return lk_errf(err, LK_ERR_EXISTS, "%s: exists and is not a folder", out);
-    if (lk_dir_nonempty(out) && !overwrite)
-        return lk_errf(err, LK_ERR_EXISTS, "%s: folder exists and is not empty (use --overwrite to replace it)",
-                       out);
-    size_t n = strlen(out) + 32;
-    char *tmp = lk_malloc(n);
-    if (!tmp)
-        return lk_errf(err, LK_ERR_NOMEM, "out of memory");
-    snprintf(tmp, n, "%s.tmp.%ld", out, (long)getpid());
-    lk_rm_rf(tmp);
-    int rc = lk_mkdir_p(tmp, err);
-    if (rc) {
-        lk_free(tmp);
-        return rc;
-    }
-    *out_tmp = tmp;
-    return LK_OK;
-}
-
-/* Moves a complete tmp folder to out (an old out is moved aside first, removed after). */
-static int out_commit(const char *out, const char *tmp, struct lk_err *err)
-{
-    size_t n = strlen(out) + 32;
-    char *old = lk_malloc(n);
-    if (!old)
-        return lk_errf(err, LK_ERR_NOMEM, "out of memory");
-    snprintf(old, n, "%s.old.%ld", out, (long)getpid());
-    int exists = lk_is_dir(out), nonempty = exists && lk_dir_nonempty(out), rc = LK_OK;
-    if (nonempty && rename(out, old) != 0)
-        rc = lk_errf(err, LK_ERR_IO, "%s: cannot move the old folder aside: %s", out, strerror(errno));
-    else if (exists && !nonempty && rmdir(out) != 0)
-        rc = lk_errf(err, LK_ERR_IO, "%s: cannot replace the empty folder: %s", out, strerror(errno));
-    else if (rename(tmp, out) != 0) {
-        rc = lk_errf(err, LK_ERR_IO, "%s: cannot rename into place: %s", out, strerror(errno));
-        if (nonempty)
-            rename(old, out);
-    } else if (nonempty)
-        lk_rm_rf(old);
-    lk_free(old);
-    return rc;
 }
 
 // ---- one matrix: rank choice and factors ----
@@ -347,36 +298,7 @@ static int factorize(int m, int n, const float *D, const struct cmp_opts *o, uin
     return split_factors(m, n, r, s->U.p, ldu, S, s->Vt.p, out_B, out_A, err);
 }
 
-// ---- full fine-tune: checks ----
-
-static int cfg_same(const struct cfg *a, const struct cfg *b, const char *bdir, struct lk_err *err)
-{
-    struct {
-        const char *name;
-        int va, vb;
-    } f[] = {
-        { "architecture", (int)a->arch, (int)b->arch },
-        { "hidden_size", a->hidden_size, b->hidden_size },
-        { "intermediate_size", a->intermediate_size, b->intermediate_size },
-        { "num_hidden_layers", a->num_hidden_layers, b->num_hidden_layers },
-        { "num_attention_heads", a->num_attention_heads, b->num_attention_heads },
-        { "num_key_value_heads", a->num_key_value_heads, b->num_key_value_heads },
-        { "head_dim", a->head_dim, b->head_dim },
-        { "vocab_size", a->vocab_size, b->vocab_size },
-        { "tie_word_embeddings", a->tie_word_embeddings, b->tie_word_embeddings },
-        { "attention_bias", a->attention_bias, b->attention_bias },
-    };
-    for (size_t i = 0; i < sizeof f / sizeof f[0]; i++)
-        if (f[i].va != f[i].vb) {
-            if (i == 0)
-                return lk_errf(err, LK_ERR_SHAPE, "%s: config.json is a %s, the base is a %s "
-                               "(hint: the two models must be the same architecture)", bdir,
-                               b->architecture, a->architecture);
-            return lk_errf(err, LK_ERR_SHAPE, "%s: config.json has %s %d, the base has %d "
-                           "(hint: a fine-tune of another model?)", bdir, f[i].name, f[i].vb, f[i].va);
-        }
-    return LK_OK;
-}
+// ---- full fine-tune: reading ----
 
 /* The tensor ct of a model folder, present with the shape the config implies, float dtype. */
 static int find_tensor(const struct st_model *sm, const char *dir, const struct cfg_tensor *ct,
@@ -582,216 +504,287 @@ out:
     return rc;
 }
 
-int cmp_models(const char *base_dir, const char *tuned_dir, const char *out_dir,
-               const struct cmp_opts *o, struct cmp_report *rep, struct lk_err *err)
+// ---- full fine-tune: the steps ----
+
+/* The two models of a full fine-tune, checked against each other: one architecture, every
+ * tensor the config implies present in both with its shape. */
+struct cmp_pair {
+    struct cfg cb, ct;                 /* owned: the base's and the fine-tune's config */
+    struct st_model mb, mt;            /* owned: their weights, mapped */
+    struct cfg_tensor *ts;             /* owned: the nt tensors the config implies */
+    int nt;
+    const struct st_tensor **pb, **pt; /* owned arrays of nt: each tensor in mb and mt */
+    size_t maxlin;                     /* floats of the largest linear */
+};
+
+static void pair_close(struct cmp_pair *p)
 {
-    memset(rep, 0, sizeof *rep);
+    st_model_close(&p->mb);
+    st_model_close(&p->mt);
+    cfg_release(&p->cb);
+    cfg_release(&p->ct);
+    lk_free(p->ts);
+    lk_free(p->pb);
+    lk_free(p->pt);
+    memset(p, 0, sizeof *p);
+}
+
+/* Step 1: the configs agree (cfg_check_same) and every tensor is in both files. */
+static int pair_open(struct cmp_pair *p, const char *base_dir, const char *tuned_dir, struct lk_err *err)
+{
+    memset(p, 0, sizeof *p);
+    int rc = cfg_load(&p->cb, base_dir, err);
+    if (!rc)
+        rc = cfg_load(&p->ct, tuned_dir, err);
+    if (!rc)
+        rc = cfg_check_same(&p->cb, &p->ct, base_dir, tuned_dir, 0, err);
+    if (!rc)
+        rc = st_model_open(&p->mb, base_dir, err);
+    if (!rc)
+        rc = st_model_open(&p->mt, tuned_dir, err);
+    if (!rc)
+        rc = cfg_tensors(&p->cb, &p->ts, &p->nt, err);
+    if (rc)
+        return rc;
+    p->pb = lk_calloc((size_t)p->nt + 1, sizeof *p->pb);
+    p->pt = lk_calloc((size_t)p->nt + 1, sizeof *p->pt);
+    if (!p->pb || !p->pt)
+        return lk_errf(err, LK_ERR_NOMEM, "out of memory");
+    for (int i = 0; i < p->nt && !rc; i++) {
+        rc = find_tensor(&p->mb, base_dir, &p->ts[i], &p->pb[i], err);
+        if (!rc)
+            rc = find_tensor(&p->mt, tuned_dir, &p->ts[i], &p->pt[i], err);
+        if (!rc && p->ts[i].kind == CFG_T_LINEAR && p->pb[i]->numel > p->maxlin)
+            p->maxlin = p->pb[i]->numel;
+    }
+    return rc;
+}
+
+/* What the tensor loop builds, and the buffers it reuses for every tensor. */
+struct cmp_work {
+    int L;
+    struct cmp_fac *fac;      /* owned [L * CFG_N_MODULES]: factors and bias delta per module */
+    struct lora_extra *extra; /* owned array of n_extra: modules_to_save copies */
+    int n_extra;
+    struct cmp_buf bb, bt;    /* two buffers of the largest linear (other tensors in chunks) */
+    size_t cap;               /* floats in each */
+    struct cmp_scratch sc;
+};
+
+static void work_buffers_release(struct cmp_work *w)
+{
+    buf_release(&w->bb);
+    buf_release(&w->bt);
+    scratch_release(&w->sc);
+}
+
+static void work_release(struct cmp_work *w)
+{
+    for (int i = 0; i < w->n_extra; i++) {
+        lk_free(w->extra[i].name);
+        lk_free(w->extra[i].data);
+    }
+    lk_free(w->extra);
+    if (w->fac)
+        for (int i = 0; i < w->L * CFG_N_MODULES; i++) {
+            lk_free(w->fac[i].A);
+            lk_free(w->fac[i].B);
+            lk_free(w->fac[i].dbias);
+        }
+    lk_free(w->fac);
+    work_buffers_release(w);
+    memset(w, 0, sizeof *w);
+}
+
+static int work_init(struct cmp_work *w, const struct cmp_pair *p, struct lk_err *err)
+{
+    memset(w, 0, sizeof *w);
+    w->L = p->cb.num_hidden_layers;
+    w->fac = lk_calloc((size_t)(w->L * CFG_N_MODULES) + 1, sizeof *w->fac);
+    if (!w->fac)
+        return lk_errf(err, LK_ERR_NOMEM, "out of memory");
+    w->cap = p->maxlin > ((size_t)1 << 16) ? p->maxlin : ((size_t)1 << 16);
+    int rc = buf_reserve(&w->bb, w->cap, err);
+    return rc ? rc : buf_reserve(&w->bt, w->cap, err);
+}
+
+/* A report row for model tensor c. */
+static int row_add(struct cmp_report *rep, const struct cfg_tensor *c, struct cmp_tensor **out, struct lk_err *err)
+{
+    int rc = report_add(rep, out, err);
+    if (rc)
+        return rc;
+    snprintf((*out)->name, sizeof (*out)->name, "%s", c->name);
+    (*out)->layer = c->layer;
+    (*out)->module = c->module;
+    (*out)->rows = c->shape[0];
+    (*out)->cols = c->ndim == 2 ? c->shape[1] : 1;
+    return LK_OK;
+}
+
+/* Step 2, a target linear: ΔW formed in bt, its truncated SVD into the module's factors. */
+static int step_linear(const struct cmp_pair *p, struct cmp_work *w, int i, const struct cmp_opts *o,
+                       const char *tuned_dir, struct cmp_report *rep, struct lk_err *err)
+{
+    const struct cfg_tensor *c = &p->ts[i];
+    const struct st_tensor *tb = p->pb[i], *tt = p->pt[i];
+    int m = (int)c->shape[0], n = (int)c->shape[1];
+    float *W = w->bb.p, *D = w->bt.p;
+    int rc = st_tensor_to_f32(tb, W, err);
+    if (!rc)
+        rc = st_tensor_to_f32(tt, D, err);
+    if (rc)
+        return rc;
+    drop_pages(tb->data, tb->nbytes);
+    drop_pages(tt->data, tt->nbytes);
+    double b2 = 0;
+    for (size_t j = 0; j < tb->numel; j++) {
+        b2 += (double)W[j] * W[j];
+        D[j] -= W[j];
+    }
+    struct cmp_tensor *row;
+    if ((rc = row_add(rep, c, &row, err)))
+        return rc;
+    row->kind = CMP_LINEAR;
+    row->base_fro = sqrt(b2);
+    struct cmp_fac *f = &w->fac[c->layer * CFG_N_MODULES + c->module];
+    uint64_t seed = o->svd.seed + 0x9e3779b97f4a7c15ull * (uint64_t)(i + 1);
+    if ((rc = factorize(m, n, D, o, seed, &w->sc, row, &f->B, &f->A, err))) {
+        lk_err_prefix(err, "%s: tensor '%s'", tuned_dir, c->name);
+        return rc;
+    }
+    f->r = row->rank;
+    row->stored = 1;
+    rep->n_linear++;
+    rep->delta_params += (int64_t)m * n;
+    rep->energy_total += row->fro * row->fro;
+    rep->energy_kept += row->fro * row->fro * row->energy_kept;
+    return LK_OK;
+}
+
+/* A changed embedding, norm or lm_head kept whole as a modules_to_save copy. */
+static int keep_extra(const struct cfg_tensor *c, const struct st_tensor *tt, struct cmp_work *w, struct lk_err *err)
+{
+    float *data;
+    int rc = lora_extra_add(&w->extra, &w->n_extra, c->name, c->ndim, c->shape, &data, err);
+    if (rc)
+        return rc;
+    tensor_to_f32(data, tt->data, tt->dtype, tt->numel);
+    drop_pages(tt->data, tt->nbytes);
+    return LK_OK;
+}
+
+/* Step 2, any other tensor: a report row when it changed; a target bias's delta becomes
+ * lora_B.bias; with keep_other an embedding, norm or lm_head is kept whole. */
+static int step_other(const struct cmp_pair *p, struct cmp_work *w, int i, const struct cmp_opts *o,
+                      int target, struct cmp_report *rep, struct lk_err *err)
+{
+    const struct cfg_tensor *c = &p->ts[i];
+    const struct st_tensor *tb = p->pb[i], *tt = p->pt[i];
+    double d2, b2;
+    diff_chunked(tb, tt, w->bb.p, w->bt.p, w->cap, &d2, &b2);
+    if (!(d2 > 0))
+        return LK_OK;
+    struct cmp_tensor *row;
+    int rc = row_add(rep, c, &row, err);
+    if (rc)
+        return rc;
+    row->fro = sqrt(d2);
+    row->base_fro = sqrt(b2);
+    row->sigma_next = NAN;
+    if (c->kind == CFG_T_BIAS && target) {
+        // the delta goes to lora_B.bias (applied as s·bias_B, s = 1)
+        struct cmp_fac *f = &w->fac[c->layer * CFG_N_MODULES + c->module];
+        if (!(f->dbias = lk_malloc(sizeof(float) * tb->numel)))
+            return lk_errf(err, LK_ERR_NOMEM, "out of memory");
+        tensor_to_f32(w->bb.p, tb->data, tb->dtype, tb->numel);
+        tensor_to_f32(f->dbias, tt->data, tt->dtype, tt->numel);
+        for (size_t j = 0; j < tb->numel; j++)
+            f->dbias[j] -= w->bb.p[j];
+        row->kind = CMP_BIAS;
+        row->stored = 1;
+        row->energy_kept = 1;
+        rep->delta_params += (int64_t)tb->numel;
+        return LK_OK;
+    }
+    row->kind = CMP_OTHER;
+    rep->n_other_changed++;
+    // embeddings, lm_head and norms can be modules_to_save; a linear or bias of a module
+    // outside the targets cannot (it would shadow the LoRA layer)
+    int savable = c->kind == CFG_T_EMBED || c->kind == CFG_T_NORM || c->kind == CFG_T_LM_HEAD;
+    if (o->keep_other && savable) {
+        if ((rc = keep_extra(c, tt, w, err)))
+            return rc;
+        row->stored = 1;
+        rep->delta_params += (int64_t)tt->numel;
+    } else
+        rep->n_left_out++;
+    row->energy_kept = row->stored;
+    row->rel_error = row->stored ? 0 : 1;
+    return LK_OK;
+}
+
+static int opts_check(const struct cmp_opts *o, struct lk_err *err)
+{
     if ((o->rank > 0) == (o->energy > 0))
         return lk_errf(err, LK_ERR_USAGE, "give exactly one of a rank and an energy fraction");
     if (o->energy > 1)
         return lk_errf(err, LK_ERR_USAGE, "energy fraction %g is not in (0, 1]", o->energy);
+    return LK_OK;
+}
+
+int cmp_models(const char *base_dir, const char *tuned_dir, const char *out_dir,
+               const struct cmp_opts *o, struct cmp_report *rep, struct lk_err *err)
+{
+    memset(rep, 0, sizeof *rep);
+    int rc = opts_check(o, err);
+    if (rc)
+        return rc;
     double t0 = lk_now();
     unsigned targets = o->targets ? o->targets : (1u << CFG_N_MODULES) - 1;
-    struct cfg cb, ct;
-    memset(&cb, 0, sizeof cb);
-    memset(&ct, 0, sizeof ct);
-    struct st_model mb, mt;
-    memset(&mb, 0, sizeof mb);
-    memset(&mt, 0, sizeof mt);
-    struct cfg_tensor *ts = NULL;
-    const struct st_tensor **pb = NULL, **pt = NULL;
-    struct cmp_fac *fac = NULL;
-    struct lora_extra *extra = NULL;
-    int n_extra = 0, nt = 0, L = 0, rc;
-    struct cmp_buf bb = { 0 }, bt = { 0 };
-    struct cmp_scratch sc;
-    memset(&sc, 0, sizeof sc);
-    char *tmp = NULL;
-
-    // 1. the two models: same architecture, every tensor present with the config's shape
-    if ((rc = cfg_load(&cb, base_dir, err)) || (rc = cfg_load(&ct, tuned_dir, err)) ||
-        (rc = cfg_same(&cb, &ct, tuned_dir, err)))
-        goto out;
-    if ((rc = st_model_open(&mb, base_dir, err)) || (rc = st_model_open(&mt, tuned_dir, err)))
-        goto out;
-    if ((rc = cfg_tensors(&cb, &ts, &nt, err)))
-        goto out;
-    L = cb.num_hidden_layers;
-    pb = lk_calloc((size_t)nt + 1, sizeof *pb);
-    pt = lk_calloc((size_t)nt + 1, sizeof *pt);
-    fac = lk_calloc((size_t)(L * CFG_N_MODULES) + 1, sizeof *fac);
-    if (!pb || !pt || !fac) {
-        rc = lk_errf(err, LK_ERR_NOMEM, "out of memory");
-        goto out;
-    }
-    size_t maxlin = 0;
-    for (int i = 0; i < nt; i++) {
-        if ((rc = find_tensor(&mb, base_dir, &ts[i], &pb[i], err)) ||
-            (rc = find_tensor(&mt, tuned_dir, &ts[i], &pt[i], err)))
-            goto out;
-        if (ts[i].kind == CFG_T_LINEAR && pb[i]->numel > maxlin)
-            maxlin = pb[i]->numel;
-    }
-    if ((rc = out_prepare(out_dir, o->overwrite, &tmp, err)))
-        goto out;
-    // two buffers of the largest linear (other tensors go through them in chunks)
-    size_t cap = maxlin > ((size_t)1 << 16) ? maxlin : ((size_t)1 << 16);
-    if ((rc = buf_reserve(&bb, cap, err)) || (rc = buf_reserve(&bt, cap, err)))
-        goto out;
-
+    struct cmp_pair p;
+    struct cmp_work w;
+    struct lk_outdir od;
+    memset(&w, 0, sizeof w);
+    memset(&od, 0, sizeof od);
+    // 1. the two models; the output folder; the buffers
+    rc = pair_open(&p, base_dir, tuned_dir, err);
+    if (!rc)
+        rc = lk_outdir_begin(&od, out_dir, o->overwrite, err);
+    if (!rc)
+        rc = work_init(&w, &p, err);
     // 2. tensor by tensor
-    for (int i = 0; i < nt; i++) {
-        if (lk_interrupted) {
-            rc = lk_errf(err, LK_ERR_INTERRUPTED, "interrupted");
-            goto out;
-        }
-        const struct cfg_tensor *c = &ts[i];
-        const struct st_tensor *tb = pb[i], *tt = pt[i];
+    for (int i = 0; i < p.nt && !rc; i++) {
+        const struct cfg_tensor *c = &p.ts[i];
         double t1 = lk_now();
         int target = c->module >= 0 && (targets & (1u << c->module));
-        struct cmp_tensor *row;
-        if (c->kind == CFG_T_LINEAR && target) {
-            int m = (int)c->shape[0], n = (int)c->shape[1];
-            float *W = bb.p, *D = bt.p;
-            if ((rc = st_tensor_to_f32(tb, W, err)) || (rc = st_tensor_to_f32(tt, D, err)))
-                goto out;
-            drop_pages(tb->data, tb->nbytes);
-            drop_pages(tt->data, tt->nbytes);
-            double b2 = 0;
-            for (size_t j = 0; j < tb->numel; j++) {
-                b2 += (double)W[j] * W[j];
-                D[j] -= W[j];
-            }
-            if ((rc = report_add(rep, &row, err)))
-                goto out;
-            snprintf(row->name, sizeof row->name, "%s", c->name);
-            row->kind = CMP_LINEAR;
-            row->layer = c->layer;
-            row->module = c->module;
-            row->rows = m;
-            row->cols = n;
-            row->base_fro = sqrt(b2);
-            struct cmp_fac *f = &fac[c->layer * CFG_N_MODULES + c->module];
-            uint64_t seed = o->svd.seed + 0x9e3779b97f4a7c15ull * (uint64_t)(i + 1);
-            if ((rc = factorize(m, n, D, o, seed, &sc, row, &f->B, &f->A, err))) {
-                lk_err_prefix(err, "%s: tensor '%s'", tuned_dir, c->name);
-                goto out;
-            }
-            f->r = row->rank;
-            row->stored = 1;
-            rep->n_linear++;
-            rep->delta_params += (int64_t)m * n;
-            rep->energy_total += row->fro * row->fro;
-            rep->energy_kept += row->fro * row->fro * row->energy_kept;
-        } else {
-            double d2, b2;
-            diff_chunked(tb, tt, bb.p, bt.p, cap, &d2, &b2);
-            if (d2 > 0) {
-                if ((rc = report_add(rep, &row, err)))
-                    goto out;
-                snprintf(row->name, sizeof row->name, "%s", c->name);
-                row->layer = c->layer;
-                row->module = c->module;
-                row->rows = c->shape[0];
-                row->cols = c->ndim == 2 ? c->shape[1] : 1;
-                row->fro = sqrt(d2);
-                row->base_fro = sqrt(b2);
-                row->sigma_next = NAN;
-                if (c->kind == CFG_T_BIAS && target) {
-                    // the delta goes to lora_B.bias (applied as s·bias_B, s = 1)
-                    struct cmp_fac *f = &fac[c->layer * CFG_N_MODULES + c->module];
-                    if (!(f->dbias = lk_malloc(sizeof(float) * tb->numel))) {
-                        rc = lk_errf(err, LK_ERR_NOMEM, "out of memory");
-                        goto out;
-                    }
-                    tensor_to_f32(bb.p, tb->data, tb->dtype, tb->numel);
-                    tensor_to_f32(f->dbias, tt->data, tt->dtype, tt->numel);
-                    for (size_t j = 0; j < tb->numel; j++)
-                        f->dbias[j] -= bb.p[j];
-                    row->kind = CMP_BIAS;
-                    row->stored = 1;
-                    rep->delta_params += (int64_t)tb->numel;
-                } else {
-                    row->kind = CMP_OTHER;
-                    rep->n_other_changed++;
-                    // embeddings, lm_head and norms can be modules_to_save; a linear or bias
-                    // of a module outside the targets cannot (it would shadow the LoRA layer)
-                    int savable = c->kind == CFG_T_EMBED || c->kind == CFG_T_NORM || c->kind == CFG_T_LM_HEAD;
-                    if (o->keep_other && savable) {
-                        struct lora_extra *nx = lk_realloc(extra, sizeof *nx * (size_t)(n_extra + 1));
-                        if (!nx) {
-                            rc = lk_errf(err, LK_ERR_NOMEM, "out of memory");
-                            goto out;
-                        }
-                        extra = nx;
-                        struct lora_extra *x = &extra[n_extra++];
-                        memset(x, 0, sizeof *x);
-                        x->name = lk_strdup(c->name);
-                        x->ndim = c->ndim;
-                        x->shape[0] = c->shape[0];
-                        x->shape[1] = c->ndim == 2 ? c->shape[1] : 0;
-                        x->data = lk_malloc(sizeof(float) * (tt->numel ? tt->numel : 1));
-                        if (!x->name || !x->data) {
-                            rc = lk_errf(err, LK_ERR_NOMEM, "out of memory (keeping '%s')", c->name);
-                            goto out;
-                        }
-                        tensor_to_f32(x->data, tt->data, tt->dtype, tt->numel);
-                        drop_pages(tt->data, tt->nbytes);
-                        row->stored = 1;
-                        rep->delta_params += (int64_t)tt->numel;
-                    } else
-                        rep->n_left_out++;
-                    row->energy_kept = row->stored;
-                    row->rel_error = row->stored ? 0 : 1;
-                }
-                if (row->kind == CMP_BIAS)
-                    row->energy_kept = 1;
-            }
-        }
-        if (rep->n && !strcmp(rep->t[rep->n - 1].name, c->name))
+        if (lk_interrupted)
+            rc = lk_errf(err, LK_ERR_INTERRUPTED, "interrupted");
+        else if (c->kind == CFG_T_LINEAR && target)
+            rc = step_linear(&p, &w, i, o, tuned_dir, rep, err);
+        else
+            rc = step_other(&p, &w, i, o, target, rep, err);
+        if (!rc && rep->n && !strcmp(rep->t[rep->n - 1].name, c->name))
             rep->t[rep->n - 1].seconds = lk_now() - t1;
-        if (o->progress)
-            o->progress(o->progress_ctx, i + 1, nt, c->name);
+        if (!rc && o->progress)
+            o->progress(o->progress_ctx, i + 1, p.nt, c->name);
     }
-    st_model_close(&mb);
-    st_model_close(&mt);
-    buf_release(&bb);
-    buf_release(&bt);
-    scratch_release(&sc);
-
-    // 3. the adapter, into the temporary folder, then renamed into place
-    rc = build_adapter(&cb, base_dir, targets, fac, extra, n_extra, rep, tmp, err);
-    extra = NULL; // taken by build_adapter
-    n_extra = 0;
-    if (!rc)
-        rc = out_commit(out_dir, tmp, err);
-    rep->seconds = lk_now() - t0;
-out:
-    if (rc && tmp)
-        lk_rm_rf(tmp);
-    lk_free(tmp);
-    for (int i = 0; i < n_extra; i++) {
-        lk_free(extra[i].name);
-        lk_free(extra[i].data);
+    // 3. the adapter, into the temporary folder (the models and buffers released first), then
+    // renamed into place
+    if (!rc) {
+        st_model_close(&p.mb);
+        st_model_close(&p.mt);
+        work_buffers_release(&w);
+        rc = build_adapter(&p.cb, base_dir, targets, w.fac, w.extra, w.n_extra, rep, od.tmp, err);
+        w.extra = NULL; // taken by build_adapter
+        w.n_extra = 0;
+        if (!rc)
+            rc = lk_outdir_commit(&od, err);
+        rep->seconds = lk_now() - t0;
     }
-    lk_free(extra);
-    if (fac)
-        for (int i = 0; i < L * CFG_N_MODULES; i++) {
-            lk_free(fac[i].A);
-            lk_free(fac[i].B);
-            lk_free(fac[i].dbias);
-        }
-    lk_free(fac);
-    lk_free(pb);
-    lk_free(pt);
-    lk_free(ts);
-    buf_release(&bb);
-    buf_release(&bt);
-    scratch_release(&sc);
-    st_model_close(&mb);
-    st_model_close(&mt);
-    cfg_release(&cb);
-    cfg_release(&ct);
+    lk_outdir_abort(&od);
+    work_release(&w);
+    pair_close(&p);
     return rc;
 }
 
@@ -801,6 +794,7 @@ out:
 struct red_mod {
     char prefix[160];        /* tensor name before ".lora_A.weight" / ".lora_embedding_A" */
     const struct st_tensor *A, *B; /* point into the input file */
+    const struct st_tensor *bias;  /* lora_B.bias: points into the input file, or NULL */
     int m, n, R, r;          /* out, in, input rank, new rank */
     float s;                 /* input scale */
     float *nB, *nA;          /* owned: new factors [m, max(r, 1)], [max(r, 1), n] */
@@ -810,6 +804,12 @@ static const char *ends_with(const char *s, const char *suf)
 {
     size_t a = strlen(s), b = strlen(suf);
     return a >= b && !strcmp(s + a - b, suf) ? s + a - b : NULL;
+}
+
+/* The module name PEFT's patterns match: a tensor prefix without "base_model.model.". */
+static const char *module_name(const char *prefix)
+{
+    return prefix + (strncmp(prefix, PEFT_PREFIX, strlen(PEFT_PREFIX)) ? 0 : strlen(PEFT_PREFIX));
 }
 
 /* Sets a number member of a JSON object (replacing it, or adding it). */
@@ -872,114 +872,60 @@ out:
     return rc;
 }
 
-int cmp_adapter(const char *in_dir, const char *out_dir, const struct cmp_opts *o,
-                struct cmp_report *rep, struct lk_err *err)
+/* Step 1: the A/B pairs of an adapter read by lora_file_open (its layer modules and embedding
+ * adapter, in the order of their A in the file), with their scale. *out is an owned array of *n. */
+static int red_collect(const struct lora_file *lf, struct red_mod **out, int *n, struct lk_err *err)
 {
-    memset(rep, 0, sizeof *rep);
-    if ((o->rank > 0) == (o->energy > 0))
-        return lk_errf(err, LK_ERR_USAGE, "give exactly one of a rank and an energy fraction");
-    if (o->energy > 1)
-        return lk_errf(err, LK_ERR_USAGE, "energy fraction %g is not in (0, 1]", o->energy);
-    double t0 = lk_now();
-    struct lora_config lc;
-    int rc = lora_config_load(&lc, in_dir, err);
-    if (rc)
-        return rc;
-    char *cpath = lk_path_join(in_dir, "adapter_config.json");
-    char *wpath = lk_path_join(in_dir, "adapter_model.safetensors");
-    char *text = NULL, *tmp = NULL, *otext = NULL, *opath = NULL;
-    size_t len;
-    cJSON *root = NULL;
-    struct st_file f;
-    memset(&f, 0, sizeof f);
-    struct red_mod *mods = NULL;
-    int nmod = 0;
-    if (!cpath || !wpath) {
-        rc = lk_errf(err, LK_ERR_NOMEM, "out of memory");
-        goto out;
-    }
-    if (lc.use_dora) {
-        rc = lk_errf(err, LK_ERR_UNSUPPORTED, "%s: a DoRA adapter cannot be reduced exactly (its magnitude "
-                     "normalises W + ΔW, which changes with the rank)", cpath);
-        goto out;
-    }
-    if ((rc = lk_read_file(cpath, &text, &len, err)))
-        goto out;
-    if (!(root = cJSON_Parse(text)) || !cJSON_IsObject(root)) {
-        rc = lk_errf(err, LK_ERR_FORMAT, "%s: not a JSON object", cpath);
-        goto out;
-    }
-    if (!lk_file_exists(wpath)) {
-        rc = lk_errf(err, LK_ERR_MISSING, "%s: missing (only safetensors adapters are read)", wpath);
-        goto out;
-    }
-    if ((rc = st_open(&f, wpath, err)))
-        goto out;
-    // 1. the A/B pairs
-    mods = lk_calloc((size_t)f.n + 1, sizeof *mods);
-    if (!mods) {
-        rc = lk_errf(err, LK_ERR_NOMEM, "out of memory");
-        goto out;
-    }
-    for (int i = 0; i < f.n; i++) {
-        const struct st_tensor *t = &f.t[i];
-        const char *suf = ends_with(t->name, ".lora_A.weight");
-        const char *bsuf = ".lora_B.weight";
-        if (!suf) {
-            suf = ends_with(t->name, ".lora_embedding_A");
-            bsuf = ".lora_embedding_B";
-        }
-        if (!suf)
+    const char *path = lf->path;
+    struct red_mod *mods = lk_calloc((size_t)lf->st.n + 1, sizeof *mods);
+    *out = mods;
+    *n = 0;
+    if (!mods)
+        return lk_errf(err, LK_ERR_NOMEM, "out of memory");
+    for (int i = 0; i < lf->st.n; i++) {
+        const struct st_tensor *t = &lf->st.t[i];
+        const struct lora_file_module *fm = lf->slot[i] >= 0 ? &lf->mod[lf->slot[i]] : NULL;
+        if (!(fm && t == fm->A) && t != lf->embed_A)
             continue;
-        struct red_mod *md = &mods[nmod];
+        struct red_mod *md = &mods[*n];
+        const char *suf = fm ? ends_with(t->name, ".lora_A.weight") : ends_with(t->name, ".lora_embedding_A");
         size_t pl = (size_t)(suf - t->name);
-        if (pl >= sizeof md->prefix) {
-            rc = lk_errf(err, LK_ERR_FORMAT, "%s: tensor name '%s' is too long", wpath, t->name);
-            goto out;
-        }
+        if (pl >= sizeof md->prefix)
+            return lk_errf(err, LK_ERR_FORMAT, "%s: tensor name '%s' is too long", path, t->name);
         memcpy(md->prefix, t->name, pl);
         md->prefix[pl] = 0;
-        char bname[192];
-        snprintf(bname, sizeof bname, "%s%s", md->prefix, bsuf);
         md->A = t;
-        md->B = st_find(&f, bname);
-        if (!md->B) {
-            rc = lk_errf(err, LK_ERR_MISSING, "%s: '%s' has no partner '%s'", wpath, t->name, bname);
-            goto out;
-        }
-        if (t->ndim != 2 || md->B->ndim != 2 || md->B->shape[1] != t->shape[0] || t->shape[0] < 1) {
-            rc = lk_errf(err, LK_ERR_SHAPE, "%s: '%s' and '%s' are not a [R, in] / [out, R] pair", wpath,
-                         t->name, bname);
-            goto out;
-        }
+        md->B = fm ? fm->B : lf->embed_B;
+        md->bias = fm ? fm->bias : NULL;
+        if (t->shape[0] < 1)
+            return lk_errf(err, LK_ERR_SHAPE, "%s: '%s' and '%s' are not a [R, in] / [out, R] pair", path,
+                           t->name, md->B->name);
         md->R = (int)t->shape[0];
         md->n = (int)t->shape[1];
         md->m = (int)md->B->shape[0];
-        if (md->R > md->m || md->R > md->n) {
-            rc = lk_errf(err, LK_ERR_SHAPE, "%s: '%s' has rank %d above its dimensions %d x %d", wpath,
-                         t->name, md->R, md->m, md->n);
-            goto out;
-        }
-        const char *mname = !strncmp(md->prefix, PEFT_PREFIX, strlen(PEFT_PREFIX)) ? md->prefix + strlen(PEFT_PREFIX)
-                                                                                   : md->prefix;
+        if (md->R > md->m || md->R > md->n)
+            return lk_errf(err, LK_ERR_SHAPE, "%s: '%s' has rank %d above its dimensions %d x %d", path,
+                           t->name, md->R, md->m, md->n);
         int rconf;
         double alpha;
-        lora_config_module(&lc, mname, &rconf, &alpha);
-        md->s = (float)(lc.use_rslora ? alpha / sqrt((double)md->R) : alpha / md->R);
-        nmod++;
+        lora_config_module(&lf->cfg, module_name(md->prefix), &rconf, &alpha);
+        md->s = (float)(lf->cfg.use_rslora ? alpha / sqrt((double)md->R) : alpha / md->R);
+        (*n)++;
     }
-    if (!nmod) {
-        rc = lk_errf(err, LK_ERR_FORMAT, "%s: no lora_A / lora_B pairs", wpath);
-        goto out;
-    }
-    if ((rc = out_prepare(out_dir, o->overwrite, &tmp, err)))
-        goto out;
-    // 2. every module re-factored
+    if (!*n)
+        return lk_errf(err, LK_ERR_FORMAT, "%s: no lora_A / lora_B pairs", path);
+    return LK_OK;
+}
+
+/* Step 2: every module re-factored, a report row each; *out_common is the new config's r (the
+ * most frequent rank). */
+static int red_reduce(struct red_mod *mods, int nmod, const struct cmp_opts *o, const char *path,
+                      struct cmp_report *rep, int *out_common, struct lk_err *err)
+{
     int *ranks = lk_malloc(sizeof(int) * (size_t)nmod);
-    if (!ranks) {
-        rc = lk_errf(err, LK_ERR_NOMEM, "out of memory");
-        goto out;
-    }
+    if (!ranks)
+        return lk_errf(err, LK_ERR_NOMEM, "out of memory");
+    int rc = LK_OK;
     for (int k = 0; k < nmod && !rc; k++) {
         struct red_mod *md = &mods[k];
         double t1 = lk_now();
@@ -987,13 +933,12 @@ int cmp_adapter(const char *in_dir, const char *out_dir, const struct cmp_opts *
         if (lk_interrupted)
             rc = lk_errf(err, LK_ERR_INTERRUPTED, "interrupted");
         else if (!(rc = report_add(rep, &row, err))) {
-            const char *mname = md->prefix + (strncmp(md->prefix, PEFT_PREFIX, strlen(PEFT_PREFIX)) ? 0 : strlen(PEFT_PREFIX));
-            snprintf(row->name, sizeof row->name, "%s", mname);
+            snprintf(row->name, sizeof row->name, "%s", module_name(md->prefix));
             row->kind = CMP_LINEAR;
             row->rows = md->m;
             row->cols = md->n;
             if ((rc = reduce_module(md, o, row, err)))
-                lk_err_prefix(err, "%s: '%s'", wpath, md->A->name);
+                lk_err_prefix(err, "%s: '%s'", path, md->A->name);
             row->seconds = lk_now() - t1;
             ranks[k] = md->r > 0 ? md->r : 1;
             rep->n_linear++;
@@ -1005,37 +950,41 @@ int cmp_adapter(const char *in_dir, const char *out_dir, const struct cmp_opts *
         if (o->progress)
             o->progress(o->progress_ctx, k + 1, nmod, md->prefix);
     }
-    int common = rc ? 1 : most_frequent_rank(ranks, nmod);
+    *out_common = rc ? 1 : most_frequent_rank(ranks, nmod);
     lk_free(ranks);
-    if (rc)
-        goto out;
-    // 3. the tensors, in the input's order: new factors, scaled biases, the rest copied
-    char *path = lk_path_join(tmp, "adapter_model.safetensors");
-    if (!path) {
-        rc = lk_errf(err, LK_ERR_NOMEM, "out of memory");
-        goto out;
+    return rc;
+}
+
+/* The pair a tensor belongs to and its role in it: 1 lora_A, 2 lora_B, 3 lora_B.bias (0 and
+ * NULL: copied as it is). */
+static struct red_mod *red_role(struct red_mod *mods, int nmod, const struct st_tensor *t, int *role)
+{
+    *role = 0;
+    for (int k = 0; k < nmod; k++) {
+        *role = t == mods[k].A ? 1 : t == mods[k].B ? 2 : t == mods[k].bias ? 3 : 0;
+        if (*role)
+            return &mods[k];
     }
+    return NULL;
+}
+
+/* Step 3: adapter_model.safetensors in dir, tensors in the input's order: the new factors,
+ * biases scaled by the old scale, the rest copied. */
+static int red_write_tensors(const struct lora_file *lf, struct red_mod *mods, int nmod, const char *dir,
+                             struct cmp_report *rep, struct lk_err *err)
+{
+    char *path = lk_path_join(dir, "adapter_model.safetensors");
+    if (!path)
+        return lk_errf(err, LK_ERR_NOMEM, "out of memory");
     struct st_writer w;
     st_writer_init(&w, path, err);
     lk_free(path);
     st_writer_meta(&w, "format", "pt");
     for (int pass = 0; pass < 2 && !err->code; pass++) {
-        for (int i = 0; i < f.n && !err->code; i++) {
-            const struct st_tensor *t = &f.t[i];
-            struct red_mod *hit = NULL;
-            int role = 0; // 1 A, 2 B, 3 bias
-            for (int k = 0; k < nmod && !hit; k++) {
-                if (t == mods[k].A)
-                    hit = &mods[k], role = 1;
-                else if (t == mods[k].B)
-                    hit = &mods[k], role = 2;
-                else {
-                    const char *bs = ends_with(t->name, ".lora_B.bias");
-                    if (bs && (size_t)(bs - t->name) == strlen(mods[k].prefix) &&
-                        !strncmp(t->name, mods[k].prefix, strlen(mods[k].prefix)))
-                        hit = &mods[k], role = 3;
-                }
-            }
+        for (int i = 0; i < lf->st.n && !err->code; i++) {
+            const struct st_tensor *t = &lf->st.t[i];
+            int role;
+            struct red_mod *hit = red_role(mods, nmod, t, &role);
             int r = hit && hit->r > 0 ? hit->r : 1;
             if (pass == 0) {
                 if (role == 1)
@@ -1073,57 +1022,94 @@ int cmp_adapter(const char *in_dir, const char *out_dir, const struct cmp_opts *
             st_writer_begin(&w);
     }
     if (err->code) {
-        rc = err->code;
         st_writer_abort(&w);
-        goto out;
+        return err->code;
     }
-    if ((rc = st_writer_commit(&w)))
-        goto out;
-    // 4. the config: the input's JSON with the new ranks, alpha = r (scale 1), no rsLoRA
+    return st_writer_commit(&w);
+}
+
+/* Step 4: adapter_config.json in dir: the input's JSON (root) with the new ranks, alpha = r
+ * (scale 1), no rsLoRA. *out_np: the rank_pattern entries written. */
+static int red_write_config(cJSON *root, const struct red_mod *mods, int nmod, int common, const char *dir,
+                            int *out_np, struct lk_err *err)
+{
     cJSON *rpat = cJSON_CreateObject(), *apat = cJSON_CreateObject();
     int np = 0;
     for (int k = 0; k < nmod && rpat && apat; k++) {
         int r = mods[k].r > 0 ? mods[k].r : 1;
         if (r == common)
             continue;
-        const char *mname = mods[k].prefix + (strncmp(mods[k].prefix, PEFT_PREFIX, strlen(PEFT_PREFIX)) ? 0 : strlen(PEFT_PREFIX));
         char key[400];
-        LK_ASSERT(cmp_pattern_key(mname, key, sizeof key) == 0);
+        LK_ASSERT(cmp_pattern_key(module_name(mods[k].prefix), key, sizeof key) == 0);
         cJSON_AddNumberToObject(rpat, key, r);
         cJSON_AddNumberToObject(apat, key, r);
         np++;
     }
+    *out_np = np;
+    char *text = NULL, *path = NULL;
+    int rc = LK_OK;
     if (json_set(root, "r", cJSON_CreateNumber(common)) || json_set(root, "lora_alpha", cJSON_CreateNumber(common)) ||
         json_set(root, "use_rslora", cJSON_CreateFalse()) || json_set(root, "rank_pattern", rpat) ||
-        json_set(root, "alpha_pattern", apat) || !(otext = cfg_json_print(root)) ||
-        !(opath = lk_path_join(tmp, "adapter_config.json"))) {
+        json_set(root, "alpha_pattern", apat) || !(text = cfg_json_print(root)) ||
+        !(path = lk_path_join(dir, "adapter_config.json")))
         rc = lk_errf(err, LK_ERR_NOMEM, "out of memory");
-        goto out;
+    else
+        rc = lk_write_file_atomic(path, text, strlen(text), err);
+    lk_free(text);
+    lk_free(path);
+    return rc;
+}
+
+int cmp_adapter(const char *in_dir, const char *out_dir, const struct cmp_opts *o,
+                struct cmp_report *rep, struct lk_err *err)
+{
+    memset(rep, 0, sizeof *rep);
+    int rc = opts_check(o, err);
+    if (rc)
+        return rc;
+    double t0 = lk_now();
+    struct lora_file lf;
+    struct lk_outdir od;
+    memset(&od, 0, sizeof od);
+    struct red_mod *mods = NULL;
+    int nmod = 0, common = 1, np = 0;
+    cJSON *root = NULL;
+    // 1. the adapter, through libcore's one reader; its pairs; the output folder
+    rc = lora_file_open(&lf, in_dir, err);
+    if (!rc && lf.cfg.use_dora) {
+        char *cpath = lk_path_join(in_dir, "adapter_config.json");
+        rc = lk_errf(err, LK_ERR_UNSUPPORTED, "%s: a DoRA adapter cannot be reduced exactly (its magnitude "
+                     "normalises W + ΔW, which changes with the rank)", cpath ? cpath : in_dir);
+        lk_free(cpath);
     }
-    if ((rc = lk_write_file_atomic(opath, otext, strlen(otext), err)))
-        goto out;
-    rep->rank_common = common;
-    rep->n_rank_pattern = np;
-    rep->lora_bias = lc.lora_bias;
-    rc = out_commit(out_dir, tmp, err);
-    rep->seconds = lk_now() - t0;
-out:
-    if (rc && tmp)
-        lk_rm_rf(tmp);
+    if (!rc)
+        rc = red_collect(&lf, &mods, &nmod, err);
+    if (!rc && !(root = cJSON_Parse(lf.config_json)))
+        rc = lk_errf(err, LK_ERR_NOMEM, "out of memory");
+    if (!rc)
+        rc = lk_outdir_begin(&od, out_dir, o->overwrite, err);
+    // 2. every module re-factored; 3. the tensors; 4. the config; then renamed into place
+    if (!rc)
+        rc = red_reduce(mods, nmod, o, lf.path, rep, &common, err);
+    if (!rc)
+        rc = red_write_tensors(&lf, mods, nmod, od.tmp, rep, err);
+    if (!rc)
+        rc = red_write_config(root, mods, nmod, common, od.tmp, &np, err);
+    if (!rc) {
+        rep->rank_common = common;
+        rep->n_rank_pattern = np;
+        rep->lora_bias = lf.cfg.lora_bias;
+        rc = lk_outdir_commit(&od, err);
+        rep->seconds = lk_now() - t0;
+    }
+    lk_outdir_abort(&od);
     for (int k = 0; k < nmod; k++) {
         lk_free(mods[k].nA);
         lk_free(mods[k].nB);
     }
     lk_free(mods);
-    st_close(&f);
     cJSON_Delete(root);
-    lk_free(text);
-    lk_free(otext);
-    lk_free(opath);
-    lk_free(tmp);
-    lk_free(cpath);
-    lk_free(wpath);
-    lora_config_release(&lc);
+    lora_file_close(&lf);
     return rc;
 }
 

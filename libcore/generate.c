@@ -271,6 +271,11 @@ static void forward_chunk(struct gen_cache *gc, const struct model *m, const str
         lora_linear(gc, lora, l, CFG_Q, gc->q, gc->ln, N);
         lora_linear(gc, lora, l, CFG_K, kc, gc->ln, N);
         lora_linear(gc, lora, l, CFG_V, vc, gc->ln, N);
+        // 2b. Qwen3: RMSNorm over each head of q and k, in place (the cache keeps normed keys)
+        if (c->qk_norm) {
+            op_rmsnorm_forward(gc->q, NULL, gc->q, w->q_norm, N * gc->NH, HS, eps);
+            op_rmsnorm_forward(kc, NULL, kc, w->k_norm, N * gc->NKV, HS, eps);
+        }
         // 3. rope
         op_rope_forward(gc->q, gc->pos, m->inv_freq, N, gc->NH, HS);
         op_rope_forward(kc, gc->pos, m->inv_freq, N, gc->NKV, HS);
@@ -319,6 +324,10 @@ int gen_forward(struct gen_cache *gc, const struct model *m, const struct lora *
     if (N > gc->T_max - gc->n)
         return lk_errf(err, LK_ERR_USAGE, "the KV cache holds %d positions: %d used, %d more do not fit",
                        gc->T_max, gc->n, N);
+    if (N > cfg_rope_positions(c) - gc->n)
+        return lk_errf(err, LK_ERR_UNSUPPORTED, "position %d is beyond the %d positions where rope_scaling "
+                       "'dynamic' keeps its frequencies (transformers rescales them there: not supported)",
+                       gc->n + N - 1, cfg_rope_positions(c));
     if (lora) {
         if (lora->L != gc->L)
             return lk_errf(err, LK_ERR_SHAPE, "adapter has %d layers, model has %d", lora->L, gc->L);

@@ -1,7 +1,8 @@
 /*
  * generate.h - incremental decoding with a KV cache, sampling, and the generation loop.
  *
- * The cache keeps, for every layer, the keys (after rotary embedding) and values of every
+ * The cache keeps, for every layer, the keys (after Qwen3's k_norm and the rotary embedding) and
+ * values of every
  * token seen so far: k[l], v[l] [T_max, NKV*HS]. gen_forward runs a chunk of new tokens at
  * positions n..n+N-1 through the same weights as model_forward (struct model's layers,
  * inv_freq, the ops.h kernels, a LoRA adapter applied as y += s*B(A x) + s*bias_B), appends

@@ -10,6 +10,7 @@
 #include <math.h>
 #include <signal.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -78,6 +79,20 @@ void lk_assert_fail(const char *file, int line, const char *cond)
 // ---- memory ----
 
 long lk_fail_countdown = 0;
+static atomic_long lk_live; // blocks handed out and not freed (threads allocate too)
+
+long lk_alloc_live(void)
+{
+    return atomic_load_explicit(&lk_live, memory_order_relaxed);
+}
+
+/* Counts p as a new block when it is one; returns p. */
+static void *lk_count(void *p)
+{
+    if (p)
+        atomic_fetch_add_explicit(&lk_live, 1, memory_order_relaxed);
+    return p;
+}
 
 size_t lk_alloc_limit = 0;
 size_t lk_alloc_largest = 0;
@@ -103,7 +118,7 @@ void *lk_malloc(size_t n)
 {
     if (lk_fault_now() || lk_probe_refuses(n))
         return NULL;
-    return malloc(n ? n : 1);
+    return lk_count(malloc(n ? n : 1));
 }
 
 void *lk_calloc(size_t count, size_t size)
@@ -112,19 +127,22 @@ void *lk_calloc(size_t count, size_t size)
         lk_probe_refuses(count * size))
         return NULL;
     if (!count || !size)
-        return calloc(1, 1);
-    return calloc(count, size);
+        return lk_count(calloc(1, 1));
+    return lk_count(calloc(count, size));
 }
 
 void *lk_realloc(void *p, size_t n)
 {
     if (lk_fault_now() || lk_probe_refuses(n))
         return NULL;
-    return realloc(p, n ? n : 1);
+    void *q = realloc(p, n ? n : 1);
+    return p ? q : lk_count(q);
 }
 
 void lk_free(void *p)
 {
+    if (p)
+        atomic_fetch_sub_explicit(&lk_live, 1, memory_order_relaxed);
     free(p);
 }
 

@@ -50,6 +50,10 @@ void *lk_realloc(void *p, size_t n);
 void lk_free(void *p);
 char *lk_strdup(const char *s);
 extern long lk_fail_countdown; /* <= 0: off */
+/* Blocks that lk_malloc, lk_calloc and lk_realloc(NULL, n) handed out and lk_free has not taken
+ * back (counted atomically): allocation-failure tests check that an operation that failed left
+ * it where it was. Memory from other allocators (cJSON, libc) is not counted. */
+long lk_alloc_live(void);
 /* Allocation-size probe for tests and benchmarks (not thread-safe; single-threaded callers):
  * when lk_alloc_limit > 0, any single request above it fails (NULL) and lk_alloc_largest
  * records the largest request seen (set the limit to SIZE_MAX to record only). */

@@ -25,6 +25,7 @@
 
 #include "cfg.h"
 #include "lk.h"
+#include "st.h"
 
 struct model;
 
@@ -109,7 +110,8 @@ int lora_regex_check(const char *rx, const char *what, const char *path, struct 
 /* Allocates the factors for every targeted module of a model config (zeroed). */
 int lora_init(struct lora *l, const struct lora_config *lc, const struct cfg *c, struct lk_err *err);
 void lora_release(struct lora *l);
-/* DoRA's initial magnitudes: m = ||W + s B A|| per output row (PEFT's init). */
+/* DoRA's set-up (lora_dora.c): the initial magnitudes m = ||W + s B A|| per output row (PEFT's
+ * init). */
 int lora_init_dora_magnitude(struct lora *l, const struct model *m, struct lk_err *err);
 /* PEFT's default init: A ~ kaiming_uniform(a = sqrt 5) = U(-1/sqrt(in), 1/sqrt(in)), B = 0;
  * gaussian: A ~ N(0, 1/R), B = 0. */
@@ -117,12 +119,57 @@ void lora_init_weights(struct lora *l, int gaussian, struct lk_rng *rng);
 /* Slot of (layer, module), or NULL. */
 struct lora_module *lora_find(const struct lora *l, int layer, int module);
 
-/* Reads DIR/adapter_config.json alone (peft_type LORA required; PEFT's defaults r 8, alpha 8). */
+// ---- adapter folders: the one reader (lora_io.c) ----
+
+/* Reads DIR/adapter_config.json alone (peft_type LORA required; PEFT's defaults r 8, alpha 8).
+ * What the engine cannot apply (layers_to_transform, bias other than "none", fan_in_fan_out) is
+ * refused. lc is released on failure. */
 int lora_config_load(struct lora_config *lc, const char *dir, struct lk_err *err);
-/* Reads an adapter folder (adapter_config.json + adapter_model.safetensors), checking it against
- * the base config: shapes, ranks, modules and layers the base has. What the engine cannot apply
- * (layers_to_transform, bias other than "none", fan_in_fan_out) is refused. */
+
+/* One adapted projection of an adapter file. */
+struct lora_file_module {
+    int layer, module;                  /* module: enum cfg_module */
+    int64_t R, in, out;                 /* lora_A [R, in], lora_B [out, R] */
+    const struct st_tensor *A, *B;      /* point into the file's table */
+    const struct st_tensor *bias, *mag; /* lora_B.bias, DoRA magnitude: into the table, or NULL */
+};
+
+/* An adapter folder opened on its own, without a base model. Every tensor of the file is one of:
+ * a tensor of a module in mod (slot[i] >= 0), embed_A / embed_B, or a modules_to_save copy
+ * "base_model.model.<name>" (slot[i] -1; its name and shape are checked by lora_file_bind). */
+struct lora_file {
+    struct lora_config cfg;       /* adapter_config.json, validated */
+    char *config_json;            /* owned: its text (a writer keeps the fields lorakit does not model) */
+    char *path;                   /* owned: DIR/adapter_model.safetensors, as messages name it */
+    struct st_file st;            /* owned: the tensors, mapped, in the file's order */
+    int n_mod;
+    struct lora_file_module *mod; /* owned: in the order of their lora_A in the file */
+    int *slot;                    /* owned [st.n]: the module each tensor belongs to, or -1 */
+    int L;                        /* 1 + the highest layer the names mention (0: none) */
+    int *index;                   /* owned [L * CFG_N_MODULES]: the module of (layer, m), or -1 */
+    const struct st_tensor *embed_A, *embed_B; /* lora_embedding_A [R, V] / _B [C, R], or NULL */
+};
+/* Opens DIR (adapter_config.json + adapter_model.safetensors) without a base: the config as
+ * lora_config_load reads it; every tensor named as PEFT names it and of a float dtype; each
+ * module with both factors, 2-D, the config's rank (after rank_pattern), lora_B's rank equal to
+ * lora_A's, lora_B.bias exactly when lora_bias and a magnitude exactly when use_dora, both [out];
+ * no projection the config does not target; the embedding adapter complete. On failure lf is
+ * closed (closing it again is harmless). */
+int lora_file_open(struct lora_file *lf, const char *dir, struct lk_err *err);
+/* Harmless on a zeroed or closed struct. */
+void lora_file_close(struct lora_file *lf);
+/* The second step: checks an open adapter against a base config (layers the base has, every
+ * shape, modules_to_save names, every targeted projection of every layer present) and reads it
+ * into l (release with lora_release; on failure l holds nothing). lf stays open. */
+int lora_file_bind(const struct lora_file *lf, const struct cfg *c, struct lora *l, struct lk_err *err);
+/* lora_file_open, lora_file_bind, lora_file_close: an adapter folder read for a base config. */
 int lora_load(struct lora *l, const char *dir, const struct cfg *c, struct lk_err *err);
+/* Appends a modules_to_save tensor to the array *v of *n: name copied, shape [shape[0]] or
+ * [shape[0], shape[1]], *out_data its floats (allocated, not filled). On failure (LK_ERR_NOMEM)
+ * the array stays valid: an entry that was added is counted with its fields NULL or owned, so
+ * releasing the array as usual frees everything. */
+int lora_extra_add(struct lora_extra **v, int *n, const char *name, int ndim, const int64_t shape[2],
+                   float **out_data, struct lk_err *err);
 /* Writes an adapter folder atomically (both files to temp names, then renamed). */
 int lora_save(const struct lora *l, const char *dir, struct lk_err *err);
 /* Writes the tensors of a block with lora->mem's layout (the factors, or their gradients) under
@@ -137,6 +184,9 @@ struct model;
 int lora_init_pissa(struct lora *l, struct model *m, struct lk_err *err);
 /* Saves a PiSSA-trained adapter converted to apply to the original base: rank 2R. */
 int lora_save_pissa(const struct lora *l, const struct model *m, const char *dir, struct lk_err *err);
+/* The frozen weight W [out, in] of (layer, module) in a model's float32 block (lora_pissa.c; also
+ * used by lora_dora.c). Points into the model. */
+float *lora_base_weight(const struct model *m, int layer, int module);
 
 /* Trainable parameter count (A, B, biases). */
 size_t lora_param_count(const struct lora *l);

@@ -1,8 +1,11 @@
 /*
  * lora_io.c - PEFT's adapter format: adapter_config.json (read with cJSON, written with keys
  * sorted and 2-space indents as PEFT's json.dumps(sort_keys=True, indent=2) does) and
- * adapter_model.safetensors (tensor names in ANCHORS.md §2). Every tensor in the file must be
- * understood and must fit the base model; anything else is refused with its name.
+ * adapter_model.safetensors (tensor names in ANCHORS.md §2). The one adapter reader: an
+ * adapter is opened on its own (lora_file_open: the config validated, every tensor in the file
+ * understood and the shapes of each module's tensors checked against each other), then bound to
+ * a base (lora_file_bind: layers and shapes the base has, the values read into struct lora).
+ * Anything else is refused with its name. Owns: while open, the mapped file and its index.
  */
 #include "lora.h"
 
@@ -83,80 +86,58 @@ static int target_module_of(const char *s)
     return cfg_module_parse(dot ? dot + 1 : s);
 }
 
-int lora_config_load(struct lora_config *lc, const char *dir, struct lk_err *err)
+/* r, lora_alpha and lora_dropout, each checked when present (PEFT's defaults otherwise). */
+static int config_numbers(const cJSON *o, struct lora_config *lc, const char *path, struct lk_err *err)
 {
-    char *path = lk_path_join(dir, "adapter_config.json"), *text = NULL;
-    if (!path)
-        return lk_errf(err, LK_ERR_NOMEM, "out of memory");
-    int rc = lk_read_file(path, &text, NULL, err);
-    if (rc) {
-        lk_free(path);
-        return rc;
-    }
-    lora_config_default(lc);
-    lc->r = 8;
-    lc->alpha = 8; // PEFT's defaults when the file leaves them out
-    lc->targets = 0;
-    cJSON *o = cJSON_Parse(text);
-    lk_free(text);
-    double d;
-    int b;
-    const cJSON *v;
-    if (!o || !cJSON_IsObject(o)) {
-        rc = lk_errf(err, LK_ERR_FORMAT, "%s: not a JSON object", path);
-        goto done;
-    }
-    v = cJSON_GetObjectItemCaseSensitive(o, "peft_type");
-    if (!cJSON_IsString(v)) {
-        rc = lk_errf(err, LK_ERR_FORMAT, "%s: missing field 'peft_type'", path);
-        goto done;
-    }
-    if (strcmp(v->valuestring, "LORA")) {
-        rc = lk_errf(err, LK_ERR_UNSUPPORTED, "%s: peft_type '%s' is not supported (only LORA)", path,
-                     v->valuestring);
-        goto done;
-    }
-#define NUM(key, dst, cond, what)                                                                  \
-    switch (json_number(o, key, &d)) {                                                             \
-    case -1:                                                                                       \
-        rc = lk_errf(err, LK_ERR_FORMAT, "%s: '%s' must be a number", path, key);                  \
-        goto done;                                                                                 \
-    case 1:                                                                                        \
-        if (!(cond)) {                                                                             \
-            rc = lk_errf(err, LK_ERR_FORMAT, "%s: '%s' %s", path, key, what);                      \
-            goto done;                                                                             \
-        }                                                                                          \
-        dst;                                                                                       \
-    }
-    NUM("r", lc->r = (int)d, d >= 1 && d <= 65536 && d == floor(d), "must be a positive integer");
-    NUM("lora_alpha", lc->alpha = d, d > 0, "must be positive");
-    NUM("lora_dropout", lc->dropout = d, d >= 0 && d < 1, "must be in [0, 1)");
-#undef NUM
-#define BOOL(key, dst)                                                                             \
-    if (json_bool(o, key, &b) < 0) {                                                               \
-        rc = lk_errf(err, LK_ERR_FORMAT, "%s: '%s' must be true or false", path, key);             \
-        goto done;                                                                                 \
-    } else if (json_bool(o, key, &b) > 0)                                                          \
-        dst = b;
-    BOOL("use_rslora", lc->use_rslora);
-    BOOL("use_dora", lc->use_dora);
-    BOOL("lora_bias", lc->lora_bias);
+    double r = 0, alpha = 0, dropout = 0;
+    int has_r = json_number(o, "r", &r);
+    if (has_r < 0)
+        return lk_errf(err, LK_ERR_FORMAT, "%s: 'r' must be a number", path);
+    if (has_r && !(r >= 1 && r <= 65536 && r == floor(r)))
+        return lk_errf(err, LK_ERR_FORMAT, "%s: 'r' must be a positive integer", path);
+    int has_alpha = json_number(o, "lora_alpha", &alpha);
+    if (has_alpha < 0)
+        return lk_errf(err, LK_ERR_FORMAT, "%s: 'lora_alpha' must be a number", path);
+    if (has_alpha && !(alpha > 0))
+        return lk_errf(err, LK_ERR_FORMAT, "%s: 'lora_alpha' must be positive", path);
+    int has_dropout = json_number(o, "lora_dropout", &dropout);
+    if (has_dropout < 0)
+        return lk_errf(err, LK_ERR_FORMAT, "%s: 'lora_dropout' must be a number", path);
+    if (has_dropout && !(dropout >= 0 && dropout < 1))
+        return lk_errf(err, LK_ERR_FORMAT, "%s: 'lora_dropout' must be in [0, 1)", path);
+    if (has_r)
+        lc->r = (int)r;
+    if (has_alpha)
+        lc->alpha = alpha;
+    if (has_dropout)
+        lc->dropout = dropout;
+    return LK_OK;
+}
+
+/* The switches (use_rslora, use_dora, lora_bias), the names kept as written, and the settings
+ * the engine cannot apply (fan_in_fan_out, a bias other than "none", layers_to_transform). */
+static int config_flags(const cJSON *o, struct lora_config *lc, const char *path, struct lk_err *err)
+{
     int fifo = 0;
-    BOOL("fan_in_fan_out", fifo);
-#undef BOOL
-    if (fifo) {
-        rc = lk_errf(err, LK_ERR_UNSUPPORTED, "%s: fan_in_fan_out is for GPT-2's Conv1D, not Llama/Qwen2",
-                     path);
-        goto done;
+    struct {
+        const char *key;
+        int *dst;
+    } flag[] = { { "use_rslora", &lc->use_rslora }, { "use_dora", &lc->use_dora },
+                 { "lora_bias", &lc->lora_bias }, { "fan_in_fan_out", &fifo } };
+    for (size_t i = 0; i < sizeof flag / sizeof flag[0]; i++) {
+        int b, k = json_bool(o, flag[i].key, &b);
+        if (k < 0)
+            return lk_errf(err, LK_ERR_FORMAT, "%s: '%s' must be true or false", path, flag[i].key);
+        if (k > 0)
+            *flag[i].dst = b;
     }
-    v = cJSON_GetObjectItemCaseSensitive(o, "bias");
-    if (v && cJSON_IsString(v)) {
-        if (strcmp(v->valuestring, "none")) {
-            rc = lk_errf(err, LK_ERR_UNSUPPORTED, "%s: bias '%s' is not supported (only \"none\")", path,
-                         v->valuestring);
-            goto done;
-        }
-    }
+    if (fifo)
+        return lk_errf(err, LK_ERR_UNSUPPORTED, "%s: fan_in_fan_out is for GPT-2's Conv1D, not Llama/Qwen2",
+                       path);
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, "bias");
+    if (v && cJSON_IsString(v) && strcmp(v->valuestring, "none"))
+        return lk_errf(err, LK_ERR_UNSUPPORTED, "%s: bias '%s' is not supported (only \"none\")", path,
+                       v->valuestring);
     v = cJSON_GetObjectItemCaseSensitive(o, "base_model_name_or_path");
     if (v && cJSON_IsString(v))
         snprintf(lc->base_model, sizeof lc->base_model, "%s", v->valuestring);
@@ -164,97 +145,158 @@ int lora_config_load(struct lora_config *lc, const char *dir, struct lk_err *err
     if (v && cJSON_IsString(v))
         snprintf(lc->init, sizeof lc->init, "%s", v->valuestring);
     v = cJSON_GetObjectItemCaseSensitive(o, "layers_to_transform");
-    if (v && !cJSON_IsNull(v)) {
-        rc = lk_errf(err, LK_ERR_UNSUPPORTED, "%s: layers_to_transform is not supported yet", path);
-        goto done;
+    if (v && !cJSON_IsNull(v))
+        return lk_errf(err, LK_ERR_UNSUPPORTED, "%s: layers_to_transform is not supported yet", path);
+    return LK_OK;
+}
+
+/* target_modules as a list: each entry a projection name (or a path ending in one), or
+ * embed_tokens. */
+static int targets_list(const cJSON *v, struct lora_config *lc, const char *path, struct lk_err *err)
+{
+    const cJSON *e;
+    cJSON_ArrayForEach(e, v)
+    {
+        if (!cJSON_IsString(e))
+            return lk_errf(err, LK_ERR_FORMAT, "%s: target_modules must hold strings", path);
+        if (!strcmp(e->valuestring, "embed_tokens")) {
+            lc->target_embed = 1;
+            continue;
+        }
+        int m = target_module_of(e->valuestring);
+        if (m < 0)
+            return lk_errf(err, LK_ERR_UNSUPPORTED,
+                           "%s: target module '%s' is not a projection of a Llama/Qwen2 layer", path,
+                           e->valuestring);
+        lc->targets |= 1u << m;
     }
-    v = cJSON_GetObjectItemCaseSensitive(o, "target_modules");
-    if (cJSON_IsArray(v)) {
-        const cJSON *e;
-        cJSON_ArrayForEach(e, v)
-        {
-            if (!cJSON_IsString(e)) {
-                rc = lk_errf(err, LK_ERR_FORMAT, "%s: target_modules must hold strings", path);
-                goto done;
-            }
-            if (!strcmp(e->valuestring, "embed_tokens")) {
-                lc->target_embed = 1;
-                continue;
-            }
-            int m = target_module_of(e->valuestring);
-            if (m < 0) {
-                rc = lk_errf(err, LK_ERR_UNSUPPORTED,
-                             "%s: target module '%s' is not a projection of a Llama/Qwen2 layer", path,
-                             e->valuestring);
-                goto done;
-            }
+    return LK_OK;
+}
+
+/* target_modules as a string: "all-linear", or a regex that must match the whole module name
+ * (PEFT: re.fullmatch), tried on each projection's path. */
+static int targets_regex(const char *s, struct lora_config *lc, const char *path, struct lk_err *err)
+{
+    if (!strcmp(s, "all-linear")) {
+        lc->targets = (1u << CFG_N_MODULES) - 1;
+        return LK_OK;
+    }
+    int rc = lora_regex_check(s, "target_modules", path, err);
+    if (rc)
+        return rc;
+    size_t n = strlen(s) + 8;
+    char *rx = lk_malloc(n);
+    if (!rx)
+        return lk_errf(err, LK_ERR_NOMEM, "out of memory");
+    snprintf(rx, n, "^(%s)$", s);
+    regex_t re;
+    int bad = regcomp(&re, rx, REG_EXTENDED | REG_NOSUB);
+    lk_free(rx);
+    if (bad)
+        return lk_errf(err, LK_ERR_FORMAT, "%s: target_modules regex '%s' does not compile", path, s);
+    for (int m = 0; m < CFG_N_MODULES; m++) {
+        char name[96];
+        cfg_module_path(0, (enum cfg_module)m, name, sizeof name);
+        if (!regexec(&re, name, 0, NULL, 0))
             lc->targets |= 1u << m;
-        }
-    } else if (cJSON_IsString(v)) {
-        if (!strcmp(v->valuestring, "all-linear"))
-            lc->targets = (1u << CFG_N_MODULES) - 1;
-        else {
-            // a string is a regex that must match the whole module name (PEFT: re.fullmatch)
-            if ((rc = lora_regex_check(v->valuestring, "target_modules", path, err)))
-                goto done;
-            size_t n = strlen(v->valuestring) + 8;
-            char *rx = lk_malloc(n);
-            regex_t re;
-            if (!rx) {
-                rc = lk_errf(err, LK_ERR_NOMEM, "out of memory");
-                goto done;
-            }
-            snprintf(rx, n, "^(%s)$", v->valuestring);
-            int bad = regcomp(&re, rx, REG_EXTENDED | REG_NOSUB);
-            lk_free(rx);
-            if (bad) {
-                rc = lk_errf(err, LK_ERR_FORMAT, "%s: target_modules regex '%s' does not compile", path,
-                             v->valuestring);
-                goto done;
-            }
-            for (int m = 0; m < CFG_N_MODULES; m++) {
-                char name[96];
-                cfg_module_path(0, (enum cfg_module)m, name, sizeof name);
-                if (!regexec(&re, name, 0, NULL, 0))
-                    lc->targets |= 1u << m;
-            }
-            regfree(&re);
-        }
-    } else {
-        rc = lk_errf(err, LK_ERR_FORMAT, "%s: missing field 'target_modules'", path);
-        goto done;
     }
-    if ((rc = patterns_read(o, "rank_pattern", &lc->rank_pattern, &lc->n_rank_pattern, path, err)))
-        goto done;
-    if ((rc = patterns_read(o, "alpha_pattern", &lc->alpha_pattern, &lc->n_alpha_pattern, path, err)))
-        goto done;
-    v = cJSON_GetObjectItemCaseSensitive(o, "modules_to_save");
-    if (cJSON_IsArray(v)) {
-        int cnt = cJSON_GetArraySize(v);
-        lc->modules_to_save = lk_calloc((size_t)cnt + 1, sizeof(char *));
-        if (!lc->modules_to_save) {
-            rc = lk_errf(err, LK_ERR_NOMEM, "out of memory");
-            goto done;
-        }
-        const cJSON *e;
-        cJSON_ArrayForEach(e, v)
-        {
-            if (!cJSON_IsString(e)) {
-                rc = lk_errf(err, LK_ERR_FORMAT, "%s: modules_to_save must hold strings", path);
-                goto done;
-            }
-            if (!(lc->modules_to_save[lc->n_modules_to_save++] = lk_strdup(e->valuestring))) {
-                rc = lk_errf(err, LK_ERR_NOMEM, "out of memory");
-                goto done;
-            }
-        }
+    regfree(&re);
+    return LK_OK;
+}
+
+static int config_modules_to_save(const cJSON *o, struct lora_config *lc, const char *path,
+                                  struct lk_err *err)
+{
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, "modules_to_save");
+    if (!cJSON_IsArray(v))
+        return LK_OK;
+    int cnt = cJSON_GetArraySize(v);
+    lc->modules_to_save = lk_calloc((size_t)cnt + 1, sizeof(char *));
+    if (!lc->modules_to_save)
+        return lk_errf(err, LK_ERR_NOMEM, "out of memory");
+    const cJSON *e;
+    cJSON_ArrayForEach(e, v)
+    {
+        if (!cJSON_IsString(e))
+            return lk_errf(err, LK_ERR_FORMAT, "%s: modules_to_save must hold strings", path);
+        if (!(lc->modules_to_save[lc->n_modules_to_save++] = lk_strdup(e->valuestring)))
+            return lk_errf(err, LK_ERR_NOMEM, "out of memory");
     }
-    rc = LK_OK;
-done:
+    return LK_OK;
+}
+
+/* Every field lorakit reads, in the order the checks report them. */
+static int config_fields(const cJSON *o, struct lora_config *lc, const char *path, struct lk_err *err)
+{
+    if (!o || !cJSON_IsObject(o))
+        return lk_errf(err, LK_ERR_FORMAT, "%s: not a JSON object", path);
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, "peft_type");
+    if (!cJSON_IsString(v))
+        return lk_errf(err, LK_ERR_FORMAT, "%s: missing field 'peft_type'", path);
+    if (strcmp(v->valuestring, "LORA"))
+        return lk_errf(err, LK_ERR_UNSUPPORTED, "%s: peft_type '%s' is not supported (only LORA)", path,
+                       v->valuestring);
+    int rc = config_numbers(o, lc, path, err);
+    if (!rc)
+        rc = config_flags(o, lc, path, err);
+    if (!rc) {
+        v = cJSON_GetObjectItemCaseSensitive(o, "target_modules");
+        if (cJSON_IsArray(v))
+            rc = targets_list(v, lc, path, err);
+        else if (cJSON_IsString(v))
+            rc = targets_regex(v->valuestring, lc, path, err);
+        else
+            rc = lk_errf(err, LK_ERR_FORMAT, "%s: missing field 'target_modules'", path);
+    }
+    if (!rc)
+        rc = patterns_read(o, "rank_pattern", &lc->rank_pattern, &lc->n_rank_pattern, path, err);
+    if (!rc)
+        rc = patterns_read(o, "alpha_pattern", &lc->alpha_pattern, &lc->n_alpha_pattern, path, err);
+    if (!rc)
+        rc = config_modules_to_save(o, lc, path, err);
+    return rc;
+}
+
+/* Parses the text of path (an adapter_config.json) into lc; on failure lc holds nothing. */
+static int config_parse(struct lora_config *lc, const char *text, const char *path, struct lk_err *err)
+{
+    lora_config_default(lc);
+    lc->r = 8;
+    lc->alpha = 8; // PEFT's defaults when the file leaves them out
+    lc->targets = 0;
+    cJSON *o = cJSON_Parse(text);
+    int rc = config_fields(o, lc, path, err);
     cJSON_Delete(o);
-    lk_free(path);
     if (rc)
         lora_config_release(lc);
+    return rc;
+}
+
+/* DIR/adapter_config.json: its path and text (heap strings, caller frees both). */
+static int config_read(const char *dir, char **out_path, char **out_text, struct lk_err *err)
+{
+    *out_text = NULL;
+    *out_path = lk_path_join(dir, "adapter_config.json");
+    if (!*out_path)
+        return lk_errf(err, LK_ERR_NOMEM, "out of memory");
+    int rc = lk_read_file(*out_path, out_text, NULL, err);
+    if (rc) {
+        lk_free(*out_path);
+        *out_path = NULL;
+    }
+    return rc;
+}
+
+int lora_config_load(struct lora_config *lc, const char *dir, struct lk_err *err)
+{
+    char *path, *text;
+    lora_config_default(lc);
+    int rc = config_read(dir, &path, &text, err);
+    if (rc)
+        return rc;
+    rc = config_parse(lc, text, path, err);
+    lk_free(text);
+    lk_free(path);
     return rc;
 }
 
@@ -362,7 +404,7 @@ static int config_write(const struct lora_config *lc, const char *path, struct l
     return lk_afile_commit(&af);
 }
 
-// ---- tensors ----
+// ---- adapter_model.safetensors: names and shapes ----
 
 /* Splits "base_model.model.model.layers.N.<part>.<module>.<rest>": returns the module and sets
  * layer and rest, or -1 when the name is not a layer projection tensor. */
@@ -400,230 +442,438 @@ static int parse_layer_name(const char *name, int *layer, const char **rest)
     return m;
 }
 
+/* The tensor has ndim dimensions [d0] or [d0, d1]. */
+static int check_shape(const struct st_tensor *t, int ndim, int64_t d0, int64_t d1, const char *path,
+                       struct lk_err *err)
+{
+    if (t->ndim == ndim && t->shape[0] == d0 && (ndim == 1 || t->shape[1] == d1))
+        return LK_OK;
+    if (ndim == 1)
+        return lk_errf(err, LK_ERR_SHAPE, "%s: tensor '%s' has shape %s, expected [%lld] "
+                       "(hint: adapter trained for another base model?)",
+                       path, t->name, t->ndim == 1 ? "[...]" : "of another rank", (long long)d0);
+    return lk_errf(err, LK_ERR_SHAPE,
+                   "%s: tensor '%s' has shape [%lld, %lld], expected [%lld, %lld] "
+                   "(hint: adapter trained for another base model?)",
+                   path, t->name, (long long)t->shape[0], (long long)(t->ndim > 1 ? t->shape[1] : 0),
+                   (long long)d0, (long long)d1);
+}
+
+static int check_float(const struct st_tensor *t, const char *path, struct lk_err *err)
+{
+    if (!t || tensor_dtype_is_float(t->dtype))
+        return LK_OK;
+    return lk_errf(err, LK_ERR_FORMAT, "%s: tensor '%s' has dtype %s, expected a float type", path, t->name,
+                   tensor_dtype_name(t->dtype));
+}
+
 static int load_f32(const struct st_tensor *t, float *dst, int ndim, int64_t d0, int64_t d1,
                     const char *path, struct lk_err *err)
 {
-    if (t->ndim != ndim || t->shape[0] != d0 || (ndim > 1 && t->shape[1] != d1)) {
-        if (ndim == 1)
-            return lk_errf(err, LK_ERR_SHAPE, "%s: tensor '%s' has shape %s, expected [%lld] "
-                           "(hint: adapter trained for another base model?)",
-                           path, t->name, t->ndim == 1 ? "[...]" : "of another rank", (long long)d0);
-        return lk_errf(err, LK_ERR_SHAPE,
-                       "%s: tensor '%s' has shape [%lld, %lld], expected [%lld, %lld] "
-                       "(hint: adapter trained for another base model?)",
-                       path, t->name, (long long)t->shape[0], (long long)(t->ndim > 1 ? t->shape[1] : 0),
-                       (long long)d0, (long long)d1);
-    }
-    if (!tensor_dtype_is_float(t->dtype))
-        return lk_errf(err, LK_ERR_FORMAT, "%s: tensor '%s' has dtype %s, expected a float type", path,
-                       t->name, tensor_dtype_name(t->dtype));
-    return st_tensor_to_f32(t, dst, err);
+    int rc = check_shape(t, ndim, d0, d1, path, err);
+    return rc ? rc : st_tensor_to_f32(t, dst, err);
 }
 
-int lora_load(struct lora *l, const char *dir, const struct cfg *c, struct lk_err *err)
+/* A lora_A whose rank is not the config's. */
+static int err_rank_config(const char *path, const struct st_tensor *A, int R, struct lk_err *err)
 {
-    memset(l, 0, sizeof *l);
-    struct lora_config lc;
-    int rc = lora_config_load(&lc, dir, err);
-    if (rc)
-        return rc;
-    char *path = lk_path_join(dir, "adapter_model.safetensors");
-    struct st_file f = { 0 };
-    if (!path) {
-        lora_config_release(&lc);
-        return lk_errf(err, LK_ERR_NOMEM, "out of memory");
-    }
-    if (!lk_file_exists(path)) {
-        rc = lk_errf(err, LK_ERR_MISSING, "%s: missing (only safetensors adapters are read; "
-                     "adapter_model.bin is a pickle and is refused)", path);
-        goto out;
-    }
-    if ((rc = st_open(&f, path, err)))
-        goto out;
-    // 1. which layers/modules the file holds, and their ranks (from lora_A's shape)
-    int L = c->num_hidden_layers;
-    unsigned present = 0;
-    for (int i = 0; i < f.n; i++) {
+    return lk_errf(err, LK_ERR_SHAPE, "%s: tensor '%s' has rank %lld, adapter_config.json says %d "
+                   "(rank_pattern missing?)", path, A->name, (long long)A->shape[0], R);
+}
+
+/* A lora_B whose rank is not its lora_A's. */
+static int err_rank_pair(const char *path, const struct st_tensor *B, int64_t R, struct lk_err *err)
+{
+    return lk_errf(err, LK_ERR_SHAPE, "%s: tensor '%s' has rank %lld but lora_A has %lld "
+                   "(lora_A/lora_B rank mismatch)", path, B->name, (long long)B->shape[1], (long long)R);
+}
+
+/* A factor missing for a module target_modules lists. */
+static int err_missing_factor(const char *path, int layer, int m, const char *which, struct lk_err *err)
+{
+    char nm[128];
+    lora_peft_name(layer, m, nm, sizeof nm);
+    return lk_errf(err, LK_ERR_MISSING, "%s: adapter has no '%s.%s' although target_modules lists '%s'", path,
+                   nm, which, cfg_module_names[m]);
+}
+
+/* A tensor of a layer the base does not have (the first in the file's order). */
+static int layers_check(const struct lora_file *lf, int L, struct lk_err *err)
+{
+    for (int i = 0; i < lf->st.n; i++) {
         int layer;
         const char *rest;
-        int m = parse_layer_name(f.t[i].name, &layer, &rest);
+        if (parse_layer_name(lf->st.t[i].name, &layer, &rest) >= 0 && layer >= L)
+            return lk_errf(err, LK_ERR_SHAPE, "%s: tensor '%s' is for layer %d, but the base has %d layers "
+                           "(hint: adapter trained for another base model?)", lf->path, lf->st.t[i].name,
+                           layer, L);
+    }
+    return LK_OK;
+}
+
+// ---- opening an adapter on its own ----
+
+/* The module (layer, m) of the index, made on first use. */
+static struct lora_file_module *module_at(struct lora_file *lf, int layer, int m)
+{
+    int *ix = &lf->index[layer * CFG_N_MODULES + m];
+    if (*ix < 0) {
+        *ix = lf->n_mod++;
+        lf->mod[*ix].layer = layer;
+        lf->mod[*ix].module = m;
+    }
+    return &lf->mod[*ix];
+}
+
+/* Sizes the index from the highest layer the names mention (parse_layer_name caps it), and
+ * refuses tensors of a projection the config does not target. */
+static int index_alloc(struct lora_file *lf, struct lk_err *err)
+{
+    const struct st_file *f = &lf->st;
+    unsigned present = 0;
+    int top = -1;
+    for (int i = 0; i < f->n; i++) {
+        int layer;
+        const char *rest;
+        int m = parse_layer_name(f->t[i].name, &layer, &rest);
         if (m < 0)
             continue;
-        if (layer >= L) {
-            rc = lk_errf(err, LK_ERR_SHAPE, "%s: tensor '%s' is for layer %d, but the base has %d layers "
-                         "(hint: adapter trained for another base model?)", path, f.t[i].name, layer, L);
-            goto out;
-        }
         present |= 1u << m;
+        top = layer > top ? layer : top;
     }
-    if (present & ~lc.targets) {
-        for (int m = 0; m < CFG_N_MODULES; m++)
-            if ((present & ~lc.targets) & (1u << m)) {
-                rc = lk_errf(err, LK_ERR_FORMAT, "%s: holds '%s' tensors but adapter_config.json does not "
-                             "list it in target_modules", path, cfg_module_names[m]);
-                goto out;
-            }
-    }
-    // ranks from the file override nothing: they must equal what the config (and patterns) say
-    if ((rc = lora_init(l, &lc, c, err)))
-        goto out;
-    // 2. every tensor in the file is placed or refused
-    int placed = 0;
-    int *seen = lk_calloc((size_t)l->n_mod * 3 + 1, sizeof(int));
-    if (!seen) {
-        rc = lk_errf(err, LK_ERR_NOMEM, "out of memory");
-        goto out;
-    }
-    for (int i = 0; i < f.n && !rc; i++) {
-        const struct st_tensor *t = &f.t[i];
-        int layer;
-        const char *rest;
-        int m = parse_layer_name(t->name, &layer, &rest);
-        if (m >= 0) {
-            struct lora_module *md = lora_find(l, layer, m);
-            LK_ASSERT(md);
-            int slot = (int)(md - l->mod);
-            if (!strcmp(rest, "lora_A.weight")) {
-                if (t->ndim == 2 && t->shape[1] == md->in && t->shape[0] != md->R)
-                    rc = lk_errf(err, LK_ERR_SHAPE, "%s: tensor '%s' has rank %lld, adapter_config.json says %d "
-                                 "(rank_pattern missing?)", path, t->name, (long long)t->shape[0], md->R);
-                else
-                    rc = load_f32(t, md->A, 2, md->R, md->in, path, err);
-                seen[slot * 3]++;
-            } else if (!strcmp(rest, "lora_B.weight")) {
-                if (t->ndim == 2 && t->shape[0] == md->out && t->shape[1] != md->R)
-                    rc = lk_errf(err, LK_ERR_SHAPE, "%s: tensor '%s' has rank %lld but lora_A has %d "
-                                 "(lora_A/lora_B rank mismatch)", path, t->name, (long long)t->shape[1], md->R);
-                else
-                    rc = load_f32(t, md->B, 2, md->out, md->R, path, err);
-                seen[slot * 3 + 1]++;
-            } else if (!strcmp(rest, "lora_B.bias")) {
-                if (!md->bias)
-                    rc = lk_errf(err, LK_ERR_FORMAT, "%s: tensor '%s' is present but adapter_config.json has "
-                                 "no \"lora_bias\": true (PEFT would silently drop it)", path, t->name);
-                else
-                    rc = load_f32(t, md->bias, 1, md->out, 0, path, err);
-                seen[slot * 3 + 2]++;
-            } else if (!strcmp(rest, "lora_magnitude_vector") ||
-                       !strcmp(rest, "lora_magnitude_vector.weight")) {
-                if (!lc.use_dora)
-                    rc = lk_errf(err, LK_ERR_FORMAT, "%s: tensor '%s' is a DoRA magnitude but use_dora is "
-                                 "not set", path, t->name);
-                else {
-                    seen[slot * 3 + 2] += 1 << 8; // magnitudes counted apart from biases
-                    rc = load_f32(t, md->mag, 1, md->out, 0, path, err);
-                }
-            } else
-                rc = lk_errf(err, LK_ERR_FORMAT, "%s: unknown adapter tensor '%s'", path, t->name);
-            placed++;
-            continue;
-        }
-        if (!strcmp(t->name, PEFT_PREFIX "model.embed_tokens.lora_embedding_A") ||
-            !strcmp(t->name, PEFT_PREFIX "model.embed_tokens.lora_embedding_B")) {
-            int is_a = t->name[strlen(t->name) - 1] == 'A';
-            if (t->ndim != 2) {
-                rc = lk_errf(err, LK_ERR_SHAPE, "%s: tensor '%s' must be 2-D", path, t->name);
-                break;
-            }
-            int R = (int)(is_a ? t->shape[0] : t->shape[1]);
-            if (l->embed_R && l->embed_R != R) {
-                rc = lk_errf(err, LK_ERR_SHAPE, "%s: embedding adapter A and B ranks differ", path);
-                break;
-            }
-            l->embed_R = R;
-            l->embed_V = c->vocab_size;
-            l->embed_C = c->hidden_size;
-            float **dst = is_a ? &l->embed_A : &l->embed_B;
-            int64_t d0 = is_a ? R : c->hidden_size, d1 = is_a ? c->vocab_size : R;
-            if (!(*dst = lk_malloc(sizeof(float) * (size_t)(d0 * d1 > 0 ? d0 * d1 : 1)))) {
-                rc = lk_errf(err, LK_ERR_NOMEM, "out of memory");
-                break;
-            }
-            rc = load_f32(t, *dst, 2, d0, d1, path, err);
-            int r;
-            double alpha;
-            lora_config_module(&l->cfg, "model.embed_tokens", &r, &alpha);
-            l->embed_scale = (float)(l->cfg.use_rslora ? alpha / sqrt((double)R) : alpha / R);
-            continue;
-        }
-        // modules_to_save: base_model.model.<model tensor name>, a full copy
-        if (!strncmp(t->name, PEFT_PREFIX, strlen(PEFT_PREFIX))) {
-            const char *mname = t->name + strlen(PEFT_PREFIX);
-            struct cfg_tensor *ct;
-            int nct;
-            if ((rc = cfg_tensors(c, &ct, &nct, err)))
-                break;
-            const struct cfg_tensor *hit = NULL;
-            for (int k = 0; k < nct; k++)
-                if (!strcmp(ct[k].name, mname))
-                    hit = &ct[k];
-            if (!hit && !strcmp(mname, "lm_head.weight") && c->tie_word_embeddings) {
-                static struct cfg_tensor lm;
-                memset(&lm, 0, sizeof lm);
-                snprintf(lm.name, sizeof lm.name, "lm_head.weight");
-                lm.ndim = 2;
-                lm.shape[0] = c->vocab_size;
-                lm.shape[1] = c->hidden_size;
-                hit = &lm;
-            }
-            if (!hit) {
-                lk_free(ct);
-                rc = lk_errf(err, LK_ERR_FORMAT, "%s: unknown adapter tensor '%s'", path, t->name);
-                break;
-            }
-            struct lora_extra *nx = lk_realloc(l->extra, sizeof *nx * (size_t)(l->n_extra + 1));
-            if (!nx) {
-                lk_free(ct);
-                rc = lk_errf(err, LK_ERR_NOMEM, "out of memory");
-                break;
-            }
-            l->extra = nx;
-            struct lora_extra *x = &l->extra[l->n_extra++];
-            memset(x, 0, sizeof *x);
-            x->name = lk_strdup(mname);
-            x->ndim = hit->ndim;
-            x->shape[0] = hit->shape[0];
-            x->shape[1] = hit->shape[1];
-            size_t numel = (size_t)hit->shape[0] * (size_t)(hit->ndim > 1 ? hit->shape[1] : 1);
-            x->data = lk_malloc(sizeof(float) * numel);
-            lk_free(ct);
-            if (!x->name || !x->data) {
-                rc = lk_errf(err, LK_ERR_NOMEM, "out of memory");
-                break;
-            }
-            rc = load_f32(t, x->data, x->ndim, x->shape[0], x->shape[1], path, err);
-            continue;
-        }
-        rc = lk_errf(err, LK_ERR_FORMAT, "%s: unknown adapter tensor '%s'", path, t->name);
-    }
-    // 3. nothing missing
-    for (int k = 0; k < l->n_mod && !rc; k++) {
+    for (int m = 0; m < CFG_N_MODULES; m++)
+        if (present & ~lf->cfg.targets & (1u << m))
+            return lk_errf(err, LK_ERR_FORMAT, "%s: holds '%s' tensors but adapter_config.json does not "
+                           "list it in target_modules", lf->path, cfg_module_names[m]);
+    lf->L = top + 1;
+    lf->index = lk_malloc(sizeof(int) * ((size_t)lf->L * CFG_N_MODULES + 1));
+    lf->slot = lk_malloc(sizeof(int) * ((size_t)f->n + 1));
+    lf->mod = lk_calloc((size_t)f->n + 1, sizeof *lf->mod);
+    if (!lf->index || !lf->slot || !lf->mod)
+        return lk_errf(err, LK_ERR_NOMEM, "out of memory");
+    for (int i = 0; i < lf->L * CFG_N_MODULES; i++)
+        lf->index[i] = -1;
+    for (int i = 0; i < f->n; i++)
+        lf->slot[i] = -1;
+    return LK_OK;
+}
+
+/* Tensor i of a layer projection: a factor, the lora_B bias or the DoRA magnitude. */
+static int place_layer_tensor(struct lora_file *lf, int i, int layer, int m, const char *rest,
+                              struct lk_err *err)
+{
+    const struct st_tensor *t = &lf->st.t[i];
+    int role; // 0 lora_A, 1 lora_B, 2 bias, 3 magnitude
+    if (!strcmp(rest, "lora_A.weight"))
+        role = 0;
+    else if (!strcmp(rest, "lora_B.weight"))
+        role = 1;
+    else if (!strcmp(rest, "lora_B.bias"))
+        role = 2;
+    else if (!strcmp(rest, "lora_magnitude_vector") || !strcmp(rest, "lora_magnitude_vector.weight"))
+        role = 3;
+    else
+        return lk_errf(err, LK_ERR_FORMAT, "%s: unknown adapter tensor '%s'", lf->path, t->name);
+    if (role == 2 && !lf->cfg.lora_bias)
+        return lk_errf(err, LK_ERR_FORMAT, "%s: tensor '%s' is present but adapter_config.json has "
+                       "no \"lora_bias\": true (PEFT would silently drop it)", lf->path, t->name);
+    if (role == 3 && !lf->cfg.use_dora)
+        return lk_errf(err, LK_ERR_FORMAT, "%s: tensor '%s' is a DoRA magnitude but use_dora is "
+                       "not set", lf->path, t->name);
+    struct lora_file_module *md = module_at(lf, layer, m);
+    const struct st_tensor **dst[4] = { &md->A, &md->B, &md->bias, &md->mag };
+    if (*dst[role]) {
         char nm[128];
-        lora_peft_name(l->mod[k].layer, l->mod[k].module, nm, sizeof nm);
-        if (!seen[k * 3] || !seen[k * 3 + 1])
-            rc = lk_errf(err, LK_ERR_MISSING, "%s: adapter has no '%s.%s' although target_modules lists "
-                         "'%s'", path, nm, seen[k * 3] ? "lora_B.weight" : "lora_A.weight",
-                         cfg_module_names[l->mod[k].module]);
-        else if (seen[k * 3] > 1 || seen[k * 3 + 1] > 1)
-            rc = lk_errf(err, LK_ERR_FORMAT, "%s: duplicate tensors for '%s'", path, nm);
-        else if (l->mod[k].bias && !(seen[k * 3 + 2] & 0xff))
-            rc = lk_errf(err, LK_ERR_MISSING, "%s: lora_bias is set but '%s.lora_B.bias' is missing", path, nm);
-        else if (lc.use_dora && !(seen[k * 3 + 2] >> 8))
-            rc = lk_errf(err, LK_ERR_MISSING, "%s: use_dora is set but '%s.lora_magnitude_vector' is missing",
-                         path, nm);
+        lora_peft_name(layer, m, nm, sizeof nm);
+        return lk_errf(err, LK_ERR_FORMAT, "%s: duplicate tensors for '%s'", lf->path, nm);
     }
-    if (!rc && (l->embed_A != NULL) != (l->embed_B != NULL))
-        rc = lk_errf(err, LK_ERR_MISSING, "%s: embedding adapter needs both lora_embedding_A and _B", path);
-    (void)placed;
-    lk_free(seen);
-out:
-    st_close(&f);
-    lk_free(path);
-    lora_config_release(&lc);
+    *dst[role] = t;
+    lf->slot[i] = (int)(md - lf->mod);
+    return LK_OK;
+}
+
+static int err_embed_ranks(const char *path, struct lk_err *err)
+{
+    return lk_errf(err, LK_ERR_SHAPE, "%s: embedding adapter A and B ranks differ", path);
+}
+
+/* lora_embedding_A [R, V] or lora_embedding_B [C, R]: 2-D, one rank between them (checked by
+ * lora_file_bind when there is a base). */
+static int place_embed(struct lora_file *lf, const struct st_tensor *t, const struct cfg *base,
+                       struct lk_err *err)
+{
+    int is_a = t->name[strlen(t->name) - 1] == 'A';
+    if (t->ndim != 2)
+        return lk_errf(err, LK_ERR_SHAPE, "%s: tensor '%s' must be 2-D", lf->path, t->name);
+    const struct st_tensor *other = is_a ? lf->embed_B : lf->embed_A;
+    if (!base && other && (is_a ? t->shape[0] != other->shape[1] : t->shape[1] != other->shape[0]))
+        return err_embed_ranks(lf->path, err);
+    *(is_a ? &lf->embed_A : &lf->embed_B) = t;
+    return LK_OK;
+}
+
+/* Every tensor is placed or refused. The lora_A factors go first, so that modules are numbered
+ * in the order of their lora_A in the file. A "base_model.model.<name>" that is nothing else is
+ * a modules_to_save copy (its name is checked against a base by lora_file_bind). */
+static int tensors_place(struct lora_file *lf, const struct cfg *base, struct lk_err *err)
+{
+    int rc = LK_OK;
+    for (int pass = 0; pass < 2 && !rc; pass++)
+        for (int i = 0; i < lf->st.n && !rc; i++) {
+            const struct st_tensor *t = &lf->st.t[i];
+            int layer;
+            const char *rest;
+            int m = parse_layer_name(t->name, &layer, &rest);
+            int is_a = m >= 0 && !strcmp(rest, "lora_A.weight");
+            if (is_a != (pass == 0))
+                continue;
+            if (m >= 0)
+                rc = place_layer_tensor(lf, i, layer, m, rest, err);
+            else if (!strcmp(t->name, PEFT_PREFIX "model.embed_tokens.lora_embedding_A") ||
+                     !strcmp(t->name, PEFT_PREFIX "model.embed_tokens.lora_embedding_B"))
+                rc = place_embed(lf, t, base, err);
+            else if (strncmp(t->name, PEFT_PREFIX, strlen(PEFT_PREFIX)))
+                rc = lk_errf(err, LK_ERR_FORMAT, "%s: unknown adapter tensor '%s'", lf->path, t->name);
+            if (!rc)
+                rc = check_float(t, lf->path, err);
+        }
+    return rc;
+}
+
+/* One module: both factors, and the bias and magnitude the config asks for; without a base, also
+ * their shapes against each other and the config: 2-D, the rank the config gives (after
+ * rank_pattern), lora_B's rank equal to lora_A's, bias and magnitude [out]. With a base the shapes
+ * are left to lora_file_bind, which names the shape the base expects. */
+static int module_check(const struct lora_file *lf, struct lora_file_module *md, const struct cfg *base,
+                        struct lk_err *err)
+{
+    const char *path = lf->path;
+    char nm[128], mp[96];
+    lora_peft_name(md->layer, md->module, nm, sizeof nm);
+    if (!md->A || !md->B)
+        return err_missing_factor(path, md->layer, md->module, md->A ? "lora_B.weight" : "lora_A.weight", err);
+    if (lf->cfg.lora_bias && !md->bias)
+        return lk_errf(err, LK_ERR_MISSING, "%s: lora_bias is set but '%s.lora_B.bias' is missing", path, nm);
+    if (lf->cfg.use_dora && !md->mag)
+        return lk_errf(err, LK_ERR_MISSING, "%s: use_dora is set but '%s.lora_magnitude_vector' is missing",
+                       path, nm);
+    const struct st_tensor *A = md->A, *B = md->B;
+    md->R = A->shape[0];
+    md->in = A->shape[1];
+    md->out = B->shape[0];
+    if (base)
+        return LK_OK;
+    if (A->ndim != 2 || B->ndim != 2)
+        return lk_errf(err, LK_ERR_SHAPE, "%s: tensor '%s' has %d dimensions, expected 2", path,
+                       A->ndim != 2 ? A->name : B->name, A->ndim != 2 ? A->ndim : B->ndim);
+    int R;
+    double alpha;
+    cfg_module_path(md->layer, (enum cfg_module)md->module, mp, sizeof mp);
+    lora_config_module(&lf->cfg, mp, &R, &alpha);
+    // ranks from the file override nothing: they must equal what the config (and patterns) say
+    // (a rank that is not positive is refused when the adapter is bound)
+    if (R > 0 && A->shape[0] != R)
+        return err_rank_config(path, A, R, err);
+    if (B->shape[1] != A->shape[0])
+        return err_rank_pair(path, B, A->shape[0], err);
+    int rc = md->bias ? check_shape(md->bias, 1, md->out, 0, path, err) : LK_OK;
+    if (!rc && md->mag)
+        rc = check_shape(md->mag, 1, md->out, 0, path, err);
+    return rc;
+}
+
+/* lora_file_open's steps. With a base (lora_load), its layers are checked as soon as the file
+ * is open and the shapes are left to lora_file_bind, so that an adapter for another base is
+ * named as such (with the shape the base expects) before anything the mismatch also upsets. */
+static int file_open(struct lora_file *lf, const char *dir, const struct cfg *base, struct lk_err *err)
+{
+    memset(lf, 0, sizeof *lf);
+    char *cpath;
+    int rc = config_read(dir, &cpath, &lf->config_json, err);
+    if (rc)
+        return rc;
+    rc = config_parse(&lf->cfg, lf->config_json, cpath, err);
+    lk_free(cpath);
+    if (!rc && !(lf->path = lk_path_join(dir, "adapter_model.safetensors")))
+        rc = lk_errf(err, LK_ERR_NOMEM, "out of memory");
+    if (!rc && !lk_file_exists(lf->path))
+        rc = lk_errf(err, LK_ERR_MISSING, "%s: missing (only safetensors adapters are read; "
+                     "adapter_model.bin is a pickle and is refused)", lf->path);
+    if (!rc)
+        rc = st_open(&lf->st, lf->path, err);
+    if (!rc && base)
+        rc = layers_check(lf, base->num_hidden_layers, err);
+    if (!rc)
+        rc = index_alloc(lf, err);
+    if (!rc)
+        rc = tensors_place(lf, base, err);
+    for (int k = 0; k < lf->n_mod && !rc; k++)
+        rc = module_check(lf, &lf->mod[k], base, err);
+    if (!rc && (lf->embed_A != NULL) != (lf->embed_B != NULL))
+        rc = lk_errf(err, LK_ERR_MISSING, "%s: embedding adapter needs both lora_embedding_A and _B", lf->path);
+    if (rc)
+        lora_file_close(lf);
+    return rc;
+}
+
+int lora_file_open(struct lora_file *lf, const char *dir, struct lk_err *err)
+{
+    return file_open(lf, dir, NULL, err);
+}
+
+void lora_file_close(struct lora_file *lf)
+{
+    if (!lf)
+        return;
+    lora_config_release(&lf->cfg);
+    st_close(&lf->st);
+    lk_free(lf->config_json);
+    lk_free(lf->path);
+    lk_free(lf->index);
+    lk_free(lf->slot);
+    lk_free(lf->mod);
+    memset(lf, 0, sizeof *lf);
+}
+
+// ---- binding an open adapter to a base ----
+
+/* An embedding adapter factor, against the base's vocabulary and hidden size. */
+static int bind_embed(const struct lora_file *lf, const struct cfg *c, struct lora *l, const struct st_tensor *t,
+                      struct lk_err *err)
+{
+    int is_a = t == lf->embed_A;
+    int64_t R = is_a ? t->shape[0] : t->shape[1];
+    if (l->embed_R && l->embed_R != R)
+        return err_embed_ranks(lf->path, err);
+    int64_t d0 = is_a ? R : c->hidden_size, d1 = is_a ? c->vocab_size : R;
+    int rc = check_shape(t, 2, d0, d1, lf->path, err);
+    if (rc)
+        return rc;
+    float **dst = is_a ? &l->embed_A : &l->embed_B;
+    if (!(*dst = lk_malloc(sizeof(float) * (t->numel ? t->numel : 1))))
+        return lk_errf(err, LK_ERR_NOMEM, "out of memory");
+    l->embed_R = (int)R;
+    l->embed_V = c->vocab_size;
+    l->embed_C = c->hidden_size;
+    int r;
+    double alpha;
+    lora_config_module(&l->cfg, "model.embed_tokens", &r, &alpha);
+    l->embed_scale = (float)(l->cfg.use_rslora ? alpha / sqrt((double)R) : alpha / (double)R);
+    return st_tensor_to_f32(t, *dst, err);
+}
+
+int lora_extra_add(struct lora_extra **v, int *n, const char *name, int ndim, const int64_t shape[2],
+                   float **out_data, struct lk_err *err)
+{
+    *out_data = NULL;
+    struct lora_extra *nv = lk_realloc(*v, sizeof *nv * (size_t)(*n + 1));
+    if (!nv)
+        return lk_errf(err, LK_ERR_NOMEM, "out of memory");
+    *v = nv;
+    struct lora_extra *x = &nv[(*n)++];
+    memset(x, 0, sizeof *x);
+    x->ndim = ndim;
+    x->shape[0] = shape[0];
+    x->shape[1] = ndim > 1 ? shape[1] : 0;
+    size_t numel;
+    if (lk_mul_size((size_t)x->shape[0], (size_t)(ndim > 1 ? x->shape[1] : 1), &numel) ||
+        numel > SIZE_MAX / sizeof(float))
+        return lk_errf(err, LK_ERR_NOMEM, "out of memory (keeping '%s')", name);
+    x->name = lk_strdup(name);
+    x->data = lk_malloc(sizeof(float) * (numel ? numel : 1));
+    if (!x->name || !x->data)
+        return lk_errf(err, LK_ERR_NOMEM, "out of memory (keeping '%s')", name);
+    *out_data = x->data;
+    return LK_OK;
+}
+
+/* A modules_to_save copy "base_model.model.<name>": name is a tensor of the base (lm_head also
+ * when the base ties it), with its shape. */
+static int bind_extra(const struct lora_file *lf, const struct cfg *c, struct lora *l, const struct st_tensor *t,
+                      struct lk_err *err)
+{
+    const char *mname = t->name + strlen(PEFT_PREFIX);
+    struct cfg_tensor *ct;
+    struct cfg_tensor hit = { .ndim = 0 }; // ndim 0: no such tensor
+    int nct, rc = cfg_tensors(c, &ct, &nct, err);
+    if (rc)
+        return rc;
+    for (int k = 0; k < nct; k++)
+        if (!strcmp(ct[k].name, mname))
+            hit = ct[k];
+    lk_free(ct);
+    if (!hit.ndim && !strcmp(mname, "lm_head.weight") && c->tie_word_embeddings) {
+        hit.ndim = 2;
+        hit.shape[0] = c->vocab_size;
+        hit.shape[1] = c->hidden_size;
+    }
+    if (!hit.ndim)
+        return lk_errf(err, LK_ERR_FORMAT, "%s: unknown adapter tensor '%s'", lf->path, t->name);
+    if ((rc = check_shape(t, hit.ndim, hit.shape[0], hit.shape[1], lf->path, err)))
+        return rc;
+    float *data;
+    rc = lora_extra_add(&l->extra, &l->n_extra, mname, hit.ndim, hit.shape, &data, err);
+    return rc ? rc : st_tensor_to_f32(t, data, err);
+}
+
+/* Tensor i of the file into l, checked against the base. */
+static int bind_tensor(const struct lora_file *lf, const struct cfg *c, struct lora *l, int i,
+                       struct lk_err *err)
+{
+    const struct st_tensor *t = &lf->st.t[i];
+    if (t == lf->embed_A || t == lf->embed_B)
+        return bind_embed(lf, c, l, t, err);
+    if (lf->slot[i] < 0)
+        return bind_extra(lf, c, l, t, err);
+    const struct lora_file_module *fm = &lf->mod[lf->slot[i]];
+    struct lora_module *md = lora_find(l, fm->layer, fm->module);
+    LK_ASSERT(md);
+    // a rank error is named as such when the other dimension fits the base
+    if (t == fm->A && t->ndim == 2 && t->shape[1] == md->in && t->shape[0] != md->R)
+        return err_rank_config(lf->path, t, md->R, err);
+    if (t == fm->B && t->ndim == 2 && t->shape[0] == md->out && t->shape[1] != md->R)
+        return err_rank_pair(lf->path, t, md->R, err);
+    if (t == fm->A)
+        return load_f32(t, md->A, 2, md->R, md->in, lf->path, err);
+    if (t == fm->B)
+        return load_f32(t, md->B, 2, md->out, md->R, lf->path, err);
+    float *dst = t == fm->bias ? md->bias : md->mag; // the config that allowed the tensor made room
+    LK_ASSERT(dst && (t == fm->bias || t == fm->mag));
+    return load_f32(t, dst, 1, md->out, 0, lf->path, err);
+}
+
+int lora_file_bind(const struct lora_file *lf, const struct cfg *c, struct lora *l, struct lk_err *err)
+{
+    memset(l, 0, sizeof *l);
+    int rc = layers_check(lf, c->num_hidden_layers, err);
+    if (rc)
+        return rc;
+    rc = lora_init(l, &lf->cfg, c, err);
+    for (int i = 0; i < lf->st.n && !rc; i++)
+        rc = bind_tensor(lf, c, l, i, err);
+    // nothing missing: every targeted projection of every layer of the base
+    for (int k = 0; k < l->n_mod && !rc; k++) {
+        const struct lora_module *md = &l->mod[k];
+        if (md->layer >= lf->L || lf->index[md->layer * CFG_N_MODULES + md->module] < 0)
+            rc = err_missing_factor(lf->path, md->layer, md->module, "lora_A.weight", err);
+    }
     if (rc)
         lora_release(l);
     return rc;
 }
+
+int lora_load(struct lora *l, const char *dir, const struct cfg *c, struct lk_err *err)
+{
+    struct lora_file lf;
+    memset(l, 0, sizeof *l);
+    int rc = file_open(&lf, dir, c, err);
+    if (!rc)
+        rc = lora_file_bind(&lf, c, l, err);
+    lora_file_close(&lf);
+    return rc;
+}
+
+// ---- writing ----
 
 /* Writes the adapter's tensors (values from block, which has lora->mem's layout: the factors
  * themselves, or their gradients) under PEFT names. */

@@ -4,7 +4,8 @@
  * residual W - s B A. The trained adapter is saved as PEFT's conversion does
  * (path_initial_model_for_weight_conversion): dW = s (B A - B0 A0) as a rank-2r adapter
  * [A; A0], [B, -B0] with alpha doubled (times sqrt 2 with rsLoRA), so it applies to the
- * ORIGINAL base.
+ * ORIGINAL base. Also lora_base_weight, the frozen W of a module (shared with lora_dora.c).
+ * DoRA's set-up is in lora_dora.c.
  */
 #include <cblas.h>
 #include <math.h>
@@ -14,9 +15,9 @@
 #include "model.h"
 #include "svd.h"
 
-static float *module_weight(struct model *m, int layer, int module)
+float *lora_base_weight(const struct model *m, int layer, int module)
 {
-    struct model_layer *w = &m->w.layer[layer];
+    const struct model_layer *w = &m->w.layer[layer];
     float *p[CFG_N_MODULES] = { w->wq, w->wk, w->wv, w->wo, w->wgate, w->wup, w->wdown };
     return p[module];
 }
@@ -33,7 +34,7 @@ int lora_init_pissa(struct lora *l, struct model *m, struct lk_err *err)
         if (R > (out < in ? out : in))
             return lk_errf(err, LK_ERR_USAGE, "PiSSA rank %d exceeds the size of %s (%d x %d)", R,
                            cfg_module_names[md->module], out, in);
-        float *W = module_weight(m, md->layer, md->module);
+        float *W = lora_base_weight(m, md->layer, md->module);
         float *U = lk_malloc(sizeof(float) * (size_t)out * R), *S = lk_malloc(sizeof(float) * (size_t)R);
         float *Vt = lk_malloc(sizeof(float) * (size_t)R * in);
         int rc = (!U || !S || !Vt) ? lk_errf(err, LK_ERR_NOMEM, "out of memory")
@@ -100,32 +101,4 @@ int lora_save_pissa(const struct lora *l, const struct model *m, const char *dir
         rc = lora_save(&c2, dir, err);
     lora_release(&c2);
     return rc;
-}
-
-int lora_init_dora_magnitude(struct lora *l, const struct model *m, struct lk_err *err)
-{
-    size_t wn = 0;
-    for (int k = 0; k < l->n_mod; k++)
-        if ((size_t)l->mod[k].out * l->mod[k].in > wn)
-            wn = (size_t)l->mod[k].out * l->mod[k].in;
-    float *Wm = lk_malloc(sizeof(float) * (wn ? wn : 1));
-    if (!Wm)
-        return lk_errf(err, LK_ERR_NOMEM, "out of memory");
-    for (int k = 0; k < l->n_mod; k++) {
-        struct lora_module *md = &l->mod[k];
-        if (!md->mag)
-            continue;
-        memcpy(Wm, module_weight((struct model *)m, md->layer, md->module),
-               sizeof(float) * (size_t)md->out * md->in);
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, md->out, md->in, md->R, md->scale, md->B, md->R,
-                    md->A, md->in, 1.0f, Wm, md->in);
-        for (int o = 0; o < md->out; o++) {
-            double ss = 0;
-            for (int i = 0; i < md->in; i++)
-                ss += (double)Wm[(size_t)o * md->in + i] * Wm[(size_t)o * md->in + i];
-            md->mag[o] = (float)sqrt(ss);
-        }
-    }
-    lk_free(Wm);
-    return LK_OK;
 }

@@ -1105,14 +1105,15 @@ int merge_run(const struct merge_opts *o, struct merge_report *rep_in, struct lk
     if ((rc = cfg_load(&x->cfg, o->model, err)))
         goto out;
     cfg_loaded = 1;
+    // the weights before the adapters: nothing is sized from a config without them
+    if ((rc = st_model_open(&sm, o->model, err)))
+        goto out;
     for (int i = 0; i < o->n_adapters; i++) {
         if ((rc = lora_load(&x->ad[i], o->adapters[i].dir, &x->cfg, err)))
             goto out;
         x->n++;
     }
     if ((rc = lk_outdir_check(o->out, o->overwrite, err)))
-        goto out;
-    if ((rc = st_model_open(&sm, o->model, err)))
         goto out;
     if ((rc = check_base(x, &sm, err)) || (rc = check_adapters(x, &sm, err)))
         goto out;

@@ -1,5 +1,5 @@
 /*
- * model.c - the Llama / Qwen2 decoder: weights in one block, activations in one block,
+ * model.c - the Llama / Qwen2 / Qwen3 decoder: weights in one block, activations in one block,
  * forward and exact backward (LoRA factors, or every weight for a full fine-tune).
  * Steps are numbered alike in forward and backward. See model.h for the definition.
  */
@@ -45,6 +45,8 @@ static void weights_layout(struct model_weights *w, const struct cfg *c, struct 
         ly->bk = c->attention_bias ? wtake(v, KV) : NULL;
         ly->bv = c->attention_bias ? wtake(v, KV) : NULL;
         ly->wo = wtake(v, C * Q);
+        ly->q_norm = c->qk_norm ? wtake(v, (size_t)c->head_dim) : NULL;
+        ly->k_norm = c->qk_norm ? wtake(v, (size_t)c->head_dim) : NULL;
         ly->ln2 = wtake(v, C);
         ly->wgate = wtake(v, F * C);
         ly->wup = wtake(v, F * C);
@@ -115,7 +117,7 @@ int model_weights_tensors(const struct model_weights *w, const struct cfg *c,
     int64_t C = c->hidden_size, F = c->intermediate_size, V = c->vocab_size;
     int64_t Q = (int64_t)c->num_attention_heads * c->head_dim;
     int64_t KV = (int64_t)c->num_key_value_heads * c->head_dim;
-    struct model_tensor *t = lk_calloc((size_t)(L * 12 + 3), sizeof *t);
+    struct model_tensor *t = lk_calloc((size_t)L * 14 + 3, sizeof *t);
     if (!t)
         return lk_errf(err, LK_ERR_NOMEM, "out of memory");
     int k = 0;
@@ -136,6 +138,10 @@ int model_weights_tensors(const struct model_weights *w, const struct cfg *c,
             LAYER_T("self_attn.v_proj.bias", ly->bv, 1, KV, 0, CFG_V, 1);
         }
         LAYER_T("self_attn.o_proj.weight", ly->wo, 2, C, Q, CFG_O, 0);
+        if (ly->q_norm) {
+            LAYER_T("self_attn.q_norm.weight", ly->q_norm, 1, c->head_dim, 0, -1, 0);
+            LAYER_T("self_attn.k_norm.weight", ly->k_norm, 1, c->head_dim, 0, -1, 0);
+        }
         LAYER_T("post_attention_layernorm.weight", ly->ln2, 1, C, 0, -1, 0);
         LAYER_T("mlp.gate_proj.weight", ly->wgate, 2, F, C, CFG_GATE, 0);
         LAYER_T("mlp.up_proj.weight", ly->wup, 2, F, C, CFG_UP, 0);
@@ -176,6 +182,8 @@ struct model_acts {
     float **x;             /* [L+1] residual stream entering layer l: [BT, C] */
     float **ln1, **rstd1;  /* [BT, C], [BT] */
     float **q, **k, **v;   /* after rope: [BT, NH*HS], [BT, NKV*HS] */
+    float **qp, **kp;      /* Qwen3: q, k as projected, before the per-head norm (else NULL) */
+    float **rstdq, **rstdk; /* Qwen3: [BT*NH], [BT*NKV] per-head norm scales */
     float **att;           /* [B, NH, T, T] */
     float **atty;          /* attention output before o_proj [BT, NH*HS] */
     float **x2;            /* residual after attention [BT, C] */
@@ -185,6 +193,7 @@ struct model_acts {
     float *logits;         /* [BT, V]; dlogits after a training forward */
     /* backward scratch (train) */
     float *dres, *dln, *dq, *dk, *dv, *datty, *dgate, *dup, *dact, *tmp;
+    float *dqp, *dkp;      /* Qwen3: d(q, k before the per-head norm) */
     float *dpatt;          /* [T, T] attention backward scratch */
     float *drop;           /* [BT, max(C, F, NH*HS)]: dropped LoRA input */
     int *pos, *tokens, *seg; /* owned copies [BT] */
@@ -215,6 +224,13 @@ int model_init(struct model *m, const struct cfg *c, struct lk_err *err)
     if (!m->inv_freq)
         return lk_errf(err, LK_ERR_NOMEM, "out of memory");
     op_rope_inv_freq(m->inv_freq, c->head_dim, c->rope_theta);
+    const struct cfg_rope_scaling *rs = &c->rope_scaling;
+    if (rs->type == CFG_ROPE_LINEAR)
+        op_rope_inv_freq_linear(m->inv_freq, c->head_dim / 2, rs->factor);
+    else if (rs->type == CFG_ROPE_LLAMA3)
+        op_rope_inv_freq_llama3(m->inv_freq, c->head_dim / 2, rs->factor, rs->low_freq_factor,
+                                rs->high_freq_factor, rs->original_max_position_embeddings);
+    // CFG_ROPE_DYNAMIC is the default rope below cfg_rope_positions (model_forward refuses beyond)
     int rc = model_weights_alloc(&m->w, c, err);
     if (rc) {
         lk_free(m->inv_freq);
@@ -261,7 +277,8 @@ static size_t acts_layout(struct model_acts *a, const struct cfg *c, int B, int 
     size_t Q = (size_t)c->num_attention_heads * c->head_dim;
     size_t KV = (size_t)c->num_key_value_heads * c->head_dim;
     size_t V = (size_t)c->vocab_size, NH = (size_t)c->num_attention_heads;
-    int L = c->num_hidden_layers;
+    size_t NKV = (size_t)c->num_key_value_heads;
+    int L = c->num_hidden_layers, qkn = c->qk_norm;
     size_t off = 0;
 #define TAKE(n) (base ? base + (off += (n), off - (n)) : (off += (n), (float *)NULL))
     // the residual stream: every layer's input kept for training; in inference one buffer
@@ -283,6 +300,10 @@ static size_t acts_layout(struct model_acts *a, const struct cfg *c, int B, int 
             a->gate[l] = TAKE(BT * F);
             a->up[l] = TAKE(BT * F);
             a->act[l] = TAKE(BT * F);
+            a->qp[l] = qkn ? TAKE(BT * Q) : NULL;
+            a->kp[l] = qkn ? TAKE(BT * KV) : NULL;
+            a->rstdq[l] = qkn ? TAKE(BT * NH) : NULL;
+            a->rstdk[l] = qkn ? TAKE(BT * NKV) : NULL;
         } else {
             a->ln1[l] = a->ln1[0];
             a->rstd1[l] = a->rstd1[0];
@@ -297,6 +318,10 @@ static size_t acts_layout(struct model_acts *a, const struct cfg *c, int B, int 
             a->gate[l] = a->gate[0];
             a->up[l] = a->up[0];
             a->act[l] = a->act[0];
+            a->qp[l] = a->qp[0];
+            a->kp[l] = a->kp[0];
+            a->rstdq[l] = a->rstdq[0];
+            a->rstdk[l] = a->rstdk[0];
         }
     }
     a->lnf = TAKE(BT * C);
@@ -318,6 +343,8 @@ static size_t acts_layout(struct model_acts *a, const struct cfg *c, int B, int 
         a->dact = TAKE(BT * F);
         a->tmp = TAKE(BT * wide);
         a->dpatt = TAKE((size_t)T * T);
+        a->dqp = qkn ? TAKE(BT * Q) : NULL;
+        a->dkp = qkn ? TAKE(BT * KV) : NULL;
     }
 #undef TAKE
     return off;
@@ -334,7 +361,7 @@ int model_plan(struct model *m, int B, int T, int train, struct lk_err *err)
     const struct cfg *c = &m->cfg;
     int L = c->num_hidden_layers;
     struct model_acts *a = lk_calloc(1, sizeof *a);
-    float **ptrs = lk_calloc((size_t)(L + 1) + 15 * (size_t)L, sizeof(float *));
+    float **ptrs = lk_calloc((size_t)(L + 1) + 17 * (size_t)L, sizeof(float *));
     size_t BT = (size_t)B * T;
     int *ints = lk_calloc(3 * BT, sizeof(int));
     if (!a || !ptrs || !ints) {
@@ -345,7 +372,9 @@ int model_plan(struct model *m, int B, int T, int train, struct lk_err *err)
     }
     a->x = ptrs;
     float ***sets[] = { &a->ln1, &a->rstd1, &a->q, &a->k, &a->v, &a->att, &a->atty, &a->x2,
-                        &a->ln2, &a->rstd2, &a->gate, &a->up, &a->act };
+                        &a->ln2, &a->rstd2, &a->gate, &a->up, &a->act, &a->qp, &a->kp, &a->rstdq,
+                        &a->rstdk };
+    LK_ASSERT(sizeof sets / sizeof sets[0] == 17);
     for (size_t i = 0; i < sizeof sets / sizeof sets[0]; i++)
         *sets[i] = ptrs + (L + 1) + i * (size_t)L;
     a->pos = ints;
@@ -616,12 +645,17 @@ int model_forward(struct model *m, const struct lora *lora, const int *tokens, c
                        lora->cfg.lora_bias ? "lora_bias" : "dropout while training");
     if (lora && lora->n_extra && !lora->extras_applied)
         return lk_errf(err, LK_ERR_USAGE, "adapter has modules_to_save tensors: model_apply_extras first");
+    int npos = cfg_rope_positions(c);
     for (int i = 0; i < BT; i++) {
         if (tokens[i] < 0 || tokens[i] >= V)
             return lk_errf(err, LK_ERR_USAGE, "token id %d at position %d is outside the vocabulary [0, %d)",
                            tokens[i], i, V);
         if (pos && pos[i] < 0)
             return lk_errf(err, LK_ERR_USAGE, "negative position %d", pos[i]);
+        if ((pos ? pos[i] : i % T) >= npos)
+            return lk_errf(err, LK_ERR_UNSUPPORTED, "position %d is beyond the %d positions where rope_scaling "
+                           "'dynamic' keeps its frequencies (transformers rescales them there: not supported)",
+                           pos ? pos[i] : i % T, npos);
     }
     if (lora && lora_xa_prepare(m, lora, err))
         return err->code;
@@ -653,13 +687,19 @@ int model_forward(struct model *m, const struct lora *lora, const int *tokens, c
         float *xin = a->x[l], *xout = a->x[l + 1];
         // 1. ln1 = rmsnorm(x) * w
         op_rmsnorm_forward(a->ln1[l], a->rstd1[l], xin, w->ln1, BT, C, eps);
-        // 2. q, k, v projections (+ LoRA)
-        op_matmul_forward(a->q[l], a->ln1[l], w->wq, w->bq, BT, C, Q);
-        op_matmul_forward(a->k[l], a->ln1[l], w->wk, w->bk, BT, C, KV);
+        // 2. q, k, v projections (+ LoRA); with q/k norm, q and k land in qp and kp
+        float *qx = c->qk_norm ? a->qp[l] : a->q[l], *kx = c->qk_norm ? a->kp[l] : a->k[l];
+        op_matmul_forward(qx, a->ln1[l], w->wq, w->bq, BT, C, Q);
+        op_matmul_forward(kx, a->ln1[l], w->wk, w->bk, BT, C, KV);
         op_matmul_forward(a->v[l], a->ln1[l], w->wv, w->bv, BT, C, KV);
-        lora_forward_linear(m, lora, l, CFG_Q, a->q[l], a->ln1[l], w->wq, w->bq);
-        lora_forward_linear(m, lora, l, CFG_K, a->k[l], a->ln1[l], w->wk, w->bk);
+        lora_forward_linear(m, lora, l, CFG_Q, qx, a->ln1[l], w->wq, w->bq);
+        lora_forward_linear(m, lora, l, CFG_K, kx, a->ln1[l], w->wk, w->bk);
         lora_forward_linear(m, lora, l, CFG_V, a->v[l], a->ln1[l], w->wv, w->bv);
+        // 2b. Qwen3: RMSNorm over each head, q = rmsnorm(qp[t, h, :]) * q_norm, k likewise
+        if (c->qk_norm) {
+            op_rmsnorm_forward(a->q[l], a->rstdq[l], qx, w->q_norm, BT * NH, HS, eps);
+            op_rmsnorm_forward(a->k[l], a->rstdk[l], kx, w->k_norm, BT * NKV, HS, eps);
+        }
         // 3. rotary embedding on q and k
         op_rope_forward(a->q[l], a->pos, m->inv_freq, BT, NH, HS);
         op_rope_forward(a->k[l], a->pos, m->inv_freq, BT, NKV, HS);
@@ -759,12 +799,24 @@ void model_backward(struct model *m, const struct lora *lora, float *lora_grad,
         // 3. rope
         op_rope_backward(a->dq, a->pos, m->inv_freq, BT, NH, HS);
         op_rope_backward(a->dk, a->pos, m->inv_freq, BT, NKV, HS);
+        // 2b. q = rmsnorm(qp) * q_norm per head  => d(qp), d(q_norm); k likewise
+        const float *dqx = a->dq, *dkx = a->dk;
+        if (c->qk_norm) {
+            memset(a->dqp, 0, sizeof(float) * (size_t)BT * Q);
+            memset(a->dkp, 0, sizeof(float) * (size_t)BT * KV);
+            op_rmsnorm_backward(a->dqp, gw ? gw->q_norm : NULL, a->dq, a->qp[l], w->q_norm, a->rstdq[l],
+                                BT * NH, HS);
+            op_rmsnorm_backward(a->dkp, gw ? gw->k_norm : NULL, a->dk, a->kp[l], w->k_norm, a->rstdk[l],
+                                BT * NKV, HS);
+            dqx = a->dqp;
+            dkx = a->dkp;
+        }
         // 2. q, k, v projections
         memset(a->dln, 0, sizeof(float) * nC);
-        dy = dora_backward(m, lora, lora_grad, l, CFG_Q, a->dq, a->ln1[l]);
+        dy = dora_backward(m, lora, lora_grad, l, CFG_Q, dqx, a->ln1[l]);
         op_matmul_backward(a->dln, gw ? gw->wq : NULL, gw ? gw->bq : NULL, dy, a->ln1[l], w->wq, BT, C, Q);
         lora_backward_linear(m, lora, lora_grad, l, CFG_Q, a->dln, dy, a->ln1[l]);
-        dy = dora_backward(m, lora, lora_grad, l, CFG_K, a->dk, a->ln1[l]);
+        dy = dora_backward(m, lora, lora_grad, l, CFG_K, dkx, a->ln1[l]);
         op_matmul_backward(a->dln, gw ? gw->wk : NULL, gw ? gw->bk : NULL, dy, a->ln1[l], w->wk, BT, C, KV);
         lora_backward_linear(m, lora, lora_grad, l, CFG_K, a->dln, dy, a->ln1[l]);
         dy = dora_backward(m, lora, lora_grad, l, CFG_V, a->dv, a->ln1[l]);

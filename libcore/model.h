@@ -1,12 +1,13 @@
 /*
- * model.h - the Llama / Qwen2 decoder, forward and backward, with LoRA, in float32.
+ * model.h - the Llama / Qwen2 / Qwen3 decoder, forward and backward, with LoRA, in float32.
  *
  * Exactly as transformers defines these models: token embedding; per layer RMSNorm
  * (normalise in float32, then multiply by the weight), q/k/v projections (with bias for
- * Qwen2), rotary embedding (rotate_half, inv_freq = theta^(-2i/HS)), grouped-query causal
- * attention with scale 1/sqrt(HS), o_proj, residual, RMSNorm, SwiGLU MLP
- * down(silu(gate(x)) * up(x)), residual; final norm; lm_head (tied to embed_tokens when
- * tie_word_embeddings).
+ * Qwen2), for Qwen3 an RMSNorm over each head of q and of k (q_norm, k_norm, weights [HS]),
+ * rotary embedding (rotate_half, inv_freq = theta^(-2i/HS), rescaled for rope_scaling linear
+ * or llama3), grouped-query causal attention with scale 1/sqrt(HS), o_proj, residual, RMSNorm,
+ * SwiGLU MLP down(silu(gate(x)) * up(x)), residual; final norm; lm_head (tied to embed_tokens
+ * when tie_word_embeddings).
  *
  * Memory: weights in one block (struct model_weights; gradients of a full fine-tune use a
  * second block of the same layout), activations in one block sized by model_plan(B, T).
@@ -26,6 +27,7 @@ struct model_layer {
     float *wq, *wk, *wv;      /* [NH*HS, C], [NKV*HS, C], [NKV*HS, C] */
     float *bq, *bk, *bv;      /* biases, or NULL without attention_bias */
     float *wo;                /* [C, NH*HS] */
+    float *q_norm, *k_norm;   /* [HS] each (Qwen3), or NULL */
     float *ln2;               /* [C] */
     float *wgate, *wup;       /* [F, C] */
     float *wdown;             /* [C, F] */
@@ -56,7 +58,7 @@ struct model_acts;
 struct model {
     struct cfg cfg;           /* owned copy (json NULL unless loaded) */
     struct model_weights w;
-    float *inv_freq;          /* owned [HS/2] */
+    float *inv_freq;          /* owned [HS/2], with the config's rope scaling applied */
     int B, T;                 /* planned shape (0 before model_plan) */
     int train;                /* 1: keep what backward needs and apply dropout */
     uint64_t dropout_seed;    /* changes per step; the mask is a hash of (seed, module, index) */
@@ -83,7 +85,8 @@ void model_weights_randomize(struct model_weights *w, const struct cfg *c, float
 int model_plan(struct model *m, int B, int T, int train, struct lk_err *err);
 
 /* Runs the model on tokens[B*T]. pos (NULL: 0..T-1 per row) gives rotary positions, seg (NULL:
- * one segment per row) stops attention across packed records. When targets[B*T] is given
+ * one segment per row) stops attention across packed records. Positions from
+ * cfg_rope_positions(&m->cfg) on are refused (LK_ERR_UNSUPPORTED: dynamic rope scaling). When targets[B*T] is given
  * (next-token ids, -100 = not counted), returns the SUM of the token losses; with m->train the
  * logits buffer is then overwritten by d(loss * loss_scale)/d(logits) for model_backward.
  * Without targets returns 0 and the logits [B*T, V] are in model_logits(m). lora may be NULL.

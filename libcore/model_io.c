@@ -13,20 +13,23 @@
 int model_load(struct model *m, const char *dir, struct lk_err *err)
 {
     memset(m, 0, sizeof *m);
+    // the weights are opened before anything is sized from the config (which cfg_load has
+    // bounded by them): a folder without weights is refused before model_init
     struct cfg c;
     int rc = cfg_load(&c, dir, err);
     if (rc)
         return rc;
+    struct st_model sm;
+    if ((rc = st_model_open(&sm, dir, err))) {
+        cfg_release(&c);
+        return rc;
+    }
     rc = model_init(m, &c, err);
     m->cfg.json = c.json; // the model keeps the original text (for saving)
     if (rc) {
         cfg_release(&c);
+        st_model_close(&sm);
         memset(m, 0, sizeof *m);
-        return rc;
-    }
-    struct st_model sm;
-    if ((rc = st_model_open(&sm, dir, err))) {
-        model_release(m);
         return rc;
     }
     struct model_tensor *t = NULL;

@@ -116,6 +116,34 @@ void op_rope_inv_freq(float *inv_freq, int HS, double theta)
     }
 }
 
+void op_rope_inv_freq_linear(float *inv_freq, int n, double factor)
+{
+    // transformers: inv_freq /= factor (a float32 tensor by a Python float)
+    for (int i = 0; i < n; i++)
+        inv_freq[i] /= (float)factor;
+}
+
+void op_rope_inv_freq_llama3(float *inv_freq, int n, double factor, double low_freq_factor,
+                             double high_freq_factor, double original_max)
+{
+    // each line is one line of _compute_llama3_parameters on float32 tensors; Python scalars are
+    // computed in double and rounded to float32 where they meet a tensor, and scalar / tensor is
+    // torch's reciprocal(tensor) * scalar
+    const double two_pi = 6.283185307179586;
+    float low_wavelen = (float)(original_max / low_freq_factor);
+    float high_wavelen = (float)(original_max / high_freq_factor);
+    float fac = (float)factor, low = (float)low_freq_factor, span = (float)(high_freq_factor - low_freq_factor);
+    for (int i = 0; i < n; i++) {
+        float f = inv_freq[i];
+        float wavelen = (1.0f / f) * (float)two_pi;
+        float llama = wavelen > low_wavelen ? f / fac : f;
+        float smooth = ((1.0f / wavelen) * (float)original_max - low) / span;
+        float smoothed = (1.0f - smooth) * llama / fac + smooth * llama;
+        int medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
+        inv_freq[i] = medium ? smoothed : llama;
+    }
+}
+
 static void rope_rotate(float *x, const int *pos, const float *inv_freq, int N, int H, int HS,
                         float sign)
 {

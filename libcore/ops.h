@@ -23,6 +23,9 @@ void op_matmul_forward_naive(float *out, const float *inp, const float *w, const
                              int IC, int OC);
 
 // ---- RMSNorm: out = inp * rstd * w, rstd = 1/sqrt(mean(inp^2) + eps) per row ----
+/* Qwen3's q_norm / k_norm normalise each head of q [N, H*HS] on its own: the same kernels on the
+ * [N*H, HS] view (rows = N*H, C = HS, w = the [HS] weight shared by every head). out may alias
+ * inp in the forward (each row is read in full before it is written). */
 void op_rmsnorm_forward(float *out, float *rstd, const float *inp, const float *w, int N, int C,
                         float eps);
 void op_rmsnorm_backward(float *dinp, float *dw, const float *dout, const float *inp, const float *w,
@@ -31,6 +34,17 @@ void op_rmsnorm_backward(float *dinp, float *dw, const float *dout, const float 
 // ---- rotary embedding, rotate_half convention, in place on x[N, H, HS] ----
 /* inv_freq[HS/2] = theta^(-2i/HS) rounded to float32 (as transformers computes it). */
 void op_rope_inv_freq(float *inv_freq, int HS, double theta);
+/* Rotary scaling of inv_freq[n] in place, in float32 as transformers computes it in
+ * modeling_rope_utils.py (both keep the attention scaling at 1):
+ * linear (_compute_linear_scaling_rope_parameters): inv_freq / factor.
+ * llama3 (_compute_llama3_parameters): with wavelen = 2 pi / inv_freq, a frequency whose wavelength
+ * is longer than original_max / low_freq_factor is divided by factor, one shorter than
+ * original_max / high_freq_factor is kept, and one between is interpolated with
+ * s = (original_max / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor):
+ * (1 - s) * inv_freq / factor + s * inv_freq. */
+void op_rope_inv_freq_linear(float *inv_freq, int n, double factor);
+void op_rope_inv_freq_llama3(float *inv_freq, int n, double factor, double low_freq_factor,
+                             double high_freq_factor, double original_max);
 void op_rope_forward(float *x, const int *pos, const float *inv_freq, int N, int H, int HS);
 /* The backward of a rotation is the rotation by the negative angle, in place on dx. */
 void op_rope_backward(float *dx, const int *pos, const float *inv_freq, int N, int H, int HS);

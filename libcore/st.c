@@ -553,6 +553,17 @@ int st_model_count(const struct st_model *m)
     return n;
 }
 
+void st_model_capacity(const struct st_model *m, uint64_t *out_tensors, uint64_t *out_elems)
+{
+    uint64_t t = 0, e = 0;
+    for (int i = 0; i < m->n_files; i++) {
+        t += m->files[i].header_len / ST_MIN_ENTRY;
+        e += m->files[i].data_len;
+    }
+    *out_tensors = t;
+    *out_elems = e;
+}
+
 // ---- writer ----
 
 #define ST_CHUNK 65536 /* elements converted per step: bounds the scratch buffer */

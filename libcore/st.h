@@ -88,6 +88,14 @@ void st_model_close(struct st_model *m);
 const struct st_tensor *st_model_find(const struct st_model *m, const char *name, int *out_file);
 /* Total tensor count over all files. */
 int st_model_count(const struct st_model *m);
+/* The most tensors and elements the files could hold, whatever their names, shapes and dtypes:
+ * a tensor's header entry is at least ST_MIN_ENTRY bytes of JSON, and an element at least one
+ * byte of data (U8, I8, BOOL). A bound, from the header and data-area sizes alone: a config that
+ * asks for more cannot describe these weights, and is refused before anything is sized from it
+ * (cfg_load); one that asks for a little more than the files hold passes, so that the reader's
+ * own check can name the missing tensor. */
+#define ST_MIN_ENTRY (sizeof "\"\":{\"dtype\":\"U8\",\"shape\":[],\"data_offsets\":[0,0]}" - 1)
+void st_model_capacity(const struct st_model *m, uint64_t *out_tensors, uint64_t *out_elems);
 
 // ---- writer: declare all tensors, then stream their data in declaration order ----
 

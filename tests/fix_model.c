@@ -14,19 +14,24 @@ static void base_cfg(struct cfg *c)
     snprintf(c->torch_dtype, sizeof c->torch_dtype, "float32");
 }
 
+static void dims(struct cfg *c, int C, int F, int L, int NH, int NKV, int HS, int V)
+{
+    c->hidden_size = C;
+    c->intermediate_size = F;
+    c->num_hidden_layers = L;
+    c->num_attention_heads = NH;
+    c->num_key_value_heads = NKV;
+    c->head_dim = HS;
+    c->vocab_size = V;
+}
+
 void fix_cfg_qwen2(struct cfg *c)
 {
     base_cfg(c);
     c->arch = CFG_ARCH_QWEN2;
     snprintf(c->architecture, sizeof c->architecture, "Qwen2ForCausalLM");
     snprintf(c->model_type, sizeof c->model_type, "qwen2");
-    c->hidden_size = 16;
-    c->intermediate_size = 24;
-    c->num_hidden_layers = 2;
-    c->num_attention_heads = 4;
-    c->num_key_value_heads = 2;
-    c->head_dim = 4;
-    c->vocab_size = 37;
+    dims(c, 16, 24, 2, 4, 2, 4, 37);
     c->tie_word_embeddings = 1;
     c->attention_bias = 1;
 }
@@ -37,16 +42,40 @@ void fix_cfg_llama(struct cfg *c)
     c->arch = CFG_ARCH_LLAMA;
     snprintf(c->architecture, sizeof c->architecture, "LlamaForCausalLM");
     snprintf(c->model_type, sizeof c->model_type, "llama");
-    c->hidden_size = 12;
-    c->intermediate_size = 20;
-    c->num_hidden_layers = 2;
-    c->num_attention_heads = 2;
-    c->num_key_value_heads = 1;
-    c->head_dim = 6;
-    c->vocab_size = 29;
+    dims(c, 12, 20, 2, 2, 1, 6, 29);
     c->rope_theta = 500000.0;
     c->tie_word_embeddings = 0;
     c->attention_bias = 0;
+}
+
+void fix_cfg_qwen3(struct cfg *c)
+{
+    base_cfg(c);
+    c->arch = CFG_ARCH_QWEN3;
+    snprintf(c->architecture, sizeof c->architecture, "Qwen3ForCausalLM");
+    snprintf(c->model_type, sizeof c->model_type, "qwen3");
+    // heads x head_dim = 24, twice the hidden size, as Qwen3-0.6B's 16 x 128 against 1024
+    dims(c, 12, 20, 2, 4, 2, 6, 31);
+    c->rope_theta = 1000000.0;
+    c->tie_word_embeddings = 1;
+    c->attention_bias = 0;
+    c->qk_norm = 1;
+}
+
+void fix_cfg_llama32(struct cfg *c)
+{
+    base_cfg(c);
+    c->arch = CFG_ARCH_LLAMA;
+    snprintf(c->architecture, sizeof c->architecture, "LlamaForCausalLM");
+    snprintf(c->model_type, sizeof c->model_type, "llama");
+    dims(c, 16, 24, 2, 2, 1, 8, 29);
+    c->rms_norm_eps = 1e-5;
+    c->rope_theta = 100.0;
+    c->tie_word_embeddings = 1;
+    c->attention_bias = 0;
+    // wavelengths 2 pi / inv_freq = 6.3, 19.9, 62.8, 198.7 against the bands' edges 32/4 = 8 and
+    // 32/1 = 32: one high-frequency (kept), one medium (interpolated), two low (divided by 8)
+    c->rope_scaling = (struct cfg_rope_scaling){ CFG_ROPE_LLAMA3, 8.0, 1.0, 4.0, 32 };
 }
 
 int fix_model_random(struct model *m, const struct cfg *c, float std, uint64_t seed)

@@ -9,6 +9,12 @@
 void fix_cfg_qwen2(struct cfg *c);
 /* Llama-like: C 12, 2 heads, 1 kv head, HS 6, F 20, L 2, V 29, no biases, untied. */
 void fix_cfg_llama(struct cfg *c);
+/* Qwen3-like: C 12, 4 heads, 2 kv heads, HS 6 (heads x HS = 24 != C), F 20, L 2, V 31, no biases,
+ * q_norm / k_norm, tied embeddings. */
+void fix_cfg_qwen3(struct cfg *c);
+/* Llama-3.2-like: C 16, 2 heads, 1 kv head, HS 8, F 24, L 2, V 29, tied, rope_theta 100 and llama3
+ * rope scaling (factor 8, low 1, high 4, original 32): its four frequencies lie in all three bands. */
+void fix_cfg_llama32(struct cfg *c);
 /* model_init + random weights (std), norms randomised around 1 so their gradients matter. */
 int fix_model_random(struct model *m, const struct cfg *c, float std, uint64_t seed);
 /* An adapter on the given targets with random A and B (scale 1 / sqrt fan). */

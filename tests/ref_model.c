@@ -1,6 +1,7 @@
 /*
  * ref_model.c - the double-precision reference decoder (see ref_model.h). Everything is a
- * plain loop over the definitions in transformers' modeling_qwen2.py / modeling_llama.py.
+ * plain loop over the definitions in transformers' modeling_qwen2.py / modeling_qwen3.py /
+ * modeling_llama.py and modeling_rope_utils.py.
  */
 #include "ref_model.h"
 
@@ -88,14 +89,39 @@ static void ref_rmsnorm(double *y, const double *x, const float *w, int N, int C
     }
 }
 
-static void ref_rope(double *x, const int *pos, const float *inv_freq, int N, int H, int HS)
+void ref_rope_inv_freq(const struct cfg *c, double *out)
+{
+    int dim = c->head_dim;
+    const struct cfg_rope_scaling *r = &c->rope_scaling;
+    for (int i = 0; i < dim / 2; i++) {
+        // _compute_default_rope_parameters: 1 / base^(arange(0, dim, 2) / dim)
+        double f = 1.0 / pow(c->rope_theta, (double)(2 * i) / dim);
+        if (r->type == CFG_ROPE_LINEAR) {
+            f /= r->factor;
+        } else if (r->type == CFG_ROPE_LLAMA3) {
+            // _compute_llama3_parameters, one frequency at a time
+            double old_ctx = r->original_max_position_embeddings;
+            double low_wavelen = old_ctx / r->low_freq_factor, high_wavelen = old_ctx / r->high_freq_factor;
+            double wavelen = 2 * 3.14159265358979323846 / f;
+            if (wavelen > low_wavelen) {
+                f = f / r->factor;
+            } else if (wavelen >= high_wavelen) {
+                double smooth = (old_ctx / wavelen - r->low_freq_factor) / (r->high_freq_factor - r->low_freq_factor);
+                f = (1 - smooth) * f / r->factor + smooth * f;
+            }
+        }
+        out[i] = f;
+    }
+}
+
+static void ref_rope(double *x, const int *pos, const double *inv_freq, int N, int H, int HS)
 {
     int half = HS / 2;
     for (int n = 0; n < N; n++)
         for (int h = 0; h < H; h++) {
             double *v = x + ((size_t)n * H + h) * HS;
             for (int i = 0; i < half; i++) {
-                double ang = (double)((float)pos[n] * inv_freq[i]);
+                double ang = pos[n] * inv_freq[i];
                 double c = cos(ang), s = sin(ang);
                 double x1 = v[i], x2 = v[i + half];
                 v[i] = x1 * c - x2 * s;
@@ -120,6 +146,8 @@ double ref_forward(const struct model *m, const struct lora *lora, const int *to
     double *x = dz((size_t)N * C), *h = dz((size_t)N * C), *q = dz((size_t)N * Q);
     double *k = dz((size_t)N * KV), *v = dz((size_t)N * KV), *y = dz((size_t)N * Q);
     double *o = dz((size_t)N * C), *g = dz((size_t)N * F), *u = dz((size_t)N * F), *d = dz((size_t)N * C);
+    double *inv_freq = dz((size_t)HS / 2);
+    ref_rope_inv_freq(c, inv_freq);
     for (int n = 0; n < N; n++)
         for (int i = 0; i < C; i++)
             x[(size_t)n * C + i] = m->w.embed[(size_t)tokens[n] * C + i];
@@ -129,8 +157,12 @@ double ref_forward(const struct model *m, const struct lora *lora, const int *to
         ref_linear(q, h, w->wq, w->bq, N, C, Q, lora, l, CFG_Q, seed, train);
         ref_linear(k, h, w->wk, w->bk, N, C, KV, lora, l, CFG_K, seed, train);
         ref_linear(v, h, w->wv, w->bv, N, C, KV, lora, l, CFG_V, seed, train);
-        ref_rope(q, pos, m->inv_freq, N, NH, HS);
-        ref_rope(k, pos, m->inv_freq, N, NKV, HS);
+        if (c->qk_norm) { // Qwen3: q_norm / k_norm on each head, before the rotary embedding
+            ref_rmsnorm(q, q, w->q_norm, N * NH, HS, c->rms_norm_eps);
+            ref_rmsnorm(k, k, w->k_norm, N * NKV, HS, c->rms_norm_eps);
+        }
+        ref_rope(q, pos, inv_freq, N, NH, HS);
+        ref_rope(k, pos, inv_freq, N, NKV, HS);
         // attention: head hh uses kv head hh / (NH / NKV)
         for (int b = 0; b < B; b++)
             for (int hh = 0; hh < NH; hh++) {
@@ -203,6 +235,7 @@ double ref_forward(const struct model *m, const struct lora *lora, const int *to
     if (!out_logits)
         free(lg);
     free(pos);
+    free(inv_freq);
     free(x), free(h), free(q), free(k), free(v), free(y), free(o), free(g), free(u), free(d);
     if (!targets)
         return 0;

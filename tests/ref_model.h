@@ -1,7 +1,8 @@
 /*
- * ref_model.h - a plain double-precision reference of the decoder with LoRA, written
- * independently of libcore/model.c (naive loops, no BLAS, no shared kernels), for checking
- * the fast path's logits and, through central differences, its gradients.
+ * ref_model.h - a plain double-precision reference of the decoder with LoRA (Llama with rope
+ * scaling, Qwen2, Qwen3 with q_norm / k_norm), written independently of libcore/model.c (naive
+ * loops, no BLAS, no shared kernels, its own rotary frequencies), for checking the fast path's
+ * logits and, through central differences, its gradients.
  */
 #ifndef LK_REF_MODEL_H
 #define LK_REF_MODEL_H
@@ -14,6 +15,11 @@
 double ref_forward(const struct model *m, const struct lora *lora, const int *tokens, const int *pos,
                    const int *seg, const int *targets, int B, int T, double loss_scale, int train,
                    double *out_logits);
+
+/* The rotary inverse frequencies [HS/2] of a config, in double, from the published formulas
+ * (transformers' modeling_rope_utils.py: default, linear, llama3; dynamic is the default below
+ * max_position_embeddings), written here apart from the engine's float32 kernels. */
+void ref_rope_inv_freq(const struct cfg *c, double *out);
 
 /* DoRA's norm is detached in the engine: the reference takes it from these factors (set it to a
  * copy of the adapter before perturbing parameters; NULL: from the adapter itself). */

@@ -10,6 +10,8 @@
 #include <math.h>
 #include <stdio.h>
 
+struct lk_err;
+
 #define TEST(name)                                                                                 \
     void test_##name(void);                                                                        \
     void test_##name(void)
@@ -69,9 +71,23 @@ int test_failed(void);
     } while (0)
 
 /* A message buffer tests may point lk_err at; CHECK_OK prints it. */
-struct lk_err;
 struct lk_err *test_err(void);
 const char *test_errmsg(void);
+
+/* An allocation-failure sweep (sqlite's do_faultsim_test, curl's torture mode). op runs the
+ * operation once without faults (it must succeed: this also lets lazily made tables settle),
+ * then for n = 1, 2, 3, ... with the nth lk_malloc / lk_calloc / lk_realloc failing. Each run
+ * must return LK_OK or LK_ERR_NOMEM with a message. After each run, with faults off, done (may
+ * be NULL) gets op's status: it checks the result (LK_OK) or that nothing partial was left
+ * (a failure), releases what op made, and returns 0, or -1 after test_fail. Then
+ * lk_alloc_live() must be back where it was before the run (memory from other allocators,
+ * cJSON's, is left to LeakSanitizer's check at the end of the test in sanitizer builds). The sweep goes on past runs that succeed despite a failed
+ * allocation, and ends with the first run in which no allocation failed (the countdown was not
+ * reached). Returns the number of runs with an injected failure, or -1 after recording a failure
+ * at the caller's line; max bounds the runs. */
+#define ALLOC_SWEEP(what, op, done, ctx, max) test_alloc_sweep(__FILE__, __LINE__, what, op, done, ctx, max)
+long test_alloc_sweep(const char *file, int line, const char *what, int (*op)(void *ctx, struct lk_err *err),
+                      int (*done)(void *ctx, int rc), void *ctx, long max);
 
 /* A fresh folder for this test (removed afterwards unless LK_KEEP_TMP is set). */
 const char *test_tmpdir(void);
@@ -85,6 +101,8 @@ int test_sh(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 const char *test_output(void);
 /* A path under ../shared (or $LK_SHARED), or NULL when it is absent: tests then SKIP. */
 const char *test_shared(const char *rel);
+/* Sleeps ms milliseconds (nanosleep: usleep is not in POSIX.1-2008). */
+void test_sleep_ms(long ms);
 /* 1 when the full tier is on (LK_TEST_FULL=1, set by CI). */
 int test_full(void);
 

@@ -38,4 +38,5 @@ TEST(basemodel_committed_folder)
     CHECK_INT(eos, im_end);
     CHECK_INT(fmt_rc, 0);
     CHECK_INT(f.kind, CHAT_CHATML);
+    cfg_release(&c);
 }

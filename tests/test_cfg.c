@@ -1,15 +1,19 @@
 /*
- * test_cfg.c - config.json: a real-looking Qwen2.5-0.5B config (parameter count checked against
- * the published 494,032,768), transformers' defaults, every refusal naming its field, saving with
- * unknown fields kept, and the tensor list / module helpers.
+ * test_cfg.c - config.json: real-looking Qwen2.5-0.5B, Qwen3-0.6B and Llama-3.2-1B configs
+ * (parameter counts checked against the published 494,032,768, 596,049,920 and 1,235,814,400),
+ * transformers' defaults, rope scaling as transformers reads it, every refusal naming its field,
+ * saving with unknown fields kept, the tensor list / module helpers, a config bounded by the
+ * weights beside it (the hostile config fuzz_cfg found), and cfg_load under allocation failures.
  */
 #include "test.h"
 
 #include <cJSON.h>
+#include <limits.h>
 #include <string.h>
 
 #include "../libcore/cfg.h"
 #include "../libcore/lk.h"
+#include "../libcore/st.h"
 
 static const char *QWEN05 =
     "{\n  \"architectures\": [\"Qwen2ForCausalLM\"],\n  \"attention_dropout\": 0.0,\n"
@@ -135,10 +139,183 @@ static int refused(const char *text, const char *want)
 
 TEST(cfg_refuses_rope_scaling)
 {
+    // issue 22: linear, dynamic and llama3 are read; every other type is refused by name
     CHECK(refused(QW ",\"num_attention_heads\":4,\"rope_scaling\":{\"type\":\"yarn\",\"factor\":4}}",
-                  "field 'rope_scaling' is set"));
+                  "field 'rope_scaling' has rope type 'yarn', which is not supported"));
+    CHECK(refused(LL ",\"num_attention_heads\":4,\"rope_scaling\":{\"rope_type\":\"longrope\",\"factor\":4}}",
+                  "rope type 'longrope'"));
+    CHECK(refused(LL ",\"num_attention_heads\":4,\"rope_parameters\":{\"rope_type\":\"yarn\",\"factor\":4}}",
+                  "field 'rope_parameters' has rope type 'yarn'"));
     CHECK(refused(LL ",\"num_attention_heads\":4,\"rope_scaling\":\"linear\"}", "'rope_scaling'"));
     CHECK(refused(LL ",\"num_attention_heads\":4,\"rope_scaling\":0}", "'rope_scaling'"));
+    CHECK(refused(LL ",\"num_attention_heads\":4,\"rope_scaling\":{\"factor\":4}}", "needs a 'rope_type'"));
+    CHECK(refused(LL ",\"num_attention_heads\":4,\"rope_scaling\":{\"rope_type\":\"linear\"}}",
+                  "field 'rope_scaling' of type 'linear' needs 'factor'"));
+    CHECK(refused(LL ",\"num_attention_heads\":4,\"rope_scaling\":{\"rope_type\":\"linear\",\"factor\":0}}",
+                  "'rope_scaling.factor' must be a positive number"));
+    CHECK(refused(LL ",\"num_attention_heads\":4,\"rope_scaling\":{\"rope_type\":\"llama3\",\"factor\":8,"
+                  "\"low_freq_factor\":1,\"high_freq_factor\":4}}", "needs 'original_max_position_embeddings'"));
+    CHECK(refused(LL ",\"num_attention_heads\":4,\"rope_scaling\":{\"rope_type\":\"llama3\",\"factor\":8,"
+                  "\"high_freq_factor\":4,\"original_max_position_embeddings\":64}}", "needs 'low_freq_factor'"));
+    CHECK(refused(LL ",\"num_attention_heads\":4,\"rope_scaling\":{\"rope_type\":\"llama3\",\"factor\":8,"
+                  "\"low_freq_factor\":4,\"high_freq_factor\":4,\"original_max_position_embeddings\":64}}",
+                  "'rope_scaling.high_freq_factor' 4 must be larger than 'low_freq_factor' 4"));
+    CHECK(refused(LL ",\"num_attention_heads\":4,\"partial_rotary_factor\":0.5}", "'partial_rotary_factor'"));
+}
+
+TEST(cfg_reads_rope_scaling_as_transformers_does)
+{
+    struct cfg c;
+    CHECK_OK(cfg_parse(&c, LL ",\"num_attention_heads\":4,\"rope_scaling\":{\"type\":\"linear\",\"factor\":2.5}}",
+                       "c", test_err())); // the older 'type' key
+    CHECK(c.rope_scaling.type == CFG_ROPE_LINEAR && c.rope_scaling.factor == 2.5);
+    CHECK_INT(cfg_rope_positions(&c), INT_MAX);
+    cfg_release(&c);
+    CHECK_OK(cfg_parse(&c, LL ",\"num_attention_heads\":4,\"max_position_embeddings\":512,"
+                           "\"rope_scaling\":{\"rope_type\":\"dynamic\",\"factor\":2}}", "c", test_err()));
+    CHECK(c.rope_scaling.type == CFG_ROPE_DYNAMIC && c.rope_scaling.factor == 2);
+    CHECK_INT(cfg_rope_positions(&c), 512); // exact below max_position_embeddings only
+    cfg_release(&c);
+    CHECK_OK(cfg_parse(&c, LL ",\"num_attention_heads\":4,\"rope_scaling\":{\"rope_type\":\"default\"}}", "c",
+                       test_err()));
+    CHECK(c.rope_scaling.type == CFG_ROPE_DEFAULT);
+    cfg_release(&c);
+    // transformers 5: rope_theta and the scaling both in rope_parameters
+    CHECK_OK(cfg_parse(&c, LL ",\"num_attention_heads\":4,\"rope_parameters\":{\"rope_theta\":500000.0,"
+                           "\"rope_type\":\"llama3\",\"factor\":32.0,\"low_freq_factor\":1.0,"
+                           "\"high_freq_factor\":4.0,\"original_max_position_embeddings\":8192}}", "c", test_err()));
+    CHECK(c.rope_theta == 500000.0 && c.rope_scaling.type == CFG_ROPE_LLAMA3 && c.rope_scaling.factor == 32);
+    CHECK(c.rope_scaling.low_freq_factor == 1 && c.rope_scaling.high_freq_factor == 4);
+    CHECK_INT(c.rope_scaling.original_max_position_embeddings, 8192);
+    cfg_release(&c);
+    CHECK_OK(cfg_parse(&c, LL ",\"num_attention_heads\":4,\"rope_parameters\":{\"rope_theta\":1000.0,"
+                           "\"rope_type\":\"default\"}}", "c", test_err()));
+    CHECK(c.rope_theta == 1000.0 && c.rope_scaling.type == CFG_ROPE_DEFAULT);
+    cfg_release(&c);
+}
+
+static const char *QWEN3_06B =
+    "{\n  \"architectures\": [\"Qwen3ForCausalLM\"],\n  \"attention_bias\": false,\n  \"attention_dropout\": 0.0,\n"
+    "  \"bos_token_id\": 151643,\n  \"eos_token_id\": 151645,\n  \"head_dim\": 128,\n  \"hidden_act\": \"silu\",\n"
+    "  \"hidden_size\": 1024,\n  \"initializer_range\": 0.02,\n  \"intermediate_size\": 3072,\n"
+    "  \"max_position_embeddings\": 40960,\n  \"max_window_layers\": 28,\n  \"model_type\": \"qwen3\",\n"
+    "  \"num_attention_heads\": 16,\n  \"num_hidden_layers\": 28,\n  \"num_key_value_heads\": 8,\n"
+    "  \"rms_norm_eps\": 1e-06,\n  \"rope_scaling\": null,\n  \"rope_theta\": 1000000,\n"
+    "  \"sliding_window\": null,\n  \"tie_word_embeddings\": true,\n  \"torch_dtype\": \"bfloat16\",\n"
+    "  \"transformers_version\": \"4.51.0\",\n  \"use_cache\": true,\n  \"use_sliding_window\": false,\n"
+    "  \"vocab_size\": 151936\n}\n";
+
+static const char *LLAMA32_1B =
+    "{\n  \"architectures\": [\"LlamaForCausalLM\"],\n  \"attention_bias\": false,\n  \"attention_dropout\": 0.0,\n"
+    "  \"bos_token_id\": 128000,\n  \"eos_token_id\": 128001,\n  \"head_dim\": 64,\n  \"hidden_act\": \"silu\",\n"
+    "  \"hidden_size\": 2048,\n  \"initializer_range\": 0.02,\n  \"intermediate_size\": 8192,\n"
+    "  \"max_position_embeddings\": 131072,\n  \"mlp_bias\": false,\n  \"model_type\": \"llama\",\n"
+    "  \"num_attention_heads\": 32,\n  \"num_hidden_layers\": 16,\n  \"num_key_value_heads\": 8,\n"
+    "  \"pretraining_tp\": 1,\n  \"rms_norm_eps\": 1e-05,\n  \"rope_scaling\": {\n    \"factor\": 32.0,\n"
+    "    \"high_freq_factor\": 4.0,\n    \"low_freq_factor\": 1.0,\n    \"original_max_position_embeddings\": 8192,\n"
+    "    \"rope_type\": \"llama3\"\n  },\n  \"rope_theta\": 500000.0,\n  \"tie_word_embeddings\": true,\n"
+    "  \"torch_dtype\": \"bfloat16\",\n  \"transformers_version\": \"4.45.0.dev0\",\n  \"use_cache\": true,\n"
+    "  \"vocab_size\": 128256\n}\n";
+
+static int64_t tensors_sum(const struct cfg *c, int *out_n)
+{
+    struct cfg_tensor *t;
+    int64_t sum = 0;
+    if (cfg_tensors(c, &t, out_n, NULL))
+        return -1;
+    for (int i = 0; i < *out_n; i++)
+        sum += t[i].shape[0] * (t[i].ndim == 2 ? t[i].shape[1] : 1);
+    lk_free(t);
+    return sum;
+}
+
+TEST(cfg_parses_qwen3_06b)
+{
+    struct cfg c;
+    CHECK_OK(cfg_parse(&c, QWEN3_06B, "config.json", test_err()));
+    CHECK(c.arch == CFG_ARCH_QWEN3 && !strcmp(c.model_type, "qwen3"));
+    CHECK(c.head_dim == 128 && c.num_attention_heads * c.head_dim == 2 * c.hidden_size);
+    CHECK(c.qk_norm && !c.attention_bias && c.tie_word_embeddings && c.rope_scaling.type == CFG_ROPE_DEFAULT);
+    CHECK(c.eos_token_id == 151645 && c.rope_theta == 1e6 && c.max_position_embeddings == 40960);
+    CHECK_INT(cfg_param_count(&c), 596049920); // Qwen3-0.6B's published count (tied)
+    int n;
+    CHECK_INT(tensors_sum(&c, &n), 596049920);
+    CHECK_INT(n, 1 + 28 * 11 + 1); // embed, 28 x (7 linears + q_norm + k_norm + 2 norms), norm
+    struct cfg_tensor *t;
+    CHECK_OK(cfg_tensors(&c, &t, &n, test_err()));
+    // transformers' registration order: q, k, v, o, q_norm, k_norm, mlp, then the layer norms
+    CHECK(!strcmp(t[4].name, "model.layers.0.self_attn.o_proj.weight") && t[4].shape[0] == 1024 &&
+          t[4].shape[1] == 2048);
+    CHECK(!strcmp(t[5].name, "model.layers.0.self_attn.q_norm.weight") && t[5].ndim == 1 && t[5].shape[0] == 128 &&
+          t[5].kind == CFG_T_NORM && t[5].module == -1 && t[5].layer == 0);
+    CHECK(!strcmp(t[6].name, "model.layers.0.self_attn.k_norm.weight") && t[6].shape[0] == 128);
+    CHECK(!strcmp(t[7].name, "model.layers.0.mlp.gate_proj.weight"));
+    lk_free(t);
+    cfg_release(&c);
+    // without head_dim Qwen3Config says 128, whatever hidden / heads is; 32 kv heads by default
+    CHECK_OK(cfg_parse(&c, "{\"model_type\":\"qwen3\"," BASE ",\"num_attention_heads\":32}", "c", test_err()));
+    CHECK(c.arch == CFG_ARCH_QWEN3 && c.head_dim == 128 && c.num_key_value_heads == 32 &&
+          !strcmp(c.architecture, "Qwen3ForCausalLM"));
+    cfg_release(&c);
+}
+
+TEST(cfg_refuses_what_qwen3_does_not_model)
+{
+#define Q3 "{\"architectures\":[\"Qwen3ForCausalLM\"]," BASE ",\"num_attention_heads\":4,\"num_key_value_heads\":2," \
+           "\"head_dim\":16"
+    CHECK(refused(Q3 ",\"attention_bias\":true}", "field 'attention_bias' is true"));
+    CHECK(refused(Q3 ",\"use_sliding_window\":true}", "field 'use_sliding_window' is true"));
+    CHECK(refused(Q3 ",\"layer_types\":[\"sliding_attention\"]}", "field 'layer_types' has 'sliding_attention'"));
+    CHECK(refused(Q3 ",\"rope_scaling\":{\"rope_type\":\"yarn\",\"factor\":4,"
+                  "\"original_max_position_embeddings\":32768}}", "rope type 'yarn'"));
+    struct cfg c;
+    CHECK_OK(cfg_parse(&c, Q3 ",\"layer_types\":[\"full_attention\"]}", "c", test_err()));
+    cfg_release(&c);
+#undef Q3
+}
+
+TEST(cfg_parses_llama32_1b)
+{
+    struct cfg c;
+    CHECK_OK(cfg_parse(&c, LLAMA32_1B, "config.json", test_err()));
+    CHECK(c.arch == CFG_ARCH_LLAMA && !c.qk_norm && !c.attention_bias && c.tie_word_embeddings);
+    CHECK(c.head_dim == 64 && c.rope_theta == 500000.0 && c.rms_norm_eps == 1e-5);
+    const struct cfg_rope_scaling *r = &c.rope_scaling;
+    CHECK(r->type == CFG_ROPE_LLAMA3 && r->factor == 32 && r->low_freq_factor == 1 && r->high_freq_factor == 4);
+    CHECK_INT(r->original_max_position_embeddings, 8192);
+    CHECK_INT(cfg_param_count(&c), 1235814400); // Llama-3.2-1B's published count (tied)
+    int n;
+    CHECK_INT(tensors_sum(&c, &n), 1235814400);
+    // saved again: the rope_scaling object is kept as it was
+    CHECK_OK(cfg_save(&c, test_path("config.json"), test_err()));
+    cfg_release(&c);
+    CHECK_OK(cfg_load(&c, test_tmpdir(), test_err()));
+    CHECK(c.rope_scaling.type == CFG_ROPE_LLAMA3 && c.rope_scaling.factor == 32);
+    cfg_release(&c);
+}
+
+TEST(cfg_presets_qwen3_and_llama32_have_the_published_shapes)
+{
+    const char *names[] = { "qwen3-0.6b", "llama3.2-1b" };
+    const char *texts[] = { QWEN3_06B, LLAMA32_1B };
+    const int64_t counts[] = { 596049920, 1235814400 };
+    for (int i = 0; i < 2; i++) {
+        struct cfg p, pub, back;
+        CHECK_OK(cfg_preset(&p, names[i], test_err()));
+        CHECK_OK(cfg_parse(&pub, texts[i], "published", test_err()));
+        CHECK_INT(cfg_param_count(&p), counts[i]);
+        CHECK_OK(cfg_check_same(&pub, &p, "published", names[i], 0, test_err()));
+        CHECK(p.qk_norm == pub.qk_norm && p.rope_theta == pub.rope_theta && p.rms_norm_eps == pub.rms_norm_eps);
+        CHECK(p.max_position_embeddings == pub.max_position_embeddings && p.eos_token_id == pub.eos_token_id);
+        CHECK(!memcmp(&p.rope_scaling, &pub.rope_scaling, sizeof p.rope_scaling));
+        // written from scratch and read back: the same network, rope scaling included
+        CHECK_OK(cfg_save(&p, test_path("config.json"), test_err()));
+        CHECK_OK(cfg_load(&back, test_tmpdir(), test_err()));
+        CHECK_OK(cfg_check_same(&pub, &back, "published", "saved", 0, test_err()));
+        CHECK(back.qk_norm == pub.qk_norm && !memcmp(&back.rope_scaling, &pub.rope_scaling, sizeof p.rope_scaling));
+        cfg_release(&back);
+        cfg_release(&pub);
+    }
 }
 
 TEST(cfg_refuses_sliding_window)
@@ -186,7 +363,8 @@ TEST(cfg_refuses_indivisible_heads)
 TEST(cfg_refuses_unknown_architecture)
 {
     CHECK(refused("{\"architectures\":[\"MistralForCausalLM\"]," BASE ",\"num_attention_heads\":4}",
-                  "unsupported architecture 'MistralForCausalLM' (supported: LlamaForCausalLM, Qwen2ForCausalLM)"));
+                  "unsupported architecture 'MistralForCausalLM' (supported: LlamaForCausalLM, Qwen2ForCausalLM, "
+                  "Qwen3ForCausalLM)"));
     CHECK(refused("{\"model_type\":\"gemma\"," BASE ",\"num_attention_heads\":4}", "unsupported architecture 'gemma'"));
 }
 
@@ -264,4 +442,128 @@ TEST(cfg_check_same_names_the_first_difference)
     CHECK_OK(cfg_preset(&b, "llama-tiny", &e2));
     CHECK_INT(cfg_check_same(&a, &b, "base", "tuned", 1, &err), LK_ERR_SHAPE);
     CHECK(strstr(err.msg, "is a LlamaForCausalLM") && strstr(err.msg, "Qwen2ForCausalLM"));
+}
+
+// ---- config.json bounded by the weights beside it ----
+
+/* A model folder: config.json text and n tensors "t.K" of k floats each (n = 0: a file of no
+ * tensors; n < 0: no weights file). */
+static int bounded_dir(const char *dir, const char *config, int n, int k)
+{
+    char p[1100];
+    if (lk_mkdir_p(dir, test_err()))
+        return -1;
+    snprintf(p, sizeof p, "%s/config.json", dir);
+    if (lk_write_file_atomic(p, config, strlen(config), test_err()))
+        return -1;
+    if (n < 0)
+        return 0;
+    static float data[64];
+    static char names[64][16];
+    struct st_item it[64];
+    for (int i = 0; i < n && i < 64; i++) {
+        snprintf(names[i], sizeof names[i], "t.%d", i);
+        it[i] = (struct st_item){ names[i], 1, { k }, data };
+    }
+    snprintf(p, sizeof p, "%s/model.safetensors", dir);
+    return st_write_f32(p, it, n, TENSOR_F32, test_err());
+}
+
+#define QWEN_HEAD "{\"architectures\":[\"Qwen2ForCausalLM\"],\"model_type\":\"qwen2\","
+
+TEST(cfg_load_bounds_the_config_by_its_weights)
+{
+    // layers, vocabulary and heads beyond what the weights could hold, each refused by cfg_load
+    // before anything is sized from them; the message names config.json and the folder
+    static const struct {
+        const char *config;
+        int n, k;
+        const char *want;
+    } bad[] = {
+        { QWEN_HEAD "\"hidden_size\":2,\"intermediate_size\":2,\"num_hidden_layers\":7171000,"
+          "\"num_attention_heads\":1,\"num_key_value_heads\":1,\"vocab_size\":2}", 0, 0,
+          "describes 7171000 layers (at least 64539002 tensors)" },
+        { QWEN_HEAD "\"hidden_size\":1,\"intermediate_size\":1,\"num_hidden_layers\":1,"
+          "\"num_attention_heads\":1,\"vocab_size\":1000000000}", 16, 4, "describes 2000000013 parameters" },
+        { QWEN_HEAD "\"hidden_size\":1,\"intermediate_size\":1,\"num_hidden_layers\":1,"
+          "\"num_attention_heads\":100000000,\"num_key_value_heads\":1,\"head_dim\":1,\"vocab_size\":1}", 16, 4,
+          "describes 300000012 parameters" },
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        char dir[1024];
+        snprintf(dir, sizeof dir, "%s/bad%zu", test_tmpdir(), i);
+        CHECK_OK(bounded_dir(dir, bad[i].config, bad[i].n, bad[i].k));
+        struct cfg c;
+        struct lk_err err = { 0 };
+        CHECK_INT(cfg_load(&c, dir, &err), LK_ERR_SHAPE);
+        CHECK_MSG(strstr(err.msg, bad[i].want) && strstr(err.msg, "config.json") && strstr(err.msg, dir),
+                  "case %zu: %s", i, err.msg);
+        // the same text parses on its own (cfg_parse sizes nothing), and a config.json given by
+        // path is not bounded (init makes the model a config describes)
+        char p[1100];
+        snprintf(p, sizeof p, "%s/config.json", dir);
+        CHECK_OK(cfg_load(&c, p, test_err()));
+        cfg_release(&c);
+    }
+    // what fits loads; a config asking for a little more than the weights hold passes the bound,
+    // so that the reader's own check names the missing tensor
+    const char *tiny = QWEN_HEAD "\"hidden_size\":2,\"intermediate_size\":2,\"num_hidden_layers\":1,"
+                       "\"num_attention_heads\":1,\"vocab_size\":2,\"tie_word_embeddings\":true}";
+    struct cfg c;
+    char dir[1024];
+    snprintf(dir, sizeof dir, "%s/fits", test_tmpdir());
+    CHECK_OK(bounded_dir(dir, tiny, 14, 4)); // 14 tensors: the 14 the config implies
+    CHECK_OK(cfg_load(&c, dir, test_err()));
+    CHECK_INT(c.num_hidden_layers, 1);
+    cfg_release(&c);
+    snprintf(dir, sizeof dir, "%s/short", test_tmpdir());
+    CHECK_OK(bounded_dir(dir, tiny, 12, 4)); // two tensors short of the 14
+    CHECK_OK(cfg_load(&c, dir, test_err()));
+    cfg_release(&c);
+    // no weights: nothing to bound by (whoever needs the weights opens them before sizing)
+    snprintf(dir, sizeof dir, "%s/none", test_tmpdir());
+    CHECK_OK(bounded_dir(dir, bad[0].config, -1, 0));
+    CHECK_OK(cfg_load(&c, dir, test_err()));
+    cfg_release(&c);
+}
+
+struct cfg_sweep {
+    const char *path;
+    struct cfg c;
+};
+
+static int sweep_cfg_load(void *ctx, struct lk_err *err)
+{
+    struct cfg_sweep *sw = ctx;
+    return cfg_load(&sw->c, sw->path, err);
+}
+
+static int sweep_cfg_done(void *ctx, int rc)
+{
+    struct cfg_sweep *sw = ctx;
+    const struct cfg *c = &sw->c;
+    int bad = rc == LK_OK && (c->hidden_size != 64 || c->num_hidden_layers != 2 || !c->json ||
+                              !strstr(c->json, "Qwen2ForCausalLM"));
+    cfg_release(&sw->c);
+    if (bad)
+        test_fail(__FILE__, __LINE__, "loaded under allocation failures, but the config reads wrong");
+    return bad ? -1 : 0;
+}
+
+TEST(cfg_load_survives_allocation_failures)
+{
+    // a model folder (the config is checked against the sharded weights: index and shards are
+    // opened too) and a config.json given by path
+    char dir[1024], p[1100];
+    snprintf(dir, sizeof dir, "%s/m", test_tmpdir());
+    CHECK_INT(test_sh("%s init --preset tiny --seed 1 --shard-size 200000 --out '%s'", test_lorakit(), dir), 0);
+    snprintf(p, sizeof p, "%s/model.safetensors.index.json", dir);
+    CHECK_MSG(lk_file_exists(p), "not sharded: %s", test_output());
+    struct cfg_sweep sw = { dir, { 0 } };
+    long n1 = ALLOC_SWEEP("cfg_load (model folder)", sweep_cfg_load, sweep_cfg_done, &sw, 5000);
+    snprintf(p, sizeof p, "%s/config.json", dir);
+    sw.path = p;
+    long n2 = ALLOC_SWEEP("cfg_load (config.json)", sweep_cfg_load, sweep_cfg_done, &sw, 1000);
+    CHECK(n2 >= 3 && n1 > n2 + 20); // the path, the text, its copy; then the shards
+    fprintf(stderr, "    allocations made to fail: cfg_load of a sharded folder %ld, of a file %ld\n", n1, n2);
 }

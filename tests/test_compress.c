@@ -515,6 +515,56 @@ TEST(cmp_adapter_rank_reduction_cli_keeps_bias_scaled)
     model_release(&mb);
 }
 
+/* An adapter folder from raw pieces (q_proj of layer 0, rank 2, hidden 16) plus one tensor. */
+static void write_raw_adapter(const char *dir, const char *config, const char *extra_name)
+{
+    static const float z[64];
+    struct st_item it[3] = {
+        { "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", 2, { 2, 16 }, z },
+        { "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight", 2, { 16, 2 }, z },
+        { extra_name, 1, { 4 }, z },
+    };
+    CHECK_OK(lk_mkdir_p(dir, test_err()));
+    char p[1024];
+    snprintf(p, sizeof p, "%s/adapter_config.json", dir);
+    CHECK_OK(lk_write_file_atomic(p, config, strlen(config), test_err()));
+    snprintf(p, sizeof p, "%s/adapter_model.safetensors", dir);
+    CHECK_OK(st_write_f32(p, it, extra_name ? 3 : 2, TENSOR_F32, test_err()));
+}
+
+TEST(cmp_adapter_reads_through_the_one_adapter_reader)
+{
+    static const char *cfg = "{\"peft_type\":\"LORA\",\"r\":2,\"lora_alpha\":4,\"target_modules\":[\"q_proj\"]}";
+    struct cmp_opts o;
+    cmp_opts_init(&o);
+    o.rank = 1;
+    struct cmp_report rep;
+    struct lk_err err = { 0 };
+    // a tensor the reader does not know: refused as lora_load refuses it, nothing written
+    write_raw_adapter(test_path("junk"), cfg, "junk.weight");
+    CHECK(cmp_adapter(test_path("junk"), test_path("out"), &o, &rep, &err) == LK_ERR_FORMAT);
+    CHECK_MSG(strstr(err.msg, "junk/adapter_model.safetensors: unknown adapter tensor 'junk.weight'"), "%s", err.msg);
+    cmp_report_release(&rep);
+    CHECK(!lk_file_exists(test_path("out")));
+    // a lora_B.bias the config does not announce
+    memset(&err, 0, sizeof err);
+    write_raw_adapter(test_path("bias"), cfg, "base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias");
+    CHECK(cmp_adapter(test_path("bias"), test_path("out"), &o, &rep, &err) == LK_ERR_FORMAT);
+    CHECK_MSG(strstr(err.msg, "no \"lora_bias\": true"), "%s", err.msg);
+    cmp_report_release(&rep);
+    CHECK(!lk_file_exists(test_path("out")));
+    // the same factors alone: reduced to rank 1
+    write_raw_adapter(test_path("ok"), cfg, NULL);
+    CHECK_OK(cmp_adapter(test_path("ok"), test_path("out"), &o, &rep, test_err()));
+    CHECK_INT(rep.n_linear, 1);
+    CHECK_INT(rep.t[0].rank, 1);
+    cmp_report_release(&rep);
+    struct lora_file lf;
+    CHECK_OK(lora_file_open(&lf, test_path("out"), test_err()));
+    CHECK(lf.n_mod == 1 && lf.mod[0].R == 1 && lf.mod[0].in == 16 && lf.mod[0].out == 16);
+    lora_file_close(&lf);
+}
+
 TEST(cmp_keep_other_round_trip_and_report_of_what_is_left_out)
 {
     struct cfg c;

@@ -360,7 +360,7 @@ static int wait_for(const char *needle)
     while (now_s() - t0 < 8) {
         if (strstr(screen(), needle))
             return 1;
-        usleep(50000);
+        test_sleep_ms(50);
     }
     return 0;
 }
@@ -384,7 +384,7 @@ static int wait_exit(void)
             return v;
         }
         lk_free(s);
-        usleep(50000);
+        test_sleep_ms(50);
     }
     return -1;
 }
@@ -747,7 +747,7 @@ static void resize_body(const char *db)
         double t0 = now_s();
         int ok = 0;
         while (!ok && now_s() - t0 < 8) {
-            usleep(100000);
+            test_sleep_ms(100);
             screen();
             // laid out for the new size: the footer is on the last line
             ok = count_lines() == h && (h < 4 || !strncmp(screen_line(h - 1, line, sizeof line), "Tab pane", 8));
@@ -807,7 +807,7 @@ static void live_body(const char *db, long *pid)
     lk_free(s);
     double t0 = now_s();
     while (now_s() - t0 < 10 && !(sql_real(db, "SELECT count(*) FROM train_steps WHERE run_id = 2") > 0))
-        usleep(50000);
+        test_sleep_ms(50);
     CHECK_MSG(sql_real(db, "SELECT count(*) FROM train_steps WHERE run_id = 2") > 0, "no live steps");
     char args[700];
     snprintf(args, sizeof args, "'%s'", db);
@@ -823,14 +823,14 @@ static void live_body(const char *db, long *pid)
     long s2 = s1;
     t0 = now_s();
     while (s2 <= s1 && now_s() - t0 < 8) {
-        usleep(200000);
+        test_sleep_ms(200);
         screen();
         s2 = axis_last_step();
     }
     CHECK_MSG(s2 > s1, "no automatic refresh: step %ld then %ld", s1, s2);
     // and on r
     keys("r");
-    usleep(300000);
+    test_sleep_ms(300);
     screen();
     long s3 = axis_last_step();
     CHECK(s3 >= s2);

@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -27,6 +28,7 @@
 #include "../libcore/rdb.h"
 #include "../libcore/st.h"
 #include "../libcore/tok.h"
+#include "fuzz/fuzz_weights.h"
 #include "test.h"
 
 // ---- helpers ----
@@ -211,8 +213,19 @@ static int regress_one(const char *name, const char *data, size_t n, struct lk_e
         if (!rc)
             st_close(&f);
     } else if (!strncmp(name, "cfg.", 4)) {
+        // config.json of a model folder beside the fixed weights of tests/fuzz/fuzz_cfg.c
+        char dir[1024];
+        snprintf(dir, sizeof dir, "%s/cfg", test_tmpdir());
+        char *w = lk_path_join(dir, "model.safetensors");
+        char *p = lk_path_join(dir, "config.json");
+        int wrc = lk_mkdir_p(dir, NULL) || fz_weights_write(w);
+        lk_write_file_atomic(p, data, n, err);
+        lk_free(w);
+        lk_free(p);
+        if (wrc)
+            return lk_errf(err, LK_ERR_USAGE, "fixture weights: cannot write");
         struct cfg c;
-        rc = cfg_parse(&c, data, name, err);
+        rc = cfg_load(&c, dir, err);
         if (!rc)
             cfg_release(&c);
     } else if (!strncmp(name, "lora_config.", 12)) {
@@ -1061,6 +1074,144 @@ TEST(hard_limits_config)
     lk_fail_countdown = 0;
     CHECK(err.msg[0]);
     cfg_release(&c);
+}
+
+/* Runs argv (no shell), stdout and stderr into *out_text (heap, caller frees), and returns its
+ * exit status (128 + signal when killed) with its peak resident memory in KB and its wall time. An intermediate process forks and waits for it, so getrusage's
+ * RUSAGE_CHILDREN there holds that one process; a command still running after 20 s is killed. */
+static int run_measured(char *const argv[], char **out_text, long *out_kb, double *out_s)
+{
+    char out[1024];
+    snprintf(out, sizeof out, "%s", test_path("measured.txt"));
+    int fd[2];
+    if (pipe(fd))
+        return -1;
+    double t0 = now_s();
+    pid_t mid = fork();
+    if (mid == 0) {
+        close(fd[0]);
+        pid_t pid = fork();
+        if (pid == 0) {
+            int o = open(out, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+            if (o < 0 || dup2(o, 1) < 0 || dup2(o, 2) < 0)
+                _exit(126);
+            alarm(20); // survives exec: a command that runs away is killed by SIGALRM
+            execv(argv[0], argv);
+            _exit(127);
+        }
+        int st = 0;
+        struct rusage ru;
+        long r[2] = { -1, -1 };
+        if (pid > 0 && waitpid(pid, &st, 0) == pid && getrusage(RUSAGE_CHILDREN, &ru) == 0) {
+            r[0] = WIFSIGNALED(st) ? 128 + WTERMSIG(st) : WEXITSTATUS(st);
+            r[1] = ru.ru_maxrss; // KB on Linux
+        }
+        _exit(write(fd[1], r, sizeof r) == (ssize_t)sizeof r ? 0 : 1);
+    }
+    close(fd[1]);
+    long r[2] = { -1, -1 };
+    ssize_t got = mid > 0 ? read(fd[0], r, sizeof r) : -1;
+    close(fd[0]);
+    if (mid > 0)
+        waitpid(mid, NULL, 0);
+    *out_s = now_s() - t0;
+    *out_kb = r[1];
+    if (lk_read_file(out, out_text, NULL, NULL))
+        *out_text = lk_strdup("");
+    return got == (ssize_t)sizeof r ? (int)r[0] : -1;
+}
+
+TEST(hard_hostile_config_refused_by_every_command)
+{
+    // found by fuzz_cfg (-seed=777): 7,171,000 layers of width 2 pass the parameter limit; beside
+    // an empty model.safetensors, `info` took 116 s and 10.7 GB and `logits` 111 s and 13.4 GB
+    // before refusing, the tensor table sized from config.json before the weights were read
+    const char *hostile = "{\"architectures\":[\"Qwen2ForCausalLM\"],\"model_type\":\"qwen2\",\"hidden_size\":2,"
+                          "\"intermediate_size\":2,\"num_hidden_layers\":7171000,\"num_attention_heads\":1,"
+                          "\"num_key_value_heads\":1,\"vocab_size\":2}";
+    CHECK(strlen(hostile) < 200);
+    TP(m, "m");
+    TP(good, "good");
+    TP(ad, "ad");
+    TP(data, "d.jsonl");
+    TP(qa, "qa.jsonl");
+    TP(docs, "docs.jsonl");
+    TP(runs, "runs.db");
+    CHECK_OK(lk_mkdir_p(m, test_err()));
+    CHECK_OK(hard_write(test_path("m/config.json"), hostile));
+    CHECK_MSG(make_model(good) == 0, "init: %s", test_output());
+    CHECK_OK(hard_write(data, "{\"input_ids\":[1,2,3,4]}\n"));
+    CHECK_OK(hard_write(qa, "{\"id\":\"q1\",\"question\":\"what?\",\"answer\":\"x\"}\n"));
+    CHECK_OK(hard_write(docs, "{\"id\":\"d1\",\"title\":\"t\",\"text\":\"x y z\"}\n"));
+    // a real adapter of the small model, so that merge and diff have one to read
+    struct cfg gc;
+    struct lora l;
+    struct lora_config lc;
+    CHECK_OK(cfg_load(&gc, good, test_err()));
+    lora_config_default(&lc);
+    lc.targets = 1u << CFG_Q;
+    CHECK_OK(lora_init(&l, &lc, &gc, test_err()));
+    CHECK_OK(lora_save(&l, ad, test_err()));
+    lora_release(&l);
+    cfg_release(&gc);
+    // every command that opens a model, each given the hostile folder as its model
+    TP(o0, "o.safetensors");
+    TP(o1, "o1");
+    TP(o2, "o2");
+    TP(o3, "o3");
+    const char *const cmds[][12] = {
+        { "info", m },
+        { "logits", "--model", m, "--tokens", "1,1", "--out", o0 },
+        { "generate", "--model", m, "--prompt", "hi", "--max-new", "1" },
+        { "train", "--model", m, "--data", data, "--out", o1, "--steps", "1", "--runs", runs },
+        { "merge", "--model", m, "--adapter", ad, "--out", o2 },
+        { "svd-compress", "--base", m, "--tuned", m, "--out", o3, "--rank", "2" },
+        { "diff", ad, m, "--base", m },
+        { "eval", "--model", m, "--qa", qa, "--docs", docs, "--runs", runs, "--quiet" },
+    };
+    // the weights: a valid file of no tensors, an empty file, none at all (then any clean
+    // refusal will do: merge, for one, first finds that the adapter does not fit the config)
+    static const struct {
+        const char *bytes;
+        size_t n;
+        const char *want;
+    } weights[] = {
+        { "\x02\0\0\0\0\0\0\0{}", 10, "this config.json does not belong to them" },
+        { "", 0, "too short for a safetensors header" },
+        { NULL, 0, "" },
+    };
+    long worst_kb = 0;
+    double worst_s = 0;
+    for (size_t w = 0; w < sizeof weights / sizeof weights[0]; w++) {
+        const char *wp = test_path("m/model.safetensors");
+        unlink(wp);
+        if (weights[w].bytes)
+            CHECK_OK(lk_write_file_atomic(wp, weights[w].bytes, weights[w].n, test_err()));
+        for (size_t c = 0; c < sizeof cmds / sizeof cmds[0]; c++) {
+            char *argv[16] = { (char *)test_lorakit() }; // execv's argv is not const
+            for (int i = 0; i < 12 && cmds[c][i]; i++)
+                argv[i + 1] = (char *)cmds[c][i];
+            long kb;
+            double secs;
+            char *o;
+            int rc = run_measured(argv, &o, &kb, &secs);
+            char who[64];
+            snprintf(who, sizeof who, "lorakit %s: error: ", cmds[c][0]);
+            int ok = rc == 1 && contains(o, who) && contains(o, weights[w].want) &&
+                     (!weights[w].bytes || contains(o, m)); // the message names the model folder
+            if (!ok)
+                test_fail(__FILE__, __LINE__, "weights %zu, %s: exit %d: %s", w, cmds[c][0], rc, o);
+            lk_free(o);
+            if (!ok)
+                return;
+            CHECK_MSG(secs < 1.0 && kb > 0 && kb < 50 * 1024, "weights %zu, %s: %.2f s, %ld KB", w, cmds[c][0],
+                      secs, kb);
+            worst_kb = kb > worst_kb ? kb : worst_kb;
+            worst_s = secs > worst_s ? secs : worst_s;
+        }
+        CHECK(!lk_file_exists(o0) && !lk_file_exists(o1) && !lk_file_exists(o2) && !lk_file_exists(o3));
+    }
+    fprintf(stderr, "    24 refusals: at most %.3f s and %ld KB peak resident\n", worst_s, worst_kb);
 }
 
 TEST(hard_limits_tokenizer)

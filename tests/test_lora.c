@@ -213,6 +213,115 @@ TEST(lora_rejects_other_peft_types_and_layer_subsets)
     expect_adapter_refused(STD ",\"fan_in_fan_out\":true", it, 4, "fan_in_fan_out");
 }
 
+/* lora_file_open on a folder written from raw pieces: expects the refusal want. */
+static void expect_open_refused(const char *config_extra, const struct st_item *items, int n, const char *want)
+{
+    char config[512];
+    snprintf(config, sizeof config, CFG_QONLY, config_extra);
+    write_adapter(test_path("bad"), config, items, n);
+    struct lora_file lf;
+    struct lk_err err = { 0 };
+    int rc = lora_file_open(&lf, test_path("bad"), &err);
+    CHECK_MSG(rc != LK_OK, "adapter opened, expected '%s'", want);
+    CHECK_MSG(strstr(err.msg, want) && strstr(err.msg, "bad/adapter_model.safetensors"),
+              "message '%s' lacks '%s' or the path", err.msg, want);
+    lora_file_close(&lf); // closed by the failure already: harmless
+}
+
+TEST(lora_file_opens_an_adapter_without_a_base_then_binds_it)
+{
+    struct cfg c;
+    fix_cfg_qwen2(&c);
+    struct lora a;
+    CHECK_OK(make_lora(&a, &c, 1, 5)); // r 4, layer 1 down_proj rank 2, lora_B biases
+    CHECK_OK(lora_save(&a, test_path("ad"), test_err()));
+    struct lora_file lf;
+    CHECK_OK(lora_file_open(&lf, test_path("ad"), test_err()));
+    CHECK(lf.cfg.lora_bias && lf.cfg.r == 4 && lf.cfg.n_rank_pattern == 1);
+    // [out, in] of q, k, v, o, gate, up, down for C 16, F 24, NH 4, NKV 2, HS 4, worked by hand
+    static const int64_t want[CFG_N_MODULES][2] = { { 16, 16 }, { 8, 16 }, { 8, 16 }, { 16, 16 },
+                                                    { 24, 16 }, { 24, 16 }, { 16, 24 } };
+    CHECK_INT(lf.n_mod, 2 * CFG_N_MODULES);
+    CHECK_INT(lf.st.n, 3 * 2 * CFG_N_MODULES);
+    int seen[2][CFG_N_MODULES] = { { 0 } };
+    for (int k = 0; k < lf.n_mod; k++) {
+        const struct lora_file_module *md = &lf.mod[k];
+        CHECK(md->layer >= 0 && md->layer < 2 && md->module >= 0 && md->module < CFG_N_MODULES);
+        seen[md->layer][md->module]++;
+        CHECK(md->A && md->B && md->bias && !md->mag);
+        CHECK_INT(md->out, want[md->module][0]);
+        CHECK_INT(md->in, want[md->module][1]);
+        CHECK_INT(md->R, md->layer == 1 && md->module == CFG_DOWN ? 2 : 4);
+        char nm[160];
+        lora_peft_name(md->layer, md->module, nm, sizeof nm);
+        CHECK(!strncmp(md->A->name, nm, strlen(nm)) && !strcmp(md->A->name + strlen(nm), ".lora_A.weight"));
+        CHECK(!strncmp(md->B->name, nm, strlen(nm)) && !strcmp(md->B->name + strlen(nm), ".lora_B.weight"));
+    }
+    for (int l = 0; l < 2; l++)
+        for (int m = 0; m < CFG_N_MODULES; m++)
+            CHECK_INT(seen[l][m], 1);
+    for (int i = 0; i < lf.st.n; i++) {
+        CHECK(lf.slot[i] >= 0 && lf.slot[i] < lf.n_mod);
+        const struct lora_file_module *md = &lf.mod[lf.slot[i]];
+        CHECK(&lf.st.t[i] == md->A || &lf.st.t[i] == md->B || &lf.st.t[i] == md->bias);
+    }
+    // bound to its base: the adapter lora_load reads, bit for bit
+    struct lora b;
+    CHECK_OK(lora_file_bind(&lf, &c, &b, test_err()));
+    CHECK(b.n == a.n && memcmp(a.mem, b.mem, sizeof(float) * a.n) == 0);
+    // bound to another base: refused, and the open adapter stays usable
+    struct cfg c2;
+    fix_cfg_llama(&c2);
+    struct lora x;
+    struct lk_err err = { 0 };
+    CHECK(lora_file_bind(&lf, &c2, &x, &err) == LK_ERR_SHAPE && strstr(err.msg, "another base model"));
+    struct lora b2;
+    CHECK_OK(lora_file_bind(&lf, &c, &b2, test_err()));
+    CHECK(memcmp(a.mem, b2.mem, sizeof(float) * a.n) == 0);
+    lora_file_close(&lf);
+    lora_file_close(&lf); // harmless twice
+    lora_release(&a);
+    lora_release(&b);
+    lora_release(&b2);
+}
+
+TEST(lora_file_refuses_shapes_that_disagree_without_a_base)
+{
+    // lora_B's rank is not lora_A's
+    struct st_item it[4] = { { QA(0), 2, { 2, 16 }, zeros }, { QB(0), 2, { 16, 3 }, zeros },
+                             { QA(1), 2, { 2, 16 }, zeros }, { QB(1), 2, { 16, 2 }, zeros } };
+    expect_open_refused(STD, it, 4, "has rank 3 but lora_A has 2 (lora_A/lora_B rank mismatch)");
+    // A and B agree on a rank the config does not give
+    struct st_item r3[2] = { { QA(0), 2, { 3, 16 }, zeros }, { QB(0), 2, { 16, 3 }, zeros } };
+    expect_open_refused(STD, r3, 2, "has rank 3, adapter_config.json says 2");
+    // a factor with three dimensions
+    struct st_item d3[2] = { { QA(0), 3, { 2, 16, 1 }, zeros }, { QB(0), 2, { 16, 2 }, zeros } };
+    expect_open_refused(STD, d3, 2, "has 3 dimensions, expected 2");
+    // a bias that is not lora_B's output size
+    struct st_item bi[3] = { { QA(0), 2, { 2, 16 }, zeros }, { QB(0), 2, { 16, 2 }, zeros },
+                             { "base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias", 1, { 12 }, zeros } };
+    expect_open_refused(STD ",\"lora_bias\":true", bi, 3, "expected [16]");
+    // a lone lora_A
+    expect_open_refused(STD, it, 1, "no 'base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight'");
+    // embedding factors of two ranks
+    struct st_item em[4] = { { QA(0), 2, { 2, 16 }, zeros }, { QB(0), 2, { 16, 2 }, zeros },
+                             { "base_model.model.model.embed_tokens.lora_embedding_A", 2, { 2, 37 }, zeros },
+                             { "base_model.model.model.embed_tokens.lora_embedding_B", 2, { 16, 3 }, zeros } };
+    expect_open_refused(STD, em, 4, "embedding adapter A and B ranks differ");
+    // factors that agree with each other but fit no base here: opened, refused when bound
+    struct st_item ok[2] = { { QA(0), 2, { 2, 12 }, zeros }, { QB(0), 2, { 12, 2 }, zeros } };
+    write_adapter(test_path("other"), "{\"r\":2,\"lora_alpha\":4" STD "}", ok, 2);
+    struct lora_file lf;
+    CHECK_OK(lora_file_open(&lf, test_path("other"), test_err()));
+    CHECK(lf.n_mod == 1 && lf.mod[0].R == 2 && lf.mod[0].in == 12 && lf.mod[0].out == 12);
+    struct cfg c;
+    fix_cfg_qwen2(&c);
+    struct lora l;
+    struct lk_err err = { 0 };
+    CHECK(lora_file_bind(&lf, &c, &l, &err) == LK_ERR_SHAPE && strstr(err.msg, "another base model"));
+    lora_file_close(&lf);
+}
+
 TEST(model_folder_roundtrip_f32_exact_and_bf16_rounded_once)
 {
     struct cfg c;

@@ -711,7 +711,9 @@ TEST(merge_dora_matches_hand_computation)
     size_t tot = 0;
     for (int k = 0; k < l.n_mod; k++)
         tot += (size_t)l.mod[k].out;
-    l.mag_mem = lk_malloc(sizeof(float) * tot);
+    float *mag = lk_malloc(sizeof(float) * tot); // replaces the block's magnitudes; freed below
+    CHECK(mag);
+    l.mag_mem = mag;
     for (int k = 0, off = 0; k < l.n_mod; off += l.mod[k].out, k++)
         l.mod[k].mag = l.mag_mem + off;
     for (size_t i = 0; i < tot; i++)
@@ -737,6 +739,7 @@ TEST(merge_dora_matches_hand_computation)
     free(w0);
     free(w1);
     lora_release(&l);
+    lk_free(mag);
     // DoRA cannot be combined or subtracted
     CHECK(test_sh("%s merge --model '%s' --adapter '%s' --adapter '%s' --out '%s/x'", test_lorakit(), base, ad, ad,
                   test_tmpdir()) == 1);

@@ -51,14 +51,15 @@ static void max_rel_logits(const float *got, const double *ref, size_t n, double
     *out = mx / (mref > 0 ? mref : 1);
 }
 
-static void check_logits_vs_ref(const struct cfg *c, int with_lora)
+/* Logits of B = 2 rows of T tokens against the reference: max |diff| / max |ref| below tol. */
+static void check_logits_vs_ref_T(const struct cfg *c, int with_lora, int T, double tol)
 {
     struct model m;
     struct lora l = { 0 };
     CHECK_OK(fix_model_random(&m, c, 0.3f, 11));
     if (with_lora)
         CHECK_OK(fix_lora_random(&l, c, (1u << CFG_N_MODULES) - 1, 3, 6.0, 0, 0.0f, 12));
-    int B = 2, T = 7, N = B * T, V = c->vocab_size;
+    int B = 2, N = B * T, V = c->vocab_size;
     int *tok = malloc(sizeof(int) * N);
     fix_tokens(tok, N, V, 13);
     CHECK_OK(model_plan(&m, B, T, 0, test_err()));
@@ -67,10 +68,15 @@ static void check_logits_vs_ref(const struct cfg *c, int with_lora)
     ref_forward(&m, with_lora ? &l : NULL, tok, NULL, NULL, NULL, B, T, 0, 0, ref);
     double rel;
     max_rel_logits(model_logits(&m), ref, (size_t)N * V, &rel);
-    CHECK_MSG(rel < 1e-5, "logits differ from the reference: max rel %g", rel);
+    CHECK_MSG(rel < tol, "logits differ from the reference: max rel %g", rel);
     free(tok), free(ref);
     lora_release(&l);
     model_release(&m);
+}
+
+static void check_logits_vs_ref(const struct cfg *c, int with_lora)
+{
+    check_logits_vs_ref_T(c, with_lora, 7, 1e-5);
 }
 
 TEST(model_logits_match_reference_qwen2)
@@ -135,24 +141,25 @@ static double grad_check_tensor(struct gcase *g, float *param, const float *grad
     return r;
 }
 
-static void gradient_check(const struct cfg *c, int full, int with_seg, float dropout, int rslora)
+static void gradient_check_T(const struct cfg *c, int full, int with_seg, float dropout, int rslora, int T)
 {
     struct model m;
     struct lora l = { 0 };
     CHECK_OK(fix_model_random(&m, c, 0.4f, 21));
     if (!full)
         CHECK_OK(fix_lora_random(&l, c, (1u << CFG_N_MODULES) - 1, 2, 4.0, rslora, dropout, 22));
-    int B = 2, T = 6, N = B * T, V = c->vocab_size;
-    int tok[12], tgt[12], pos[12], seg[12];
+    int B = 2, N = B * T, V = c->vocab_size;
+    int tok[2 * 64], tgt[2 * 64], pos[2 * 64], seg[2 * 64];
+    LK_ASSERT(T >= 6 && T <= 64);
     fix_tokens(tok, N, V, 23);
     fix_tokens(tgt, N, V, 24);
-    tgt[3] = tgt[11] = -100;
+    tgt[3] = tgt[N - 1] = -100;
     int count = 0;
     for (int i = 0; i < N; i++) {
         count += tgt[i] >= 0;
         // two packed records per row: positions restart, segments differ
-        seg[i] = (i % T) < 4 ? 0 : 1;
-        pos[i] = (i % T) < 4 ? i % T : i % T - 4;
+        seg[i] = (i % T) < T - 2 ? 0 : 1;
+        pos[i] = (i % T) < T - 2 ? i % T : i % T - (T - 2);
     }
     struct gcase g = { &m, full ? NULL : &l, tok, with_seg ? pos : NULL, with_seg ? seg : NULL,
                        tgt, B, T, 1.0 / count };
@@ -198,6 +205,11 @@ static void gradient_check(const struct cfg *c, int full, int with_seg, float dr
     CHECK_MSG(worst < 1e-3, "gradient check failed: worst relative error %g", worst);
     lora_release(&l);
     model_release(&m);
+}
+
+static void gradient_check(const struct cfg *c, int full, int with_seg, float dropout, int rslora)
+{
+    gradient_check_T(c, full, with_seg, dropout, rslora, 6);
 }
 
 TEST(model_grad_lora_qwen2)
@@ -442,4 +454,178 @@ TEST(model_dora_with_magnitude_equal_to_norm_is_plain_lora)
     lora_release(&plain);
     lora_release(&dora);
     model_release(&m);
+}
+
+// ---- Qwen3 (q_norm / k_norm, head_dim independent of hidden) and Llama 3.2 (llama3 rope) ----
+
+/* Llama-3.2-1B's published rotary settings (head_dim 64, theta 500000, llama3: factor 32, low 1,
+ * high 4, original 8192). */
+static void cfg_llama32_1b_rope(struct cfg *c)
+{
+    fix_cfg_llama32(c);
+    c->hidden_size = 128;
+    c->num_attention_heads = 2;
+    c->head_dim = 64;
+    c->rope_theta = 500000.0;
+    c->rope_scaling = (struct cfg_rope_scaling){ CFG_ROPE_LLAMA3, 32.0, 1.0, 4.0, 8192 };
+}
+
+/* The engine's float32 frequencies (model_init) against the published formula in double
+ * (ref_rope_inv_freq); every band must hold at least one frequency. */
+static void check_rope_bands(const struct cfg *c)
+{
+    struct model m;
+    CHECK_OK(model_init(&m, c, test_err()));
+    int n = c->head_dim / 2, band[3] = { 0, 0, 0 };
+    double *ref = malloc(sizeof(double) * (size_t)n), worst = 0;
+    ref_rope_inv_freq(c, ref);
+    const struct cfg_rope_scaling *r = &c->rope_scaling;
+    for (int i = 0; i < n; i++) {
+        double wavelen = 2 * 3.14159265358979323846 * pow(c->rope_theta, (double)(2 * i) / c->head_dim);
+        double lo = r->original_max_position_embeddings / r->low_freq_factor;
+        double hi = r->original_max_position_embeddings / r->high_freq_factor;
+        band[wavelen < hi ? 0 : wavelen > lo ? 2 : 1]++;
+        worst = fmax(worst, fabs(m.inv_freq[i] - ref[i]) / ref[i]);
+    }
+    fprintf(stderr, "    %d high, %d medium, %d low frequencies; worst relative error %.3g\n", band[0], band[1],
+            band[2], worst);
+    CHECK_MSG(band[0] > 0 && band[1] > 0 && band[2] > 0, "a band is empty: %d %d %d", band[0], band[1], band[2]);
+    CHECK_MSG(worst < 1e-6, "inv_freq differs from the published formula by %g (relative)", worst);
+    free(ref);
+    model_release(&m);
+}
+
+TEST(ops_rope_llama3_matches_published_formula_in_all_bands)
+{
+    struct cfg c;
+    fix_cfg_llama32(&c);
+    check_rope_bands(&c);
+    if (test_failed())
+        return;
+    cfg_llama32_1b_rope(&c);
+    check_rope_bands(&c);
+    if (test_failed())
+        return;
+    // values worked from _compute_llama3_parameters by hand (Python floats), one per band
+    double f[32];
+    ref_rope_inv_freq(&c, f);
+    CHECK_NEAR(f[0], 1.0, 1e-15);                       // high: kept
+    CHECK_NEAR(f[16] / 0.00042955679655936815, 1, 1e-12); // medium: interpolated
+    CHECK_NEAR(f[31] / 9.418306725434909e-08, 1, 1e-12);  // low: divided by 32
+    fix_cfg_llama32(&c);
+    ref_rope_inv_freq(&c, f);
+    CHECK_NEAR(f[1] / 0.09583998588296266, 1, 1e-12);
+    // linear: every frequency divided by the factor
+    c.rope_scaling = (struct cfg_rope_scaling){ CFG_ROPE_LINEAR, 4.0, 0, 0, 0 };
+    struct model m;
+    CHECK_OK(model_init(&m, &c, test_err()));
+    for (int i = 0; i < 4; i++)
+        CHECK_NEAR(m.inv_freq[i], pow(100.0, -i / 4.0) / 4.0, 1e-6);
+    model_release(&m);
+}
+
+TEST(model_logits_match_reference_qwen3)
+{
+    struct cfg c;
+    fix_cfg_qwen3(&c);
+    CHECK(c.num_attention_heads * c.head_dim != c.hidden_size && c.num_key_value_heads < c.num_attention_heads);
+    check_logits_vs_ref(&c, 0);
+    check_logits_vs_ref(&c, 1);
+}
+
+TEST(model_logits_match_reference_llama32_rope)
+{
+    // 40 positions: past every band edge (8, 32) and the original context (32). The engine's
+    // angles are float32 products (as in transformers), the reference's exact: 1e-4 at 40 positions
+    struct cfg c;
+    fix_cfg_llama32(&c);
+    check_logits_vs_ref_T(&c, 0, 40, 1e-4);
+    check_logits_vs_ref_T(&c, 1, 40, 1e-4);
+    c.rope_scaling = (struct cfg_rope_scaling){ CFG_ROPE_LINEAR, 2.5, 0, 0, 0 };
+    check_logits_vs_ref_T(&c, 0, 40, 1e-4);
+}
+
+TEST(model_qk_norm_changes_the_logits)
+{
+    // the reference and the engine could agree by both skipping the norms: weights that are not
+    // all 1 must change the output, and a scale on q's projection must not (the norm removes it)
+    struct cfg c;
+    fix_cfg_qwen3(&c);
+    struct model m;
+    CHECK_OK(fix_model_random(&m, &c, 0.3f, 91));
+    int tok[8];
+    fix_tokens(tok, 8, c.vocab_size, 92);
+    CHECK_OK(model_plan(&m, 1, 8, 0, test_err()));
+    size_t n = (size_t)8 * c.vocab_size;
+    float *a = malloc(sizeof(float) * n);
+    CHECK_OK(model_forward(&m, NULL, tok, NULL, NULL, NULL, 0, NULL, test_err()));
+    memcpy(a, model_logits(&m), sizeof(float) * n);
+    for (int i = 0; i < c.num_attention_heads * c.head_dim * c.hidden_size; i++)
+        m.w.layer[0].wq[i] *= 3.0f;
+    CHECK_OK(model_forward(&m, NULL, tok, NULL, NULL, NULL, 0, NULL, test_err()));
+    double d = 0;
+    for (size_t i = 0; i < n; i++)
+        d = fmax(d, fabs(model_logits(&m)[i] - a[i]));
+    CHECK_MSG(d < 1e-4, "scaling q_proj changed the logits by %g despite q_norm", d);
+    m.w.layer[0].k_norm[1] += 0.5f;
+    CHECK_OK(model_forward(&m, NULL, tok, NULL, NULL, NULL, 0, NULL, test_err()));
+    d = 0;
+    for (size_t i = 0; i < n; i++)
+        d = fmax(d, fabs(model_logits(&m)[i] - a[i]));
+    CHECK_MSG(d > 1e-3, "k_norm's weight has no effect (%g)", d);
+    free(a);
+    model_release(&m);
+}
+
+TEST(model_grad_lora_qwen3)
+{
+    struct cfg c;
+    fix_cfg_qwen3(&c);
+    gradient_check(&c, 0, 0, 0.0f, 0);
+}
+
+TEST(model_grad_full_qwen3_tied_packed)
+{
+    // every weight, q_norm and k_norm included, against central differences
+    struct cfg c;
+    fix_cfg_qwen3(&c);
+    gradient_check(&c, 1, 1, 0.0f, 0);
+}
+
+TEST(model_grad_lora_llama32_rope)
+{
+    struct cfg c;
+    fix_cfg_llama32(&c);
+    gradient_check_T(&c, 0, 0, 0.0f, 0, 36);
+}
+
+TEST(model_grad_full_llama32_rope_tied)
+{
+    struct cfg c;
+    fix_cfg_llama32(&c);
+    gradient_check_T(&c, 1, 0, 0.0f, 0, 36);
+}
+
+TEST(model_dynamic_rope_is_default_below_max_and_refused_beyond)
+{
+    struct cfg c;
+    fix_cfg_llama32(&c);
+    c.rope_scaling.type = CFG_ROPE_DEFAULT;
+    c.max_position_embeddings = 16;
+    struct model a, b;
+    CHECK_OK(fix_model_random(&a, &c, 0.3f, 95));
+    c.rope_scaling = (struct cfg_rope_scaling){ CFG_ROPE_DYNAMIC, 4.0, 0, 0, 0 };
+    CHECK_OK(fix_model_random(&b, &c, 0.3f, 95));
+    int tok[17];
+    fix_tokens(tok, 17, c.vocab_size, 96);
+    CHECK_OK(model_plan(&a, 1, 16, 0, test_err()));
+    CHECK_OK(model_plan(&b, 1, 16, 0, test_err()));
+    CHECK_OK(model_forward(&a, NULL, tok, NULL, NULL, NULL, 0, NULL, test_err()));
+    CHECK_OK(model_forward(&b, NULL, tok, NULL, NULL, NULL, 0, NULL, test_err()));
+    CHECK(memcmp(model_logits(&a), model_logits(&b), sizeof(float) * 16 * (size_t)c.vocab_size) == 0);
+    CHECK_OK(model_plan(&b, 1, 17, 0, test_err()));
+    CHECK_INT(model_forward(&b, NULL, tok, NULL, NULL, NULL, 0, NULL, test_err()), LK_ERR_UNSUPPORTED);
+    CHECK(strstr(test_errmsg(), "position 16") && strstr(test_errmsg(), "'dynamic'"));
+    model_release(&a);
+    model_release(&b);
 }

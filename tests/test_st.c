@@ -7,6 +7,7 @@
 #include "test.h"
 
 #include <cJSON.h>
+#include <dirent.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -635,29 +636,128 @@ TEST(st_model_rejects_bad_shard_and_missing_folder)
     CHECK(expect_model_refused(test_tmpdir(), "no model.safetensors or model.safetensors.index.json"));
 }
 
+// ---- allocation failure ----
+
+struct st_sweep {
+    const char *buf, *path, *dir; /* the buffer and file of one small file; a sharded folder */
+    size_t len;
+    struct st_file f;             /* what the operation opened */
+    struct st_model m;
+};
+
+static int sweep_open_buffer(void *ctx, struct lk_err *err)
+{
+    struct st_sweep *sw = ctx;
+    return st_open_buffer(&sw->f, sw->buf, sw->len, "x", err);
+}
+
+static int sweep_open_file(void *ctx, struct lk_err *err)
+{
+    struct st_sweep *sw = ctx;
+    return st_open(&sw->f, sw->path, err);
+}
+
+/* After an open: the two tensors and the metadata of the file; closed. */
+static int sweep_file_done(void *ctx, int rc)
+{
+    struct st_sweep *sw = ctx;
+    const struct st_file *f = &sw->f;
+    const struct st_tensor *b = st_find(f, "b");
+    int bad = rc == LK_OK && (f->n != 2 || !b || b->numel != 2 || !st_find(f, "a") || !st_meta(f, "format") ||
+                              strcmp(st_meta(f, "format"), "pt"));
+    st_close(&sw->f);
+    if (bad)
+        test_fail(__FILE__, __LINE__, "opened under allocation failures, but the file reads wrong");
+    return bad ? -1 : 0;
+}
+
+static int sweep_model_open(void *ctx, struct lk_err *err)
+{
+    struct st_sweep *sw = ctx;
+    return st_model_open(&sw->m, sw->dir, err);
+}
+
+static int sweep_model_done(void *ctx, int rc)
+{
+    struct st_sweep *sw = ctx;
+    const struct st_model *m = &sw->m;
+    const struct st_tensor *t = rc == LK_OK ? st_model_find(m, "t.4", NULL) : NULL;
+    float v[20];
+    int bad = rc == LK_OK && (!m->sharded || m->n_files != 4 || st_model_count(m) != 5 || !t ||
+                              st_tensor_to_f32(t, v, NULL) || v[19] != 419.0f);
+    st_model_close(&sw->m);
+    if (bad)
+        test_fail(__FILE__, __LINE__, "opened under allocation failures, but the model reads wrong");
+    return bad ? -1 : 0;
+}
+
+/* Entries in a folder (plain libc: no lk_malloc inside a sweep's operation); with rm, removes
+ * the files too. */
+static int dir_entries(const char *dir, int rm)
+{
+    DIR *d = opendir(dir);
+    if (!d)
+        return -1;
+    int n = 0;
+    struct dirent *e;
+    char p[2048];
+    while ((e = readdir(d)))
+        if (strcmp(e->d_name, ".") && strcmp(e->d_name, "..")) {
+            n++;
+            snprintf(p, sizeof p, "%s/%s", dir, e->d_name);
+            if (rm)
+                unlink(p);
+        }
+    closedir(d);
+    return n;
+}
+
+/* The model writer: on failure nothing of the folder may remain (shards renamed in included). */
+static int sweep_model_write(void *ctx, struct lk_err *err)
+{
+    const struct st_sweep *sw = ctx;
+    return write_model(sw->dir, 5, 64, err);
+}
+
+static int sweep_write_done(void *ctx, int rc)
+{
+    const struct st_sweep *sw = ctx;
+    if (rc != LK_OK && dir_entries(sw->dir, 0) != 0) {
+        test_fail(__FILE__, __LINE__, "a failed write left %d files behind", dir_entries(sw->dir, 0));
+        return -1;
+    }
+    if (rc == LK_OK && dir_entries(sw->dir, 1) != 5) { // 4 shards and the index, removed
+        test_fail(__FILE__, __LINE__, "the model was written without its 4 shards and index");
+        return -1;
+    }
+    return 0;
+}
+
 TEST(st_open_survives_allocation_failures)
 {
-    // the Nth allocation fails, for every N until the open succeeds: only OK or NOMEM
+    // every allocation of each reader fails in turn, until a run completes with none failing:
+    // only LK_OK (right contents) or LK_ERR_NOMEM, nothing left allocated
     const char *hdr = "{\"__metadata__\":{\"format\":\"pt\"},\"a\":{\"dtype\":\"F32\",\"shape\":[1],"
                       "\"data_offsets\":[0,4]},\"b\":{\"dtype\":\"U8\",\"shape\":[2],\"data_offsets\":[4,6]}}";
-    const char *p = write_raw("ok.safetensors", hdr, 6);
+    struct st_sweep sw = { 0 };
     char *buf;
-    size_t len;
-    CHECK_OK(lk_read_file(p, &buf, &len, test_err()));
-    int ok = 0;
-    for (long n = 1; n < 100 && !ok; n++) {
-        struct st_file f;
-        struct lk_err err = { 0 };
-        lk_fail_countdown = n;
-        int rc = st_open_buffer(&f, buf, len, "x", &err);
-        lk_fail_countdown = 0;
-        CHECK_MSG(rc == LK_OK || rc == LK_ERR_NOMEM, "countdown %ld: %d %s", n, rc, err.msg);
-        if (rc == LK_OK) {
-            CHECK(f.n == 2 && st_find(&f, "b") && !strcmp(st_meta(&f, "format"), "pt"));
-            st_close(&f);
-            ok = 1;
-        }
-    }
-    CHECK(ok);
+    sw.path = write_raw("ok.safetensors", hdr, 6);
+    CHECK_OK(lk_read_file(sw.path, &buf, &sw.len, test_err()));
+    sw.buf = buf;
+    long n1 = ALLOC_SWEEP("st_open_buffer", sweep_open_buffer, sweep_file_done, &sw, 1000);
+    long n2 = ALLOC_SWEEP("st_open", sweep_open_file, sweep_file_done, &sw, 1000);
     lk_free(buf);
+    CHECK(n1 >= 8 && n2 >= n1); // path, tensors, names, sorted index, metadata: all were reached
+    char dir[1024];
+    snprintf(dir, sizeof dir, "%s", test_path("m"));
+    CHECK_OK(lk_mkdir_p(dir, test_err()));
+    CHECK_OK(write_model(dir, 5, 64, test_err()));
+    sw.dir = dir;
+    long n3 = ALLOC_SWEEP("st_model_open (index, 4 shards)", sweep_model_open, sweep_model_done, &sw, 5000);
+    CHECK(n3 > 4 * n1);
+    CHECK(dir_entries(dir, 1) == 5);
+    long n4 = ALLOC_SWEEP("st_model_writer (4 shards)", sweep_model_write, sweep_write_done, &sw, 5000);
+    CHECK(n4 > 20);
+    fprintf(stderr, "    allocations made to fail: st_open_buffer %ld, st_open %ld, st_model_open %ld, "
+            "st_model_writer %ld\n", n1, n2, n3, n4);
 }

@@ -180,7 +180,7 @@ TEST(train_resume_after_sigkill_gives_identical_bytes)
             kill(pid, SIGKILL);
             killed = 1;
         }
-        usleep(2000);
+        test_sleep_ms(2);
     }
     int st;
     waitpid(pid, &st, 0);

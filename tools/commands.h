@@ -11,6 +11,7 @@
 #ifndef LK_COMMANDS_H
 #define LK_COMMANDS_H
 
+int cmd_convert(int argc, char **argv);
 int cmd_eval(int argc, char **argv);
 int cmd_generate(int argc, char **argv);
 int cmd_index(int argc, char **argv);

@@ -251,7 +251,7 @@ int cmd_info(int argc, char **argv)
         char *ac = lk_path_join(path, "adapter_config.json");
         int adapter = ac && lk_file_exists(ac);
         lk_free(ac);
-        // ---- adapter folders: implemented by the lead in tools/info_adapter.c ----
+        // adapter folders: tools/info_adapter.c
         if (adapter)
             return info_adapter(path, json);
         return info_model(path, json);

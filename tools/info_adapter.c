@@ -1,9 +1,10 @@
 /*
  * info_adapter.c - `lorakit info` on a PEFT adapter folder: its base, rank(s), alpha and
  * scale per module, target modules, and its parameter count as a share of the base's (the
- * figure the LoRA argument rests on). The base's size comes from base_model_name_or_path
- * when that is a local model folder (or --base is not available here: the share is then
- * reported as unknown).
+ * figure the LoRA argument rests on). The adapter is read by libcore's one reader
+ * (lora_file_open: no base needed, so a broken adapter is refused as every command refuses it).
+ * The base's size comes from base_model_name_or_path when that is a local model folder;
+ * otherwise the share is reported as unknown.
  */
 #include <math.h>
 #include <stdio.h>
@@ -11,47 +12,36 @@
 
 #include "../libcore/cfg.h"
 #include "../libcore/lora.h"
-#include "../libcore/st.h"
 #include "commands.h"
 #include "opts.h"
 
 int info_adapter(const char *dir, int json)
 {
     struct lk_err err = { 0 };
-    struct lora_config lc;
-    if (lora_config_load(&lc, dir, &err))
+    struct lora_file lf;
+    if (lora_file_open(&lf, dir, &err))
         return lk_cli_fail("info", &err);
-    char *path = lk_path_join(dir, "adapter_model.safetensors");
-    struct st_file f = { 0 };
-    if (!path || st_open(&f, path, &err)) {
-        lk_free(path);
-        lora_config_release(&lc);
-        return lk_cli_fail("info", &err);
-    }
-    // parameters and ranks from the tensors themselves
+    const struct lora_config *lc = &lf.cfg;
+    // parameters from the tensors themselves, ranks from each module's lora_A
     size_t params = 0;
-    int rmin = 1 << 30, rmax = 0, n_lin = 0;
-    for (int i = 0; i < f.n; i++) {
-        params += f.t[i].numel;
-        const char *nm = f.t[i].name;
-        size_t len = strlen(nm);
-        if (len > 14 && !strcmp(nm + len - 14, ".lora_A.weight") && f.t[i].ndim == 2) {
-            int r = (int)f.t[i].shape[0];
-            rmin = r < rmin ? r : rmin;
-            rmax = r > rmax ? r : rmax;
-            n_lin++;
-        }
+    for (int i = 0; i < lf.st.n; i++)
+        params += lf.st.t[i].numel;
+    int rmin = 1 << 30, rmax = 0, n_lin = lf.n_mod;
+    for (int k = 0; k < lf.n_mod; k++) {
+        int r = (int)lf.mod[k].R;
+        rmin = r < rmin ? r : rmin;
+        rmax = r > rmax ? r : rmax;
     }
     // the base, when it is a local folder
     struct cfg c;
-    int have_base = lc.base_model[0] && cfg_load(&c, lc.base_model, NULL) == LK_OK;
+    int have_base = lc->base_model[0] && cfg_load(&c, lc->base_model, NULL) == LK_OK;
     int64_t base_params = have_base ? cfg_param_count(&c) : -1;
     if (have_base)
         cfg_release(&c);
-    double scale = lc.use_rslora ? lc.alpha / sqrt((double)lc.r) : lc.alpha / lc.r;
+    double scale = lc->use_rslora ? lc->alpha / sqrt((double)lc->r) : lc->alpha / lc->r;
     char targets[256] = "";
     for (int m = 0; m < CFG_N_MODULES; m++)
-        if (lc.targets & (1u << m)) {
+        if (lc->targets & (1u << m)) {
             strncat(targets, targets[0] ? "," : "", sizeof targets - strlen(targets) - 1);
             strncat(targets, cfg_module_names[m], sizeof targets - strlen(targets) - 1);
         }
@@ -60,26 +50,26 @@ int info_adapter(const char *dir, int json)
                "\"use_rslora\":%s,\"scale\":%.9g,\"rank_min\":%d,\"rank_max\":%d,\"modules\":%d,"
                "\"target_modules\":\"%s\",\"use_dora\":%s,\"lora_bias\":%s,\"rank_patterns\":%d,"
                "\"alpha_patterns\":%d,\"params\":%zu,\"base_params\":%lld,\"share\":",
-               dir, lc.base_model, lc.r, lc.alpha, lc.use_rslora ? "true" : "false", scale, n_lin ? rmin : 0,
-               rmax, n_lin, targets, lc.use_dora ? "true" : "false", lc.lora_bias ? "true" : "false",
-               lc.n_rank_pattern, lc.n_alpha_pattern, params, (long long)base_params);
+               dir, lc->base_model, lc->r, lc->alpha, lc->use_rslora ? "true" : "false", scale, n_lin ? rmin : 0,
+               rmax, n_lin, targets, lc->use_dora ? "true" : "false", lc->lora_bias ? "true" : "false",
+               lc->n_rank_pattern, lc->n_alpha_pattern, params, (long long)base_params);
         if (base_params > 0)
             printf("%.9g}\n", (double)params / (double)base_params);
         else
             printf("null}\n");
     } else {
         printf("adapter      %s\n", dir);
-        printf("base         %s%s\n", lc.base_model[0] ? lc.base_model : "(not named)",
+        printf("base         %s%s\n", lc->base_model[0] ? lc->base_model : "(not named)",
                have_base ? "" : " (not a local folder)");
-        printf("type         LoRA%s%s%s\n", lc.use_dora ? " (DoRA)" : "", lc.use_rslora ? " (rsLoRA)" : "",
-               lc.lora_bias ? " with lora_B.bias" : "");
-        printf("rank         %d", lc.r);
-        if (n_lin && (rmin != rmax || rmin != lc.r))
+        printf("type         LoRA%s%s%s\n", lc->use_dora ? " (DoRA)" : "", lc->use_rslora ? " (rsLoRA)" : "",
+               lc->lora_bias ? " with lora_B.bias" : "");
+        printf("rank         %d", lc->r);
+        if (n_lin && (rmin != rmax || rmin != lc->r))
             printf(" (per module %d..%d from rank_pattern)", rmin, rmax);
-        printf("\nalpha        %g (scale %.6g%s)\n", lc.alpha, scale, lc.n_alpha_pattern ? ", alpha_pattern varies it" : "");
+        printf("\nalpha        %g (scale %.6g%s)\n", lc->alpha, scale, lc->n_alpha_pattern ? ", alpha_pattern varies it" : "");
         printf("targets      %s (%d adapted linears)\n", targets, n_lin);
-        if (lc.n_modules_to_save)
-            printf("modules_to_save %d\n", lc.n_modules_to_save);
+        if (lc->n_modules_to_save)
+            printf("modules_to_save %d\n", lc->n_modules_to_save);
         printf("parameters   %zu", params);
         if (base_params > 0)
             printf(" = %.3f%% of the base's %lld\n", 100.0 * (double)params / (double)base_params,
@@ -87,8 +77,6 @@ int info_adapter(const char *dir, int json)
         else
             printf(" (base size unknown)\n");
     }
-    st_close(&f);
-    lk_free(path);
-    lora_config_release(&lc);
+    lora_file_close(&lf);
     return 0;
 }

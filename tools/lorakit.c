@@ -17,6 +17,7 @@ struct command {
 static int cmd_version(int argc, char **argv);
 
 static const struct command commands[] = { /* keep sorted by name */
+    { "convert", cmd_convert, "write a model (or a PEFT adapter) as a GGUF file for llama.cpp / Ollama" },
     { "dash",    cmd_dash,    "browse runs in the terminal" },
     { "diff",    cmd_diff,    "show what a fine-tune changed, tensor by tensor" },
     { "eval", cmd_eval, "compare base, retrieval (rag) and tuned models on questions" },

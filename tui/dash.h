@@ -1,12 +1,15 @@
 /*
  * dash.h - `lorakit dash`, the ncurses dashboard over the runs database (libcore/rdb.h).
  *
- * Two halves:
- *   - plotting (tui/plot.c): downsampling a series to min/max per column bucket, a braille
- *     canvas (U+2800 block, 2x4 dots per cell), number formatting for axes and horizontal
- *     bars in eighth blocks. Pure functions on memory: unit-tested without a terminal.
- *   - the application (tui/dash.c): views over the runs database, the key loop, terminal
- *     set-up and restoration. tools/dash.c parses flags and calls dash_run.
+ * Four files, each calling only those listed after it:
+ *   - the application (tui/dash.c): the key loop, the runs list, terminal set-up and
+ *     restoration. tools/dash.c parses flags and calls dash_run.
+ *   - the run views (tui/views.c, declared in dash_app.h): one per kind of run.
+ *   - the drawing kit (tui/draw.c, draw.h): text on the screen, colours, wrapping, string lists,
+ *     formatters of run fields.
+ *   - plotting (tui/plot.c, below): downsampling a series to min/max per column bucket, a
+ *     braille canvas (U+2800 block, 2x4 dots per cell), number formatting for axes and
+ *     horizontal bars in eighth blocks. Pure functions on memory: unit-tested without a terminal.
  */
 #ifndef LK_DASH_H
 #define LK_DASH_H

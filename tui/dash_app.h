@@ -1,6 +1,7 @@
 /*
- * dash_app.h - the dashboard's internal state, shared by tui/dash.c (the loop, the runs list,
- * drawing helpers) and tui/views.c (one view per run kind). Not a public API.
+ * dash_app.h - the dashboard's internal state, shared by tui/dash.c (the loop, the runs list)
+ * and tui/views.c (one view per run kind, called by dash.c, never calling back). The drawing
+ * kit both use is tui/draw.h. Not a public API.
  */
 #ifndef LK_DASH_APP_H
 #define LK_DASH_APP_H
@@ -9,15 +10,7 @@
 
 #include "../libcore/rdb.h"
 #include "dash.h"
-
-/* A growable array of owned strings. */
-struct dash_strv {
-    char **v; /* owned: n strings, each owned */
-    int n, cap;
-};
-int dash_strv_push(struct dash_strv *s, const char *str);
-int dash_strv_pushf(struct dash_strv *s, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-void dash_strv_release(struct dash_strv *s);
+#include "draw.h"
 
 enum dash_view { DASH_LIST, DASH_RUN, DASH_QUESTION };
 
@@ -92,29 +85,9 @@ struct dash_app {
     int colors;
 };
 
-// ---- dash.c: drawing helpers ----
-enum { DASH_C_LOSS = 1, DASH_C_EVAL, DASH_C_GOOD, DASH_C_BAD, DASH_C_LR, DASH_C_HEAD, DASH_C_BAR,
-       DASH_C_WARN, DASH_C_DIM };
-/* Writes s at (y, x), control characters as spaces, cut to w columns. Returns columns used. */
-int dash_put(int y, int x, int w, const char *s);
-int dash_putf(int y, int x, int w, const char *fmt, ...) __attribute__((format(printf, 4, 5)));
-void dash_attr_on(struct dash_app *a, int pair, int bold);
-void dash_attr_off(struct dash_app *a, int pair, int bold);
-/* Word-wraps s (newlines kept) to lines of at most w columns, appended to out. */
-int dash_wrap(const char *s, int w, struct dash_strv *out);
+// ---- views.c (called by dash.c) ----
 /* The run open in a run view (NULL if it disappeared). */
 const struct rdb_run *dash_cur_run(const struct dash_app *a);
-/* JSON helpers on a JSON object text (NULL-safe): a number / a string field. */
-double dash_json_num(const char *json, const char *key);
-int dash_json_str(const char *json, const char *key, char *buf, size_t n);
-/* "key=value" for every leaf of a JSON object (nested keys joined by '.'). */
-int dash_json_flatten(const char *json, struct dash_strv *out);
-/* Duration of a run in seconds (summary "seconds" if given, else from the timestamps; a
- * running run counts to now); NAN if unknown. */
-double dash_run_seconds(const struct rdb_run *r);
-void dash_fmt_duration(double s, char *buf, size_t n);
-
-// ---- views.c ----
 /* Loads everything the run view needs for run a->run_id (kind-specific). */
 int dash_view_load(struct dash_app *a, struct lk_err *err);
 /* Loads what changed of a live run (new train steps; other kinds reload). */

@@ -17,6 +17,18 @@
 
 #include "dash_app.h"
 
+// ---- the open run ----
+
+const struct rdb_run *dash_cur_run(const struct dash_app *a)
+{
+    for (int i = 0; i < a->n_runs; i++)
+        if (a->runs[i].id == a->run_id)
+            return &a->runs[i];
+    return NULL;
+}
+
+// ---- SQL columns ----
+
 static char *col_dup(sqlite3_stmt *st, int i)
 {
     const unsigned char *t = sqlite3_column_text(st, i);
@@ -213,13 +225,13 @@ static void draw_plot(struct dash_app *a, int y, int h, const char *label, const
     if (y2)
         series_range(y2, n2, &ymin, &ymax);
     int x0 = 0;
-    dash_attr_on(a, pair1, 1);
+    dash_attr_on(a->colors, pair1, 1);
     x0 += dash_put(y, 1, COLS - 1, label);
-    dash_attr_off(a, pair1, 1);
+    dash_attr_off(a->colors, pair1, 1);
     if (label2) {
-        dash_attr_on(a, pair2, 1);
+        dash_attr_on(a->colors, pair2, 1);
         dash_put(y, x0 + 3, COLS - x0 - 3, label2);
-        dash_attr_off(a, pair2, 1);
+        dash_attr_off(a->colors, pair2, 1);
     }
     if (n == 0 || isnan(ymin)) {
         dash_put(y + 1, gutter, w, "(no values yet)");
@@ -255,9 +267,9 @@ static void draw_plot(struct dash_app *a, int y, int h, const char *label, const
             char cell[4];
             dash_braille_utf8(c.dots[i], cell);
             int pair = c.tag[i] == 2 ? pair2 : pair1;
-            dash_attr_on(a, pair, 0);
+            dash_attr_on(a->colors, pair, 0);
             mvaddstr(yy, gutter + cx, cell);
-            dash_attr_off(a, pair, 0);
+            dash_attr_off(a->colors, pair, 0);
         }
     }
     // x axis: first and last step at the ends of the canvas
@@ -301,9 +313,9 @@ static void draw_train(struct dash_app *a, const struct rdb_run *run, int y0, in
     int used = dash_putf(y, 0, COLS, "train #%lld %s  ", (long long)run->id, run->name);
     attroff(A_BOLD);
     int pair = !strcmp(run->status, "done") ? DASH_C_GOOD : !strcmp(run->status, "running") ? DASH_C_WARN : DASH_C_BAD;
-    dash_attr_on(a, pair, 1);
+    dash_attr_on(a->colors, pair, 1);
     used += dash_put(y, used, COLS - used, run->status);
-    dash_attr_off(a, pair, 1);
+    dash_attr_off(a->colors, pair, 1);
     double steps_planned = dash_json_num(run->params_json, "steps");
     char planned[32] = "";
     if (isfinite(steps_planned))
@@ -493,9 +505,9 @@ static void draw_eval(struct dash_app *a, const struct rdb_run *run, int y0, int
     y++;
     char verdict[512];
     if (dash_json_str(run->summary_json, "verdict", verdict, sizeof verdict)) {
-        dash_attr_on(a, DASH_C_GOOD, 1);
+        dash_attr_on(a->colors, DASH_C_GOOD, 1);
         dash_putf(y, 0, COLS, "verdict: %s", verdict);
-        dash_attr_off(a, DASH_C_GOOD, 1);
+        dash_attr_off(a->colors, DASH_C_GOOD, 1);
     } else {
         dash_put(y, 0, COLS, "verdict: (none recorded)");
     }
@@ -520,9 +532,9 @@ static void draw_eval(struct dash_app *a, const struct rdb_run *run, int y0, int
                   e->col + ncol < e->metrics.n ? ">" : "");
     y++;
     for (int i = 0; i < e->modes.n && y < y0 + h - 3; i++, y++) {
-        dash_attr_on(a, DASH_C_LOSS, 1);
+        dash_attr_on(a->colors, DASH_C_LOSS, 1);
         dash_put(y, 0, w_mode - 1, e->modes.v[i]);
-        dash_attr_off(a, DASH_C_LOSS, 1);
+        dash_attr_off(a->colors, DASH_C_LOSS, 1);
         int64_t nmax = -1;
         for (int j = 0; j < e->metrics.n; j++)
             if (e->nn[i * e->metrics.n + j] > nmax)
@@ -687,10 +699,10 @@ static void draw_question(struct dash_app *a, const struct rdb_run *run, int y0,
     dash_strv_release(&l);
     snprintf(buf, sizeof buf, "reference: %s", q->reference ? q->reference : "");
     dash_wrap(buf, COLS - 1, &l);
-    dash_attr_on(a, DASH_C_GOOD, 0);
+    dash_attr_on(a->colors, DASH_C_GOOD, 0);
     for (int i = 0; i < l.n && i < 3; i++)
         dash_put(y++, 0, COLS, l.v[i]);
-    dash_attr_off(a, DASH_C_GOOD, 0);
+    dash_attr_off(a->colors, DASH_C_GOOD, 0);
     dash_strv_release(&l);
     int nm = q->mode.n;
     if (nm == 0) {
@@ -731,17 +743,17 @@ static void draw_question(struct dash_app *a, const struct rdb_run *run, int y0,
     if (a->scroll > maxlen - rows)
         a->scroll = maxlen - rows > 0 ? maxlen - rows : 0;
     for (int m = 0; m < nm; m++) {
-        dash_attr_on(a, DASH_C_LOSS, 1);
+        dash_attr_on(a->colors, DASH_C_LOSS, 1);
         dash_put(y, m * cw, cw - 1, q->mode.v[m]);
-        dash_attr_off(a, DASH_C_LOSS, 1);
+        dash_attr_off(a->colors, DASH_C_LOSS, 1);
         for (int i = 0; i < rows - 1 && a->scroll + i < cols[m].n; i++) {
             const char *s = cols[m].v[a->scroll + i];
             int dim = !strcmp(s, "retrieved:");
             if (dim)
-                dash_attr_on(a, DASH_C_EVAL, 0);
+                dash_attr_on(a->colors, DASH_C_EVAL, 0);
             dash_put(y + 1 + i, m * cw, cw - 2, s);
             if (dim)
-                dash_attr_off(a, DASH_C_EVAL, 0);
+                dash_attr_off(a->colors, DASH_C_EVAL, 0);
         }
         if (m > 0)
             for (int i = 0; i < rows; i++)
@@ -1009,9 +1021,9 @@ static void draw_tensors(struct dash_app *a, const struct rdb_run *run, int y0, 
         char bar[1024];
         dash_bar_utf8(vmax > 0 && !isnan(v) ? v / vmax : 0, bw, bar, sizeof bar);
         dash_putf(y + i, 0, 8, "layer%3d", L->layer);
-        dash_attr_on(a, DASH_C_BAR, 0);
+        dash_attr_on(a->colors, DASH_C_BAR, 0);
         dash_put(y + i, 8, bw, bar);
-        dash_attr_off(a, DASH_C_BAR, 0);
+        dash_attr_off(a->colors, DASH_C_BAR, 0);
         dash_fmt_num(v, num, sizeof num);
         dash_putf(y + i, 8 + bw + 1, 11, "%s", num);
     }

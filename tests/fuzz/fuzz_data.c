@@ -35,12 +35,13 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     setup();
     if (size < 1)
         return 0;
-    static const char *const tmpl[4] = { NULL, "chatml", "llama3", "plain" };
+    static const char *const tmpl[8] = { NULL,    "chatml",        "llama3",   "plain",
+                                         "qwen3", "qwen3-nothink", "llama3.2", "chatml" };
     static const int seqs[4] = { 0, 2, 16, 512 };
     struct data_opts o = { 0 };
     o.train_on_prompt = data[0] & 1;
     o.skip_bad = (data[0] >> 1) & 1;
-    o.template_name = tmpl[(data[0] >> 2) & 3];
+    o.template_name = tmpl[((data[0] >> 2) & 3) | ((data[0] >> 4) & 4)];
     o.seq = seqs[(data[0] >> 4) & 3];
     o.vocab = tok_vocab_size(tk);
     const char *path = fz_path("data.jsonl");

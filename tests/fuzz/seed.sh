@@ -27,6 +27,13 @@ cp "$W/q16/model.safetensors" "$OUT/fuzz_st/seed-qwen-f16"
 for f in "$W"/qsh/model-*.safetensors; do cp "$f" "$OUT/fuzz_st/seed-shard-$(basename "$f" .safetensors)"; done
 cp "$W/q32/config.json" "$OUT/fuzz_cfg/seed-qwen"
 cp "$W/l16/config.json" "$OUT/fuzz_cfg/seed-llama"
+# Qwen3 (head_dim, q/k norm) and Llama 3.2 (llama3 rope scaling) configs
+cat > "$OUT/fuzz_cfg/seed-qwen3" <<'J'
+{"architectures":["Qwen3ForCausalLM"],"model_type":"qwen3","hidden_size":8,"intermediate_size":16,"num_hidden_layers":1,"num_attention_heads":2,"num_key_value_heads":1,"head_dim":8,"vocab_size":16,"attention_bias":false,"use_sliding_window":false,"layer_types":["full_attention"],"rope_scaling":null,"tie_word_embeddings":true}
+J
+cat > "$OUT/fuzz_cfg/seed-llama32" <<'J'
+{"architectures":["LlamaForCausalLM"],"hidden_size":8,"intermediate_size":16,"num_hidden_layers":1,"num_attention_heads":2,"vocab_size":12,"rope_theta":500000.0,"rope_scaling":{"factor":32.0,"high_freq_factor":4.0,"low_freq_factor":1.0,"original_max_position_embeddings":8192,"rope_type":"llama3"},"rope_parameters":{"rope_type":"dynamic","factor":2.0}}
+J
 # an adapter for the 1-layer Qwen2 (rank 2 on q_proj, v_proj: the config fuzz_adapter.c fixes)
 printf '{"input_ids":[1,2,3,4,5,6]}\n{"input_ids":[7,8,9,10]}\n' > "$W/pt.jsonl"
 "$LK" train --model "$W/q32" --data "$W/pt.jsonl" --out "$W/ad" --rank 2 --alpha 4 --targets q_proj,v_proj \
@@ -54,6 +61,19 @@ for i in 1 2 3 4 5 6; do cat "$W/corpus.txt"; done > "$W/corpus6.txt"
 "$LK" tokenizer train --text "$W/corpus6.txt" --vocab 300 --out "$W/tok" >/dev/null 2>&1
 cp "$W/tok/tokenizer.json" "$OUT/fuzz_tok/seed-bpe"
 { cat "$W/tok/tokenizer.json"; printf '\000'; cat "$W/tok/tokenizer_config.json"; } > "$OUT/fuzz_tok/seed-bpe-cfg"
+
+# GGUF files (fuzz_gguf): a 1-layer Qwen2 and Llama with that tokenizer, f16 and q8_0 (under
+# the 64 KB -max_len of `make fuzz`)
+mkdir -p "$OUT/fuzz_gguf"
+cat > "$W/qg.json" <<'J'
+{"architectures":["Qwen2ForCausalLM"],"model_type":"qwen2","hidden_size":32,"intermediate_size":32,"num_hidden_layers":1,"num_attention_heads":2,"num_key_value_heads":1,"vocab_size":320,"max_position_embeddings":64,"rms_norm_eps":1e-6,"rope_theta":10000,"tie_word_embeddings":true,"torch_dtype":"float32"}
+J
+sed 's/Qwen2ForCausalLM/LlamaForCausalLM/; s/"qwen2"/"llama"/; s/"tie_word_embeddings":true/"tie_word_embeddings":false/' "$W/qg.json" > "$W/lg.json"
+for m in qg lg; do
+  "$LK" init --config "$W/$m.json" --out "$W/$m" >/dev/null && cp "$W"/tok/tokenizer*.json "$W/$m/"
+  "$LK" convert --model "$W/$m" --out "$OUT/fuzz_gguf/seed-$m-f16.gguf" --dtype f16 >/dev/null
+  "$LK" convert --model "$W/$m" --out "$OUT/fuzz_gguf/seed-$m-q8_0.gguf" --dtype q8_0 >/dev/null
+done
 
 # JSONL of each data format (first byte: options, see fuzz_data.c)
 printf '\000{"messages":[{"role":"system","content":"Be brief."},{"role":"user","content":"fever?"},{"role":"assistant","content":"Rest."}]}\n' > "$OUT/fuzz_data/seed-chat"

@@ -1,0 +1,24 @@
+/*
+ * text.h - the character classes that retrieval (eval/fts.c: chunking) and scoring
+ * (eval/metrics.c: SQuAD-style tokens) share, so that a passage and an answer are cut into
+ * tokens by the same rules: a CJK character is a token of its own (Chinese and Japanese have no
+ * spaces), white space separates tokens. Characters are Unicode code points (utf8proc).
+ */
+#ifndef LK_EV_TEXT_H
+#define LK_EV_TEXT_H
+
+#include <stdint.h>
+
+/* 1 for ideographs, kana and bopomofo: CJK radicals and Kangxi radicals U+2E80..2FDF,
+ * hiragana and katakana U+3040..30FF, bopomofo U+3100..312F, bopomofo extended and the
+ * katakana phonetic extension U+31A0..31FF, CJK extension A U+3400..4DBF, unified ideographs
+ * U+4E00..9FFF, compatibility ideographs U+F900..FAFF, half-width katakana U+FF66..FF9F,
+ * extensions B and later U+20000..3FFFF. Hangul is not (Korean separates words with spaces). */
+int ev_char_is_cjk(int32_t c);
+
+/* 1 for ASCII white space and control characters (<= U+0020, U+007F) and, above ASCII, the
+ * Unicode categories Zs, Zl, Zp and Cc (U+00A0, U+3000, U+2028, U+0085...). Format characters
+ * such as U+200B (category Cf) are not white space. */
+int ev_char_is_space(int32_t c);
+
+#endif
