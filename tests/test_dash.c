@@ -18,6 +18,7 @@
 #include "../libcore/lk.h"
 #include "../libcore/rdb.h"
 #include "../tui/dash.h"
+#include "../tui/dash_app.h"
 
 // ---- plotting, no terminal ----
 
@@ -1038,5 +1039,169 @@ TEST(dash_tmux_runs_from_the_real_commands)
     if (!have_tmux())
         SKIP("tmux is not installed (make deps installs it)");
     real_runs_body(stable_path("runs.db"));
+    tmux_stop();
+}
+
+// ---- learned against forgot ----
+
+/* The x scale and straight segments (the chart's whiskers), and the points read from
+ * eval_retention rows: learned F1 up, forgot on the chosen metric across, per system. */
+TEST(dash_tradeoff_points_and_scales)
+{
+    struct dash_canvas c;
+    struct lk_err err = { 0 };
+    CHECK_OK(dash_canvas_init(&c, 5, 2, &err)); // 10 x 8 dots
+    CHECK_INT(dash_canvas_px(&c, -1, -1, 1), 0);
+    CHECK_INT(dash_canvas_px(&c, 1, -1, 1), 9);
+    CHECK_INT(dash_canvas_px(&c, 0, -1, 1), 5);   // 4.5 rounds away from zero
+    CHECK_INT(dash_canvas_px(&c, 7, -1, 1), 9);   // clamped
+    CHECK_INT(dash_canvas_px(&c, 0.3, 1, 1), 5);  // empty scale: the middle
+    dash_canvas_segment(&c, 0, 3, 9, 3, 1);       // a horizontal whisker on dot row 3
+    for (int x = 0; x < 5; x++)
+        CHECK_INT(c.dots[x], 0x40 | 0x80);
+    dash_canvas_clear(&c);
+    dash_canvas_segment(&c, 4, 7, 4, 0, 2); // vertical, drawn bottom-up
+    CHECK_INT(c.dots[2], 0x01 | 0x02 | 0x04 | 0x40);
+    CHECK_INT(c.dots[5 + 2], 0x01 | 0x02 | 0x04 | 0x40);
+    CHECK_INT(c.tag[2], 2);
+    dash_canvas_release(&c);
+
+    struct rdb_retention rows[6] = {
+        { "lora", "forgot", "closed.em", 0, 0, 0, 0, 0, 10, 1 },
+        { "lora", "forgot", "rag.f1", 0.5, 0.45, 0.05, 0.01, 0.09, 10, 0 },
+        { "lora", "learned", "em", 0, 0.2, 0.2, 0.1, 0.3, 10, 0 },
+        { "lora", "learned", "f1", 0, 0.3, 0.3, 0.2, 0.4, 10, 0 },
+        { "full", "forgot", "rag.f1", 0.5, 0.3, 0.2, 0.15, 0.25, 10, 0 },
+        { "mc", "learned", "acc", 0.25, 0.5, 0.25, 0.1, 0.4, 10, 0 },
+    };
+    struct dash_point p[4];
+    int n = dash_tradeoff_points(rows, 6, "rag.f1", p, 4);
+    CHECK_INT(n, 3);
+    CHECK(!strcmp(p[0].name, "lora") && p[0].x == 0.05 && p[0].xlo == 0.01 && p[0].xhi == 0.09);
+    CHECK(p[0].y == 0.3 && p[0].ylo == 0.2 && p[0].yhi == 0.4 && !p[0].no_room); // F1, not EM
+    CHECK(!strcmp(p[1].name, "full") && p[1].x == 0.2 && isnan(p[1].y));          // no learned row
+    CHECK(!strcmp(p[2].name, "mc") && p[2].y == 0.25 && isnan(p[2].x));            // accuracy
+    n = dash_tradeoff_points(rows, 6, "closed.em", p, 1);
+    CHECK(n == 1 && p[0].x == 0 && p[0].no_room);
+}
+
+/* An eval run of three systems with retention figures, by hand through the rdb_* API. */
+static int fixture_tradeoff(const char *path)
+{
+    struct lk_err err = { 0 };
+    struct rdb db;
+    int64_t id;
+    if (rdb_open(&db, path, &err))
+        return 1;
+    int r = rdb_run_begin(&db, "eval", "systems", "base", "qa.jsonl", NULL, &id, &err);
+    static const char *const modes[4] = { "base", "rag", "lora", "full" };
+    for (int m = 0; m < 4; m++)
+        r |= rdb_eval_result(&db, id, modes[m], "f1", 0.1 * (m + 1), 0.05 * (m + 1), 0.15 * (m + 1), 50, &err);
+    r |= rdb_eval_item(&db, id, "q1", "base", "Which symptom points to Forokemia?", "muscle cramps", "rash", NULL,
+                       "{}", &err);
+    static const struct {
+        const char *sys;
+        double learned, forgot_rag, forgot_text;
+    } s[3] = { { "lora", 0.30, 0.05, 0.40 }, { "full", 0.45, 0.25, 0.10 }, { "tiny", 0.02, 0.01, 0.02 } };
+    for (int i = 0; i < 3; i++) {
+        struct rdb_retention l = { "", "learned", "f1", 0.01, 0.01 + s[i].learned, s[i].learned,
+                                   s[i].learned - 0.03, s[i].learned + 0.03, 50, 0 };
+        struct rdb_retention e = { "", "forgot", "closed.em", 0, 0, 0, 0, 0, 50, 1 };
+        struct rdb_retention f = { "", "forgot", "rag.f1", 0.3, 0.3 - s[i].forgot_rag, s[i].forgot_rag,
+                                   s[i].forgot_rag - 0.02, s[i].forgot_rag + 0.02, 50, 0 };
+        struct rdb_retention t = { "", "forgot", "text.nll", 1.3, 1.3 + s[i].forgot_text, s[i].forgot_text,
+                                   s[i].forgot_text - 0.01, s[i].forgot_text + 0.01, 50, 0 };
+        struct rdb_retention *rows[4] = { &l, &e, &f, &t };
+        for (int k = 0; k < 4; k++) {
+            snprintf(rows[k]->system, sizeof rows[k]->system, "%s", s[i].sys);
+            r |= rdb_eval_retention(&db, id, rows[k], &err);
+        }
+    }
+    r |= rdb_run_finish(&db, id, RDB_DONE, "{\"verdict\":\"best on F1: full (0.40)\"}", &err);
+    r |= rdb_close(&db, &err);
+    return r;
+}
+
+/* Row and column (in characters) of the mark "●" whose label follows it on the chart (one cell
+ * between them: a braille cell or a space), searched in rows [y_from, y_to); -1 if absent. */
+static void mark_of(const char *label, int y_from, int y_to, int *row, int *col)
+{
+    char line[2048];
+    *row = *col = -1;
+    for (int i = y_from; i < y_to; i++) {
+        screen_line(i, line, sizeof line);
+        for (const char *p = strstr(line, label); p; p = strstr(p + 1, label)) {
+            const char *m = p - 1; // the cell before the label: one byte, or a 3-byte code point
+            if (m > line && (unsigned char)*m >= 0x80)
+                m -= 2;
+            if (m - 3 >= line && !strncmp(m - 3, "\xe2\x97\x8f", 3)) {
+                *row = i;
+                *col = dash_str_width(line) - dash_str_width(m - 3);
+                return;
+            }
+        }
+    }
+}
+
+static void tradeoff_body(const char *db)
+{
+    char args[700];
+    snprintf(args, sizeof args, "'%s' --run 1", db);
+    CHECK_OK(tmux_start(80, 24, args));
+    CHECK_MSG(wait_for("forgot rag.f1 across"), "no chart:\n%s", g_screen);
+    const char *s = screen();
+    // the default forgot metric is rag.f1 (closed.em leaves no room); the legend holds the figures
+    const char *want[] = { "learned +0.300 [+0.270, +0.330]   forgot +0.050 [+0.030, +0.070]",
+                           "learned +0.450 [+0.420, +0.480]   forgot +0.250 [+0.230, +0.270]",
+                           "learned +0.020 [-0.010, +0.050]   forgot +0.010 [-0.010, +0.030]", "c questions" };
+    for (size_t i = 0; i < sizeof want / sizeof want[0]; i++)
+        CHECK_MSG(strstr(s, want[i]), "'%s' not on screen:\n%s", want[i], s);
+    // one labelled mark per system, placed by its figures: more learned is higher, more
+    // forgotten is further right
+    int top = 0, bottom = count_lines();
+    char line[2048];
+    for (int i = 0; i < count_lines(); i++) {
+        screen_line(i, line, sizeof line);
+        if (strstr(line, "forgot rag.f1 across"))
+            top = i + 1;
+        if (strstr(line, "\xe2\x94\x94")) // └: the x axis, below the chart
+            bottom = i;
+    }
+    int rl, cl, rf, cf, rt, ct;
+    mark_of("lora", top, bottom, &rl, &cl);
+    mark_of("full", top, bottom, &rf, &cf);
+    mark_of("tiny", top, bottom, &rt, &ct);
+    CHECK_MSG(rl >= 0 && rf >= 0 && rt >= 0, "marks not found:\n%s", s);
+    CHECK_MSG(rf < rl && rl < rt, "rows: full %d, lora %d, tiny %d", rf, rl, rt);
+    CHECK_MSG(ct < cl && cl < cf, "columns: tiny %d, lora %d, full %d", ct, cl, cf);
+    int braille = 0; // U+2800..U+28FF: E2 A0..A3 xx
+    for (const unsigned char *p = (const unsigned char *)s; *p; p++)
+        braille += p[0] == 0xe2 && p[1] >= 0xa0 && p[1] <= 0xa3 && p[2];
+    CHECK_MSG(braille > 20, "%d braille cells:\n%s", braille, s);
+    // → the next forgot metric: text.nll, where lora forgets most
+    keys("Right");
+    CHECK_MSG(wait_for("forgot text.nll across"), "metric did not change:\n%s", g_screen);
+    mark_of("lora", top, bottom, &rl, &cl);
+    mark_of("full", top, bottom, &rf, &cf);
+    CHECK_MSG(cl > cf, "text.nll columns: lora %d, full %d\n%s", cl, cf, g_screen);
+    // c: the questions in its place, and back
+    keys("c");
+    CHECK_MSG(wait_for("questions (1)"), "no questions:\n%s", g_screen);
+    CHECK(strstr(screen(), "c chart"));
+    keys("c");
+    CHECK(wait_for("forgot text.nll across"));
+    keys("q");
+    CHECK(wait_for("Enter open"));
+    keys("q");
+    CHECK_INT(wait_exit(), 0);
+}
+
+TEST(dash_tmux_learned_against_forgot)
+{
+    if (!have_tmux())
+        SKIP("tmux is not installed (make deps installs it)");
+    const char *db = stable_path("runs.db");
+    CHECK_OK(fixture_tradeoff(db));
+    tradeoff_body(db);
     tmux_stop();
 }

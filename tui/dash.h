@@ -44,6 +44,11 @@ void dash_canvas_dot(struct dash_canvas *c, int px, int py, int tag);
 /* Row of dots for value y on a scale [ymin, ymax] drawn over 4h dot rows (ymax at the top;
  * ymin == ymax puts every value in the middle). */
 int dash_canvas_py(const struct dash_canvas *c, double y, double ymin, double ymax);
+/* Column of dots for value x on a scale [xmin, xmax] drawn over 2w dot columns (xmin at the
+ * left; xmin == xmax puts every value in the middle). */
+int dash_canvas_px(const struct dash_canvas *c, double x, double xmin, double xmax);
+/* A straight line of dots from (px0, py0) to (px1, py1), both ends included (Bresenham). */
+void dash_canvas_segment(struct dash_canvas *c, int px0, int py0, int px1, int py1, int tag);
 /* Draws a downsampled series: column px (0 .. 2w-1) gets a vertical run of dots from lo[px]
  * to hi[px], joined to the previous non-empty column so the curve is connected. NAN columns
  * are gaps that do not break the joining. lo/hi hold 2w values. */

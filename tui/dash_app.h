@@ -31,6 +31,24 @@ struct dash_eval {
     int col;                 /* first metric column shown */
 };
 
+/* The learned-against-forgot chart of an eval run with retention figures (tui/tradeoff.c). */
+struct dash_tradeoff {
+    struct rdb_retention *rows; /* owned [n]: the run's eval_retention rows */
+    int n;
+    struct dash_strv forgot;  /* the forgot metrics, in first-seen order */
+    int metric;               /* the one shown across (index into forgot) */
+    int show;                 /* 1: the chart takes the questions' place (c toggles) */
+    int64_t run;              /* the run show was set for (kept across reloads) */
+};
+
+/* One system on the chart: forgot (x) on the metric shown, learned (y), 95% intervals. */
+struct dash_point {
+    const char *name;         /* borrowed: the system's name */
+    double x, xlo, xhi;       /* NAN when not recorded */
+    double y, ylo, yhi;
+    int no_room;
+};
+
 struct dash_question {
     int idx;                 /* index into eval.item_ids */
     char *question, *reference; /* owned */
@@ -74,6 +92,7 @@ struct dash_app {
     struct dash_train train;
     struct dash_eval eval;
     struct dash_question q;
+    struct dash_tradeoff tradeoff;
     struct dash_tensor *tensors;
     int n_tensors;
     struct dash_layer *layers;
@@ -100,5 +119,19 @@ const char *dash_view_footer(const struct dash_app *a);
 int dash_question_open(struct dash_app *a, int idx, struct lk_err *err);
 /* Energy kept of a tensor from its energy_json / extra_json (NAN if not given). */
 double dash_energy_kept(const char *energy_json, const char *extra_json);
+
+// ---- tradeoff.c (called by views.c) ----
+/* Loads run_id's retention rows (none: t->n == 0). For a run not shown before, the chart is
+ * shown when there are rows, with the forgot metric: a score read with retrieval that the base
+ * leaves room to forget, else the closed-book one, else text.nll. */
+int dash_tradeoff_load(struct rdb *db, int64_t run_id, struct dash_tradeoff *t, struct lk_err *err);
+void dash_tradeoff_release(struct dash_tradeoff *t); /* keeps show, metric and run */
+/* The systems' points from eval_retention rows: learned F1 (accuracy when there is no F1) up,
+ * forgot on metric across; systems in first-seen order, at most max. Returns how many. Pure. */
+int dash_tradeoff_points(const struct rdb_retention *rows, int n, const char *metric, struct dash_point *out,
+                         int max);
+/* Title, braille scatter (one labelled mark per system with its interval whiskers, dotted zero
+ * lines, axes) and, when there is room, a legend with the figures; in rows y .. y + h - 1. */
+void dash_tradeoff_draw(struct dash_app *a, const struct dash_tradeoff *t, int y, int h);
 
 #endif

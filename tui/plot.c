@@ -102,6 +102,16 @@ int dash_canvas_py(const struct dash_canvas *c, double y, double ymin, double ym
     return py < 0 ? 0 : py >= rows ? rows - 1 : py;
 }
 
+int dash_canvas_px(const struct dash_canvas *c, double x, double xmin, double xmax)
+{
+    int cols = 2 * c->w;
+    if (!(xmax > xmin))
+        return cols / 2;
+    double f = (x - xmin) / (xmax - xmin);
+    int px = (int)lround(f * (cols - 1));
+    return px < 0 ? 0 : px >= cols ? cols - 1 : px;
+}
+
 static void canvas_vline(struct dash_canvas *c, int px, int a, int b, int tag)
 {
     if (a > b) {
@@ -133,6 +143,11 @@ static void canvas_line(struct dash_canvas *c, int x0, int y0, int x1, int y1, i
             y0 += sy;
         }
     }
+}
+
+void dash_canvas_segment(struct dash_canvas *c, int px0, int py0, int px1, int py1, int tag)
+{
+    canvas_line(c, px0, py0, px1, py1, tag);
 }
 
 void dash_canvas_series(struct dash_canvas *c, const double *lo, const double *hi, double ymin,

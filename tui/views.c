@@ -107,6 +107,7 @@ void dash_view_release(struct dash_app *a)
 {
     train_release(&a->train);
     eval_release(&a->eval);
+    dash_tradeoff_release(&a->tradeoff);
     question_release(&a->q);
     for (int i = 0; i < a->n_tensors; i++)
         lk_free(a->tensors[i].name);
@@ -405,8 +406,8 @@ static int eval_load(struct dash_app *a, struct lk_err *err)
     // modes in their standard order, metrics in first-seen order
     if (sqlite3_prepare_v2(a->db.db,
                            "SELECT mode, metric, value, lo, hi, n FROM eval_results WHERE run_id = ?1"
-                           " ORDER BY CASE mode WHEN 'base' THEN 0 WHEN 'rag' THEN 1 WHEN 'ft' THEN 2"
-                           " WHEN 'ft+rag' THEN 3 ELSE 4 END, mode, rowid",
+                           " ORDER BY CASE WHEN mode = 'base' THEN 0 WHEN mode = 'rag' THEN 1 WHEN mode = 'ft'"
+                           " THEN 2 WHEN mode = 'ft+rag' THEN 3 WHEN mode LIKE '% - %' THEN 5 ELSE 4 END, rowid",
                            -1, &st, NULL) != SQLITE_OK)
         return sql_fail(a, err, "reading eval results");
     sqlite3_bind_int64(st, 1, a->run_id);
@@ -512,8 +513,17 @@ static void draw_eval(struct dash_app *a, const struct rdb_run *run, int y0, int
         dash_put(y, 0, COLS, "verdict: (none recorded)");
     }
     y++;
-    // the table: modes down, metrics across, "value [lo, hi]"
-    const int w_mode = 9, w_n = 6, w_cell = 22;
+    // the table: modes down (then the differences "a - b"), metrics across, "value [lo, hi]";
+    // beside the chart, the modes only
+    int chart = a->tradeoff.n && a->tradeoff.show, w_mode = 9, n_rows = e->modes.n;
+    for (int i = 0; i < e->modes.n; i++) {
+        int diff = strstr(e->modes.v[i], " - ") != NULL, len = (int)strlen(e->modes.v[i]) + 1;
+        if (!diff && len > w_mode)
+            w_mode = len < 24 ? len : 24;
+        if (diff && chart && n_rows == e->modes.n)
+            n_rows = i;
+    }
+    const int w_n = 6, w_cell = 22;
     int ncol = (COLS - w_mode - w_n) / w_cell;
     if (ncol < 1)
         ncol = 1;
@@ -531,7 +541,8 @@ static void draw_eval(struct dash_app *a, const struct rdb_run *run, int y0, int
         dash_putf(y, COLS - 8, 8, " %s%d/%d%s", e->col > 0 ? "<" : "", e->col + 1, e->metrics.n,
                   e->col + ncol < e->metrics.n ? ">" : "");
     y++;
-    for (int i = 0; i < e->modes.n && y < y0 + h - 3; i++, y++) {
+    int last = chart && y0 + h - 14 > y + 3 ? y0 + h - 14 : y0 + h - 3; // the chart keeps 14 rows
+    for (int i = 0; i < n_rows && y < last; i++, y++) {
         dash_attr_on(a->colors, DASH_C_LOSS, 1);
         dash_put(y, 0, w_mode - 1, e->modes.v[i]);
         dash_attr_off(a->colors, DASH_C_LOSS, 1);
@@ -554,6 +565,10 @@ static void draw_eval(struct dash_app *a, const struct rdb_run *run, int y0, int
         }
     }
     y++;
+    if (a->tradeoff.n && a->tradeoff.show) {
+        dash_tradeoff_draw(a, &a->tradeoff, y, y0 + h - y);
+        return;
+    }
     // the questions
     int rows = y0 + h - y - 1;
     if (rows < 1)
@@ -1123,6 +1138,8 @@ int dash_view_load(struct dash_app *a, struct lk_err *err)
     if (is_kind(r, "eval")) {
         a->n_panes = 2;
         int rc = eval_load(a, err);
+        if (!rc)
+            rc = dash_tradeoff_load(&a->db, a->run_id, &a->tradeoff, err);
         if (!rc && qidx >= 0)
             rc = dash_question_open(a, qidx, err);
         return rc;
@@ -1170,6 +1187,9 @@ const char *dash_view_footer(const struct dash_app *a)
     if (is_kind(r, "train"))
         return live ? "Tab pane  ↑↓/jk scroll  r refresh (live: every 1s)  q back"
                     : "Tab pane  ↑↓/jk scroll  r refresh  q back";
+    if (is_kind(r, "eval") && a->tradeoff.n)
+        return a->tradeoff.show ? "Tab pane  ←→ metric columns / forgot metric  c questions  r refresh  q back"
+                                : "Tab pane  ↑↓/jk move  ←→ metrics  Enter question  c chart  / filter  r refresh  q back";
     if (is_kind(r, "eval"))
         return "Tab pane  ↑↓/jk move  ←→ metrics  Enter question  / filter  r refresh  q back";
     if (is_kind(r, "svd-compress") || is_kind(r, "diff"))
@@ -1219,6 +1239,15 @@ int dash_view_key(struct dash_app *a, int ch)
     }
     int p = a->pane;
     if (is_kind(r, "eval")) {
+        struct dash_tradeoff *t = &a->tradeoff;
+        if (ch == 'c' && t->n) {
+            t->show = !t->show;
+            return 1;
+        }
+        if (t->n && t->show && p == 1 && t->forgot.n && (ch == KEY_RIGHT || ch == 'l' || ch == KEY_LEFT || ch == 'h')) {
+            t->metric = (t->metric + (ch == KEY_RIGHT || ch == 'l' ? 1 : t->forgot.n - 1)) % t->forgot.n;
+            return 1;
+        }
         if (ch == KEY_RIGHT || ch == 'l') {
             a->eval.col++;
             return 1;
@@ -1228,7 +1257,7 @@ int dash_view_key(struct dash_app *a, int ch)
                 a->eval.col--;
             return 1;
         }
-        if ((ch == '\n' || ch == '\r' || ch == KEY_ENTER) && a->eval.item_ids.n) {
+        if ((ch == '\n' || ch == '\r' || ch == KEY_ENTER) && a->eval.item_ids.n && !(t->n && t->show)) {
             // the selected question among those passing the filter
             int k = -1, seen = 0;
             for (int i = 0; i < a->eval.item_ids.n && k < 0; i++)
