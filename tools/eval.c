@@ -21,7 +21,7 @@
 
 static const struct cmd_help eval_help = {
     "eval",
-    "--model BASE [--adapter DIR | --tuned DIR] --qa FILE.jsonl (--docs FILE.jsonl | --index DB) [options]",
+    "--model BASE [--adapter DIR | --tuned DIR] [--system NAME=PATH ...] --qa FILE.jsonl (--docs FILE.jsonl | --index DB) [options]",
     "Answers the same questions in four modes: base (closed book), rag (base + the top-k FTS5\n"
     "passages as \"Context:\\n<p1>\\n\\n<p2>\\n\\nQuestion: <q>\"), ft (the tuned model: base + --adapter,\n"
     "or the --tuned model folder) and ft+rag. Scores: exact match, token F1 and ROUGE-L of the greedy\n"
@@ -29,9 +29,16 @@ static const struct cmd_help eval_help = {
     "item's doc_id, answer@k (the reference is in a passage of the prompt); multiple-choice items ({question, choices, answer_index}) by the log-likelihood\n"
     "of each choice (accuracy). Prints means with 95% bootstrap intervals, the paired differences\n"
     "ft - rag and ft+rag - rag, and a one-line verdict; records items, answers, passages, scores and\n"
-    "the summary in the runs database. QA lines: {\"id\", \"question\", \"answer\", \"doc_id\"}.",
+    "the summary in the runs database. QA lines: {\"id\", \"question\", \"answer\", \"doc_id\"}.\n"
+    "--system NAME=PATH (repeatable) adds tuned systems (an adapter or a model folder, each checked against\n"
+    "the base first): modes NAME and NAME+rag on the same items and bootstrap resamples, and a verdict\n"
+    "naming the best row per metric. --retain (QA the base knew; rag with --retain-docs) and\n"
+    "--retain-text measure what each system forgot (base - system, NLL: system - base) next to what it\n"
+    "learned (system - base on --qa).",
     "  lorakit eval --model base --adapter med-lora --qa qa_test.jsonl --docs docs.jsonl --show 5\n"
-    "  lorakit eval --model base --tuned base-full --qa qa.jsonl --index docs.db --k 0,1,3,5 --json",
+    "  lorakit eval --model base --tuned base-full --qa qa.jsonl --index docs.db --k 0,1,3,5 --json\n"
+    "  lorakit eval --model base --system lora=med-lora --system full=base-full --qa new_qa.jsonl \\\n"
+    "      --docs new_docs.jsonl --retain old_qa.jsonl --retain-docs old_docs.jsonl --retain-text old.jsonl",
 };
 
 struct eval_cli {
@@ -382,7 +389,7 @@ int cmd_eval(int argc, char **argv)
         { "modes", OPT_STR, &c.modes, "LIST", "base,rag,ft,ft+rag (default: those the inputs allow)" },
         { "k", OPT_STR, &c.k, "K", "passages per question, or a sweep like 0,1,3,5 (default 3)" },
         { "max-new", OPT_INT, &c.max_new, "N", "answer tokens at most (default 32)" },
-        { "limit", OPT_INT, &c.limit, "N", "only the first N questions" },
+        { "limit", OPT_INT, &c.limit, "N", "only the first N questions (of --retain and --retain-text too)" },
         { "runs", OPT_STR, &c.runs, "DB", "runs database (default runs.db)" },
         { "name", OPT_STR, &c.name, "NAME", "run name in the runs database" },
         { "json", OPT_FLAG, &c.json, NULL, "print the summary as JSON" },
