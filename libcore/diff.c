@@ -729,7 +729,9 @@ static int base_open(struct diff *d, int need_weights, struct lk_err *err)
         snprintf(d->note, sizeof d->note,
                  "base '%s' has no weights: relative changes are unknown", d->base_dir);
     }
-    return cfg_tensors(&p->cfg, &p->ct, &p->n_ct, err);
+    if (cfg_tensors(&p->cfg, &p->ct, &p->n_ct, err))
+        return lk_err_prefix(err, "%s", d->base_dir);
+    return LK_OK;
 }
 
 static int diff_open_inner(struct diff *d, const char *a, const char *b, const struct diff_opts *o,
