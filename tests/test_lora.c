@@ -497,22 +497,35 @@ TEST(lora_roundtrip_dora_embedding_and_modules_to_save)
     model_release(&m);
 }
 
-TEST(lora_modules_to_save_on_tied_head_is_refused_by_the_engine)
+TEST(lora_modules_to_save_on_tied_head_unties_the_model_in_memory)
 {
+    // issue 18 case 3: the engine once refused this adapter; it now unties the model in memory as
+    // merge does: lm_head becomes the adapter's copy, embed_tokens keeps the base's values
     struct cfg c;
     fix_cfg_qwen2(&c); // tied
     struct model m;
     CHECK_OK(fix_model_random(&m, &c, 0.3f, 93));
     static float head[37 * 16], z[2 * 16];
+    for (int i = 0; i < 37 * 16; i++)
+        head[i] = 0.01f * (float)((i * 7) % 23) - 0.1f;
+    float *embed0 = malloc(sizeof(float) * 37 * 16);
+    memcpy(embed0, m.w.embed, sizeof(float) * 37 * 16);
     struct st_item it[5] = { { QA(0), 2, { 2, 16 }, z }, { QB(0), 2, { 16, 2 }, z }, { QA(1), 2, { 2, 16 }, z },
                              { QB(1), 2, { 16, 2 }, z }, { "base_model.model.lm_head.weight", 2, { 37, 16 }, head } };
     write_adapter(test_path("ad"), "{\"peft_type\":\"LORA\",\"r\":2,\"lora_alpha\":4,\"target_modules\":[\"q_proj\"],"
                                    "\"modules_to_save\":[\"lm_head\"]}", it, 5);
     struct lora l;
     CHECK_OK(lora_load(&l, test_path("ad"), &c, test_err()));
-    struct lk_err err = { 0 };
-    CHECK(model_apply_extras(&m, &l, &err) == LK_ERR_UNSUPPORTED);
-    CHECK(strstr(err.msg, "ties it to embed_tokens"));
+    CHECK_OK(model_apply_extras(&m, &l, test_err()));
+    CHECK(!m.cfg.tie_word_embeddings && m.w.lm_head != m.w.embed);
+    CHECK(!memcmp(m.w.lm_head, head, sizeof head));
+    CHECK(!memcmp(m.w.embed, embed0, sizeof head));
+    // and the forward runs with it: logits = lnf @ head^T, checked against the same model with
+    // the copy written by hand
+    int tok[3] = { 1, 2, 3 };
+    CHECK_OK(model_plan(&m, 1, 3, 0, test_err()));
+    CHECK_OK(model_forward(&m, &l, tok, NULL, NULL, NULL, 0, NULL, test_err()));
+    free(embed0);
     lora_release(&l);
     model_release(&m);
 }
