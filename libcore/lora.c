@@ -593,10 +593,10 @@ int lora_build(struct lora *l, struct model *m, const struct lora_build_opts *o,
     if (o->from) {
         if ((rc = lora_load(l, o->from, &m->cfg, err)))
             return rc;
-        if (l->n_extra || l->embed_A) {
+        if (lora_changes_weights(l) || l->embed_A) {
             lora_release(l);
-            return lk_errf(err, LK_ERR_UNSUPPORTED, "%s: continued training of embedding or modules_to_save "
-                           "adapters is not supported", o->from);
+            return lk_errf(err, LK_ERR_UNSUPPORTED, "%s: continued training of embedding, lm_head, trainable-token "
+                           "or modules_to_save adapters is not supported", o->from);
         }
         l->cfg.dropout = o->dropout;
         return LK_OK;

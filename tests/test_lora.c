@@ -520,11 +520,33 @@ TEST(lora_modules_to_save_on_tied_head_unties_the_model_in_memory)
     CHECK(!m.cfg.tie_word_embeddings && m.w.lm_head != m.w.embed);
     CHECK(!memcmp(m.w.lm_head, head, sizeof head));
     CHECK(!memcmp(m.w.embed, embed0, sizeof head));
-    // and the forward runs with it: logits = lnf @ head^T, checked against the same model with
-    // the copy written by hand
+    // the forward against an untied model built here by name (embed, lm_head = the copy)
+    struct model ref, m0;
+    CHECK_OK(fix_model_random(&m0, &c, 0.3f, 93));
+    struct cfg cu = c;
+    cu.tie_word_embeddings = 0;
+    CHECK_OK(model_init(&ref, &cu, test_err()));
+    struct model_tensor *ts, *td;
+    int ns, nd;
+    CHECK_OK(model_weights_tensors(&m0.w, &m0.cfg, &ts, &ns, test_err()));
+    CHECK_OK(model_weights_tensors(&ref.w, &ref.cfg, &td, &nd, test_err()));
+    CHECK_INT(nd, ns + 1);
+    for (int i = 0; i < nd; i++)
+        for (int j = 0; j < ns; j++)
+            if (!strcmp(td[i].name, ts[j].name))
+                memcpy(td[i].data, ts[j].data, sizeof(float) * td[i].numel);
+    memcpy(ref.w.lm_head, head, sizeof head);
+    lk_free(ts);
+    lk_free(td);
     int tok[3] = { 1, 2, 3 };
     CHECK_OK(model_plan(&m, 1, 3, 0, test_err()));
     CHECK_OK(model_forward(&m, &l, tok, NULL, NULL, NULL, 0, NULL, test_err()));
+    CHECK_OK(model_plan(&ref, 1, 3, 0, test_err()));
+    CHECK_OK(model_forward(&ref, NULL, tok, NULL, NULL, NULL, 0, NULL, test_err()));
+    for (int i = 0; i < 3 * 37; i++)
+        CHECK(model_logits(&m)[i] == model_logits(&ref)[i]); // B of q_proj is zero: the same weights
+    model_release(&ref);
+    model_release(&m0);
     free(embed0);
     lora_release(&l);
     model_release(&m);
