@@ -131,6 +131,12 @@ static void svdc_print_table(const struct cmp_report *r, const char *out, int re
     if (r->n_left_out)
         printf("the adapter leaves out %d changed tensor%s (listed above)\n", r->n_left_out,
                r->n_left_out == 1 ? "" : "s");
+    if (r->lora_bias && !reduce)
+        printf("note: the q/k/v biases changed, so the adapter sets lora_bias. PEFT runs it, but its\n"
+               "merge_and_unload refuses lora_bias on a layer without a bias (PEFT gives every target a\n"
+               "lora_B.bias: o_proj and the MLP projections get zeros); lorakit merge accepts it.\n"
+               "--no-bias leaves the bias changes out (the cost is listed per tensor above) for an adapter\n"
+               "every tool can merge.\n");
     printf("wrote %s in %.1f s\n", out, r->seconds);
 }
 
@@ -317,12 +323,6 @@ int cmd_svd_compress(int argc, char **argv)
         cmp_report_release(&rep);
         return lk_cli_fail("svd-compress", &err);
     }
-    if (rep.lora_bias && !a.adapter)
-        fprintf(stderr, "lorakit svd-compress: note: the q/k/v biases changed, so the adapter sets lora_bias. PEFT "
-                        "runs it, but its merge_and_unload refuses lora_bias on a layer without a bias (PEFT gives "
-                        "every target a lora_B.bias: o_proj and the MLP projections get zeros); lorakit merge "
-                        "accepts it. --no-bias leaves the bias changes out (the cost is listed per tensor) for an "
-                        "adapter every tool can merge\n");
     if (a.json) {
         char *js = cmp_report_json(&rep, 1);
         if (js)
