@@ -1,0 +1,501 @@
+/*
+ * test_peft.c - PEFT compatibility both ways (issue 18), one test per case of the issue.
+ *
+ * PEFT itself cannot run on the development machine. Adapters "written by PEFT" are therefore
+ * fixtures written here field by field to PEFT 0.20's layout; next to each name and shape is
+ * the file and function of huggingface/peft that produces it. The config is PEFT 0.20's full
+ * LoraConfig key set, sorted as its json.dumps(sort_keys=True) writes it (peft_config_json).
+ * Adapters lorakit writes are read back through the same reader and checked against the same
+ * layout. Every number is checked against an independent reference built in the test: the
+ * base's weights changed by hand (W + s B A in a plain double loop, rows replaced, copies) and
+ * run with no adapter at all, or the fine-tuned model itself.
+ */
+#include "test.h"
+
+#include <cJSON.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../libcore/lora.h"
+#include "../libcore/model.h"
+#include "../libcore/st.h"
+#include "fix_model.h"
+
+#define PFX "base_model.model."
+
+// ---- fixtures in PEFT's layout ----
+
+static int cmp_key(const void *a, const void *b)
+{
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+/* PEFT 0.20's LoraConfig as saved (peft/config.py PeftConfig.save_pretrained: asdict, sets as
+ * lists, runtime_config dropped; the keys and defaults of peft/tuners/lora/config.py LoraConfig
+ * and peft/config.py PeftConfig), with fields (a JSON object text) overriding them. Keys sorted.
+ * Returns a heap string. */
+static char *peft_config_json(const char *fields)
+{
+    static const char *const defaults =
+        "{\"alora_invocation_tokens\":null,\"alpha_pattern\":{},\"arrow_config\":null,\"auto_mapping\":null,"
+        "\"base_model_name_or_path\":null,\"bias\":\"none\",\"corda_config\":null,\"ensure_weight_tying\":false,"
+        "\"eva_config\":null,\"exclude_modules\":null,\"fan_in_fan_out\":false,\"inference_mode\":true,"
+        "\"init_lora_weights\":true,\"layer_replication\":null,\"layers_pattern\":null,"
+        "\"layers_to_transform\":null,\"loftq_config\":{},\"lora_alpha\":8,\"lora_bias\":false,"
+        "\"lora_dropout\":0.0,\"megatron_config\":null,\"megatron_core\":\"megatron.core\","
+        "\"modules_to_save\":null,\"peft_type\":\"LORA\",\"peft_version\":\"0.20.0\",\"qalora_group_size\":16,"
+        "\"r\":8,\"rank_pattern\":{},\"revision\":null,\"target_modules\":null,\"target_parameters\":null,"
+        "\"task_type\":\"CAUSAL_LM\",\"trainable_token_indices\":null,\"use_dora\":false,\"use_qalora\":false,"
+        "\"use_rslora\":false}";
+    cJSON *o = cJSON_Parse(defaults), *f = cJSON_Parse(fields);
+    LK_ASSERT(o && f);
+    for (cJSON *e = f->child; e; e = e->next) {
+        if (cJSON_GetObjectItemCaseSensitive(o, e->string))
+            cJSON_ReplaceItemInObjectCaseSensitive(o, e->string, cJSON_Duplicate(e, 1));
+        else
+            cJSON_AddItemToObject(o, e->string, cJSON_Duplicate(e, 1));
+    }
+    // keys sorted, as json.dumps(sort_keys=True) writes them
+    int n = cJSON_GetArraySize(o), k = 0;
+    char **keys = malloc(sizeof(char *) * (size_t)n);
+    for (cJSON *e = o->child; e; e = e->next)
+        keys[k++] = e->string;
+    qsort(keys, (size_t)n, sizeof *keys, cmp_key);
+    cJSON *sorted = cJSON_CreateObject();
+    for (int i = 0; i < n; i++) {
+        cJSON *it = cJSON_DetachItemFromObjectCaseSensitive(o, keys[i]);
+        cJSON_AddItemToObject(sorted, it->string, it);
+    }
+    free(keys);
+    char *s = cJSON_Print(sorted);
+    cJSON_Delete(sorted);
+    cJSON_Delete(o);
+    cJSON_Delete(f);
+    return s;
+}
+
+/* An adapter folder as PEFT's save_pretrained writes it: adapter_config.json (fields over PEFT's
+ * defaults) and adapter_model.safetensors (peft_model.py save_pretrained: safe_save_file with
+ * metadata {"format": "pt"}; float32 tensors, as autocast_adapter_dtype keeps them). */
+static int peft_write(const char *dir, const char *fields, const struct st_item *items, int n)
+{
+    struct lk_err err = { 0 };
+    char *cfg = peft_config_json(fields), p[1024];
+    int rc = lk_mkdir_p(dir, &err);
+    snprintf(p, sizeof p, "%s/adapter_config.json", dir);
+    if (!rc)
+        rc = lk_write_file_atomic(p, cfg, strlen(cfg), &err);
+    free(cfg);
+    snprintf(p, sizeof p, "%s/adapter_model.safetensors", dir);
+    return rc ? rc : st_write_f32(p, items, n, TENSOR_F32, &err);
+}
+
+/* n floats, normal(0, std), seeded (caller frees). */
+static float *randn(size_t n, float std, uint64_t seed)
+{
+    struct lk_rng rng;
+    lk_rng_seed(&rng, seed);
+    float *v = malloc(sizeof(float) * (n ? n : 1));
+    for (size_t i = 0; i < n; i++)
+        v[i] = std * lk_rng_normal(&rng);
+    return v;
+}
+
+/* The weight tensor `name` of m (points into m), or NULL. */
+static float *wt(struct model *m, const char *name)
+{
+    struct model_tensor *t;
+    int n;
+    float *hit = NULL;
+    if (model_weights_tensors(&m->w, &m->cfg, &t, &n, NULL))
+        return NULL;
+    for (int i = 0; i < n; i++)
+        if (!strcmp(t[i].name, name))
+            hit = t[i].data;
+    lk_free(t);
+    return hit;
+}
+
+/* W [out, in] += s B A, B [out, R], A [R, in], in double: the reference for every LoRA delta. */
+static void add_ba(float *W, int out, int in, const float *B, const float *A, int R, double s)
+{
+    for (int o = 0; o < out; o++)
+        for (int i = 0; i < in; i++) {
+            double acc = 0;
+            for (int r = 0; r < R; r++)
+                acc += (double)B[(size_t)o * R + r] * A[(size_t)r * in + i];
+            W[(size_t)o * in + i] = (float)(W[(size_t)o * in + i] + s * acc);
+        }
+}
+
+/* dst: an untied model with src's weights (lm_head = src's embedding when src ties them),
+ * copied by name here (not through model_untie, which is under test). */
+static int copy_untied(const struct model *src, struct model *dst)
+{
+    struct cfg c = src->cfg;
+    c.json = NULL;
+    c.tie_word_embeddings = 0;
+    int rc = model_init(dst, &c, NULL);
+    struct model_tensor *ts, *td;
+    int ns, nd;
+    if (rc || model_weights_tensors(&src->w, &src->cfg, &ts, &ns, NULL))
+        return -1;
+    if (model_weights_tensors(&dst->w, &dst->cfg, &td, &nd, NULL))
+        return -1;
+    for (int i = 0; i < nd; i++) {
+        const char *want = strcmp(td[i].name, "lm_head.weight") || !src->cfg.tie_word_embeddings
+                               ? td[i].name : "model.embed_tokens.weight";
+        for (int j = 0; j < ns; j++)
+            if (!strcmp(ts[j].name, want))
+                memcpy(td[i].data, ts[j].data, sizeof(float) * td[i].numel);
+    }
+    lk_free(ts);
+    lk_free(td);
+    return 0;
+}
+
+#define NB 2
+#define NT 5
+#define TOKENS "1,2,3,4,5;6,7,8,9,10"
+
+/* Logits [NB, NT, V] of m (+ l) on TOKENS (caller frees). */
+static float *run(struct model *m, const struct lora *l)
+{
+    int tok[NB * NT] = { 1, 2, 3, 4, 5, 6, 7, 8, 9, 10 };
+    if (model_plan(m, NB, NT, 0, test_err()) || model_forward(m, l, tok, NULL, NULL, NULL, 0, NULL, test_err()))
+        return NULL;
+    size_t n = (size_t)NB * NT * m->cfg.vocab_size;
+    float *v = malloc(sizeof(float) * n);
+    memcpy(v, model_logits(m), sizeof(float) * n);
+    return v;
+}
+
+/* `lorakit logits` of model (+ adapter, may be NULL) on TOKENS (caller frees), NULL on failure
+ * (the output is in test_output()). */
+static float *cli_logits(const char *model, const char *adapter)
+{
+    char ad[1100] = "";
+    if (adapter)
+        snprintf(ad, sizeof ad, "--adapter '%s'", adapter);
+    const char *out = test_path("logits.safetensors");
+    if (test_sh("%s logits --model '%s' %s --tokens '" TOKENS "' --out '%s'", test_lorakit(), model, ad, out))
+        return NULL;
+    struct st_file f;
+    if (st_open(&f, out, NULL))
+        return NULL;
+    const struct st_tensor *t = st_find(&f, "logits");
+    float *v = t ? malloc(sizeof(float) * t->numel) : NULL;
+    if (v)
+        st_tensor_to_f32(t, v, NULL);
+    st_close(&f);
+    return v;
+}
+
+/* max |a - b| / max(1, max |b|) over n. */
+static double rel_err(const float *a, const float *b, size_t n)
+{
+    double mx = 0, big = 1;
+    for (size_t i = 0; i < n; i++) {
+        mx = fmax(mx, fabs((double)a[i] - b[i]));
+        big = fmax(big, fabs((double)b[i]));
+    }
+    return mx / big;
+}
+
+/* A base model folder: a random model of c (seed), saved in float32. */
+static int base_folder(const char *dir, const struct cfg *c, uint64_t seed, struct model *m)
+{
+    int rc = fix_model_random(m, c, 0.3f, seed);
+    return rc ? rc : model_save(m, dir, TENSOR_F32, test_err());
+}
+
+/* The factors of one LoRA module of a fixture: A [R, in], B [out, R], written under the PEFT
+ * name of (layer, module) (peft/tuners/lora/layer.py LoraLayer.update_layer: nn.Linear(in, r)
+ * and nn.Linear(r, out), so weights [r, in] and [out, r]; save_and_load.py
+ * get_peft_model_state_dict drops the adapter name). names holds the two names. */
+static void lora_items(const struct cfg *c, int layer, int module, int R, uint64_t seed, char names[2][128],
+                       struct st_item *it, float **A, float **B)
+{
+    int64_t out, in;
+    cfg_module_shape(c, (enum cfg_module)module, &out, &in);
+    char base[100];
+    lora_peft_name(layer, module, base, sizeof base);
+    snprintf(names[0], 128, "%s.lora_A.weight", base);
+    snprintf(names[1], 128, "%s.lora_B.weight", base);
+    *A = randn((size_t)R * in, 0.3f, seed);
+    *B = randn((size_t)out * R, 0.3f, seed + 1);
+    it[0] = (struct st_item){ names[0], 2, { R, in }, *A };
+    it[1] = (struct st_item){ names[1], 2, { out, R }, *B };
+}
+
+#define P(var, name)                                                                               \
+    char var[1024];                                                                                \
+    snprintf(var, sizeof var, "%s", test_path(name))
+
+/* Loads dir for c (with model_apply_extras on m) and returns the logits of m + adapter. */
+static float *run_adapter(struct model *m, const char *dir)
+{
+    struct lora l;
+    if (lora_load(&l, dir, &m->cfg, test_err()))
+        return NULL;
+    float *v = model_apply_extras(m, &l, test_err()) ? NULL : run(m, &l);
+    lora_release(&l);
+    return v;
+}
+
+// ---- case 4: target_modules as a regex ----
+
+/* Python's re.fullmatch(rx, name), worked out by hand for each pair (PEFT's
+ * tuners_utils.py check_target_module_exists -> match_target_against_key). */
+static const struct {
+    const char *rx, *name;
+    int want;
+} fullmatch[] = {
+    { ".*\\.(q_proj|v_proj)", "model.layers.0.self_attn.q_proj", 1 },
+    { ".*\\.(q_proj|v_proj)", "model.layers.0.self_attn.k_proj", 0 },
+    { ".*\\.(q_proj|v_proj)", "lm_head", 0 },
+    { "q_proj", "model.layers.0.self_attn.q_proj", 0 }, // a full match, not a suffix
+    { "model\\.layers\\.\\d+\\.mlp\\.(up|down)_proj", "model.layers.12.mlp.down_proj", 1 },
+    { "model\\.layers\\.\\d+\\.mlp\\.(up|down)_proj", "model.layers.1.mlp.gate_proj", 0 },
+    { ".*layers\\.1\\..*_proj", "model.layers.1.self_attn.o_proj", 1 },
+    { ".*layers\\.1\\..*_proj", "model.layers.11.self_attn.o_proj", 0 },
+    { "(?:.*\\.)?o_proj", "model.layers.0.self_attn.o_proj", 1 },
+    { ".*?v_proj", "model.layers.0.self_attn.v_proj", 1 },
+    { "[\\w.]*\\.k_proj", "model.layers.3.self_attn.k_proj", 1 },
+    { "[\\w]*\\.k_proj", "model.layers.3.self_attn.k_proj", 0 }, // \w has no dot
+    { ".*\\.(embed_tokens|lm_head)", "model.embed_tokens", 1 },
+    { ".*\\.(embed_tokens|lm_head)", "lm_head", 0 },
+    { "lm_head|.*\\.q_proj", "lm_head", 1 },
+    { "lm_head|.*\\.q_proj", "model.layers.0.self_attn.q_proj", 1 },
+    { "model.layers.[01].mlp.gate_proj", "model.layers.1.mlp.gate_proj", 1 },
+    { "model.layers.[01].mlp.gate_proj", "model.layers.2.mlp.gate_proj", 0 },
+};
+
+TEST(peft_case4_target_modules_regex_is_full_matched)
+{
+    // 1. the selection rule, pair by pair
+    for (size_t i = 0; i < sizeof fullmatch / sizeof fullmatch[0]; i++) {
+        struct lora_config c;
+        lora_config_default(&c);
+        c.target_regex = lk_strdup(fullmatch[i].rx);
+        int got = lora_config_targets(&c, fullmatch[i].name);
+        lora_config_release(&c);
+        CHECK_MSG(got == fullmatch[i].want, "re.fullmatch(%s, %s): got %d", fullmatch[i].rx, fullmatch[i].name, got);
+    }
+    // 2. a fixture targeting q_proj and v_proj of layer 1 only: PEFT creates (and saves) exactly
+    //    those two LoRA layers
+    struct cfg c;
+    fix_cfg_qwen2(&c);
+    struct model base, ref;
+    P(bdir, "b");
+    CHECK_OK(base_folder(bdir, &c, 41, &base));
+    char names[3][2][128];
+    struct st_item it[6];
+    float *A[3], *B[3];
+    lora_items(&c, 1, CFG_Q, 2, 42, names[0], it, &A[0], &B[0]);
+    lora_items(&c, 1, CFG_V, 2, 44, names[1], it + 2, &A[1], &B[1]);
+    const char *fields = "{\"r\":2,\"lora_alpha\":4,\"target_modules\":\".*\\\\.layers\\\\.1\\\\.self_attn\\\\.(q_proj|v_proj)\"}";
+    P(ad, "ad");
+    CHECK_OK(peft_write(ad, fields, it, 4));
+    struct lora l;
+    CHECK_OK(lora_load(&l, ad, &c, test_err()));
+    CHECK(l.n_mod == 2 && lora_find(&l, 1, CFG_Q) && lora_find(&l, 1, CFG_V) && !lora_find(&l, 0, CFG_Q));
+    lora_release(&l);
+    // 3. the numbers: base + adapter against the weights changed by hand (s = 4 / 2)
+    CHECK_OK(model_load(&ref, bdir, test_err()));
+    int64_t qo, qi, vo, vi;
+    cfg_module_shape(&c, CFG_Q, &qo, &qi);
+    cfg_module_shape(&c, CFG_V, &vo, &vi);
+    add_ba(wt(&ref, "model.layers.1.self_attn.q_proj.weight"), (int)qo, (int)qi, B[0], A[0], 2, 2.0);
+    add_ba(wt(&ref, "model.layers.1.self_attn.v_proj.weight"), (int)vo, (int)vi, B[1], A[1], 2, 2.0);
+    float *want = run(&ref, NULL), *got = run_adapter(&base, ad);
+    CHECK(want && got);
+    size_t n = (size_t)NB * NT * c.vocab_size;
+    CHECK_MSG(rel_err(got, want, n) < 1e-5, "regex adapter vs hand: %g", rel_err(got, want, n));
+    free(want);
+    free(got);
+    // 4. a tensor of a module the regex does not match is refused, naming the module
+    lora_items(&c, 0, CFG_Q, 2, 46, names[2], it + 4, &A[2], &B[2]);
+    CHECK_OK(peft_write(ad, fields, it, 6));
+    struct lk_err err = { 0 };
+    CHECK(lora_load(&l, ad, &c, &err) == LK_ERR_FORMAT);
+    CHECK_MSG(strstr(err.msg, "model.layers.0.self_attn.q_proj") && strstr(err.msg, "does not target"), "%s", err.msg);
+    // 5. what Python's re has and POSIX does not is refused, naming the field
+    CHECK_OK(peft_write(ad, "{\"r\":2,\"target_modules\":\"(?!.*k_proj).*_proj\"}", it, 4));
+    CHECK(lora_load(&l, ad, &c, &err) == LK_ERR_UNSUPPORTED);
+    CHECK_MSG(strstr(err.msg, "target_modules") && strstr(err.msg, "(?...)"), "%s", err.msg);
+    for (int k = 0; k < 3; k++) {
+        free(A[k]);
+        free(B[k]);
+    }
+    model_release(&base);
+    model_release(&ref);
+}
+
+// ---- case 5: exclude_modules ----
+
+/* PEFT's check_target_module_exists: a list entry excludes the module it names or ends (after a
+ * dot); a string is full-matched. */
+TEST(peft_case5_exclude_modules_list_and_regex)
+{
+    struct lora_config lc;
+    lora_config_default(&lc); // all seven projections, as "all-linear" reads
+    char **ex = lk_calloc(3, sizeof *ex);
+    ex[0] = lk_strdup("down_proj");
+    ex[1] = lk_strdup("model.layers.0.self_attn.q_proj");
+    ex[2] = lk_strdup("proj");
+    lc.exclude = ex;
+    lc.n_exclude = 3;
+    CHECK(!lora_config_targets(&lc, "model.layers.1.mlp.down_proj"));
+    CHECK(!lora_config_targets(&lc, "model.layers.0.self_attn.q_proj"));
+    CHECK(lora_config_targets(&lc, "model.layers.1.self_attn.q_proj"));
+    CHECK(lora_config_targets(&lc, "model.layers.0.self_attn.k_proj")); // "proj" is no ".proj" suffix
+    lora_config_release(&lc);
+    lora_config_default(&lc);
+    lc.exclude_regex = lk_strdup(".*\\.layers\\.0\\..*");
+    CHECK(!lora_config_targets(&lc, "model.layers.0.mlp.up_proj"));
+    CHECK(lora_config_targets(&lc, "model.layers.1.mlp.up_proj"));
+    lora_config_release(&lc);
+    // a fixture: all-linear minus layer 0 (PEFT saves only the seven modules of layer 1)
+    struct cfg c;
+    fix_cfg_qwen2(&c);
+    struct model base, ref;
+    P(bdir, "b");
+    CHECK_OK(base_folder(bdir, &c, 51, &base));
+    CHECK_OK(model_load(&ref, bdir, test_err()));
+    char names[8][2][128];
+    struct st_item it[16];
+    float *A[8], *B[8];
+    for (int m = 0; m < CFG_N_MODULES; m++) {
+        lora_items(&c, 1, m, 2, 60 + 2 * (uint64_t)m, names[m], it + 2 * m, &A[m], &B[m]);
+        int64_t o, i;
+        cfg_module_shape(&c, (enum cfg_module)m, &o, &i);
+        char w[96];
+        cfg_module_path(1, (enum cfg_module)m, w, sizeof w);
+        strcat(w, ".weight");
+        add_ba(wt(&ref, w), (int)o, (int)i, B[m], A[m], 2, 1.0); // lora_alpha 2, r 2
+    }
+    const char *fields = "{\"r\":2,\"lora_alpha\":2,\"target_modules\":\"all-linear\","
+                         "\"exclude_modules\":\".*\\\\.layers\\\\.0\\\\..*\"}";
+    P(ad, "ad");
+    CHECK_OK(peft_write(ad, fields, it, 14));
+    struct lora l;
+    CHECK_OK(lora_load(&l, ad, &c, test_err()));
+    CHECK_INT(l.n_mod, CFG_N_MODULES);
+    for (int k = 0; k < l.n_mod; k++)
+        CHECK_INT(l.mod[k].layer, 1);
+    // written back by lorakit: the same selection, read through the same checks
+    P(ad2, "ad2");
+    CHECK_OK(lora_save(&l, ad2, test_err()));
+    lora_release(&l);
+    CHECK_OK(lora_load(&l, ad2, &c, test_err()));
+    CHECK(l.n_mod == CFG_N_MODULES && l.cfg.exclude_regex && !strcmp(l.cfg.exclude_regex, ".*\\.layers\\.0\\..*"));
+    lora_release(&l);
+    float *want = run(&ref, NULL), *got = run_adapter(&base, ad);
+    CHECK(want && got);
+    size_t n = (size_t)NB * NT * c.vocab_size;
+    CHECK_MSG(rel_err(got, want, n) < 1e-5, "exclude_modules adapter vs hand: %g", rel_err(got, want, n));
+    free(got);
+    // merged by the CLI: the same logits; `info` counts the seven modules and names the exclusion
+    CHECK_INT(test_sh("%s merge --model '%s' --adapter '%s' --out '%s'", test_lorakit(), bdir, ad, test_path("mg")), 0);
+    got = cli_logits(test_path("mg"), NULL);
+    CHECK(got && rel_err(got, want, n) < 1e-5);
+    CHECK_INT(test_sh("%s info '%s'", test_lorakit(), ad), 0);
+    CHECK_MSG(strstr(test_output(), "(7 adapted linears)") && strstr(test_output(), "excluded     regex"), "%s",
+              test_output());
+    // the list form: a file that also holds the excluded layer-0 module is refused, named
+    char n0[2][128];
+    float *A0, *B0;
+    lora_items(&c, 0, CFG_Q, 2, 70, n0, it + 14, &A0, &B0);
+    CHECK_OK(peft_write(ad, "{\"r\":2,\"lora_alpha\":2,\"target_modules\":\"all-linear\","
+                            "\"exclude_modules\":[\"model.layers.0.self_attn.q_proj\"]}", it, 16));
+    struct lk_err err = { 0 };
+    CHECK(lora_load(&l, ad, &c, &err) != LK_OK);
+    CHECK_MSG(strstr(err.msg, "'model.layers.0.self_attn.q_proj'") && strstr(err.msg, "exclude_modules"), "%s", err.msg);
+    free(A0);
+    free(B0);
+    free(want);
+    free(got);
+    for (int m = 0; m < CFG_N_MODULES; m++) {
+        free(A[m]);
+        free(B[m]);
+    }
+    model_release(&base);
+    model_release(&ref);
+}
+
+// ---- case 6: LoRA on embed_tokens, saved with its base layer ----
+
+/* embed [V, C] += s (B A)^T, A [R, V], B [C, R]: peft/tuners/lora/layer.py Embedding (forward:
+ * base_layer(x) + (embedding(x, A^T) @ B^T) * scaling; get_delta_weight transposes B A). */
+static void add_embed_delta(float *E, int V, int C, const float *A, const float *B, int R, double s)
+{
+    for (int v = 0; v < V; v++)
+        for (int ch = 0; ch < C; ch++) {
+            double acc = 0;
+            for (int r = 0; r < R; r++)
+                acc += (double)B[(size_t)ch * R + r] * A[(size_t)r * V + v];
+            E[(size_t)v * C + ch] = (float)(E[(size_t)v * C + ch] + s * acc);
+        }
+}
+
+TEST(peft_case6_embedding_lora_with_its_base_layer_copy)
+{
+    struct cfg c;
+    fix_cfg_qwen2(&c); // tied: the embedding LoRA changes the input side only (PEFT's Embedding layer)
+    int V = c.vocab_size, C = c.hidden_size, R = 2;
+    size_t n = (size_t)NB * NT * V;
+    struct model base;
+    P(bdir, "b");
+    CHECK_OK(base_folder(bdir, &c, 81, &base));
+    float *A = randn((size_t)R * V, 0.3f, 82), *B = randn((size_t)C * R, 0.3f, 83);
+    float *E = malloc(sizeof(float) * V * C);
+    memcpy(E, base.w.embed, sizeof(float) * V * C);
+    float *E2 = randn((size_t)V * C, 0.05f, 84);
+    for (int i = 0; i < V * C; i++)
+        E2[i] += E[i];
+    for (int variant = 0; variant < 2; variant++) {
+        // save_and_load.py get_peft_model_state_dict: embed_tokens in target_modules sets
+        // save_embedding_layers, and the base layer of the LoRA-wrapped embedding is saved as
+        // "model.embed_tokens.base_layer.weight" [V, C]: the base's weight (variant 0) or, when the
+        // embedding was resized or trained, another one (variant 1), which PEFT loads in its place
+        const float *bl = variant ? E2 : E;
+        struct st_item it[3] = {
+            { PFX "model.embed_tokens.lora_embedding_A", 2, { R, V }, A }, // Embedding.update_layer: [r, V]
+            { PFX "model.embed_tokens.lora_embedding_B", 2, { C, R }, B }, // [C, r]
+            { PFX "model.embed_tokens.base_layer.weight", 2, { V, C }, bl },
+        };
+        P(ad, "ad");
+        CHECK_OK(peft_write(ad, "{\"r\":2,\"lora_alpha\":4,\"target_modules\":[\"embed_tokens\"]}", it, 3));
+        // the reference: an untied copy whose embedding is base_layer + s (B A)^T and whose lm_head
+        // is base_layer (the shared weight of the tied base)
+        struct model ref, run_m;
+        CHECK_OK(model_load(&run_m, bdir, test_err()));
+        CHECK_OK(copy_untied(&run_m, &ref) == 0 ? LK_OK : -1);
+        memcpy(ref.w.embed, bl, sizeof(float) * V * C);
+        memcpy(ref.w.lm_head, bl, sizeof(float) * V * C);
+        add_embed_delta(ref.w.embed, V, C, A, B, R, 2.0);
+        float *want = run(&ref, NULL), *got = run_adapter(&run_m, ad);
+        CHECK(want && got);
+        CHECK_MSG(rel_err(got, want, n) < 1e-5, "variant %d: adapter vs hand %g", variant, rel_err(got, want, n));
+        free(got);
+        CHECK_INT(test_sh("%s merge --model '%s' --adapter '%s' --out '%s' --overwrite", test_lorakit(), bdir, ad,
+                          test_path("mg")), 0);
+        got = cli_logits(test_path("mg"), NULL);
+        CHECK(got);
+        CHECK_MSG(rel_err(got, want, n) < 1e-5, "variant %d: merged vs hand %g", variant, rel_err(got, want, n));
+        free(got);
+        got = cli_logits(bdir, ad);
+        CHECK(got && rel_err(got, want, n) < 1e-5);
+        free(got);
+        free(want);
+        model_release(&ref);
+        model_release(&run_m);
+    }
+    free(A);
+    free(B);
+    free(E);
+    free(E2);
+    model_release(&base);
+}
