@@ -499,3 +499,247 @@ TEST(peft_case6_embedding_lora_with_its_base_layer_copy)
     free(E2);
     model_release(&base);
 }
+
+// ---- case 7: layers_to_transform, lm_head as a target, trainable tokens ----
+
+TEST(peft_case7_layers_to_transform_with_layers_pattern)
+{
+    struct cfg c;
+    fix_cfg_qwen2(&c);
+    struct model base, ref;
+    P(bdir, "b");
+    CHECK_OK(base_folder(bdir, &c, 91, &base));
+    CHECK_OK(model_load(&ref, bdir, test_err()));
+    char names[2][2][128];
+    struct st_item it[4];
+    float *A[2], *B[2];
+    int mods[2] = { CFG_Q, CFG_V };
+    for (int k = 0; k < 2; k++) {
+        lora_items(&c, 1, mods[k], 2, 92 + 2 * (uint64_t)k, names[k], it + 2 * k, &A[k], &B[k]);
+        int64_t o, i;
+        cfg_module_shape(&c, (enum cfg_module)mods[k], &o, &i);
+        add_ba(wt(&ref, k ? "model.layers.1.self_attn.v_proj.weight" : "model.layers.1.self_attn.q_proj.weight"),
+               (int)o, (int)i, B[k], A[k], 2, 2.0);
+    }
+    // tuners_utils.py check_target_module_exists: with a list target_modules, the layer index is
+    // read after layers_pattern (re.match(rf".*?\.{pattern}\.(\d+)\.", key)) and must be in
+    // layers_to_transform (an int or a list)
+    P(ad, "ad");
+    static const char *const ok[] = {
+        "{\"r\":2,\"lora_alpha\":4,\"target_modules\":[\"q_proj\",\"v_proj\"],\"layers_to_transform\":[1],"
+        "\"layers_pattern\":\"layers\"}",
+        "{\"r\":2,\"lora_alpha\":4,\"target_modules\":[\"q_proj\",\"v_proj\"],\"layers_to_transform\":1}",
+        "{\"r\":2,\"lora_alpha\":4,\"target_modules\":[\"q_proj\",\"v_proj\"],\"layers_to_transform\":[1, 5],"
+        "\"layers_pattern\":[\"h\",\"layers\"]}",
+    };
+    size_t n = (size_t)NB * NT * c.vocab_size;
+    float *want = run(&ref, NULL);
+    CHECK(want);
+    for (size_t v = 0; v < sizeof ok / sizeof ok[0]; v++) {
+        CHECK_OK(peft_write(ad, ok[v], it, 4));
+        struct lora l;
+        CHECK_OK(lora_load(&l, ad, &c, test_err()));
+        CHECK_MSG(l.n_mod == 2 && lora_find(&l, 1, CFG_Q) && lora_find(&l, 1, CFG_V), "config %zu", v);
+        if (v == 0) { // written back by lorakit: the selection kept
+            CHECK_OK(lora_save(&l, test_path("ad2"), test_err()));
+            struct lora l2;
+            CHECK_OK(lora_load(&l2, test_path("ad2"), &c, test_err()));
+            CHECK(l2.n_mod == 2 && l2.cfg.n_layers == 1 && l2.cfg.layers[0] == 1 && l2.cfg.n_layers_pattern == 1);
+            lora_release(&l2);
+        }
+        lora_release(&l);
+        float *got = run_adapter(&base, ad);
+        CHECK(got);
+        CHECK_MSG(rel_err(got, want, n) < 1e-5, "config %zu vs hand: %g", v, rel_err(got, want, n));
+        free(got);
+    }
+    // a layers_pattern that names no segment of these modules (GPT-2's "h"): nothing is targeted,
+    // so the file's tensors are refused, named
+    CHECK_OK(peft_write(ad, "{\"r\":2,\"target_modules\":[\"q_proj\",\"v_proj\"],\"layers_to_transform\":[1],"
+                            "\"layers_pattern\":\"h\"}", it, 4));
+    struct lora l;
+    struct lk_err err = { 0 };
+    CHECK(lora_load(&l, ad, &c, &err) == LK_ERR_FORMAT);
+    CHECK_MSG(strstr(err.msg, "model.layers.1.self_attn.q_proj") && strstr(err.msg, "layers_to_transform"), "%s",
+              err.msg);
+    // layers_to_transform with a regex target_modules: PEFT's LoraConfig refuses the pair
+    CHECK_OK(peft_write(ad, "{\"r\":2,\"target_modules\":\".*q_proj\",\"layers_to_transform\":[1]}", it, 4));
+    CHECK(lora_load(&l, ad, &c, &err) == LK_ERR_FORMAT && strstr(err.msg, "layers_to_transform"));
+    free(want);
+    for (int k = 0; k < 2; k++) {
+        free(A[k]);
+        free(B[k]);
+    }
+    model_release(&base);
+    model_release(&ref);
+}
+
+/* The reference for a LoRA on lm_head: lm_head [V, C] += s B A (an nn.Linear(C, V) like any
+ * other: layer.py LoraLayer.update_layer); on a tied base PEFT wraps lm_head only, so the input
+ * embedding keeps the base's values (an untied copy here). */
+TEST(peft_case7_lm_head_as_a_lora_target)
+{
+    for (int tied = 0; tied < 2; tied++) {
+        struct cfg c;
+        if (tied)
+            fix_cfg_qwen2(&c);
+        else
+            fix_cfg_llama(&c);
+        int V = c.vocab_size, C = c.hidden_size, R = 2;
+        size_t n = (size_t)NB * NT * V;
+        struct model base, ref, m0;
+        P(bdir, "b");
+        CHECK_OK(base_folder(bdir, &c, 101 + (uint64_t)tied, &base));
+        CHECK_OK(model_load(&m0, bdir, test_err()));
+        CHECK_OK(copy_untied(&m0, &ref) == 0 ? LK_OK : -1);
+        float *A = randn((size_t)R * C, 0.3f, 103), *B = randn((size_t)V * R, 0.3f, 104);
+        char qn[2][128];
+        float *qa, *qb;
+        struct st_item it[5];
+        lora_items(&c, 0, CFG_Q, R, 105, qn, it, &qa, &qb);
+        int64_t qo, qi;
+        cfg_module_shape(&c, CFG_Q, &qo, &qi);
+        add_ba(wt(&ref, "model.layers.0.self_attn.q_proj.weight"), (int)qo, (int)qi, qb, qa, R, 2.0);
+        const float *W = tied ? base.w.embed : base.w.lm_head;
+        // save_and_load.py: lm_head in target_modules counts as an embedding layer there, so the
+        // base layer under its LoRA is saved too: "lm_head.base_layer.weight" [V, C]
+        it[2] = (struct st_item){ PFX "lm_head.lora_A.weight", 2, { R, C }, A };
+        it[3] = (struct st_item){ PFX "lm_head.lora_B.weight", 2, { V, R }, B };
+        it[4] = (struct st_item){ PFX "lm_head.base_layer.weight", 2, { V, C }, W };
+        P(ad, "ad");
+        // a list entry may be a whole module path: only layer 0's q_proj (key == entry)
+        CHECK_OK(peft_write(ad, "{\"r\":2,\"lora_alpha\":4,\"target_modules\":[\"model.layers.0.self_attn.q_proj\","
+                                "\"lm_head\"]}", it, 5));
+        add_ba(ref.w.lm_head, V, C, B, A, R, 2.0);
+        float *want = run(&ref, NULL), *got = run_adapter(&m0, ad);
+        CHECK_MSG(want && got, "tied %d: %s", tied, test_errmsg());
+        CHECK_MSG(rel_err(got, want, n) < 1e-5, "tied %d: run vs hand %g", tied, rel_err(got, want, n));
+        CHECK(m0.cfg.tie_word_embeddings == 0); // untied in memory on the tied base
+        free(got);
+        CHECK_INT(test_sh("%s merge --model '%s' --adapter '%s' --out '%s' --overwrite", test_lorakit(), bdir, ad,
+                          test_path("mg")), 0);
+        char mp[1100];
+        snprintf(mp, sizeof mp, "%s/model.safetensors", test_path("mg"));
+        struct st_file f;
+        CHECK_OK(st_open(&f, mp, test_err()));
+        const struct st_tensor *h = st_find(&f, "lm_head.weight"), *e = st_find(&f, "model.embed_tokens.weight");
+        CHECK(h && e);
+        float *hv = malloc(sizeof(float) * V * C), *ev = malloc(sizeof(float) * V * C);
+        st_tensor_to_f32(h, hv, NULL);
+        st_tensor_to_f32(e, ev, NULL);
+        st_close(&f);
+        CHECK(rel_err(hv, ref.w.lm_head, (size_t)V * C) < 1e-6);
+        CHECK(!memcmp(ev, base.w.embed, sizeof(float) * V * C)); // the input side untouched
+        free(hv);
+        free(ev);
+        got = cli_logits(test_path("mg"), NULL);
+        CHECK(got && rel_err(got, want, n) < 1e-5);
+        free(got);
+        got = cli_logits(bdir, ad);
+        CHECK(got && rel_err(got, want, n) < 1e-5);
+        free(got);
+        free(want);
+        free(A);
+        free(B);
+        free(qa);
+        free(qb);
+        model_release(&base);
+        model_release(&ref);
+        model_release(&m0);
+    }
+}
+
+TEST(peft_case7_trainable_tokens)
+{
+    // list form on a tied base: the input embedding's rows (other.py set_additional_trainable_modules:
+    // a list means the input embeddings, _get_input_embeddings_name), and PEFT ties lm_head's token
+    // adapter to it (the same function, tied_adapter), so lm_head's rows change too
+    struct cfg c;
+    fix_cfg_qwen2(&c);
+    int V = c.vocab_size, C = c.hidden_size;
+    size_t n = (size_t)NB * NT * V;
+    struct model base, ref, m0;
+    P(bdir, "b");
+    CHECK_OK(base_folder(bdir, &c, 111, &base));
+    CHECK_OK(model_load(&m0, bdir, test_err()));
+    CHECK_OK(model_load(&ref, bdir, test_err())); // tied, like the base
+    float *rows = randn((size_t)2 * C, 0.3f, 112);
+    // trainable_tokens/layer.py: trainable_tokens_delta holds the new rows themselves [n, C],
+    // written with index_copy; TrainableTokensWrapper saves it as
+    // "<module>.token_adapter.trainable_tokens_delta"
+    // with a LoRA on layer 0's q_proj beside the tokens (PEFT refuses a config that adapts nothing)
+    struct st_item it[3] = { { PFX "model.embed_tokens.token_adapter.trainable_tokens_delta", 2, { 2, C }, rows } };
+    char qn[2][128];
+    float *qa, *qb;
+    lora_items(&c, 0, CFG_Q, 2, 115, qn, it + 1, &qa, &qb);
+    int64_t qo, qi;
+    cfg_module_shape(&c, CFG_Q, &qo, &qi);
+    add_ba(wt(&ref, "model.layers.0.self_attn.q_proj.weight"), (int)qo, (int)qi, qb, qa, 2, 4.0); // alpha 8 (default)
+    P(ad, "ad");
+    CHECK_OK(peft_write(ad, "{\"r\":2,\"target_modules\":[\"model.layers.0.self_attn.q_proj\"],"
+                            "\"trainable_token_indices\":[3, 7]}", it, 3));
+    memcpy(ref.w.embed + 3 * C, rows, sizeof(float) * C); // the tied weight: lm_head too
+    memcpy(ref.w.embed + 7 * C, rows + C, sizeof(float) * C);
+    float *want = run(&ref, NULL), *got = run_adapter(&m0, ad);
+    CHECK(want && got);
+    CHECK_MSG(rel_err(got, want, n) < 1e-5, "tokens vs hand %g", rel_err(got, want, n));
+    free(got);
+    CHECK_INT(test_sh("%s merge --model '%s' --adapter '%s' --out '%s'", test_lorakit(), bdir, ad, test_path("mg")), 0);
+    struct cfg cm;
+    CHECK_OK(cfg_load(&cm, test_path("mg"), test_err()));
+    CHECK(cm.tie_word_embeddings); // the shared weight changed: still tied
+    cfg_release(&cm);
+    got = cli_logits(test_path("mg"), NULL);
+    CHECK(got && rel_err(got, want, n) < 1e-5);
+    free(got);
+    free(want);
+    model_release(&ref);
+    // dict form naming lm_head on an untied base: lm_head's rows only
+    struct cfg cl;
+    fix_cfg_llama(&cl);
+    struct model lb, lref, lm0;
+    P(ldir, "lb");
+    CHECK_OK(base_folder(ldir, &cl, 113, &lb));
+    CHECK_OK(model_load(&lm0, ldir, test_err()));
+    CHECK_OK(model_load(&lref, ldir, test_err()));
+    float *row = randn((size_t)cl.hidden_size, 0.3f, 114);
+    struct st_item it2[3] = { { PFX "lm_head.token_adapter.trainable_tokens_delta", 2, { 1, cl.hidden_size }, row } };
+    char qn2[2][128];
+    float *qa2, *qb2;
+    lora_items(&cl, 0, CFG_Q, 2, 116, qn2, it2 + 1, &qa2, &qb2);
+    cfg_module_shape(&cl, CFG_Q, &qo, &qi);
+    add_ba(wt(&lref, "model.layers.0.self_attn.q_proj.weight"), (int)qo, (int)qi, qb2, qa2, 2, 4.0);
+    CHECK_OK(peft_write(ad, "{\"r\":2,\"target_modules\":[\"model.layers.0.self_attn.q_proj\"],"
+                            "\"trainable_token_indices\":{\"lm_head\":[4]}}", it2, 3));
+    memcpy(lref.w.lm_head + 4 * cl.hidden_size, row, sizeof(float) * cl.hidden_size);
+    size_t nl = (size_t)NB * NT * cl.vocab_size;
+    want = run(&lref, NULL);
+    got = run_adapter(&lm0, ad);
+    CHECK(want && got && rel_err(got, want, nl) < 1e-5);
+    free(got);
+    CHECK_INT(test_sh("%s merge --model '%s' --adapter '%s' --out '%s'", test_lorakit(), ldir, ad, test_path("mg2")), 0);
+    got = cli_logits(test_path("mg2"), NULL);
+    CHECK(got && rel_err(got, want, nl) < 1e-5);
+    free(got);
+    free(want);
+    // refusals: a row count that is not the index count; an id outside the vocabulary
+    struct lora l;
+    struct lk_err err = { 0 };
+    CHECK_OK(peft_write(ad, "{\"r\":2,\"target_modules\":[\"model.layers.0.self_attn.q_proj\"],"
+                            "\"trainable_token_indices\":{\"lm_head\":[4, 5]}}", it2, 3));
+    CHECK(lora_load(&l, ad, &cl, &err) == LK_ERR_SHAPE && strstr(err.msg, "one row per token"));
+    CHECK_OK(peft_write(ad, "{\"r\":2,\"target_modules\":[\"model.layers.0.self_attn.q_proj\"],"
+                            "\"trainable_token_indices\":{\"lm_head\":[400]}}", it2, 3));
+    CHECK(lora_load(&l, ad, &cl, &err) == LK_ERR_SHAPE && strstr(err.msg, "holds token 400"));
+    free(rows);
+    free(row);
+    free(qa);
+    free(qb);
+    free(qa2);
+    free(qb2);
+    model_release(&lb);
+    model_release(&lref);
+    model_release(&lm0);
+    model_release(&base);
+    model_release(&m0);
+}
