@@ -743,3 +743,233 @@ TEST(peft_case7_trainable_tokens)
     model_release(&base);
     model_release(&m0);
 }
+
+// ---- cases 1 and 2: what svd-compress writes ----
+
+/* A full fine-tune of m: every projection gets a dense change (full rank), the q/k/v biases one;
+ * with all, the norms and the embedding (and an untied lm_head) change too. */
+static void finetune(struct model *m, int all, uint64_t seed)
+{
+    struct lk_rng rng;
+    lk_rng_seed(&rng, seed);
+    struct model_tensor *t;
+    int n;
+    LK_ASSERT(model_weights_tensors(&m->w, &m->cfg, &t, &n, NULL) == 0);
+    for (int i = 0; i < n; i++)
+        if (t[i].module >= 0 || all)
+            for (size_t j = 0; j < t[i].numel; j++)
+                t[i].data[j] += 0.05f * lk_rng_normal(&rng);
+    lk_free(t);
+}
+
+/* A safetensors tensor as float32 (caller frees), or NULL. */
+static float *file_tensor(const char *dir, const char *file, const char *name, size_t *numel)
+{
+    char p[1200];
+    snprintf(p, sizeof p, "%s/%s", dir, file);
+    struct st_file f;
+    if (st_open(&f, p, NULL))
+        return NULL;
+    const struct st_tensor *t = st_find(&f, name);
+    float *v = t ? malloc(sizeof(float) * t->numel) : NULL;
+    if (v)
+        st_tensor_to_f32(t, v, NULL);
+    if (numel)
+        *numel = t ? t->numel : 0;
+    st_close(&f);
+    return v;
+}
+
+/* The adapter_config.json of dir, parsed (caller deletes). */
+static cJSON *adapter_config(const char *dir)
+{
+    char p[1200], *text = NULL;
+    snprintf(p, sizeof p, "%s/adapter_config.json", dir);
+    if (lk_read_file(p, &text, NULL, NULL))
+        return NULL;
+    cJSON *o = cJSON_Parse(text);
+    lk_free(text);
+    return o;
+}
+
+TEST(peft_case1_compressed_lora_bias_merges_and_no_bias_leaves_it_out)
+{
+    struct cfg c;
+    fix_cfg_qwen2(&c); // q/k/v biases
+    struct model base, tuned;
+    P(bdir, "b");
+    P(tdir, "t");
+    CHECK_OK(base_folder(bdir, &c, 121, &base));
+    CHECK_OK(fix_model_random(&tuned, &c, 0.3f, 121));
+    finetune(&tuned, 0, 122);
+    CHECK_OK(model_save(&tuned, tdir, TENSOR_F32, test_err()));
+    // full rank, so that the adapter is the fine-tune exactly
+    P(ad, "ad");
+    CHECK_INT(test_sh("%s svd-compress --base '%s' --tuned '%s' --out '%s' --rank 64 --quiet", test_lorakit(), bdir,
+                      tdir, ad), 0);
+    CHECK_MSG(strstr(test_output(), "merge_and_unload refuses lora_bias") && strstr(test_output(), "--no-bias"), "%s",
+              test_output());
+    // PEFT's layout: lora_bias gives EVERY targeted module a lora_B.bias (layer.py update_layer:
+    // nn.Linear(r, out, bias=lora_bias)): the real deltas on q/k/v, zeros where the base has none
+    cJSON *cj = adapter_config(ad);
+    CHECK(cj && cJSON_IsTrue(cJSON_GetObjectItem(cj, "lora_bias")));
+    cJSON_Delete(cj);
+    for (int l = 0; l < 2; l++)
+        for (int m = 0; m < CFG_N_MODULES; m++) {
+            char nm[160], wn[128];
+            lora_peft_name(l, m, nm, sizeof nm);
+            strcat(nm, ".lora_B.bias");
+            size_t nb;
+            float *b = file_tensor(ad, "adapter_model.safetensors", nm, &nb);
+            CHECK_MSG(b, "no %s", nm);
+            cfg_module_path(l, (enum cfg_module)m, wn, sizeof wn);
+            strcat(wn, ".bias");
+            float *b0 = m <= CFG_V ? wt(&base, wn) : NULL, *b1 = m <= CFG_V ? wt(&tuned, wn) : NULL;
+            for (size_t i = 0; i < nb; i++)
+                CHECK_MSG(b[i] == (m <= CFG_V ? b1[i] - b0[i] : 0.0f), "%s[%zu] = %g", nm, i, b[i]);
+            free(b);
+        }
+    // lorakit merge accepts the zeros (they were refused before), and the merge is the fine-tune
+    CHECK_INT(test_sh("%s merge --model '%s' --adapter '%s' --out '%s'", test_lorakit(), bdir, ad, test_path("mg")), 0);
+    float *want = cli_logits(tdir, NULL), *got = cli_logits(test_path("mg"), NULL);
+    size_t n = (size_t)NB * NT * c.vocab_size;
+    CHECK(want && got);
+    CHECK_MSG(rel_err(got, want, n) <= 1e-4, "merged vs fine-tune: %g", rel_err(got, want, n));
+    free(got);
+    // a non-zero lora_B.bias on a layer without a bias stays refused, naming the module
+    struct lora l;
+    CHECK_OK(lora_load(&l, ad, &c, test_err()));
+    lora_find(&l, 1, CFG_O)->bias[3] = 0.5f;
+    CHECK_OK(lora_save(&l, test_path("ad_bad"), test_err()));
+    lora_release(&l);
+    CHECK_INT(test_sh("%s merge --model '%s' --adapter '%s' --out '%s'", test_lorakit(), bdir, test_path("ad_bad"),
+                      test_path("mg_bad")), 1);
+    CHECK_MSG(strstr(test_output(), "non-zero lora_B.bias for 'model.layers.1.self_attn.o_proj'"), "%s", test_output());
+    CHECK(!lk_file_exists(test_path("mg_bad")));
+    // --no-bias: no lora_bias, no lora_B.bias, each bias change listed with its size
+    P(adn, "adn");
+    CHECK_INT(test_sh("%s svd-compress --base '%s' --tuned '%s' --out '%s' --rank 64 --quiet --no-bias", test_lorakit(),
+                      bdir, tdir, adn), 0);
+    const char *out = test_output();
+    int dropped = 0;
+    for (const char *p = out; (p = strstr(p, "LEFT OUT (--no-bias)")); p++)
+        dropped++;
+    CHECK_MSG(dropped == 6 && !strstr(out, "merge_and_unload refuses"), "%d dropped:\n%s", dropped, out);
+    // the figure printed for one of them is ||b_tuned - b_base|| / ||b_base||, computed here
+    const char *row = strstr(out, "model.layers.0.self_attn.k_proj.bias");
+    double printed = -1, d2 = 0, b2 = 0;
+    CHECK(row && sscanf(strstr(row, "rel. change ") + 12, "%lf", &printed) == 1);
+    float *kb0 = wt(&base, "model.layers.0.self_attn.k_proj.bias"), *kb1 = wt(&tuned, "model.layers.0.self_attn.k_proj.bias");
+    for (int i = 0; i < 8; i++) {
+        d2 += ((double)kb1[i] - kb0[i]) * ((double)kb1[i] - kb0[i]);
+        b2 += (double)kb0[i] * kb0[i];
+    }
+    CHECK_NEAR(printed, sqrt(d2 / b2), 2e-3);
+    cj = adapter_config(adn);
+    CHECK(cj && cJSON_IsFalse(cJSON_GetObjectItem(cj, "lora_bias")));
+    cJSON_Delete(cj);
+    struct lora_file lf;
+    CHECK_OK(lora_file_open(&lf, adn, test_err()));
+    for (int i = 0; i < lf.st.n; i++)
+        CHECK(!strstr(lf.st.t[i].name, "lora_B.bias"));
+    lora_file_close(&lf);
+    CHECK_INT(test_sh("%s merge --model '%s' --adapter '%s' --out '%s'", test_lorakit(), bdir, adn, test_path("mgn")), 0);
+    float *bm = file_tensor(test_path("mgn"), "model.safetensors", "model.layers.0.self_attn.k_proj.bias", NULL);
+    CHECK(bm && !memcmp(bm, kb0, sizeof(float) * 8)); // the base's bias, untouched
+    free(bm);
+    free(want);
+    model_release(&base);
+    model_release(&tuned);
+}
+
+TEST(peft_case2_full_rank_compression_reproduces_tied_and_untied_finetunes)
+{
+    for (int tied = 1; tied >= 0; tied--) {
+        struct cfg c;
+        if (tied)
+            fix_cfg_qwen2(&c);
+        else
+            fix_cfg_llama(&c);
+        int V = c.vocab_size, C = c.hidden_size;
+        size_t n = (size_t)NB * NT * V;
+        struct model base, tuned;
+        P(bdir, "b");
+        P(tdir, "t");
+        P(ad, "ad");
+        CHECK_OK(base_folder(bdir, &c, 131, &base));
+        CHECK_OK(fix_model_random(&tuned, &c, 0.3f, 131));
+        finetune(&tuned, 1, 132); // everything moves: embedding (and with it a tied lm_head), norms
+        CHECK_OK(model_save(&tuned, tdir, TENSOR_F32, test_err()));
+        CHECK_INT(test_sh("%s svd-compress --base '%s' --tuned '%s' --out '%s' --rank 64 --keep-other --quiet "
+                          "--overwrite", test_lorakit(), bdir, tdir, ad), 0);
+        float *want = cli_logits(tdir, NULL), *base_l = cli_logits(bdir, NULL), *got = cli_logits(bdir, ad);
+        CHECK_MSG(want && base_l && got, "%s", test_output());
+        CHECK_MSG(rel_err(base_l, want, n) > 1e-2, "the fine-tune moved the logits by %g only", rel_err(base_l, want, n));
+        CHECK_MSG(rel_err(got, want, n) <= 1e-4, "tied %d: base + adapter vs fine-tune %g", tied, rel_err(got, want, n));
+        free(got);
+        // the file: on a tied base, embed_tokens AND lm_head copies (both the tuned embedding) with
+        // ensure_weight_tying (PEFT's _check_tied_modules looks for these names in modules_to_save)
+        cJSON *cj = adapter_config(ad);
+        CHECK(cj && cJSON_IsBool(cJSON_GetObjectItem(cj, "ensure_weight_tying")));
+        CHECK(cJSON_IsTrue(cJSON_GetObjectItem(cj, "ensure_weight_tying")) == tied);
+        const cJSON *mts = cJSON_GetObjectItem(cj, "modules_to_save");
+        int has_e = 0, has_h = 0;
+        for (const cJSON *e = mts ? mts->child : NULL; e; e = e->next) {
+            has_e |= !strcmp(e->valuestring, "embed_tokens");
+            has_h |= !strcmp(e->valuestring, "lm_head");
+        }
+        CHECK(has_e && has_h);
+        cJSON_Delete(cj);
+        float *e = file_tensor(ad, "adapter_model.safetensors", PFX "model.embed_tokens.weight", NULL);
+        float *h = file_tensor(ad, "adapter_model.safetensors", PFX "lm_head.weight", NULL);
+        CHECK(e && h && !memcmp(e, tuned.w.embed, sizeof(float) * V * C) &&
+              !memcmp(h, tuned.w.lm_head, sizeof(float) * V * C));
+        free(e);
+        free(h);
+        // merged by lorakit: the fine-tune too
+        CHECK_INT(test_sh("%s merge --model '%s' --adapter '%s' --out '%s' --overwrite", test_lorakit(), bdir, ad,
+                          test_path("mg")), 0);
+        got = cli_logits(test_path("mg"), NULL);
+        CHECK(got && rel_err(got, want, n) <= 1e-4);
+        free(got);
+        if (tied) {
+            // PEFT's reading of ensure_weight_tying: a copy of embed_tokens alone stands for lm_head
+            // too; without it, lm_head keeps the base's values (the 0.585 gap)
+            struct lora l;
+            CHECK_OK(lora_load(&l, ad, &c, test_err()));
+            int k = 0;
+            for (int i = 0; i < l.n_extra; i++)
+                if (strcmp(l.extra[i].name, "lm_head.weight"))
+                    l.extra[k++] = l.extra[i];
+                else {
+                    lk_free(l.extra[i].name);
+                    lk_free(l.extra[i].data);
+                }
+            l.n_extra = k;
+            CHECK_OK(lora_save(&l, test_path("ad_one"), test_err()));
+            lora_release(&l);
+            got = cli_logits(bdir, test_path("ad_one"));
+            CHECK(got && rel_err(got, want, n) <= 1e-4);
+            free(got);
+            // the same files with "ensure_weight_tying": false
+            P(adu, "ad_untied");
+            CHECK_INT(test_sh("cp -r '%s' '%s'", test_path("ad_one"), adu), 0);
+            cj = adapter_config(adu);
+            CHECK(cj);
+            cJSON_ReplaceItemInObjectCaseSensitive(cj, "ensure_weight_tying", cJSON_CreateFalse());
+            char *txt = cJSON_Print(cj), cp[1200];
+            cJSON_Delete(cj);
+            snprintf(cp, sizeof cp, "%s/adapter_config.json", adu);
+            CHECK_OK(lk_write_file_atomic(cp, txt, strlen(txt), test_err()));
+            free(txt);
+            got = cli_logits(bdir, adu);
+            CHECK(got);
+            CHECK_MSG(rel_err(got, want, n) > 1e-3, "without tying: %g", rel_err(got, want, n));
+            free(got);
+        }
+        free(want);
+        free(base_l);
+        model_release(&base);
+        model_release(&tuned);
+    }
+}
