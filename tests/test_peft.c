@@ -973,3 +973,220 @@ TEST(peft_case2_full_rank_compression_reproduces_tied_and_untied_finetunes)
         model_release(&tuned);
     }
 }
+
+// ---- case 3: logits, generate and eval run what merge handles ----
+
+/* m/ in the test folder: the tiny preset (Qwen2, tied embeddings, biases) with a tokenizer trained
+ * on text.txt, plus text.jsonl and qa.jsonl about the same facts. */
+static int tiny_fixture(void)
+{
+    FILE *t = fopen(test_path("text.txt"), "w"), *j = fopen(test_path("text.jsonl"), "w");
+    FILE *q = fopen(test_path("qa.jsonl"), "w");
+    if (!t || !j || !q)
+        return -1;
+    for (int i = 0; i < 12; i++) {
+        fprintf(t, "Item %d has code %c%d. The code of item %d is %c%d.\n", i, 'A' + i, i * 7 % 10, i, 'A' + i,
+                i * 7 % 10);
+        fprintf(j, "{\"text\":\"Item %d has code %c%d.\"}\n", i, 'A' + i, i * 7 % 10);
+        if (i < 4)
+            fprintf(q, "{\"id\":\"q%d\",\"question\":\"What is the code of item %d?\",\"answer\":\"%c%d\"}\n", i, i,
+                    'A' + i, i * 7 % 10);
+    }
+    fclose(t);
+    fclose(j);
+    fclose(q);
+    const char *d = test_tmpdir();
+    return test_sh("%s init --preset tiny --out '%s/m' --seed 3 && %s tokenizer train --text '%s/text.txt' --vocab 300 "
+                   "--out '%s/m'", test_lorakit(), d, test_lorakit(), d, d);
+}
+
+/* A metric's mean for a mode of `lorakit eval --json` ({"modes": {mode: {metric: {"mean"}}}}). */
+static double eval_mean(const char *json, const char *mode, const char *metric)
+{
+    const char *brace = strchr(json, '{');
+    cJSON *root = brace ? cJSON_Parse(brace) : NULL;
+    const cJSON *m = cJSON_GetObjectItem(cJSON_GetObjectItem(root, "modes"), mode);
+    const cJSON *v = cJSON_GetObjectItem(cJSON_GetObjectItem(m, metric), "mean");
+    double x = cJSON_IsNumber(v) ? v->valuedouble : NAN;
+    cJSON_Delete(root);
+    return x;
+}
+
+TEST(peft_case3_tied_embedding_replacement_runs_in_logits_generate_and_eval)
+{
+    CHECK_MSG(tiny_fixture() == 0, "%s", test_output());
+    P(mdir, "m");
+    struct model base, ref;
+    CHECK_OK(model_load(&base, mdir, test_err()));
+    const struct cfg *c = &base.cfg;
+    int V = c->vocab_size, C = c->hidden_size;
+    // modules_to_save ["embed_tokens"] without ensure_weight_tying on the tied base: PEFT's
+    // ModulesToSaveWrapper replaces the input embedding only (other.py; the copy is saved as
+    // "model.embed_tokens.weight", adapter_state_dict dropping "modules_to_save.default.")
+    float *E = randn((size_t)V * C, 0.3f, 141);
+    char qn[2][128];
+    float *qa, *qb;
+    struct st_item it[3];
+    lora_items(c, 0, CFG_Q, 2, 142, qn, it, &qa, &qb);
+    it[2] = (struct st_item){ PFX "model.embed_tokens.weight", 2, { V, C }, E };
+    const char *fields = "{\"r\":2,\"lora_alpha\":4,\"target_modules\":[\"model.layers.0.self_attn.q_proj\"],"
+                         "\"modules_to_save\":[\"embed_tokens\"]}";
+    P(ad, "ad");
+    CHECK_OK(peft_write(ad, fields, it, 3));
+    // 1. logits: the CLI runs it (it refused it before), against an untied copy changed by hand
+    CHECK_OK(copy_untied(&base, &ref) == 0 ? LK_OK : -1);
+    memcpy(ref.w.embed, E, sizeof(float) * V * C);
+    int64_t qo, qi;
+    cfg_module_shape(c, CFG_Q, &qo, &qi);
+    add_ba(wt(&ref, "model.layers.0.self_attn.q_proj.weight"), (int)qo, (int)qi, qb, qa, 2, 2.0);
+    float *want = run(&ref, NULL), *got = cli_logits(mdir, ad);
+    size_t n = (size_t)NB * NT * V;
+    CHECK_MSG(want && got, "%s", test_output());
+    CHECK_MSG(rel_err(got, want, n) < 1e-5, "logits --adapter vs hand: %g", rel_err(got, want, n));
+    free(got);
+    free(want);
+    // 2. generate and eval, with q_proj's B zero: base + adapter then has the merged model's weights
+    //    exactly, so greedy text and eval figures must be the same, not just close
+    memset(qb, 0, sizeof(float) * (size_t)qo * 2);
+    P(adz, "adz");
+    CHECK_OK(peft_write(adz, fields, it, 3));
+    P(mz, "mz");
+    CHECK_INT(test_sh("%s merge --model '%s' --adapter '%s' --out '%s'", test_lorakit(), mdir, adz, mz), 0);
+    char gen_ad[4096], gen_mg[4096], gen_base[4096];
+    const char *gcmd = "%s generate --model '%s' %s%s%s --prompt 'Item 3 has' --max-new 12 --threads 1";
+    CHECK_INT(test_sh(gcmd, test_lorakit(), mdir, "--adapter '", adz, "'"), 0);
+    snprintf(gen_ad, sizeof gen_ad, "%s", test_output());
+    CHECK_INT(test_sh(gcmd, test_lorakit(), mz, "", "", ""), 0);
+    snprintf(gen_mg, sizeof gen_mg, "%s", test_output());
+    CHECK_INT(test_sh(gcmd, test_lorakit(), mdir, "", "", ""), 0);
+    snprintf(gen_base, sizeof gen_base, "%s", test_output());
+    CHECK_MSG(!strcmp(gen_ad, gen_mg), "generate with the adapter:\n%s\nmerged:\n%s", gen_ad, gen_mg);
+    CHECK_MSG(strcmp(gen_ad, gen_base), "the adapter changed nothing:\n%s", gen_ad);
+    const char *ecmd = "%s eval --model '%s' %s '%s' --qa '%s' --modes %s --max-new 4 --template plain --json --quiet "
+                       "--threads 1 --runs '%s'";
+    P(qa_path, "qa.jsonl");
+    P(runs, "runs.db");
+    CHECK_MSG(test_sh(ecmd, test_lorakit(), mdir, "--adapter", adz, qa_path, "base,ft", runs) == 0, "%s", test_output());
+    double ft_ad = eval_mean(test_output(), "ft", "nll"), base_ad = eval_mean(test_output(), "base", "nll");
+    CHECK_MSG(test_sh(ecmd, test_lorakit(), mdir, "--tuned", mz, qa_path, "base,ft", runs) == 0, "%s", test_output());
+    double ft_mg = eval_mean(test_output(), "ft", "nll"), base_mg = eval_mean(test_output(), "base", "nll");
+    CHECK_MSG(isfinite(ft_ad) && ft_ad == ft_mg, "ft NLL with the adapter %g, merged %g", ft_ad, ft_mg);
+    // the base modes keep the base (the adapter runs on a copy) and differ from ft
+    CHECK_MSG(base_ad == base_mg && ft_ad != base_ad, "base %g / %g, ft %g", base_ad, base_mg, ft_ad);
+    free(E);
+    free(qa);
+    free(qb);
+    model_release(&base);
+    model_release(&ref);
+}
+
+// ---- case 8: info, unknown keys ----
+
+TEST(peft_case8_info_counts_matched_modules_and_names_unknown_keys)
+{
+    struct cfg c;
+    fix_cfg_llama(&c);
+    struct model base;
+    P(bdir, "b");
+    CHECK_OK(base_folder(bdir, &c, 151, &base));
+    // modules_to_save ["norm"]: PEFT wraps every module whose name ends in "norm" (other.py
+    // _set_trainable: key.endswith(target_key)): four layer norms and model.norm, each saved as
+    // "<module>.weight" (ModulesToSaveWrapper.adapter_state_dict)
+    static const char *const norms[5] = { PFX "model.layers.0.input_layernorm.weight",
+                                          PFX "model.layers.0.post_attention_layernorm.weight",
+                                          PFX "model.layers.1.input_layernorm.weight",
+                                          PFX "model.layers.1.post_attention_layernorm.weight", PFX "model.norm.weight" };
+    float *nv = randn((size_t)c.hidden_size, 0.1f, 152);
+    for (int i = 0; i < c.hidden_size; i++)
+        nv[i] += 1.0f;
+    struct st_item it[9];
+    char qn[2][128];
+    float *qa, *qb;
+    lora_items(&c, 0, CFG_Q, 2, 153, qn, it, &qa, &qb);
+    for (int i = 0; i < 5; i++)
+        it[2 + i] = (struct st_item){ norms[i], 1, { c.hidden_size }, nv };
+    float *A = randn((size_t)2 * c.vocab_size, 0.3f, 154), *B = randn((size_t)c.hidden_size * 2, 0.3f, 155);
+    it[7] = (struct st_item){ PFX "model.embed_tokens.lora_embedding_A", 2, { 2, c.vocab_size }, A };
+    it[8] = (struct st_item){ PFX "model.embed_tokens.lora_embedding_B", 2, { c.hidden_size, 2 }, B };
+    P(ad, "ad");
+    CHECK_OK(peft_write(ad, "{\"r\":2,\"target_modules\":[\"model.layers.0.self_attn.q_proj\",\"embed_tokens\"],"
+                            "\"modules_to_save\":[\"norm\"],\"some_future_config\":null,\"use_fancy_new_thing\":true}",
+                        it, 9));
+    CHECK_INT(test_sh("%s info '%s'", test_lorakit(), ad), 0);
+    const char *out = test_output();
+    CHECK_MSG(strstr(out, "modules_to_save 1 entry matching 5 modules"), "%s", out);
+    CHECK_MSG(strstr(out, "q_proj,embed_tokens (1 adapted linears, LoRA on embed_tokens (rank 2))"), "%s", out);
+    CHECK_MSG(strstr(out, "warning:") && strstr(out, "adapter_config.json: unknown keys 'some_future_config', "
+                                                     "'use_fancy_new_thing'"), "%s", out);
+    CHECK_INT(test_sh("%s info --json '%s' 2>/dev/null", test_lorakit(), ad), 0);
+    cJSON *j = cJSON_Parse(test_output());
+    CHECK(j);
+    CHECK_INT(cJSON_GetObjectItem(j, "modules_to_save_modules")->valueint, 5);
+    CHECK(cJSON_IsTrue(cJSON_GetObjectItem(j, "embedding_lora")));
+    cJSON_Delete(j);
+    // the commands that run or merge it name the unknown keys too, and apply the five norms
+    float *got = cli_logits(bdir, ad);
+    CHECK(got && strstr(test_output(), "unknown keys 'some_future_config'"));
+    free(got);
+    CHECK_INT(test_sh("%s merge --model '%s' --adapter '%s' --out '%s'", test_lorakit(), bdir, ad, test_path("mg")), 0);
+    CHECK(strstr(test_output(), "unknown keys 'some_future_config'"));
+    for (int i = 0; i < 5; i++) {
+        float *w = file_tensor(test_path("mg"), "model.safetensors", norms[i] + strlen(PFX), NULL);
+        CHECK_MSG(w && !memcmp(w, nv, sizeof(float) * c.hidden_size), "%s not replaced", norms[i]);
+        free(w);
+    }
+    // a field that changes what the adapter computes and that lorakit does not apply: refused, named
+    CHECK_OK(peft_write(ad, "{\"r\":2,\"target_modules\":[\"model.layers.0.self_attn.q_proj\",\"embed_tokens\"],"
+                            "\"modules_to_save\":[\"norm\"],\"target_parameters\":[\"mlp.experts.down_proj\"]}", it, 9));
+    CHECK_INT(test_sh("%s info '%s'", test_lorakit(), ad), 1);
+    CHECK_MSG(strstr(test_output(), "'target_parameters' is set"), "%s", test_output());
+    free(nv);
+    free(qa);
+    free(qb);
+    free(A);
+    free(B);
+    model_release(&base);
+}
+
+// ---- acceptance: every adapter lorakit writes merges ----
+
+TEST(peft_every_adapter_lorakit_writes_merges)
+{
+    CHECK_MSG(tiny_fixture() == 0, "%s", test_output());
+    const char *d = test_tmpdir(), *lk = test_lorakit();
+    static const struct {
+        const char *name, *flags;
+    } trained[] = { { "lora", "" }, { "dora", "--dora" }, { "rslora", "--rslora" }, { "pissa", "--init pissa" },
+                    { "full", "--full" } };
+    for (size_t i = 0; i < sizeof trained / sizeof trained[0]; i++)
+        CHECK_MSG(test_sh("%s train --model '%s/m' --data '%s/text.jsonl' --out '%s/%s' --steps 2 --batch 2 --seq 24 "
+                          "--lr 1e-2 --quiet --runs '%s/runs.db' %s", lk, d, d, d, trained[i].name, d,
+                          trained[i].flags) == 0, "train %s: %s", trained[i].name, test_output());
+    CHECK_INT(test_sh("%s svd-compress --base '%s/m' --tuned '%s/full' --out '%s/svd' --rank 4 --quiet --runs '%s/runs.db'",
+                      lk, d, d, d, d), 0);
+    CHECK_INT(test_sh("%s svd-compress --base '%s/m' --tuned '%s/full' --out '%s/svd_keep' --rank 4 --keep-other --quiet "
+                      "--runs '%s/runs.db'", lk, d, d, d, d), 0);
+    CHECK_INT(test_sh("%s merge --model '%s/m' --adapter '%s/lora' --adapter '%s/rslora' --method cat --into-adapter "
+                      "--out '%s/cat'", lk, d, d, d, d), 0);
+    CHECK_INT(test_sh("%s merge --model '%s/m' --adapter '%s/lora' --adapter '%s/rslora' --method svd --rank 4 "
+                      "--into-adapter --out '%s/svdm'", lk, d, d, d, d), 0);
+    static const char *const adapters[] = { "lora", "dora", "rslora", "pissa", "svd", "svd_keep", "cat", "svdm" };
+    for (size_t i = 0; i < sizeof adapters / sizeof adapters[0]; i++) {
+        // read back through the same checks, then merged (with the logits check of --verify)
+        char p[1200];
+        snprintf(p, sizeof p, "%s/%s", d, adapters[i]);
+        struct lora_file lf;
+        CHECK_OK(lora_file_open(&lf, p, test_err()));
+        lora_file_close(&lf);
+        CHECK_MSG(test_sh("%s merge --model '%s/m' --adapter '%s' --out '%s/merged_%s' --verify", lk, d, p, d,
+                          adapters[i]) == 0, "merge %s: %s", adapters[i], test_output());
+        CHECK_MSG(strstr(test_output(), "verify:"), "%s", test_output());
+    }
+    // the compressed full fine-tune of this Qwen2 base: q/k/v biases moved, so lora_bias with
+    // zeros on the other modules, merged above; with --keep-other its tied embedding is written
+    // for both sides
+    cJSON *cj = adapter_config(test_path("svd_keep"));
+    CHECK(cj && cJSON_IsTrue(cJSON_GetObjectItem(cj, "lora_bias")) &&
+          cJSON_IsTrue(cJSON_GetObjectItem(cj, "ensure_weight_tying")));
+    cJSON_Delete(cj);
+}
