@@ -209,8 +209,12 @@ TEST(lora_rejects_other_peft_types_and_layer_subsets)
     struct st_item it[4] = { { QA(0), 2, { 2, 16 }, zeros }, { QB(0), 2, { 16, 2 }, zeros },
                              { QA(1), 2, { 2, 16 }, zeros }, { QB(1), 2, { 16, 2 }, zeros } };
     expect_adapter_refused(",\"peft_type\":\"IA3\",\"target_modules\":[\"q_proj\"]", it, 4, "IA3");
-    expect_adapter_refused(STD ",\"layers_to_transform\":[0]", it, 4, "layers_to_transform");
+    // layers_to_transform is applied since issue 18: [0] selects layer 0 only, so layer 1's tensors
+    // are refused as a module the config does not target
+    expect_adapter_refused(STD ",\"layers_to_transform\":[0]", it, 4,
+                           "'model.layers.1.self_attn.q_proj', which adapter_config.json does not target");
     expect_adapter_refused(STD ",\"fan_in_fan_out\":true", it, 4, "fan_in_fan_out");
+    expect_adapter_refused(STD ",\"layer_replication\":[[0, 2]]", it, 4, "'layer_replication' is set");
 }
 
 /* lora_file_open on a folder written from raw pieces: expects the refusal want. */
