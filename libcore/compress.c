@@ -930,17 +930,18 @@ static int red_collect(const struct lora_file *lf, struct red_mod **out, int *n,
     for (int i = 0; i < lf->st.n; i++) {
         const struct st_tensor *t = &lf->st.t[i];
         const struct lora_file_module *fm = lf->slot[i] >= 0 ? &lf->mod[lf->slot[i]] : NULL;
-        if (!(fm && t == fm->A) && t != lf->embed_A)
+        int head = t == lf->head_A; // a LoRA on lm_head: a pair like a projection's
+        if (!(fm && t == fm->A) && t != lf->embed_A && !head)
             continue;
         struct red_mod *md = &mods[*n];
-        const char *suf = fm ? ends_with(t->name, ".lora_A.weight") : ends_with(t->name, ".lora_embedding_A");
+        const char *suf = fm || head ? ends_with(t->name, ".lora_A.weight") : ends_with(t->name, ".lora_embedding_A");
         size_t pl = (size_t)(suf - t->name);
         if (pl >= sizeof md->prefix)
             return lk_errf(err, LK_ERR_FORMAT, "%s: tensor name '%s' is too long", path, t->name);
         memcpy(md->prefix, t->name, pl);
         md->prefix[pl] = 0;
         md->A = t;
-        md->B = fm ? fm->B : lf->embed_B;
+        md->B = fm ? fm->B : head ? lf->head_B : lf->embed_B;
         md->bias = fm ? fm->bias : NULL;
         if (t->shape[0] < 1)
             return lk_errf(err, LK_ERR_SHAPE, "%s: '%s' and '%s' are not a [R, in] / [out, R] pair", path,

@@ -854,6 +854,9 @@ static int place_embed(struct lora_file *lf, const struct st_tensor *t, const st
                        struct lk_err *err)
 {
     int is_a = t->name[strlen(t->name) - 1] == 'A';
+    if (!lora_config_targets(&lf->cfg, "model.embed_tokens")) // PEFT would not load it
+        return lk_errf(err, LK_ERR_FORMAT, "%s: tensor '%s' is a LoRA factor of embed_tokens, which "
+                       "adapter_config.json does not target", lf->path, t->name);
     if (t->ndim != 2)
         return lk_errf(err, LK_ERR_SHAPE, "%s: tensor '%s' must be 2-D", lf->path, t->name);
     const struct st_tensor *other = is_a ? lf->embed_B : lf->embed_A;
@@ -893,7 +896,7 @@ static int place_embedding_extra(struct lora_file *lf, const struct st_tensor *t
                               "trainable_token_indices (%d)", lf->path, t->name, lf->cfg.n_token_idx[k]);
             dst = &lf->tok[k];
         } else if (k == 1 && (!strcmp(rest, "lora_A.weight") || !strcmp(rest, "lora_B.weight"))) {
-            if (!lf->cfg.target_head && !lora_config_targets(&lf->cfg, "lm_head"))
+            if (!lora_config_targets(&lf->cfg, "lm_head"))
                 *rc = lk_errf(err, LK_ERR_FORMAT, "%s: tensor '%s' is a LoRA factor of lm_head, which "
                               "adapter_config.json does not target", lf->path, t->name);
             else if (t->ndim != 2)
@@ -1337,6 +1340,19 @@ int lora_load(struct lora *l, const char *dir, const struct cfg *c, struct lk_er
 
 // ---- writing ----
 
+/* Declares (pass 0) or writes (pass 1) a pair of 2-D float32 factors. */
+static void write_pair(struct st_writer *w, int pass, const char *na, const char *nb, const int64_t sa[2],
+                       const int64_t sb[2], const float *a, const float *b)
+{
+    if (pass == 0) {
+        st_writer_declare(w, na, TENSOR_F32, 2, sa);
+        st_writer_declare(w, nb, TENSOR_F32, 2, sb);
+    } else {
+        st_writer_write(w, a, TENSOR_F32);
+        st_writer_write(w, b, TENSOR_F32);
+    }
+}
+
 /* Writes the adapter's tensors (values from block, which has lora->mem's layout: the factors
  * themselves, or their gradients) under PEFT names. */
 int lora_save_tensors(const struct lora *l, const float *block, const char *path, struct lk_err *err)
@@ -1379,23 +1395,13 @@ int lora_save_tensors(const struct lora *l, const float *block, const char *path
 #undef AT
         if (l->embed_A && block == l->mem) {
             int64_t sa[2] = { l->embed_R, l->embed_V }, sb[2] = { l->embed_C, l->embed_R };
-            if (pass == 0) {
-                st_writer_declare(&w, PEFT_PREFIX "model.embed_tokens.lora_embedding_A", TENSOR_F32, 2, sa);
-                st_writer_declare(&w, PEFT_PREFIX "model.embed_tokens.lora_embedding_B", TENSOR_F32, 2, sb);
-            } else {
-                st_writer_write(&w, l->embed_A, TENSOR_F32);
-                st_writer_write(&w, l->embed_B, TENSOR_F32);
-            }
+            write_pair(&w, pass, PEFT_PREFIX "model.embed_tokens.lora_embedding_A",
+                       PEFT_PREFIX "model.embed_tokens.lora_embedding_B", sa, sb, l->embed_A, l->embed_B);
         }
         if (l->head_A && block == l->mem) {
             int64_t sa[2] = { l->head_R, l->head_Cin }, sb[2] = { l->head_V, l->head_R };
-            if (pass == 0) {
-                st_writer_declare(&w, PEFT_PREFIX "lm_head.lora_A.weight", TENSOR_F32, 2, sa);
-                st_writer_declare(&w, PEFT_PREFIX "lm_head.lora_B.weight", TENSOR_F32, 2, sb);
-            } else {
-                st_writer_write(&w, l->head_A, TENSOR_F32);
-                st_writer_write(&w, l->head_B, TENSOR_F32);
-            }
+            write_pair(&w, pass, PEFT_PREFIX "lm_head.lora_A.weight", PEFT_PREFIX "lm_head.lora_B.weight", sa, sb,
+                       l->head_A, l->head_B);
         }
         for (int k = 0; k < 2 && block == l->mem; k++) {
             if (!l->n_tok[k])

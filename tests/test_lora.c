@@ -311,7 +311,10 @@ TEST(lora_file_refuses_shapes_that_disagree_without_a_base)
     struct st_item em[4] = { { QA(0), 2, { 2, 16 }, zeros }, { QB(0), 2, { 16, 2 }, zeros },
                              { "base_model.model.model.embed_tokens.lora_embedding_A", 2, { 2, 37 }, zeros },
                              { "base_model.model.model.embed_tokens.lora_embedding_B", 2, { 16, 3 }, zeros } };
-    expect_open_refused(STD, em, 4, "embedding adapter A and B ranks differ");
+    expect_open_refused(",\"peft_type\":\"LORA\",\"target_modules\":[\"q_proj\",\"embed_tokens\"]", em, 4,
+                        "embedding adapter A and B ranks differ");
+    // embedding factors the config does not target: PEFT would not load them
+    expect_open_refused(STD, em, 4, "LoRA factor of embed_tokens, which adapter_config.json does not target");
     // factors that agree with each other but fit no base here: opened, refused when bound
     struct st_item ok[2] = { { QA(0), 2, { 2, 12 }, zeros }, { QB(0), 2, { 12, 2 }, zeros } };
     write_adapter(test_path("other"), "{\"r\":2,\"lora_alpha\":4" STD "}", ok, 2);

@@ -638,6 +638,13 @@ TEST(peft_case7_lm_head_as_a_lora_target)
         got = cli_logits(bdir, ad);
         CHECK(got && rel_err(got, want, n) < 1e-5);
         free(got);
+        // the rank reduction treats lm_head's pair like a projection's: rank 1 everywhere
+        CHECK_INT(test_sh("%s svd-compress --adapter '%s' --out '%s' --rank 1 --quiet --overwrite", test_lorakit(), ad,
+                          test_path("red")), 0);
+        struct lora red;
+        CHECK_OK(lora_load(&red, test_path("red"), &c, test_err()));
+        CHECK(red.head_A && red.head_R == 1 && red.n_mod == 1 && red.mod[0].R == 1);
+        lora_release(&red);
         free(want);
         free(A);
         free(B);
