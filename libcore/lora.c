@@ -1,6 +1,7 @@
 /*
  * lora.c - LoRA factors in one block: configuration (ranks and alphas after PEFT's
- * rank_pattern / alpha_pattern), allocation, PEFT's initialisations, and the adapter a
+ * rank_pattern / alpha_pattern), PEFT's module selection (lora_config_targets) with Python
+ * regexes translated to POSIX ones, allocation, PEFT's initialisations, and the adapter a
  * training run starts from (lora_build). The on-disk PEFT format is in lora_io.c.
  */
 #include "lora.h"

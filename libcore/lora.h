@@ -15,7 +15,13 @@
  *   base_model.model.model.layers.N.self_attn.q_proj.lora_B.weight  [out, R]
  *   ...lora_B.bias [out] (lora_bias: true), ...lora_magnitude_vector [out] (DoRA),
  *   base_model.model.model.embed_tokens.lora_embedding_A [R, V] / lora_embedding_B [C, R],
+ *   base_model.model.lm_head.lora_A.weight [R, C] / lora_B.weight [V, R] (lm_head a target),
+ *   base_model.model.<module>.base_layer.weight [V, C] (the base under a LoRA-targeted embed_tokens
+ *   or lm_head, as PEFT saves it), base_model.model.<module>.token_adapter.trainable_tokens_delta
+ *   [n, C] (trainable_token_indices: the rows themselves),
  *   base_model.model.<name>.weight (modules_to_save: full copies).
+ * Applied at run time by model_apply_extras (model.h) for what changes whole weights, and by
+ * merge (merge.h) into the weights.
  */
 #ifndef LK_LORA_H
 #define LK_LORA_H

@@ -5,7 +5,10 @@
  * adapter is opened on its own (lora_file_open: the config validated, every tensor in the file
  * understood and the shapes of each module's tensors checked against each other), then bound to
  * a base (lora_file_bind: layers and shapes the base has, the values read into struct lora).
- * Anything else is refused with its name. Owns: while open, the mapped file and its index.
+ * Which modules are adapted follows PEFT's selection rules (lora_config_targets, lora.c); the
+ * fields lorakit cannot apply are refused by name, keys it does not know are listed for a
+ * warning. Anything else is refused with its name. Owns: while open, the mapped file and its
+ * index.
  */
 #include "lora.h"
 

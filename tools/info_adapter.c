@@ -6,6 +6,7 @@
  * The base's size comes from base_model_name_or_path when that is a local model folder;
  * otherwise the share is reported as unknown.
  */
+#include <cJSON.h>
 #include <math.h>
 #include <stdio.h>
 #include <string.h>
@@ -59,14 +60,18 @@ int info_adapter(const char *dir, int json)
     }
     int n_tok = lc->n_token_idx[0] + lc->n_token_idx[1];
     if (json) {
+        // target_modules: the names, or the regex as read (escaped by cJSON)
+        cJSON *tjs = cJSON_CreateString(lc->target_regex ? lc->target_regex : targets);
+        char *tj = tjs ? cJSON_PrintUnformatted(tjs) : NULL;
+        cJSON_Delete(tjs);
         printf("{\"kind\":\"adapter\",\"path\":\"%s\",\"base_model\":\"%s\",\"r\":%d,\"lora_alpha\":%g,"
                "\"use_rslora\":%s,\"scale\":%.9g,\"rank_min\":%d,\"rank_max\":%d,\"modules\":%d,"
-               "\"target_modules\":\"%s\",\"embedding_lora\":%s,\"lm_head_lora\":%s,\"use_dora\":%s,"
+               "\"target_modules\":%s,\"embedding_lora\":%s,\"lm_head_lora\":%s,\"use_dora\":%s,"
                "\"lora_bias\":%s,\"rank_patterns\":%d,\"alpha_patterns\":%d,\"modules_to_save\":%d,"
                "\"modules_to_save_modules\":%d,\"trainable_tokens\":%d,\"params\":%zu,\"base_params\":%lld,"
                "\"share\":",
                dir, lc->base_model, lc->r, lc->alpha, lc->use_rslora ? "true" : "false", scale, n_lin ? rmin : 0,
-               rmax, n_lin, lc->target_regex ? "" : targets, lf.embed_A ? "true" : "false",
+               rmax, n_lin, tj ? tj : "null", lf.embed_A ? "true" : "false",
                lf.head_A ? "true" : "false", lc->use_dora ? "true" : "false", lc->lora_bias ? "true" : "false",
                lc->n_rank_pattern, lc->n_alpha_pattern, lc->n_modules_to_save, n_saved, n_tok, params,
                (long long)base_params);
@@ -74,6 +79,7 @@ int info_adapter(const char *dir, int json)
             printf("%.9g}\n", (double)params / (double)base_params);
         else
             printf("null}\n");
+        cJSON_free(tj);
     } else {
         printf("adapter      %s\n", dir);
         printf("base         %s%s\n", lc->base_model[0] ? lc->base_model : "(not named)",
