@@ -120,7 +120,8 @@ int model_weights_save_st(const struct model_weights *w, const struct cfg *c, co
  * changes one side only (a copy of one, a LoRA on lm_head, lm_head's tokens), the model is first
  * untied in memory (model_untie), as `lorakit merge` unties it; a base_layer copy is the shared
  * weight and changes both. Marks the adapter as applied so that model_forward accepts it. A model
- * that runs without the adapter too needs its own copy. */
+ * that runs without the adapter too needs its own copy. On failure (LK_ERR_NOMEM, or a shape the
+ * model does not have) the weights may be partly changed: load the model again. */
 int model_apply_extras(struct model *m, struct lora *l, struct lk_err *err);
 /* Gives a tied model its own lm_head, a copy of embed_tokens (cfg.tie_word_embeddings becomes 0):
  * the weights are reallocated (pointers into the old block are invalid), activations kept.

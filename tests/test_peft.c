@@ -1197,3 +1197,58 @@ TEST(peft_every_adapter_lorakit_writes_merges)
           cJSON_IsTrue(cJSON_GetObjectItem(cj, "ensure_weight_tying")));
     cJSON_Delete(cj);
 }
+
+// ---- allocation failures in the reader and the run-time path ----
+
+TEST(peft_reader_and_untie_allocation_failures_are_clean)
+{
+    struct cfg c;
+    fix_cfg_qwen2(&c); // tied: the adapter below unties it
+    int V = c.vocab_size, C = c.hidden_size;
+    struct model base;
+    P(bdir, "b");
+    CHECK_OK(base_folder(bdir, &c, 161, &base));
+    char qn[2][128];
+    float *qa, *qb;
+    struct st_item it[8];
+    lora_items(&c, 1, CFG_Q, 2, 162, qn, it, &qa, &qb);
+    float *A = randn((size_t)2 * C, 0.3f, 163), *B = randn((size_t)V * 2, 0.3f, 164);
+    float *rows = randn((size_t)2 * C, 0.3f, 165), *nv = randn((size_t)C, 0.1f, 166);
+    it[2] = (struct st_item){ PFX "lm_head.lora_A.weight", 2, { 2, C }, A };
+    it[3] = (struct st_item){ PFX "lm_head.lora_B.weight", 2, { V, 2 }, B };
+    it[4] = (struct st_item){ PFX "lm_head.base_layer.weight", 2, { V, C }, base.w.embed };
+    it[5] = (struct st_item){ PFX "model.embed_tokens.token_adapter.trainable_tokens_delta", 2, { 2, C }, rows };
+    it[6] = (struct st_item){ PFX "model.norm.weight", 1, { C }, nv };
+    P(ad, "ad");
+    CHECK_OK(peft_write(ad, "{\"r\":2,\"target_modules\":\"(?:lm_head|.*\\\\.layers\\\\.1\\\\.self_attn\\\\.q_proj)\","
+                            "\"exclude_modules\":[\"k_proj\"],\"modules_to_save\":[\"model.norm\"],"
+                            "\"trainable_token_indices\":[1, 2],\"unknown_new_key\":1}", it, 7));
+    // the Nth allocation fails, for every N until a run succeeds: LK_ERR_NOMEM, nothing held (leaks
+    // show under the sanitizer build), the model unchanged or fully changed
+    int done = 0;
+    for (long n = 1; n < 5000 && !done; n++) {
+        struct model m;
+        CHECK_OK(model_load(&m, bdir, test_err()));
+        struct lora l;
+        struct lk_err e = { 0 };
+        lk_fail_countdown = n;
+        int rc = lora_load(&l, ad, &c, &e);
+        if (!rc) {
+            rc = model_apply_extras(&m, &l, &e);
+            lora_release(&l);
+        }
+        lk_fail_countdown = 0;
+        CHECK_MSG(rc == LK_OK || rc == LK_ERR_NOMEM, "allocation %ld: status %d: %s", n, rc, e.msg);
+        CHECK_MSG(rc || !m.cfg.tie_word_embeddings, "allocation %ld: applied but still tied", n);
+        done = rc == LK_OK;
+        model_release(&m);
+    }
+    CHECK(done);
+    free(qa);
+    free(qb);
+    free(A);
+    free(B);
+    free(rows);
+    free(nv);
+    model_release(&base);
+}
