@@ -492,7 +492,7 @@ static int run_cell(struct ev_ctx *x, const struct ev_item *it, const struct ev_
     const struct ev_config *c = x->c;
     double t0 = lk_now();
     const struct model *m = mode->tuned && c->tuned ? c->tuned : c->base;
-    const struct lora *lora = mode->tuned && !c->tuned ? c->lora : NULL;
+    const struct lora *lora = mode->tuned ? c->lora : NULL;
     int V = m->cfg.vocab_size, rc;
     cell->em = cell->f1 = cell->rouge_l = cell->nll = cell->acc = cell->recall = cell->has_answer = NAN;
     int k = mode->k < nh ? mode->k : nh;
@@ -1021,11 +1021,14 @@ static int setup_tuned(struct ev_setup *s, const struct ev_setup_opts *o, struct
     if (o->adapter) {
         if ((rc = lora_load(&s->lora, o->adapter, &s->base.cfg, err)))
             return rc;
-        if (s->lora.n_extra)
-            return lk_errf(err, LK_ERR_UNSUPPORTED, "%s: the adapter carries modules_to_save tensors, which would "
-                           "change the base modes too: merge it (lorakit merge) and pass the result as --tuned",
-                           o->adapter);
         s->cfg.lora = &s->lora;
+        // an adapter that changes whole weights (modules_to_save, lm_head, tokens) runs on a copy
+        // of the base, so that the base modes keep the base
+        if (!lora_changes_weights(&s->lora))
+            return LK_OK;
+        if ((rc = model_load(&s->tuned, o->model, err)) || (rc = model_apply_extras(&s->tuned, &s->lora, err)))
+            return rc;
+        s->cfg.tuned = &s->tuned;
         return LK_OK;
     }
     if ((rc = model_load(&s->tuned, o->tuned, err)) ||

@@ -114,8 +114,9 @@ struct ev_config {
     struct tok *tk;              /* borrowed */
     const struct chat_fmt *fmt;  /* borrowed */
     struct model *base;          /* borrowed */
-    struct model *tuned;         /* borrowed: the tuned model folder, or NULL (then base + lora) */
-    const struct lora *lora;     /* borrowed: the adapter for the tuned modes, or NULL */
+    struct model *tuned;         /* borrowed: the tuned model (a folder, or the base with the adapter's
+                                    whole-weight changes applied), or NULL (then base + lora) */
+    const struct lora *lora;     /* borrowed: the adapter for the tuned modes (on tuned when set), or NULL */
     struct fts_index *idx;       /* borrowed: needed when a mode has k > 0 */
     int max_new;                 /* answer tokens generated at most */
     int max_ctx;                 /* positions a sequence may use (<= max_position_embeddings) */
@@ -267,8 +268,9 @@ struct ev_setup {
  * tuned), adapter XOR tuned, docs XOR index, the FTS tokenizer name. LK_ERR_USAGE. */
 int ev_setup_parse(struct ev_setup *s, const struct ev_setup_opts *o, struct lk_err *err);
 /* Loads and checks every input (after ev_setup_parse): the questions, the base model and its
- * tokenizer (no more ids than the model's vocabulary), the chat template, the adapter (no
- * modules_to_save: they would change the base modes too) or the tuned model (cfg_check_same
+ * tokenizer (no more ids than the model's vocabulary), the chat template, the adapter (one that
+ * changes whole weights, like modules_to_save, runs on a second copy of the base with them
+ * applied, model_apply_extras, so the base modes keep the base) or the tuned model (cfg_check_same
  * with the base), and the index (docs: built into a temporary file; index: its settings
  * checked against fts_tok). Fills s->cfg. */
 int ev_setup_load(struct ev_setup *s, const struct ev_setup_opts *o, struct lk_err *err);

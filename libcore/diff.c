@@ -563,6 +563,9 @@ static int side_load_adapter(struct diff_side *s, const struct cfg *c, struct lk
     if (s->lora.cfg.use_dora)
         return lk_errf(err, LK_ERR_UNSUPPORTED,
                        "%s: DoRA adapters are not supported by diff (their change is not s*B*A)", s->dir);
+    if (s->lora.head_A || s->lora.n_tok[0] || s->lora.n_tok[1])
+        return lk_errf(err, LK_ERR_UNSUPPORTED, "%s: diff does not cover a LoRA on lm_head or trainable tokens; "
+                       "merge the adapter (lorakit merge) and diff the merged model", s->dir);
     return LK_OK;
 }
 
