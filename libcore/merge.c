@@ -1067,7 +1067,9 @@ static int forward_copy(struct model *m, const struct lora *l, const int *tok, f
     return rc;
 }
 
-static int verify(struct merge_ctx *x, const struct st_model *sm, struct merge_report *rep, struct lk_err *err)
+/* Compares the merged model in folder `dir` with the references below (logits of probe tokens). */
+static int verify(struct merge_ctx *x, const struct st_model *sm, const char *dir, struct merge_report *rep,
+                  struct lk_err *err)
 {
     int V = x->cfg.vocab_size, tok[PROBE_B * PROBE_T];
     size_t nl = (size_t)PROBE_B * PROBE_T * (size_t)V;
@@ -1127,7 +1129,7 @@ static int verify(struct merge_ctx *x, const struct st_model *sm, struct merge_r
         goto out;
     model_release(&m);
     // 3. the merged output as any reader loads it
-    if ((rc = model_load(&m, o->out, err)) || (rc = forward_copy(&m, NULL, tok, got, err)))
+    if ((rc = model_load(&m, dir, err)) || (rc = forward_copy(&m, NULL, tok, got, err)))
         goto out;
     logits_diff(got, ref, nl, &rep->verify_max_abs, &rep->verify_max_rel);
     logits_diff(rd, ex, nl, &rep->round_max_abs, &rep->round_max_rel);
@@ -1181,11 +1183,12 @@ int merge_run(const struct merge_opts *o, struct merge_report *rep_in, struct lk
     if ((rc = lk_outdir_begin(&od, o->out, o->overwrite, err)))
         goto out;
     rc = o->into_adapter ? write_adapter(x, od.tmp, rep, err) : write_model(x, &sm, od.tmp, rep, err);
-    if (rc || (rc = lk_outdir_commit(&od, err)))
-        goto out;
     rep->seconds = lk_now() - t0;
-    if (o->verify)
-        rc = verify(x, &sm, rep, err);
+    // verified before it takes its name: a failed verification leaves the old output in place
+    if (!rc && o->verify)
+        rc = verify(x, &sm, od.tmp, rep, err);
+    if (!rc)
+        rc = lk_outdir_commit(&od, err);
 out:
     lk_outdir_abort(&od);
     st_model_close(&sm);
