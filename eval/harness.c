@@ -503,11 +503,13 @@ static void mode_model(const struct ev_ctx *x, const struct ev_mode *mode, const
         LK_ASSERT(mode->tuned >= 1 && mode->tuned <= x->n_sys);
         *m = x->sys[mode->tuned - 1].m;
         *lora = x->sys[mode->tuned - 1].l;
-    } else if (c->tuned) {
-        *m = c->tuned;
-    } else {
-        *lora = c->lora;
+        return;
     }
+    // one tuned model: a model folder, base + adapter, or (an adapter that changes whole
+    // weights) a copy of the base with them applied + the adapter
+    if (c->tuned)
+        *m = c->tuned;
+    *lora = c->lora;
 }
 
 /* One item in one mode: prompt (with up to mode->k of the item's hits), answer, scores. */
@@ -1363,7 +1365,7 @@ static int setup_systems(struct ev_setup *s, const struct ev_setup_opts *o, stru
         rc = ev_system_check(&s->systems[i], force, &s->base, o->model, err);
     }
     for (int i = 0; i < s->n_systems && !rc; i++)
-        rc = ev_system_load(&s->systems[i], &s->base, err);
+        rc = ev_system_load(&s->systems[i], &s->base, o->model, err);
     return rc;
 }
 

@@ -142,11 +142,12 @@ int ev_system_parse(const char *arg, struct ev_system *s, struct lk_err *err);
  * and --tuned. */
 int ev_system_check(struct ev_system *s, int force, const struct model *base, const char *base_dir,
                     struct lk_err *err);
-/* Loads what a checked system runs: a model folder's weights, or for an adapter carrying
- * modules_to_save a private copy of the base with them applied (model_apply_extras). On a tied
- * base an adapter that replaces embed_tokens or lm_head gets an untied copy, as PEFT runs it and
- * `lorakit merge` writes it: a replaced embed_tokens changes the input side only. Sets m, l. */
-int ev_system_load(struct ev_system *s, const struct model *base, struct lk_err *err);
+/* Loads what a checked system runs: a model folder's weights, or for an adapter that changes
+ * whole weights (modules_to_save, LoRA on lm_head, trainable tokens: lora_changes_weights) a
+ * private copy of the base (read again from base_dir) with them applied by model_apply_extras,
+ * which unties a tied base as PEFT runs it and `lorakit merge` writes it; the base modes keep
+ * the base. Sets m, l. */
+int ev_system_load(struct ev_system *s, const struct model *base, const char *base_dir, struct lk_err *err);
 void ev_system_release(struct ev_system *s); /* harmless twice */
 
 // ---- running ----
@@ -155,8 +156,9 @@ struct ev_config {
     struct tok *tk;              /* borrowed */
     const struct chat_fmt *fmt;  /* borrowed */
     struct model *base;          /* borrowed */
-    struct model *tuned;         /* borrowed: the tuned model folder, or NULL (then base + lora) */
-    const struct lora *lora;     /* borrowed: the adapter for the tuned modes, or NULL */
+    struct model *tuned;         /* borrowed: the tuned model (a folder, or the base with the adapter's
+                                    whole-weight changes applied), or NULL (then base + lora) */
+    const struct lora *lora;     /* borrowed: the adapter for the tuned modes (on tuned when set), or NULL */
     struct fts_index *idx;       /* borrowed: needed when a mode has k > 0 */
     int max_new;                 /* answer tokens generated at most */
     int max_ctx;                 /* positions a sequence may use (<= max_position_embeddings) */

@@ -109,46 +109,14 @@ int ev_system_check(struct ev_system *s, int force, const struct model *base, co
     return rc ? sys_fail(s, err) : LK_OK;
 }
 
-/* A private copy of the base's weights. untie: the copy gets its own lm_head (the base's
- * embeddings), as PEFT and `lorakit merge` treat a tied base whose embed_tokens or lm_head an
- * adapter replaces: each side keeps the value adapter inference gives it. */
-static int base_copy(struct model *dst, const struct model *base, int untie, struct lk_err *err)
-{
-    struct cfg c = base->cfg;
-    c.tie_word_embeddings = untie ? 0 : c.tie_word_embeddings;
-    int rc = model_init(dst, &c, err), na = 0, nb = 0;
-    struct model_tensor *a = NULL, *b = NULL;
-    if (!rc && !(rc = model_weights_tensors(&base->w, &base->cfg, &a, &na, err)))
-        rc = model_weights_tensors(&dst->w, &dst->cfg, &b, &nb, err);
-    for (int i = 0; !rc && i < nb; i++) {
-        const float *src = NULL;
-        for (int j = 0; j < na && !src; j++)
-            if (!strcmp(a[j].name, b[i].name))
-                src = a[j].data;
-        if (!src && !strcmp(b[i].name, "lm_head.weight"))
-            src = base->w.embed; // untied: the head the tied base had
-        LK_ASSERT(src);
-        memcpy(b[i].data, src, sizeof(float) * b[i].numel);
-    }
-    lk_free(a);
-    lk_free(b);
-    return rc;
-}
-
-int ev_system_load(struct ev_system *s, const struct model *base, struct lk_err *err)
+int ev_system_load(struct ev_system *s, const struct model *base, const char *base_dir, struct lk_err *err)
 {
     s->m = base;
-    if (s->is_adapter && !s->lora.n_extra)
+    if (s->is_adapter && !lora_changes_weights(&s->lora))
         return LK_OK;
-    int rc, untie = 0;
-    for (int k = 0; s->is_adapter && k < s->lora.n_extra; k++)
-        untie |= base->cfg.tie_word_embeddings && (!strcmp(s->lora.extra[k].name, "model.embed_tokens.weight") ||
-                                                   !strcmp(s->lora.extra[k].name, "lm_head.weight"));
-    // a model folder; or an adapter's modules_to_save (full tensors) on a private copy of the
-    // base, so that the base modes stay the base's
-    if (!s->is_adapter)
-        rc = model_load(&s->own, s->path, err);
-    else if (!(rc = base_copy(&s->own, base, untie, err)))
+    // a model folder; or an adapter that changes whole weights, on a private copy of the base
+    int rc = model_load(&s->own, s->is_adapter ? base_dir : s->path, err);
+    if (!rc && s->is_adapter)
         rc = model_apply_extras(&s->own, &s->lora, err);
     if (rc)
         return sys_fail(s, err);

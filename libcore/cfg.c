@@ -17,6 +17,10 @@
 /* The parameter count in floating point (no overflow), counting lm_head even when tied and
  * every bias: an upper bound for the limit check. */
 #define CFG_MAX_PARAMS 1e13
+/* No published decoder has more than a few hundred layers; the bound keeps the tensor table
+ * small even for a config without weights beside it, which the weights cannot bound (a diff of
+ * two adapters on a config-only base). */
+#define CFG_MAX_LAYERS 4096
 static double cfg_param_estimate(const struct cfg *c)
 {
     double C = c->hidden_size, F = c->intermediate_size, V = c->vocab_size, L = c->num_hidden_layers;
@@ -786,8 +790,9 @@ int cfg_tensors(const struct cfg *c, struct cfg_tensor **out, int *n, struct lk_
 {
     int L = c->num_hidden_layers;
     int per = CFG_N_MODULES + 2 + (c->attention_bias ? 3 : 0) + (c->qk_norm ? 2 : 0);
-    if (L < 0 || L > (INT_MAX - 3) / per)
-        return lk_errf(err, LK_ERR_FORMAT, "too many layers: %d", L);
+    if (L < 0 || L > CFG_MAX_LAYERS || L > (INT_MAX - 3) / per)
+        return lk_errf(err, LK_ERR_FORMAT, "config.json: 'num_hidden_layers' %d is more than any model has "
+                       "(at most %d)", L, CFG_MAX_LAYERS);
     int total = 3 + L * per;
     struct cfg_tensor *v = lk_calloc((size_t)total, sizeof *v);
     if (!v)

@@ -368,6 +368,28 @@ static int most_frequent_rank(const int *ranks, int n)
     return best;
 }
 
+/* On a base that ties lm_head to embed_tokens, a fine-tune that changed the embedding changed
+ * the output layer with it. PEFT's modules_to_save copy of embed_tokens replaces the input side
+ * only, so the copy is also stored as lm_head.weight and the config sets ensure_weight_tying
+ * (PEFT ties the two copies; lorakit's reader does the same). *added is 1 when it was. */
+static int tie_copy(struct lora_extra **extra, int *n_extra, int *added, struct lk_err *err)
+{
+    int at = -1;
+    for (int i = 0; i < *n_extra; i++)
+        if (!strcmp((*extra)[i].name, "model.embed_tokens.weight"))
+            at = i;
+    if (at < 0)
+        return LK_OK;
+    int64_t shape[2] = { (*extra)[at].shape[0], (*extra)[at].shape[1] };
+    float *data;
+    int rc = lora_extra_add(extra, n_extra, "lm_head.weight", 2, shape, &data, err);
+    if (rc)
+        return rc;
+    memcpy(data, (*extra)[at].data, sizeof(float) * (size_t)(shape[0] * shape[1]));
+    *added = 1;
+    return LK_OK;
+}
+
 /* Builds the struct lora from the factors (taking the extras' data) and saves it into dir. */
 static int build_adapter(const struct cfg *c, const char *base_dir, unsigned targets, struct cmp_fac *fac,
                          struct lora_extra *extra, int n_extra, struct cmp_report *rep, const char *dir,
@@ -397,6 +419,16 @@ static int build_adapter(const struct cfg *c, const char *base_dir, unsigned tar
     int *ranks = lk_malloc(sizeof(int) * (size_t)(L * CFG_N_MODULES + 1));
     struct lora_pattern *rp = lk_calloc((size_t)(L * CFG_N_MODULES + 1), sizeof *rp);
     struct lora_pattern *ap = lk_calloc((size_t)(L * CFG_N_MODULES + 1), sizeof *ap);
+    // a tied base: a changed embedding is the output layer's too (see tie_copy)
+    int tied_copy = 0;
+    if (c->tie_word_embeddings && (rc = tie_copy(&extra, &n_extra, &tied_copy, err))) {
+        for (int i = 0; i < n_extra; i++) {
+            lk_free(extra[i].name);
+            lk_free(extra[i].data);
+        }
+        lk_free(extra);
+        return rc;
+    }
     char **mts = lk_calloc((size_t)n_extra + 1, sizeof(char *));
     struct lora_config lc;
     lora_config_default(&lc);
@@ -434,15 +466,19 @@ static int build_adapter(const struct cfg *c, const char *base_dir, unsigned tar
             }
         }
     for (int i = 0; i < n_extra; i++) {
-        // PEFT matches modules_to_save entries as name suffixes: the full module path is exact
-        size_t len = strlen(extra[i].name);
-        if (len > 7 && !strcmp(extra[i].name + len - 7, ".weight"))
+        // PEFT matches modules_to_save entries as name suffixes: the full module path is exact;
+        // embed_tokens and lm_head go by those names, which PEFT's weight tying looks for
+        const char *nmx = extra[i].name;
+        size_t len = strlen(nmx);
+        if (!strcmp(nmx, "model.embed_tokens.weight"))
+            nmx += 6, len -= 6;
+        if (len > 7 && !strcmp(nmx + len - 7, ".weight"))
             len -= 7;
         if (!(mts[nm] = lk_malloc(len + 1))) {
             rc = lk_errf(err, LK_ERR_NOMEM, "out of memory");
             goto out;
         }
-        memcpy(mts[nm], extra[i].name, len);
+        memcpy(mts[nm], nmx, len);
         mts[nm++][len] = 0;
     }
     lc.r = common;
@@ -455,6 +491,7 @@ static int build_adapter(const struct cfg *c, const char *base_dir, unsigned tar
     lc.n_rank_pattern = lc.n_alpha_pattern = np;
     lc.modules_to_save = mts;
     lc.n_modules_to_save = nm;
+    lc.ensure_weight_tying = tied_copy;
     if ((rc = lora_init(&l, &lc, c, err)))
         goto out;
     // 3. the factors, module by module (each freed once copied)
@@ -692,6 +729,14 @@ static int step_other(const struct cmp_pair *p, struct cmp_work *w, int i, const
     row->fro = sqrt(d2);
     row->base_fro = sqrt(b2);
     row->sigma_next = NAN;
+    if (c->kind == CFG_T_BIAS && target && o->no_bias) {
+        // left out on request: the adapter then carries nothing for it (error 1 relative)
+        row->kind = CMP_BIAS;
+        row->rel_error = 1;
+        rep->n_left_out++;
+        rep->delta_params += (int64_t)tb->numel;
+        return LK_OK;
+    }
     if (c->kind == CFG_T_BIAS && target) {
         // the delta goes to lora_B.bias (applied as s·bias_B, s = 1)
         struct cmp_fac *f = &w->fac[c->layer * CFG_N_MODULES + c->module];
@@ -885,17 +930,18 @@ static int red_collect(const struct lora_file *lf, struct red_mod **out, int *n,
     for (int i = 0; i < lf->st.n; i++) {
         const struct st_tensor *t = &lf->st.t[i];
         const struct lora_file_module *fm = lf->slot[i] >= 0 ? &lf->mod[lf->slot[i]] : NULL;
-        if (!(fm && t == fm->A) && t != lf->embed_A)
+        int head = t == lf->head_A; // a LoRA on lm_head: a pair like a projection's
+        if (!(fm && t == fm->A) && t != lf->embed_A && !head)
             continue;
         struct red_mod *md = &mods[*n];
-        const char *suf = fm ? ends_with(t->name, ".lora_A.weight") : ends_with(t->name, ".lora_embedding_A");
+        const char *suf = fm || head ? ends_with(t->name, ".lora_A.weight") : ends_with(t->name, ".lora_embedding_A");
         size_t pl = (size_t)(suf - t->name);
         if (pl >= sizeof md->prefix)
             return lk_errf(err, LK_ERR_FORMAT, "%s: tensor name '%s' is too long", path, t->name);
         memcpy(md->prefix, t->name, pl);
         md->prefix[pl] = 0;
         md->A = t;
-        md->B = fm ? fm->B : lf->embed_B;
+        md->B = fm ? fm->B : head ? lf->head_B : lf->embed_B;
         md->bias = fm ? fm->bias : NULL;
         if (t->shape[0] < 1)
             return lk_errf(err, LK_ERR_SHAPE, "%s: '%s' and '%s' are not a [R, in] / [out, R] pair", path,

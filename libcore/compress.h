@@ -13,9 +13,16 @@
  * from the config's r go to PEFT's rank_pattern / alpha_pattern under the escaped full module
  * path ("model\.layers\.3\.mlp\.down_proj"), which matches that one module only.
  * Bias deltas of target q/k/v projections (Qwen2) go to lora_B.bias with lora_bias: true
- * (PEFT adds s·lora_B.bias, s = 1 here). Changed tensors outside the targets (embeddings,
- * lm_head, norms, other linears and biases) are listed with their relative change;
- * keep_other stores embeddings, lm_head and norms as modules_to_save (full float32 copies).
+ * (PEFT adds s·lora_B.bias, s = 1 here). PEFT's lora_bias gives every targeted module a
+ * lora_B.bias, so the modules without a bias (o_proj, the MLP) get zeros: PEFT runs such an
+ * adapter but its merge_and_unload refuses lora_bias on a layer without a bias (lorakit merge
+ * accepts the zeros); no_bias leaves the bias deltas out instead (rel_error 1 on their rows).
+ * Changed tensors outside the targets (embeddings, lm_head, norms, other linears and biases) are
+ * listed with their relative change; keep_other stores embeddings, lm_head and norms as
+ * modules_to_save (full float32 copies; embed_tokens and lm_head under those short names, the
+ * ones PEFT's weight tying recognises). On a base that ties lm_head to embed_tokens, a changed
+ * embedding is written twice, as embed_tokens.weight and lm_head.weight, with
+ * ensure_weight_tying: true, so that PEFT changes the output layer too, as the fine-tune did.
  * The output folder is written under a temporary name beside it and renamed into place.
  *
  * Adapter rank reduction (cmp_adapter): each pair lora_A / lora_B (and lora_embedding_A / _B)
@@ -40,6 +47,8 @@ struct cmp_opts {
     double sv_epsilon;  /* singular values <= this are dropped (0: none) */
     unsigned targets;   /* bit m: module m (enum cfg_module) is compressed; 0 means all */
     int keep_other;     /* store changed embeddings / lm_head / norms as modules_to_save */
+    int no_bias;        /* leave the q/k/v bias deltas out (no lora_bias): an adapter any tool can
+                           merge, at the cost each left-out bias's row reports */
     int overwrite;      /* replace an existing non-empty output folder */
     struct svd_opts svd; /* method, oversampling, power iterations, seed */
     /* Called after each tensor (done of total), from the calling thread; may be NULL. */

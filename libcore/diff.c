@@ -563,6 +563,9 @@ static int side_load_adapter(struct diff_side *s, const struct cfg *c, struct lk
     if (s->lora.cfg.use_dora)
         return lk_errf(err, LK_ERR_UNSUPPORTED,
                        "%s: DoRA adapters are not supported by diff (their change is not s*B*A)", s->dir);
+    if (s->lora.head_A || s->lora.n_tok[0] || s->lora.n_tok[1])
+        return lk_errf(err, LK_ERR_UNSUPPORTED, "%s: diff does not cover a LoRA on lm_head or trainable tokens; "
+                       "merge the adapter (lorakit merge) and diff the merged model", s->dir);
     return LK_OK;
 }
 
@@ -729,7 +732,9 @@ static int base_open(struct diff *d, int need_weights, struct lk_err *err)
         snprintf(d->note, sizeof d->note,
                  "base '%s' has no weights: relative changes are unknown", d->base_dir);
     }
-    return cfg_tensors(&p->cfg, &p->ct, &p->n_ct, err);
+    if (cfg_tensors(&p->cfg, &p->ct, &p->n_ct, err))
+        return lk_err_prefix(err, "%s", d->base_dir);
+    return LK_OK;
 }
 
 static int diff_open_inner(struct diff *d, const char *a, const char *b, const struct diff_opts *o,

@@ -334,8 +334,8 @@ int gen_forward(struct gen_cache *gc, const struct model *m, const struct lora *
         if (lora->mag_mem)
             return lk_errf(err, LK_ERR_UNSUPPORTED, "DoRA adapters cannot be run by the engine yet: "
                            "merge them into the base (lorakit merge) and run the merged model");
-        if (lora->n_extra && !lora->extras_applied)
-            return lk_errf(err, LK_ERR_USAGE, "adapter has modules_to_save tensors: model_apply_extras first");
+        if (lora_changes_weights(lora) && !lora->extras_applied)
+            return lk_errf(err, LK_ERR_USAGE, "adapter changes whole weights: model_apply_extras first");
         if (gen_lora_max_rank(lora) > gc->R)
             return lk_errf(err, LK_ERR_USAGE, "the KV cache was sized for LoRA rank %d, the adapter has %d",
                            gc->R, gen_lora_max_rank(lora));

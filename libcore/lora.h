@@ -15,11 +15,18 @@
  *   base_model.model.model.layers.N.self_attn.q_proj.lora_B.weight  [out, R]
  *   ...lora_B.bias [out] (lora_bias: true), ...lora_magnitude_vector [out] (DoRA),
  *   base_model.model.model.embed_tokens.lora_embedding_A [R, V] / lora_embedding_B [C, R],
+ *   base_model.model.lm_head.lora_A.weight [R, C] / lora_B.weight [V, R] (lm_head a target),
+ *   base_model.model.<module>.base_layer.weight [V, C] (the base under a LoRA-targeted embed_tokens
+ *   or lm_head, as PEFT saves it), base_model.model.<module>.token_adapter.trainable_tokens_delta
+ *   [n, C] (trainable_token_indices: the rows themselves),
  *   base_model.model.<name>.weight (modules_to_save: full copies).
+ * Applied at run time by model_apply_extras (model.h) for what changes whole weights, and by
+ * merge (merge.h) into the weights.
  */
 #ifndef LK_LORA_H
 #define LK_LORA_H
 
+#include <regex.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -34,7 +41,12 @@ struct lora_pattern {
     double value;
 };
 
-/* What adapter_config.json says (the fields lorakit reads and writes). */
+/* What adapter_config.json says (the fields lorakit reads and writes). Which modules are
+ * adapted follows PEFT's check_target_module_exists (tuners_utils.py): exclude_modules first,
+ * then modules_to_save (never also a LoRA target), then target_modules (a list: a name equal to
+ * the module's or ending in ".name"; a string: a regex that must match the whole module name),
+ * and with a list, layers_to_transform picks layers by the index after layers_pattern.
+ * lora_config_targets answers that question for one module name. */
 struct lora_config {
     int r;
     double alpha;
@@ -42,8 +54,25 @@ struct lora_config {
     int use_rslora;
     int use_dora;
     int lora_bias;
-    unsigned targets;             /* bit m set: module m (enum cfg_module) is targeted */
-    int target_embed;             /* embed_tokens in target_modules */
+    unsigned targets;             /* bit m set: module m (enum cfg_module) is targeted (in some layer) */
+    int target_embed;             /* embed_tokens targeted (LoRA on the input embedding) */
+    int target_head;              /* lm_head targeted (LoRA on the output layer) */
+    char **target_list;           /* owned: target_modules as the list read, or NULL (then targets,
+                                     target_embed and target_head say what is targeted) */
+    int n_target_list;
+    char *target_regex;           /* owned: target_modules as a regex string, or NULL */
+    char **exclude;               /* owned: exclude_modules as a list, or NULL */
+    int n_exclude;
+    char *exclude_regex;          /* owned: exclude_modules as a regex string, or NULL */
+    int *layers;                  /* owned: layers_to_transform, or NULL (every layer) */
+    int n_layers;
+    char **layers_pattern;        /* owned: layers_pattern (NULL: any "<name>.<N>." segment) */
+    int n_layers_pattern;
+    int ensure_weight_tying;      /* PEFT ties adapters of tied embed_tokens / lm_head */
+    int *token_idx[2];            /* owned: trainable_token_indices for embed_tokens [0], lm_head [1] */
+    int n_token_idx[2];
+    char *unknown_keys;           /* owned: keys PEFT's LoraConfig does not have, "'a', 'b'" (NULL:
+                                     none); the command names them in a warning */
     char base_model[512];
     char bias[16];                /* "none" (the only value the engine applies) */
     char init[32];                /* init_lora_weights as written ("true", "gaussian", "pissa"...) */
@@ -51,7 +80,6 @@ struct lora_config {
     struct lora_pattern *rank_pattern, *alpha_pattern; /* owned */
     int n_modules_to_save;
     char **modules_to_save;       /* owned */
-    int layers_to_transform_set;  /* refused when set (not implemented) */
 };
 
 struct lora_module {
@@ -67,12 +95,16 @@ struct lora_module {
     float *mag;        /* points into lora.mem: DoRA magnitude [out], or NULL */
 };
 
-/* A full tensor carried by the adapter (modules_to_save), or an embedding adapter. */
+/* A full tensor carried by the adapter: a modules_to_save copy, or (shared) PEFT's copy of the
+ * base weight under a LoRA on embed_tokens / lm_head ("...embed_tokens.base_layer.weight"). */
 struct lora_extra {
     char *name;        /* owned: the model tensor name, e.g. "lm_head.weight" */
     int ndim;
     int64_t shape[2];
     float *data;       /* owned */
+    int base_layer;    /* 1: a base_layer copy. On a tied base it is the one weight embed_tokens
+                          and lm_head share (named "model.embed_tokens.weight"), so it replaces
+                          both and never unties them */
 };
 
 struct lora {
@@ -89,6 +121,14 @@ struct lora {
     float *embed_A, *embed_B;   /* owned: embedding adapter [R, V] and [C, R], or NULL */
     int embed_R, embed_V, embed_C;
     float embed_scale;
+    float *head_A, *head_B;     /* owned: LoRA on lm_head, A [R, C] and B [V, R], or NULL */
+    int head_R, head_V, head_Cin;
+    float head_scale;
+    int *tok_idx[2];            /* owned: trainable tokens of embed_tokens [0] / lm_head [1]: ids */
+    float *tok_rows[2];         /* owned: their new rows [n_tok, C] (PEFT's trainable_tokens_delta
+                                   holds the rows themselves, written with index_copy) */
+    int n_tok[2];
+    int tok_C;                  /* columns of the rows (the hidden size) */
     float *mag_mem;             /* points into mem: the first DoRA magnitude (use_dora), or NULL */
     float *init_mem;            /* owned: the PiSSA initial factors (mem's layout), or NULL */
 };
@@ -96,6 +136,24 @@ struct lora {
 /* Default config: r 8, alpha 16, dropout 0, all seven projections, bias "none". */
 void lora_config_default(struct lora_config *c);
 void lora_config_release(struct lora_config *c);
+/* A deep copy of src into dst (dst's old contents are not freed). LK_ERR_NOMEM leaves dst
+ * released. */
+int lora_config_copy(struct lora_config *dst, const struct lora_config *src, struct lk_err *err);
+/* 1 when PEFT would put a LoRA on the module named name ("model.layers.3.self_attn.q_proj",
+ * "model.embed_tokens", "lm_head"): check_target_module_exists of tuners_utils.py (exclude_modules,
+ * modules_to_save, target_modules list or full-match regex, layers_to_transform with
+ * layers_pattern). A regex that does not compile matches nothing (the reader refuses it). */
+int lora_config_targets(const struct lora_config *c, const char *name);
+/* PEFT's regexes are Python's: compiles one into a POSIX extended regex, anchored as
+ * fmt says ("^(%s)$": full match; "^(.*\\.)?(%s)$": PEFT's pattern-key match), translating \d \w
+ * \s (and inside [...]), (?:...) and lazy quantifiers; lookarounds, named groups and flags are
+ * refused (LK_ERR_UNSUPPORTED), as is what lora_regex_check refuses. what and path name it in
+ * messages. On success the caller regfree()s re. */
+int lora_regex_compile(regex_t *re, const char *py, const char *fmt, const char *what,
+                       const char *path, struct lk_err *err);
+/* 1 when the adapter changes weights of the model it runs on (modules_to_save copies, a LoRA on
+ * lm_head, trainable tokens): model_apply_extras must run before model_forward. */
+int lora_changes_weights(const struct lora *l);
 /* Rank and alpha for one module name ("model.layers.3.mlp.down_proj") after the patterns. */
 void lora_config_module(const struct lora_config *c, const char *module_name, int *out_r,
                         double *out_alpha);
@@ -148,19 +206,29 @@ struct lora_file {
     int L;                        /* 1 + the highest layer the names mention (0: none) */
     int *index;                   /* owned [L * CFG_N_MODULES]: the module of (layer, m), or -1 */
     const struct st_tensor *embed_A, *embed_B; /* lora_embedding_A [R, V] / _B [C, R], or NULL */
+    const struct st_tensor *head_A, *head_B;   /* lm_head.lora_A.weight [R, C] / lora_B [V, R], or NULL */
+    const struct st_tensor *base_layer[2];     /* embed_tokens / lm_head ".base_layer.weight" [V, C]:
+                                                  PEFT's copy of a LoRA-targeted embedding layer */
+    const struct st_tensor *tok[2];            /* embed_tokens / lm_head trainable_tokens_delta [n, C] */
 };
 /* Opens DIR (adapter_config.json + adapter_model.safetensors) without a base: the config as
  * lora_config_load reads it; every tensor named as PEFT names it and of a float dtype; each
  * module with both factors, 2-D, the config's rank (after rank_pattern), lora_B's rank equal to
  * lora_A's, lora_B.bias exactly when lora_bias and a magnitude exactly when use_dora, both [out];
- * no projection the config does not target; the embedding adapter complete. On failure lf is
+ * no module the config does not target (lora_config_targets); the embedding and lm_head
+ * adapters complete; base_layer copies only of targeted embedding layers; trainable-token rows
+ * exactly for the modules trainable_token_indices names, one row per index. On failure lf is
  * closed (closing it again is harmless). */
 int lora_file_open(struct lora_file *lf, const char *dir, struct lk_err *err);
 /* Harmless on a zeroed or closed struct. */
 void lora_file_close(struct lora_file *lf);
 /* The second step: checks an open adapter against a base config (layers the base has, every
- * shape, modules_to_save names, every targeted projection of every layer present) and reads it
- * into l (release with lora_release; on failure l holds nothing). lf stays open. */
+ * shape, modules_to_save names, token ids inside the vocabulary, every targeted projection of
+ * every layer present) and reads it into l (release with lora_release; on failure l holds
+ * nothing). lf stays open. On a base that ties lm_head to embed_tokens: a base_layer copy is the
+ * shared weight; with ensure_weight_tying, a modules_to_save copy of one of the two stands for
+ * the other too (PEFT ties their copies), and a LoRA on either is refused (PEFT ties a second
+ * adapter to it, which lorakit does not build). lf stays open. */
 int lora_file_bind(const struct lora_file *lf, const struct cfg *c, struct lora *l, struct lk_err *err);
 /* lora_file_open, lora_file_bind, lora_file_close: an adapter folder read for a base config. */
 int lora_load(struct lora *l, const char *dir, const struct cfg *c, struct lk_err *err);

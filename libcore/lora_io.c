@@ -5,7 +5,10 @@
  * adapter is opened on its own (lora_file_open: the config validated, every tensor in the file
  * understood and the shapes of each module's tensors checked against each other), then bound to
  * a base (lora_file_bind: layers and shapes the base has, the values read into struct lora).
- * Anything else is refused with its name. Owns: while open, the mapped file and its index.
+ * Which modules are adapted follows PEFT's selection rules (lora_config_targets, lora.c); the
+ * fields lorakit cannot apply are refused by name, keys it does not know are listed for a
+ * warning. Anything else is refused with its name. Owns: while open, the mapped file and its
+ * index.
  */
 #include "lora.h"
 
@@ -16,6 +19,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <unistd.h>
 
 #include "st.h"
@@ -68,8 +72,11 @@ static int patterns_read(const cJSON *o, const char *key, struct lora_pattern **
         if (!cJSON_IsNumber(e) || e->valuedouble <= 0)
             return lk_errf(err, LK_ERR_FORMAT, "%s: '%s' entry '%s' must be a positive number", path,
                            key, e->string);
-        if (lora_regex_check(e->string, key, path, err))
-            return err ? err->code : LK_ERR_FORMAT;
+        regex_t re;
+        int rc = lora_regex_compile(&re, e->string, "^(.*\\.)?(%s)$", key, path, err);
+        if (rc)
+            return rc;
+        regfree(&re);
         (*out)[*n].key = lk_strdup(e->string);
         (*out)[*n].value = e->valuedouble;
         if (!(*out)[*n].key)
@@ -79,11 +86,11 @@ static int patterns_read(const cJSON *o, const char *key, struct lora_pattern **
     return LK_OK;
 }
 
-/* Which of our modules a target_modules entry names ("q_proj", or a longer name ending in it). */
-static int target_module_of(const char *s)
+/* PEFT's list match: e is the module's name or the end of it after a dot. */
+static int name_is_or_ends_with_str(const char *name, const char *e)
 {
-    const char *dot = strrchr(s, '.');
-    return cfg_module_parse(dot ? dot + 1 : s);
+    size_t n = strlen(name), k = strlen(e);
+    return !strcmp(name, e) || (n > k && name[n - k - 1] == '.' && !strcmp(name + n - k, e));
 }
 
 /* r, lora_alpha and lora_dropout, each checked when present (PEFT's defaults otherwise). */
@@ -114,8 +121,8 @@ static int config_numbers(const cJSON *o, struct lora_config *lc, const char *pa
     return LK_OK;
 }
 
-/* The switches (use_rslora, use_dora, lora_bias), the names kept as written, and the settings
- * the engine cannot apply (fan_in_fan_out, a bias other than "none", layers_to_transform). */
+/* The switches (use_rslora, use_dora, lora_bias, ensure_weight_tying), the names kept as
+ * written, and the settings the engine cannot apply (fan_in_fan_out, a bias other than "none"). */
 static int config_flags(const cJSON *o, struct lora_config *lc, const char *path, struct lk_err *err)
 {
     int fifo = 0;
@@ -123,7 +130,8 @@ static int config_flags(const cJSON *o, struct lora_config *lc, const char *path
         const char *key;
         int *dst;
     } flag[] = { { "use_rslora", &lc->use_rslora }, { "use_dora", &lc->use_dora },
-                 { "lora_bias", &lc->lora_bias }, { "fan_in_fan_out", &fifo } };
+                 { "lora_bias", &lc->lora_bias }, { "fan_in_fan_out", &fifo },
+                 { "ensure_weight_tying", &lc->ensure_weight_tying } };
     for (size_t i = 0; i < sizeof flag / sizeof flag[0]; i++) {
         int b, k = json_bool(o, flag[i].key, &b);
         if (k < 0)
@@ -144,63 +152,251 @@ static int config_flags(const cJSON *o, struct lora_config *lc, const char *path
     v = cJSON_GetObjectItemCaseSensitive(o, "init_lora_weights");
     if (v && cJSON_IsString(v))
         snprintf(lc->init, sizeof lc->init, "%s", v->valuestring);
-    v = cJSON_GetObjectItemCaseSensitive(o, "layers_to_transform");
-    if (v && !cJSON_IsNull(v))
-        return lk_errf(err, LK_ERR_UNSUPPORTED, "%s: layers_to_transform is not supported yet", path);
     return LK_OK;
 }
 
-/* target_modules as a list: each entry a projection name (or a path ending in one), or
- * embed_tokens. */
-static int targets_list(const cJSON *v, struct lora_config *lc, const char *path, struct lk_err *err)
+/* A JSON list of strings into an owned array (n + 1 slots); on failure the array holds what was
+ * copied, counted in *n, so the config's release frees it. */
+static int json_strings(const cJSON *v, char ***out, int *n, const char *key, const char *path,
+                        struct lk_err *err)
 {
+    *out = lk_calloc((size_t)cJSON_GetArraySize(v) + 1, sizeof(char *));
+    if (!*out)
+        return lk_errf(err, LK_ERR_NOMEM, "out of memory");
     const cJSON *e;
     cJSON_ArrayForEach(e, v)
     {
         if (!cJSON_IsString(e))
-            return lk_errf(err, LK_ERR_FORMAT, "%s: target_modules must hold strings", path);
-        if (!strcmp(e->valuestring, "embed_tokens")) {
-            lc->target_embed = 1;
-            continue;
-        }
-        int m = target_module_of(e->valuestring);
-        if (m < 0)
-            return lk_errf(err, LK_ERR_UNSUPPORTED,
-                           "%s: target module '%s' is not a projection of a Llama/Qwen2 layer", path,
-                           e->valuestring);
-        lc->targets |= 1u << m;
+            return lk_errf(err, LK_ERR_FORMAT, "%s: %s must hold strings", path, key);
+        if (!((*out)[*n] = lk_strdup(e->valuestring)))
+            return lk_errf(err, LK_ERR_NOMEM, "out of memory");
+        (*n)++;
     }
     return LK_OK;
 }
 
-/* target_modules as a string: "all-linear", or a regex that must match the whole module name
- * (PEFT: re.fullmatch), tried on each projection's path. */
-static int targets_regex(const char *s, struct lora_config *lc, const char *path, struct lk_err *err)
+/* A regex PEFT would full-match: kept when lorakit can evaluate it. */
+static int regex_keep(const char *s, char **dst, const char *key, const char *path, struct lk_err *err)
 {
-    if (!strcmp(s, "all-linear")) {
+    regex_t re;
+    int rc = lora_regex_compile(&re, s, "^(%s)$", key, path, err);
+    if (rc)
+        return rc;
+    regfree(&re);
+    if (!(*dst = lk_strdup(s)))
+        return lk_errf(err, LK_ERR_NOMEM, "out of memory");
+    return LK_OK;
+}
+
+/* target_modules: "all-linear" (PEFT: every linear but the output layer, i.e. the seven
+ * projections), a regex full-matched against each module name, or a list of names (each a
+ * projection, embed_tokens or lm_head, alone or as the end of a longer module path). The
+ * bitmask records which projections are targeted in some layer, for writers and `info`. */
+static int config_targets(const cJSON *o, struct lora_config *lc, const char *path, struct lk_err *err)
+{
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, "target_modules");
+    int rc;
+    if (cJSON_IsString(v) && !strcasecmp(v->valuestring, "all-linear")) {
         lc->targets = (1u << CFG_N_MODULES) - 1;
         return LK_OK;
     }
-    int rc = lora_regex_check(s, "target_modules", path, err);
+    if (cJSON_IsString(v)) {
+        if ((rc = regex_keep(v->valuestring, &lc->target_regex, "target_modules", path, err)))
+            return rc;
+        regex_t re; // compiled by regex_keep already: cannot fail here
+        LK_ASSERT(lora_regex_compile(&re, lc->target_regex, "^(%s)$", "", "", NULL) == LK_OK);
+        for (int layer = 0; layer < 128; layer++)
+            for (int m = 0; m < CFG_N_MODULES; m++) {
+                char name[96];
+                cfg_module_path(layer, (enum cfg_module)m, name, sizeof name);
+                if (!(lc->targets & (1u << m)) && !regexec(&re, name, 0, NULL, 0))
+                    lc->targets |= 1u << m;
+            }
+        lc->target_embed = !regexec(&re, "model.embed_tokens", 0, NULL, 0);
+        lc->target_head = !regexec(&re, "lm_head", 0, NULL, 0);
+        regfree(&re);
+        return LK_OK;
+    }
+    if (!cJSON_IsArray(v))
+        return lk_errf(err, LK_ERR_FORMAT, "%s: missing field 'target_modules'", path);
+    if ((rc = json_strings(v, &lc->target_list, &lc->n_target_list, "target_modules", path, err)))
+        return rc;
+    for (int i = 0; i < lc->n_target_list; i++) {
+        const char *e = lc->target_list[i], *dot = strrchr(e, '.');
+        const char *last = dot ? dot + 1 : e;
+        int m = cfg_module_parse(last);
+        if (m >= 0)
+            lc->targets |= 1u << m;
+        else if (!strcmp(last, "embed_tokens"))
+            lc->target_embed = 1;
+        else if (!strcmp(last, "lm_head"))
+            lc->target_head = 1;
+        else
+            return lk_errf(err, LK_ERR_UNSUPPORTED,
+                           "%s: target module '%s' is not a projection of a Llama/Qwen2 layer, embed_tokens or "
+                           "lm_head", path, e);
+    }
+    return LK_OK;
+}
+
+/* exclude_modules: a regex (full match) or a list of names; layers_to_transform (an index or a
+ * list) with layers_pattern (a name or a list). PEFT's LoraConfig refuses layers_to_transform
+ * with a regex target_modules, and so does lorakit. */
+static int config_selection(const cJSON *o, struct lora_config *lc, const char *path, struct lk_err *err)
+{
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, "exclude_modules");
+    int rc = LK_OK;
+    if (cJSON_IsString(v))
+        rc = regex_keep(v->valuestring, &lc->exclude_regex, "exclude_modules", path, err);
+    else if (cJSON_IsArray(v))
+        rc = json_strings(v, &lc->exclude, &lc->n_exclude, "exclude_modules", path, err);
+    else if (v && !cJSON_IsNull(v))
+        rc = lk_errf(err, LK_ERR_FORMAT, "%s: exclude_modules must be a string, a list or null", path);
     if (rc)
         return rc;
-    size_t n = strlen(s) + 8;
-    char *rx = lk_malloc(n);
-    if (!rx)
-        return lk_errf(err, LK_ERR_NOMEM, "out of memory");
-    snprintf(rx, n, "^(%s)$", s);
-    regex_t re;
-    int bad = regcomp(&re, rx, REG_EXTENDED | REG_NOSUB);
-    lk_free(rx);
-    if (bad)
-        return lk_errf(err, LK_ERR_FORMAT, "%s: target_modules regex '%s' does not compile", path, s);
-    for (int m = 0; m < CFG_N_MODULES; m++) {
-        char name[96];
-        cfg_module_path(0, (enum cfg_module)m, name, sizeof name);
-        if (!regexec(&re, name, 0, NULL, 0))
-            lc->targets |= 1u << m;
+    v = cJSON_GetObjectItemCaseSensitive(o, "layers_to_transform");
+    if (v && !cJSON_IsNull(v)) {
+        int n = cJSON_IsArray(v) ? cJSON_GetArraySize(v) : 1;
+        if (!cJSON_IsArray(v) && !cJSON_IsNumber(v))
+            return lk_errf(err, LK_ERR_FORMAT, "%s: layers_to_transform must be a layer index or a list", path);
+        if (!(lc->layers = lk_malloc(sizeof(int) * ((size_t)n + 1))))
+            return lk_errf(err, LK_ERR_NOMEM, "out of memory");
+        const cJSON *e = cJSON_IsArray(v) ? v->child : v;
+        for (; e && lc->n_layers < n; e = e->next) {
+            if (!cJSON_IsNumber(e) || e->valuedouble < 0 || e->valuedouble > 100000 ||
+                e->valuedouble != floor(e->valuedouble))
+                return lk_errf(err, LK_ERR_FORMAT, "%s: layers_to_transform must hold layer indices", path);
+            lc->layers[lc->n_layers++] = (int)e->valuedouble;
+        }
+        if (lc->target_regex && lc->n_layers)
+            return lk_errf(err, LK_ERR_FORMAT, "%s: layers_to_transform does not apply to a regex "
+                           "target_modules (PEFT's LoraConfig refuses the pair)", path);
     }
-    regfree(&re);
+    v = cJSON_GetObjectItemCaseSensitive(o, "layers_pattern");
+    if (cJSON_IsString(v) && v->valuestring[0]) {
+        cJSON *one = cJSON_CreateStringArray((const char *const[]){ v->valuestring }, 1);
+        rc = one ? json_strings(one, &lc->layers_pattern, &lc->n_layers_pattern, "layers_pattern", path, err)
+                 : lk_errf(err, LK_ERR_NOMEM, "out of memory");
+        cJSON_Delete(one);
+    } else if (cJSON_IsArray(v))
+        rc = json_strings(v, &lc->layers_pattern, &lc->n_layers_pattern, "layers_pattern", path, err);
+    for (int i = 0; i < lc->n_layers_pattern && !rc; i++) {
+        regex_t re;
+        if (!(rc = lora_regex_compile(&re, lc->layers_pattern[i], "^.*\\.(%s)\\.[0-9]+\\.", "layers_pattern",
+                                      path, err)))
+            regfree(&re);
+    }
+    return rc;
+}
+
+/* One list of trainable token ids, each in [0, 2^31). */
+static int token_ids(const cJSON *v, int **out, int *n, const char *path, struct lk_err *err)
+{
+    if (!cJSON_IsArray(v))
+        return lk_errf(err, LK_ERR_FORMAT, "%s: trainable_token_indices must list token ids", path);
+    if (!(*out = lk_malloc(sizeof(int) * ((size_t)cJSON_GetArraySize(v) + 1))))
+        return lk_errf(err, LK_ERR_NOMEM, "out of memory");
+    const cJSON *e;
+    cJSON_ArrayForEach(e, v)
+    {
+        if (!cJSON_IsNumber(e) || e->valuedouble < 0 || e->valuedouble > 2147483647.0 ||
+            e->valuedouble != floor(e->valuedouble))
+            return lk_errf(err, LK_ERR_FORMAT, "%s: trainable_token_indices must hold token ids", path);
+        (*out)[(*n)++] = (int)e->valuedouble;
+    }
+    return LK_OK;
+}
+
+/* trainable_token_indices: a list (the input embedding's tokens) or {module: list} with modules
+ * embed_tokens and lm_head (PEFT's TrainableTokensWrapper; their rows are
+ * "<module>.token_adapter.trainable_tokens_delta"). */
+static int config_tokens(const cJSON *o, struct lora_config *lc, const char *path, struct lk_err *err)
+{
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, "trainable_token_indices");
+    if (!v || cJSON_IsNull(v))
+        return LK_OK;
+    if (cJSON_IsArray(v))
+        return token_ids(v, &lc->token_idx[0], &lc->n_token_idx[0], path, err);
+    if (!cJSON_IsObject(v))
+        return lk_errf(err, LK_ERR_FORMAT, "%s: trainable_token_indices must be a list or an object", path);
+    const cJSON *e;
+    cJSON_ArrayForEach(e, v)
+    {
+        int k = name_is_or_ends_with_str("model.embed_tokens", e->string) ? 0
+                : name_is_or_ends_with_str("lm_head", e->string)          ? 1
+                                                                          : -1;
+        if (k < 0)
+            return lk_errf(err, LK_ERR_UNSUPPORTED, "%s: trainable_token_indices names '%s'; lorakit applies "
+                           "trainable tokens to embed_tokens and lm_head only", path, e->string);
+        if (lc->token_idx[k])
+            return lk_errf(err, LK_ERR_FORMAT, "%s: trainable_token_indices names '%s' twice", path, e->string);
+        int rc = token_ids(e, &lc->token_idx[k], &lc->n_token_idx[k], path, err);
+        if (rc)
+            return rc;
+    }
+    return LK_OK;
+}
+
+/* PEFT 0.20's LoraConfig and PeftConfig fields. The ones that change what the adapter computes
+ * and that lorakit does not implement are refused when set (not null, false or empty); the
+ * initialisation-only ones are ignored, as they are once training is over. */
+static const char *const known_keys[] = {
+    "alora_invocation_tokens", "alpha_pattern", "arrow_config", "auto_mapping", "base_model_name_or_path",
+    "bias", "corda_config", "ensure_weight_tying", "eva_config", "exclude_modules", "fan_in_fan_out",
+    "inference_mode", "init_lora_weights", "kasa_config", "layer_replication", "layers_pattern",
+    "layers_to_transform", "loftq_config", "lora_alpha", "lora_bias", "lora_dropout", "lora_ga_config",
+    "megatron_config", "megatron_core", "modules_to_save", "monteclora_config", "peft_type", "peft_version",
+    "qalora_group_size", "r", "rank_pattern", "revision", "runtime_config", "target_modules",
+    "target_parameters", "task_type", "trainable_token_indices", "use_bdlora", "use_dora", "use_qalora",
+    "use_rslora", "velora_config",
+};
+static const struct {
+    const char *key, *what;
+} refused_keys[] = {
+    { "layer_replication", "layers built by replication" },
+    { "target_parameters", "LoRA on parameters instead of modules" },
+    { "alora_invocation_tokens", "activated LoRA (aLoRA)" },
+    { "arrow_config", "Arrow routing between adapters" },
+    { "use_bdlora", "block-diagonal LoRA (BD-LoRA)" },
+    { "use_qalora", "QA-LoRA's pooled inputs" },
+    { "velora_config", "VeLoRA" },
+    { "monteclora_config", "MonteCLoRA" },
+    { "kasa_config", "KaSA" },
+};
+
+/* A set field: not null, not false, not an empty object or list. */
+static int json_set(const cJSON *v)
+{
+    return v && !cJSON_IsNull(v) && !cJSON_IsFalse(v) &&
+           !((cJSON_IsObject(v) || cJSON_IsArray(v)) && cJSON_GetArraySize(v) == 0);
+}
+
+/* Refuses the set fields lorakit cannot apply; lists the keys it does not know in
+ * lc->unknown_keys ("'a', 'b'"). */
+static int config_keys(const cJSON *o, struct lora_config *lc, const char *path, struct lk_err *err)
+{
+    for (size_t i = 0; i < sizeof refused_keys / sizeof refused_keys[0]; i++)
+        if (json_set(cJSON_GetObjectItemCaseSensitive(o, refused_keys[i].key)))
+            return lk_errf(err, LK_ERR_UNSUPPORTED, "%s: '%s' is set (%s): lorakit cannot apply it; merge the "
+                           "adapter with PEFT (merge_and_unload) and use the merged model", path,
+                           refused_keys[i].key, refused_keys[i].what);
+    size_t len = 0;
+    const cJSON *e;
+    cJSON_ArrayForEach(e, o)
+    {
+        int known = 0;
+        for (size_t i = 0; i < sizeof known_keys / sizeof known_keys[0] && !known; i++)
+            known = !strcmp(e->string, known_keys[i]);
+        if (known || len > 400)
+            continue;
+        size_t add = strlen(e->string) + 4;
+        char *nk = lk_realloc(lc->unknown_keys, len + add + 1);
+        if (!nk)
+            return lk_errf(err, LK_ERR_NOMEM, "out of memory");
+        lc->unknown_keys = nk;
+        snprintf(nk + len, add + 1, "%s'%.300s'", len ? ", " : "", e->string);
+        len = strlen(nk);
+    }
     return LK_OK;
 }
 
@@ -210,19 +406,14 @@ static int config_modules_to_save(const cJSON *o, struct lora_config *lc, const 
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, "modules_to_save");
     if (!cJSON_IsArray(v))
         return LK_OK;
-    int cnt = cJSON_GetArraySize(v);
-    lc->modules_to_save = lk_calloc((size_t)cnt + 1, sizeof(char *));
-    if (!lc->modules_to_save)
-        return lk_errf(err, LK_ERR_NOMEM, "out of memory");
-    const cJSON *e;
-    cJSON_ArrayForEach(e, v)
-    {
-        if (!cJSON_IsString(e))
-            return lk_errf(err, LK_ERR_FORMAT, "%s: modules_to_save must hold strings", path);
-        if (!(lc->modules_to_save[lc->n_modules_to_save++] = lk_strdup(e->valuestring)))
-            return lk_errf(err, LK_ERR_NOMEM, "out of memory");
+    int rc = json_strings(v, &lc->modules_to_save, &lc->n_modules_to_save, "modules_to_save", path, err);
+    for (int i = 0; i < lc->n_modules_to_save && !rc; i++) {
+        regex_t re; // PEFT inserts each name into a regex: (^|.*\.){m}($|\..*)
+        if (!(rc = lora_regex_compile(&re, lc->modules_to_save[i], "^(.*\\.)?(%s)(\\..*)?$", "modules_to_save",
+                                      path, err)))
+            regfree(&re);
     }
-    return LK_OK;
+    return rc;
 }
 
 /* Every field lorakit reads, in the order the checks report them. */
@@ -239,21 +430,20 @@ static int config_fields(const cJSON *o, struct lora_config *lc, const char *pat
     int rc = config_numbers(o, lc, path, err);
     if (!rc)
         rc = config_flags(o, lc, path, err);
-    if (!rc) {
-        v = cJSON_GetObjectItemCaseSensitive(o, "target_modules");
-        if (cJSON_IsArray(v))
-            rc = targets_list(v, lc, path, err);
-        else if (cJSON_IsString(v))
-            rc = targets_regex(v->valuestring, lc, path, err);
-        else
-            rc = lk_errf(err, LK_ERR_FORMAT, "%s: missing field 'target_modules'", path);
-    }
+    if (!rc)
+        rc = config_keys(o, lc, path, err);
+    if (!rc)
+        rc = config_modules_to_save(o, lc, path, err); // before the targets: they exclude these
+    if (!rc)
+        rc = config_targets(o, lc, path, err);
+    if (!rc)
+        rc = config_selection(o, lc, path, err);
+    if (!rc)
+        rc = config_tokens(o, lc, path, err);
     if (!rc)
         rc = patterns_read(o, "rank_pattern", &lc->rank_pattern, &lc->n_rank_pattern, path, err);
     if (!rc)
         rc = patterns_read(o, "alpha_pattern", &lc->alpha_pattern, &lc->n_alpha_pattern, path, err);
-    if (!rc)
-        rc = config_modules_to_save(o, lc, path, err);
     return rc;
 }
 
@@ -341,6 +531,64 @@ static void json_patterns(struct lk_afile *af, const struct lora_pattern *p, int
     lk_afile_printf(af, "  }");
 }
 
+/* A JSON list of strings, 2-space indents at depth 1 ("[]" when empty). sort: as PEFT writes
+ * a set (target_modules). */
+static void json_str_list(struct lk_afile *af, const char *const *v, int n, int sort)
+{
+    const char **tmp = lk_malloc(sizeof(char *) * ((size_t)n + 1));
+    int k = n;
+    if (!tmp) // written in the given order
+        sort = 0;
+    else
+        memcpy(tmp, v, sizeof(char *) * (size_t)n);
+    const char *const *w = tmp ? tmp : v;
+    for (int i = 0; sort && i < k; i++)
+        for (int j = i + 1; j < k; j++)
+            if (strcmp(tmp[j], tmp[i]) < 0) {
+                const char *t = tmp[i];
+                tmp[i] = tmp[j];
+                tmp[j] = t;
+            }
+    lk_afile_printf(af, "[");
+    for (int i = 0; i < k; i++) {
+        lk_afile_printf(af, "%s\n    ", i ? "," : "");
+        json_str(af, w[i]);
+    }
+    lk_afile_printf(af, k ? "\n  ]" : "]");
+    lk_free(tmp);
+}
+
+static void json_int_list(struct lk_afile *af, const int *v, int n, const char *indent)
+{
+    lk_afile_printf(af, "[");
+    for (int i = 0; i < n; i++)
+        lk_afile_printf(af, "%s\n%s  %d", i ? "," : "", indent, v[i]);
+    lk_afile_printf(af, n ? "\n%s]" : "]", indent);
+}
+
+/* target_modules as read (a regex, or the list), else the projections, embed_tokens, lm_head. */
+static void json_targets(struct lk_afile *af, const struct lora_config *lc)
+{
+    if (lc->target_regex) {
+        json_str(af, lc->target_regex);
+        return;
+    }
+    if (lc->target_list) {
+        json_str_list(af, (const char *const *)lc->target_list, lc->n_target_list, 1);
+        return;
+    }
+    const char *names[CFG_N_MODULES + 2];
+    int nn = 0;
+    for (int m = 0; m < CFG_N_MODULES; m++)
+        if (lc->targets & (1u << m))
+            names[nn++] = cfg_module_names[m];
+    if (lc->target_embed)
+        names[nn++] = "embed_tokens";
+    if (lc->target_head)
+        names[nn++] = "lm_head";
+    json_str_list(af, names, nn, 1);
+}
+
 static int config_write(const struct lora_config *lc, const char *path, struct lk_err *err)
 {
     struct lk_afile af;
@@ -355,52 +603,58 @@ static int config_write(const struct lora_config *lc, const char *path, struct l
         json_str(&af, lc->base_model);
     else
         lk_afile_printf(&af, "null");
-    lk_afile_printf(&af, ",\n  \"bias\": \"none\",\n  \"fan_in_fan_out\": false,\n"
-                         "  \"inference_mode\": true,\n  \"init_lora_weights\": ");
+    lk_afile_printf(&af, ",\n  \"bias\": \"none\",\n  \"ensure_weight_tying\": %s,\n  \"exclude_modules\": ",
+                    lc->ensure_weight_tying ? "true" : "false");
+    if (lc->exclude_regex)
+        json_str(&af, lc->exclude_regex);
+    else if (lc->exclude)
+        json_str_list(&af, (const char *const *)lc->exclude, lc->n_exclude, 0);
+    else
+        lk_afile_printf(&af, "null");
+    lk_afile_printf(&af, ",\n  \"fan_in_fan_out\": false,\n  \"inference_mode\": true,\n  \"init_lora_weights\": ");
     if (!lc->init[0] || !strcmp(lc->init, "true"))
         lk_afile_printf(&af, "true");
     else
         json_str(&af, lc->init);
-    lk_afile_printf(&af, ",\n  \"layers_pattern\": null,\n  \"layers_to_transform\": null,\n"
-                         "  \"lora_alpha\": ");
+    lk_afile_printf(&af, ",\n  \"layers_pattern\": ");
+    if (lc->layers_pattern)
+        json_str_list(&af, (const char *const *)lc->layers_pattern, lc->n_layers_pattern, 0);
+    else
+        lk_afile_printf(&af, "null");
+    lk_afile_printf(&af, ",\n  \"layers_to_transform\": ");
+    if (lc->layers)
+        json_int_list(&af, lc->layers, lc->n_layers, "  ");
+    else
+        lk_afile_printf(&af, "null");
+    lk_afile_printf(&af, ",\n  \"lora_alpha\": ");
     json_num(&af, lc->alpha);
     lk_afile_printf(&af, ",\n  \"lora_bias\": %s,\n  \"lora_dropout\": ", lc->lora_bias ? "true" : "false");
     json_num(&af, lc->dropout);
     lk_afile_printf(&af, ",\n  \"modules_to_save\": ");
     if (!lc->n_modules_to_save)
         lk_afile_printf(&af, "null");
-    else {
-        lk_afile_printf(&af, "[\n");
-        for (int i = 0; i < lc->n_modules_to_save; i++) {
-            lk_afile_printf(&af, "    ");
-            json_str(&af, lc->modules_to_save[i]);
-            lk_afile_printf(&af, i + 1 < lc->n_modules_to_save ? ",\n" : "\n");
-        }
-        lk_afile_printf(&af, "  ]");
-    }
+    else
+        json_str_list(&af, (const char *const *)lc->modules_to_save, lc->n_modules_to_save, 0);
     lk_afile_printf(&af, ",\n  \"peft_type\": \"LORA\",\n  \"r\": %d,\n  \"rank_pattern\": ", lc->r);
     json_patterns(&af, lc->rank_pattern, lc->n_rank_pattern);
-    lk_afile_printf(&af, ",\n  \"revision\": null,\n  \"target_modules\": [");
-    // PEFT writes a set as a sorted list
-    const char *names[CFG_N_MODULES + 1];
-    int nn = 0;
-    for (int m = 0; m < CFG_N_MODULES; m++)
-        if (lc->targets & (1u << m))
-            names[nn++] = cfg_module_names[m];
-    if (lc->target_embed)
-        names[nn++] = "embed_tokens";
-    for (int i = 0; i < nn; i++)
-        for (int j = i + 1; j < nn; j++)
-            if (strcmp(names[j], names[i]) < 0) {
-                const char *t = names[i];
-                names[i] = names[j];
-                names[j] = t;
+    lk_afile_printf(&af, ",\n  \"revision\": null,\n  \"target_modules\": ");
+    json_targets(&af, lc);
+    lk_afile_printf(&af, ",\n  \"task_type\": \"CAUSAL_LM\",\n  \"trainable_token_indices\": ");
+    if (!lc->token_idx[0] && !lc->token_idx[1])
+        lk_afile_printf(&af, "null");
+    else {
+        // PEFT keeps what the user gave: a list (the input embedding) or {module: list}
+        lk_afile_printf(&af, "{");
+        for (int k = 0, first = 1; k < 2; k++)
+            if (lc->token_idx[k]) {
+                lk_afile_printf(&af, "%s\n    \"%s\": ", first ? "" : ",", k ? "lm_head" : "embed_tokens");
+                json_int_list(&af, lc->token_idx[k], lc->n_token_idx[k], "    ");
+                first = 0;
             }
-    for (int i = 0; i < nn; i++)
-        lk_afile_printf(&af, "%s\n    \"%s\"", i ? "," : "", names[i]);
-    lk_afile_printf(&af, "\n  ],\n  \"task_type\": \"CAUSAL_LM\",\n  \"use_dora\": %s,\n"
-                         "  \"use_rslora\": %s\n}\n",
-                    lc->use_dora ? "true" : "false", lc->use_rslora ? "true" : "false");
+        lk_afile_printf(&af, "\n  }");
+    }
+    lk_afile_printf(&af, ",\n  \"use_dora\": %s,\n  \"use_rslora\": %s\n}\n", lc->use_dora ? "true" : "false",
+                    lc->use_rslora ? "true" : "false");
     return lk_afile_commit(&af);
 }
 
@@ -526,11 +780,10 @@ static struct lora_file_module *module_at(struct lora_file *lf, int layer, int m
 }
 
 /* Sizes the index from the highest layer the names mention (parse_layer_name caps it), and
- * refuses tensors of a projection the config does not target. */
+ * refuses tensors of a module the config does not target (lora_config_targets). */
 static int index_alloc(struct lora_file *lf, struct lk_err *err)
 {
     const struct st_file *f = &lf->st;
-    unsigned present = 0;
     int top = -1;
     for (int i = 0; i < f->n; i++) {
         int layer;
@@ -538,13 +791,14 @@ static int index_alloc(struct lora_file *lf, struct lk_err *err)
         int m = parse_layer_name(f->t[i].name, &layer, &rest);
         if (m < 0)
             continue;
-        present |= 1u << m;
+        char name[96];
+        cfg_module_path(layer, (enum cfg_module)m, name, sizeof name);
+        if (!lora_config_targets(&lf->cfg, name))
+            return lk_errf(err, LK_ERR_FORMAT, "%s: holds '%s' tensors for '%s', which adapter_config.json does "
+                           "not target (target_modules, exclude_modules, layers_to_transform, modules_to_save)",
+                           lf->path, cfg_module_names[m], name);
         top = layer > top ? layer : top;
     }
-    for (int m = 0; m < CFG_N_MODULES; m++)
-        if (present & ~lf->cfg.targets & (1u << m))
-            return lk_errf(err, LK_ERR_FORMAT, "%s: holds '%s' tensors but adapter_config.json does not "
-                           "list it in target_modules", lf->path, cfg_module_names[m]);
     lf->L = top + 1;
     lf->index = lk_malloc(sizeof(int) * ((size_t)lf->L * CFG_N_MODULES + 1));
     lf->slot = lk_malloc(sizeof(int) * ((size_t)f->n + 1));
@@ -603,6 +857,9 @@ static int place_embed(struct lora_file *lf, const struct st_tensor *t, const st
                        struct lk_err *err)
 {
     int is_a = t->name[strlen(t->name) - 1] == 'A';
+    if (!lora_config_targets(&lf->cfg, "model.embed_tokens")) // PEFT would not load it
+        return lk_errf(err, LK_ERR_FORMAT, "%s: tensor '%s' is a LoRA factor of embed_tokens, which "
+                       "adapter_config.json does not target", lf->path, t->name);
     if (t->ndim != 2)
         return lk_errf(err, LK_ERR_SHAPE, "%s: tensor '%s' must be 2-D", lf->path, t->name);
     const struct st_tensor *other = is_a ? lf->embed_B : lf->embed_A;
@@ -610,6 +867,57 @@ static int place_embed(struct lora_file *lf, const struct st_tensor *t, const st
         return err_embed_ranks(lf->path, err);
     *(is_a ? &lf->embed_A : &lf->embed_B) = t;
     return LK_OK;
+}
+
+/* The tensors of a LoRA-targeted embed_tokens (k 0) or lm_head (k 1) beyond its factors, and the
+ * trainable-token rows: PEFT saves the base weight under a targeted embedding layer
+ * ("<module>.base_layer.weight", save_and_load.py get_peft_model_state_dict) and a
+ * TrainableTokensWrapper's rows as "<module>.token_adapter.trainable_tokens_delta". Returns 1
+ * when t is one of them (placed, or refused in err), 0 when it is not. */
+static int place_embedding_extra(struct lora_file *lf, const struct st_tensor *t, int *rc, struct lk_err *err)
+{
+    static const char *const mod[2] = { "model.embed_tokens", "lm_head" };
+    static const char *const key[2] = { "embed_tokens", "lm_head" };
+    for (int k = 0; k < 2; k++) {
+        size_t n = strlen(PEFT_PREFIX) + strlen(mod[k]);
+        if (strncmp(t->name, PEFT_PREFIX, strlen(PEFT_PREFIX)) || strncmp(t->name + strlen(PEFT_PREFIX), mod[k],
+                                                                             strlen(mod[k])) || t->name[n] != '.')
+            continue;
+        const char *rest = t->name + n + 1;
+        const struct st_tensor **dst = NULL;
+        if (!strcmp(rest, "base_layer.weight")) {
+            if (!lora_config_targets(&lf->cfg, mod[k]))
+                *rc = lk_errf(err, LK_ERR_FORMAT, "%s: tensor '%s' is a base_layer copy but adapter_config.json "
+                              "does not target %s (PEFT would not load it)", lf->path, t->name, key[k]);
+            dst = &lf->base_layer[k];
+        } else if (!strcmp(rest, "token_adapter.trainable_tokens_delta")) {
+            if (!lf->cfg.token_idx[k])
+                *rc = lk_errf(err, LK_ERR_FORMAT, "%s: tensor '%s' holds trainable tokens but "
+                              "trainable_token_indices does not name %s", lf->path, t->name, key[k]);
+            else if (t->ndim != 2 || t->shape[0] != lf->cfg.n_token_idx[k])
+                *rc = lk_errf(err, LK_ERR_SHAPE, "%s: tensor '%s' must have one row per token of "
+                              "trainable_token_indices (%d)", lf->path, t->name, lf->cfg.n_token_idx[k]);
+            dst = &lf->tok[k];
+        } else if (k == 1 && (!strcmp(rest, "lora_A.weight") || !strcmp(rest, "lora_B.weight"))) {
+            if (!lora_config_targets(&lf->cfg, "lm_head"))
+                *rc = lk_errf(err, LK_ERR_FORMAT, "%s: tensor '%s' is a LoRA factor of lm_head, which "
+                              "adapter_config.json does not target", lf->path, t->name);
+            else if (t->ndim != 2)
+                *rc = lk_errf(err, LK_ERR_SHAPE, "%s: tensor '%s' has %d dimensions, expected 2", lf->path, t->name,
+                              t->ndim);
+            dst = rest[5] == 'A' ? &lf->head_A : &lf->head_B;
+        } else if (k == 1 && (!strncmp(rest, "lora_B.bias", 11) || !strncmp(rest, "lora_magnitude_vector", 21)))
+            *rc = lk_errf(err, LK_ERR_UNSUPPORTED, "%s: tensor '%s': a LoRA on lm_head with %s is not supported", lf->path,
+                          t->name, rest[5] == 'B' ? "lora_bias" : "DoRA");
+        else
+            return 0;
+        if (!*rc && dst && *dst)
+            *rc = lk_errf(err, LK_ERR_FORMAT, "%s: duplicate tensor '%s'", lf->path, t->name);
+        if (!*rc && dst)
+            *dst = t;
+        return 1;
+    }
+    return 0;
 }
 
 /* Every tensor is placed or refused. The lora_A factors go first, so that modules are numbered
@@ -632,12 +940,40 @@ static int tensors_place(struct lora_file *lf, const struct cfg *base, struct lk
             else if (!strcmp(t->name, PEFT_PREFIX "model.embed_tokens.lora_embedding_A") ||
                      !strcmp(t->name, PEFT_PREFIX "model.embed_tokens.lora_embedding_B"))
                 rc = place_embed(lf, t, base, err);
+            else if (place_embedding_extra(lf, t, &rc, err))
+                ;
             else if (strncmp(t->name, PEFT_PREFIX, strlen(PEFT_PREFIX)))
                 rc = lk_errf(err, LK_ERR_FORMAT, "%s: unknown adapter tensor '%s'", lf->path, t->name);
             if (!rc)
                 rc = check_float(t, lf->path, err);
         }
     return rc;
+}
+
+/* After every tensor is placed: the lm_head factors complete and of one rank, and a row tensor
+ * for each module trainable_token_indices names. */
+static int embedding_check(const struct lora_file *lf, struct lk_err *err)
+{
+    if ((lf->embed_A != NULL) != (lf->embed_B != NULL))
+        return lk_errf(err, LK_ERR_MISSING, "%s: embedding adapter needs both lora_embedding_A and _B", lf->path);
+    if ((lf->head_A != NULL) != (lf->head_B != NULL))
+        return lk_errf(err, LK_ERR_MISSING, "%s: the LoRA on lm_head needs both lora_A and lora_B", lf->path);
+    if (lf->head_A && lf->head_B->shape[1] != lf->head_A->shape[0])
+        return err_rank_pair(lf->path, lf->head_B, lf->head_A->shape[0], err);
+    if (lf->head_A) {
+        int R;
+        double alpha;
+        lora_config_module(&lf->cfg, "lm_head", &R, &alpha);
+        if (R > 0 && lf->head_A->shape[0] != R)
+            return err_rank_config(lf->path, lf->head_A, R, err);
+    }
+    static const char *const key[2] = { "embed_tokens", "lm_head" };
+    for (int k = 0; k < 2; k++)
+        if (lf->cfg.token_idx[k] && !lf->tok[k])
+            return lk_errf(err, LK_ERR_MISSING, "%s: trainable_token_indices names %s but the file has no "
+                           "'%s%s.token_adapter.trainable_tokens_delta'", lf->path, key[k], PEFT_PREFIX,
+                           k ? "lm_head" : "model.embed_tokens");
+    return LK_OK;
 }
 
 /* One module: both factors, and the bias and magnitude the config asks for; without a base, also
@@ -709,8 +1045,8 @@ static int file_open(struct lora_file *lf, const char *dir, const struct cfg *ba
         rc = tensors_place(lf, base, err);
     for (int k = 0; k < lf->n_mod && !rc; k++)
         rc = module_check(lf, &lf->mod[k], base, err);
-    if (!rc && (lf->embed_A != NULL) != (lf->embed_B != NULL))
-        rc = lk_errf(err, LK_ERR_MISSING, "%s: embedding adapter needs both lora_embedding_A and _B", lf->path);
+    if (!rc)
+        rc = embedding_check(lf, err);
     if (rc)
         lora_file_close(lf);
     return rc;
@@ -816,6 +1152,133 @@ static int bind_extra(const struct lora_file *lf, const struct cfg *c, struct lo
     return rc ? rc : st_tensor_to_f32(t, data, err);
 }
 
+/* A float copy of t [d0, d1] (checked) into a new buffer *dst. */
+static int bind_copy(const struct lora_file *lf, const struct st_tensor *t, int64_t d0, int64_t d1, float **dst,
+                     struct lk_err *err)
+{
+    int rc = check_shape(t, 2, d0, d1, lf->path, err);
+    if (rc)
+        return rc;
+    if (!(*dst = lk_malloc(sizeof(float) * (t->numel ? t->numel : 1))))
+        return lk_errf(err, LK_ERR_NOMEM, "out of memory");
+    return st_tensor_to_f32(t, *dst, err);
+}
+
+/* The LoRA on lm_head: A [R, C], B [V, R], scale from the config's rank and alpha for "lm_head". */
+static int bind_head(const struct lora_file *lf, const struct cfg *c, struct lora *l, const struct st_tensor *t,
+                     struct lk_err *err)
+{
+    int is_a = t == lf->head_A;
+    int64_t R = lf->head_A->shape[0];
+    int rc = bind_copy(lf, t, is_a ? R : c->vocab_size, is_a ? c->hidden_size : R, is_a ? &l->head_A : &l->head_B,
+                       err);
+    if (rc)
+        return rc;
+    int r;
+    double alpha;
+    lora_config_module(&l->cfg, "lm_head", &r, &alpha);
+    l->head_R = (int)R;
+    l->head_V = c->vocab_size;
+    l->head_Cin = c->hidden_size;
+    l->head_scale = (float)(l->cfg.use_rslora ? alpha / sqrt((double)R) : alpha / (double)R);
+    return LK_OK;
+}
+
+/* Trainable-token rows of embed_tokens (k 0) or lm_head (k 1): [n, C], ids inside the vocabulary. */
+static int bind_tokens(const struct lora_file *lf, const struct cfg *c, struct lora *l, int k, struct lk_err *err)
+{
+    int n = lf->cfg.n_token_idx[k];
+    for (int i = 0; i < n; i++)
+        if (lf->cfg.token_idx[k][i] >= c->vocab_size)
+            return lk_errf(err, LK_ERR_SHAPE, "%s: trainable_token_indices holds token %d, the base has %d "
+                           "(hint: adapter trained for another base model?)", lf->path, lf->cfg.token_idx[k][i],
+                           c->vocab_size);
+    int rc = bind_copy(lf, lf->tok[k], n, c->hidden_size, &l->tok_rows[k], err);
+    if (rc)
+        return rc;
+    if (!(l->tok_idx[k] = lk_malloc(sizeof(int) * ((size_t)n + 1))))
+        return lk_errf(err, LK_ERR_NOMEM, "out of memory");
+    memcpy(l->tok_idx[k], lf->cfg.token_idx[k], sizeof(int) * (size_t)n);
+    l->n_tok[k] = n;
+    l->tok_C = c->hidden_size;
+    return LK_OK;
+}
+
+/* PEFT's base_layer copy of a targeted embed_tokens (k 0) or lm_head (k 1): it replaces the
+ * weight under the LoRA. On a tied base both name the one shared weight, kept once. */
+static int bind_base_layer(const struct lora_file *lf, const struct cfg *c, struct lora *l, int k,
+                           struct lk_err *err)
+{
+    const struct st_tensor *t = lf->base_layer[k];
+    int shared = c->tie_word_embeddings;
+    int64_t shape[2] = { c->vocab_size, c->hidden_size };
+    int rc = check_shape(t, 2, shape[0], shape[1], lf->path, err);
+    if (rc || (shared && k == 1 && lf->base_layer[0]))
+        return rc; // the embedding's copy is the same weight (PEFT saves the shared tensor twice)
+    float *data;
+    rc = lora_extra_add(&l->extra, &l->n_extra, k && !shared ? "lm_head.weight" : "model.embed_tokens.weight", 2,
+                        shape, &data, err);
+    if (!rc) {
+        l->extra[l->n_extra - 1].base_layer = 1;
+        rc = st_tensor_to_f32(t, data, err);
+    }
+    return rc;
+}
+
+/* The extra named name, or NULL (base_layer copies skipped). */
+static struct lora_extra *extra_find(struct lora *l, const char *name)
+{
+    for (int i = 0; i < l->n_extra; i++)
+        if (!l->extra[i].base_layer && !strcmp(l->extra[i].name, name))
+            return &l->extra[i];
+    return NULL;
+}
+
+/* A base that ties lm_head to embed_tokens: with ensure_weight_tying PEFT ties the
+ * modules_to_save copies of the two (other.py, _check_tied_modules / _add_modules_to_tie), so a
+ * copy of one stands for the other; it also ties a LoRA on one to the other, which lorakit does
+ * not build: refused. */
+static int bind_tied(const struct lora_file *lf, const struct cfg *c, struct lora *l, struct lk_err *err)
+{
+    if (!c->tie_word_embeddings || !l->cfg.ensure_weight_tying)
+        return LK_OK;
+    if (l->embed_A || l->head_A)
+        return lk_errf(err, LK_ERR_UNSUPPORTED, "%s: ensure_weight_tying with a LoRA on %s of a base that ties "
+                       "embed_tokens and lm_head is not supported (PEFT ties a second adapter to it): merge it "
+                       "with PEFT", lf->path, l->embed_A ? "embed_tokens" : "lm_head");
+    struct lora_extra *e = extra_find(l, "model.embed_tokens.weight"), *h = extra_find(l, "lm_head.weight");
+    if ((e != NULL) == (h != NULL))
+        return LK_OK;
+    const struct lora_extra *src = e ? e : h;
+    float *data;
+    int64_t shape[2] = { src->shape[0], src->shape[1] };
+    int at = (int)(src - l->extra);
+    int rc = lora_extra_add(&l->extra, &l->n_extra, e ? "lm_head.weight" : "model.embed_tokens.weight", 2, shape,
+                            &data, err);
+    if (!rc) // lora_extra_add may move the array: src by index
+        memcpy(data, l->extra[at].data, sizeof(float) * (size_t)(shape[0] * shape[1]));
+    return rc;
+}
+
+/* What the file holds beyond the layer modules, into l: the LoRA on lm_head, base_layer copies,
+ * trainable tokens; then the tied-embedding rules (bind_tied). */
+static int bind_embedding_extras(const struct lora_file *lf, const struct cfg *c, struct lora *l,
+                                 struct lk_err *err)
+{
+    int rc = LK_OK;
+    if (lf->head_A)
+        rc = bind_head(lf, c, l, lf->head_A, err);
+    if (!rc && lf->head_B)
+        rc = bind_head(lf, c, l, lf->head_B, err);
+    for (int k = 0; k < 2 && !rc; k++) {
+        if (lf->base_layer[k])
+            rc = bind_base_layer(lf, c, l, k, err);
+        if (!rc && lf->tok[k])
+            rc = bind_tokens(lf, c, l, k, err);
+    }
+    return rc ? rc : bind_tied(lf, c, l, err);
+}
+
 /* Tensor i of the file into l, checked against the base. */
 static int bind_tensor(const struct lora_file *lf, const struct cfg *c, struct lora *l, int i,
                        struct lk_err *err)
@@ -823,6 +1286,9 @@ static int bind_tensor(const struct lora_file *lf, const struct cfg *c, struct l
     const struct st_tensor *t = &lf->st.t[i];
     if (t == lf->embed_A || t == lf->embed_B)
         return bind_embed(lf, c, l, t, err);
+    if (t == lf->head_A || t == lf->head_B || t == lf->base_layer[0] || t == lf->base_layer[1] ||
+        t == lf->tok[0] || t == lf->tok[1])
+        return LK_OK; // bind_embedding_extras
     if (lf->slot[i] < 0)
         return bind_extra(lf, c, l, t, err);
     const struct lora_file_module *fm = &lf->mod[lf->slot[i]];
@@ -851,6 +1317,8 @@ int lora_file_bind(const struct lora_file *lf, const struct cfg *c, struct lora 
     rc = lora_init(l, &lf->cfg, c, err);
     for (int i = 0; i < lf->st.n && !rc; i++)
         rc = bind_tensor(lf, c, l, i, err);
+    if (!rc)
+        rc = bind_embedding_extras(lf, c, l, err);
     // nothing missing: every targeted projection of every layer of the base
     for (int k = 0; k < l->n_mod && !rc; k++) {
         const struct lora_module *md = &l->mod[k];
@@ -874,6 +1342,19 @@ int lora_load(struct lora *l, const char *dir, const struct cfg *c, struct lk_er
 }
 
 // ---- writing ----
+
+/* Declares (pass 0) or writes (pass 1) a pair of 2-D float32 factors. */
+static void write_pair(struct st_writer *w, int pass, const char *na, const char *nb, const int64_t sa[2],
+                       const int64_t sb[2], const float *a, const float *b)
+{
+    if (pass == 0) {
+        st_writer_declare(w, na, TENSOR_F32, 2, sa);
+        st_writer_declare(w, nb, TENSOR_F32, 2, sb);
+    } else {
+        st_writer_write(w, a, TENSOR_F32);
+        st_writer_write(w, b, TENSOR_F32);
+    }
+}
 
 /* Writes the adapter's tensors (values from block, which has lora->mem's layout: the factors
  * themselves, or their gradients) under PEFT names. */
@@ -917,16 +1398,32 @@ int lora_save_tensors(const struct lora *l, const float *block, const char *path
 #undef AT
         if (l->embed_A && block == l->mem) {
             int64_t sa[2] = { l->embed_R, l->embed_V }, sb[2] = { l->embed_C, l->embed_R };
-            if (pass == 0) {
-                st_writer_declare(&w, PEFT_PREFIX "model.embed_tokens.lora_embedding_A", TENSOR_F32, 2, sa);
-                st_writer_declare(&w, PEFT_PREFIX "model.embed_tokens.lora_embedding_B", TENSOR_F32, 2, sb);
-            } else {
-                st_writer_write(&w, l->embed_A, TENSOR_F32);
-                st_writer_write(&w, l->embed_B, TENSOR_F32);
-            }
+            write_pair(&w, pass, PEFT_PREFIX "model.embed_tokens.lora_embedding_A",
+                       PEFT_PREFIX "model.embed_tokens.lora_embedding_B", sa, sb, l->embed_A, l->embed_B);
+        }
+        if (l->head_A && block == l->mem) {
+            int64_t sa[2] = { l->head_R, l->head_Cin }, sb[2] = { l->head_V, l->head_R };
+            write_pair(&w, pass, PEFT_PREFIX "lm_head.lora_A.weight", PEFT_PREFIX "lm_head.lora_B.weight", sa, sb,
+                       l->head_A, l->head_B);
+        }
+        for (int k = 0; k < 2 && block == l->mem; k++) {
+            if (!l->n_tok[k])
+                continue;
+            int64_t sr[2] = { l->n_tok[k], l->tok_C };
+            if (pass == 0)
+                st_writer_declare(&w, k ? PEFT_PREFIX "lm_head.token_adapter.trainable_tokens_delta"
+                                        : PEFT_PREFIX "model.embed_tokens.token_adapter.trainable_tokens_delta",
+                                  TENSOR_F32, 2, sr);
+            else
+                st_writer_write(&w, l->tok_rows[k], TENSOR_F32);
         }
         for (int k = 0; k < l->n_extra && block == l->mem; k++) {
-            snprintf(nm, sizeof nm, PEFT_PREFIX "%s", l->extra[k].name);
+            const char *xn = l->extra[k].name;
+            size_t xl = strlen(xn);
+            if (l->extra[k].base_layer && xl > 7) // "<module>.base_layer.weight"
+                snprintf(nm, sizeof nm, PEFT_PREFIX "%.*s.base_layer.weight", (int)(xl - 7), xn);
+            else
+                snprintf(nm, sizeof nm, PEFT_PREFIX "%s", xn);
             if (pass == 0)
                 st_writer_declare(&w, nm, TENSOR_F32, l->extra[k].ndim, l->extra[k].shape);
             else

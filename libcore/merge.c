@@ -188,17 +188,18 @@ int merge_combine(enum merge_method method, int n, float *const *deltas, const d
 
 // ---- what changes a tensor ----
 
-enum contrib_kind { C_LIN, C_EMB, C_BIAS, C_EXTRA };
+enum contrib_kind { C_LIN, C_EMB, C_BIAS, C_EXTRA, C_ROWS };
 
 struct contrib {
     enum contrib_kind kind;
     int ad;              /* adapter index */
     double w;            /* weight, negated for --subtract */
     float s;             /* LoRA scale */
-    int R;
-    const float *A, *B;  /* LIN: A [R, in], B [out, R]; EMB: A [R, V], B [C, R] */
-    const float *v;      /* BIAS: lora_B.bias [out]; EXTRA: the replacement tensor */
+    int R;               /* LIN, EMB: rank; ROWS: rows */
+    const float *A, *B;  /* LIN: A [R, in], B [out, R] (lm_head's LoRA too); EMB: A [R, V], B [C, R] */
+    const float *v;      /* BIAS: lora_B.bias [out]; EXTRA: the replacement tensor; ROWS: rows [R, cols] */
     const float *mag;    /* DoRA magnitude [out] or NULL */
+    const int *idx;      /* ROWS: the R row indices (trainable tokens) */
 };
 
 struct merge_ctx {
@@ -250,6 +251,28 @@ static int parse_linear(const char *name, int L, int *layer, int *is_bias)
     return -1;
 }
 
+/* What adapter l (index i, weight w) does to embed_tokens or lm_head: the replacement copies,
+ * trainable-token rows, the LoRA on lm_head (the embedding adapter is collect's). When the base
+ * ties the two and the output unties them, lm_head.weight also takes what changes the shared
+ * weight (base_layer copies, embed_tokens' tokens), as PEFT's tied adapters do. */
+static int collect_embedding(const struct merge_ctx *x, const struct lora *l, int i, double w, const char *name,
+                             struct contrib *out, int n, int cap)
+{
+    int head = !strcmp(name, "lm_head.weight"), shared = head && x->untie;
+    for (int k = 0; k < l->n_extra && n < cap; k++) {
+        const struct lora_extra *e = &l->extra[k];
+        if (!strcmp(e->name, name) || (shared && e->base_layer && !strcmp(e->name, "model.embed_tokens.weight")))
+            out[n++] = (struct contrib){ C_EXTRA, i, w, 1.0f, 0, NULL, NULL, e->data, NULL, NULL };
+    }
+    for (int k = 0; k < 2 && n < cap; k++)
+        if (l->n_tok[k] && ((k == 0 && (!strcmp(name, "model.embed_tokens.weight") || shared)) || (k == 1 && head)))
+            out[n++] = (struct contrib){ C_ROWS, i, w, 1.0f, l->n_tok[k], NULL, NULL, l->tok_rows[k], NULL,
+                                         l->tok_idx[k] };
+    if (l->head_A && head && n < cap)
+        out[n++] = (struct contrib){ C_LIN, i, w, l->head_scale, l->head_R, l->head_A, l->head_B, NULL, NULL, NULL };
+    return n;
+}
+
 /* Everything that changes the output tensor `name`; returns the count (<= cap). */
 static int collect(const struct merge_ctx *x, const char *name, struct contrib *out, int cap)
 {
@@ -262,16 +285,14 @@ static int collect(const struct merge_ctx *x, const char *name, struct contrib *
         if (m >= 0) {
             const struct lora_module *md = lora_find(l, layer, m);
             if (md && !is_bias)
-                out[n++] = (struct contrib){ C_LIN, i, w, md->scale, md->R, md->A, md->B, NULL, md->mag };
+                out[n++] = (struct contrib){ C_LIN, i, w, md->scale, md->R, md->A, md->B, NULL, md->mag, NULL };
             else if (md && md->bias)
-                out[n++] = (struct contrib){ C_BIAS, i, w, md->scale, 0, NULL, NULL, md->bias, NULL };
+                out[n++] = (struct contrib){ C_BIAS, i, w, md->scale, 0, NULL, NULL, md->bias, NULL, NULL };
         }
         if (l->embed_A && !strcmp(name, "model.embed_tokens.weight") && n < cap)
             out[n++] = (struct contrib){ C_EMB, i, w, l->embed_scale, l->embed_R, l->embed_A, l->embed_B,
-                                         NULL, NULL };
-        for (int k = 0; k < l->n_extra && n < cap; k++)
-            if (!strcmp(l->extra[k].name, name))
-                out[n++] = (struct contrib){ C_EXTRA, i, w, 1.0f, 0, NULL, NULL, l->extra[k].data, NULL };
+                                         NULL, NULL, NULL };
+        n = collect_embedding(x, l, i, w, name, out, n, cap);
     }
     return n;
 }
@@ -291,7 +312,19 @@ static void delta_acc(const struct contrib *c, double alpha, float *buf, int64_t
             buf[j] += a * c->v[j];
 }
 
-/* The dense task vector d of a contribution; W is the base tensor (for modules_to_save). */
+/* d [rows of W, cols] += alpha * (the new rows - W's) on the rows of a ROWS contribution (d may
+ * be W itself: then alpha 1 replaces the rows). */
+static void rows_acc(const struct contrib *c, double alpha, const float *W, float *d, int64_t cols)
+{
+    for (int i = 0; i < c->R; i++)
+        for (int64_t j = 0; j < cols; j++) {
+            size_t at = (size_t)c->idx[i] * (size_t)cols + (size_t)j;
+            d[at] += (float)(alpha * ((double)c->v[(size_t)i * (size_t)cols + (size_t)j] - W[at]));
+        }
+}
+
+/* The dense task vector d of a contribution; W is the base tensor (for modules_to_save and
+ * trainable tokens, which replace values). */
 static void delta_dense(const struct contrib *c, const float *W, float *d, int64_t rows, int64_t cols)
 {
     size_t n = (size_t)(rows * cols);
@@ -301,14 +334,17 @@ static void delta_dense(const struct contrib *c, const float *W, float *d, int64
         return;
     }
     memset(d, 0, sizeof(float) * n);
-    delta_acc(c, 1.0, d, rows, cols);
+    if (c->kind == C_ROWS)
+        rows_acc(c, 1.0, W, d, cols);
+    else
+        delta_acc(c, 1.0, d, rows, cols);
 }
 
 /* Changes buf [rows, cols] (the base tensor `name` in float32) in place. */
 static int apply(struct merge_ctx *x, const char *name, float *buf, int64_t rows, int64_t cols,
                  struct lk_err *err)
 {
-    struct contrib c[MERGE_MAX_ADAPTERS * 3];
+    struct contrib c[MERGE_MAX_ADAPTERS * 6];
     int n = collect(x, name, c, (int)(sizeof c / sizeof c[0]));
     if (!n)
         return 0;
@@ -333,6 +369,9 @@ static int apply(struct merge_ctx *x, const char *name, float *buf, int64_t rows
                         acc += c[i].w * (c[i].v[j] - base);
                 buf[j] = (float)acc;
             }
+        for (int i = 0; i < n; i++) // trainable tokens: their rows replace the rows (weight 1)
+            if (c[i].kind == C_ROWS)
+                rows_acc(&c[i], c[i].w, buf, buf, cols);
         for (int i = 0; i < n; i++)
             delta_acc(&c[i], c[i].w, buf, rows, cols);
         if (n == 1 && c[0].mag) {
@@ -367,6 +406,8 @@ static int apply(struct merge_ctx *x, const char *name, float *buf, int64_t rows
             if (c[i].kind == C_EXTRA)
                 for (size_t j = 0; j < numel; j++)
                     M[j] += (float)(c[i].w * (c[i].v[j] - buf[j]));
+            else if (c[i].kind == C_ROWS)
+                rows_acc(&c[i], c[i].w, buf, M, cols);
             else
                 delta_acc(&c[i], c[i].w, M, rows, cols);
         }
@@ -386,8 +427,8 @@ static int apply(struct merge_ctx *x, const char *name, float *buf, int64_t rows
     size_t need;
     if (lk_mul_size(numel, (size_t)n + 1, &need) || ensure(&x->scr, &x->scr_cap, need, err))
         return err->code ? -1 : (lk_errf(err, LK_ERR_NOMEM, "tensor '%s' too large", name), -1);
-    float *d[MERGE_MAX_ADAPTERS * 3];
-    double w[MERGE_MAX_ADAPTERS * 3];
+    float *d[MERGE_MAX_ADAPTERS * 6];
+    double w[MERGE_MAX_ADAPTERS * 6];
     for (int i = 0; i < n; i++) {
         d[i] = x->scr + numel * (size_t)(i + 1);
         delta_dense(&c[i], buf, d[i], rows, cols);
@@ -441,6 +482,26 @@ static int check_opts(const struct merge_opts *o, struct lk_err *err)
     return LK_OK;
 }
 
+/* A lora_B.bias on a layer the base has no bias for: accepted when it is exactly zero (svd-compress
+ * writes zeros there, because PEFT's lora_bias gives every targeted module one), refused naming
+ * the module otherwise: there is nothing to merge it into, in lorakit or in PEFT. */
+static int check_bias(const struct lora_module *md, const struct st_model *sm, const char *dir, struct lk_err *err)
+{
+    char nm[128];
+    cfg_module_path(md->layer, (enum cfg_module)md->module, nm, sizeof nm);
+    size_t k = strlen(nm);
+    snprintf(nm + k, sizeof nm - k, ".bias");
+    if (st_model_find(sm, nm, NULL))
+        return LK_OK;
+    for (int r = 0; r < md->out; r++)
+        if (md->bias[r] != 0.0f) {
+            nm[k] = 0;
+            return lk_errf(err, LK_ERR_UNSUPPORTED, "%s: adapter has a non-zero lora_B.bias for '%s' but the base has "
+                           "no '%s.bias' to merge it into (PEFT's merge_and_unload refuses it too)", dir, nm, nm);
+        }
+    return LK_OK;
+}
+
 /* What the loaded adapters ask for that cannot be done; also finds whether to untie. */
 static int check_adapters(struct merge_ctx *x, const struct st_model *sm, struct lk_err *err)
 {
@@ -457,32 +518,30 @@ static int check_adapters(struct merge_ctx *x, const struct st_model *sm, struct
                                "method linear (its magnitude renormalises the whole row; it cannot be "
                                "subtracted or combined)", dir);
         }
-        if (o->subtract && l->n_extra)
-            return lk_errf(err, LK_ERR_UNSUPPORTED, "%s: adapter replaces '%s' (modules_to_save): the base "
-                           "value is gone after a merge and cannot be recovered by --subtract", dir,
-                           l->extra[0].name);
-        if (o->into_adapter && (l->n_extra || l->embed_A))
+        int rows = l->n_tok[0] + l->n_tok[1];
+        if (o->subtract && (l->n_extra || rows))
+            return lk_errf(err, LK_ERR_UNSUPPORTED, "%s: adapter replaces '%s' (%s): the base value is gone after a "
+                           "merge and cannot be recovered by --subtract", dir,
+                           l->n_extra ? l->extra[0].name : "token rows",
+                           l->n_extra ? "modules_to_save" : "trainable_token_indices");
+        if (o->into_adapter && (l->n_extra || l->embed_A || l->head_A || rows))
             return lk_errf(err, LK_ERR_UNSUPPORTED, "%s: --into-adapter combines the projection factors only; "
                            "this adapter also has %s", dir,
-                           l->embed_A ? "an embedding adapter" : "modules_to_save tensors");
-        for (int k = 0; k < l->n_mod; k++) {
-            const struct lora_module *md = &l->mod[k];
-            if (!md->bias || o->into_adapter)
-                continue;
-            char nm[128];
-            cfg_module_path(md->layer, (enum cfg_module)md->module, nm, sizeof nm);
-            strcat(nm, ".bias");
-            if (!st_model_find(sm, nm, NULL))
-                return lk_errf(err, LK_ERR_UNSUPPORTED, "%s: adapter has lora_B.bias for '%s' but the base has no "
-                               "'%s' to merge it into", dir, cfg_module_names[md->module], nm);
-        }
-        if (l->embed_A)
-            changes_embed = 1;
+                           l->embed_A  ? "an embedding adapter"
+                           : l->head_A ? "a LoRA on lm_head"
+                           : rows      ? "trainable tokens"
+                                       : "modules_to_save tensors");
+        for (int k = 0; k < l->n_mod && !o->into_adapter; k++)
+            if (l->mod[k].bias && check_bias(&l->mod[k], sm, dir, err))
+                return err->code;
+        // a base_layer copy and embed_tokens' token rows change the shared weight: no untie
+        changes_embed |= l->embed_A != NULL;
+        changes_head |= l->head_A != NULL || l->n_tok[1] > 0;
         for (int k = 0; k < l->n_extra; k++) {
-            if (!strcmp(l->extra[k].name, "model.embed_tokens.weight"))
-                changes_embed = 1;
-            if (!strcmp(l->extra[k].name, "lm_head.weight"))
-                changes_head = 1;
+            if (l->extra[k].base_layer)
+                continue;
+            changes_embed |= !strcmp(l->extra[k].name, "model.embed_tokens.weight");
+            changes_head |= !strcmp(l->extra[k].name, "lm_head.weight");
         }
     }
     x->untie = !o->into_adapter && c->tie_word_embeddings && (changes_embed || changes_head) &&
@@ -564,7 +623,7 @@ static int write_tensor(struct merge_ctx *x, struct st_writer *w, int fd, const 
                         const struct st_tensor *t, const char *name, struct merge_report *rep,
                         struct lk_err *err)
 {
-    struct contrib tmp[MERGE_MAX_ADAPTERS * 3];
+    struct contrib tmp[MERGE_MAX_ADAPTERS * 6];
     int touched = collect(x, name, tmp, (int)(sizeof tmp / sizeof tmp[0])) > 0;
     enum tensor_dtype odt = out_dtype(x, t->dtype);
     size_t es = tensor_dtype_size(t->dtype);
@@ -1008,7 +1067,9 @@ static int forward_copy(struct model *m, const struct lora *l, const int *tok, f
     return rc;
 }
 
-static int verify(struct merge_ctx *x, const struct st_model *sm, struct merge_report *rep, struct lk_err *err)
+/* Compares the merged model in folder `dir` with the references below (logits of probe tokens). */
+static int verify(struct merge_ctx *x, const struct st_model *sm, const char *dir, struct merge_report *rep,
+                  struct lk_err *err)
 {
     int V = x->cfg.vocab_size, tok[PROBE_B * PROBE_T];
     size_t nl = (size_t)PROBE_B * PROBE_T * (size_t)V;
@@ -1068,7 +1129,7 @@ static int verify(struct merge_ctx *x, const struct st_model *sm, struct merge_r
         goto out;
     model_release(&m);
     // 3. the merged output as any reader loads it
-    if ((rc = model_load(&m, o->out, err)) || (rc = forward_copy(&m, NULL, tok, got, err)))
+    if ((rc = model_load(&m, dir, err)) || (rc = forward_copy(&m, NULL, tok, got, err)))
         goto out;
     logits_diff(got, ref, nl, &rep->verify_max_abs, &rep->verify_max_rel);
     logits_diff(rd, ex, nl, &rep->round_max_abs, &rep->round_max_rel);
@@ -1122,11 +1183,12 @@ int merge_run(const struct merge_opts *o, struct merge_report *rep_in, struct lk
     if ((rc = lk_outdir_begin(&od, o->out, o->overwrite, err)))
         goto out;
     rc = o->into_adapter ? write_adapter(x, od.tmp, rep, err) : write_model(x, &sm, od.tmp, rep, err);
-    if (rc || (rc = lk_outdir_commit(&od, err)))
-        goto out;
     rep->seconds = lk_now() - t0;
-    if (o->verify)
-        rc = verify(x, &sm, rep, err);
+    // verified before it takes its name: a failed verification leaves the old output in place
+    if (!rc && o->verify)
+        rc = verify(x, &sm, od.tmp, rep, err);
+    if (!rc)
+        rc = lk_outdir_commit(&od, err);
 out:
     lk_outdir_abort(&od);
     st_model_close(&sm);

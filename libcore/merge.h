@@ -22,8 +22,10 @@
  * terms B_i A_j); merged into weights, lorakit applies them to the task vectors D_i, which is
  * what PEFT's *_svd variants do before their truncation and what the papers define.
  * DoRA (one adapter, weight 1): W' = m * (W + D) / ||W + D||_row. lora_B.bias merges into the
- * layer bias (the base must have one). A modules_to_save tensor replaces the base tensor (one
- * adapter carrying it with weight 1, linear); otherwise it combines as the task vector X - W.
+ * layer bias (where the base has none, an all-zero one is accepted and a non-zero one refused).
+ * A modules_to_save or base_layer copy replaces the base tensor (one adapter carrying it with
+ * weight 1, linear); otherwise it combines as the task vector X - W; trainable tokens do the same
+ * on their rows; a LoRA on lm_head is a task vector like a projection's.
  *
  * Precision: each changed tensor is read into float32 (exact for F16/BF16), changed in float32
  * (cblas_sgemm into one reused buffer), and rounded once to the output dtype. Untouched tensors
@@ -31,9 +33,11 @@
  * changed tensor (ties/dare/svd: n + 1 of them) plus the adapters and a 16 MB read buffer; the
  * base's data is read with pread (from the page cache), never faulted in through the mapping.
  *
- * Tied embeddings: when an adapter changes embed_tokens or lm_head of a model whose config ties
- * them, the output is untied (lm_head.weight written, tie_word_embeddings false), so each keeps
- * the value adapter inference gives it (PEFT's embedding LoRA changes only the input side).
+ * Tied embeddings: when an adapter changes one side of embed_tokens / lm_head of a model whose
+ * config ties them, the output is untied (lm_head.weight written, tie_word_embeddings false), so
+ * each keeps the value adapter inference gives it (PEFT's embedding LoRA changes only the input
+ * side); what changes the shared weight (a base_layer copy, embed_tokens' trainable tokens)
+ * goes to both.
  */
 #ifndef LK_MERGE_H
 #define LK_MERGE_H

@@ -643,8 +643,8 @@ int model_forward(struct model *m, const struct lora *lora, const int *tokens, c
     if (lora && lora->mag_mem && ((m->train && lora->cfg.dropout > 0) || lora->cfg.lora_bias))
         return lk_errf(err, LK_ERR_UNSUPPORTED, "DoRA with %s is not supported",
                        lora->cfg.lora_bias ? "lora_bias" : "dropout while training");
-    if (lora && lora->n_extra && !lora->extras_applied)
-        return lk_errf(err, LK_ERR_USAGE, "adapter has modules_to_save tensors: model_apply_extras first");
+    if (lora && lora_changes_weights(lora) && !lora->extras_applied)
+        return lk_errf(err, LK_ERR_USAGE, "adapter changes whole weights: model_apply_extras first");
     int npos = cfg_rope_positions(c);
     for (int i = 0; i < BT; i++) {
         if (tokens[i] < 0 || tokens[i] >= V)

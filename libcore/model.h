@@ -114,6 +114,16 @@ int model_save(const struct model *m, const char *dir, int dtype, struct lk_err 
 /* Writes every tensor of a weights block (the weights, or their gradients) to one file. */
 int model_weights_save_st(const struct model_weights *w, const struct cfg *c, const char *path,
                           int dtype, struct lk_err *err);
-/* Copies an adapter's modules_to_save tensors into the weights (a tied lm_head is refused:
- * untie first). Marks the adapter as applied so that model_forward accepts it. */
+/* Applies what an adapter changes in whole weights, as PEFT runs it: modules_to_save copies and
+ * base_layer copies replace their tensors, trainable-token rows replace theirs, a LoRA on lm_head
+ * is folded in (lm_head += s B A). When the base ties lm_head to embed_tokens and the adapter
+ * changes one side only (a copy of one, a LoRA on lm_head, lm_head's tokens), the model is first
+ * untied in memory (model_untie), as `lorakit merge` unties it; a base_layer copy is the shared
+ * weight and changes both. Marks the adapter as applied so that model_forward accepts it. A model
+ * that runs without the adapter too needs its own copy. On failure (LK_ERR_NOMEM, or a shape the
+ * model does not have) the weights may be partly changed: load the model again. */
 int model_apply_extras(struct model *m, struct lora *l, struct lk_err *err);
+/* Gives a tied model its own lm_head, a copy of embed_tokens (cfg.tie_word_embeddings becomes 0):
+ * the weights are reallocated (pointers into the old block are invalid), activations kept.
+ * Nothing to do on an untied model. */
+int model_untie(struct model *m, struct lk_err *err);

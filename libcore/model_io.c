@@ -1,10 +1,12 @@
 /*
  * model_io.c - model folders in the Hugging Face layout: config.json plus model.safetensors
  * (or shards through model.safetensors.index.json), read into the float32 weight block and
- * written from it.
+ * written from it; an adapter's changes to whole weights applied at run time (model_apply_extras,
+ * untying a tied embedding in memory when the adapter changes one side only).
  */
 #include "model.h"
 
+#include <cblas.h>
 #include <string.h>
 
 #include "st.h"
@@ -113,36 +115,114 @@ int model_save(const struct model *m, const char *dir, int dtype, struct lk_err 
     return rc;
 }
 
-int model_apply_extras(struct model *m, struct lora *l, struct lk_err *err)
+int model_untie(struct model *m, struct lk_err *err)
 {
-    if (!l || !l->n_extra)
+    if (!m->cfg.tie_word_embeddings)
         return LK_OK;
-    struct model_tensor *t;
-    int n, rc = model_weights_tensors(&m->w, &m->cfg, &t, &n, err);
+    struct cfg c = m->cfg; // shallow: only read
+    c.tie_word_embeddings = 0;
+    struct model_weights w;
+    struct model_tensor *src = NULL, *dst = NULL;
+    int ns, nd, rc = model_weights_alloc(&w, &c, err);
     if (rc)
         return rc;
-    for (int k = 0; k < l->n_extra && !rc; k++) {
-        const struct lora_extra *x = &l->extra[k];
-        struct model_tensor *hit = NULL;
-        for (int i = 0; i < n; i++)
-            if (!strcmp(t[i].name, x->name))
-                hit = &t[i];
-        if (!hit && !strcmp(x->name, "lm_head.weight"))
-            rc = lk_errf(err, LK_ERR_UNSUPPORTED,
-                         "adapter replaces lm_head.weight but the base ties it to embed_tokens: "
-                         "merge the adapter (which unties them) before running it");
-        else if (!hit)
-            rc = lk_errf(err, LK_ERR_MISSING, "adapter tensor '%s' is not a tensor of the model", x->name);
-        else if (hit->shape[0] != x->shape[0] || hit->shape[1] != x->shape[1] || hit->ndim != x->ndim)
-            rc = lk_errf(err, LK_ERR_SHAPE, "adapter tensor '%s' does not fit the model's shape", x->name);
-        else if (!strcmp(x->name, "model.embed_tokens.weight") && m->cfg.tie_word_embeddings)
-            rc = lk_errf(err, LK_ERR_UNSUPPORTED,
-                         "adapter replaces embed_tokens, which the base ties to lm_head: merge it instead");
-        else
-            memcpy(hit->data, x->data, sizeof(float) * hit->numel);
+    if (!(rc = model_weights_tensors(&m->w, &m->cfg, &src, &ns, err)))
+        rc = model_weights_tensors(&w, &c, &dst, &nd, err);
+    for (int i = 0; !rc && i < nd; i++) {
+        const char *want = strcmp(dst[i].name, "lm_head.weight") ? dst[i].name : "model.embed_tokens.weight";
+        int hit = -1;
+        for (int j = 0; j < ns && hit < 0; j++)
+            if (!strcmp(src[j].name, want))
+                hit = j;
+        LK_ASSERT(hit >= 0 && src[hit].numel == dst[i].numel);
+        memcpy(dst[i].data, src[hit].data, sizeof(float) * dst[i].numel);
     }
+    lk_free(src);
+    lk_free(dst);
+    if (rc) {
+        model_weights_release(&w);
+        return rc;
+    }
+    model_weights_release(&m->w);
+    m->w = w;
+    m->cfg.tie_word_embeddings = 0;
+    return LK_OK;
+}
+
+/* 1 when the adapter changes one of a tied embed_tokens / lm_head pair and not the other, as
+ * PEFT runs it: a modules_to_save copy of one (a base_layer copy is the shared weight and keeps
+ * them tied), a LoRA on lm_head, trainable tokens of lm_head. */
+static int adapter_unties(const struct lora *l)
+{
+    for (int k = 0; k < l->n_extra; k++)
+        if (!l->extra[k].base_layer &&
+            (!strcmp(l->extra[k].name, "model.embed_tokens.weight") || !strcmp(l->extra[k].name, "lm_head.weight")))
+            return 1;
+    return l->head_A != NULL || l->n_tok[1] > 0;
+}
+
+/* Copies the adapter's full tensors into the weights t[n] (by name; a base_layer copy on a base
+ * that was tied goes to lm_head too). */
+static int apply_copies(struct model *m, const struct lora *l, struct model_tensor *t, int n, int was_tied,
+                        struct lk_err *err)
+{
+    for (int k = 0; k < l->n_extra; k++) {
+        const struct lora_extra *x = &l->extra[k];
+        for (int pass = 0; pass < 2; pass++) {
+            const char *name = pass ? "lm_head.weight" : x->name;
+            if (pass && !(x->base_layer && was_tied && !m->cfg.tie_word_embeddings))
+                break;
+            struct model_tensor *hit = NULL;
+            for (int i = 0; i < n; i++)
+                if (!strcmp(t[i].name, name))
+                    hit = &t[i];
+            if (!hit)
+                return lk_errf(err, LK_ERR_MISSING, "adapter tensor '%s' is not a tensor of the model", name);
+            if (hit->shape[0] != x->shape[0] || hit->shape[1] != x->shape[1] || hit->ndim != x->ndim)
+                return lk_errf(err, LK_ERR_SHAPE, "adapter tensor '%s' does not fit the model's shape", name);
+            memcpy(hit->data, x->data, sizeof(float) * hit->numel);
+        }
+    }
+    return LK_OK;
+}
+
+int model_apply_extras(struct model *m, struct lora *l, struct lk_err *err)
+{
+    if (!lora_changes_weights(l))
+        return LK_OK;
+    const struct cfg *c = &m->cfg;
+    int was_tied = c->tie_word_embeddings, C = c->hidden_size, V = c->vocab_size, rc = LK_OK;
+    if (l->n_tok[0] + l->n_tok[1] && l->tok_C != C)
+        return lk_errf(err, LK_ERR_SHAPE, "adapter's trainable tokens do not fit the model's hidden size");
+    if (l->head_A && (l->head_V != V || l->head_Cin != C))
+        return lk_errf(err, LK_ERR_SHAPE, "adapter's LoRA on lm_head does not fit the model's shape");
+    // 1. a tied pair the adapter changes on one side only is untied in memory, as merge unties it
+    if (was_tied && adapter_unties(l) && (rc = model_untie(m, err)))
+        return rc;
+    // 2. modules_to_save and base_layer copies
+    struct model_tensor *t;
+    int n;
+    if ((rc = model_weights_tensors(&m->w, &m->cfg, &t, &n, err)))
+        return rc;
+    rc = apply_copies(m, l, t, n, was_tied, err);
     lk_free(t);
-    if (!rc)
-        l->extras_applied = 1;
-    return rc;
+    if (rc)
+        return rc;
+    // 3. trainable tokens: the rows themselves (PEFT's index_copy); embed_tokens' rows are lm_head's
+    //    too when the base ties them (PEFT ties lm_head's token adapter to the embedding's)
+    for (int k = 0; k < 2; k++)
+        for (int i = 0; i < l->n_tok[k]; i++) {
+            const float *row = l->tok_rows[k] + (size_t)i * C;
+            size_t at = (size_t)l->tok_idx[k][i] * C;
+            if (k == 1 || m->w.lm_head == m->w.embed || was_tied)
+                memcpy(m->w.lm_head + at, row, sizeof(float) * C);
+            if (k == 0)
+                memcpy(m->w.embed + at, row, sizeof(float) * C);
+        }
+    // 4. the LoRA on lm_head, folded in: lm_head += s B A ([V, R] x [R, C])
+    if (l->head_A)
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, V, C, l->head_R, l->head_scale, l->head_B, l->head_R,
+                    l->head_A, C, 1.0f, m->w.lm_head, C);
+    l->extras_applied = 1;
+    return LK_OK;
 }

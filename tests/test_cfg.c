@@ -567,3 +567,20 @@ TEST(cfg_load_survives_allocation_failures)
     CHECK(n2 >= 3 && n1 > n2 + 20); // the path, the text, its copy; then the shards
     fprintf(stderr, "    allocations made to fail: cfg_load of a sharded folder %ld, of a file %ld\n", n1, n2);
 }
+
+TEST(cfg_refuses_absurd_layer_counts_without_weights)
+{
+    // the fuzz_cfg finding's config, with no weights beside it to bound it: the tensor table
+    // is refused instead of sized (a diff of two adapters on a config-only base asks for it)
+    struct cfg c;
+    struct lk_err err = { 0 };
+    const char *text = "{\"architectures\":[\"Qwen2ForCausalLM\"],\"hidden_size\":8,\"intermediate_size\":8,"
+                       "\"num_hidden_layers\":7171000,\"num_attention_heads\":2,\"num_key_value_heads\":1,"
+                       "\"vocab_size\":8}";
+    CHECK_OK(cfg_parse(&c, text, "config.json", &err));
+    struct cfg_tensor *t = NULL;
+    int n = 0;
+    CHECK_INT(cfg_tensors(&c, &t, &n, &err), LK_ERR_FORMAT);
+    CHECK(t == NULL && strstr(err.msg, "num_hidden_layers") && strstr(err.msg, "7171000"));
+    cfg_release(&c);
+}

@@ -209,8 +209,12 @@ TEST(lora_rejects_other_peft_types_and_layer_subsets)
     struct st_item it[4] = { { QA(0), 2, { 2, 16 }, zeros }, { QB(0), 2, { 16, 2 }, zeros },
                              { QA(1), 2, { 2, 16 }, zeros }, { QB(1), 2, { 16, 2 }, zeros } };
     expect_adapter_refused(",\"peft_type\":\"IA3\",\"target_modules\":[\"q_proj\"]", it, 4, "IA3");
-    expect_adapter_refused(STD ",\"layers_to_transform\":[0]", it, 4, "layers_to_transform");
+    // layers_to_transform is applied since issue 18: [0] selects layer 0 only, so layer 1's tensors
+    // are refused as a module the config does not target
+    expect_adapter_refused(STD ",\"layers_to_transform\":[0]", it, 4,
+                           "'model.layers.1.self_attn.q_proj', which adapter_config.json does not target");
     expect_adapter_refused(STD ",\"fan_in_fan_out\":true", it, 4, "fan_in_fan_out");
+    expect_adapter_refused(STD ",\"layer_replication\":[[0, 2]]", it, 4, "'layer_replication' is set");
 }
 
 /* lora_file_open on a folder written from raw pieces: expects the refusal want. */
@@ -307,7 +311,10 @@ TEST(lora_file_refuses_shapes_that_disagree_without_a_base)
     struct st_item em[4] = { { QA(0), 2, { 2, 16 }, zeros }, { QB(0), 2, { 16, 2 }, zeros },
                              { "base_model.model.model.embed_tokens.lora_embedding_A", 2, { 2, 37 }, zeros },
                              { "base_model.model.model.embed_tokens.lora_embedding_B", 2, { 16, 3 }, zeros } };
-    expect_open_refused(STD, em, 4, "embedding adapter A and B ranks differ");
+    expect_open_refused(",\"peft_type\":\"LORA\",\"target_modules\":[\"q_proj\",\"embed_tokens\"]", em, 4,
+                        "embedding adapter A and B ranks differ");
+    // embedding factors the config does not target: PEFT would not load them
+    expect_open_refused(STD, em, 4, "LoRA factor of embed_tokens, which adapter_config.json does not target");
     // factors that agree with each other but fit no base here: opened, refused when bound
     struct st_item ok[2] = { { QA(0), 2, { 2, 12 }, zeros }, { QB(0), 2, { 12, 2 }, zeros } };
     write_adapter(test_path("other"), "{\"r\":2,\"lora_alpha\":4" STD "}", ok, 2);
@@ -497,22 +504,57 @@ TEST(lora_roundtrip_dora_embedding_and_modules_to_save)
     model_release(&m);
 }
 
-TEST(lora_modules_to_save_on_tied_head_is_refused_by_the_engine)
+TEST(lora_modules_to_save_on_tied_head_unties_the_model_in_memory)
 {
+    // issue 18 case 3: the engine once refused this adapter; it now unties the model in memory as
+    // merge does: lm_head becomes the adapter's copy, embed_tokens keeps the base's values
     struct cfg c;
     fix_cfg_qwen2(&c); // tied
     struct model m;
     CHECK_OK(fix_model_random(&m, &c, 0.3f, 93));
     static float head[37 * 16], z[2 * 16];
+    for (int i = 0; i < 37 * 16; i++)
+        head[i] = 0.01f * (float)((i * 7) % 23) - 0.1f;
+    float *embed0 = malloc(sizeof(float) * 37 * 16);
+    memcpy(embed0, m.w.embed, sizeof(float) * 37 * 16);
     struct st_item it[5] = { { QA(0), 2, { 2, 16 }, z }, { QB(0), 2, { 16, 2 }, z }, { QA(1), 2, { 2, 16 }, z },
                              { QB(1), 2, { 16, 2 }, z }, { "base_model.model.lm_head.weight", 2, { 37, 16 }, head } };
     write_adapter(test_path("ad"), "{\"peft_type\":\"LORA\",\"r\":2,\"lora_alpha\":4,\"target_modules\":[\"q_proj\"],"
                                    "\"modules_to_save\":[\"lm_head\"]}", it, 5);
     struct lora l;
     CHECK_OK(lora_load(&l, test_path("ad"), &c, test_err()));
-    struct lk_err err = { 0 };
-    CHECK(model_apply_extras(&m, &l, &err) == LK_ERR_UNSUPPORTED);
-    CHECK(strstr(err.msg, "ties it to embed_tokens"));
+    CHECK_OK(model_apply_extras(&m, &l, test_err()));
+    CHECK(!m.cfg.tie_word_embeddings && m.w.lm_head != m.w.embed);
+    CHECK(!memcmp(m.w.lm_head, head, sizeof head));
+    CHECK(!memcmp(m.w.embed, embed0, sizeof head));
+    // the forward against an untied model built here by name (embed, lm_head = the copy)
+    struct model ref, m0;
+    CHECK_OK(fix_model_random(&m0, &c, 0.3f, 93));
+    struct cfg cu = c;
+    cu.tie_word_embeddings = 0;
+    CHECK_OK(model_init(&ref, &cu, test_err()));
+    struct model_tensor *ts, *td;
+    int ns, nd;
+    CHECK_OK(model_weights_tensors(&m0.w, &m0.cfg, &ts, &ns, test_err()));
+    CHECK_OK(model_weights_tensors(&ref.w, &ref.cfg, &td, &nd, test_err()));
+    CHECK_INT(nd, ns + 1);
+    for (int i = 0; i < nd; i++)
+        for (int j = 0; j < ns; j++)
+            if (!strcmp(td[i].name, ts[j].name))
+                memcpy(td[i].data, ts[j].data, sizeof(float) * td[i].numel);
+    memcpy(ref.w.lm_head, head, sizeof head);
+    lk_free(ts);
+    lk_free(td);
+    int tok[3] = { 1, 2, 3 };
+    CHECK_OK(model_plan(&m, 1, 3, 0, test_err()));
+    CHECK_OK(model_forward(&m, &l, tok, NULL, NULL, NULL, 0, NULL, test_err()));
+    CHECK_OK(model_plan(&ref, 1, 3, 0, test_err()));
+    CHECK_OK(model_forward(&ref, NULL, tok, NULL, NULL, NULL, 0, NULL, test_err()));
+    for (int i = 0; i < 3 * 37; i++)
+        CHECK(model_logits(&m)[i] == model_logits(&ref)[i]); // B of q_proj is zero: the same weights
+    model_release(&ref);
+    model_release(&m0);
+    free(embed0);
     lora_release(&l);
     model_release(&m);
 }

@@ -285,6 +285,8 @@ int cmd_diff(int argc, char **argv)
 
     struct diff d;
     struct diff_summary s = { 0 };
+    for (int i = 0; i < 2; i++) // an adapter side: keys a newer PEFT wrote (nothing for a model folder)
+        lk_cli_adapter_keys("diff", pos[i], NULL);
     if (diff_open(&d, pos[0], pos[1], &o, &err))
         return lk_cli_fail("diff", &err);
     // two adapters: many small factor products, which threads only slow down

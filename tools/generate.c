@@ -182,7 +182,11 @@ int cmd_generate(int argc, char **argv)
                      (int)tok_vocab_size(tk), m.cfg.vocab_size);
         goto out;
     }
-    if (c.adapter && ((rc = lora_load(&l, c.adapter, &m.cfg, &err)) || (rc = model_apply_extras(&m, &l, &err))))
+    if (c.adapter && (rc = lora_load(&l, c.adapter, &m.cfg, &err)))
+        goto out;
+    if (c.adapter)
+        lk_cli_adapter_keys("generate", c.adapter, &l.cfg);
+    if (c.adapter && (rc = model_apply_extras(&m, &l, &err)))
         goto out;
     if (!(rc = chat_fmt_init(&fmt, tk, c.tmpl, &err)) && !(rc = prompt_ids(&c, tk, &fmt, &ids, &err)))
         rc = generate_stream(&c, &m, &l, tk, &fmt, &ids, &err);

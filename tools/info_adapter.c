@@ -6,6 +6,7 @@
  * The base's size comes from base_model_name_or_path when that is a local model folder;
  * otherwise the share is reported as unknown.
  */
+#include <cJSON.h>
 #include <math.h>
 #include <stdio.h>
 #include <string.h>
@@ -22,6 +23,7 @@ int info_adapter(const char *dir, int json)
     if (lora_file_open(&lf, dir, &err))
         return lk_cli_fail("info", &err);
     const struct lora_config *lc = &lf.cfg;
+    lk_cli_adapter_keys("info", dir, lc);
     // parameters from the tensors themselves, ranks from each module's lora_A
     size_t params = 0;
     for (int i = 0; i < lf.st.n; i++)
@@ -39,24 +41,45 @@ int info_adapter(const char *dir, int json)
     if (have_base)
         cfg_release(&c);
     double scale = lc->use_rslora ? lc->alpha / sqrt((double)lc->r) : lc->alpha / lc->r;
-    char targets[256] = "";
-    for (int m = 0; m < CFG_N_MODULES; m++)
-        if (lc->targets & (1u << m)) {
+    // what is adapted: the projections (as selected), LoRA on the embedding and on lm_head
+    char targets[512] = "";
+    if (lc->target_regex)
+        snprintf(targets, sizeof targets, "regex '%.200s'", lc->target_regex);
+    for (int m = 0; m < CFG_N_MODULES + 2 && !lc->target_regex; m++)
+        if (m < CFG_N_MODULES ? (lc->targets & (1u << m)) != 0 : m == CFG_N_MODULES ? lc->target_embed : lc->target_head) {
             strncat(targets, targets[0] ? "," : "", sizeof targets - strlen(targets) - 1);
-            strncat(targets, cfg_module_names[m], sizeof targets - strlen(targets) - 1);
+            strncat(targets, m < CFG_N_MODULES ? cfg_module_names[m] : m == CFG_N_MODULES ? "embed_tokens" : "lm_head",
+                    sizeof targets - strlen(targets) - 1);
         }
+    // modules_to_save: the modules the entries matched are the copies the file holds
+    int n_saved = 0;
+    for (int i = 0; i < lf.st.n; i++) {
+        const struct st_tensor *t = &lf.st.t[i];
+        n_saved += lf.slot[i] < 0 && t != lf.embed_A && t != lf.embed_B && t != lf.head_A && t != lf.head_B &&
+                   t != lf.base_layer[0] && t != lf.base_layer[1] && t != lf.tok[0] && t != lf.tok[1];
+    }
+    int n_tok = lc->n_token_idx[0] + lc->n_token_idx[1];
     if (json) {
+        // target_modules: the names, or the regex as read (escaped by cJSON)
+        cJSON *tjs = cJSON_CreateString(lc->target_regex ? lc->target_regex : targets);
+        char *tj = tjs ? cJSON_PrintUnformatted(tjs) : NULL;
+        cJSON_Delete(tjs);
         printf("{\"kind\":\"adapter\",\"path\":\"%s\",\"base_model\":\"%s\",\"r\":%d,\"lora_alpha\":%g,"
                "\"use_rslora\":%s,\"scale\":%.9g,\"rank_min\":%d,\"rank_max\":%d,\"modules\":%d,"
-               "\"target_modules\":\"%s\",\"use_dora\":%s,\"lora_bias\":%s,\"rank_patterns\":%d,"
-               "\"alpha_patterns\":%d,\"params\":%zu,\"base_params\":%lld,\"share\":",
+               "\"target_modules\":%s,\"embedding_lora\":%s,\"lm_head_lora\":%s,\"use_dora\":%s,"
+               "\"lora_bias\":%s,\"rank_patterns\":%d,\"alpha_patterns\":%d,\"modules_to_save\":%d,"
+               "\"modules_to_save_modules\":%d,\"trainable_tokens\":%d,\"params\":%zu,\"base_params\":%lld,"
+               "\"share\":",
                dir, lc->base_model, lc->r, lc->alpha, lc->use_rslora ? "true" : "false", scale, n_lin ? rmin : 0,
-               rmax, n_lin, targets, lc->use_dora ? "true" : "false", lc->lora_bias ? "true" : "false",
-               lc->n_rank_pattern, lc->n_alpha_pattern, params, (long long)base_params);
+               rmax, n_lin, tj ? tj : "null", lf.embed_A ? "true" : "false",
+               lf.head_A ? "true" : "false", lc->use_dora ? "true" : "false", lc->lora_bias ? "true" : "false",
+               lc->n_rank_pattern, lc->n_alpha_pattern, lc->n_modules_to_save, n_saved, n_tok, params,
+               (long long)base_params);
         if (base_params > 0)
             printf("%.9g}\n", (double)params / (double)base_params);
         else
             printf("null}\n");
+        cJSON_free(tj);
     } else {
         printf("adapter      %s\n", dir);
         printf("base         %s%s\n", lc->base_model[0] ? lc->base_model : "(not named)",
@@ -67,9 +90,22 @@ int info_adapter(const char *dir, int json)
         if (n_lin && (rmin != rmax || rmin != lc->r))
             printf(" (per module %d..%d from rank_pattern)", rmin, rmax);
         printf("\nalpha        %g (scale %.6g%s)\n", lc->alpha, scale, lc->n_alpha_pattern ? ", alpha_pattern varies it" : "");
-        printf("targets      %s (%d adapted linears)\n", targets, n_lin);
+        printf("targets      %s (%d adapted linears", targets, n_lin);
+        if (lf.embed_A)
+            printf(", LoRA on embed_tokens (rank %lld)", (long long)lf.embed_A->shape[0]);
+        if (lf.head_A)
+            printf(", LoRA on lm_head (rank %lld)", (long long)lf.head_A->shape[0]);
+        printf(")\n");
+        if (lc->exclude_regex || lc->n_exclude)
+            printf("excluded     %s%s\n", lc->exclude_regex ? "regex " : "",
+                   lc->exclude_regex ? lc->exclude_regex : lc->exclude[0]);
+        if (lc->layers && lc->n_layers)
+            printf("layers       %d listed in layers_to_transform\n", lc->n_layers);
         if (lc->n_modules_to_save)
-            printf("modules_to_save %d\n", lc->n_modules_to_save);
+            printf("modules_to_save %d entr%s matching %d module%s (full copies)\n", lc->n_modules_to_save,
+                   lc->n_modules_to_save == 1 ? "y" : "ies", n_saved, n_saved == 1 ? "" : "s");
+        if (n_tok)
+            printf("trainable tokens %d (rows replaced)\n", n_tok);
         printf("parameters   %zu", params);
         if (base_params > 0)
             printf(" = %.3f%% of the base's %lld\n", 100.0 * (double)params / (double)base_params,

@@ -112,8 +112,10 @@ int cmd_logits(int argc, char **argv)
         lk_free(ids);
         return lk_cli_fail("logits", &err);
     }
-    if (adapter && (rc = lora_load(&l, adapter, &m.cfg, &err)) == LK_OK)
+    if (adapter && (rc = lora_load(&l, adapter, &m.cfg, &err)) == LK_OK) {
+        lk_cli_adapter_keys("logits", adapter, &l.cfg);
         rc = model_apply_extras(&m, &l, &err);
+    }
     if (!rc)
         rc = model_plan(&m, B, T, 0, &err);
     if (!rc)

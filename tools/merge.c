@@ -238,6 +238,8 @@ int cmd_merge(int argc, char **argv)
     if (rdb_rec_begin(&rec, c.runs, "merge", c.out, c.model, NULL, params))
         lk_cli_warn("merge", rec.warning);
     cJSON_Delete(params);
+    for (int i = 0; i < o.n_adapters; i++)
+        lk_cli_adapter_keys("merge", o.adapters[i].dir, NULL);
     struct merge_report rep;
     int rc = merge_run(&o, &rep, &err);
     cJSON *sum = rc ? NULL : summary_json(&rep);

@@ -10,6 +10,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "../libcore/lora.h"
+
 static const struct opt *opts_find(const struct opt *opts, const char *name, size_t n)
 {
     for (const struct opt *o = opts; o && o->name; o++)
@@ -141,6 +143,21 @@ void lk_cli_warn(const char *cmd, const char *msg)
 {
     if (msg && msg[0])
         fprintf(stderr, "lorakit %s: warning: %s\n", cmd, msg);
+}
+
+void lk_cli_adapter_keys(const char *cmd, const char *dir, const struct lora_config *lc)
+{
+    struct lora_config own;
+    if (!lc) {
+        if (lora_config_load(&own, dir, NULL) != LK_OK)
+            return;
+        lc = &own;
+    }
+    if (lc->unknown_keys)
+        fprintf(stderr, "lorakit %s: warning: %s/adapter_config.json: unknown keys %s (fields of a newer PEFT?): "
+                "ignored\n", cmd, dir, lc->unknown_keys);
+    if (lc == &own)
+        lora_config_release(&own);
 }
 
 void lk_cli_threads(long n)

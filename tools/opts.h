@@ -51,6 +51,12 @@ void opts_usage(FILE *f, const struct cmd_help *h, const struct opt *opts);
 int lk_cli_fail(const char *cmd, const struct lk_err *err);
 /* Prints "lorakit CMD: warning: MSG" on stderr when msg is non-empty (e.g. rdb_rec.warning). */
 void lk_cli_warn(const char *cmd, const char *msg);
+/* Warns about adapter_config.json keys that PEFT 0.20's LoraConfig does not have (a newer
+ * PEFT's fields, which lorakit ignores): "lorakit CMD: warning: DIR/adapter_config.json: ...".
+ * lc is the config read by the command, or NULL: then DIR's config is read here (one that does
+ * not load is left for the command's own reader to refuse). */
+struct lora_config;
+void lk_cli_adapter_keys(const char *cmd, const char *dir, const struct lora_config *lc);
 /* --threads N of every command: OpenBLAS's and OpenMP's thread counts; N <= 0 keeps their
  * default (all cores, or OPENBLAS_NUM_THREADS / OMP_NUM_THREADS). */
 void lk_cli_threads(long n);

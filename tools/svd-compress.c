@@ -25,9 +25,12 @@ static const struct cmd_help svdc_help = {
     "ΔW = W_tuned - W_base is cut to its top singular values (rank R, or per tensor the smallest\n"
     "rank keeping a fraction E of ‖ΔW‖_F², capped by --max-rank), with B = U·sqrt(S),\n"
     "A = sqrt(S)·Vᵀ and lora_alpha = r (scale 1); per-tensor ranks go to rank_pattern /\n"
-    "alpha_pattern. Changed q/k/v biases go to lora_B.bias (lora_bias: true). Changed tensors\n"
+    "alpha_pattern. Changed q/k/v biases go to lora_B.bias (lora_bias: true; zeros for the modules\n"
+    "without a bias, since PEFT gives every target one: PEFT runs such an adapter but will not\n"
+    "merge_and_unload it, lorakit merges it; --no-bias leaves the bias changes out). Changed tensors\n"
     "outside the targets are listed; --keep-other stores embeddings, lm_head and norms as\n"
-    "modules_to_save. The SVD is exact (LAPACK gesdd) or randomized (Halko et al. 2011),\n"
+    "modules_to_save (on a tied base the embedding also as lm_head, with ensure_weight_tying,\n"
+    "so that PEFT reproduces the fine-tune). The SVD is exact (LAPACK gesdd) or randomized (Halko et al. 2011),\n"
     "chosen by shape unless forced. The models are read tensor by tensor.\n"
     "With --adapter, re-factors an existing adapter to a lower rank exactly, from its factors\n"
     "(QR of B and Aᵀ, SVD of the small core), never forming the full product.\n"
@@ -43,7 +46,7 @@ struct svdc_args {
     const char *base, *tuned, *adapter, *out, *targets, *runs, *name;
     long rank, max_rank, oversample, power_iters, threads, seed;
     double energy, sv_epsilon;
-    int exact, randomized, keep_other, json, overwrite, quiet;
+    int exact, randomized, keep_other, no_bias, json, overwrite, quiet;
 };
 
 static void svdc_progress(void *ctx, int done, int total, const char *tensor)
@@ -105,7 +108,8 @@ static void svdc_print_table(const struct cmp_report *r, const char *out, int re
         if (!header++)
             printf("\nchanged outside the low-rank factors:\n");
         shape_str(t, shp, sizeof shp);
-        const char *where = t->kind == CMP_BIAS ? "in lora_B.bias"
+        const char *where = t->kind == CMP_BIAS && t->stored ? "in lora_B.bias"
+                            : t->kind == CMP_BIAS ? "LEFT OUT (--no-bias): the adapter's bias is off by this"
                             : t->stored        ? "kept (modules_to_save)"
                             : t->layer >= 0    ? "LEFT OUT (not in --targets)"
                                                : "LEFT OUT (use --keep-other)";
@@ -127,6 +131,12 @@ static void svdc_print_table(const struct cmp_report *r, const char *out, int re
     if (r->n_left_out)
         printf("the adapter leaves out %d changed tensor%s (listed above)\n", r->n_left_out,
                r->n_left_out == 1 ? "" : "s");
+    if (r->lora_bias && !reduce)
+        printf("note: the q/k/v biases changed, so the adapter sets lora_bias. PEFT runs it, but its\n"
+               "merge_and_unload refuses lora_bias on a layer without a bias (PEFT gives every target a\n"
+               "lora_B.bias: o_proj and the MLP projections get zeros); lorakit merge accepts it.\n"
+               "--no-bias leaves the bias changes out (the cost is listed per tensor above) for an adapter\n"
+               "every tool can merge.\n");
     printf("wrote %s in %.1f s\n", out, r->seconds);
 }
 
@@ -184,6 +194,7 @@ static cJSON *svdc_params(const struct svdc_args *a)
     cJSON_AddNumberToObject(j, "power_iters", (double)a->power_iters);
     cJSON_AddNumberToObject(j, "seed", (double)a->seed);
     cJSON_AddBoolToObject(j, "keep_other", a->keep_other);
+    cJSON_AddBoolToObject(j, "no_bias", a->no_bias);
     return j;
 }
 
@@ -193,8 +204,8 @@ static int svdc_opts_from_args(const struct svdc_args *a, struct cmp_opts *o, st
     const char *bad = NULL;
     if (!a->out)
         bad = "missing --out DIR (see --help)";
-    else if (a->adapter ? (a->base || a->tuned || a->keep_other) : (!a->base || !a->tuned))
-        bad = a->adapter ? "--adapter does not combine with --base, --tuned or --keep-other"
+    else if (a->adapter ? (a->base || a->tuned || a->keep_other || a->no_bias) : (!a->base || !a->tuned))
+        bad = a->adapter ? "--adapter does not combine with --base, --tuned, --keep-other or --no-bias"
                          : "give --base DIR and --tuned DIR, or --adapter DIR (see --help)";
     else if ((a->rank != 0) == (a->energy != 0))
         bad = "give exactly one of --rank R and --energy E";
@@ -220,6 +231,7 @@ static int svdc_opts_from_args(const struct svdc_args *a, struct cmp_opts *o, st
     o->max_rank = (int)a->max_rank;
     o->sv_epsilon = a->sv_epsilon;
     o->keep_other = a->keep_other;
+    o->no_bias = a->no_bias;
     o->overwrite = a->overwrite;
     o->svd.method = a->exact ? SVD_EXACT : a->randomized ? SVD_RANDOMIZED : SVD_AUTO;
     o->svd.oversample = (int)a->oversample;
@@ -242,6 +254,8 @@ static int svdc_run(const struct svdc_args *a, const struct cmp_opts *o, struct 
         lk_cli_warn("svd-compress", rec.warning);
     cJSON_Delete(params);
     lk_free(runs);
+    if (a->adapter)
+        lk_cli_adapter_keys("svd-compress", a->adapter, NULL);
     int rc = a->adapter ? cmp_adapter(a->adapter, a->out, o, rep, err) : cmp_models(a->base, a->tuned, a->out, o, rep, err);
     cJSON *sum = NULL;
     if (!rc) {
@@ -281,6 +295,7 @@ int cmd_svd_compress(int argc, char **argv)
         { "seed", OPT_INT, &a.seed, "S", "seed of the randomized sketches (default 0)" },
         { "threads", OPT_INT, &a.threads, "N", "threads (default: all cores)" },
         { "keep-other", OPT_FLAG, &a.keep_other, NULL, "store changed embeddings, lm_head, norms as modules_to_save" },
+        { "no-bias", OPT_FLAG, &a.no_bias, NULL, "leave q/k/v bias changes out: no lora_bias, mergeable by PEFT too" },
         { "json", OPT_FLAG, &a.json, NULL, "print the report as JSON" },
         { "runs", OPT_STR, &a.runs, "DB", "runs database (default runs.db next to --out)" },
         { "name", OPT_STR, &a.name, "NAME", "run name in the runs database (default: --out)" },

@@ -413,6 +413,8 @@ int cmd_train(int argc, char **argv)
     int rc = train_load(&c, &m, &tk, &d, &ev, &err);
     if (!rc && !c.full)
         rc = lora_build(&l, &m, &lb, &err);
+    if (!rc && c.adapter)
+        lk_cli_adapter_keys("train", c.adapter, &l.cfg);
     if (!rc)
         rc = train_go(&c, &m, &l, tk, &d, &ev, &rec, &err);
     if (rc && rdb_rec_finish(&rec, rc, NULL))
