@@ -1118,9 +1118,9 @@ TEST(ev_cli_misfit_system_refused_first)
 }
 
 /* An adapter that carries modules_to_save (svd-compress --keep-other of a fine-tune that changed
- * the tied embeddings and a norm) runs as a system on a private copy of the base, untied as PEFT
- * runs it: every figure equals that of the model `lorakit merge` writes from it (the reference),
- * and the base modes are the base's. */
+ * the tied embeddings and a norm) runs as a system on its own copy of the base: every figure
+ * equals that of the model `lorakit merge` writes from it (the reference), and the base modes are
+ * the base's. */
 TEST(ev_system_with_modules_to_save_matches_its_merge)
 {
     CHECK_INT(make_rc_fixture(10, 6), 0);
