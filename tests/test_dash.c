@@ -3,7 +3,8 @@
  * the dashboard itself driven under tmux (send-keys, capture-pane) against a runs database
  * written by real `lorakit train` runs on a tiny model plus eval / diff / svd-compress /
  * merge runs filled by hand through the rdb_* API. What the screen shows is checked against
- * the database read with plain SQL. Tests needing tmux SKIP when it is missing. */
+ * the database read with plain SQL, including the learned-against-forgot chart of an eval run
+ * with retention figures. Tests needing tmux SKIP when it is missing. */
 #include "test.h"
 
 #include <math.h>

@@ -4,7 +4,10 @@
  * paired difference signs), the verdict text, multiple-choice and reference log-likelihoods
  * against an independent model_forward, and `lorakit eval` end to end: a model trained in the
  * test to read its context answers from retrieved documents (rag far above base), bad inputs
- * leave no run marked 'running'.
+ * leave no run marked 'running'. Several systems and retention: forgetting and its interval on
+ * hand-worked items, systems sharing items and resamples (against a bootstrap written out here),
+ * the verdict naming the best row, text NLL against model_forward, end to end with the runs
+ * database, a misfit system refused before any work, a whole-weight adapter against its merge.
  */
 #include "test.h"
 
