@@ -395,7 +395,7 @@ int cmd_eval(int argc, char **argv)
         { "json", OPT_FLAG, &c.json, NULL, "print the summary as JSON" },
         { "show", OPT_INT, &c.show, "N", "print N items: question, reference and each mode's answer" },
         { "seed", OPT_INT, &c.seed, "S", "bootstrap seed (default 42)" },
-        { "template", OPT_STR, &c.tmpl, "NAME", "chat template: chatml, llama3, plain (default: from the tokenizer)" },
+        { "template", OPT_STR, &c.tmpl, "NAME", "chat template: chatml, qwen3, qwen3-nothink, llama3, llama3.2, plain (default: from the tokenizer)" },
         { "fts-tokenizer", OPT_STR, &c.fts_tok, "T", "unicode61, porter or trigram (--docs: default unicode61; "
                                                       "--index: the index must match)" },
         { "chunk-tokens", OPT_INT, &c.chunk_tokens, "N", "--docs: words per chunk (default 200)" },

@@ -142,7 +142,7 @@ int cmd_generate(int argc, char **argv)
         { "temperature", OPT_FLOAT, &c.temperature, "T", "sampling temperature; 0 = greedy (default 0)" },
         { "top-p", OPT_FLOAT, &c.top_p, "P", "nucleus sampling mass in (0, 1] (default 1 = off)" },
         { "seed", OPT_INT, &c.seed, "S", "sampling seed (default 42)" },
-        { "template", OPT_STR, &c.tmpl, "NAME", "chat template: chatml, llama3, plain (default: from the tokenizer)" },
+        { "template", OPT_STR, &c.tmpl, "NAME", "chat template: chatml, qwen3, qwen3-nothink, llama3, llama3.2, plain (default: from the tokenizer)" },
         { "tokenizer", OPT_STR, &c.tokdir, "DIR", "tokenizer folder (default: the model folder)" },
         { "no-cache", OPT_FLAG, &c.no_cache, NULL, "recompute the whole prefix for every token (slow reference)" },
         { "stats", OPT_FLAG, &c.stats, NULL, "print token counts and tokens/s on stderr" },

@@ -31,8 +31,9 @@ static const struct cmd_help init_help = {
     "otherwise) with the seeded generator; RMSNorm weights are 1; the q/k/v biases are also\n"
     "drawn from normal(0, initializer_range), not zero, so that fixtures exercise the bias\n"
     "path. The same seed gives the same bytes. Presets: tiny (Qwen2, hidden 64, 2 layers,\n"
-    "vocab 512, tied), qwen2.5-0.5b, qwen2-1.5b (the published dimensions), llama-tiny\n"
-    "(Llama, untied, no biases). DIR must not exist or be empty unless --overwrite.",
+    "vocab 512, tied), qwen2.5-0.5b, qwen2-1.5b, qwen3-0.6b, llama3.2-1b (the published\n"
+    "dimensions), llama-tiny (Llama, untied, no biases). DIR must not exist or be empty\n"
+    "unless --overwrite.",
     "  lorakit init --preset tiny --out models/tiny --seed 1\n"
     "  lorakit init --config Qwen2.5-0.5B/config.json --out /tmp/q05 --dtype bf16 --shard-size 500MB",
 };
@@ -151,7 +152,7 @@ int cmd_init(int argc, char **argv)
     struct lk_err err = { 0 };
     const struct opt opts[] = {
         { "config", OPT_STR, &config, "FILE", "config.json to initialise (or a folder holding it)" },
-        { "preset", OPT_STR, &preset, "NAME", "tiny, qwen2.5-0.5b, qwen2-1.5b or llama-tiny (instead of --config)" },
+        { "preset", OPT_STR, &preset, "NAME", "tiny, qwen2.5-0.5b, qwen2-1.5b, qwen3-0.6b, llama3.2-1b or llama-tiny (instead of --config)" },
         { "out", OPT_STR, &out, "DIR", "output folder (must not exist or be empty)" },
         { "seed", OPT_INT, &seed, "S", "random seed (default 0); same seed, same bytes" },
         { "dtype", OPT_STR, &dtype_s, "T", "f32, bf16 or f16 (default: the config's torch_dtype)" },

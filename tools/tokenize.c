@@ -138,7 +138,7 @@ int cmd_tokenize(int argc, char **argv)
         { "file", OPT_STR, &o.file, "F", "read the input from a file instead" },
         { "json", OPT_FLAG, &o.json, NULL, "print JSON (a list of ids; input_ids and labels)" },
         { "decode", OPT_FLAG, &o.decode, NULL, "the input is token ids: print their text" },
-        { "template", OPT_STR, &o.tmpl, "NAME", "chatml, llama3, plain or auto (from tokenizer_config.json)" },
+        { "template", OPT_STR, &o.tmpl, "NAME", "chatml, qwen3, qwen3-nothink, llama3, llama3.2, plain or auto (from tokenizer_config.json)" },
         { "prompt", OPT_FLAG, &o.prompt, NULL, "with --template: print the generation prompt's ids" },
         { "train-all", OPT_FLAG, &o.train_all, NULL, "with --template: train on every token, prompt too" },
         { "no-special", OPT_FLAG, &o.no_special, NULL, "special-token strings in the text stay plain text" },

@@ -368,7 +368,7 @@ int cmd_train(int argc, char **argv)
         { "weight-decay", OPT_FLOAT, &c.weight_decay, "W", "decoupled weight decay (default 0)" },
         { "clip", OPT_FLOAT, &c.clip, "C", "global gradient-norm clip, 0 = off (default 1)" },
         { "seed", OPT_INT, &c.seed, "S", "seed for init, shuffling and dropout (default 42)" },
-        { "template", OPT_STR, &c.tmpl, "T", "chat template: chatml, llama3, plain (default: from the tokenizer)" },
+        { "template", OPT_STR, &c.tmpl, "T", "chat template: chatml, qwen3, qwen3-nothink, llama3, llama3.2, plain (default: from the tokenizer)" },
         { "tokenizer", OPT_STR, &c.tokenizer, "DIR", "tokenizer folder (default: the model folder)" },
         { "train-on-prompt", OPT_FLAG, &c.train_on_prompt, NULL, "train on prompt tokens too" },
         { "skip-bad", OPT_FLAG, &c.skip_bad, NULL, "skip (and count) broken JSONL lines instead of stopping" },
