@@ -9,6 +9,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -702,6 +703,21 @@ int gguf_tensor_rows_f32(const struct gguf_file *f, const struct gguf_tensor *t,
     size_t row_bytes = gguf_nbytes(t->type, (size_t)t->ne[0]);
     gguf_to_f32(out, t->type, t->data + (size_t)row0 * row_bytes, (size_t)(nrows * t->ne[0]));
     return LK_OK;
+}
+
+int gguf_is_file(const char *path)
+{
+    if (!path || lk_is_dir(path))
+        return 0;
+    size_t n = strlen(path);
+    if (n >= 5 && !strcmp(path + n - 5, ".gguf"))
+        return 1;
+    FILE *fp = fopen(path, "rb");
+    char magic[4];
+    int yes = fp && fread(magic, 1, sizeof magic, fp) == sizeof magic && !memcmp(magic, "GGUF", 4);
+    if (fp)
+        fclose(fp);
+    return yes;
 }
 
 // ---- writer ----

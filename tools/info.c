@@ -1,7 +1,8 @@
 /*
  * info.c - `lorakit info PATH [--json]`: describe a model folder (config, dtype, parameter
  * count, tensor table, checked against the tensors the config implies), a bare .safetensors
- * file (its validated header), or an adapter folder (tools/info_adapter.c).
+ * file (its validated header), an adapter folder (tools/info_adapter.c), or a GGUF file
+ * (tools/info_gguf.c).
  */
 #include <cJSON.h>
 #include <stdio.h>
@@ -9,6 +10,7 @@
 #include <string.h>
 
 #include "../libcore/cfg.h"
+#include "../libcore/gguf.h"
 #include "../libcore/lk.h"
 #include "../libcore/st.h"
 #include "commands.h"
@@ -20,10 +22,13 @@ static const struct cmd_help info_help = {
     "Describes PATH: a model folder (config.json + model.safetensors or a sharded index):\n"
     "architecture, dimensions, dtype, parameter count and every tensor, checked against the\n"
     "tensors the config implies; a .safetensors file: its header (tensors, dtypes, shapes,\n"
-    "metadata), fully validated; an adapter folder (adapter_config.json). Exits 1 with a\n"
+    "metadata), fully validated; an adapter folder (adapter_config.json); a GGUF file:\n"
+    "architecture and hyper-parameters as lorakit reads them, tokenizer, chat template, every\n"
+    "metadata key and tensor (type, shape), or why lorakit cannot run it. Exits 1 with a\n"
     "message naming the file and tensor when something is malformed.",
     "  lorakit info models/tiny\n"
-    "  lorakit info models/tiny/model.safetensors --json",
+    "  lorakit info models/tiny/model.safetensors --json\n"
+    "  lorakit info med.q8_0.gguf",
 };
 
 static void info_shape(char *buf, size_t n, int ndim, const int64_t *shape)
@@ -260,5 +265,5 @@ int cmd_info(int argc, char **argv)
         lk_errf(&err, LK_ERR_MISSING, "%s: no such file or folder", path);
         return lk_cli_fail("info", &err);
     }
-    return info_file(path, json);
+    return gguf_is_file(path) ? info_gguf(path, json) : info_file(path, json);
 }
