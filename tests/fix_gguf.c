@@ -529,3 +529,123 @@ int64_t fix_permuted_src_row(int64_t r, int HS)
     return h * HS + s * (HS / 2) + j;
 }
 
+/* A PEFT adapter for the base model written by hand: rank 2 on every layer's q_proj, plus
+ * lora_B biases, an embedding adapter or a modules_to_save lm_head when asked. */
+int fix_craft_adapter(const char *dir, int bias, int embed, int save_head)
+{
+    static float a[2 * 768], b[256 * 2], bb[256], head[768 * 256];
+    static char names[12][96];
+    for (int i = 0; i < 2 * 768; i++)
+        a[i] = 0.01f * (float)(i % 7);
+    struct st_item it[16];
+    int n = 0;
+    for (int l = 0; l < 4; l++) {
+        static const char *const kinds[3] = { "lora_A.weight", "lora_B.weight", "lora_B.bias" };
+        for (int k = 0; k < (bias ? 3 : 2); k++) {
+            snprintf(names[n], sizeof names[n], "base_model.model.model.layers.%d.self_attn.q_proj.%s", l, kinds[k]);
+            it[n] = k == 0   ? (struct st_item){ names[n], 2, { 2, 256 }, a }
+                    : k == 1 ? (struct st_item){ names[n], 2, { 256, 2 }, b }
+                             : (struct st_item){ names[n], 1, { 256 }, bb };
+            n++;
+        }
+    }
+    if (embed) {
+        it[n++] = (struct st_item){ "base_model.model.model.embed_tokens.lora_embedding_A", 2, { 2, 768 }, a };
+        it[n++] = (struct st_item){ "base_model.model.model.embed_tokens.lora_embedding_B", 2, { 256, 2 }, b };
+    }
+    if (save_head)
+        it[n++] = (struct st_item){ "base_model.model.lm_head.weight", 2, { 768, 256 }, head };
+    char cfg[512], path[700];
+    snprintf(cfg, sizeof cfg, "{\"peft_type\": \"LORA\", \"r\": 2, \"lora_alpha\": 4, \"target_modules\": "
+             "[\"q_proj\"%s], \"lora_bias\": %s, \"modules_to_save\": %s}", embed ? ", \"embed_tokens\"" : "",
+             bias ? "true" : "false", save_head ? "[\"lm_head\"]" : "null");
+    struct lk_err err = { 0 };
+    snprintf(path, sizeof path, "%s/adapter_config.json", dir);
+    if (lk_mkdir_p(dir, &err) || fix_put_file(path, cfg, strlen(cfg)))
+        return -1;
+    snprintf(path, sizeof path, "%s/adapter_model.safetensors", dir);
+    return st_write_f32(path, it, n, TENSOR_F32, &err);
+}
+
+/* One metadata value of src onto the writer (the types lorakit's files hold). */
+static int copy_kv(struct gguf_writer *w, const struct gguf_kv *kv)
+{
+    char key[256];
+    snprintf(key, sizeof key, "%.*s", (int)kv->key.n, kv->key.p);
+    if (kv->type == GGUF_VT_STRING) {
+        struct gguf_str s = gguf_arr_str(kv, 0);
+        char *z = strndup(s.p, (size_t)s.n);
+        int rc = gguf_writer_str(w, key, z);
+        free(z);
+        return rc;
+    }
+    if (kv->type == GGUF_VT_UINT32)
+        return gguf_writer_u32(w, key, (uint32_t)gguf_arr_num(kv, 0));
+    if (kv->type == GGUF_VT_FLOAT32)
+        return gguf_writer_f32(w, key, (float)gguf_arr_num(kv, 0));
+    if (kv->type == GGUF_VT_BOOL)
+        return gguf_writer_bool(w, key, gguf_arr_num(kv, 0) != 0);
+    if (kv->type != GGUF_VT_ARRAY || (kv->arr_type != GGUF_VT_STRING && kv->arr_type != GGUF_VT_INT32))
+        return -1;
+    size_t n = (size_t)kv->n;
+    if (kv->arr_type == GGUF_VT_INT32) {
+        int32_t *v = malloc(sizeof *v * (n + 1));
+        for (size_t i = 0; i < n; i++)
+            v[i] = (int32_t)gguf_arr_num(kv, i);
+        int rc = gguf_writer_arr_i32(w, key, v, n);
+        free(v);
+        return rc;
+    }
+    const char **v = malloc(sizeof *v * (n + 1));
+    size_t *lens = malloc(sizeof *lens * (n + 1));
+    for (size_t i = 0; i < n; i++) {
+        struct gguf_str s = gguf_arr_str(kv, i);
+        v[i] = s.p;
+        lens[i] = (size_t)s.n;
+    }
+    int rc = gguf_writer_arr_str(w, key, v, lens, n);
+    free(v);
+    free(lens);
+    return rc;
+}
+
+int fix_gguf_copy(const char *src, const char *dst, const char *drop,
+                  void (*edit)(const char *name, float *x, size_t n, void *ctx), void *ctx)
+{
+    struct gguf_file f;
+    struct lk_err err = { 0 }, werr = { 0 };
+    if (gguf_open(&f, src, &err)) {
+        fprintf(stderr, "    %s\n", err.msg);
+        return -1;
+    }
+    struct gguf_writer w;
+    int bad = gguf_writer_init(&w, dst, &werr) != LK_OK;
+    for (int64_t i = 0; i < f.n_kv && !bad; i++)
+        if (!drop || f.kv[i].key.n < strlen(drop) || memcmp(f.kv[i].key.p, drop, strlen(drop)))
+            bad = copy_kv(&w, &f.kv[i]) != 0;
+    char name[GGUF_MAX_NAME];
+    for (int64_t i = 0; i < f.n_tensors && !bad; i++) {
+        snprintf(name, sizeof name, "%.*s", (int)f.t[i].name.n, f.t[i].name.p);
+        bad = gguf_writer_declare(&w, name, f.t[i].type, f.t[i].n_dims, f.t[i].ne) != LK_OK;
+    }
+    bad = bad || gguf_writer_begin(&w) != LK_OK;
+    for (int64_t i = 0; i < f.n_tensors && !bad; i++) {
+        const struct gguf_tensor *t = &f.t[i];
+        float *x = malloc(sizeof(float) * (t->numel + 1));
+        snprintf(name, sizeof name, "%.*s", (int)t->name.n, t->name.p);
+        bad = gguf_tensor_rows_f32(&f, t, 0, (int64_t)(t->numel / (size_t)t->ne[0]), x, &err) != LK_OK;
+        if (!bad && edit)
+            edit(name, x, t->numel, ctx);
+        bad = bad || gguf_writer_write(&w, x, t->numel) != LK_OK;
+        free(x);
+    }
+    if (bad) {
+        fprintf(stderr, "    copy of %s failed: %s%s\n", src, err.msg, werr.msg);
+        gguf_writer_abort(&w);
+    } else if (gguf_writer_commit(&w)) {
+        fprintf(stderr, "    copy of %s failed: %s\n", src, werr.msg);
+        bad = 1;
+    }
+    gguf_close(&f);
+    return bad ? -1 : 0;
+}

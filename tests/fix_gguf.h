@@ -110,4 +110,14 @@ int fix_has_uint(const struct gguf_file *g, const char *key, uint64_t want);
  * .swapaxes(1, 2).reshape(rows, cols), so the new row (h, j, s) is the old row (h, s, j). */
 int64_t fix_permuted_src_row(int64_t r, int HS);
 
+/* A PEFT adapter for the base model written by hand: rank 2 on every layer's q_proj, plus
+ * lora_B biases, an embedding adapter or a modules_to_save lm_head when asked. */
+int fix_craft_adapter(const char *dir, int bias, int embed, int save_head);
+
+/* Copies a GGUF file (the value types lorakit writes: strings, u32, f32, bools, string and i32
+ * arrays) to dst through gguf_writer, without the keys that start with drop (may be NULL), each
+ * tensor's float32 values passed through edit (may be NULL) and written back in its type. */
+int fix_gguf_copy(const char *src, const char *dst, const char *drop,
+                  void (*edit)(const char *name, float *x, size_t n, void *ctx), void *ctx);
+
 #endif

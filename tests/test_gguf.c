@@ -675,44 +675,6 @@ static int refused(const char *args, const char *out, const char *want)
     return 1;
 }
 
-/* A PEFT adapter for the base model written by hand: rank 2 on every layer's q_proj, plus
- * lora_B biases, an embedding adapter or a modules_to_save lm_head when asked. */
-static int craft_adapter(const char *dir, int bias, int embed, int save_head)
-{
-    static float a[2 * 768], b[256 * 2], bb[256], head[768 * 256];
-    static char names[12][96];
-    for (int i = 0; i < 2 * 768; i++)
-        a[i] = 0.01f * (float)(i % 7);
-    struct st_item it[16];
-    int n = 0;
-    for (int l = 0; l < 4; l++) {
-        static const char *const kinds[3] = { "lora_A.weight", "lora_B.weight", "lora_B.bias" };
-        for (int k = 0; k < (bias ? 3 : 2); k++) {
-            snprintf(names[n], sizeof names[n], "base_model.model.model.layers.%d.self_attn.q_proj.%s", l, kinds[k]);
-            it[n] = k == 0   ? (struct st_item){ names[n], 2, { 2, 256 }, a }
-                    : k == 1 ? (struct st_item){ names[n], 2, { 256, 2 }, b }
-                             : (struct st_item){ names[n], 1, { 256 }, bb };
-            n++;
-        }
-    }
-    if (embed) {
-        it[n++] = (struct st_item){ "base_model.model.model.embed_tokens.lora_embedding_A", 2, { 2, 768 }, a };
-        it[n++] = (struct st_item){ "base_model.model.model.embed_tokens.lora_embedding_B", 2, { 256, 2 }, b };
-    }
-    if (save_head)
-        it[n++] = (struct st_item){ "base_model.model.lm_head.weight", 2, { 768, 256 }, head };
-    char cfg[512], path[700];
-    snprintf(cfg, sizeof cfg, "{\"peft_type\": \"LORA\", \"r\": 2, \"lora_alpha\": 4, \"target_modules\": "
-             "[\"q_proj\"%s], \"lora_bias\": %s, \"modules_to_save\": %s}", embed ? ", \"embed_tokens\"" : "",
-             bias ? "true" : "false", save_head ? "[\"lm_head\"]" : "null");
-    struct lk_err err = { 0 };
-    snprintf(path, sizeof path, "%s/adapter_config.json", dir);
-    if (lk_mkdir_p(dir, &err) || fix_put_file(path, cfg, strlen(cfg)))
-        return -1;
-    snprintf(path, sizeof path, "%s/adapter_model.safetensors", dir);
-    return st_write_f32(path, it, n, TENSOR_F32, &err);
-}
-
 TEST(gguf_convert_refuses_what_gguf_cannot_hold)
 {
     if (!lk_file_exists(BASE "/config.json"))
@@ -762,14 +724,14 @@ TEST(gguf_convert_refuses_what_gguf_cannot_hold)
     };
     for (size_t i = 0; i < sizeof crafted / sizeof crafted[0]; i++) {
         snprintf(ad, sizeof ad, "%s/crafted%zu", t, i);
-        CHECK_INT(craft_adapter(ad, crafted[i].bias, crafted[i].embed, crafted[i].head), 0);
+        CHECK_INT(fix_craft_adapter(ad, crafted[i].bias, crafted[i].embed, crafted[i].head), 0);
         snprintf(args, sizeof args, "--adapter '%s' --model " BASE " --out '%s'", ad, out);
         CHECK_MSG(refused(args, out, crafted[i].want), "case %zu", i);
         CHECK(strstr(test_output(), "hint: merge it instead") != NULL);
     }
     // the plain crafted adapter converts (the refusals above are about the extras alone)
     snprintf(ad, sizeof ad, "%s/plain", t);
-    CHECK_INT(craft_adapter(ad, 0, 0, 0), 0);
+    CHECK_INT(fix_craft_adapter(ad, 0, 0, 0), 0);
     CHECK_INT(test_sh("%s convert --adapter '%s' --model " BASE " --out '%s'", test_lorakit(), ad, out), 0);
     CHECK(strstr(test_output(), "GGUF LoRA, 4 modules, alpha 4, f32"));
     CHECK(unlink(out) == 0);
