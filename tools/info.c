@@ -51,6 +51,25 @@ static cJSON *info_json_tensor(const struct st_tensor *t)
     return o;
 }
 
+void info_json_cfg(struct cJSON *o, const struct cfg *c)
+{
+    cJSON_AddStringToObject(o, "architecture", c->architecture);
+    cJSON_AddStringToObject(o, "model_type", c->model_type);
+    cJSON_AddNumberToObject(o, "hidden_size", c->hidden_size);
+    cJSON_AddNumberToObject(o, "intermediate_size", c->intermediate_size);
+    cJSON_AddNumberToObject(o, "num_hidden_layers", c->num_hidden_layers);
+    cJSON_AddNumberToObject(o, "num_attention_heads", c->num_attention_heads);
+    cJSON_AddNumberToObject(o, "num_key_value_heads", c->num_key_value_heads);
+    cJSON_AddNumberToObject(o, "head_dim", c->head_dim);
+    cJSON_AddNumberToObject(o, "vocab_size", c->vocab_size);
+    cJSON_AddNumberToObject(o, "max_position_embeddings", c->max_position_embeddings);
+    cJSON_AddNumberToObject(o, "rms_norm_eps", c->rms_norm_eps);
+    cJSON_AddNumberToObject(o, "rope_theta", c->rope_theta);
+    cJSON_AddStringToObject(o, "rope_scaling", cfg_rope_type_name(c->rope_scaling.type));
+    cJSON_AddBoolToObject(o, "tie_word_embeddings", c->tie_word_embeddings);
+    cJSON_AddBoolToObject(o, "attention_bias", c->attention_bias);
+}
+
 static void info_print_json(cJSON *root)
 {
     char *text = cfg_json_print(root);
@@ -184,20 +203,7 @@ static int info_model(const char *dir, int json)
         cJSON *root = cJSON_CreateObject();
         cJSON_AddStringToObject(root, "kind", "model");
         cJSON_AddStringToObject(root, "path", dir);
-        cJSON_AddStringToObject(root, "architecture", c.architecture);
-        cJSON_AddStringToObject(root, "model_type", c.model_type);
-        cJSON_AddNumberToObject(root, "hidden_size", c.hidden_size);
-        cJSON_AddNumberToObject(root, "intermediate_size", c.intermediate_size);
-        cJSON_AddNumberToObject(root, "num_hidden_layers", c.num_hidden_layers);
-        cJSON_AddNumberToObject(root, "num_attention_heads", c.num_attention_heads);
-        cJSON_AddNumberToObject(root, "num_key_value_heads", c.num_key_value_heads);
-        cJSON_AddNumberToObject(root, "head_dim", c.head_dim);
-        cJSON_AddNumberToObject(root, "vocab_size", c.vocab_size);
-        cJSON_AddNumberToObject(root, "max_position_embeddings", c.max_position_embeddings);
-        cJSON_AddNumberToObject(root, "rms_norm_eps", c.rms_norm_eps);
-        cJSON_AddNumberToObject(root, "rope_theta", c.rope_theta);
-        cJSON_AddBoolToObject(root, "tie_word_embeddings", c.tie_word_embeddings);
-        cJSON_AddBoolToObject(root, "attention_bias", c.attention_bias);
+        info_json_cfg(root, &c);
         cJSON_AddStringToObject(root, "torch_dtype", c.torch_dtype);
         cJSON_AddStringToObject(root, "dtype", dtype);
         cJSON_AddNumberToObject(root, "parameters", (double)params);

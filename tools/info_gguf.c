@@ -229,20 +229,7 @@ static void print_json(const struct gguf_file *f, const struct gguf_view *v)
     cJSON_AddNumberToObject(root, "bytes", (double)f->map_len);
     cJSON_AddNumberToObject(root, "parameters", (double)v->n_params);
     if (v->cfg_ok) {
-        const struct cfg *c = &v->c;
-        cJSON *o = cJSON_AddObjectToObject(root, "config");
-        cJSON_AddStringToObject(o, "architecture", c->architecture);
-        cJSON_AddNumberToObject(o, "hidden_size", c->hidden_size);
-        cJSON_AddNumberToObject(o, "intermediate_size", c->intermediate_size);
-        cJSON_AddNumberToObject(o, "num_hidden_layers", c->num_hidden_layers);
-        cJSON_AddNumberToObject(o, "num_attention_heads", c->num_attention_heads);
-        cJSON_AddNumberToObject(o, "num_key_value_heads", c->num_key_value_heads);
-        cJSON_AddNumberToObject(o, "head_dim", c->head_dim);
-        cJSON_AddNumberToObject(o, "vocab_size", c->vocab_size);
-        cJSON_AddNumberToObject(o, "max_position_embeddings", c->max_position_embeddings);
-        cJSON_AddNumberToObject(o, "rope_theta", c->rope_theta);
-        cJSON_AddStringToObject(o, "rope_scaling", cfg_rope_type_name(c->rope_scaling.type));
-        cJSON_AddBoolToObject(o, "tie_word_embeddings", c->tie_word_embeddings);
+        info_json_cfg(cJSON_AddObjectToObject(root, "config"), &v->c);
     } else {
         cJSON_AddStringToObject(root, "unsupported", v->cfg_err.msg);
     }
