@@ -799,13 +799,12 @@ int merge_out_is_gguf(const char *out)
     return n >= 5 && !strcmp(out + n - 5, ".gguf");
 }
 
-/* The options a .gguf --out rules out, or a GGUF type without one. */
+/* The options a .gguf --out rules out. */
 static int check_gguf_opts(const struct merge_opts *o, struct lk_err *err)
 {
     int t = o->gguf_dtype;
     if (!merge_out_is_gguf(o->out))
-        return t >= 0 ? lk_errf(err, LK_ERR_USAGE, "output type %s is a GGUF type: give --out FILE.gguf",
-                                gguf_ttype_name(t) ? gguf_ttype_name(t) : "?") : LK_OK;
+        return LK_OK;
     if (o->into_adapter)
         return lk_errf(err, LK_ERR_USAGE, "--into-adapter writes a PEFT adapter folder, not a .gguf file (hint: "
                        "merge into an adapter folder, then lorakit convert --adapter DIR --model BASE --out "

@@ -81,9 +81,9 @@ struct merge_opts {
                                     for every module (zero-padded), no rank/alpha patterns */
     int verify;                  /* after writing, compare logits (see merge_verify) */
     int gguf_dtype;              /* out ending in .gguf (merge_out_is_gguf): the GGUF type of the
-                                    matrices (GGUF_T_F32, F16, BF16, Q8_0 of gguf.h), or -1 for the
-                                    base's (its embedding's dtype); dtype must stay -1. Must be -1
-                                    for a folder out */
+                                    matrices (GGUF_T_F32 = 0, F16, BF16, Q8_0 of gguf.h), or -1 for
+                                    the base's (its embedding's dtype); dtype must stay -1 then.
+                                    Ignored for a folder out */
     /* Progress (may be NULL): called after each tensor or module. */
     void (*progress)(void *ctx, int done, int total, const char *name);
     void *progress_ctx;

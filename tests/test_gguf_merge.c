@@ -25,6 +25,7 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "../libcore/gguf.h"
 #include "../libcore/lk.h"
@@ -923,4 +924,74 @@ TEST(gguf_llama_llama32_rope_scaling)
     // linear scaling, through llama.cpp's rope.scaling keys
     snprintf(json, sizeof json, LLAMA_TINY_FMT, "\"rope_scaling\":{\"rope_type\":\"linear\",\"factor\":3.0},");
     CHECK_INT(arch_in_llama(json, "lin", "llama (linear rope scaling, factor 3)"), 0);
+}
+
+// ---- allocation failures ----
+
+struct gguf_sweep {
+    struct merge_opts o;
+    char out[700];
+    char ref[700];       /* the output of the run without faults */
+    int have_ref;
+};
+
+static int gguf_sweep_op(void *ctx, struct lk_err *err)
+{
+    struct merge_report rep;
+    return merge_run(&((struct gguf_sweep *)ctx)->o, &rep, err);
+}
+
+static int gguf_sweep_done(void *ctx, int rc)
+{
+    struct gguf_sweep *sw = ctx;
+    if (test_sh("ls -a '%s' | grep -q '\\.tmp\\.'", test_tmpdir()) == 0) {
+        test_fail(__FILE__, __LINE__, "merge (status %d) left a temporary file", rc);
+        return -1;
+    }
+    if (!sw->have_ref) {
+        sw->have_ref = 1;
+        return rename(sw->o.out, sw->ref) ? -1 : 0;
+    }
+    if (rc != LK_OK && lk_file_exists(sw->o.out)) {
+        test_fail(__FILE__, __LINE__, "a failed merge left '%s'", sw->o.out);
+        return -1;
+    }
+    int same = rc != LK_OK || test_sh("cmp -s '%s' '%s'", sw->o.out, sw->ref) == 0;
+    unlink(sw->o.out);
+    if (!same)
+        test_fail(__FILE__, __LINE__, "'%s' differs from the run without faults", sw->o.out);
+    return same ? 0 : -1;
+}
+
+TEST(gguf_merge_survives_allocation_failures)
+{
+    if (!lk_file_exists(BASE "/config.json"))
+        SKIP("no %s (run from the repository root)", BASE);
+    TMPPATH(dir, "small");
+    TMPPATH(ad, "ad");
+    CHECK_INT(make_model(dir, "{\"architectures\":[\"LlamaForCausalLM\"],\"hidden_size\":32,\"intermediate_size\":64,"
+                              "\"num_hidden_layers\":1,\"num_attention_heads\":2,\"num_key_value_heads\":1,"
+                              "\"vocab_size\":768,\"max_position_embeddings\":64,\"tie_word_embeddings\":true,"
+                              "\"torch_dtype\":\"bfloat16\"}"), 0);
+    struct cfg c;
+    struct lora l;
+    CHECK_OK(cfg_load(&c, dir, test_err()));
+    CHECK_OK(fix_lora_random(&l, &c, (1u << CFG_Q) | (1u << CFG_UP), 2, 4, 0, 0, 5));
+    CHECK_OK(lora_save(&l, ad, test_err()));
+    lora_release(&l);
+    cfg_release(&c);
+    struct gguf_sweep sw;
+    memset(&sw, 0, sizeof sw);
+    sw.o.model = dir;
+    snprintf(sw.out, sizeof sw.out, "%s/out.gguf", test_tmpdir());
+    sw.o.out = sw.out;
+    sw.o.n_adapters = 1;
+    sw.o.adapters[0] = (struct merge_adapter){ ad, 1.0 };
+    sw.o.dtype = -1;
+    sw.o.gguf_dtype = GGUF_T_Q8_0;
+    snprintf(sw.ref, sizeof sw.ref, "%s/ref.gguf", test_tmpdir());
+    long runs = ALLOC_SWEEP("merge_run to a .gguf (q8_0, llama q/k rows permuted)", gguf_sweep_op, gguf_sweep_done,
+                            &sw, 50000);
+    fprintf(stderr, "    allocations made to fail: %ld\n", runs);
+    CHECK(runs > 20);
 }
