@@ -5,16 +5,17 @@
  *
  * Usage: bench_merge LORAKIT WORKDIR
  * Makes WORKDIR/base with `lorakit init --preset qwen2-1.5b --dtype bf16` (1.54e9 parameters,
- * 3.09 GB; kept for a second run) with the project's tokenizer (datasets/base-model), a random rank-16 adapter on all seven projections
- * (alpha 32), reads the base once so both contenders start from a warm page cache, then
- * times `cp -r base copy` (and a `sync` of the copy, since merge fsyncs its output),
+ * 3.09 GB; kept for a second run) with the project's tokenizer (datasets/base-model), a random
+ * rank-16 adapter on all seven projections (alpha 32), reads the base once so both contenders
+ * start from a warm page cache, then times `cp -r base copy` (and a `sync` of the copy, since
+ * merge fsyncs its output),
  * `lorakit merge --model base --adapter adapter --out merged` and the same with
  * `--out merged.gguf --dtype f32|bf16|q8_0`, each a child process whose peak RSS comes from
  * wait4's rusage, with the load average before and after (the machine is shared). Prints each,
  * its ratio to cp, and the pass/fail of the targets (RSS < 1 GiB for every output, time <= 2 x
  * cp for the folder). Each output is removed before the next (the f32 GGUF is 6.2 GB).
  */
-#define _DEFAULT_SOURCE /* wait4 (the child's peak RSS) is a BSD extension, not POSIX */
+#define _DEFAULT_SOURCE /* wait4 (the child's peak RSS) and getloadavg are BSD extensions, not POSIX */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>

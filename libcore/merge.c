@@ -1203,7 +1203,9 @@ static int verify(struct merge_ctx *x, const struct st_model *sm, struct merge_r
         model_release(&m);
     }
     snprintf(rep->verify_ref, sizeof rep->verify_ref, "%s",
-             have_ref ? "base+adapter (engine forward)" : x->n ? "exact float32 merge in memory" : "the base in float32");
+             have_ref ? "base+adapter (engine forward)"
+             : x->n   ? "exact float32 merge in memory"
+                      : "the base in float32");
     // 2. the exact float32 merge, then the same weights rounded once to the output dtypes
     if ((rc = exact_model(x, sm, &m, err)))
         goto out;

@@ -516,7 +516,8 @@ int fix_has_uint(const struct gguf_file *g, const char *key, uint64_t want)
     struct lk_err err = { 0 };
     int ok = gguf_get_uint(g, key, &v, &err) == LK_OK && v == want;
     if (!ok)
-        fprintf(stderr, "    %s: %llu, wanted %llu %s\n", key, (unsigned long long)v, (unsigned long long)want, err.msg);
+        fprintf(stderr, "    %s: %llu, wanted %llu %s\n", key, (unsigned long long)v, (unsigned long long)want,
+                err.msg);
     return ok;
 }
 

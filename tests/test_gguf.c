@@ -883,7 +883,8 @@ static int check_lora(const char *model_dir, const char *adapter, const char *wh
     for (int i = 0; i < PLEN; i++)
         row[i] = 100 + 37 * i;
     int V;
-    double *with = fix_lk_logprobs(model_dir, adapter, rows, 1, PLEN, &V), *without = fix_lk_logprobs(model_dir, NULL, rows, 1, PLEN, &V);
+    double *with = fix_lk_logprobs(model_dir, adapter, rows, 1, PLEN, &V);
+    double *without = fix_lk_logprobs(model_dir, NULL, rows, 1, PLEN, &V);
     double effect = 0;
     for (int v = 0; with && without && v < V; v++)
         effect = fmax(effect, fabs(with[v] - without[v]));
@@ -926,7 +927,8 @@ TEST(gguf_llama_lora_adapter_on_llama)
     const struct gguf_tensor *tb = gguf_find_tensor(&g, "blk.1.attn_k.weight.lora_b");
     CHECK(m && tb && tb->ne[0] == m->R && tb->ne[1] == m->out);
     for (int64_t r = 0; r < m->out; r++)
-        CHECK(!memcmp((const float *)tb->data + r * m->R, m->B + fix_permuted_src_row(r, 32) * m->R, sizeof(float) * (size_t)m->R));
+        CHECK(!memcmp((const float *)tb->data + r * m->R, m->B + fix_permuted_src_row(r, 32) * m->R,
+                      sizeof(float) * (size_t)m->R));
     double alpha;
     CHECK_OK(gguf_get_float(&g, "adapter.lora.alpha", &alpha, test_err()));
     CHECK(alpha == 8);

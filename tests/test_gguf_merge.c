@@ -173,7 +173,8 @@ TEST(gguf_merge_f32_equals_base_plus_adapter)
     CHECK(fix_has_str(&g, "general.name", "merged") && fix_has_str(&g, "lorakit.merge_method", "linear"));
     CHECK(fix_has_str(&g, "general.base_model.0.name", "base-model"));
     const struct gguf_kv *ads = gguf_find_kv(&g, "lorakit.adapters");
-    CHECK(ads && ads->n == 1 && gguf_arr_str(ads, 0).n == strlen(ad) && !memcmp(gguf_arr_str(ads, 0).p, ad, strlen(ad)));
+    CHECK(ads && ads->n == 1 && gguf_arr_str(ads, 0).n == strlen(ad));
+    CHECK(!memcmp(gguf_arr_str(ads, 0).p, ad, strlen(ad)));
     for (int64_t i = 0; i < g.n_tensors; i++)
         CHECK(g.t[i].type == GGUF_T_F32);
     gguf_close(&g);
@@ -348,7 +349,8 @@ TEST(gguf_merge_refuses_what_does_not_apply)
     snprintf(dir, sizeof dir, "%s/dyn", test_tmpdir());
     CHECK_INT(make_model(dir, "{\"architectures\":[\"LlamaForCausalLM\"],\"hidden_size\":64,\"intermediate_size\":64,"
                               "\"num_hidden_layers\":1,\"num_attention_heads\":2,\"vocab_size\":768,"
-                              "\"max_position_embeddings\":128,\"rope_scaling\":{\"rope_type\":\"dynamic\",\"factor\":2},"
+                              "\"max_position_embeddings\":128,"
+                              "\"rope_scaling\":{\"rope_type\":\"dynamic\",\"factor\":2},"
                               "\"tie_word_embeddings\":true,\"torch_dtype\":\"float32\"}"), 0);
     snprintf(out, sizeof out, "%s/dyn.gguf", test_tmpdir());
     snprintf(args, sizeof args, "--model '%s' --out '%s'", dir, out);
@@ -357,7 +359,8 @@ TEST(gguf_merge_refuses_what_does_not_apply)
     snprintf(dir, sizeof dir, "%s/q3l3", test_tmpdir());
     CHECK_INT(make_model(dir, "{\"architectures\":[\"Qwen3ForCausalLM\"],\"hidden_size\":64,\"intermediate_size\":64,"
                               "\"num_hidden_layers\":1,\"num_attention_heads\":2,\"num_key_value_heads\":1,"
-                              "\"head_dim\":32,\"vocab_size\":768,\"max_position_embeddings\":128,\"rope_scaling\":{\"rope_type\":\"llama3\",\"factor\":8,\"low_freq_factor\":1,"
+                              "\"head_dim\":32,\"vocab_size\":768,\"max_position_embeddings\":128,"
+                              "\"rope_scaling\":{\"rope_type\":\"llama3\",\"factor\":8,\"low_freq_factor\":1,"
                               "\"high_freq_factor\":4,\"original_max_position_embeddings\":64},"
                               "\"tie_word_embeddings\":true,\"torch_dtype\":\"float32\"}"), 0);
     snprintf(args, sizeof args, "--model '%s' --out '%s'", dir, out);
@@ -425,7 +428,8 @@ TEST(gguf_logits_generate_tokenize_on_gguf)
     TMPPATH(f32, "base-f32.gguf");
     TMPPATH(bf16, "base-bf16.gguf");
     TMPPATH(q8, "base-q8_0.gguf");
-    CHECK_INT(test_sh("%s convert --model " BASE " --out '%s' && %s convert --model " BASE " --out '%s' --dtype bf16 && "
+    CHECK_INT(test_sh("%s convert --model " BASE " --out '%s' && "
+                      "%s convert --model " BASE " --out '%s' --dtype bf16 && "
                       "%s convert --model " BASE " --out '%s' --dtype q8_0", test_lorakit(), f32, test_lorakit(), bf16,
                       test_lorakit(), q8), 0);
     // the bf16 base is exact in f32 and bf16: the same logits, bit for bit
@@ -468,7 +472,8 @@ TEST(gguf_logits_generate_tokenize_on_gguf)
     CHECK_OK(model_plan(&m, 1, 10, 0, test_err()));
     CHECK_OK(model_forward(&m, NULL, ids, NULL, NULL, NULL, 0, NULL, test_err()));
     TMPPATH(lq, "lq.safetensors");
-    CHECK_INT(test_sh("%s logits --model '%s' --tokens 1,2,3,40,50,60,700,8,9,10 --out '%s'", test_lorakit(), q8, lq), 0);
+    CHECK_INT(test_sh("%s logits --model '%s' --tokens 1,2,3,40,50,60,700,8,9,10 --out '%s'", test_lorakit(), q8,
+                      lq), 0);
     struct st_file sf;
     CHECK_OK(st_open(&sf, lq, test_err()));
     const struct st_tensor *lt = st_find(&sf, "logits");
@@ -503,8 +508,8 @@ TEST(gguf_info_describes_the_file)
     CHECK(cfg && tc);
 #define NUM(k) ((int)cJSON_GetObjectItem(cfg, k)->valuedouble)
     char line[400];
-    snprintf(line, sizeof line, "dimensions: hidden %d, intermediate %d, layers %d, heads %d, kv heads %d, head dim %d, "
-             "vocab %d\n", NUM("hidden_size"), NUM("intermediate_size"), NUM("num_hidden_layers"),
+    snprintf(line, sizeof line, "dimensions: hidden %d, intermediate %d, layers %d, heads %d, kv heads %d, "
+             "head dim %d, vocab %d\n", NUM("hidden_size"), NUM("intermediate_size"), NUM("num_hidden_layers"),
              NUM("num_attention_heads"), NUM("num_key_value_heads"), NUM("hidden_size") / NUM("num_attention_heads"),
              NUM("vocab_size"));
     CHECK_INT(test_sh("%s info '%s'", test_lorakit(), q8), 0);
@@ -532,7 +537,8 @@ TEST(gguf_info_describes_the_file)
 #undef NUM
     CHECK_INT(cJSON_GetArraySize(cJSON_GetObjectItem(j, "tensors")), g.n_tensors);
     CHECK_INT(cJSON_GetArraySize(cJSON_GetObjectItem(j, "metadata")), g.n_kv);
-    CHECK(!strcmp(cJSON_GetObjectItem(cJSON_GetObjectItem(j, "metadata"), "general.architecture")->valuestring, "qwen2"));
+    const cJSON *arch = cJSON_GetObjectItem(cJSON_GetObjectItem(j, "metadata"), "general.architecture");
+    CHECK(arch && !strcmp(arch->valuestring, "qwen2"));
     gguf_close(&g);
     cJSON_Delete(j);
     cJSON_Delete(cfg);
@@ -664,8 +670,9 @@ TEST(gguf_rope_freqs_written_and_read_back)
     CHECK(bands[0] > 0 && bands[1] > 0 && bands[2] > 0);
     struct cfg c;
     CHECK_OK(gguf_model_cfg(&g, &c, NULL, NULL, test_err()));
-    CHECK(c.rope_scaling.type == CFG_ROPE_LLAMA3 && c.rope_scaling.factor == 32 && c.rope_scaling.low_freq_factor == 1 &&
-          c.rope_scaling.high_freq_factor == 4 && c.rope_scaling.original_max_position_embeddings == 8192);
+    CHECK(c.rope_scaling.type == CFG_ROPE_LLAMA3 && c.rope_scaling.factor == 32);
+    CHECK(c.rope_scaling.low_freq_factor == 1 && c.rope_scaling.high_freq_factor == 4 &&
+          c.rope_scaling.original_max_position_embeddings == 8192);
     gguf_close(&g);
     CHECK(same_logits(dir, out));
     // a file from llama.cpp's converter has rope_freqs alone: the parameters are recovered
@@ -697,7 +704,8 @@ TEST(gguf_rope_freqs_written_and_read_back)
     TMPPATH(lout, "lin.gguf");
     CHECK_INT(make_model(lin, "{\"architectures\":[\"LlamaForCausalLM\"],\"hidden_size\":64,\"intermediate_size\":64,"
                               "\"num_hidden_layers\":1,\"num_attention_heads\":2,\"vocab_size\":768,"
-                              "\"max_position_embeddings\":128,\"rope_scaling\":{\"rope_type\":\"linear\",\"factor\":4},"
+                              "\"max_position_embeddings\":128,"
+                              "\"rope_scaling\":{\"rope_type\":\"linear\",\"factor\":4},"
                               "\"tie_word_embeddings\":true,\"torch_dtype\":\"float32\"}"), 0);
     CHECK_INT(test_sh("%s convert --model '%s' --out '%s'", test_lorakit(), lin, lout), 0);
     CHECK_OK(gguf_open(&g, lout, test_err()));
@@ -723,8 +731,9 @@ static const char LLAMA_TINY_FMT[] =
     "\"max_position_embeddings\":256,\"initializer_range\":0.3,\"torch_dtype\":\"float32\"}";
 /* head_dim 16, theta 500000, original context 64: wavelengths 6.3 (high band, under 16), 32.4
  * (medium), 167 and up (low, over 64). */
-static const char LLAMA3_SCALING[] = "\"rope_scaling\":{\"factor\":32.0,\"high_freq_factor\":4.0,\"low_freq_factor\":1.0,"
-                                     "\"original_max_position_embeddings\":64,\"rope_type\":\"llama3\"},";
+static const char LLAMA3_SCALING[] =
+    "\"rope_scaling\":{\"factor\":32.0,\"high_freq_factor\":4.0,\"low_freq_factor\":1.0,"
+    "\"original_max_position_embeddings\":64,\"rope_type\":\"llama3\"},";
 
 TEST(gguf_qwen3_written_and_read_back)
 {
@@ -912,7 +921,8 @@ TEST(gguf_llama_llama32_rope_scaling)
     CHECK_INT(long_prompts(rows), 0);
     for (int i = 0; i < NPROMPT; i++)
         r[i] = rows[i];
-    double *a = fix_lk_logprobs(scaled, NULL, r, NPROMPT, LONG_T, &V), *b = fix_lk_logprobs(dir, NULL, r, NPROMPT, LONG_T, &V);
+    double *a = fix_lk_logprobs(scaled, NULL, r, NPROMPT, LONG_T, &V);
+    double *b = fix_lk_logprobs(dir, NULL, r, NPROMPT, LONG_T, &V);
     CHECK(a && b);
     double d = 0;
     for (size_t i = 0; i < (size_t)NPROMPT * (size_t)V; i++)
