@@ -16,8 +16,8 @@
  * against lorakit's base + adapter, its f16 / bf16 / q8_0 variants measured; a tiny Qwen3 (heads x
  * head_dim != hidden, GQA, tied) and a tiny Llama 3.2 (llama3 rope scaling with an original
  * context of 64 positions, prompts of 80 tokens continued to 96, so every frequency band turns;
- * and linear scaling), converted and merged with a trained adapter: greedy continuations equal
- * and log-probs within 1e-4 of lorakit's forward.
+ * and linear scaling), converted, merged with a trained adapter, and with the adapter as a GGUF
+ * LoRA: greedy continuations equal and log-probs within 1e-4 of lorakit's forward.
  */
 #include "test.h"
 
@@ -896,7 +896,16 @@ static int arch_in_llama(const char *json, const char *tag, const char *desc)
         test_sh("%s merge --model '%s' --adapter '%s' --out '%s' --dtype f32", test_lorakit(), dir, ad, merged))
         return -1;
     snprintf(what, sizeof what, "%s merged with a LoRA (f32)", desc);
-    return check_long_in_llama(dir, merged, ad, what);
+    if (check_long_in_llama(dir, merged, ad, what))
+        return -1;
+    // the adapter as a GGUF LoRA on the base GGUF
+    char lora[700];
+    double d;
+    snprintf(lora, sizeof lora, "%s/%s-lora.gguf", test_tmpdir(), tag);
+    snprintf(what, sizeof what, "%s + GGUF LoRA", desc);
+    if (test_sh("%s convert --adapter '%s' --model '%s' --out '%s'", test_lorakit(), ad, dir, lora))
+        return -1;
+    return fix_check_in_llama(dir, out, ad, lora, what, &d);
 }
 
 TEST(gguf_llama_qwen3_model)
