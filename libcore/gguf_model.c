@@ -653,10 +653,16 @@ static int read_rope(const struct gguf_file *f, const char *arch, struct cfg *c,
 /* The hyper-parameters of a GGUF's metadata (checked against its tensors by check_shapes). */
 static int gguf_cfg(const struct gguf_file *f, struct cfg *c, struct lk_err *err)
 {
-    char arch[16], k[96];
+    char arch[16], k[96], *type = NULL;
     int rot = 0, vlen = 0;
     cfg_default_qwen2(c);
-    if (read_arch(f, c, arch, sizeof arch, err))
+    const struct gguf_kv *gt = gguf_find_kv(f, "general.type");
+    if (gt && gt->type == GGUF_VT_STRING && gguf_get_str(f, "general.type", &type, err) == LK_OK &&
+        strcmp(type, "model"))
+        lk_errf(err, LK_ERR_UNSUPPORTED, "%s: general.type is '%.32s', not a model%s", f->path, type,
+                strcmp(type, "adapter") ? "" : " (a GGUF LoRA: llama.cpp applies it to its base with --lora)");
+    lk_free(type);
+    if (err->code || read_arch(f, c, arch, sizeof arch, err))
         return err->code;
     if (load_u32(f, arch, "embedding_length", &c->hidden_size, 1, err) ||
         load_u32(f, arch, "feed_forward_length", &c->intermediate_size, 1, err) ||

@@ -543,6 +543,16 @@ TEST(gguf_info_describes_the_file)
     cJSON_Delete(j);
     cJSON_Delete(cfg);
     cJSON_Delete(tc);
+    // a GGUF LoRA is described, and is no model for logits
+    TMPPATH(ad, "ad");
+    TMPPATH(lora, "ad.gguf");
+    CHECK_INT(fix_craft_adapter(ad, 0, 0, 0), 0);
+    CHECK_INT(test_sh("%s convert --adapter '%s' --model " BASE " --out '%s'", test_lorakit(), ad, lora), 0);
+    CHECK_INT(test_sh("%s info '%s'", test_lorakit(), lora), 0);
+    CHECK(strstr(test_output(), "lorakit cannot run this file: ") && strstr(test_output(), "general.type is 'adapter'") &&
+          strstr(test_output(), "blk.3.attn_q.weight.lora_b"));
+    CHECK_INT(test_sh("%s logits --model '%s' --tokens 1,2 --out '%s.st'", test_lorakit(), lora, lora), 1);
+    CHECK(strstr(test_output(), "not a model (a GGUF LoRA"));
 }
 
 // ---- malformed files ----
