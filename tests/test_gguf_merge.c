@@ -63,6 +63,22 @@ static int make_model(const char *dir, const char *json)
     return 0;
 }
 
+/* A random PEFT adapter (rank R, alpha 2R) for the model folder dir, saved at ad. */
+static int random_adapter(const char *dir, const char *ad, unsigned targets, int R, uint64_t seed)
+{
+    struct cfg c;
+    struct lora l;
+    int rc = cfg_load(&c, dir, test_err());
+    if (rc)
+        return rc;
+    if ((rc = fix_lora_random(&l, &c, targets, R, 2.0 * R, 0, 0, seed)) == LK_OK) {
+        rc = lora_save(&l, ad, test_err());
+        lora_release(&l);
+    }
+    cfg_release(&c);
+    return rc;
+}
+
 /* NPROMPT prompts of PLEN ids from the test texts tokenized by the base tokenizer (in process). */
 static int base_prompts(int32_t *rows[NPROMPT], int lens[NPROMPT], struct tok_ids *ids)
 {
@@ -380,13 +396,7 @@ TEST(gguf_merge_streams_below_the_embedding_size)
                               "\"num_hidden_layers\":1,\"num_attention_heads\":4,\"num_key_value_heads\":2,"
                               "\"vocab_size\":32768,\"max_position_embeddings\":128,\"tie_word_embeddings\":true,"
                               "\"torch_dtype\":\"float32\"}"), 0);
-    struct cfg c;
-    struct lora l;
-    CHECK_OK(cfg_load(&c, dir, test_err()));
-    CHECK_OK(fix_lora_random(&l, &c, (1u << CFG_Q) | (1u << CFG_DOWN), 4, 8, 0, 0, 3));
-    CHECK_OK(lora_save(&l, ad, test_err()));
-    lora_release(&l);
-    cfg_release(&c);
+    CHECK_OK(random_adapter(dir, ad, (1u << CFG_Q) | (1u << CFG_DOWN), 4, 3));
     struct merge_opts o = { 0 };
     o.model = dir;
     o.out = out;
@@ -1002,13 +1012,7 @@ TEST(gguf_merge_survives_allocation_failures)
                               "\"num_hidden_layers\":1,\"num_attention_heads\":2,\"num_key_value_heads\":1,"
                               "\"vocab_size\":768,\"max_position_embeddings\":64,\"tie_word_embeddings\":true,"
                               "\"torch_dtype\":\"bfloat16\"}"), 0);
-    struct cfg c;
-    struct lora l;
-    CHECK_OK(cfg_load(&c, dir, test_err()));
-    CHECK_OK(fix_lora_random(&l, &c, (1u << CFG_Q) | (1u << CFG_UP), 2, 4, 0, 0, 5));
-    CHECK_OK(lora_save(&l, ad, test_err()));
-    lora_release(&l);
-    cfg_release(&c);
+    CHECK_OK(random_adapter(dir, ad, (1u << CFG_Q) | (1u << CFG_UP), 2, 5));
     struct gguf_sweep sw;
     memset(&sw, 0, sizeof sw);
     sw.o.model = dir;
