@@ -410,6 +410,7 @@ int gguf_export_model(const struct gguf_export *x, const char *out_path, struct 
 {
     struct gguf_export_report rep_local, *rep = rep_in ? rep_in : &rep_local;
     memset(rep, 0, sizeof *rep);
+    *err = (struct lk_err){ 0 }; // the writer's errors are sticky on err: it starts clean
     struct exporter e = { x, x->cfg, NULL, 0, NULL, NULL, NULL, 0, 0 };
     struct cfg own = { 0 };
     struct st_src src = { 0 };
@@ -494,6 +495,7 @@ int gguf_export_lora(const char *adapter_dir, const char *model_dir, int dtype, 
 {
     struct gguf_lora_report rep_local, *rep = rep_in ? rep_in : &rep_local;
     memset(rep, 0, sizeof *rep);
+    *err = (struct lk_err){ 0 }; // the writer's errors are sticky on err: it starts clean
     if (dtype != GGUF_T_F32 && dtype != GGUF_T_F16 && dtype != GGUF_T_BF16 && dtype != GGUF_T_Q8_0)
         return lk_errf(err, LK_ERR_USAGE, "GGUF dtype %d is not one of f32, f16, bf16, q8_0", dtype);
     struct cfg c = { 0 };
@@ -617,9 +619,9 @@ static int read_rope(const struct gguf_file *f, const char *arch, struct cfg *c,
     snprintf(k, sizeof k, "%s.rope.scaling.factor", arch);
     if (!gguf_find_kv(f, k))
         snprintf(k, sizeof k, "%s.rope.scale_linear", arch);
-    if (gguf_find_kv(f, k) && gguf_get_float(f, k, &factor, err) == LK_OK && (!isfinite(factor) || factor < 0))
-        lk_errf(err, LK_ERR_FORMAT, "%s: %s is %g", f->path, k, factor);
-    if ((rc = err->code) == LK_OK && type && strcmp(type, "none") && strcmp(type, "linear"))
+    if (gguf_find_kv(f, k) && (rc = gguf_get_float(f, k, &factor, err)) == LK_OK && (!isfinite(factor) || factor < 0))
+        rc = lk_errf(err, LK_ERR_FORMAT, "%s: %s is %g", f->path, k, factor);
+    if (!rc && type && strcmp(type, "none") && strcmp(type, "linear"))
         rc = lk_errf(err, LK_ERR_UNSUPPORTED, "%s: rope scaling type '%.32s' is not supported (none and linear are; "
                      "llama3 as rope_freqs)", f->path, type);
     if (!rc && (!type || !strcmp(type, "linear")) && factor != 0 && factor != 1) {
@@ -657,12 +659,12 @@ static int gguf_cfg(const struct gguf_file *f, struct cfg *c, struct lk_err *err
     int rot = 0, vlen = 0;
     cfg_default_qwen2(c);
     const struct gguf_kv *gt = gguf_find_kv(f, "general.type");
-    if (gt && gt->type == GGUF_VT_STRING && gguf_get_str(f, "general.type", &type, err) == LK_OK &&
-        strcmp(type, "model"))
-        lk_errf(err, LK_ERR_UNSUPPORTED, "%s: general.type is '%.32s', not a model%s", f->path, type,
-                strcmp(type, "adapter") ? "" : " (a GGUF LoRA: llama.cpp applies it to its base with --lora)");
+    int rc = gt && gt->type == GGUF_VT_STRING ? gguf_get_str(f, "general.type", &type, err) : LK_OK;
+    if (!rc && type && strcmp(type, "model"))
+        rc = lk_errf(err, LK_ERR_UNSUPPORTED, "%s: general.type is '%.32s', not a model%s", f->path, type,
+                     strcmp(type, "adapter") ? "" : " (a GGUF LoRA: llama.cpp applies it to its base with --lora)");
     lk_free(type);
-    if (err->code || read_arch(f, c, arch, sizeof arch, err))
+    if (rc || read_arch(f, c, arch, sizeof arch, err))
         return err->code;
     if (load_u32(f, arch, "embedding_length", &c->hidden_size, 1, err) ||
         load_u32(f, arch, "feed_forward_length", &c->intermediate_size, 1, err) ||

@@ -928,18 +928,19 @@ static int write_gguf(struct merge_ctx *x, const struct st_model *sm, struct mer
 static int round_gguf(const struct merge_ctx *x, struct model *m, struct lk_err *err)
 {
     struct model_tensor *t;
-    int n;
-    if (model_weights_tensors(&m->w, &m->cfg, &t, &n, err))
-        return err->code;
+    int n, rc0 = model_weights_tensors(&m->w, &m->cfg, &t, &n, err);
+    if (rc0)
+        return rc0;
     void *blk = NULL;
-    for (int i = 0; i < n && !err->code; i++) {
+    int rc = LK_OK;
+    for (int i = 0; i < n && !rc; i++) {
         int64_t cols = t[i].ndim > 1 ? t[i].shape[1] : t[i].shape[0];
         int type = gguf_export_type(t[i].ndim, cols, x->gguf_dtype);
         if (type == GGUF_T_F32)
             continue;
         lk_free(blk);
         if (!(blk = lk_malloc(gguf_nbytes(type, (size_t)cols))))
-            lk_errf(err, LK_ERR_NOMEM, "out of memory");
+            rc = lk_errf(err, LK_ERR_NOMEM, "out of memory");
         for (size_t r = 0; blk && r < t[i].numel / (size_t)cols; r++) {
             float *row = t[i].data + r * (size_t)cols;
             gguf_from_f32(blk, type, row, (size_t)cols);
@@ -948,7 +949,7 @@ static int round_gguf(const struct merge_ctx *x, struct model *m, struct lk_err 
     }
     lk_free(blk);
     lk_free(t);
-    return err->code;
+    return rc;
 }
 
 // ---- writing one adapter (cat, svd) ----
