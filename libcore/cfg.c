@@ -12,6 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "gguf.h"
 #include "st.h"
 
 /* The parameter count in floating point (no overflow), counting lm_head even when tied and
@@ -424,6 +425,9 @@ static int cfg_fits_weights(const struct cfg *c, const char *dir, const char *na
 int cfg_load(struct cfg *c, const char *path, struct lk_err *err)
 {
     memset(c, 0, sizeof *c);
+    if (gguf_is_file(path))
+        return lk_errf(err, LK_ERR_UNSUPPORTED, "%s: a GGUF file, not a model folder: this needs config.json and "
+                       "the safetensors (logits, generate, eval, tokenize and info read GGUF models)", path);
     int dir = lk_is_dir(path);
     char *p = dir ? lk_path_join(path, "config.json") : lk_strdup(path);
     if (!p)

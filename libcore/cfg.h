@@ -53,7 +53,8 @@ struct cfg {
     char *json;                 /* owned: the original text, so writers keep unknown fields */
 };
 
-/* path is config.json or a folder holding it. A folder's weights (model.safetensors or the
+/* path is config.json or a folder holding it (a GGUF file is refused, naming it: its config is
+ * gguf_model_cfg's). A folder's weights (model.safetensors or the
  * sharded index), when present, are opened and must be able to hold what the config describes
  * (st_model_capacity), else LK_ERR_SHAPE: nothing is sized from a config its weights disprove. */
 int cfg_load(struct cfg *c, const char *path, struct lk_err *err);

@@ -9,6 +9,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -104,8 +105,17 @@ static void q8_0_block(uint8_t *dst, const float *x)
     uint16_t h = tensor_f32_to_f16(d);
     dst[0] = (uint8_t)(h & 0xff);
     dst[1] = (uint8_t)(h >> 8);
-    for (int j = 0; j < GGUF_QK8_0; j++)
-        dst[2 + j] = (uint8_t)(int8_t)roundf(x[j] * id);
+    for (int j = 0; j < GGUF_QK8_0; j++) {
+        // roundf (halves away from zero) without the libm call: |v| <= 127.5, so the truncation
+        // is exact in int and v - trunc(v) exact in float
+        float v = x[j] * id;
+        if (!(v > -128.0f && v < 128.0f)) // only NaN gets here (|v| <= 127 + rounding): 0, not UB
+            v = 0.0f;
+        int q = (int)v;
+        float frac = v - (float)q;
+        q += (frac >= 0.5f) - (frac <= -0.5f);
+        dst[2 + j] = (uint8_t)(int8_t)q;
+    }
 }
 
 size_t gguf_from_f32(void *dst, int t, const float *src, size_t n)
@@ -122,6 +132,8 @@ size_t gguf_from_f32(void *dst, int t, const float *src, size_t n)
         return n * 2;
     case GGUF_T_Q8_0:
         LK_ASSERT(n % GGUF_QK8_0 == 0);
+        // blocks are independent: spread over the cores (a merge quantizes the whole model)
+#pragma omp parallel for schedule(static) if (n >= 65536)
         for (size_t b = 0; b < n / GGUF_QK8_0; b++)
             q8_0_block((uint8_t *)dst + b * GGUF_Q8_0_BYTES, src + b * GGUF_QK8_0);
         return n / GGUF_QK8_0 * GGUF_Q8_0_BYTES;
@@ -702,6 +714,21 @@ int gguf_tensor_rows_f32(const struct gguf_file *f, const struct gguf_tensor *t,
     size_t row_bytes = gguf_nbytes(t->type, (size_t)t->ne[0]);
     gguf_to_f32(out, t->type, t->data + (size_t)row0 * row_bytes, (size_t)(nrows * t->ne[0]));
     return LK_OK;
+}
+
+int gguf_is_file(const char *path)
+{
+    if (!path || lk_is_dir(path))
+        return 0;
+    size_t n = strlen(path);
+    if (n >= 5 && !strcmp(path + n - 5, ".gguf"))
+        return 1;
+    FILE *fp = fopen(path, "rb");
+    char magic[4];
+    int yes = fp && fread(magic, 1, sizeof magic, fp) == sizeof magic && !memcmp(magic, "GGUF", 4);
+    if (fp)
+        fclose(fp);
+    return yes;
 }
 
 // ---- writer ----

@@ -268,6 +268,13 @@ int gguf_tok_load(struct tok **out, const struct gguf_file *f, struct lk_err *er
 
 // ---- models and adapters (gguf_model.c) ----
 
+/* 1 when path names a GGUF file rather than a model folder: not a folder, and its name ends in
+ * ".gguf" or its first bytes are the GGUF magic. The one test behind every "folder or .gguf"
+ * decision (model_load, tok_load, cfg_load's refusal, `lorakit info`). */
+int gguf_is_file(const char *path);
+
+/* "llama", "qwen2" or "qwen3": general.architecture for config c. */
+const char *gguf_arch_name(const struct cfg *c);
 /* llama.cpp's name for a transformers tensor of config c into buf ("blk.3.attn_q.weight");
  * 0 on success, -1 for a tensor llama.cpp has no name for. */
 int gguf_tensor_name(const struct cfg_tensor *t, char *buf, size_t n);
@@ -279,8 +286,17 @@ int gguf_tensor_permuted(const struct cfg *c, const struct cfg_tensor *t, int *o
  * row h*HS + 2j + s of the output is row h*HS + s*HS/2 + j of the input (s in {0, 1}), as
  * convert_hf_to_gguf.py's LlamaModel.permute. tmp holds HS * cols floats. */
 void gguf_permute_rows(float *x, int heads, int HS, int64_t cols, int inverse, float *tmp);
-/* Refuses (LK_ERR_UNSUPPORTED, naming it) a config llama.cpp cannot express. */
+/* Refuses (LK_ERR_UNSUPPORTED, naming it) a config llama.cpp cannot express: a qwen2 without
+ * q/k/v biases or with heads x head_dim != hidden, a qwen3 with biases, an odd head size,
+ * rope_scaling dynamic, llama3 scaling outside the llama architecture. */
 int gguf_cfg_check(const struct cfg *c, const char *name, struct lk_err *err);
+/* llama3 rope scaling as llama.cpp's rope_freqs tensor: out[i] (head_dim / 2 of them) divides
+ * llama.cpp's frequency theta^(-2i/HS) so that it equals lorakit's rescaled inv_freq[i].
+ * Returns head_dim / 2, or 0 (out untouched) when the config has no llama3 scaling. */
+int gguf_rope_freqs(const struct cfg *c, float *out);
+/* The ggml type a transformers tensor (ndim, cols per row) is written in for dtype: 1-D tensors
+ * stay F32, and so does a matrix whose rows are not whole q8_0 blocks. */
+int gguf_export_type(int ndim, int64_t cols, int dtype);
 
 /* The source of tensor values for the exporter: rows [row0, row0 + n) of transformers tensor t
  * ([rows, cols] row-major; a 1-D tensor [n] is one row of n) as float32 into out [n * cols].
@@ -337,9 +353,18 @@ struct gguf_lora_report {
 int gguf_export_lora(const char *adapter_dir, const char *model_dir, int dtype, const char *out_path,
                      struct gguf_lora_report *rep, struct lk_err *err);
 
-/* Reads a GGUF model written for the qwen2 or llama architecture back into a struct model
- * (config from the metadata, weights converted to float32, Llama's q/k rows un-permuted). The
- * reverse of gguf_export_model, for `logits` / `generate` on a .gguf. */
+/* The config a GGUF model file describes (llama, qwen2 or qwen3 metadata; rope scaling from
+ * {arch}.rope.scaling.*, or llama3 from lorakit.rope_scaling.* checked against rope_freqs, or
+ * recovered from rope_freqs alone in a file from llama.cpp's converter), checked against the
+ * tensors: every tensor it implies present with its shape and a type lorakit reads (f32, f16,
+ * bf16, q8_0); the vocabulary is token_embd's rows. What lorakit cannot run is refused by name
+ * (LK_ERR_UNSUPPORTED); inconsistent files are LK_ERR_FORMAT / SHAPE / MISSING. *out_ts (may
+ * be NULL) gets the transformers tensor list (caller lk_frees). */
+int gguf_model_cfg(const struct gguf_file *f, struct cfg *c, struct cfg_tensor **out_ts, int *out_nt,
+                   struct lk_err *err);
+/* Reads a GGUF model (gguf_model_cfg) back into a struct model: weights converted to float32,
+ * Llama's q/k rows un-permuted. The reverse of gguf_export_model; model_load calls it for a
+ * path gguf_is_file accepts, so `logits`, `generate`, `eval` and merge's --verify take a .gguf. */
 int gguf_model_load(struct model *m, const char *path, struct lk_err *err);
 
 #endif

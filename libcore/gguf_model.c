@@ -3,12 +3,17 @@
  * models read back into lorakit.
  *
  * What llama.cpp's loader expects (llama-arch.cpp names, llama-model.cpp hyper-parameters,
- * convert_hf_to_gguf.py for the conventions): general.architecture "qwen2" or "llama" and the
- * {arch}.* hyper-parameters; tensors token_embd, blk.N.attn_norm, attn_q/k/v (+ .bias),
- * attn_output, ffn_norm, ffn_gate/up/down, output_norm, and output unless the embeddings are
- * tied (llama.cpp then reuses token_embd); for llama, the rows of q and k (and their biases)
- * permuted per head so that llama.cpp's rotation of adjacent pairs equals transformers'
- * rotate_half. ne is the reverse of the transformers shape.
+ * convert_hf_to_gguf.py for the conventions): general.architecture "qwen2", "qwen3" or "llama"
+ * and the {arch}.* hyper-parameters (the head size as attention.key_length / value_length, so
+ * Qwen3's heads x head_dim may differ from the hidden size); tensors token_embd, blk.N.attn_norm,
+ * attn_q/k/v (+ .bias), Qwen3's attn_q_norm / attn_k_norm, attn_output, ffn_norm,
+ * ffn_gate/up/down, output_norm, and output unless the embeddings are tied (llama.cpp then
+ * reuses token_embd); for llama, the rows of q and k (and their biases) permuted per head so
+ * that llama.cpp's rotation of adjacent pairs equals transformers' rotate_half. ne is the
+ * reverse of the transformers shape. Rotary scaling: linear as {arch}.rope.scaling.type /
+ * factor; llama3 as llama.cpp's rope_freqs tensor (one divisor per dimension pair, which only
+ * its llama graph applies), with the parameters also kept as lorakit.rope_scaling.* so the file
+ * reads back into the same config; dynamic is refused (llama.cpp has no such scaling).
  *
  * The exporter streams: the header (metadata, tokenizer, every tensor's shape and offset) is
  * written first, then each tensor in chunks of rows read from its source (the model folder's
@@ -27,6 +32,7 @@
 
 #include "lora.h"
 #include "model.h"
+#include "ops.h"
 #include "st.h"
 #include "tensor.h"
 
@@ -53,6 +59,10 @@ int gguf_tensor_name(const struct cfg_tensor *t, char *buf, size_t n)
             snprintf(buf, n, "blk.%d.attn_norm.weight", t->layer);
         else if (strstr(t->name, ".post_attention_layernorm."))
             snprintf(buf, n, "blk.%d.ffn_norm.weight", t->layer);
+        else if (strstr(t->name, ".self_attn.q_norm."))
+            snprintf(buf, n, "blk.%d.attn_q_norm.weight", t->layer);
+        else if (strstr(t->name, ".self_attn.k_norm."))
+            snprintf(buf, n, "blk.%d.attn_k_norm.weight", t->layer);
         else
             return -1;
         return 0;
@@ -84,11 +94,20 @@ void gguf_permute_rows(float *x, int heads, int HS, int64_t cols, int inverse, f
     }
 }
 
+const char *gguf_arch_name(const struct cfg *c)
+{
+    return c->arch == CFG_ARCH_LLAMA ? "llama" : c->arch == CFG_ARCH_QWEN3 ? "qwen3" : "qwen2";
+}
+
 int gguf_cfg_check(const struct cfg *c, const char *name, struct lk_err *err)
 {
+    const char *arch = gguf_arch_name(c);
     if (c->arch == CFG_ARCH_QWEN2 && !c->attention_bias)
         return lk_errf(err, LK_ERR_UNSUPPORTED, "%s: a qwen2 model without q/k/v biases: llama.cpp's qwen2 requires them",
                        name);
+    if (c->arch == CFG_ARCH_QWEN3 && c->attention_bias)
+        return lk_errf(err, LK_ERR_UNSUPPORTED, "%s: a qwen3 model with q/k/v biases (attention_bias): llama.cpp's "
+                       "qwen3 has none", name);
     if (c->arch == CFG_ARCH_QWEN2 && (int64_t)c->num_attention_heads * c->head_dim != c->hidden_size)
         return lk_errf(err, LK_ERR_UNSUPPORTED, "%s: qwen2 with head_dim %d x %d heads != hidden_size %d: llama.cpp's "
                        "qwen2 loader assumes they are equal", name, c->head_dim, c->num_attention_heads,
@@ -96,7 +115,32 @@ int gguf_cfg_check(const struct cfg *c, const char *name, struct lk_err *err)
     if (c->head_dim % 2)
         return lk_errf(err, LK_ERR_UNSUPPORTED, "%s: head_dim %d is odd: rotary embedding needs pairs", name,
                        c->head_dim);
+    const struct cfg_rope_scaling *r = &c->rope_scaling;
+    if (r->type == CFG_ROPE_DYNAMIC)
+        return lk_errf(err, LK_ERR_UNSUPPORTED, "%s: rope_scaling 'dynamic' cannot be expressed in GGUF: llama.cpp has "
+                       "no dynamic rotary scaling and would run positions past %d unscaled", name,
+                       cfg_rope_positions(c));
+    if (r->type == CFG_ROPE_LLAMA3 && c->arch != CFG_ARCH_LLAMA)
+        return lk_errf(err, LK_ERR_UNSUPPORTED, "%s: rope_scaling 'llama3' on a %s model: llama.cpp applies "
+                       "per-dimension rotary factors (rope_freqs) in its llama architecture only", name, arch);
     return LK_OK;
+}
+
+int gguf_rope_freqs(const struct cfg *c, float *out)
+{
+    const struct cfg_rope_scaling *r = &c->rope_scaling;
+    if (r->type != CFG_ROPE_LLAMA3)
+        return 0;
+    // llama.cpp rotates dimension pair i by pos * theta^(-2i/HS) / rope_freqs[i]; lorakit by
+    // pos * inv_freq[i] with the llama3 rescaling applied: the factor is their ratio
+    op_rope_inv_freq(out, c->head_dim, c->rope_theta);
+    for (int i = 0; i < c->head_dim / 2; i++) {
+        float scaled = out[i];
+        op_rope_inv_freq_llama3(&scaled, 1, r->factor, r->low_freq_factor, r->high_freq_factor,
+                                r->original_max_position_embeddings);
+        out[i] = (float)((double)out[i] / scaled);
+    }
+    return c->head_dim / 2;
 }
 
 /* The last component of a path, without trailing slashes, into buf. */
@@ -117,15 +161,10 @@ static uint64_t file_bytes(const char *path)
     return stat(path, &sb) == 0 ? (uint64_t)sb.st_size : 0;
 }
 
-/* The dtype a tensor is written in: 1-D stays f32; q8_0 needs rows of whole blocks. */
-static int tensor_type(const struct cfg_tensor *t, int dtype, int *fallback)
+int gguf_export_type(int ndim, int64_t cols, int dtype)
 {
-    if (t->ndim < 2)
-        return GGUF_T_F32;
-    if (dtype == GGUF_T_Q8_0 && t->shape[1] % GGUF_QK8_0) {
-        (*fallback)++;
-        return GGUF_T_F32;
-    }
+    if (ndim < 2 || (dtype == GGUF_T_Q8_0 && cols % GGUF_QK8_0))
+        return GGUF_T_F32; // 1-D stays f32; q8_0 needs rows of whole blocks
     return dtype;
 }
 
@@ -259,7 +298,20 @@ static void write_meta(struct gguf_writer *w, const struct exporter *e, const ch
     gguf_writer_u32(w, KEY("rope.dimension_count"), (uint32_t)c->head_dim);
     gguf_writer_f32(w, KEY("rope.freq_base"), (float)c->rope_theta);
     gguf_writer_f32(w, KEY("attention.layer_norm_rms_epsilon"), (float)c->rms_norm_eps);
+    const struct cfg_rope_scaling *r = &c->rope_scaling;
+    if (r->type == CFG_ROPE_LINEAR) { // llama.cpp: every frequency times 1 / factor
+        gguf_writer_str(w, KEY("rope.scaling.type"), "linear");
+        gguf_writer_f32(w, KEY("rope.scaling.factor"), (float)r->factor);
+    }
 #undef KEY
+    if (r->type == CFG_ROPE_LLAMA3) { // llama.cpp reads the rope_freqs tensor; these let lorakit read it back
+        gguf_writer_str(w, "lorakit.rope_scaling.type", "llama3");
+        gguf_writer_f32(w, "lorakit.rope_scaling.factor", (float)r->factor);
+        gguf_writer_f32(w, "lorakit.rope_scaling.low_freq_factor", (float)r->low_freq_factor);
+        gguf_writer_f32(w, "lorakit.rope_scaling.high_freq_factor", (float)r->high_freq_factor);
+        gguf_writer_u32(w, "lorakit.rope_scaling.original_max_position_embeddings",
+                        (uint32_t)r->original_max_position_embeddings);
+    }
     gguf_writer_str(w, "lorakit.version", GGUF_LORAKIT_VERSION);
     if (e->x->n_adapters > 0) { // a merge: the base and what was merged into it
         char base[256];
@@ -307,7 +359,7 @@ static int write_tensor(struct exporter *e, struct gguf_writer *w, gguf_rows_fn 
 static int export_run(struct exporter *e, const char *out_path, const struct gguf_vocab *v, gguf_rows_fn rows_fn,
                       void *ctx, struct gguf_export_report *rep, struct lk_err *err)
 {
-    const char *arch = e->c->arch == CFG_ARCH_LLAMA ? "llama" : "qwen2";
+    const char *arch = gguf_arch_name(e->c);
     char name[256], gname[GGUF_MAX_NAME];
     base_name(e->x->model_dir, name, sizeof name);
     struct gguf_writer w;
@@ -315,6 +367,13 @@ static int export_run(struct exporter *e, const char *out_path, const struct ggu
         return err->code;
     write_meta(&w, e, arch, e->x->name ? e->x->name : name);
     gguf_vocab_write(v, &w);
+    // llama3 rope scaling: per-dimension factors first, as convert_hf_to_gguf.py writes them
+    float *freqs = lk_falloc((size_t)e->c->head_dim / 2 + 1, 1);
+    int64_t nf = freqs ? gguf_rope_freqs(e->c, freqs) : 0;
+    if (!freqs)
+        lk_errf(err, LK_ERR_NOMEM, "out of memory");
+    if (nf)
+        gguf_writer_declare(&w, "rope_freqs.weight", GGUF_T_F32, 1, &nf);
     for (int i = 0; i < e->nt && !err->code; i++) {
         const struct cfg_tensor *t = &e->ts[i];
         int64_t ne[2] = { t->ndim == 2 ? t->shape[1] : t->shape[0], t->shape[0] };
@@ -323,6 +382,9 @@ static int export_run(struct exporter *e, const char *out_path, const struct ggu
         rep->n_params += t->ndim == 2 ? t->shape[0] * t->shape[1] : t->shape[0];
     }
     gguf_writer_begin(&w);
+    if (nf)
+        gguf_writer_write(&w, freqs, (size_t)nf);
+    lk_free(freqs);
     for (int i = 0; i < e->nt && !err->code; i++) {
         if (lk_interrupted)
             lk_errf(err, LK_ERR_INTERRUPTED, "interrupted: %s not written", out_path);
@@ -335,7 +397,7 @@ static int export_run(struct exporter *e, const char *out_path, const struct ggu
     }
     if (gguf_writer_commit(&w))
         return err->code;
-    rep->n_tensors = e->nt;
+    rep->n_tensors = e->nt + (nf > 0);
     snprintf(rep->arch, sizeof rep->arch, "%s", arch);
     snprintf(rep->pre, sizeof rep->pre, "%s", v->pre);
     rep->n_vocab = v->n;
@@ -348,6 +410,7 @@ int gguf_export_model(const struct gguf_export *x, const char *out_path, struct 
 {
     struct gguf_export_report rep_local, *rep = rep_in ? rep_in : &rep_local;
     memset(rep, 0, sizeof *rep);
+    *err = (struct lk_err){ 0 }; // the writer's errors are sticky on err: it starts clean
     struct exporter e = { x, x->cfg, NULL, 0, NULL, NULL, NULL, 0, 0 };
     struct cfg own = { 0 };
     struct st_src src = { 0 };
@@ -363,8 +426,10 @@ int gguf_export_model(const struct gguf_export *x, const char *out_path, struct 
         rc = cfg_tensors(e.c, &e.ts, &e.nt, err);
     if (!rc && !(e.type = lk_malloc(sizeof *e.type * (size_t)(e.nt + 1))))
         rc = lk_errf(err, LK_ERR_NOMEM, "out of memory");
-    for (int i = 0; !rc && i < e.nt; i++)
-        e.type[i] = tensor_type(&e.ts[i], x->dtype, &rep->n_f32_fallback);
+    for (int i = 0; !rc && i < e.nt; i++) {
+        e.type[i] = gguf_export_type(e.ts[i].ndim, e.ts[i].shape[1], x->dtype);
+        rep->n_f32_fallback += e.ts[i].ndim == 2 && e.type[i] != x->dtype;
+    }
     if (!rc && !x->rows)
         rc = st_src_open(&src, x->model_dir, e.ts, e.nt, err);
     if (!rc)
@@ -430,6 +495,7 @@ int gguf_export_lora(const char *adapter_dir, const char *model_dir, int dtype, 
 {
     struct gguf_lora_report rep_local, *rep = rep_in ? rep_in : &rep_local;
     memset(rep, 0, sizeof *rep);
+    *err = (struct lk_err){ 0 }; // the writer's errors are sticky on err: it starts clean
     if (dtype != GGUF_T_F32 && dtype != GGUF_T_F16 && dtype != GGUF_T_BF16 && dtype != GGUF_T_Q8_0)
         return lk_errf(err, LK_ERR_USAGE, "GGUF dtype %d is not one of f32, f16, bf16, q8_0", dtype);
     struct cfg c = { 0 };
@@ -445,7 +511,7 @@ int gguf_export_lora(const char *adapter_dir, const char *model_dir, int dtype, 
     char name[256], tn[GGUF_MAX_NAME];
     base_name(adapter_dir, name, sizeof name);
     if (gguf_writer_init(&w, out_path, err) == LK_OK) {
-        gguf_writer_str(&w, "general.architecture", c.arch == CFG_ARCH_LLAMA ? "llama" : "qwen2");
+        gguf_writer_str(&w, "general.architecture", gguf_arch_name(&c));
         gguf_writer_str(&w, "general.type", "adapter");
         gguf_writer_str(&w, "general.name", name);
         gguf_writer_str(&w, "adapter.type", "lora");
@@ -498,46 +564,136 @@ static int load_u32(const struct gguf_file *f, const char *arch, const char *key
     return LK_OK;
 }
 
-/* The config a GGUF's metadata describes (checked against its tensors by the caller). */
+/* general.architecture: llama, qwen2 or qwen3 (as transformers names them in c). */
+static int read_arch(const struct gguf_file *f, struct cfg *c, char *arch, size_t n, struct lk_err *err)
+{
+    static const struct {
+        const char *gguf, *architecture;
+        enum cfg_arch arch;
+    } archs[] = { { "llama", "LlamaForCausalLM", CFG_ARCH_LLAMA },
+                  { "qwen2", "Qwen2ForCausalLM", CFG_ARCH_QWEN2 },
+                  { "qwen3", "Qwen3ForCausalLM", CFG_ARCH_QWEN3 } };
+    char *a = NULL;
+    if (gguf_get_str(f, "general.architecture", &a, err))
+        return err->code;
+    size_t i = 0, n_archs = sizeof archs / sizeof archs[0];
+    while (i < n_archs && strcmp(a, archs[i].gguf))
+        i++;
+    int rc = i < n_archs ? LK_OK
+                         : lk_errf(err, LK_ERR_UNSUPPORTED, "%s: architecture '%.32s' is not supported (llama, qwen2 "
+                                   "and qwen3 are)", f->path, a);
+    lk_free(a);
+    if (rc)
+        return rc;
+    c->arch = archs[i].arch;
+    c->qk_norm = c->arch == CFG_ARCH_QWEN3;
+    snprintf(c->architecture, sizeof c->architecture, "%s", archs[i].architecture);
+    snprintf(c->model_type, sizeof c->model_type, "%s", archs[i].gguf);
+    snprintf(arch, n, "%s", archs[i].gguf);
+    return LK_OK;
+}
+
+/* A float that must be finite and above lo. */
+static int load_float(const struct gguf_file *f, const char *key, double lo, double *out, struct lk_err *err)
+{
+    if (gguf_get_float(f, key, out, err))
+        return err->code;
+    if (!isfinite(*out) || !(*out > lo))
+        return lk_errf(err, LK_ERR_FORMAT, "%s: %s is %g (must be finite and above %g)", f->path, key, *out, lo);
+    return LK_OK;
+}
+
+/* Rotary scaling as llama.cpp reads it: {arch}.rope.scaling.type ("linear" when absent) and
+ * .factor (or the older rope.scale_linear; 0 or absent: none); type "none" never scales;
+ * yarn, longrope and the rest are refused by name. llama3 scaling is a rope_freqs tensor in
+ * llama.cpp; lorakit also writes its parameters as lorakit.rope_scaling.* (check_rope_freqs). */
+static int read_rope(const struct gguf_file *f, const char *arch, struct cfg *c, struct lk_err *err)
+{
+    struct cfg_rope_scaling *r = &c->rope_scaling;
+    char k[96], *type = NULL;
+    double factor = 0;
+    int rc = LK_OK;
+    snprintf(k, sizeof k, "%s.rope.scaling.type", arch);
+    if (gguf_find_kv(f, k) && (rc = gguf_get_str(f, k, &type, err)))
+        return rc;
+    snprintf(k, sizeof k, "%s.rope.scaling.factor", arch);
+    if (!gguf_find_kv(f, k))
+        snprintf(k, sizeof k, "%s.rope.scale_linear", arch);
+    if (gguf_find_kv(f, k) && (rc = gguf_get_float(f, k, &factor, err)) == LK_OK && (!isfinite(factor) || factor < 0))
+        rc = lk_errf(err, LK_ERR_FORMAT, "%s: %s is %g", f->path, k, factor);
+    if (!rc && type && strcmp(type, "none") && strcmp(type, "linear"))
+        rc = lk_errf(err, LK_ERR_UNSUPPORTED, "%s: rope scaling type '%.32s' is not supported (none and linear are; "
+                     "llama3 as rope_freqs)", f->path, type);
+    if (!rc && (!type || !strcmp(type, "linear")) && factor != 0 && factor != 1) {
+        r->type = CFG_ROPE_LINEAR;
+        r->factor = factor;
+    }
+    lk_free(type);
+    type = NULL;
+    if (rc || !gguf_find_kv(f, "lorakit.rope_scaling.type"))
+        return rc;
+    uint64_t orig;
+    if (gguf_get_str(f, "lorakit.rope_scaling.type", &type, err))
+        return err->code;
+    if (strcmp(type, "llama3") || r->type != CFG_ROPE_DEFAULT)
+        rc = lk_errf(err, LK_ERR_FORMAT, "%s: lorakit.rope_scaling.type '%.32s' with rope scaling '%s' (only llama3, "
+                     "alone, is written there)", f->path, type, cfg_rope_type_name(r->type));
+    lk_free(type);
+    if (rc || load_float(f, "lorakit.rope_scaling.factor", 0, &r->factor, err) ||
+        load_float(f, "lorakit.rope_scaling.low_freq_factor", 0, &r->low_freq_factor, err) ||
+        load_float(f, "lorakit.rope_scaling.high_freq_factor", r->low_freq_factor, &r->high_freq_factor, err) ||
+        gguf_get_uint(f, "lorakit.rope_scaling.original_max_position_embeddings", &orig, err))
+        return err->code;
+    if (orig < 1 || orig > (1u << 30))
+        return lk_errf(err, LK_ERR_FORMAT, "%s: lorakit.rope_scaling.original_max_position_embeddings is %llu",
+                       f->path, (unsigned long long)orig);
+    r->type = CFG_ROPE_LLAMA3;
+    r->original_max_position_embeddings = (int)orig;
+    return LK_OK;
+}
+
+/* The hyper-parameters of a GGUF's metadata (checked against its tensors by check_shapes). */
 static int gguf_cfg(const struct gguf_file *f, struct cfg *c, struct lk_err *err)
 {
-    char *arch = NULL;
-    double theta, eps;
-    if (gguf_get_str(f, "general.architecture", &arch, err))
-        return err->code;
+    char arch[16], k[96], *type = NULL;
+    int rot = 0, vlen = 0;
     cfg_default_qwen2(c);
-    int rc = LK_OK;
-    if (!strcmp(arch, "llama")) {
-        c->arch = CFG_ARCH_LLAMA;
-        snprintf(c->architecture, sizeof c->architecture, "LlamaForCausalLM");
-        snprintf(c->model_type, sizeof c->model_type, "llama");
-    } else if (strcmp(arch, "qwen2")) {
-        rc = lk_errf(err, LK_ERR_UNSUPPORTED, "%s: architecture '%.32s' is not supported (qwen2 and llama are)", f->path,
-                     arch);
-    }
-    if (!rc && (load_u32(f, arch, "embedding_length", &c->hidden_size, 1, err) ||
-                load_u32(f, arch, "feed_forward_length", &c->intermediate_size, 1, err) ||
-                load_u32(f, arch, "block_count", &c->num_hidden_layers, 1, err) ||
-                load_u32(f, arch, "attention.head_count", &c->num_attention_heads, 1, err) ||
-                load_u32(f, arch, "context_length", &c->max_position_embeddings, 1, err)))
-        rc = err->code;
+    const struct gguf_kv *gt = gguf_find_kv(f, "general.type");
+    int rc = gt && gt->type == GGUF_VT_STRING ? gguf_get_str(f, "general.type", &type, err) : LK_OK;
+    if (!rc && type && strcmp(type, "model"))
+        rc = lk_errf(err, LK_ERR_UNSUPPORTED, "%s: general.type is '%.32s', not a model%s", f->path, type,
+                     strcmp(type, "adapter") ? "" : " (a GGUF LoRA: llama.cpp applies it to its base with --lora)");
+    lk_free(type);
+    if (rc || read_arch(f, c, arch, sizeof arch, err))
+        return err->code;
+    if (load_u32(f, arch, "embedding_length", &c->hidden_size, 1, err) ||
+        load_u32(f, arch, "feed_forward_length", &c->intermediate_size, 1, err) ||
+        load_u32(f, arch, "block_count", &c->num_hidden_layers, 1, err) ||
+        load_u32(f, arch, "attention.head_count", &c->num_attention_heads, 1, err) ||
+        load_u32(f, arch, "context_length", &c->max_position_embeddings, 1, err))
+        return err->code;
     c->num_key_value_heads = c->num_attention_heads;
-    c->head_dim = c->num_attention_heads ? c->hidden_size / c->num_attention_heads : 0;
-    if (!rc && (load_u32(f, arch, "attention.head_count_kv", &c->num_key_value_heads, 0, err) ||
-                load_u32(f, arch, "attention.key_length", &c->head_dim, 0, err)))
-        rc = err->code;
-    char k[96];
+    c->head_dim = c->hidden_size / c->num_attention_heads;
+    if (load_u32(f, arch, "attention.head_count_kv", &c->num_key_value_heads, 0, err) ||
+        load_u32(f, arch, "attention.key_length", &c->head_dim, 0, err))
+        return err->code;
+    vlen = rot = c->head_dim;
+    if (load_u32(f, arch, "attention.value_length", &vlen, 0, err) ||
+        load_u32(f, arch, "rope.dimension_count", &rot, 0, err))
+        return err->code;
+    if (vlen != c->head_dim || rot != c->head_dim)
+        return lk_errf(err, LK_ERR_UNSUPPORTED, "%s: key length %d, value length %d, rotary dimensions %d: lorakit "
+                       "needs one head size, rotated whole", f->path, c->head_dim, vlen, rot);
     snprintf(k, sizeof k, "%s.rope.freq_base", arch);
-    if (!rc && (rc = gguf_get_float(f, k, &theta, err)) == LK_OK)
-        c->rope_theta = theta;
+    if (load_float(f, k, 0, &c->rope_theta, err))
+        return err->code;
     snprintf(k, sizeof k, "%s.attention.layer_norm_rms_epsilon", arch);
-    if (!rc && (rc = gguf_get_float(f, k, &eps, err)) == LK_OK)
-        c->rms_norm_eps = eps;
-    if (!rc && (c->num_attention_heads % c->num_key_value_heads || c->head_dim % 2))
-        rc = lk_errf(err, LK_ERR_FORMAT, "%s: %d heads, %d kv heads, head size %d do not fit", f->path,
-                     c->num_attention_heads, c->num_key_value_heads, c->head_dim);
-    lk_free(arch);
-    return rc;
+    if (load_float(f, k, -1e-30, &c->rms_norm_eps, err))
+        return err->code;
+    if (c->num_attention_heads % c->num_key_value_heads || c->head_dim % 2)
+        return lk_errf(err, LK_ERR_FORMAT, "%s: %d heads, %d kv heads, head size %d do not fit", f->path,
+                       c->num_attention_heads, c->num_key_value_heads, c->head_dim);
+    return read_rope(f, arch, c, err);
 }
 
 /* Shapes of every tensor the config implies, checked in the file (so nothing is sized from
@@ -552,7 +708,7 @@ static int check_shapes(const struct gguf_file *f, struct cfg *c, struct cfg_ten
     c->tie_word_embeddings = gguf_find_tensor(f, "output.weight") == NULL;
     c->attention_bias = c->arch == CFG_ARCH_QWEN2 || gguf_find_tensor(f, "blk.0.attn_q.bias") != NULL;
     snprintf(c->torch_dtype, sizeof c->torch_dtype, "float32");
-    if (cfg_tensors(c, ts, nt, err))
+    if (gguf_cfg_check(c, f->path, err) || cfg_tensors(c, ts, nt, err))
         return err->code;
     char nm[GGUF_MAX_NAME];
     for (int i = 0; i < *nt; i++) {
@@ -572,6 +728,106 @@ static int check_shapes(const struct gguf_file *f, struct cfg *c, struct cfg_ten
     return LK_OK;
 }
 
+/* Largest |a_i / b_i - 1| over n values. */
+static double max_rel(const float *a, const float *b, int n)
+{
+    double worst = 0;
+    for (int i = 0; i < n; i++)
+        worst = fmax(worst, fabs((double)a[i] / b[i] - 1));
+    return worst;
+}
+
+/* llama3 parameters from rope_freqs factors alone (a file from llama.cpp's converter): the low
+ * band's factor is the largest; in the medium band 1/f = (1 - s)/factor + s with
+ * s = (orig/wavelen - low)/(high - low), a line in 1/wavelen fitted here with low = 1 (the
+ * scaling is unchanged when orig, low and high are multiplied together). Kept only if the
+ * parameters reproduce every factor within 1e-4. */
+static int fit_llama3(const float *ff, int n, struct cfg *c, float *tmp)
+{
+    struct cfg_rope_scaling *r = &c->rope_scaling;
+    double F = 1, sx = 0, sy = 0, sxx = 0, sxy = 0;
+    for (int i = 0; i < n; i++)
+        F = fmax(F, ff[i]);
+    op_rope_inv_freq(tmp, c->head_dim, c->rope_theta);
+    int m = 0;
+    for (int i = 0; i < n && F > 1; i++)
+        if (ff[i] > 1 + 1e-5 && ff[i] < F * (1 - 1e-5)) { // medium band
+            double x = tmp[i] / 6.283185307179586, y = (1 / (double)ff[i] - 1 / F) / (1 - 1 / F);
+            sx += x, sy += y, sxx += x * x, sxy += x * y, m++;
+        }
+    if (m < 2 || !(m * sxx - sx * sx > 0))
+        return -1;
+    double a = (m * sxy - sx * sy) / (m * sxx - sx * sx), b = (a * sx - sy) / m; // y = a x - b
+    if (!(a > 0 && b > 0))
+        return -1;
+    *r = (struct cfg_rope_scaling){ CFG_ROPE_LLAMA3, F, 1, 1 + 1 / b, (int)lround(a / b) };
+    for (int snap = 1; snap >= 0; snap--) { // round numbers first (Llama 3: high_freq_factor 4)
+        if (snap)
+            r->high_freq_factor = fabs(r->high_freq_factor - round(r->high_freq_factor)) < 1e-3
+                                      ? round(r->high_freq_factor) : r->high_freq_factor;
+        else
+            r->high_freq_factor = 1 + 1 / b;
+        if (r->original_max_position_embeddings >= 1 && gguf_rope_freqs(c, tmp) == n && max_rel(tmp, ff, n) <= 1e-4)
+            return 0;
+    }
+    return -1;
+}
+
+/* The rope_freqs tensor against the config: equal to the factors of lorakit.rope_scaling, or,
+ * in a file without those keys, llama3 parameters recovered from it; else refused. */
+static int check_rope_freqs(const struct gguf_file *f, struct cfg *c, struct lk_err *err)
+{
+    const struct gguf_tensor *t = gguf_find_tensor(f, "rope_freqs.weight");
+    int n = c->head_dim / 2, llama3 = c->rope_scaling.type == CFG_ROPE_LLAMA3;
+    if (!t && !llama3)
+        return LK_OK;
+    if (!t)
+        return lk_errf(err, LK_ERR_MISSING, "%s: lorakit.rope_scaling.type is llama3 but tensor 'rope_freqs.weight' "
+                       "is missing", f->path);
+    if (t->type != GGUF_T_F32 || t->n_dims != 1 || t->ne[0] != n)
+        return lk_errf(err, LK_ERR_SHAPE, "%s: tensor 'rope_freqs.weight' is not %d float32 values (head size / 2)",
+                       f->path, n);
+    float *want = lk_falloc((size_t)n, 1);
+    if (!want)
+        return lk_errf(err, LK_ERR_NOMEM, "out of memory");
+    const float *got = (const float *)t->data;
+    int rc = LK_OK;
+    for (int i = 0; i < n && !rc; i++)
+        if (!isfinite(got[i]) || !(got[i] > 0))
+            rc = lk_errf(err, LK_ERR_FORMAT, "%s: rope_freqs.weight[%d] is %g", f->path, i, (double)got[i]);
+    if (!rc && llama3 && (gguf_rope_freqs(c, want) != n || max_rel(want, got, n) > 1e-6))
+        rc = lk_errf(err, LK_ERR_FORMAT, "%s: tensor 'rope_freqs.weight' does not hold the factors of "
+                     "lorakit.rope_scaling (llama3)", f->path);
+    if (!rc && !llama3 && (c->arch != CFG_ARCH_LLAMA || c->rope_scaling.type != CFG_ROPE_DEFAULT))
+        rc = lk_errf(err, LK_ERR_UNSUPPORTED, "%s: tensor 'rope_freqs.weight' on a %s model with rope scaling '%s': "
+                     "not supported", f->path, c->model_type, cfg_rope_type_name(c->rope_scaling.type));
+    else if (!rc && !llama3 && fit_llama3(got, n, c, want) != 0)
+        rc = lk_errf(err, LK_ERR_UNSUPPORTED, "%s: tensor 'rope_freqs.weight' holds per-dimension rotary factors that "
+                     "are not llama3 scaling: not supported", f->path);
+    lk_free(want);
+    return rc;
+}
+
+int gguf_model_cfg(const struct gguf_file *f, struct cfg *c, struct cfg_tensor **out_ts, int *out_nt,
+                   struct lk_err *err)
+{
+    struct cfg_tensor *ts = NULL;
+    int nt = 0;
+    if (out_ts)
+        *out_ts = NULL;
+    if (gguf_cfg(f, c, err) || check_shapes(f, c, &ts, &nt, err) || check_rope_freqs(f, c, err)) {
+        lk_free(ts);
+        return err->code;
+    }
+    if (out_ts) {
+        *out_ts = ts;
+        *out_nt = nt;
+    } else {
+        lk_free(ts);
+    }
+    return LK_OK;
+}
+
 int gguf_model_load(struct model *m, const char *path, struct lk_err *err)
 {
     memset(m, 0, sizeof *m);
@@ -583,9 +839,7 @@ int gguf_model_load(struct model *m, const char *path, struct lk_err *err)
     int nt = 0, nm = 0;
     if (gguf_open(&f, path, err))
         return err->code;
-    int rc = gguf_cfg(&f, &c, err);
-    if (!rc && (gguf_cfg_check(&c, path, err) || check_shapes(&f, &c, &ts, &nt, err)))
-        rc = err->code;
+    int rc = gguf_model_cfg(&f, &c, &ts, &nt, err);
     if (!rc)
         rc = model_init(m, &c, err);
     if (!rc)

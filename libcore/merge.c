@@ -18,6 +18,7 @@
 #include <unistd.h>
 
 #include "cfg.h"
+#include "gguf.h"
 #include "lora.h"
 #include "model.h"
 #include "st.h"
@@ -213,6 +214,8 @@ struct merge_ctx {
     float *scr;          /* owned: dense deltas / SVD factors */
     size_t scr_cap;
     unsigned char *io;   /* owned: MERGE_COPY_CHUNK bytes read from the base */
+    int gguf;            /* out is one GGUF file */
+    int gguf_dtype;      /* its matrices' GGUF type (the base's resolved when o->gguf_dtype is -1) */
 };
 
 static int ensure(float **p, size_t *cap, size_t n, struct lk_err *err)
@@ -448,8 +451,9 @@ static int check_opts(const struct merge_opts *o, struct lk_err *err)
 {
     if (!o->model || !o->out)
         return lk_errf(err, LK_ERR_USAGE, "--model and --out are required");
-    if (o->n_adapters < 1)
-        return lk_errf(err, LK_ERR_USAGE, "give at least one --adapter DIR[:WEIGHT]");
+    if (o->n_adapters < 1 && !merge_out_is_gguf(o->out))
+        return lk_errf(err, LK_ERR_USAGE, "give at least one --adapter DIR[:WEIGHT] (with no adapter, only a "
+                       ".gguf --out makes sense: the model converted as it is)");
     if (o->n_adapters > MERGE_MAX_ADAPTERS)
         return lk_errf(err, LK_ERR_USAGE, "at most %d adapters", MERGE_MAX_ADAPTERS);
     if ((unsigned)o->method > MERGE_DARE_TIES)
@@ -578,6 +582,8 @@ static int check_base(const struct merge_ctx *x, const struct st_model *sm, stru
 
 static enum tensor_dtype out_dtype(const struct merge_ctx *x, enum tensor_dtype src)
 {
+    if (x->gguf) // float32 into the GGUF exporter, which converts (round_gguf for verify)
+        return TENSOR_F32;
     if (x->o->dtype < 0 || !tensor_dtype_is_float(src))
         return src;
     return (enum tensor_dtype)x->o->dtype;
@@ -844,6 +850,167 @@ static int write_model(struct merge_ctx *x, const struct st_model *sm, const cha
     return rc;
 }
 
+// ---- writing one GGUF file (llama.cpp) ----
+
+int merge_out_is_gguf(const char *out)
+{
+    size_t n = out ? strlen(out) : 0;
+    return n >= 5 && !strcmp(out + n - 5, ".gguf");
+}
+
+/* The options a .gguf --out rules out. */
+static int check_gguf_opts(const struct merge_opts *o, struct lk_err *err)
+{
+    int t = o->gguf_dtype;
+    if (!merge_out_is_gguf(o->out))
+        return LK_OK;
+    if (o->into_adapter)
+        return lk_errf(err, LK_ERR_USAGE, "--into-adapter writes a PEFT adapter folder, not a .gguf file (hint: "
+                       "merge into an adapter folder, then lorakit convert --adapter DIR --model BASE --out "
+                       "FILE.gguf writes it as a GGUF LoRA)");
+    if (o->dtype >= 0)
+        return lk_errf(err, LK_ERR_USAGE, "a .gguf --out takes a GGUF type (f32, f16, bf16, q8_0), not a "
+                       "safetensors dtype");
+    if (t >= 0 && t != GGUF_T_F32 && t != GGUF_T_F16 && t != GGUF_T_BF16 && t != GGUF_T_Q8_0)
+        return lk_errf(err, LK_ERR_USAGE, "GGUF output type must be f32, f16, bf16 or q8_0");
+    return LK_OK;
+}
+
+static int check_gguf_out(const struct merge_opts *o, struct lk_err *err)
+{
+    if (lk_is_dir(o->out))
+        return lk_errf(err, LK_ERR_EXISTS, "--out '%s' is a folder", o->out);
+    if (lk_file_exists(o->out) && !o->overwrite)
+        return lk_errf(err, LK_ERR_EXISTS, "'%s' exists (hint: --overwrite replaces it)", o->out);
+    return LK_OK;
+}
+
+/* The row source of the exporter: each tensor of the output as the folder writer would write
+ * it, in float32. A changed tensor is merged whole into x->buf when its first rows are asked
+ * for (the exporter asks in order) and handed out from there; an untouched one is read by
+ * pread, just the rows asked for. */
+struct gguf_sink {
+    struct merge_ctx *x;
+    const struct st_model *sm;
+    int *fds;                 /* owned [sm->n_files] */
+    struct merge_report *rep;
+};
+
+static int gguf_rows(void *ctx, const struct cfg_tensor *ct, int64_t row0, int64_t n, float *out, struct lk_err *err)
+{
+    struct gguf_sink *s = ctx;
+    struct merge_ctx *x = s->x;
+    int fi;
+    const struct st_tensor *t = st_model_find(s->sm, ct->name, &fi);
+    if (!t && !strcmp(ct->name, "lm_head.weight")) // untied: lm_head starts from the embedding
+        t = st_model_find(s->sm, "model.embed_tokens.weight", &fi);
+    LK_ASSERT(t != NULL); // check_base found every tensor of the config
+    const struct st_file *f = &s->sm->files[fi];
+    size_t cols = ct->ndim == 2 ? (size_t)ct->shape[1] : (size_t)ct->shape[0], es = tensor_dtype_size(t->dtype);
+    struct contrib tmp[MERGE_MAX_ADAPTERS * 3];
+    if (collect(x, ct->name, tmp, (int)(sizeof tmp / sizeof tmp[0])) > 0) {
+        if (row0 == 0) {
+            if (ensure(&x->buf, &x->buf_cap, t->numel, err) || read_f32(x, s->fds[fi], f, t, x->buf, err) ||
+                apply(x, ct->name, x->buf, t->shape[0], t->ndim > 1 ? t->shape[1] : 1, err) < 0)
+                return err->code;
+            s->rep->n_changed++;
+        }
+        memcpy(out, x->buf + (size_t)row0 * cols, sizeof(float) * (size_t)n * cols);
+        return LK_OK;
+    }
+    s->rep->n_copied += row0 == 0;
+    const unsigned char *src = (const unsigned char *)t->data + (size_t)row0 * cols * es;
+    size_t total = (size_t)n * cols, step = MERGE_COPY_CHUNK / es;
+    for (size_t done = 0; done < total; done += step) {
+        size_t k = total - done < step ? total - done : step;
+        if (read_at(s->fds[fi], f, src + done * es, x->io, k * es, err))
+            return err->code;
+        tensor_to_f32(out + done, x->io, t->dtype, k);
+    }
+    return LK_OK;
+}
+
+/* general.name: the output file's name without .gguf. */
+static void gguf_stem(const char *out, char *buf, size_t n)
+{
+    const char *b = base_name(out);
+    snprintf(buf, n, "%.*s", (int)strlen(b) - 5, b);
+}
+
+static int write_gguf(struct merge_ctx *x, const struct st_model *sm, struct merge_report *rep, struct lk_err *err)
+{
+    const struct merge_opts *o = x->o;
+    const struct st_tensor *emb = st_model_find(sm, "model.embed_tokens.weight", NULL);
+    x->gguf_dtype = o->gguf_dtype >= 0              ? o->gguf_dtype
+                    : emb->dtype == TENSOR_BF16 ? GGUF_T_BF16
+                    : emb->dtype == TENSOR_F16  ? GGUF_T_F16
+                                                : GGUF_T_F32;
+    struct cfg c = x->cfg; // shallow: the exporter only reads it
+    c.tie_word_embeddings = c.tie_word_embeddings && !x->untie;
+    struct gguf_sink s = { x, sm, lk_malloc(sizeof(int) * (size_t)sm->n_files), rep };
+    if (!x->io)
+        x->io = lk_malloc(MERGE_COPY_CHUNK);
+    if (!s.fds || !x->io) {
+        lk_free(s.fds);
+        return lk_errf(err, LK_ERR_NOMEM, "out of memory");
+    }
+    int rc = LK_OK;
+    for (int fi = 0; fi < sm->n_files; fi++)
+        if ((s.fds[fi] = open(sm->files[fi].path, O_RDONLY)) < 0 && !rc)
+            rc = lk_errf(err, LK_ERR_IO, "%s: cannot open: %s", sm->files[fi].path, strerror(errno));
+    const char *ads[MERGE_MAX_ADAPTERS];
+    for (int i = 0; i < x->n; i++)
+        ads[i] = o->adapters[i].dir;
+    char name[256];
+    gguf_stem(o->out, name, sizeof name);
+    struct gguf_export gx = { o->model, &c, x->gguf_dtype, name, ads, x->n, x->n ? merge_method_name(o->method) : NULL,
+                              gguf_rows, &s, 0, o->progress, o->progress_ctx };
+    struct gguf_export_report gr;
+    if (!rc)
+        rc = gguf_export_model(&gx, o->out, &gr, err);
+    for (int fi = 0; fi < sm->n_files; fi++)
+        if (s.fds[fi] >= 0)
+            close(s.fds[fi]);
+    lk_free(s.fds);
+    if (rc)
+        return rc;
+    rep->n_tensors = gr.n_tensors;
+    rep->n_shards = 1;
+    rep->gguf_dtype = x->gguf_dtype;
+    rep->n_f32_fallback = gr.n_f32_fallback;
+    rep->bytes = gr.bytes;
+    return LK_OK;
+}
+
+/* For verify: the exact merged weights rounded as the GGUF file holds them (gguf_export_type:
+ * matrices in the file's type, row by row, which is how q8_0 blocks fall; 1-D tensors f32). */
+static int round_gguf(const struct merge_ctx *x, struct model *m, struct lk_err *err)
+{
+    struct model_tensor *t;
+    int n, rc0 = model_weights_tensors(&m->w, &m->cfg, &t, &n, err);
+    if (rc0)
+        return rc0;
+    void *blk = NULL;
+    int rc = LK_OK;
+    for (int i = 0; i < n && !rc; i++) {
+        int64_t cols = t[i].ndim > 1 ? t[i].shape[1] : t[i].shape[0];
+        int type = gguf_export_type(t[i].ndim, cols, x->gguf_dtype);
+        if (type == GGUF_T_F32)
+            continue;
+        lk_free(blk);
+        if (!(blk = lk_malloc(gguf_nbytes(type, (size_t)cols))))
+            rc = lk_errf(err, LK_ERR_NOMEM, "out of memory");
+        for (size_t r = 0; blk && r < t[i].numel / (size_t)cols; r++) {
+            float *row = t[i].data + r * (size_t)cols;
+            gguf_from_f32(blk, type, row, (size_t)cols);
+            gguf_to_f32(row, type, blk, (size_t)cols);
+        }
+    }
+    lk_free(blk);
+    lk_free(t);
+    return rc;
+}
+
 // ---- writing one adapter (cat, svd) ----
 
 /* PEFT's pattern key for one module, dots escaped (matched as (.*\.)?(key)$). */
@@ -1098,7 +1265,9 @@ static int verify(struct merge_ctx *x, const struct st_model *sm, const char *di
         model_release(&m);
     }
     snprintf(rep->verify_ref, sizeof rep->verify_ref, "%s",
-             have_ref ? "base+adapter (engine forward)" : "exact float32 merge in memory");
+             have_ref ? "base+adapter (engine forward)"
+             : x->n   ? "exact float32 merge in memory"
+                      : "the base in float32");
     // 2. the exact float32 merge, then the same weights rounded once to the output dtypes
     if ((rc = exact_model(x, sm, &m, err)))
         goto out;
@@ -1125,10 +1294,12 @@ static int verify(struct merge_ctx *x, const struct st_model *sm, const char *di
         }
         lk_free(t);
     }
+    if (x->gguf && (rc = round_gguf(x, &m, err)))
+        goto out;
     if ((rc = forward_copy(&m, NULL, tok, rd, err)))
         goto out;
     model_release(&m);
-    // 3. the merged output as any reader loads it
+    // 3. the merged output as any reader loads it (model_load reads a .gguf too)
     if ((rc = model_load(&m, dir, err)) || (rc = forward_copy(&m, NULL, tok, got, err)))
         goto out;
     logits_diff(got, ref, nl, &rep->verify_max_abs, &rep->verify_max_rel);
@@ -1152,14 +1323,16 @@ int merge_run(const struct merge_opts *o, struct merge_report *rep_in, struct lk
     memset(rep, 0, sizeof *rep);
     rep->verify_max_abs = rep->verify_max_rel = rep->round_max_abs = rep->round_max_rel = NAN;
     rep->out_dtype = -1;
+    rep->gguf_dtype = -1;
     double t0 = lk_now();
-    int rc = check_opts(o, err);
-    if (rc)
+    int rc = check_gguf_opts(o, err);
+    if (rc || (rc = check_opts(o, err)))
         return rc;
     struct merge_ctx *x = lk_calloc(1, sizeof *x);
     if (!x)
         return lk_errf(err, LK_ERR_NOMEM, "out of memory");
     x->o = o;
+    x->gguf = merge_out_is_gguf(o->out);
     struct st_model sm = { 0 };
     struct lk_outdir od = { 0 };
     int cfg_loaded = 0;
@@ -1174,20 +1347,24 @@ int merge_run(const struct merge_opts *o, struct merge_report *rep_in, struct lk
             goto out;
         x->n++;
     }
-    if ((rc = lk_outdir_check(o->out, o->overwrite, err)))
+    if ((rc = x->gguf ? check_gguf_out(o, err) : lk_outdir_check(o->out, o->overwrite, err)))
         goto out;
     if ((rc = check_base(x, &sm, err)) || (rc = check_adapters(x, &sm, err)))
         goto out;
     rep->untied = x->untie;
-    // build beside --out, rename into place when complete
-    if ((rc = lk_outdir_begin(&od, o->out, o->overwrite, err)))
-        goto out;
-    rc = o->into_adapter ? write_adapter(x, od.tmp, rep, err) : write_model(x, &sm, od.tmp, rep, err);
+    if (x->gguf) { // one file, written to a temporary name and renamed by the exporter
+        rc = write_gguf(x, &sm, rep, err);
+    } else { // build beside --out, rename into place when complete
+        if ((rc = lk_outdir_begin(&od, o->out, o->overwrite, err)))
+            goto out;
+        rc = o->into_adapter ? write_adapter(x, od.tmp, rep, err) : write_model(x, &sm, od.tmp, rep, err);
+    }
     rep->seconds = lk_now() - t0;
-    // verified before it takes its name: a failed verification leaves the old output in place
+    // a folder is verified before it takes its name, so a failed verification leaves the old
+    // output in place (a GGUF is verified as the exporter renamed it)
     if (!rc && o->verify)
-        rc = verify(x, &sm, od.tmp, rep, err);
-    if (!rc)
+        rc = verify(x, &sm, x->gguf ? o->out : od.tmp, rep, err);
+    if (!rc && !x->gguf)
         rc = lk_outdir_commit(&od, err);
 out:
     lk_outdir_abort(&od);

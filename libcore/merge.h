@@ -84,6 +84,10 @@ struct merge_opts {
     int portable;                /* with into_adapter: scale folded into B, alpha = r, one rank
                                     for every module (zero-padded), no rank/alpha patterns */
     int verify;                  /* after writing, compare logits (see merge_verify) */
+    int gguf_dtype;              /* out ending in .gguf (merge_out_is_gguf): the GGUF type of the
+                                    matrices (GGUF_T_F32 = 0, F16, BF16, Q8_0 of gguf.h), or -1 for
+                                    the base's (its embedding's dtype); dtype must stay -1 then.
+                                    Ignored for a folder out */
     /* Progress (may be NULL): called after each tensor or module. */
     void (*progress)(void *ctx, int done, int total, const char *name);
     void *progress_ctx;
@@ -104,11 +108,25 @@ struct merge_report {
     char verify_ref[96];     /* what the reference was */
     double verify_max_abs, verify_max_rel;     /* merged output vs reference */
     double round_max_abs, round_max_rel;       /* exact f32 merge vs it rounded to the dtype */
+    /* a GGUF out */
+    int gguf_dtype;          /* the matrices' GGUF type, -1 for a folder */
+    int n_f32_fallback;      /* q8_0: matrices kept f32 (rows not whole blocks) */
+    uint64_t bytes;          /* the file's size */
 };
+
+/* 1 when out names one GGUF file (it ends in ".gguf") rather than an output folder. */
+int merge_out_is_gguf(const char *out);
 
 /* Checks options and inputs, then merges (or combines, with into_adapter) into a temporary
  * folder beside o->out, renamed into place when complete (lk_outdir: a non-empty out needs
  * overwrite, an empty one is replaced, a file is refused); runs the verification when asked.
+ * An out ending in .gguf is one GGUF file instead (gguf_export_model with the merged tensors as
+ * its row source, so tensors still stream one at a time; written to a temporary name and
+ * renamed; an existing file needs overwrite): every method and option applies except
+ * into_adapter (and so portable), and with no adapters the model is converted as it is. What
+ * llama.cpp cannot express is refused before anything is written (gguf_cfg_check). verify then
+ * reads the file back through gguf_model_load and rounds the exact merge as the file's types do
+ * (q8_0 blocks, f16, bf16; 1-D tensors f32).
  * Refusals (bad options, adapters that do not fit the base, an existing out, ...) return an
  * error before anything is written; a failure later, or LK_ERR_INTERRUPTED when lk_interrupted
  * is set (checked per tensor or module), removes the temporary folder. report may be NULL. */

@@ -67,7 +67,8 @@ struct model {
 
 /* Allocates zeroed weights for a config (c is copied; its json is not). */
 int model_init(struct model *m, const struct cfg *c, struct lk_err *err);
-/* Loads config.json and the weights (any of F32/F16/BF16, sharded or not) from a folder. */
+/* Loads config.json and the weights (any of F32/F16/BF16, sharded or not) from a folder, or a
+ * model from one GGUF file (gguf_is_file; gguf_model_load). */
 int model_load(struct model *m, const char *dir, struct lk_err *err);
 void model_release(struct model *m);
 

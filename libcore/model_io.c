@@ -9,11 +9,14 @@
 #include <cblas.h>
 #include <string.h>
 
+#include "gguf.h"
 #include "st.h"
 #include "tensor.h"
 
 int model_load(struct model *m, const char *dir, struct lk_err *err)
 {
+    if (gguf_is_file(dir)) // one GGUF file instead of a folder: gguf_model.c reads it
+        return gguf_model_load(m, dir, err);
     memset(m, 0, sizeof *m);
     // the weights are opened before anything is sized from the config (which cfg_load has
     // bounded by them): a folder without weights is refused before model_init

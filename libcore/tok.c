@@ -20,6 +20,8 @@
 #include <string.h>
 #include <utf8proc.h>
 
+#include "gguf.h"
+
 // ---- small containers ----
 
 int tok_ids_push(struct tok_ids *a, int32_t id, struct lk_err *err)
@@ -789,9 +791,22 @@ int tok_load_json(struct tok **out, const char *json, size_t len, const char *cf
     return LK_OK;
 }
 
+/* The tokenizer of a GGUF model file (its tokenizer.* metadata). */
+static int tok_load_gguf(struct tok **out, const char *path, struct lk_err *err)
+{
+    struct gguf_file f;
+    if (gguf_open(&f, path, err))
+        return err->code;
+    int rc = gguf_tok_load(out, &f, err);
+    gguf_close(&f);
+    return rc;
+}
+
 int tok_load(struct tok **out, const char *path, struct lk_err *err)
 {
     *out = NULL;
+    if (gguf_is_file(path))
+        return tok_load_gguf(out, path, err);
     char *json_path, *cfg_path;
     if (lk_is_dir(path)) {
         json_path = lk_path_join(path, "tokenizer.json");

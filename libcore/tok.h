@@ -28,8 +28,9 @@ int tok_ids_push(struct tok_ids *a, int32_t id, struct lk_err *err);
 void tok_ids_release(struct tok_ids *a);
 
 /* Loads a tokenizer. path is a folder holding tokenizer.json (and maybe
- * tokenizer_config.json) or the tokenizer.json file itself (tokenizer_config.json is then
- * looked for beside it). On success *out is a new tokenizer freed with tok_free. */
+ * tokenizer_config.json), the tokenizer.json file itself (tokenizer_config.json is then
+ * looked for beside it), or a GGUF model file (gguf_is_file: its tokenizer.* metadata, through
+ * gguf_tok_load). On success *out is a new tokenizer freed with tok_free. */
 int tok_load(struct tok **out, const char *path, struct lk_err *err);
 /* Loads from memory; cfg_json may be NULL. name is used in messages. */
 int tok_load_json(struct tok **out, const char *json, size_t len, const char *cfg_json,

@@ -21,10 +21,8 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
-#include "../libcore/generate.h"
 #include "../libcore/gguf.h"
 #include "../libcore/lk.h"
 #include "../libcore/lora.h"
@@ -32,472 +30,7 @@
 #include "../libcore/st.h"
 #include "../libcore/tensor.h"
 #include "../libcore/tok.h"
-
-#define BASE "datasets/base-model"
-/* A path in this test's folder, in a local buffer (test_path's buffers rotate, and test_sh uses
- * one per call). */
-#define TMPPATH(var, name)                                                                                   \
-    char var[700];                                                                                           \
-    snprintf(var, sizeof var, "%s/%s", test_tmpdir(), name)
-#define NPROMPT 8
-#define PLEN 12
-#define NGEN 16
-
-// ---- helpers ----
-
-static int llama_ready(void)
-{
-    return lk_file_exists("build/llama/node_modules/node-llama-cpp/package.json") &&
-           system("node --version >/dev/null 2>&1") == 0;
-}
-
-#define NEED_PEER()                                                                                          \
-    do {                                                                                                     \
-        if (!lk_file_exists(BASE "/config.json"))                                                            \
-            SKIP("no %s (run from the repository root)", BASE);                                              \
-        if (!llama_ready())                                                                                  \
-            SKIP("node or build/llama (make llama-ref: npm node-llama-cpp 3.21.1) is not there");            \
-    } while (0)
-
-static long file_size(const char *path)
-{
-    struct stat sb;
-    return stat(path, &sb) == 0 ? (long)sb.st_size : -1;
-}
-
-/* Writes text to path (test helper; plain stdio). */
-static int put_file(const char *path, const char *text, size_t n)
-{
-    FILE *f = fopen(path, "wb");
-    if (!f)
-        return -1;
-    int bad = n && fwrite(text, 1, n, f) != n;
-    return fclose(f) || bad ? -1 : 0;
-}
-
-/* A JSON file (config.json, tokenizer.json, the peer's output) parsed here, independently of the
- * exporter; NULL when missing or broken. */
-static cJSON *read_json(const char *path)
-{
-    char *text;
-    size_t n;
-    if (lk_read_file(path, &text, &n, NULL))
-        return NULL;
-    cJSON *j = cJSON_ParseWithLength(text, n);
-    lk_free(text);
-    return j;
-}
-
-/* Runs the peer on a job (cJSON, consumed); returns its output or NULL (with the reason printed). */
-static cJSON *peer(cJSON *job)
-{
-    char *js = cJSON_PrintUnformatted(job);
-    cJSON_Delete(job);
-    TMPPATH(in, "peer_job.json");
-    TMPPATH(out, "peer_out.json");
-    int bad = !js || put_file(in, js, strlen(js));
-    free(js);
-    if (bad || test_sh("node tests/llama_ref.mjs '%s' '%s'", in, out) != 0) {
-        fprintf(stderr, "    llama.cpp peer failed: %s\n", test_output());
-        return NULL;
-    }
-    return read_json(out);
-}
-
-static cJSON *int_rows(int32_t *const *rows, const int *lens, int n)
-{
-    cJSON *a = cJSON_CreateArray();
-    for (int i = 0; i < n; i++) {
-        cJSON *r = cJSON_CreateArray();
-        for (int k = 0; k < lens[i]; k++)
-            cJSON_AddItemToArray(r, cJSON_CreateNumber(rows[i][k]));
-        cJSON_AddItemToArray(a, r);
-    }
-    return a;
-}
-
-// ---- the texts: 35 kinds of input, each 4 ways ----
-
-static const char *const base_texts[] = {
-    "Hello world",
-    "The patient has a fever and a cough.",
-    "  leading spaces",
-    "trailing spaces   ",
-    "tabs\tand\tnewlines\n",
-    "CRLF line one\r\nline two\r\n",
-    "\r\n\r\n",
-    "numbers 12345 and 3.14159, 1,000,000",
-    "I'm sure he's done; we'll see. They've gone, you'd know, I'D SAY",
-    "UPPER lower MiXeD",
-    "\xe7\x97\x85\xe4\xba\xba\xe5\x8f\x91\xe7\x83\xa7\xe4\xba\x86\xef\xbc\x8c\xe8\xaf\xb7\xe5\xa4\x9a\xe5\x96\x9d\xe6"
-    "\xb0\xb4\xe3\x80\x82",
-    "\xe6\x97\xa5\xe6\x9c\xac\xe8\xaa\x9e\xe3\x81\xae\xe3\x83\x86\xe3\x82\xad\xe3\x82\xb9\xe3\x83\x88",
-    "\xed\x95\x9c\xea\xb5\xad\xec\x96\xb4 \xeb\xac\xb8\xec\x9e\xa5",
-    "emoji \xf0\x9f\x9a\x80\xf0\x9f\x94\xa5\xf0\x9f\x98\x80 and \xf0\x9f\x91\xa9\xe2\x80\x8d\xf0\x9f\x91\xa9\xe2\x80"
-    "\x8d\xf0\x9f\x91\xa7 family",
-    "flags \xf0\x9f\x87\xab\xf0\x9f\x87\xb7\xf0\x9f\x87\xa9\xf0\x9f\x87\xaa",
-    "accents: caf\xc3\xa9, na\xc3\xafve, Z\xc3\xbcrich, S\xc3\xa3o Paulo",
-    "\xce\x95\xce\xbb\xce\xbb\xce\xb7\xce\xbd\xce\xb9\xce\xba\xce\xac \xd1\x80\xd1\x83\xd1\x81\xd1\x81\xd0\xba\xd0\xb8"
-    "\xd0\xb9",
-    "\xd9\x85\xd8\xb1\xd8\xad\xd8\xa8\xd8\xa7 \xd8\xa8\xd8\xa7\xd9\x84\xd8\xb9\xd8\xa7\xd9\x84\xd9\x85",
-    "\xe0\xa4\xb9\xe0\xa4\xbf\xe0\xa4\xa8\xe0\xa5\x8d\xe0\xa4\xa6\xe0\xa5\x80",
-    "code: for (int i = 0; i < n; i++) { x += y[i]; }",
-    "URL https://example.com/a?b=c&d=e#f",
-    "<|im_start|>user\nWhat is glaucoma?<|im_end|>\n<|im_start|>assistant\n",
-    "<|endoftext|>",
-    "text<|im_end|>more",
-    "<|im_start|><|im_end|>",
-    "a <|im_start|> b",
-    "punctuation!!! ??? ... --- ***",
-    "quotes \"double\" 'single' \xc2\xab" "guillemets\xc2\xbb",
-    "math: \xe2\x88\x91 x\xc2\xb2 \xe2\x89\xa4 \xe2\x88\x9ay",
-    "mixed\xe4\xb8\xad\xe6\x96\x87" "and English",
-    "   ",
-    "\n",
-    "x",
-    "Fagramab is taken twice a day for glaucoma; rest is advised.",
-    "  \t \r\n  mixed   whitespace\t\t",
-};
-#define N_BASE_TEXTS ((int)(sizeof base_texts / sizeof base_texts[0]))
-#define N_TEXTS (4 * N_BASE_TEXTS)
-
-/* Text i: base text i/4 as it is, after a space, before a newline, after <|im_start|>. */
-static char *text_at(int i)
-{
-    static const char *const pre[4] = { "", " ", "", "<|im_start|>" }, *const post[4] = { "", "", "\n", "" };
-    const char *b = base_texts[i / 4];
-    size_t n = strlen(pre[i % 4]) + strlen(b) + strlen(post[i % 4]) + 1;
-    char *s = malloc(n);
-    snprintf(s, n, "%s%s%s", pre[i % 4], b, post[i % 4]);
-    return s;
-}
-
-/* `lorakit tokenize --json` of every text (one process per text, in one shell loop). */
-static int lk_tokenize_all(const char *tokdir, char **texts, int n, struct tok_ids *out)
-{
-    char dir[512];
-    snprintf(dir, sizeof dir, "%s/texts", test_tmpdir());
-    if (lk_mkdir_p(dir, NULL))
-        return -1;
-    for (int i = 0; i < n; i++) {
-        char p[600];
-        snprintf(p, sizeof p, "%s/t%03d.txt", dir, i);
-        if (put_file(p, texts[i], strlen(texts[i])))
-            return -1;
-    }
-    TMPPATH(res, "lk_tok.txt");
-    if (test_sh("for f in '%s'/t*.txt; do %s tokenize --tokenizer '%s' --file \"$f\" --json || exit 1; done > '%s'",
-                dir, test_lorakit(), tokdir, res) != 0) {
-        fprintf(stderr, "    lorakit tokenize: %s\n", test_output());
-        return -1;
-    }
-    char *buf;
-    if (lk_read_file(res, &buf, NULL, NULL))
-        return -1;
-    int i = 0;
-    for (char *line = buf; line && *line && i < n; i++) {
-        char *nl = strchr(line, '\n');
-        if (nl)
-            *nl = 0;
-        cJSON *a = cJSON_Parse(line), *e;
-        cJSON_ArrayForEach(e, a) tok_ids_push(&out[i], (int32_t)e->valuedouble, NULL);
-        cJSON_Delete(a);
-        line = nl ? nl + 1 : NULL;
-    }
-    lk_free(buf);
-    return i == n ? 0 : -1;
-}
-
-/* Ids of the peer's "tokenize" result against lorakit's: the count of texts that differ (the
- * first one printed). */
-static int compare_ids(const cJSON *got, char **texts, const struct tok_ids *want, int n)
-{
-    int bad = 0;
-    for (int i = 0; i < n; i++) {
-        const cJSON *a = cJSON_GetArrayItem(got, i);
-        int k = 0, same = cJSON_GetArraySize(a) == (int)want[i].n;
-        for (const cJSON *e = a ? a->child : NULL; e && same; e = e->next, k++)
-            same = (int32_t)e->valuedouble == want[i].v[k];
-        if (!same && !bad++)
-            fprintf(stderr, "    text %d '%s': llama.cpp gives %d ids, lorakit %zu\n", i, texts[i],
-                    cJSON_GetArraySize(a), want[i].n);
-    }
-    return bad;
-}
-
-/* Tokenized texts: NPROMPT prompts of PLEN ids, from the texts with at least PLEN ids. */
-static int pick_prompts(const struct tok_ids *ids, int n, int32_t *prompts[NPROMPT], int lens[NPROMPT])
-{
-    int k = 0;
-    for (int i = 0; i < n && k < NPROMPT; i += 3)
-        if (ids[i].n >= PLEN) {
-            prompts[k] = ids[i].v;
-            lens[k++] = PLEN;
-        }
-    return k == NPROMPT ? 0 : -1;
-}
-
-/* log softmax over the last position of each of B rows of `lorakit logits` [B, T, V]. */
-static double *lk_logprobs(const char *model, const char *adapter, int32_t *const *rows, int B, int T, int *out_V)
-{
-    struct lk_buf arg = { 0 };
-    for (int b = 0; b < B; b++)
-        for (int t = 0; t < T; t++)
-            lk_buf_printf(&arg, "%d%s", rows[b][t], t + 1 < T ? "," : b + 1 < B ? ";" : "");
-    TMPPATH(out, "lk_logits.safetensors");
-    char ad[600] = "";
-    if (adapter)
-        snprintf(ad, sizeof ad, "--adapter '%s'", adapter);
-    int rc = test_sh("%s logits --model '%s' %s --tokens '%s' --out '%s'", test_lorakit(), model, ad, arg.p, out);
-    lk_buf_release(&arg);
-    if (rc) {
-        fprintf(stderr, "    lorakit logits: %s\n", test_output());
-        return NULL;
-    }
-    struct st_file f;
-    struct lk_err err = { 0 };
-    if (st_open(&f, out, &err))
-        return NULL;
-    const struct st_tensor *t = st_find(&f, "logits");
-    int V = (int)t->shape[2];
-    double *lp = malloc(sizeof *lp * (size_t)B * (size_t)V);
-    float *all = malloc(sizeof *all * t->numel);
-    st_tensor_to_f32(t, all, &err);
-    for (int b = 0; b < B; b++) {
-        const float *x = all + ((size_t)b * (size_t)T + (size_t)(T - 1)) * (size_t)V;
-        double mx = -INFINITY, s = 0;
-        for (int v = 0; v < V; v++)
-            mx = fmax(mx, x[v]);
-        for (int v = 0; v < V; v++)
-            s += exp(x[v] - mx);
-        for (int v = 0; v < V; v++)
-            lp[(size_t)b * (size_t)V + (size_t)v] = x[v] - mx - log(s);
-    }
-    free(all);
-    st_close(&f);
-    *out_V = V;
-    return lp;
-}
-
-/* Largest |lorakit - llama.cpp| over every prompt and the whole vocabulary; -1 when the peer's
- * vector is not the vocabulary's length or underflows where lorakit's value is not tiny. */
-static double lp_maxdiff(const cJSON *peer_lp, const double *lp, int B, int V)
-{
-    double worst = 0;
-    for (int b = 0; b < B; b++) {
-        const cJSON *row = cJSON_GetArrayItem(peer_lp, b);
-        if (cJSON_GetArraySize(row) != V)
-            return -1;
-        int v = 0;
-        for (const cJSON *e = row->child; e; e = e->next, v++) {
-            double mine = lp[(size_t)b * (size_t)V + (size_t)v];
-            if (cJSON_IsNull(e)) { // the peer's float32 exp underflowed: lorakit's must be tiny too
-                if (mine > -87)
-                    return -1;
-                continue;
-            }
-            worst = fmax(worst, fabs(mine - e->valuedouble));
-        }
-    }
-    return worst;
-}
-
-/* lorakit's greedy continuation (KV cache, temperature 0, no stop token) of each prompt. */
-static int lk_greedy(const char *model_dir, const char *adapter, int32_t *const *prompts, const int *lens, int n,
-                     int32_t out[][NGEN])
-{
-    struct model m;
-    struct lora l = { 0 };
-    struct gen_cache gc = { 0 };
-    struct lk_err err = { 0 };
-    int rc = model_load(&m, model_dir, &err);
-    if (rc)
-        return rc;
-    if (adapter && (rc = lora_load(&l, adapter, &m.cfg, &err)) == LK_OK)
-        rc = model_apply_extras(&m, &l, &err);
-    if (!rc)
-        rc = gen_cache_init(&gc, &m.cfg, 128, 64, gen_lora_max_rank(adapter ? &l : NULL), &err);
-    struct gen_opts o = { 0 };
-    o.max_new = NGEN;
-    o.top_p = 1;
-    o.eos = -1;
-    for (int i = 0; i < n && !rc; i++) {
-        struct tok_ids ids = { 0 };
-        rc = gen_run(&gc, &m, adapter ? &l : NULL, prompts[i], lens[i], &o, NULL, NULL, &ids, NULL, &err);
-        for (int k = 0; !rc && k < NGEN; k++)
-            out[i][k] = k < (int)ids.n ? ids.v[k] : -1;
-        tok_ids_release(&ids);
-    }
-    if (rc)
-        fprintf(stderr, "    lorakit greedy: %s\n", err.msg);
-    gen_cache_release(&gc);
-    lora_release(&l);
-    model_release(&m);
-    return rc;
-}
-
-/* Prompts whose peer continuation equals lorakit's (the first difference printed). */
-static int greedy_agree(const cJSON *gen, int32_t want[][NGEN], int n, const char *what, int print)
-{
-    int same_n = 0;
-    for (int i = 0; i < n; i++) {
-        const cJSON *a = cJSON_GetArrayItem(gen, i);
-        int k = 0, same = cJSON_GetArraySize(a) == NGEN;
-        for (const cJSON *e = a ? a->child : NULL; e && same; e = e->next, k++)
-            same = (int32_t)e->valuedouble == want[i][k];
-        same_n += same;
-        if (!same && print) {
-            fprintf(stderr, "    %s: prompt %d continues differently in llama.cpp (from token %d)\n", what, i, k - 1);
-            print = 0;
-        }
-    }
-    return same_n;
-}
-
-/* A fresh copy of the texts (caller frees each and the array). */
-static char **all_texts(void)
-{
-    char **t = malloc(sizeof *t * N_TEXTS);
-    for (int i = 0; i < N_TEXTS; i++)
-        t[i] = text_at(i);
-    return t;
-}
-
-static void free_texts(char **t, int n, struct tok_ids *ids)
-{
-    for (int i = 0; i < n; i++) {
-        free(t[i]);
-        if (ids)
-            tok_ids_release(&ids[i]);
-    }
-    free(t);
-    free(ids);
-}
-
-static cJSON *str_array(char **v, int n)
-{
-    cJSON *a = cJSON_CreateArray();
-    for (int i = 0; i < n; i++)
-        cJSON_AddItemToArray(a, cJSON_CreateString(v[i]));
-    return a;
-}
-
-/* A run of the peer: tokenize the texts (when given), greedy and log-probs on the prompts. */
-static cJSON *peer_run(const char *gguf, const char *lora, char **texts, int n_texts, int32_t *const *prompts,
-                       const int *lens, int info)
-{
-    cJSON *r = cJSON_CreateObject();
-    cJSON_AddStringToObject(r, "model", gguf);
-    if (lora)
-        cJSON_AddStringToObject(r, "lora", lora);
-    if (texts)
-        cJSON_AddItemToObject(r, "tokenize", str_array(texts, n_texts));
-    if (prompts) {
-        cJSON_AddItemToObject(r, "generate", int_rows(prompts, lens, NPROMPT));
-        cJSON_AddNumberToObject(r, "n", NGEN);
-        cJSON_AddItemToObject(r, "logprobs", int_rows(prompts, lens, NPROMPT));
-    }
-    if (info)
-        cJSON_AddBoolToObject(r, "info", 1);
-    return r;
-}
-
-/* The acceptance on one model: f32 GGUF in llama.cpp against lorakit on the same folder (and
- * adapter): 140 texts' ids, greedy continuations, log-probs within 1e-4. */
-static int check_model_in_llama(const char *model_dir, const char *gguf, const char *adapter, const char *lora_gguf,
-                                const char *what, double *out_lp)
-{
-    char **texts = all_texts();
-    struct tok_ids *ids = calloc(N_TEXTS, sizeof *ids);
-    int32_t *prompts[NPROMPT], lens[NPROMPT], want[NPROMPT][NGEN];
-    int V = 0, bad = 0;
-    double *lp = NULL;
-    if (lk_tokenize_all(model_dir, texts, N_TEXTS, ids) || pick_prompts(ids, N_TEXTS, prompts, lens) ||
-        lk_greedy(model_dir, adapter, prompts, lens, NPROMPT, want) ||
-        !(lp = lk_logprobs(model_dir, adapter, prompts, NPROMPT, PLEN, &V))) {
-        free_texts(texts, N_TEXTS, ids);
-        return -1;
-    }
-    cJSON *out = peer(peer_run(gguf, lora_gguf, texts, N_TEXTS, prompts, lens, 0));
-    if (!out) {
-        free(lp);
-        free_texts(texts, N_TEXTS, ids);
-        return -1;
-    }
-    int tok_bad = compare_ids(cJSON_GetObjectItem(out, "tokenize"), texts, ids, N_TEXTS);
-    int same = greedy_agree(cJSON_GetObjectItem(out, "generate"), want, NPROMPT, what, 1);
-    double d = lp_maxdiff(cJSON_GetObjectItem(out, "logprobs"), lp, NPROMPT, V);
-    fprintf(stderr, "    %s in llama.cpp: %d/%d texts tokenized alike, %d/%d greedy continuations (%d tokens) "
-                    "equal, max |d log-prob| %.3g over %d x %d\n",
-            what, N_TEXTS - tok_bad, N_TEXTS, same, NPROMPT, NGEN, d, NPROMPT, V);
-    bad = tok_bad || same != NPROMPT || d < 0 || d > 1e-4;
-    *out_lp = d;
-    cJSON_Delete(out);
-    free(lp);
-    free_texts(texts, N_TEXTS, ids);
-    return bad;
-}
-
-/* A Llama model (untied, GQA, head_dim 32 != hidden / heads; q/k/v biases when asked) with the
- * base model's vocabulary and a Llama 3 pre-tokenizer (its regex, ignore_merges): llama.cpp's
- * 'llama-bpe'. */
-static int make_llama_bias(const char *dir, int bias)
-{
-    TMPPATH(cfg, "llama.json");
-    char json[600];
-    snprintf(json, sizeof json,
-             "{\"architectures\":[\"LlamaForCausalLM\"],\"model_type\":\"llama\",\"hidden_size\":96,"
-             "\"intermediate_size\":160,\"num_hidden_layers\":2,\"num_attention_heads\":4,\"num_key_value_heads\":2,"
-             "\"head_dim\":32,\"vocab_size\":768,\"max_position_embeddings\":512,\"rms_norm_eps\":1e-5,"
-             "\"rope_theta\":500000,\"tie_word_embeddings\":false,\"attention_bias\":%s,\"initializer_range\":0.1,"
-             "\"torch_dtype\":\"float32\",\"bos_token_id\":765,\"eos_token_id\":767}", bias ? "true" : "false");
-    if (put_file(cfg, json, strlen(json)) ||
-        test_sh("%s init --config '%s' --out '%s' --seed 7 && cp " BASE "/tokenizer_config.json '%s'/", test_lorakit(),
-                cfg, dir, dir))
-        return -1;
-    char *text;
-    size_t n;
-    if (lk_read_file(BASE "/tokenizer.json", &text, &n, NULL))
-        return -1;
-    cJSON *t = cJSON_ParseWithLength(text, n);
-    lk_free(text);
-    cJSON *split = cJSON_GetArrayItem(cJSON_GetObjectItem(cJSON_GetObjectItem(t, "pre_tokenizer"), "pretokenizers"), 0);
-    cJSON_ReplaceItemInObject(cJSON_GetObjectItem(split, "pattern"), "Regex",
-                              cJSON_CreateString("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|"
-                                                 "\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|"
-                                                 "\\s+(?!\\S)|\\s+"));
-    cJSON_ReplaceItemInObject(cJSON_GetObjectItem(t, "model"), "ignore_merges", cJSON_CreateTrue());
-    char *out = cJSON_Print(t), path[600];
-    cJSON_Delete(t);
-    snprintf(path, sizeof path, "%s/tokenizer.json", dir);
-    int rc = put_file(path, out, strlen(out));
-    free(out);
-    return rc;
-}
-
-static int make_llama(const char *dir)
-{
-    return make_llama_bias(dir, 0);
-}
-
-/* A small LoRA trained on the model in a few steps with a high rate, so that it matters. */
-static int train_adapter(const char *model, const char *out, const char *extra)
-{
-    TMPPATH(data, "train.jsonl");
-    FILE *f = fopen(data, "w");
-    if (!f)
-        return -1;
-    for (int i = 0; i < 32; i++)
-        fprintf(f, "{\"text\": \"Patient %d takes fagramab twice a day for glaucoma; rest is advised.\"}\n", i);
-    fclose(f);
-    if (test_sh("%s train --model '%s' --data '%s' --out '%s' --rank 4 --alpha 8 --steps 8 --lr 0.01 --batch 4 "
-                "--seq 32 --threads 1 --quiet --runs '%s/runs.db' %s",
-                test_lorakit(), model, data, out, test_tmpdir(), extra) != 0) {
-        fprintf(stderr, "    lorakit train: %s\n", test_output());
-        return -1;
-    }
-    return 0;
-}
+#include "fix_gguf.h"
 
 // ---- format and conversion (no peer) ----
 
@@ -854,7 +387,7 @@ TEST(gguf_reader_names_each_problem)
     // a missing file and an empty one
     struct gguf_file g;
     CHECK(gguf_open(&g, test_path("none.gguf"), test_err()) == LK_ERR_MISSING);
-    CHECK(put_file(test_path("empty.gguf"), "", 0) == 0);
+    CHECK(fix_put_file(test_path("empty.gguf"), "", 0) == 0);
     CHECK(gguf_open(&g, test_path("empty.gguf"), test_err()) == LK_ERR_FORMAT);
     CHECK(strstr(test_errmsg(), "empty.gguf: empty file") != NULL);
 }
@@ -922,27 +455,6 @@ TEST(gguf_model_load_names_what_is_missing)
     CHECK(strstr(test_errmsg(), "architecture 'gemma' is not supported") != NULL);
 }
 
-static int has_str(const struct gguf_file *g, const char *key, const char *want)
-{
-    char *s = NULL;
-    struct lk_err err = { 0 };
-    int ok = gguf_get_str(g, key, &s, &err) == LK_OK && !strcmp(s, want);
-    if (!ok)
-        fprintf(stderr, "    %s: '%s', wanted '%s'\n", key, s ? s : err.msg, want);
-    lk_free(s);
-    return ok;
-}
-
-static int has_uint(const struct gguf_file *g, const char *key, uint64_t want)
-{
-    uint64_t v = 0;
-    struct lk_err err = { 0 };
-    int ok = gguf_get_uint(g, key, &v, &err) == LK_OK && v == want;
-    if (!ok)
-        fprintf(stderr, "    %s: %llu, wanted %llu %s\n", key, (unsigned long long)v, (unsigned long long)want, err.msg);
-    return ok;
-}
-
 TEST(gguf_convert_base_metadata)
 {
     if (!lk_file_exists(BASE "/config.json"))
@@ -952,11 +464,11 @@ TEST(gguf_convert_base_metadata)
     CHECK(strstr(test_output(), "qwen2, 50 tensors, 3100928 parameters, f32, tokenizer 'qwen2' (768 tokens)"));
     struct gguf_file g;
     CHECK_OK(gguf_open(&g, out, test_err()));
-    CHECK(has_str(&g, "general.architecture", "qwen2") && has_str(&g, "general.type", "model"));
-    CHECK(has_str(&g, "general.name", "base-model") && has_str(&g, "lorakit.version", GGUF_LORAKIT_VERSION));
-    CHECK(has_uint(&g, "general.file_type", 0) && has_uint(&g, "general.alignment", 32));
+    CHECK(fix_has_str(&g, "general.architecture", "qwen2") && fix_has_str(&g, "general.type", "model"));
+    CHECK(fix_has_str(&g, "general.name", "base-model") && fix_has_str(&g, "lorakit.version", GGUF_LORAKIT_VERSION));
+    CHECK(fix_has_uint(&g, "general.file_type", 0) && fix_has_uint(&g, "general.alignment", 32));
     // hyper-parameters: datasets/base-model/config.json
-    cJSON *cfg = read_json(BASE "/config.json");
+    cJSON *cfg = fix_read_json(BASE "/config.json");
     static const char *const pairs[][2] = {
         { "qwen2.embedding_length", "hidden_size" },      { "qwen2.feed_forward_length", "intermediate_size" },
         { "qwen2.block_count", "num_hidden_layers" },     { "qwen2.attention.head_count", "num_attention_heads" },
@@ -964,15 +476,15 @@ TEST(gguf_convert_base_metadata)
         { "qwen2.vocab_size", "vocab_size" },
     };
     for (size_t i = 0; i < sizeof pairs / sizeof pairs[0]; i++)
-        CHECK(has_uint(&g, pairs[i][0], (uint64_t)cJSON_GetObjectItem(cfg, pairs[i][1])->valuedouble));
+        CHECK(fix_has_uint(&g, pairs[i][0], (uint64_t)cJSON_GetObjectItem(cfg, pairs[i][1])->valuedouble));
     double theta, eps;
     CHECK_OK(gguf_get_float(&g, "qwen2.rope.freq_base", &theta, test_err()));
     CHECK_OK(gguf_get_float(&g, "qwen2.attention.layer_norm_rms_epsilon", &eps, test_err()));
     CHECK(theta == 10000 && eps == (double)1e-6f);
-    CHECK(has_uint(&g, "tokenizer.ggml.bos_token_id", 765) && has_uint(&g, "tokenizer.ggml.eos_token_id", 767));
+    CHECK(fix_has_uint(&g, "tokenizer.ggml.bos_token_id", 765) && fix_has_uint(&g, "tokenizer.ggml.eos_token_id", 767));
     cJSON_Delete(cfg);
     // tokenizer: every token as tokenizer.json writes it, the three specials control, merges in order
-    cJSON *tj = read_json(BASE "/tokenizer.json"), *tc = read_json(BASE "/tokenizer_config.json"), *e;
+    cJSON *tj = fix_read_json(BASE "/tokenizer.json"), *tc = fix_read_json(BASE "/tokenizer_config.json"), *e;
     const struct gguf_kv *toks = gguf_find_kv(&g, "tokenizer.ggml.tokens");
     const struct gguf_kv *types = gguf_find_kv(&g, "tokenizer.ggml.token_type");
     const struct gguf_kv *merges = gguf_find_kv(&g, "tokenizer.ggml.merges");
@@ -1003,12 +515,12 @@ TEST(gguf_convert_base_metadata)
         struct gguf_str s = gguf_arr_str(merges, i++);
         CHECK_MSG(s.n == strlen(want) && !memcmp(s.p, want, s.n), "merge %llu", (unsigned long long)i - 1);
     }
-    CHECK(has_str(&g, "tokenizer.ggml.model", "gpt2") && has_str(&g, "tokenizer.ggml.pre", "qwen2"));
-    CHECK(has_uint(&g, "tokenizer.ggml.padding_token_id", 765)); // pad_token <|endoftext|>
+    CHECK(fix_has_str(&g, "tokenizer.ggml.model", "gpt2") && fix_has_str(&g, "tokenizer.ggml.pre", "qwen2"));
+    CHECK(fix_has_uint(&g, "tokenizer.ggml.padding_token_id", 765)); // pad_token <|endoftext|>
     int add_bos = -1;
     CHECK_OK(gguf_get_bool(&g, "tokenizer.ggml.add_bos_token", &add_bos, test_err()));
     CHECK_INT(add_bos, 0);
-    CHECK(has_str(&g, "tokenizer.chat_template", cJSON_GetObjectItem(tc, "chat_template")->valuestring));
+    CHECK(fix_has_str(&g, "tokenizer.chat_template", cJSON_GetObjectItem(tc, "chat_template")->valuestring));
     cJSON_Delete(tj);
     cJSON_Delete(tc);
     // tensors: llama.cpp's names, ne reversed, f32, tied (no output.weight), data aligned
@@ -1023,21 +535,13 @@ TEST(gguf_convert_base_metadata)
     gguf_close(&g);
 }
 
-/* convert_hf_to_gguf.py's LlamaModel.permute, written out: w.reshape(heads, 2, HS/2, cols)
- * .swapaxes(1, 2).reshape(rows, cols), so the new row (h, j, s) is the old row (h, s, j). */
-static int64_t permuted_src_row(int64_t r, int HS)
-{
-    int64_t h = r / HS, j = (r % HS) / 2, s = r % 2;
-    return h * HS + s * (HS / 2) + j;
-}
-
 TEST(gguf_llama_permutation_and_roundtrip)
 {
     if (!lk_file_exists(BASE "/config.json"))
         SKIP("no %s (run from the repository root)", BASE);
     char dir[600];
     snprintf(dir, sizeof dir, "%s/llama", test_tmpdir());
-    CHECK_INT(make_llama(dir), 0);
+    CHECK_INT(fix_make_llama(dir), 0);
     TMPPATH(out, "llama.gguf");
     CHECK_INT(test_sh("%s convert --model '%s' --out '%s'", test_lorakit(), dir, out), 0);
     CHECK(strstr(test_output(), "llama, 21 tensors") && strstr(test_output(), "tokenizer 'llama-bpe'"));
@@ -1045,16 +549,16 @@ TEST(gguf_llama_permutation_and_roundtrip)
     CHECK_OK(model_load(&m, dir, test_err()));
     struct gguf_file g;
     CHECK_OK(gguf_open(&g, out, test_err()));
-    CHECK(has_uint(&g, "llama.attention.key_length", 32) && has_uint(&g, "llama.rope.dimension_count", 32));
+    CHECK(fix_has_uint(&g, "llama.attention.key_length", 32) && fix_has_uint(&g, "llama.rope.dimension_count", 32));
     CHECK(gguf_find_tensor(&g, "output.weight") != NULL); // untied
     // q (4 heads) and k (2 heads) of layer 1: each row where the index formula puts it
     const struct gguf_tensor *tq = gguf_find_tensor(&g, "blk.1.attn_q.weight"), *tk = gguf_find_tensor(&g, "blk.1.attn_k.weight");
     CHECK(tq && tk && tq->ne[0] == 96 && tq->ne[1] == 128 && tk->ne[1] == 64);
     const float *q = (const float *)tq->data, *k = (const float *)tk->data;
     for (int64_t r = 0; r < 128; r++)
-        CHECK(!memcmp(q + r * 96, m.w.layer[1].wq + permuted_src_row(r, 32) * 96, 96 * sizeof(float)));
+        CHECK(!memcmp(q + r * 96, m.w.layer[1].wq + fix_permuted_src_row(r, 32) * 96, 96 * sizeof(float)));
     for (int64_t r = 0; r < 64; r++)
-        CHECK(!memcmp(k + r * 96, m.w.layer[1].wk + permuted_src_row(r, 32) * 96, 96 * sizeof(float)));
+        CHECK(!memcmp(k + r * 96, m.w.layer[1].wk + fix_permuted_src_row(r, 32) * 96, 96 * sizeof(float)));
     const struct gguf_tensor *tv = gguf_find_tensor(&g, "blk.1.attn_v.weight");
     CHECK(!memcmp(tv->data, m.w.layer[1].wv, 64 * 96 * sizeof(float))); // v is not permuted
     gguf_close(&g);
@@ -1079,42 +583,6 @@ TEST(gguf_llama_permutation_and_roundtrip)
     model_release(&back);
 }
 
-/* The tokenizer rebuilt from a GGUF (gguf_tok_load) against the folder's: the same ids on the
- * texts, the same specials and template. Returns the number of differences. */
-static int tok_roundtrip(const char *dir, const char *gguf, char **texts, int n)
-{
-    struct tok *a = NULL, *b = NULL;
-    struct gguf_file g;
-    struct lk_err err = { 0 };
-    if (tok_load(&a, dir, &err) || gguf_open(&g, gguf, &err)) {
-        fprintf(stderr, "    %s\n", err.msg);
-        tok_free(a);
-        return 1;
-    }
-    int rc = gguf_tok_load(&b, &g, &err), bad = 0;
-    gguf_close(&g);
-    if (rc) {
-        fprintf(stderr, "    gguf_tok_load: %s\n", err.msg);
-        tok_free(a);
-        return 1;
-    }
-    for (int i = 0; i < n; i++) {
-        struct tok_ids x = { 0 }, y = { 0 };
-        tok_encode(a, texts[i], strlen(texts[i]), 1, &x, &err);
-        tok_encode(b, texts[i], strlen(texts[i]), 1, &y, &err);
-        if (x.n != y.n || memcmp(x.v, y.v, x.n * sizeof *x.v))
-            bad += !bad ? fprintf(stderr, "    text %d differs with the tokenizer read back\n", i) > 0 : 1;
-        tok_ids_release(&x);
-        tok_ids_release(&y);
-    }
-    const char *ta = tok_chat_template(a), *tb = tok_chat_template(b);
-    bad += tok_eos(a) != tok_eos(b) || tok_pad(a) != tok_pad(b) || tok_add_bos(a) != tok_add_bos(b);
-    bad += (ta == NULL) != (tb == NULL) || (ta && strcmp(ta, tb));
-    tok_free(a);
-    tok_free(b);
-    return bad;
-}
-
 TEST(gguf_tokenizer_read_back_from_gguf)
 {
     if (!lk_file_exists(BASE "/config.json"))
@@ -1123,11 +591,11 @@ TEST(gguf_tokenizer_read_back_from_gguf)
     TMPPATH(dir, "llama");
     TMPPATH(lout, "llama.gguf");
     CHECK_INT(test_sh("%s convert --model " BASE " --out '%s'", test_lorakit(), out), 0);
-    CHECK_INT(make_llama(dir), 0);
+    CHECK_INT(fix_make_llama(dir), 0);
     CHECK_INT(test_sh("%s convert --model '%s' --out '%s'", test_lorakit(), dir, lout), 0);
-    char **texts = all_texts();
-    int bad = tok_roundtrip(BASE, out, texts, N_TEXTS) + tok_roundtrip(dir, lout, texts, N_TEXTS);
-    free_texts(texts, N_TEXTS, NULL);
+    char **texts = fix_all_texts();
+    int bad = fix_tok_roundtrip(BASE, out, texts, N_TEXTS) + fix_tok_roundtrip(dir, lout, texts, N_TEXTS);
+    fix_free_texts(texts, N_TEXTS, NULL);
     CHECK_INT(bad, 0);
 }
 
@@ -1207,44 +675,6 @@ static int refused(const char *args, const char *out, const char *want)
     return 1;
 }
 
-/* A PEFT adapter for the base model written by hand: rank 2 on every layer's q_proj, plus
- * lora_B biases, an embedding adapter or a modules_to_save lm_head when asked. */
-static int craft_adapter(const char *dir, int bias, int embed, int save_head)
-{
-    static float a[2 * 768], b[256 * 2], bb[256], head[768 * 256];
-    static char names[12][96];
-    for (int i = 0; i < 2 * 768; i++)
-        a[i] = 0.01f * (float)(i % 7);
-    struct st_item it[16];
-    int n = 0;
-    for (int l = 0; l < 4; l++) {
-        static const char *const kinds[3] = { "lora_A.weight", "lora_B.weight", "lora_B.bias" };
-        for (int k = 0; k < (bias ? 3 : 2); k++) {
-            snprintf(names[n], sizeof names[n], "base_model.model.model.layers.%d.self_attn.q_proj.%s", l, kinds[k]);
-            it[n] = k == 0   ? (struct st_item){ names[n], 2, { 2, 256 }, a }
-                    : k == 1 ? (struct st_item){ names[n], 2, { 256, 2 }, b }
-                             : (struct st_item){ names[n], 1, { 256 }, bb };
-            n++;
-        }
-    }
-    if (embed) {
-        it[n++] = (struct st_item){ "base_model.model.model.embed_tokens.lora_embedding_A", 2, { 2, 768 }, a };
-        it[n++] = (struct st_item){ "base_model.model.model.embed_tokens.lora_embedding_B", 2, { 256, 2 }, b };
-    }
-    if (save_head)
-        it[n++] = (struct st_item){ "base_model.model.lm_head.weight", 2, { 768, 256 }, head };
-    char cfg[512], path[700];
-    snprintf(cfg, sizeof cfg, "{\"peft_type\": \"LORA\", \"r\": 2, \"lora_alpha\": 4, \"target_modules\": "
-             "[\"q_proj\"%s], \"lora_bias\": %s, \"modules_to_save\": %s}", embed ? ", \"embed_tokens\"" : "",
-             bias ? "true" : "false", save_head ? "[\"lm_head\"]" : "null");
-    struct lk_err err = { 0 };
-    snprintf(path, sizeof path, "%s/adapter_config.json", dir);
-    if (lk_mkdir_p(dir, &err) || put_file(path, cfg, strlen(cfg)))
-        return -1;
-    snprintf(path, sizeof path, "%s/adapter_model.safetensors", dir);
-    return st_write_f32(path, it, n, TENSOR_F32, &err);
-}
-
 TEST(gguf_convert_refuses_what_gguf_cannot_hold)
 {
     if (!lk_file_exists(BASE "/config.json"))
@@ -1260,7 +690,7 @@ TEST(gguf_convert_refuses_what_gguf_cannot_hold)
                              "\"num_key_value_heads\":2,\"head_dim\":32,\"vocab_size\":768,\"max_position_embeddings\":64,"
                              "\"rms_norm_eps\":1e-6,\"rope_theta\":10000,\"tie_word_embeddings\":true,"
                              "\"torch_dtype\":\"float32\"}";
-    CHECK_INT(put_file(cfg, qj, strlen(qj)), 0);
+    CHECK_INT(fix_put_file(cfg, qj, strlen(qj)), 0);
     CHECK_INT(test_sh("%s init --config '%s' --out '%s'", test_lorakit(), cfg, dir), 0);
     snprintf(args, sizeof args, "--model '%s' --out '%s'", dir, out);
     CHECK(refused(args, out, "llama.cpp's qwen2 loader assumes they are equal"));
@@ -1280,7 +710,7 @@ TEST(gguf_convert_refuses_what_gguf_cannot_hold)
     CHECK(refused(args, out, "ignore_merges is true but llama.cpp's 'qwen2' tokenizer applies merges"));
     // adapters GGUF LoRA cannot express: each named, with the hint to merge
     snprintf(ad, sizeof ad, "%s/dora", t);
-    CHECK_INT(train_adapter(BASE, ad, "--dora --targets q_proj,v_proj"), 0);
+    CHECK_INT(fix_train_adapter(BASE, ad, "--dora --targets q_proj,v_proj"), 0);
     snprintf(args, sizeof args, "--adapter '%s' --model " BASE " --out '%s'", ad, out);
     CHECK(refused(args, out, "a DoRA adapter (use_dora)"));
     CHECK(strstr(test_output(), "hint: merge it instead") != NULL);
@@ -1294,14 +724,14 @@ TEST(gguf_convert_refuses_what_gguf_cannot_hold)
     };
     for (size_t i = 0; i < sizeof crafted / sizeof crafted[0]; i++) {
         snprintf(ad, sizeof ad, "%s/crafted%zu", t, i);
-        CHECK_INT(craft_adapter(ad, crafted[i].bias, crafted[i].embed, crafted[i].head), 0);
+        CHECK_INT(fix_craft_adapter(ad, crafted[i].bias, crafted[i].embed, crafted[i].head), 0);
         snprintf(args, sizeof args, "--adapter '%s' --model " BASE " --out '%s'", ad, out);
         CHECK_MSG(refused(args, out, crafted[i].want), "case %zu", i);
         CHECK(strstr(test_output(), "hint: merge it instead") != NULL);
     }
     // the plain crafted adapter converts (the refusals above are about the extras alone)
     snprintf(ad, sizeof ad, "%s/plain", t);
-    CHECK_INT(craft_adapter(ad, 0, 0, 0), 0);
+    CHECK_INT(fix_craft_adapter(ad, 0, 0, 0), 0);
     CHECK_INT(test_sh("%s convert --adapter '%s' --model " BASE " --out '%s'", test_lorakit(), ad, out), 0);
     CHECK(strstr(test_output(), "GGUF LoRA, 4 modules, alpha 4, f32"));
     CHECK(unlink(out) == 0);
@@ -1310,9 +740,9 @@ TEST(gguf_convert_refuses_what_gguf_cannot_hold)
     CHECK(refused(args, out, "wants f32, f16, bf16 or q8_0"));
     snprintf(args, sizeof args, "--model " BASE " --out '%s/x.bin'", t);
     CHECK(refused(args, out, "must end in .gguf"));
-    CHECK_INT(put_file(out, "keep", 4), 0);
+    CHECK_INT(fix_put_file(out, "keep", 4), 0);
     CHECK(test_sh("%s convert --model " BASE " --out '%s'", test_lorakit(), out) == 1);
-    CHECK(strstr(test_output(), "--overwrite replaces it") && file_size(out) == 4);
+    CHECK(strstr(test_output(), "--overwrite replaces it") && fix_file_size(out) == 4);
 }
 
 TEST(gguf_lorakit_version_matches)
@@ -1332,9 +762,9 @@ TEST(gguf_llama_base_model_f32)
     TMPPATH(out, "base.gguf");
     CHECK_INT(test_sh("%s convert --model " BASE " --out '%s'", test_lorakit(), out), 0);
     double d;
-    CHECK_INT(check_model_in_llama(BASE, out, NULL, NULL, "base model f32", &d), 0);
+    CHECK_INT(fix_check_in_llama(BASE, out, NULL, NULL, "base model f32", &d), 0);
     // llama.cpp's own GGUF parser (readGgufFileInfo) reads the file as ours does
-    cJSON *o = peer(peer_run(out, NULL, NULL, 0, NULL, NULL, 1));
+    cJSON *o = fix_peer(fix_peer_run(out, NULL, NULL, 0, NULL, NULL, 1));
     CHECK(o != NULL);
     const cJSON *info = cJSON_GetObjectItem(o, "info"), *meta = cJSON_GetObjectItem(info, "metadata"), *e;
     struct gguf_file g;
@@ -1364,18 +794,18 @@ TEST(gguf_llama_llama_model_f32)
     NEED_PEER();
     char dir[600];
     snprintf(dir, sizeof dir, "%s/llama", test_tmpdir());
-    CHECK_INT(make_llama(dir), 0);
+    CHECK_INT(fix_make_llama(dir), 0);
     TMPPATH(out, "llama.gguf");
     CHECK_INT(test_sh("%s convert --model '%s' --out '%s'", test_lorakit(), dir, out), 0);
     double d;
-    CHECK_INT(check_model_in_llama(dir, out, NULL, NULL, "llama model f32 (untied, GQA, head_dim 32)", &d), 0);
+    CHECK_INT(fix_check_in_llama(dir, out, NULL, NULL, "llama model f32 (untied, GQA, head_dim 32)", &d), 0);
     // with q/k/v biases (llama.cpp takes them optionally; q and k biases permuted like the rows)
     TMPPATH(bdir, "llama-bias");
     TMPPATH(bout, "llama-bias.gguf");
-    CHECK_INT(make_llama_bias(bdir, 1), 0);
+    CHECK_INT(fix_make_llama_bias(bdir, 1), 0);
     CHECK_INT(test_sh("%s convert --model '%s' --out '%s'", test_lorakit(), bdir, bout), 0);
     CHECK(strstr(test_output(), "llama, 27 tensors") != NULL);
-    CHECK_INT(check_model_in_llama(bdir, bout, NULL, NULL, "llama model f32 with q/k/v biases", &d), 0);
+    CHECK_INT(fix_check_in_llama(bdir, bout, NULL, NULL, "llama model f32 with q/k/v biases", &d), 0);
 }
 
 TEST(gguf_llama_base_model_dtypes)
@@ -1386,32 +816,32 @@ TEST(gguf_llama_base_model_dtypes)
     cJSON *job = cJSON_CreateObject(), *runs = cJSON_AddArrayToObject(job, "runs");
     struct tok *tk = NULL;
     CHECK_OK(tok_load(&tk, BASE, test_err()));
-    char **texts = all_texts();
+    char **texts = fix_all_texts();
     struct tok_ids ids[N_TEXTS] = { 0 };
     for (int i = 0; i < N_TEXTS; i++)
         CHECK_OK(tok_encode(tk, texts[i], strlen(texts[i]), 1, &ids[i], test_err()));
     tok_free(tk);
     int32_t *prompts[NPROMPT], lens[NPROMPT], want[NPROMPT][NGEN];
-    CHECK_INT(pick_prompts(ids, N_TEXTS, prompts, lens), 0);
-    CHECK_INT(lk_greedy(BASE, NULL, prompts, lens, NPROMPT, want), 0);
+    CHECK_INT(fix_pick_prompts(ids, N_TEXTS, prompts, lens), 0);
+    CHECK_INT(fix_lk_greedy(BASE, NULL, prompts, lens, NPROMPT, want), 0);
     int V;
-    double *lp = lk_logprobs(BASE, NULL, prompts, NPROMPT, PLEN, &V);
+    double *lp = fix_lk_logprobs(BASE, NULL, prompts, NPROMPT, PLEN, &V);
     CHECK(lp != NULL);
     for (int i = 0; i < 4; i++) {
         snprintf(paths[i], sizeof paths[i], "%s/base-%s.gguf", test_tmpdir(), dtypes[i]);
         CHECK_INT(test_sh("%s convert --model " BASE " --out '%s' --dtype %s", test_lorakit(), paths[i], dtypes[i]), 0);
-        cJSON_AddItemToArray(runs, peer_run(paths[i], NULL, NULL, 0, prompts, lens, 0));
+        cJSON_AddItemToArray(runs, fix_peer_run(paths[i], NULL, NULL, 0, prompts, lens, 0));
     }
-    cJSON *o = peer(job);
+    cJSON *o = fix_peer(job);
     CHECK(o != NULL);
     long size[4];
     double err[4];
     int same[4];
     for (int i = 0; i < 4; i++) {
         const cJSON *r = cJSON_GetArrayItem(cJSON_GetObjectItem(o, "runs"), i);
-        size[i] = file_size(paths[i]);
-        same[i] = greedy_agree(cJSON_GetObjectItem(r, "generate"), want, NPROMPT, dtypes[i], 0);
-        err[i] = lp_maxdiff(cJSON_GetObjectItem(r, "logprobs"), lp, NPROMPT, V);
+        size[i] = fix_file_size(paths[i]);
+        same[i] = fix_greedy_agree(cJSON_GetObjectItem(r, "generate"), want, NPROMPT, dtypes[i], 0);
+        err[i] = fix_lp_maxdiff(cJSON_GetObjectItem(r, "logprobs"), lp, NPROMPT, V);
         fprintf(stderr, "    base model %-4s: %9ld bytes, greedy %d/%d continuations equal to lorakit f32, "
                         "max |d log-prob| %.3g\n", dtypes[i], size[i], same[i], NPROMPT, err[i]);
     }
@@ -1422,7 +852,7 @@ TEST(gguf_llama_base_model_dtypes)
     CHECK(size[3] < size[1] && size[1] == size[2] && size[1] < size[0]);
     free(lp);
     cJSON_Delete(o);
-    free_texts(texts, N_TEXTS, NULL);
+    fix_free_texts(texts, N_TEXTS, NULL);
     for (int i = 0; i < N_TEXTS; i++)
         tok_ids_release(&ids[i]);
 }
@@ -1446,14 +876,15 @@ static int check_lora(const char *model_dir, const char *adapter, const char *wh
     if (!strstr(test_output(), "per-module scales folded into lora_b") != !folded)
         return -1;
     double d;
-    if (check_model_in_llama(model_dir, base_gguf, adapter, lora_gguf, what, &d))
+    if (fix_check_in_llama(model_dir, base_gguf, adapter, lora_gguf, what, &d))
         return -1;
     // the adapter must matter, or the comparison proves nothing
     int32_t row[PLEN], *rows[1] = { row };
     for (int i = 0; i < PLEN; i++)
         row[i] = 100 + 37 * i;
     int V;
-    double *with = lk_logprobs(model_dir, adapter, rows, 1, PLEN, &V), *without = lk_logprobs(model_dir, NULL, rows, 1, PLEN, &V);
+    double *with = fix_lk_logprobs(model_dir, adapter, rows, 1, PLEN, &V);
+    double *without = fix_lk_logprobs(model_dir, NULL, rows, 1, PLEN, &V);
     double effect = 0;
     for (int v = 0; with && without && v < V; v++)
         effect = fmax(effect, fabs(with[v] - without[v]));
@@ -1469,7 +900,7 @@ TEST(gguf_llama_lora_adapter)
     // rsLoRA and an alpha_pattern: per-module scales llama.cpp does not know, folded into lora_b
     char ad[600];
     snprintf(ad, sizeof ad, "%s/ad", test_tmpdir());
-    CHECK_INT(train_adapter(BASE, ad, "--rslora"), 0);
+    CHECK_INT(fix_train_adapter(BASE, ad, "--rslora"), 0);
     CHECK_INT(test_sh("sed -i 's/\"alpha_pattern\": {}/\"alpha_pattern\": {\"model.layers.1.mlp.down_proj\": 24}/' "
                       "'%s/adapter_config.json' && grep -q down_proj\\\": 24 '%s/adapter_config.json'", ad, ad), 0);
     CHECK_INT(check_lora(BASE, ad, "base + GGUF LoRA (rsLoRA, alpha_pattern)", 1), 0);
@@ -1481,8 +912,8 @@ TEST(gguf_llama_lora_adapter_on_llama)
     char dir[600], ad[600];
     snprintf(dir, sizeof dir, "%s/llama", test_tmpdir());
     snprintf(ad, sizeof ad, "%s/ad", test_tmpdir());
-    CHECK_INT(make_llama(dir), 0);
-    CHECK_INT(train_adapter(dir, ad, ""), 0);
+    CHECK_INT(fix_make_llama(dir), 0);
+    CHECK_INT(fix_train_adapter(dir, ad, ""), 0);
     CHECK_INT(check_lora(dir, ad, "llama + GGUF LoRA (q/k rows of B permuted)", 0), 0);
     // no folding here (alpha / r for every module): lora_b is the adapter's B, rows permuted
     struct lora l = { 0 };
@@ -1491,12 +922,13 @@ TEST(gguf_llama_lora_adapter_on_llama)
     CHECK_OK(lora_load(&l, ad, &c, test_err()));
     struct gguf_file g;
     CHECK_OK(gguf_open(&g, test_path("lora.gguf"), test_err()));
-    CHECK(has_str(&g, "general.type", "adapter") && has_str(&g, "adapter.type", "lora"));
+    CHECK(fix_has_str(&g, "general.type", "adapter") && fix_has_str(&g, "adapter.type", "lora"));
     const struct lora_module *m = lora_find(&l, 1, CFG_K);
     const struct gguf_tensor *tb = gguf_find_tensor(&g, "blk.1.attn_k.weight.lora_b");
     CHECK(m && tb && tb->ne[0] == m->R && tb->ne[1] == m->out);
     for (int64_t r = 0; r < m->out; r++)
-        CHECK(!memcmp((const float *)tb->data + r * m->R, m->B + permuted_src_row(r, 32) * m->R, sizeof(float) * (size_t)m->R));
+        CHECK(!memcmp((const float *)tb->data + r * m->R, m->B + fix_permuted_src_row(r, 32) * m->R,
+                      sizeof(float) * (size_t)m->R));
     double alpha;
     CHECK_OK(gguf_get_float(&g, "adapter.lora.alpha", &alpha, test_err()));
     CHECK(alpha == 8);
@@ -1511,12 +943,12 @@ TEST(gguf_llama_merged_model)
     char ad[600], merged[600];
     snprintf(ad, sizeof ad, "%s/ad", test_tmpdir());
     snprintf(merged, sizeof merged, "%s/merged", test_tmpdir());
-    CHECK_INT(train_adapter(BASE, ad, ""), 0);
+    CHECK_INT(fix_train_adapter(BASE, ad, ""), 0);
     CHECK_INT(test_sh("%s merge --model " BASE " --adapter '%s' --out '%s'", test_lorakit(), ad, merged), 0);
     TMPPATH(out, "merged.gguf");
     CHECK_INT(test_sh("%s convert --model '%s' --out '%s'", test_lorakit(), merged, out), 0);
     double d;
-    CHECK_INT(check_model_in_llama(merged, out, NULL, NULL, "lorakit-merged model f32", &d), 0);
+    CHECK_INT(fix_check_in_llama(merged, out, NULL, NULL, "lorakit-merged model f32", &d), 0);
 }
 
 TEST(gguf_llama_qwen3_tokenizer)
@@ -1524,7 +956,7 @@ TEST(gguf_llama_qwen3_tokenizer)
     const char *tokdir = test_shared("data/tokenizers/qwen3");
     if (!tokdir)
         SKIP("no ../shared/data/tokenizers/qwen3");
-    if (!llama_ready())
+    if (!fix_llama_ready())
         SKIP("node or build/llama (make llama-ref: npm node-llama-cpp 3.21.1) is not there");
     // a one-layer model of Qwen2.5's vocabulary (151,936 rows: the tokenizer's 151,669 ids and
     // [PAD] rows) with the official tokenizer: added tokens special and not, llama.cpp's own vectors
@@ -1536,7 +968,7 @@ TEST(gguf_llama_qwen3_tokenizer)
                              "\"num_key_value_heads\":1,\"vocab_size\":151936,\"max_position_embeddings\":64,"
                              "\"rms_norm_eps\":1e-6,\"rope_theta\":1000000,\"tie_word_embeddings\":true,"
                              "\"torch_dtype\":\"bfloat16\",\"bos_token_id\":151643,\"eos_token_id\":151645}";
-    CHECK_INT(put_file(cfg, qj, strlen(qj)), 0);
+    CHECK_INT(fix_put_file(cfg, qj, strlen(qj)), 0);
     CHECK_INT(test_sh("%s init --config '%s' --out '%s' && cp '%s'/tokenizer*.json '%s'/", test_lorakit(), cfg, dir,
                       tokdir, dir), 0);
     TMPPATH(out, "q.gguf");
@@ -1550,7 +982,7 @@ TEST(gguf_llama_qwen3_tokenizer)
           !memcmp(gguf_arr_str(toks, 151900).p, "[PAD151900]", 11));
     gguf_close(&g);
     // the 140 texts and llama.cpp's test vectors (split at its separator line)
-    char **texts = all_texts(), *vec = NULL;
+    char **texts = fix_all_texts(), *vec = NULL;
     int n = N_TEXTS;
     size_t vn;
     char vpath[700];
@@ -1575,12 +1007,12 @@ TEST(gguf_llama_qwen3_tokenizer)
     for (int i = 0; i < n; i++)
         CHECK_OK(tok_encode(tk, texts[i], strlen(texts[i]), 1, &ids[i], test_err()));
     tok_free(tk);
-    cJSON *o = peer(peer_run(out, NULL, texts, n, NULL, NULL, 0));
+    cJSON *o = fix_peer(fix_peer_run(out, NULL, texts, n, NULL, NULL, 0));
     CHECK(o != NULL);
-    int bad = compare_ids(cJSON_GetObjectItem(o, "tokenize"), texts, ids, n);
+    int bad = fix_compare_ids(cJSON_GetObjectItem(o, "tokenize"), texts, ids, n);
     fprintf(stderr, "    Qwen3 tokenizer in llama.cpp: %d/%d texts tokenized alike\n", n - bad, n);
     cJSON_Delete(o);
-    bad += tok_roundtrip(dir, out, texts, n); // and lorakit reads the tokenizer back from the GGUF
-    free_texts(texts, n, ids);
+    bad += fix_tok_roundtrip(dir, out, texts, n); // and lorakit reads the tokenizer back from the GGUF
+    fix_free_texts(texts, n, ids);
     CHECK_INT(bad, 0);
 }

@@ -29,6 +29,12 @@ int cmd_train(int argc, char **argv);
 
 /* `lorakit info` on a PEFT adapter folder (tools/info_adapter.c): prints, returns the exit status. */
 int info_adapter(const char *dir, int json);
+/* `lorakit info` on a GGUF file (tools/info_gguf.c): prints, returns the exit status. */
+int info_gguf(const char *path, int json);
+/* A model config's fields (transformers' names) added to a JSON object (tools/info.c). */
+struct cJSON;
+struct cfg;
+void info_json_cfg(struct cJSON *o, const struct cfg *c);
 
 /* Data parallelism for cmd_train: bin/lorakit-mpi (mpi/lorakit_mpi.c) points this at its MPI
  * hooks before dispatch; NULL (one process) in bin/lorakit. Borrowed. */

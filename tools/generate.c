@@ -133,7 +133,7 @@ int cmd_generate(int argc, char **argv)
 {
     struct generate_cli c = { .max_new = 256, .seed = 42, .top_p = 1 };
     const struct opt opts[] = {
-        { "model", OPT_STR, &c.model, "DIR", "model folder (config.json, safetensors, tokenizer.json)" },
+        { "model", OPT_STR, &c.model, "DIR", "model folder (config.json, safetensors, tokenizer.json) or .gguf file" },
         { "adapter", OPT_STR, &c.adapter, "DIR", "PEFT LoRA adapter folder to apply" },
         { "prompt", OPT_STR, &c.prompt, "TEXT", "raw text to continue" },
         { "chat", OPT_STR, &c.chat, "TEXT", "a user message, wrapped in the chat template" },
@@ -143,7 +143,7 @@ int cmd_generate(int argc, char **argv)
         { "top-p", OPT_FLOAT, &c.top_p, "P", "nucleus sampling mass in (0, 1] (default 1 = off)" },
         { "seed", OPT_INT, &c.seed, "S", "sampling seed (default 42)" },
         { "template", OPT_STR, &c.tmpl, "NAME", "chat template: chatml, qwen3, qwen3-nothink, llama3, llama3.2, plain (default: from the tokenizer)" },
-        { "tokenizer", OPT_STR, &c.tokdir, "DIR", "tokenizer folder (default: the model folder)" },
+        { "tokenizer", OPT_STR, &c.tokdir, "DIR", "tokenizer folder or .gguf (default: the model's)" },
         { "no-cache", OPT_FLAG, &c.no_cache, NULL, "recompute the whole prefix for every token (slow reference)" },
         { "stats", OPT_FLAG, &c.stats, NULL, "print token counts and tokens/s on stderr" },
         { "threads", OPT_INT, &c.threads, "N", "threads (default: all cores)" },

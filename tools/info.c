@@ -1,7 +1,8 @@
 /*
  * info.c - `lorakit info PATH [--json]`: describe a model folder (config, dtype, parameter
  * count, tensor table, checked against the tensors the config implies), a bare .safetensors
- * file (its validated header), or an adapter folder (tools/info_adapter.c).
+ * file (its validated header), an adapter folder (tools/info_adapter.c), or a GGUF file
+ * (tools/info_gguf.c).
  */
 #include <cJSON.h>
 #include <stdio.h>
@@ -9,6 +10,7 @@
 #include <string.h>
 
 #include "../libcore/cfg.h"
+#include "../libcore/gguf.h"
 #include "../libcore/lk.h"
 #include "../libcore/st.h"
 #include "commands.h"
@@ -20,10 +22,13 @@ static const struct cmd_help info_help = {
     "Describes PATH: a model folder (config.json + model.safetensors or a sharded index):\n"
     "architecture, dimensions, dtype, parameter count and every tensor, checked against the\n"
     "tensors the config implies; a .safetensors file: its header (tensors, dtypes, shapes,\n"
-    "metadata), fully validated; an adapter folder (adapter_config.json). Exits 1 with a\n"
+    "metadata), fully validated; an adapter folder (adapter_config.json); a GGUF file:\n"
+    "architecture and hyper-parameters as lorakit reads them, tokenizer, chat template, every\n"
+    "metadata key and tensor (type, shape), or why lorakit cannot run it. Exits 1 with a\n"
     "message naming the file and tensor when something is malformed.",
     "  lorakit info models/tiny\n"
-    "  lorakit info models/tiny/model.safetensors --json",
+    "  lorakit info models/tiny/model.safetensors --json\n"
+    "  lorakit info med.q8_0.gguf",
 };
 
 static void info_shape(char *buf, size_t n, int ndim, const int64_t *shape)
@@ -44,6 +49,25 @@ static cJSON *info_json_tensor(const struct st_tensor *t)
     for (int d = 0; d < t->ndim; d++)
         cJSON_AddItemToArray(s, cJSON_CreateNumber((double)t->shape[d]));
     return o;
+}
+
+void info_json_cfg(struct cJSON *o, const struct cfg *c)
+{
+    cJSON_AddStringToObject(o, "architecture", c->architecture);
+    cJSON_AddStringToObject(o, "model_type", c->model_type);
+    cJSON_AddNumberToObject(o, "hidden_size", c->hidden_size);
+    cJSON_AddNumberToObject(o, "intermediate_size", c->intermediate_size);
+    cJSON_AddNumberToObject(o, "num_hidden_layers", c->num_hidden_layers);
+    cJSON_AddNumberToObject(o, "num_attention_heads", c->num_attention_heads);
+    cJSON_AddNumberToObject(o, "num_key_value_heads", c->num_key_value_heads);
+    cJSON_AddNumberToObject(o, "head_dim", c->head_dim);
+    cJSON_AddNumberToObject(o, "vocab_size", c->vocab_size);
+    cJSON_AddNumberToObject(o, "max_position_embeddings", c->max_position_embeddings);
+    cJSON_AddNumberToObject(o, "rms_norm_eps", c->rms_norm_eps);
+    cJSON_AddNumberToObject(o, "rope_theta", c->rope_theta);
+    cJSON_AddStringToObject(o, "rope_scaling", cfg_rope_type_name(c->rope_scaling.type));
+    cJSON_AddBoolToObject(o, "tie_word_embeddings", c->tie_word_embeddings);
+    cJSON_AddBoolToObject(o, "attention_bias", c->attention_bias);
 }
 
 static void info_print_json(cJSON *root)
@@ -179,20 +203,7 @@ static int info_model(const char *dir, int json)
         cJSON *root = cJSON_CreateObject();
         cJSON_AddStringToObject(root, "kind", "model");
         cJSON_AddStringToObject(root, "path", dir);
-        cJSON_AddStringToObject(root, "architecture", c.architecture);
-        cJSON_AddStringToObject(root, "model_type", c.model_type);
-        cJSON_AddNumberToObject(root, "hidden_size", c.hidden_size);
-        cJSON_AddNumberToObject(root, "intermediate_size", c.intermediate_size);
-        cJSON_AddNumberToObject(root, "num_hidden_layers", c.num_hidden_layers);
-        cJSON_AddNumberToObject(root, "num_attention_heads", c.num_attention_heads);
-        cJSON_AddNumberToObject(root, "num_key_value_heads", c.num_key_value_heads);
-        cJSON_AddNumberToObject(root, "head_dim", c.head_dim);
-        cJSON_AddNumberToObject(root, "vocab_size", c.vocab_size);
-        cJSON_AddNumberToObject(root, "max_position_embeddings", c.max_position_embeddings);
-        cJSON_AddNumberToObject(root, "rms_norm_eps", c.rms_norm_eps);
-        cJSON_AddNumberToObject(root, "rope_theta", c.rope_theta);
-        cJSON_AddBoolToObject(root, "tie_word_embeddings", c.tie_word_embeddings);
-        cJSON_AddBoolToObject(root, "attention_bias", c.attention_bias);
+        info_json_cfg(root, &c);
         cJSON_AddStringToObject(root, "torch_dtype", c.torch_dtype);
         cJSON_AddStringToObject(root, "dtype", dtype);
         cJSON_AddNumberToObject(root, "parameters", (double)params);
@@ -260,5 +271,5 @@ int cmd_info(int argc, char **argv)
         lk_errf(&err, LK_ERR_MISSING, "%s: no such file or folder", path);
         return lk_cli_fail("info", &err);
     }
-    return info_file(path, json);
+    return gguf_is_file(path) ? info_gguf(path, json) : info_file(path, json);
 }

@@ -78,7 +78,7 @@ int cmd_logits(int argc, char **argv)
     const char *model_dir = NULL, *adapter = NULL, *tokens = NULL, *out = NULL;
     long threads = 0;
     const struct opt opts[] = {
-        { "model", OPT_STR, &model_dir, "DIR", "model folder (config.json + safetensors)" },
+        { "model", OPT_STR, &model_dir, "DIR", "model folder (config.json + safetensors) or .gguf file" },
         { "adapter", OPT_STR, &adapter, "DIR", "PEFT LoRA adapter folder to apply" },
         { "tokens", OPT_STR, &tokens, "IDS", "comma-separated ids; ';' separates sequences" },
         { "out", OPT_STR, &out, "FILE", "output .safetensors file" },

@@ -1,7 +1,8 @@
 /*
  * merge.c - `lorakit merge`: fold one or more LoRA adapters into a model's weights (a plain
- * Hugging Face folder any runtime loads), or combine adapters into one PEFT adapter
- * (--into-adapter, with --portable for runtimes that ignore rsLoRA and per-module alpha).
+ * Hugging Face folder any runtime loads, or one GGUF file for llama.cpp / Ollama when --out
+ * ends in .gguf), or combine adapters into one PEFT adapter (--into-adapter, with --portable
+ * for runtimes that ignore rsLoRA and per-module alpha).
  * Parses flags, calls merge_run (libcore/merge.h), prints, records the run.
  */
 #include <cJSON.h>
@@ -11,6 +12,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "../libcore/gguf.h"
 #include "../libcore/merge.h"
 #include "../libcore/rdb.h"
 #include "../libcore/tensor.h"
@@ -19,7 +21,7 @@
 
 static const struct cmd_help merge_help = {
     "merge",
-    "--model DIR --adapter DIR[:WEIGHT] [--adapter DIR[:WEIGHT] ...] --out DIR [options]",
+    "--model DIR --adapter DIR[:WEIGHT] [--adapter DIR[:WEIGHT] ...] --out DIR|FILE.gguf [options]",
     "Folds LoRA adapters into the base weights and writes a standalone model folder (same\n"
     "shards and index as the base; config.json, generation_config.json and tokenizer files\n"
     "copied). Tensors stream one at a time from the mapped base: each changed tensor is\n"
@@ -37,11 +39,18 @@ static const struct cmd_help merge_help = {
     "modules and no rank/alpha patterns (a single adapter with --into-adapter --portable is\n"
     "the portable export). --verify runs a probe batch through base+adapters and through\n"
     "the merged output and prints the largest logit difference next to the difference\n"
-    "that rounding the exact merged weights to the output dtype alone causes.",
+    "that rounding the exact merged weights to the output dtype alone causes.\n"
+    "An --out ending in .gguf writes one GGUF file for llama.cpp / Ollama instead of a folder\n"
+    "(as lorakit convert writes it: tokenizer and chat template embedded), streaming the merged\n"
+    "tensors the same way; --dtype is then auto (the base's), f32, f16, bf16 or q8_0 for the\n"
+    "matrices (norms and biases stay f32). Every method and option applies except\n"
+    "--into-adapter; with no --adapter the model is converted as it is. --verify reads the\n"
+    "file back and compares as above.",
     "  lorakit merge --model qwen-0.5b --adapter runs/med --out qwen-med --verify\n"
     "  lorakit merge --model base --adapter a:0.7 --adapter b:0.3 --method ties --density 0.5 --out ab\n"
     "  lorakit merge --model base --adapter a --adapter b --method cat --into-adapter --portable --out ab-lora\n"
-    "  lorakit merge --model qwen-med --adapter runs/med --subtract --out qwen-again",
+    "  lorakit merge --model qwen-med --adapter runs/med --subtract --out qwen-again\n"
+    "  lorakit merge --model qwen-0.5b --adapter runs/med --out qwen-med.q8_0.gguf --dtype q8_0 --verify",
 };
 
 /* "DIR" or "DIR:WEIGHT" (the suffix after the last ':' counts when it is a number). */
@@ -80,6 +89,14 @@ static const char *dtype_label(int d)
     return d < 0 ? "as the base" : d == TENSOR_BF16 ? "bf16" : d == TENSOR_F16 ? "f16" : "f32";
 }
 
+/* The output dtype of the options: a safetensors dtype, or a GGUF type for a .gguf out. */
+static const char *opts_dtype_label(const struct merge_opts *o)
+{
+    if (merge_out_is_gguf(o->out))
+        return o->gguf_dtype < 0 ? "as the base" : gguf_ttype_name(o->gguf_dtype);
+    return dtype_label(o->dtype);
+}
+
 /* The run record's parameters and summary (owned by the caller: cJSON_Delete). */
 static cJSON *params_json(const struct merge_opts *o)
 {
@@ -96,7 +113,7 @@ static cJSON *params_json(const struct merge_opts *o)
     cJSON_AddStringToObject(j, "method", merge_method_name(o->method));
     cJSON_AddNumberToObject(j, "density", o->density);
     cJSON_AddNumberToObject(j, "rank", o->rank);
-    cJSON_AddStringToObject(j, "dtype", dtype_label(o->dtype));
+    cJSON_AddStringToObject(j, "dtype", opts_dtype_label(o));
     cJSON_AddNumberToObject(j, "seed", (double)o->seed);
     cJSON_AddBoolToObject(j, "subtract", o->subtract);
     cJSON_AddBoolToObject(j, "into_adapter", o->into_adapter);
@@ -115,6 +132,10 @@ static cJSON *summary_json(const struct merge_report *r)
     cJSON_AddBoolToObject(j, "untied", r->untied);
     cJSON_AddNumberToObject(j, "rank", r->rank);
     cJSON_AddNumberToObject(j, "seconds", lk_cli_round(r->seconds, "%.3f"));
+    if (r->gguf_dtype >= 0) {
+        cJSON_AddStringToObject(j, "gguf_dtype", gguf_ttype_name(r->gguf_dtype));
+        cJSON_AddNumberToObject(j, "bytes", (double)r->bytes);
+    }
     if (r->verified) {
         cJSON *v = cJSON_AddObjectToObject(j, "verify");
         cJSON_AddStringToObject(v, "reference", r->verify_ref);
@@ -134,6 +155,11 @@ static void print_report(const struct merge_opts *o, const struct merge_report *
     if (o->into_adapter)
         printf("wrote %s: one adapter (%s of %d), r %d over %d modules%s\n", o->out, merge_method_name(o->method),
                o->n_adapters, rep->rank, rep->n_tensors, o->portable ? ", portable (alpha = r, no patterns)" : "");
+    else if (rep->gguf_dtype >= 0)
+        printf("wrote %s: one GGUF file, %d tensors (%d merged in float32, %d read as they are), %s, %.2f MB, "
+               "%.2f s%s\n", o->out, rep->n_tensors, rep->n_changed, rep->n_copied, gguf_ttype_name(rep->gguf_dtype),
+               (double)rep->bytes / 1e6, rep->seconds, rep->n_f32_fallback ? " (some matrices kept f32: rows not "
+               "a multiple of 32, the q8_0 block)" : "");
     else
         printf("wrote %s: %d tensors (%d merged in float32, %d copied), %d shard%s, dtype %s, %.2f s\n", o->out,
                rep->n_tensors, rep->n_changed, rep->n_copied, rep->n_shards, rep->n_shards == 1 ? "" : "s",
@@ -155,16 +181,21 @@ struct merge_cli {
 /* The flags, checked together, into o (adapter folders with a weight suffix go to owned). */
 static int merge_opts_from_cli(const struct merge_cli *c, struct merge_opts *o, char **owned, struct lk_err *err)
 {
-    if (!c->model || !c->out || !c->adapters.n)
-        return lk_errf(err, LK_ERR_USAGE, "--model, --adapter and --out are required (see --help)");
+    int gguf = c->out && merge_out_is_gguf(c->out);
+    if (!c->model || !c->out || (!c->adapters.n && !gguf))
+        return lk_errf(err, LK_ERR_USAGE, "--model, --adapter and --out are required (see --help; with no "
+                       "--adapter, an --out FILE.gguf converts the model as it is)");
     if (c->adapters.n > MERGE_MAX_ADAPTERS)
         return lk_errf(err, LK_ERR_USAGE, "at most %d adapters", MERGE_MAX_ADAPTERS);
     if (c->method && merge_method_parse(c->method) < 0)
         return lk_errf(err, LK_ERR_USAGE, "unknown --method '%s' (linear, cat, svd, ties, dare_linear, dare_ties)",
                        c->method);
-    if (c->dtype && strcmp(c->dtype, "auto") && strcmp(c->dtype, "bf16") && strcmp(c->dtype, "f16") &&
-        strcmp(c->dtype, "f32"))
-        return lk_errf(err, LK_ERR_USAGE, "option '--dtype' wants auto, bf16, f16 or f32, got '%s'", c->dtype);
+    int gtype = c->dtype && strcmp(c->dtype, "auto") ? gguf_ttype_parse(c->dtype) : -1;
+    if (c->dtype && strcmp(c->dtype, "auto") && gtype < 0)
+        return lk_errf(err, LK_ERR_USAGE, "option '--dtype' wants auto, bf16, f16 or f32 (or q8_0 for a .gguf "
+                       "--out), got '%s'", c->dtype);
+    if (gtype == GGUF_T_Q8_0 && !gguf)
+        return lk_errf(err, LK_ERR_USAGE, "--dtype q8_0 is a GGUF type: give --out FILE.gguf");
     if (c->has_density && !(c->density > 0 && c->density <= 1))
         return lk_errf(err, LK_ERR_USAGE, "option '--density' must be in (0, 1]");
     if (c->rank < 0 || c->rank > 1 << 20 || c->seed < 0)
@@ -174,9 +205,11 @@ static int merge_opts_from_cli(const struct merge_cli *c, struct merge_opts *o, 
     memset(o, 0, sizeof *o);
     o->model = c->model;
     o->out = c->out;
-    o->dtype = -1;
-    if (c->dtype && strcmp(c->dtype, "auto"))
-        o->dtype = !strcmp(c->dtype, "bf16") ? TENSOR_BF16 : !strcmp(c->dtype, "f16") ? TENSOR_F16 : TENSOR_F32;
+    o->dtype = o->gguf_dtype = -1;
+    if (gguf)
+        o->gguf_dtype = gtype;
+    else if (gtype >= 0)
+        o->dtype = gtype == GGUF_T_BF16 ? TENSOR_BF16 : gtype == GGUF_T_F16 ? TENSOR_F16 : TENSOR_F32;
     o->verify = c->verify;
     o->into_adapter = c->into;
     o->portable = c->portable;
@@ -200,17 +233,17 @@ int cmd_merge(int argc, char **argv)
     const struct opt opts[] = {
         { "model", OPT_STR, &c.model, "DIR", "base model folder (config.json + safetensors)" },
         { "adapter", OPT_LIST, &c.adapters, "DIR[:W]", "PEFT adapter folder, optional weight (default 1); repeatable" },
-        { "out", OPT_STR, &c.out, "DIR", "output folder (a model, or an adapter with --into-adapter)" },
+        { "out", OPT_STR, &c.out, "DIR", "output folder (a model, or an adapter with --into-adapter), or FILE.gguf" },
         { "method", OPT_STR, &c.method, "M", "linear (default), cat, svd, ties, dare_linear, dare_ties" },
         { "density", OPT_FLOAT, &c.density, "D", "ties/dare: fraction of each change kept, in (0, 1]" },
         { "rank", OPT_INT, &c.rank, "R", "svd: rank of the truncation (default: the largest adapter rank)" },
-        { "dtype", OPT_STR, &c.dtype, "T", "auto (the base's, default), bf16, f16 or f32" },
+        { "dtype", OPT_STR, &c.dtype, "T", "auto (the base's, default), bf16, f16, f32; q8_0 for a .gguf" },
         { "seed", OPT_INT, &c.seed, "S", "dare: seed of the random drop (default 0)" },
         { "verify", OPT_FLAG, &c.verify, NULL, "compare logits of the output with base+adapters" },
         { "into-adapter", OPT_FLAG, &c.into, NULL, "write one PEFT adapter (cat, svd), not a model" },
         { "portable", OPT_FLAG, &c.portable, NULL, "with --into-adapter: scale in B, alpha = r, no patterns" },
         { "subtract", OPT_FLAG, &c.subtract, NULL, "remove the adapters from a merged model (W - s B A)" },
-        { "overwrite", OPT_FLAG, &c.overwrite, NULL, "replace an existing non-empty --out folder" },
+        { "overwrite", OPT_FLAG, &c.overwrite, NULL, "replace an existing non-empty --out folder or .gguf file" },
         { "runs", OPT_STR, &c.runs, "DB", "record the merge in this runs database" },
         { "threads", OPT_INT, &c.threads, "N", "threads (default: all cores)" },
         { 0 },

@@ -133,7 +133,7 @@ int cmd_tokenize(int argc, char **argv)
 {
     struct tokenize_opts o = { 0 };
     const struct opt opts[] = {
-        { "tokenizer", OPT_STR, &o.tokenizer, "DIR", "folder with tokenizer.json (or the file itself)" },
+        { "tokenizer", OPT_STR, &o.tokenizer, "DIR", "folder with tokenizer.json (or the file itself, or a .gguf)" },
         { "text", OPT_STR, &o.text, "S", "the input text (or ids with --decode, a record with --template)" },
         { "file", OPT_STR, &o.file, "F", "read the input from a file instead" },
         { "json", OPT_FLAG, &o.json, NULL, "print JSON (a list of ids; input_ids and labels)" },

@@ -1,12 +1,16 @@
 /* fuzz_gguf.c - the GGUF reader on a buffer (gguf_open_buffer): header counts, strings, value
  * types, arrays, tensor infos, offsets; then every value and string element read back, the
- * typed getters on the keys lorakit uses, and every small tensor converted to float32. */
+ * typed getters on the keys lorakit uses, every small tensor converted to float32, the model
+ * config read from the metadata and checked against the tensors (gguf_model_cfg: architectures,
+ * head sizes, rope scaling, rope_freqs), and the tokenizer rebuilt from it (gguf_tok_load). */
 #include "fuzz_util.h"
 
 #include "../../libcore/gguf.h"
+#include "../../libcore/tok.h"
 
 static const char *const keys[] = { "general.architecture", "general.alignment", "qwen2.block_count",
-                                    "llama.rope.freq_base", "tokenizer.ggml.add_bos_token", "tokenizer.ggml.tokens" };
+                                    "llama.rope.freq_base", "tokenizer.ggml.add_bos_token", "tokenizer.ggml.tokens",
+                                    "lorakit.rope_scaling.factor", "qwen3.attention.key_length" };
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
@@ -69,6 +73,15 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         fz_check_err(gguf_tensor_rows_f32(&f, t, 0, (int64_t)(t->numel / (size_t)t->ne[0]), out, &e2), &e2);
         free(out);
     }
+    struct cfg c;
+    struct lk_err e3 = { 0 };
+    fz_check_err(gguf_model_cfg(&f, &c, NULL, NULL, &e3), &e3);
+    cfg_release(&c);
+    struct tok *tk = NULL;
+    e3 = (struct lk_err){ 0 };
+    if (gguf_find_kv(&f, "tokenizer.ggml.model"))
+        fz_check_err(gguf_tok_load(&tk, &f, &e3), &e3);
+    tok_free(tk);
     (void)sink;
     gguf_close(&f);
     return 0;

@@ -69,7 +69,14 @@ cat > "$W/qg.json" <<'J'
 {"architectures":["Qwen2ForCausalLM"],"model_type":"qwen2","hidden_size":32,"intermediate_size":32,"num_hidden_layers":1,"num_attention_heads":2,"num_key_value_heads":1,"vocab_size":320,"max_position_embeddings":64,"rms_norm_eps":1e-6,"rope_theta":10000,"tie_word_embeddings":true,"torch_dtype":"float32"}
 J
 sed 's/Qwen2ForCausalLM/LlamaForCausalLM/; s/"qwen2"/"llama"/; s/"tie_word_embeddings":true/"tie_word_embeddings":false/' "$W/qg.json" > "$W/lg.json"
-for m in qg lg; do
+# and a Qwen3 (head_dim 32 != 32 / 2 heads, q/k norms) and a Llama with llama3 rope scaling
+# (rope_freqs, lorakit.rope_scaling.*) and one with linear scaling
+cat > "$W/q3g.json" <<'J'
+{"architectures":["Qwen3ForCausalLM"],"model_type":"qwen3","hidden_size":32,"intermediate_size":32,"num_hidden_layers":1,"num_attention_heads":2,"num_key_value_heads":1,"head_dim":32,"vocab_size":320,"max_position_embeddings":64,"rms_norm_eps":1e-6,"rope_theta":1000000,"tie_word_embeddings":true,"torch_dtype":"float32"}
+J
+sed 's/"tie_word_embeddings":false/"tie_word_embeddings":true,"rope_theta":500000,"rope_scaling":{"rope_type":"llama3","factor":32,"low_freq_factor":1,"high_freq_factor":4,"original_max_position_embeddings":16}/; s/"rope_theta":10000,//' "$W/lg.json" > "$W/l3g.json"
+sed 's/"tie_word_embeddings":false/"rope_scaling":{"rope_type":"linear","factor":2},"tie_word_embeddings":false/' "$W/lg.json" > "$W/llg.json"
+for m in qg lg q3g l3g llg; do
   "$LK" init --config "$W/$m.json" --out "$W/$m" >/dev/null && cp "$W"/tok/tokenizer*.json "$W/$m/"
   "$LK" convert --model "$W/$m" --out "$OUT/fuzz_gguf/seed-$m-f16.gguf" --dtype f16 >/dev/null
   "$LK" convert --model "$W/$m" --out "$OUT/fuzz_gguf/seed-$m-q8_0.gguf" --dtype q8_0 >/dev/null
