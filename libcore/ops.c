@@ -2,13 +2,22 @@
  * ops.c - transformer kernels: linear (cblas_sgemm), RMSNorm, rotary embedding, causal
  * grouped-query attention, SwiGLU, cross-entropy, each with its backward. Float32 storage;
  * reductions in double where they feed a normaliser or a loss. Backward kernels accumulate.
- * Linears and attention are GEMMs through OpenBLAS, which brings its own threads.
+ * Linears and attention are GEMMs through OpenBLAS, called single-threaded: the kernels share
+ * the threads themselves (ops.h), and the linears on weight matrices are in ops_mat.c.
  */
 #include "ops.h"
 
 #include <cblas.h>
 #include <math.h>
+#include <omp.h>
 #include <string.h>
+
+/* Threads for an elementwise or row-wise kernel over n values: below ~16K values the wake-up of
+ * a second thread costs more than it saves. */
+static int team_for(size_t n)
+{
+    return n < ((size_t)1 << 14) ? 1 : op_team();
+}
 
 // ---- linear ----
 
@@ -68,6 +77,8 @@ void op_matmul_forward_naive(float *out, const float *inp, const float *w, const
 void op_rmsnorm_forward(float *out, float *rstd, const float *inp, const float *w, int N, int C,
                         float eps)
 {
+    int nt = team_for((size_t)N * C);
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
     for (int n = 0; n < N; n++) {
         const float *x = inp + (size_t)n * C;
         float *y = out + (size_t)n * C;
@@ -87,6 +98,9 @@ void op_rmsnorm_backward(float *dinp, float *dw, const float *dout, const float 
 {
     // forward was: y[i] = x[i] * r * w[i], r = (mean(x^2) + eps)^(-1/2)
     // so: dw[i] += dy[i] * x[i] * r; dx[j] = r * w[j] dy[j] - (r^3 / C) x[j] sum_i dy[i] w[i] x[i]
+    // (rows on several threads only without dw, which every row adds into)
+    int nt = dw ? 1 : team_for((size_t)N * C);
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
     for (int n = 0; n < N; n++) {
         const float *x = inp + (size_t)n * C, *dy = dout + (size_t)n * C;
         float r = rstd[n];
@@ -147,7 +161,8 @@ void op_rope_inv_freq_llama3(float *inv_freq, int n, double factor, double low_f
 static void rope_rotate(float *x, const int *pos, const float *inv_freq, int N, int H, int HS,
                         float sign)
 {
-    int half = HS / 2;
+    int half = HS / 2, nt = team_for((size_t)N * H * HS);
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
     for (int n = 0; n < N; n++) {
         float p = (float)pos[n];
         for (int i = 0; i < half; i++) {
@@ -179,12 +194,15 @@ void op_rope_backward(float *dx, const int *pos, const float *inv_freq, int N, i
 
 /* Each (batch, head) is three GEMMs on strided views of q, k, v (lda = NH*HS or NKV*HS):
  * S = q k^T (the full T x T, the upper triangle then masked), P = softmax(S * scale) in place,
- * out = P v. OpenBLAS threads the GEMMs; the (b, h) loop is serial. */
+ * out = P v. The (b, h) pairs are spread over the threads, each running single-threaded GEMMs. */
 void op_attention_forward(float *out, float *att, const float *q, const float *k, const float *v,
                           const int *seg, int B, int T, int NH, int NKV, int HS)
 {
     int group = NH / NKV, Q = NH * HS, KV = NKV * HS;
     float scale = 1.0f / sqrtf((float)HS);
+    int nt = team_for((size_t)B * NH * T * T);
+    int prev = op_blas_serial_begin(nt);
+#pragma omp parallel for collapse(2) num_threads(nt) schedule(static) if (nt > 1)
     for (int b = 0; b < B; b++)
         for (int h = 0; h < NH; h++) {
             int kh = h / group;
@@ -221,18 +239,24 @@ void op_attention_forward(float *out, float *att, const float *q, const float *k
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, HS, T, 1.0f, P, T, vb, KV, 0.0f,
                         out + (size_t)b * T * Q + (size_t)h * HS, Q);
         }
+    op_blas_serial_end(prev);
 }
 
 void op_attention_backward(float *dq, float *dk, float *dv, const float *dout, const float *att,
                            const float *q, const float *k, const float *v, int B, int T, int NH,
-                           int NKV, int HS, float *scratch)
+                           int NKV, int HS, float *scratch, int nscratch)
 {
     int group = NH / NKV, Q = NH * HS, KV = NKV * HS;
     float scale = 1.0f / sqrtf((float)HS);
-    float *dP = scratch; // [T, T]
-    for (int b = 0; b < B; b++)
-        for (int h = 0; h < NH; h++) {
-            int kh = h / group;
+    int nt = team_for((size_t)B * NH * T * T);
+    if (nt > nscratch)
+        nt = nscratch;
+    int prev = op_blas_serial_begin(nt);
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
+    for (int bk = 0; bk < B * NKV; bk++)
+        for (int h = (bk % NKV) * group; h < (bk % NKV + 1) * group; h++) {
+            int b = bk / NKV, kh = bk % NKV;
+            float *dP = scratch + (size_t)omp_get_thread_num() * T * T; // [T, T]
             size_t qo = (size_t)b * T * Q + (size_t)h * HS, ko = (size_t)b * T * KV + (size_t)kh * HS;
             const float *P = att + ((size_t)b * NH + h) * T * T;
             // forward 3: out = P v      => dP = dout v^T;  dv += P^T dout
@@ -258,12 +282,25 @@ void op_attention_backward(float *dq, float *dk, float *dv, const float *dout, c
             cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, T, HS, T, 1.0f, dP, T, q + qo, Q, 1.0f,
                         dk + ko, KV);
         }
+    op_blas_serial_end(prev);
+}
+
+// ---- residual ----
+
+void op_add(float *dst, const float *src, size_t n)
+{
+    int nt = team_for(n);
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
+    for (size_t i = 0; i < n; i++)
+        dst[i] += src[i];
 }
 
 // ---- SwiGLU ----
 
 void op_swiglu_forward(float *out, const float *gate, const float *up, size_t n)
 {
+    int nt = team_for(n);
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
     for (size_t i = 0; i < n; i++) {
         float g = gate[i];
         out[i] = g / (1.0f + expf(-g)) * up[i];
@@ -274,6 +311,8 @@ void op_swiglu_backward(float *dgate, float *dup, const float *dout, const float
                         const float *up, size_t n)
 {
     // forward was: out = silu(g) * u, silu(g) = g * sig(g), silu'(g) = sig(g) (1 + g (1 - sig(g)))
+    int nt = team_for(n);
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
     for (size_t i = 0; i < n; i++) {
         float g = gate[i];
         float sg = 1.0f / (1.0f + expf(-g));
@@ -285,44 +324,62 @@ void op_swiglu_backward(float *dgate, float *dup, const float *dout, const float
 
 // ---- cross-entropy ----
 
+/* One row's -log p(target); dx (may alias x, may be NULL) as op_crossentropy_forward_backward. */
+static double crossentropy_row(float *dx, const float *x, int y, int V, float scale)
+{
+    if (y < 0) {
+        if (dx)
+            memset(dx, 0, sizeof(float) * (size_t)V);
+        return 0.0;
+    }
+    float mx = x[0], xy = x[y]; // read before dx (which may alias x) is written
+    for (int i = 1; i < V; i++)
+        if (x[i] > mx)
+            mx = x[i];
+    // exp in float (each term is in (0, 1]); the sum and the log in double
+    double sum = 0;
+    if (dx) {
+        for (int i = 0; i < V; i++) {
+            float e = expf(x[i] - mx);
+            dx[i] = e;
+            sum += e;
+        }
+    } else {
+        for (int i = 0; i < V; i++)
+            sum += expf(x[i] - mx);
+    }
+    double lse = mx + log(sum);
+    if (dx) {
+        // loss = lse - x[y]  =>  dx[i] = softmax(x)[i] - [i == y]
+        float inv = (float)(scale / sum);
+        for (int i = 0; i < V; i++)
+            dx[i] *= inv;
+        dx[y] -= scale;
+    }
+    return lse - xy;
+}
+
 double op_crossentropy_forward_backward(float *dlogits, const float *logits, const int *targets,
                                         int N, int V, float scale)
 {
-    double total = 0;
-    for (int n = 0; n < N; n++) {
-        const float *x = logits + (size_t)n * V;
-        float *dx = dlogits ? dlogits + (size_t)n * V : NULL;
-        int y = targets[n];
-        if (y < 0) {
-            if (dx)
-                memset(dx, 0, sizeof(float) * (size_t)V);
-            continue;
-        }
-        float mx = x[0], xy = x[y]; // read before dx (which may alias x) is written
-        for (int i = 1; i < V; i++)
-            if (x[i] > mx)
-                mx = x[i];
-        // exp in float (each term is in (0, 1]); the sum and the log in double
-        double sum = 0;
-        if (dx) {
-            for (int i = 0; i < V; i++) {
-                float e = expf(x[i] - mx);
-                dx[i] = e;
-                sum += e;
-            }
-        } else {
-            for (int i = 0; i < V; i++)
-                sum += expf(x[i] - mx);
-        }
-        double lse = mx + log(sum);
-        total += lse - xy;
-        if (dx) {
-            // loss = lse - x[y]  =>  dx[i] = softmax(x)[i] - [i == y]
-            float inv = (float)(scale / sum);
-            for (int i = 0; i < V; i++)
-                dx[i] *= inv;
-            dx[y] -= scale;
-        }
+    // contiguous blocks of rows per thread, their sums added in thread order: deterministic
+    enum { MAXT = 64 };
+    double part[MAXT] = { 0 };
+    int nt = team_for((size_t)N * V);
+    if (nt > MAXT)
+        nt = MAXT;
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        int t = omp_get_thread_num(), n = omp_get_num_threads();
+        int r0 = (int)((long)N * t / n), r1 = (int)((long)N * (t + 1) / n);
+        double s = 0;
+        for (int r = r0; r < r1; r++)
+            s += crossentropy_row(dlogits ? dlogits + (size_t)r * V : NULL, logits + (size_t)r * V, targets[r], V,
+                                  scale);
+        part[t] = s;
     }
+    double total = 0;
+    for (int t = 0; t < nt; t++)
+        total += part[t];
     return total;
 }

@@ -490,7 +490,7 @@ TEST(lora_roundtrip_dora_embedding_and_modules_to_save)
     CHECK(model_forward(&m, &l2, tok, NULL, NULL, NULL, 0, NULL, test_err()) == LK_ERR_USAGE);
     CHECK_OK(model_apply_extras(&m, &l2, test_err()));
     CHECK_OK(model_forward(&m, &l2, tok, NULL, NULL, NULL, 0, NULL, test_err()));
-    CHECK(memcmp(m.w.lm_head, l.extra[0].data, sizeof(float) * (size_t)c.vocab_size * c.hidden_size) == 0);
+    CHECK(memcmp(m.w.lm_head.f, l.extra[0].data, sizeof(float) * (size_t)c.vocab_size * c.hidden_size) == 0);
     free(buf);
     lora_release(&l);
     lora_release(&l2);

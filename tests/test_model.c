@@ -561,7 +561,7 @@ TEST(model_qk_norm_changes_the_logits)
     CHECK_OK(model_forward(&m, NULL, tok, NULL, NULL, NULL, 0, NULL, test_err()));
     memcpy(a, model_logits(&m), sizeof(float) * n);
     for (int i = 0; i < c.num_attention_heads * c.head_dim * c.hidden_size; i++)
-        m.w.layer[0].wq[i] *= 3.0f;
+        m.w.layer[0].wq.f[i] *= 3.0f;
     CHECK_OK(model_forward(&m, NULL, tok, NULL, NULL, NULL, 0, NULL, test_err()));
     double d = 0;
     for (size_t i = 0; i < n; i++)

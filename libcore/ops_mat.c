@@ -1,0 +1,440 @@
+/*
+ * ops_mat.c - the linears on frozen weight matrices (struct op_mat, ops.h): float32, or bf16 /
+ * f16 kept as the file stores them and widened to float32 inside the kernel.
+ *
+ * Three kernels, each with a plain reference beside it:
+ * - the fused GEMV (one token: decoding): each weight is read once, widened in registers and
+ *   multiplied into four row sums at a time; the rows are split over the threads;
+ * - the forward of N rows: tiles of rows of the weight are widened into a scratch buffer (a
+ *   float32 weight is used in place) and each tile is one sgemm, the tiles spread over the
+ *   threads (each writes its own output columns);
+ * - the input gradient: tiles of columns (each thread its own dinp columns) or, when the
+ *   matrix is so tall that a column tile would be a sliver (lm_head), tiles of rows whose
+ *   products the threads add into their own rows of dinp.
+ * Threads: one OpenMP team (op_team(): 1 inside a model lane, which already has its thread);
+ * OpenBLAS is called single-threaded from it (op_blas_serial_begin). A tile's arithmetic does
+ * not depend on which thread computes it.
+ *
+ * SIMD: AVX2 + FMA + F16C through __attribute__((target)) with a run-time check
+ * (__builtin_cpu_supports), since the build has no -march; plain C otherwise or when op_simd is 0.
+ */
+#include "ops.h"
+
+#include <cblas.h>
+#include <omp.h>
+#include <string.h>
+
+#include "lk.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define OP_X86 1
+#include <immintrin.h>
+#define OP_AVX2 __attribute__((target("avx2,fma,f16c")))
+#endif
+
+int op_simd = 1;
+
+int op_simd_active(void)
+{
+#ifdef OP_X86
+    return op_simd && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("f16c");
+#else
+    return 0;
+#endif
+}
+
+int op_team(void)
+{
+    return omp_in_parallel() ? 1 : omp_get_max_threads();
+}
+
+int op_blas_serial_begin(int nt)
+{
+    if (nt <= 1)
+        return 0;
+    int prev = openblas_get_num_threads();
+    if (prev > 1)
+        openblas_set_num_threads(1);
+    return prev;
+}
+
+void op_blas_serial_end(int prev)
+{
+    if (prev > 1)
+        openblas_set_num_threads(prev);
+}
+
+// ---- widening ----
+
+static inline float bf16_f32(uint16_t h)
+{
+    uint32_t u = (uint32_t)h << 16; // bf16 is the high half of a float32: exact
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline float half_f32(uint16_t h, int dtype)
+{
+    return dtype == TENSOR_BF16 ? bf16_f32(h) : tensor_f16_to_f32(h);
+}
+
+static void widen_plain(float *dst, const uint16_t *src, size_t n, int dtype)
+{
+    if (dtype == TENSOR_BF16)
+        for (size_t i = 0; i < n; i++)
+            dst[i] = bf16_f32(src[i]);
+    else
+        for (size_t i = 0; i < n; i++)
+            dst[i] = tensor_f16_to_f32(src[i]);
+}
+
+#ifdef OP_X86
+OP_AVX2 static inline __m256 load8_bf16(const uint16_t *p)
+{
+    __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(const void *)p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+}
+
+OP_AVX2 static inline __m256 load8_f16(const uint16_t *p)
+{
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)p));
+}
+
+OP_AVX2 static void widen_avx2(float *dst, const uint16_t *src, size_t n, int dtype)
+{
+    size_t i = 0;
+    if (dtype == TENSOR_BF16)
+        for (; i + 8 <= n; i += 8)
+            _mm256_storeu_ps(dst + i, load8_bf16(src + i));
+    else
+        for (; i + 8 <= n; i += 8)
+            _mm256_storeu_ps(dst + i, load8_f16(src + i));
+    widen_plain(dst + i, src + i, n - i, dtype);
+}
+#endif
+
+static void widen(float *dst, const uint16_t *src, size_t n, int dtype)
+{
+#ifdef OP_X86
+    if (op_simd_active()) {
+        widen_avx2(dst, src, n, dtype);
+        return;
+    }
+#endif
+    widen_plain(dst, src, n, dtype);
+}
+
+void op_mat_widen(float *dst, const struct op_mat *w, int cols, int r0, int r1, int c0, int c1)
+{
+    size_t n = (size_t)(c1 - c0);
+    for (int r = r0; r < r1; r++) {
+        float *d = dst + (size_t)(r - r0) * n;
+        size_t off = (size_t)r * cols + (size_t)c0;
+        if (w->dtype == TENSOR_F32)
+            memcpy(d, w->f + off, sizeof(float) * n);
+        else
+            widen(d, w->h + off, n, w->dtype);
+    }
+}
+
+// ---- GEMV: one row of input ----
+
+/* out[r] = W[r, :] . x (+ bias[r]) for rows [r0, r1), four partial sums per row. */
+static void gemv_rows_plain(float *out, const uint16_t *W, int dtype, const float *x, const float *bias,
+                            int r0, int r1, int IC)
+{
+    for (int r = r0; r < r1; r++) {
+        const uint16_t *row = W + (size_t)r * IC;
+        float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+        int i = 0;
+        for (; i + 4 <= IC; i += 4) {
+            s0 += half_f32(row[i], dtype) * x[i];
+            s1 += half_f32(row[i + 1], dtype) * x[i + 1];
+            s2 += half_f32(row[i + 2], dtype) * x[i + 2];
+            s3 += half_f32(row[i + 3], dtype) * x[i + 3];
+        }
+        for (; i < IC; i++)
+            s0 += half_f32(row[i], dtype) * x[i];
+        out[r] = ((s0 + s1) + (s2 + s3)) + (bias ? bias[r] : 0.0f);
+    }
+}
+
+#ifdef OP_X86
+OP_AVX2 static inline float hsum8(__m256 v)
+{
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* Four rows at a time share each load of x; each weight is widened in a register and used once.
+ * The tail columns (IC % 8) and rows (% 4) take the plain path's arithmetic. */
+#define GEMV_AVX2(NAME, LOAD8, DT)                                                                      \
+    OP_AVX2 static void NAME(float *out, const uint16_t *W, const float *x, const float *bias, int r0,  \
+                             int r1, int IC)                                                            \
+    {                                                                                                   \
+        int r = r0, i8 = IC & ~7;                                                                       \
+        for (; r + 4 <= r1; r += 4) {                                                                   \
+            const uint16_t *w0 = W + (size_t)r * IC, *w1 = w0 + IC, *w2 = w1 + IC, *w3 = w2 + IC;      \
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                 \
+            for (int i = 0; i < i8; i += 8) {                                                           \
+                __m256 xv = _mm256_loadu_ps(x + i);                                                     \
+                a0 = _mm256_fmadd_ps(LOAD8(w0 + i), xv, a0);                                            \
+                a1 = _mm256_fmadd_ps(LOAD8(w1 + i), xv, a1);                                            \
+                a2 = _mm256_fmadd_ps(LOAD8(w2 + i), xv, a2);                                            \
+                a3 = _mm256_fmadd_ps(LOAD8(w3 + i), xv, a3);                                            \
+            }                                                                                           \
+            float s[4] = { hsum8(a0), hsum8(a1), hsum8(a2), hsum8(a3) };                                \
+            const uint16_t *wr[4] = { w0, w1, w2, w3 };                                                 \
+            for (int k = 0; k < 4; k++) {                                                               \
+                for (int i = i8; i < IC; i++)                                                           \
+                    s[k] += half_f32(wr[k][i], DT) * x[i];                                              \
+                out[r + k] = s[k] + (bias ? bias[r + k] : 0.0f);                                        \
+            }                                                                                           \
+        }                                                                                               \
+        for (; r < r1; r++) {                                                                           \
+            const uint16_t *w0 = W + (size_t)r * IC;                                                    \
+            __m256 a0 = _mm256_setzero_ps();                                                            \
+            for (int i = 0; i < i8; i += 8)                                                             \
+                a0 = _mm256_fmadd_ps(LOAD8(w0 + i), _mm256_loadu_ps(x + i), a0);                        \
+            float s = hsum8(a0);                                                                        \
+            for (int i = i8; i < IC; i++)                                                               \
+                s += half_f32(w0[i], DT) * x[i];                                                        \
+            out[r] = s + (bias ? bias[r] : 0.0f);                                                       \
+        }                                                                                               \
+    }
+GEMV_AVX2(gemv_rows_bf16_avx2, load8_bf16, TENSOR_BF16)
+GEMV_AVX2(gemv_rows_f16_avx2, load8_f16, TENSOR_F16)
+#undef GEMV_AVX2
+#endif
+
+static void gemv_rows(float *out, const struct op_mat *w, const float *x, const float *bias, int r0, int r1,
+                      int IC)
+{
+#ifdef OP_X86
+    if (op_simd_active()) {
+        if (w->dtype == TENSOR_BF16)
+            gemv_rows_bf16_avx2(out, w->h, x, bias, r0, r1, IC);
+        else
+            gemv_rows_f16_avx2(out, w->h, x, bias, r0, r1, IC);
+        return;
+    }
+#endif
+    gemv_rows_plain(out, w->h, w->dtype, x, bias, r0, r1, IC);
+}
+
+void op_mat_gemv(float *out, const struct op_mat *w, const float *x, const float *bias, int OC, int IC)
+{
+    // memory-bound: below ~64K weights a second thread costs more to wake than it saves
+    int nt = (size_t)OC * IC < ((size_t)1 << 16) ? 1 : op_team();
+    int prev = w->dtype == TENSOR_F32 ? op_blas_serial_begin(nt) : 0;
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        int t = omp_get_thread_num(), n = omp_get_num_threads();
+        int per = ((OC + n - 1) / n + 3) & ~3; // whole groups of four rows per thread
+        int r0 = t * per, r1 = r0 + per < OC ? r0 + per : OC;
+        if (r0 < r1 && w->dtype == TENSOR_F32) {
+            // sgemm would pack the whole matrix for one row; sgemv reads it once
+            if (bias)
+                memcpy(out + r0, bias + r0, sizeof(float) * (size_t)(r1 - r0));
+            cblas_sgemv(CblasRowMajor, CblasNoTrans, r1 - r0, IC, 1.0f, w->f + (size_t)r0 * IC, IC, x, 1,
+                        bias ? 1.0f : 0.0f, out + r0, 1);
+        } else if (r0 < r1) {
+            gemv_rows(out, w, x, bias, r0, r1, IC);
+        }
+    }
+    op_blas_serial_end(prev);
+}
+
+// ---- many rows: tiles ----
+
+/* 2 MB of float32 per thread and tile: half of this machine's per-core L2, so a widened tile
+ * is still in cache when sgemm packs it. */
+#define TILE_FLOATS ((size_t)1 << 19)
+
+size_t op_mat_scratch_floats(int IC, int OC, int nt)
+{
+    size_t big = (size_t)(IC > OC ? IC : OC);
+    return (TILE_FLOATS > big ? TILE_FLOATS : big) * (size_t)(nt > 0 ? nt : 1);
+}
+
+static int ceil_div(int a, int b)
+{
+    return (a + b - 1) / b;
+}
+
+/* A tile of rows [o0, o1) of w as float32 [o1 - o0, IC]: in place for float32, else widened. */
+static const float *rows_tile(const struct op_mat *w, int IC, int o0, int o1, float *buf)
+{
+    if (w->dtype == TENSOR_F32)
+        return w->f + (size_t)o0 * IC;
+    op_mat_widen(buf, w, IC, o0, o1, 0, IC);
+    return buf;
+}
+
+void op_mat_forward(float *out, const float *inp, const struct op_mat *w, const float *bias, int N, int IC,
+                    int OC, float *scratch, size_t scratch_n)
+{
+    if (N == 1) {
+        op_mat_gemv(out, w, inp, bias, OC, IC);
+        return;
+    }
+    int nt = op_team(), rows;
+    if (w->dtype == TENSOR_F32) {
+        rows = ceil_div(OC, nt); // views: one tile per thread
+    } else {
+        LK_ASSERT(scratch && scratch_n >= (size_t)IC);
+        if ((size_t)nt * IC > scratch_n)
+            nt = (int)(scratch_n / (size_t)IC);
+        rows = (int)(scratch_n / (size_t)nt / (size_t)IC);
+        if (rows > ceil_div(OC, nt))
+            rows = ceil_div(OC, nt);
+    }
+    if (rows > 16 && rows < OC)
+        rows &= ~15; // whole register blocks of the sgemm kernel (rounding down: the tile must fit)
+    int ntiles = ceil_div(OC, rows);
+    if (nt > ntiles)
+        nt = ntiles;
+    size_t per = w->dtype == TENSOR_F32 ? 0 : scratch_n / (size_t)nt;
+    int prev = op_blas_serial_begin(nt);
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
+    for (int k = 0; k < ntiles; k++) {
+        int o0 = k * rows, o1 = o0 + rows < OC ? o0 + rows : OC;
+        const float *wt = rows_tile(w, IC, o0, o1, scratch + (size_t)omp_get_thread_num() * per);
+        if (bias)
+            for (int n = 0; n < N; n++)
+                memcpy(out + (size_t)n * OC + o0, bias + o0, sizeof(float) * (size_t)(o1 - o0));
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, N, o1 - o0, IC, 1.0f, inp, IC, wt, IC,
+                    bias ? 1.0f : 0.0f, out + o0, OC);
+    }
+    op_blas_serial_end(prev);
+}
+
+/* dinp[:, c0:c1] += dout @ w[:, c0:c1], a tile of columns per task: each writes its own columns. */
+static void backward_cols(float *dinp, const float *dout, const struct op_mat *w, int N, int IC, int OC,
+                          float *scratch, size_t per, int cols, int nt)
+{
+    int ntiles = ceil_div(IC, cols);
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
+    for (int k = 0; k < ntiles; k++) {
+        int c0 = k * cols, c1 = c0 + cols < IC ? c0 + cols : IC;
+        const float *wt = w->f + c0;
+        int ldw = IC;
+        if (w->dtype != TENSOR_F32) {
+            float *buf = scratch + (size_t)omp_get_thread_num() * per;
+            op_mat_widen(buf, w, IC, 0, OC, c0, c1);
+            wt = buf;
+            ldw = c1 - c0;
+        }
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, c1 - c0, OC, 1.0f, dout, OC, wt, ldw, 1.0f,
+                    dinp + c0, IC);
+    }
+}
+
+/* dinp += dout[:, o0:o1] @ w[o0:o1, :] tile after tile of rows (the whole scratch is one shared
+ * tile, widened by the team together); each thread adds the products into its own rows of dinp,
+ * so the sum over tiles runs in the same order whatever the thread count. */
+static void backward_rows(float *dinp, const float *dout, const struct op_mat *w, int N, int IC, int OC,
+                          float *scratch, size_t scratch_n, int nt)
+{
+    int rows = (int)(scratch_n / (size_t)IC);
+    if (rows > OC)
+        rows = OC;
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        int t = omp_get_thread_num(), n = omp_get_num_threads();
+        int n0 = (int)((long)N * t / n), n1 = (int)((long)N * (t + 1) / n);
+        for (int o0 = 0; o0 < OC; o0 += rows) {
+            int o1 = o0 + rows < OC ? o0 + rows : OC;
+#pragma omp for schedule(static)
+            for (int r = o0; r < o1; r++)
+                op_mat_widen(scratch + (size_t)(r - o0) * IC, w, IC, r, r + 1, 0, IC);
+            if (n1 > n0)
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n1 - n0, IC, o1 - o0, 1.0f,
+                            dout + (size_t)n0 * OC + o0, OC, scratch, IC, 1.0f, dinp + (size_t)n0 * IC, IC);
+#pragma omp barrier
+        }
+    }
+}
+
+void op_mat_backward(float *dinp, const float *dout, const struct op_mat *w, int N, int IC, int OC,
+                     float *scratch, size_t scratch_n)
+{
+    // forward was: out[n, o] = sum_i inp[n, i] w[o, i]  =>  dinp[n, i] += sum_o dout[n, o] w[o, i]
+    int nt = op_team();
+    int prev = op_blas_serial_begin(nt);
+    if (w->dtype == TENSOR_F32) {
+        backward_cols(dinp, dout, w, N, IC, OC, NULL, 0, ceil_div(IC, nt), nt);
+    } else {
+        LK_ASSERT(scratch && scratch_n >= (size_t)(IC > OC ? IC : OC));
+        size_t per = scratch_n / (size_t)nt;
+        int cols = (int)(per / (size_t)OC);
+        if (cols > ceil_div(IC, nt))
+            cols = ceil_div(IC, nt);
+        if (cols >= 32 || (cols >= 1 && (long)cols * nt >= IC))
+            backward_cols(dinp, dout, w, N, IC, OC, scratch, per, cols, nt);
+        else // a column tile would be a sliver (lm_head: OC is the vocabulary)
+            backward_rows(dinp, dout, w, N, IC, OC, scratch, scratch_n, nt);
+    }
+    op_blas_serial_end(prev);
+}
+
+void op_mat_backward_weight(float *dw, float *dbias, const float *dout, const float *inp, int N, int IC, int OC)
+{
+    // forward was: out[n, o] = sum_i inp[n, i] w[o, i] + bias[o]
+    // so: dw[o, i] += sum_n dout[n, o] inp[n, i]; dbias[o] += sum_n dout[n, o]; rows o per thread
+    int nt = op_team();
+    int rows = ceil_div(OC, nt), prev = op_blas_serial_begin(nt);
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
+    for (int k = 0; k < nt; k++) {
+        int o0 = k * rows, o1 = o0 + rows < OC ? o0 + rows : OC;
+        if (o0 >= o1)
+            continue;
+        if (dw)
+            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, o1 - o0, IC, N, 1.0f, dout + o0, OC, inp, IC,
+                        1.0f, dw + (size_t)o0 * IC, IC);
+        if (dbias)
+            for (int o = o0; o < o1; o++) {
+                double s = 0;
+                for (int n = 0; n < N; n++)
+                    s += dout[(size_t)n * OC + o];
+                dbias[o] += (float)s;
+            }
+    }
+    op_blas_serial_end(prev);
+}
+
+// ---- references ----
+
+static double mat_at(const struct op_mat *w, size_t i)
+{
+    if (w->dtype == TENSOR_F32)
+        return w->f[i];
+    return w->dtype == TENSOR_BF16 ? tensor_bf16_to_f32(w->h[i]) : tensor_f16_to_f32(w->h[i]);
+}
+
+void op_mat_forward_naive(float *out, const float *inp, const struct op_mat *w, const float *bias, int N,
+                          int IC, int OC)
+{
+    for (int n = 0; n < N; n++)
+        for (int o = 0; o < OC; o++) {
+            double s = bias ? bias[o] : 0.0;
+            for (int i = 0; i < IC; i++)
+                s += (double)inp[(size_t)n * IC + i] * mat_at(w, (size_t)o * IC + i);
+            out[(size_t)n * OC + o] = (float)s;
+        }
+}
+
+void op_mat_backward_naive(float *dinp, const float *dout, const struct op_mat *w, int N, int IC, int OC)
+{
+    for (int n = 0; n < N; n++)
+        for (int i = 0; i < IC; i++) {
+            double s = 0;
+            for (int o = 0; o < OC; o++)
+                s += (double)dout[(size_t)n * OC + o] * mat_at(w, (size_t)o * IC + i);
+            dinp[(size_t)n * IC + i] += (float)s;
+        }
+}
