@@ -1028,7 +1028,7 @@ static int setup_tuned(struct ev_setup *s, const struct ev_setup_opts *o, struct
         s->cfg.lora = &s->lora;
         return LK_OK;
     }
-    if ((rc = model_load(&s->tuned, o->tuned, err)) ||
+    if ((rc = model_load_keep(&s->tuned, o->tuned, (enum model_keep)o->keep, err)) ||
         (rc = cfg_check_same(&s->base.cfg, &s->tuned.cfg, o->model, o->tuned, 1, err)))
         return rc;
     s->cfg.tuned = &s->tuned;
@@ -1040,7 +1040,8 @@ int ev_setup_load(struct ev_setup *s, const struct ev_setup_opts *o, struct lk_e
     int rc;
     if ((rc = ev_qa_load(&s->qa, o->qa, o->limit, err)))
         return rc;
-    if ((rc = model_load(&s->base, o->model, err)) || (rc = tok_load(&s->tk, o->model, err)))
+    if ((rc = model_load_keep(&s->base, o->model, (enum model_keep)o->keep, err)) ||
+        (rc = tok_load(&s->tk, o->model, err)))
         return rc;
     if (tok_vocab_size(s->tk) > s->base.cfg.vocab_size)
         return lk_errf(err, LK_ERR_SHAPE, "%s: the tokenizer has %d ids, the model's vocabulary %d", o->model,

@@ -244,6 +244,7 @@ struct ev_setup_opts {
     /* Told (may be NULL) before docs are indexed, with the settings used. */
     void (*on_indexing)(void *ctx, const char *docs, const struct fts_settings *st);
     void *ctx;
+    int keep;              /* enum model_keep: MODEL_KEEP_FILE keeps the file's bf16 / f16 weights */
 };
 
 /* Everything ev_run_all needs; owned here, released by ev_setup_release. */

@@ -194,7 +194,7 @@ static void cache_attention(struct gen_cache *gc, int l, int n0, int N)
     const float *K = gc->k[l], *Vc = gc->v[l];
     if (N >= 8) {
         int Tk = n0 + N; // keys and values 0..Tk-1
-        int nt = op_team(), prev = op_blas_serial_begin(nt);
+        int nt = (double)N * Tk * HS * NH < 262144.0 ? 1 : op_team(), prev = op_blas_serial_begin(nt);
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
         for (int h = 0; h < NH; h++) {
             int kh = h / group;

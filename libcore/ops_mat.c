@@ -266,6 +266,13 @@ static int ceil_div(int a, int b)
     return (a + b - 1) / b;
 }
 
+/* Threads for a product of N x IC x OC multiply-adds: below ~256K (tens of microseconds on one
+ * core) waking a second thread costs more than it saves. */
+static int gemm_team(int N, int IC, int OC)
+{
+    return (double)N * IC * OC < 262144.0 ? 1 : op_team();
+}
+
 /* A tile of rows [o0, o1) of w as float32 [o1 - o0, IC]: in place for float32, else widened. */
 static const float *rows_tile(const struct op_mat *w, int IC, int o0, int o1, float *buf)
 {
@@ -282,7 +289,7 @@ void op_mat_forward(float *out, const float *inp, const struct op_mat *w, const 
         op_mat_gemv(out, w, inp, bias, OC, IC);
         return;
     }
-    int nt = op_team(), rows;
+    int nt = gemm_team(N, IC, OC), rows;
     if (w->dtype == TENSOR_F32) {
         rows = ceil_div(OC, nt); // views: one tile per thread
     } else {
@@ -364,7 +371,7 @@ void op_mat_backward(float *dinp, const float *dout, const struct op_mat *w, int
                      float *scratch, size_t scratch_n)
 {
     // forward was: out[n, o] = sum_i inp[n, i] w[o, i]  =>  dinp[n, i] += sum_o dout[n, o] w[o, i]
-    int nt = op_team();
+    int nt = gemm_team(N, IC, OC);
     int prev = op_blas_serial_begin(nt);
     if (w->dtype == TENSOR_F32) {
         backward_cols(dinp, dout, w, N, IC, OC, NULL, 0, ceil_div(IC, nt), nt);
@@ -386,7 +393,7 @@ void op_mat_backward_weight(float *dw, float *dbias, const float *dout, const fl
 {
     // forward was: out[n, o] = sum_i inp[n, i] w[o, i] + bias[o]
     // so: dw[o, i] += sum_n dout[n, o] inp[n, i]; dbias[o] += sum_n dout[n, o]; rows o per thread
-    int nt = op_team();
+    int nt = gemm_team(N, IC, OC);
     int rows = ceil_div(OC, nt), prev = op_blas_serial_begin(nt);
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
     for (int k = 0; k < nt; k++) {

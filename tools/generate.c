@@ -68,8 +68,9 @@ static int stream_token(void *ctx, int32_t id)
 }
 
 struct generate_cli {
-    const char *model, *adapter, *prompt, *chat, *system, *tmpl, *tokdir;
+    const char *model, *adapter, *prompt, *chat, *system, *tmpl, *tokdir, *weights;
     long max_new, seed, threads;
+    int keep;
     double temperature, top_p;
     int no_cache, stats;
 };
@@ -147,6 +148,7 @@ int cmd_generate(int argc, char **argv)
         { "no-cache", OPT_FLAG, &c.no_cache, NULL, "recompute the whole prefix for every token (slow reference)" },
         { "stats", OPT_FLAG, &c.stats, NULL, "print token counts and tokens/s on stderr" },
         { "threads", OPT_INT, &c.threads, "N", "threads (default: all cores)" },
+        { "weights", OPT_STR, &c.weights, "W", "file (the file's bf16/f16 kept in memory; default) or f32" },
         { 0 },
     };
     struct lk_err err = { 0 };
@@ -165,6 +167,8 @@ int cmd_generate(int argc, char **argv)
                 "--top-p in (0, 1], --seed >= 0)");
     else if (c.system && !c.chat)
         lk_errf(&err, LK_ERR_USAGE, "--system applies to --chat only");
+    else
+        lk_cli_weights(c.weights, MODEL_KEEP_FILE, &c.keep, &err);
     if (err.code)
         return lk_cli_fail("generate", &err);
     lk_cli_threads(c.threads);
@@ -175,7 +179,8 @@ int cmd_generate(int argc, char **argv)
     struct tok_ids ids = { 0 };
     struct chat_fmt fmt;
     int rc;
-    if ((rc = model_load(&m, c.model, &err)) || (rc = tok_load(&tk, c.tokdir ? c.tokdir : c.model, &err)))
+    if ((rc = model_load_keep(&m, c.model, (enum model_keep)c.keep, &err)) ||
+        (rc = tok_load(&tk, c.tokdir ? c.tokdir : c.model, &err)))
         goto out;
     if (tok_vocab_size(tk) > m.cfg.vocab_size) {
         rc = lk_errf(&err, LK_ERR_SHAPE, "the tokenizer has %d ids, the model's vocabulary %d",
