@@ -33,11 +33,14 @@ struct stream {
     size_t n, cap;
     int failed;
     struct lk_err *err;
+    double t_first;    /* when the first token arrived (the prompt's prefill is before it) */
 };
 
 static int stream_token(void *ctx, int32_t id)
 {
     struct stream *s = ctx;
+    if (s->t_first == 0)
+        s->t_first = lk_now();
     char *piece;
     size_t len;
     int rc = tok_decode(s->tk, &id, 1, 1, &piece, &len, s->err);
@@ -120,10 +123,16 @@ static int generate_stream(const struct generate_cli *c, struct model *m, const 
     if (st.n && fwrite(st.pend, 1, st.n, stdout) != st.n && !rc)
         rc = lk_errf(err, LK_ERR_IO, "writing to standard output failed");
     printf("\n");
-    if (c->stats)
+    if (c->stats) {
         fprintf(stderr, "prompt %zu tokens, generated %zu tokens in %.3fs (%.1f tokens/s%s), stopped by %s\n",
                 ids->n, gen.n, secs, secs > 0 ? (double)gen.n / secs : 0.0, c->no_cache ? ", no cache" : "",
                 stopped ? "end of turn" : "--max-new");
+        // the first token comes after the prompt's prefill, each later one after one decode step
+        double pre = st.t_first > 0 ? st.t_first - t0 : secs, dec = secs - pre;
+        if (gen.n > 1 && pre > 0 && dec > 0)
+            fprintf(stderr, "prefill %.1f tokens/s (%.3fs), decode %.1f tokens/s (%zu tokens in %.3fs)\n",
+                    (double)ids->n / pre, pre, (double)(gen.n - 1) / dec, gen.n - 1, dec);
+    }
     tok_ids_release(&gen);
     lk_free(st.pend);
     gen_cache_release(&gc);
