@@ -92,7 +92,8 @@ TEST(ops_widen_simd_and_plain_match_scalar_conversion_on_every_bit_pattern)
 TEST(ops_gemv_simd_and_plain_match_naive_on_awkward_shapes)
 {
     // rows not a multiple of 4, columns not a multiple of 8, and a size past the threading threshold
-    int shapes[][2] = { { 1, 1 }, { 1, 9 }, { 3, 7 }, { 5, 8 }, { 7, 17 }, { 9, 33 }, { 4, 64 }, { 515, 131 } };
+    int shapes[][2] = { { 1, 1 }, { 1, 9 }, { 3, 7 }, { 5, 8 }, { 7, 17 }, { 6, 25 }, { 9, 33 }, { 4, 64 },
+                        { 515, 131 } };
     struct lk_rng rng;
     lk_rng_seed(&rng, 5);
     for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
