@@ -215,7 +215,8 @@ static void cache_attention(struct gen_cache *gc, int l, int n0, int N)
         op_blas_serial_end(prev);
         return;
     }
-#pragma omp parallel for collapse(2) schedule(static) if (N * NH * (n0 + N) > 32768)
+    int nt = (double)N * NH * (n0 + N) * HS < 65536.0 ? 1 : op_team();
+#pragma omp parallel for collapse(2) num_threads(nt) schedule(static) if (nt > 1)
     for (int i = 0; i < N; i++)
         for (int h = 0; h < NH; h++) {
             int kh = h / group, t = n0 + i;
@@ -270,9 +271,17 @@ static void forward_chunk(struct gen_cache *gc, const struct model *m, const str
         op_rmsnorm_forward(gc->ln, NULL, x, w->ln1, N, C, eps);
         // 2. q, k, v (+ LoRA); k and v go straight into the cache
         float *kc = gc->k[l] + (size_t)n0 * KV, *vc = gc->v[l] + (size_t)n0 * KV;
-        op_mat_forward(gc->q, gc->ln, &w->wq, w->bq, N, C, Q, wt, wn);
-        op_mat_forward(kc, gc->ln, &w->wk, w->bk, N, C, KV, wt, wn);
-        op_mat_forward(vc, gc->ln, &w->wv, w->bv, N, C, KV, wt, wn);
+        if (N == 1) { // one token: the three GEMVs in one pass of the threads
+            float *o3[3] = { gc->q, kc, vc };
+            const struct op_mat *w3[3] = { &w->wq, &w->wk, &w->wv };
+            const float *b3[3] = { w->bq, w->bk, w->bv };
+            int n3[3] = { Q, KV, KV };
+            op_mat_gemv_many(3, o3, w3, b3, n3, gc->ln, C);
+        } else {
+            op_mat_forward(gc->q, gc->ln, &w->wq, w->bq, N, C, Q, wt, wn);
+            op_mat_forward(kc, gc->ln, &w->wk, w->bk, N, C, KV, wt, wn);
+            op_mat_forward(vc, gc->ln, &w->wv, w->bv, N, C, KV, wt, wn);
+        }
         lora_linear(gc, lora, l, CFG_Q, gc->q, gc->ln, N);
         lora_linear(gc, lora, l, CFG_K, kc, gc->ln, N);
         lora_linear(gc, lora, l, CFG_V, vc, gc->ln, N);
@@ -293,8 +302,15 @@ static void forward_chunk(struct gen_cache *gc, const struct model *m, const str
         // 6. ln2
         op_rmsnorm_forward(gc->ln, NULL, gc->x2, w->ln2, N, C, eps);
         // 7. act = silu(gate) * up
-        op_mat_forward(gc->gate, gc->ln, &w->wgate, NULL, N, C, F, wt, wn);
-        op_mat_forward(gc->up, gc->ln, &w->wup, NULL, N, C, F, wt, wn);
+        if (N == 1) {
+            float *o2[2] = { gc->gate, gc->up };
+            const struct op_mat *w2[2] = { &w->wgate, &w->wup };
+            int n2[2] = { F, F };
+            op_mat_gemv_many(2, o2, w2, NULL, n2, gc->ln, C);
+        } else {
+            op_mat_forward(gc->gate, gc->ln, &w->wgate, NULL, N, C, F, wt, wn);
+            op_mat_forward(gc->up, gc->ln, &w->wup, NULL, N, C, F, wt, wn);
+        }
         lora_linear(gc, lora, l, CFG_GATE, gc->gate, gc->ln, N);
         lora_linear(gc, lora, l, CFG_UP, gc->up, gc->ln, N);
         op_swiglu_forward(gc->act, gc->gate, gc->up, (size_t)N * F);

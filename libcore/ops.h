@@ -73,6 +73,10 @@ void op_mat_backward(float *dinp, const float *dout, const struct op_mat *w, int
 /* out[OC] = w[OC, IC] @ x + bias (bias may be NULL): the fused GEMV alone. */
 void op_mat_gemv(float *out, const struct op_mat *w, const float *x, const float *bias, int OC,
                  int IC);
+/* n such products of the same x in one pass of the threads (q, k, v; gate, up): out[k][OC[k]] =
+ * w[k] @ x + bias[k] (bias NULL, or any bias[k] NULL, for none). */
+void op_mat_gemv_many(int n, float *const *out, const struct op_mat *const *w, const float *const *bias,
+                      const int *OC, const float *x, int IC);
 /* The weight gradient of the same linear (float32 weights: a full fine-tune): dw[OC, IC] +=
  * dout^T inp, dbias[OC] += sum over rows of dout (either may be NULL), the output rows split
  * over op_team() threads. */

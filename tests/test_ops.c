@@ -181,3 +181,34 @@ TEST(ops_mat_forward_backward_match_naive_in_every_tiling)
         }
     omp_set_num_threads(saved);
 }
+
+TEST(ops_gemv_many_equals_one_gemv_per_matrix)
+{
+    // three products of one x, sizes around the threads' split, mixed dtypes and biases
+    struct lk_rng rng;
+    lk_rng_seed(&rng, 13);
+    int IC = 37, OC[3] = { 5, 1030, 7 };
+    void *store[3];
+    struct op_mat w[3];
+    float *out[3], *ref[3], *bias[3];
+    for (int k = 0; k < 3; k++) {
+        w[k] = rand_mat(dtypes[k], (size_t)OC[k] * IC, &rng, &store[k]);
+        out[k] = malloc(sizeof(float) * OC[k]);
+        ref[k] = malloc(sizeof(float) * OC[k]);
+        bias[k] = k == 1 ? NULL : rand_vec((size_t)OC[k], &rng);
+    }
+    float *x = rand_vec((size_t)IC, &rng);
+    const struct op_mat *wp[3] = { &w[0], &w[1], &w[2] };
+    const float *bp[3] = { bias[0], bias[1], bias[2] };
+    for (int nt = 1; nt <= 3; nt++) {
+        omp_set_num_threads(nt);
+        op_mat_gemv_many(3, out, wp, bp, OC, x, IC);
+        for (int k = 0; k < 3; k++) {
+            op_mat_gemv(ref[k], &w[k], x, bias[k], OC[k], IC);
+            CHECK_MSG(!memcmp(out[k], ref[k], sizeof(float) * OC[k]), "product %d, %d threads", k, nt);
+        }
+    }
+    for (int k = 0; k < 3; k++)
+        free(store[k]), free(out[k]), free(ref[k]), free(bias[k]);
+    free(x);
+}

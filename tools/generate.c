@@ -97,6 +97,10 @@ static int prompt_ids(const struct generate_cli *c, struct tok *tk, const struct
     return rc;
 }
 
+/* Prompt tokens per prefill step: 256 rows make the GEMMs efficient (and widen bf16 weights for
+ * 256 tokens at once); measured on the 0.5B shape, 28% faster prefill than 64, 512 only 3% more. */
+#define GEN_PREFILL_CHUNK 256
+
 /* Generates after the prompt, streaming to stdout; --stats on stderr. */
 static int generate_stream(const struct generate_cli *c, struct model *m, const struct lora *l, struct tok *tk,
                            const struct chat_fmt *fmt, const struct tok_ids *ids, struct lk_err *err)
@@ -107,7 +111,8 @@ static int generate_stream(const struct generate_cli *c, struct model *m, const 
                        "positions (max_position_embeddings)", ids->n, c->max_new, maxpos);
     struct gen_cache gc = { 0 };
     int rc = c->no_cache ? LK_OK
-                         : gen_cache_init(&gc, &m->cfg, (int)ids->n + (int)c->max_new, 64, gen_lora_max_rank(l), err);
+                         : gen_cache_init(&gc, &m->cfg, (int)ids->n + (int)c->max_new, GEN_PREFILL_CHUNK,
+                                          gen_lora_max_rank(l), err);
     if (rc)
         return rc;
     struct gen_opts o = { (int)c->max_new, c->temperature, c->top_p, (uint64_t)c->seed, fmt,
