@@ -3,12 +3,17 @@
  * forward and exact backward (LoRA factors, or every weight for a full fine-tune).
  * Steps are numbered alike in forward and backward. See model.h for the definition.
  */
+#ifndef _DEFAULT_SOURCE
+#define _DEFAULT_SOURCE 1 /* madvise, MADV_HUGEPAGE */
+#endif
 #include "model.h"
 
 #include <cblas.h>
 #include <math.h>
 #include <omp.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include "ops.h"
 #include "tensor.h"
@@ -73,6 +78,26 @@ static void weights_layout(struct model_weights *w, const struct cfg *c, struct 
     w->lm_head = c->tie_word_embeddings ? w->embed : mtake(v, V * C);
 }
 
+/* Asks for transparent huge pages on a large block before it is first written (best effort):
+ * one TLB entry per 2 MB instead of per 4 KB. Decoding streams every weight once per token, and
+ * measured here the GEMV reads 2 MB-paged weights at 26 GB/s against 22.5 on 4 KB pages (this
+ * kernel gives huge pages on request only: transparent_hugepage=madvise). */
+static void advise_huge(void *p, size_t bytes)
+{
+#ifdef MADV_HUGEPAGE
+    long pg = sysconf(_SC_PAGESIZE);
+    if (pg <= 0 || bytes < ((size_t)4 << 20))
+        return;
+    uintptr_t b = ((uintptr_t)p + (uintptr_t)pg - 1) & ~(uintptr_t)(pg - 1);
+    uintptr_t e = ((uintptr_t)p + bytes) & ~(uintptr_t)(pg - 1);
+    if (e > b)
+        madvise((void *)b, e - b, MADV_HUGEPAGE);
+#else
+    (void)p;
+    (void)bytes;
+#endif
+}
+
 int model_weights_alloc_dtype(struct model_weights *w, const struct cfg *c, int dtype, struct lk_err *err)
 {
     memset(w, 0, sizeof *w);
@@ -86,6 +111,8 @@ int model_weights_alloc_dtype(struct model_weights *w, const struct cfg *c, int 
         model_weights_release(w);
         return lk_errf(err, LK_ERR_NOMEM, "out of memory allocating %zu model parameters", v.off + v.hoff);
     }
+    advise_huge(w->mem, v.off * sizeof(float));
+    advise_huge(w->hmem, v.hoff * sizeof(uint16_t));
     w->n = v.off;
     w->hn = v.hoff;
     w->dtype = dtype;
