@@ -51,7 +51,8 @@ lk_run() {
   local out
   out=$( { /usr/bin/time -f 'RSS %M' $pre train --data $d/data.jsonl --out $d/o --overwrite --steps $N --batch $B \
            --seq $S --threads $t --rank 8 --log-every 1000 --runs $W/runs.db "$@" ; } 2>&1 ) || { echo "$out" >&2; return 1; }
-  echo "$(echo "$out" | sed -n 's/^done: .* \([0-9.]*\) tok\/s, wrote.*/\1/p') $(( $(echo "$out" | sed -n 's/^RSS //p' | tail -1) / 1024 ))"
+  # "done: ... 1571 tok/s, wrote ..." (lorakit-mpi: "1571 tok/s (2 ranks, 786/rank), wrote ...")
+  echo "$(echo "$out" | sed -n 's/^done: .* \([0-9.]*\) tok\/s.*/\1/p') $(( $(echo "$out" | sed -n 's/^RSS //p' | tail -1) / 1024 ))"
 }
 
 row() { # name mode run tok/s rss peak
