@@ -112,8 +112,10 @@ if [ "${BENCH_7B:-0}" = 1 ]; then
     echo "== Qwen2.5-7B shape (hidden 3584, intermediate 18944, 28 layers, 28 heads, 4 kv heads, vocab 152064, untied), bf16"
     S=256 B=1 N=2; make_cfg q7b 3584 18944 28 28 4 152064 $S $((B * N)) bf16 false
     d=$W/q7b
-    read t7 r7 < <(lk_run "$L" 2 --model $d/m)
-    echo "LoRA r8, seq $S, batch $B, 2 steps, --threads 2: $t7 tok/s = $($PY -c "print('%.1f' % ($S * $B / $t7))") s per step, peak RSS $r7 MB ($($PY -c "print('%.2f' % ($r7 / 1024))") GiB)"
+    out=$( { /usr/bin/time -f 'RSS %M' $L train --model $d/m --data $d/data.jsonl --out $d/o --steps $N --batch $B \
+             --seq $S --threads 2 --rank 8 --log-every 1 --runs $W/runs.db ; } 2>&1 ) || { echo "$out"; exit 1; }
+    secs=$(echo "$out" | sed -n 's/^done: [0-9]* steps in \([0-9.]*\)s.*/\1/p'); r7=$(( $(echo "$out" | sed -n 's/^RSS //p') / 1024 ))
+    echo "LoRA r8, seq $S, batch $B, $N steps, --threads 2: $secs s of training, $($PY -c "print('%.1f' % ($secs / $N))") s per step; peak RSS $r7 MB ($($PY -c "print('%.2f' % ($r7 / 1024))") GiB, loading included)"
     rm -rf $d
   fi
 fi

@@ -212,3 +212,88 @@ TEST(ops_gemv_many_equals_one_gemv_per_matrix)
         free(store[k]), free(out[k]), free(ref[k]), free(bias[k]);
     free(x);
 }
+
+/* Causal grouped-query attention in double, and its backward, as plain loops over (b, h, t, t2). */
+static void attention_naive(double *out, double *dq, double *dk, double *dv, const float *q, const float *k,
+                            const float *v, const float *dout, const int *seg, int B, int T, int NH, int NKV, int HS)
+{
+    int group = NH / NKV, Q = NH * HS, KV = NKV * HS;
+    double scale = 1.0 / sqrt((double)HS), *p = malloc(sizeof(double) * T), *dp = malloc(sizeof(double) * T);
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < NH; h++)
+            for (int t = 0; t < T; t++) {
+                const float *qt = q + ((size_t)b * T + t) * Q + h * HS;
+                double mx = -INFINITY, sum = 0, dot = 0;
+                for (int t2 = 0; t2 <= t; t2++) {
+                    const float *kt = k + ((size_t)b * T + t2) * KV + h / group * HS;
+                    double s = 0;
+                    for (int i = 0; i < HS; i++)
+                        s += (double)qt[i] * kt[i];
+                    p[t2] = seg && seg[b * T + t2] != seg[b * T + t] ? -INFINITY : s * scale;
+                    mx = fmax(mx, p[t2]);
+                }
+                for (int t2 = 0; t2 <= t; t2++)
+                    sum += p[t2] = exp(p[t2] - mx);
+                for (int i = 0; i < HS; i++) {
+                    double o = 0;
+                    for (int t2 = 0; t2 <= t; t2++)
+                        o += p[t2] / sum * v[((size_t)b * T + t2) * KV + h / group * HS + i];
+                    out[((size_t)b * T + t) * Q + h * HS + i] = o;
+                }
+                // backward of the row: dP = dout v^T, dS = P (dP - P.dP) scale, dq += dS k, dk += dS q
+                const float *dt = dout + ((size_t)b * T + t) * Q + h * HS;
+                for (int t2 = 0; t2 <= t; t2++) {
+                    p[t2] /= sum;
+                    double s = 0;
+                    for (int i = 0; i < HS; i++)
+                        s += (double)dt[i] * v[((size_t)b * T + t2) * KV + h / group * HS + i];
+                    dp[t2] = s;
+                    dot += p[t2] * s;
+                }
+                for (int t2 = 0; t2 <= t; t2++) {
+                    double ds = p[t2] * (dp[t2] - dot) * scale;
+                    size_t kr = ((size_t)b * T + t2) * KV + h / group * HS;
+                    for (int i = 0; i < HS; i++) {
+                        dq[((size_t)b * T + t) * Q + h * HS + i] += ds * k[kr + i];
+                        dk[kr + i] += ds * qt[i];
+                        dv[kr + i] += p[t2] * dt[i];
+                    }
+                }
+            }
+    free(p);
+    free(dp);
+}
+
+TEST(ops_attention_blocks_match_naive_loops)
+{
+    // T = 150: blocks of 64, 64 and a ragged 22; two packed segments in the second row
+    int B = 2, T = 150, NH = 4, NKV = 2, HS = 6, Q = NH * HS, KV = NKV * HS, N = B * T;
+    struct lk_rng rng;
+    lk_rng_seed(&rng, 17);
+    float *q = rand_vec((size_t)N * Q, &rng), *k = rand_vec((size_t)N * KV, &rng), *v = rand_vec((size_t)N * KV, &rng);
+    float *dout = rand_vec((size_t)N * Q, &rng), *out = malloc(sizeof(float) * N * Q);
+    float *att = malloc(sizeof(float) * B * NH * T * T), *scratch = malloc(sizeof(float) * 2 * T * T);
+    float *dq = calloc((size_t)N * Q, sizeof(float)), *dk = calloc((size_t)N * KV, sizeof(float));
+    float *dv = calloc((size_t)N * KV, sizeof(float));
+    double *ro = calloc((size_t)N * Q, sizeof(double)), *rq = calloc((size_t)N * Q, sizeof(double));
+    double *rk = calloc((size_t)N * KV, sizeof(double)), *rv = calloc((size_t)N * KV, sizeof(double));
+    int *seg = malloc(sizeof(int) * N);
+    for (int i = 0; i < N; i++)
+        seg[i] = i >= T && i % T >= 97;
+    attention_naive(ro, rq, rk, rv, q, k, v, dout, seg, B, T, NH, NKV, HS);
+    op_attention_forward(out, att, q, k, v, seg, B, T, NH, NKV, HS);
+    op_attention_backward(dq, dk, dv, dout, att, q, k, v, B, T, NH, NKV, HS, scratch, 2);
+    double e[4] = { 0 };
+    for (int i = 0; i < N * Q; i++) {
+        e[0] = fmax(e[0], fabs(out[i] - ro[i]));
+        e[1] = fmax(e[1], fabs(dq[i] - rq[i]));
+    }
+    for (int i = 0; i < N * KV; i++) {
+        e[2] = fmax(e[2], fabs(dk[i] - rk[i]));
+        e[3] = fmax(e[3], fabs(dv[i] - rv[i]));
+    }
+    CHECK_MSG(e[0] < 1e-5 && e[1] < 1e-5 && e[2] < 1e-5 && e[3] < 1e-5, "out %g dq %g dk %g dv %g", e[0], e[1],
+              e[2], e[3]);
+    free(q), free(k), free(v), free(dout), free(out), free(att), free(scratch), free(dq), free(dk), free(dv);
+    free(ro), free(rq), free(rk), free(rv), free(seg);
+}
