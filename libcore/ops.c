@@ -232,11 +232,17 @@ void op_attention_forward(float *out, float *att, const float *q, const float *k
                         else if (a[t2] > mx)
                             mx = a[t2];
                     }
+                    // e^(a - mx): AVX2 blocks, plain tail; a masked key gets exactly 0
+                    for (int t2 = 0; t2 <= t; t2++)
+                        a[t2] -= mx;
+                    int done = (int)op_exp_simd(a, a, (size_t)t + 1);
+                    for (int t2 = done; t2 <= t; t2++)
+                        a[t2] = expf(a[t2]);
                     double sum = 0;
                     for (int t2 = 0; t2 <= t; t2++) {
-                        float e = a[t2] == -INFINITY ? 0.0f : expf(a[t2] - mx);
-                        a[t2] = e;
-                        sum += e;
+                        if (sg && sg[t2] != sg[t])
+                            a[t2] = 0.0f;
+                        sum += a[t2];
                     }
                     float inv = (float)(1.0 / sum);
                     for (int t2 = 0; t2 <= t; t2++)
@@ -313,13 +319,24 @@ void op_add(float *dst, const float *src, size_t n)
 
 // ---- SwiGLU ----
 
+/* Elements [i0, i1) in plain C (the AVX2 part takes whole blocks of 8 before them). */
+static void swiglu_forward_plain(float *out, const float *gate, const float *up, size_t i0, size_t i1)
+{
+    for (size_t i = i0; i < i1; i++) {
+        float g = gate[i];
+        out[i] = g * (1.0f / (1.0f + expf(-g))) * up[i];
+    }
+}
+
 void op_swiglu_forward(float *out, const float *gate, const float *up, size_t n)
 {
     int nt = team_for(n);
-#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
-    for (size_t i = 0; i < n; i++) {
-        float g = gate[i];
-        out[i] = g / (1.0f + expf(-g)) * up[i];
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        int t = omp_get_thread_num(), m = omp_get_num_threads();
+        size_t i0 = n * (size_t)t / (size_t)m & ~(size_t)7, i1 = t == m - 1 ? n : n * (size_t)(t + 1) / (size_t)m & ~(size_t)7;
+        size_t k = op_swiglu_forward_simd(out + i0, gate + i0, up + i0, i1 - i0);
+        swiglu_forward_plain(out, gate, up, i0 + k, i1);
     }
 }
 
@@ -328,13 +345,18 @@ void op_swiglu_backward(float *dgate, float *dup, const float *dout, const float
 {
     // forward was: out = silu(g) * u, silu(g) = g * sig(g), silu'(g) = sig(g) (1 + g (1 - sig(g)))
     int nt = team_for(n);
-#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
-    for (size_t i = 0; i < n; i++) {
-        float g = gate[i];
-        float sg = 1.0f / (1.0f + expf(-g));
-        float silu = g * sg;
-        dup[i] += dout[i] * silu;
-        dgate[i] += dout[i] * up[i] * sg * (1.0f + g * (1.0f - sg));
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        int t = omp_get_thread_num(), m = omp_get_num_threads();
+        size_t i0 = n * (size_t)t / (size_t)m & ~(size_t)7, i1 = t == m - 1 ? n : n * (size_t)(t + 1) / (size_t)m & ~(size_t)7;
+        size_t k = op_swiglu_backward_simd(dgate + i0, dup + i0, dout + i0, gate + i0, up + i0, i1 - i0);
+        for (size_t i = i0 + k; i < i1; i++) {
+            float g = gate[i];
+            float sg = 1.0f / (1.0f + expf(-g));
+            float silu = g * sg;
+            dup[i] += dout[i] * silu;
+            dgate[i] += dout[i] * up[i] * (sg * (1.0f + g * (1.0f - sg)));
+        }
     }
 }
 
@@ -355,11 +377,14 @@ static double crossentropy_row(float *dx, const float *x, int y, int V, float sc
     // exp in float (each term is in (0, 1]); the sum and the log in double
     double sum = 0;
     if (dx) {
-        for (int i = 0; i < V; i++) {
-            float e = expf(x[i] - mx);
-            dx[i] = e;
-            sum += e;
-        }
+        // x - mx into dx (which may alias x), then its exp in place: AVX2 blocks, plain tail
+        for (int i = 0; i < V; i++)
+            dx[i] = x[i] - mx;
+        int k = (int)op_exp_simd(dx, dx, (size_t)V);
+        for (int i = k; i < V; i++)
+            dx[i] = expf(dx[i]);
+        for (int i = 0; i < V; i++)
+            sum += dx[i];
     } else {
         for (int i = 0; i < V; i++)
             sum += expf(x[i] - mx);

@@ -128,6 +128,15 @@ void op_attention_backward(float *dq, float *dk, float *dv, const float *dout, c
                            const float *q, const float *k, const float *v, int B, int T, int NH,
                            int NKV, int HS, float *scratch, int nscratch);
 
+// ---- AVX2 pieces of the elementwise kernels (ops_mat.c) ----
+/* Each does the first k elements (a multiple of 8) with AVX2 when op_simd_active() and returns
+ * k (0 otherwise), leaving the rest to the caller's plain loop. Their exp is Cephes' polynomial
+ * (within 2 ulp of expf, tested), clamped to e^[-87.3, 88.7]. */
+size_t op_exp_simd(float *dst, const float *src, size_t n);
+size_t op_swiglu_forward_simd(float *out, const float *gate, const float *up, size_t n);
+size_t op_swiglu_backward_simd(float *dgate, float *dup, const float *dout, const float *gate,
+                               const float *up, size_t n);
+
 // ---- residual: dst[i] += src[i] ----
 void op_add(float *dst, const float *src, size_t n);
 

@@ -139,6 +139,111 @@ void op_mat_widen(float *dst, const struct op_mat *w, int cols, int r0, int r1, 
     }
 }
 
+// ---- exp for the elementwise kernels ----
+
+#ifdef OP_X86
+/* e^x for 8 floats (Cephes' expf): x = n ln2 + r, n = round(x log2 e), ln2 split in two so r is
+ * exact; e^r by a degree-7 polynomial (relative error under 2 ulp against expf, tested), then
+ * 2^n into the exponent. x is clamped to [-87.3, 88.7] first (e^x stays a normal float; below it
+ * the result is about 1e-38 instead of a denormal or 0). min/max keep a NaN: it comes out NaN. */
+OP_AVX2 static inline __m256 exp8(__m256 x)
+{
+    x = _mm256_max_ps(_mm256_set1_ps(-87.3f), _mm256_min_ps(_mm256_set1_ps(88.7f), x));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+OP_AVX2 static size_t exp_avx2(float *dst, const float *src, size_t n)
+{
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(dst + i, exp8(_mm256_loadu_ps(src + i)));
+    return i;
+}
+
+OP_AVX2 static size_t swiglu_forward_avx2(float *out, const float *gate, const float *up, size_t n)
+{
+    size_t i = 0;
+    __m256 one = _mm256_set1_ps(1.0f);
+    for (; i + 8 <= n; i += 8) {
+        __m256 g = _mm256_loadu_ps(gate + i);
+        __m256 sg = _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_mul_ps(g, sg), _mm256_loadu_ps(up + i)));
+    }
+    return i;
+}
+
+OP_AVX2 static size_t swiglu_backward_avx2(float *dgate, float *dup, const float *dout, const float *gate,
+                                           const float *up, size_t n)
+{
+    size_t i = 0;
+    __m256 one = _mm256_set1_ps(1.0f);
+    for (; i + 8 <= n; i += 8) {
+        __m256 g = _mm256_loadu_ps(gate + i), d = _mm256_loadu_ps(dout + i);
+        __m256 sg = _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+        __m256 silu = _mm256_mul_ps(g, sg);
+        _mm256_storeu_ps(dup + i, _mm256_add_ps(_mm256_loadu_ps(dup + i), _mm256_mul_ps(d, silu)));
+        // sg (1 + g (1 - sg)), as the plain loop groups it
+        __m256 dsilu = _mm256_mul_ps(sg, _mm256_add_ps(one, _mm256_mul_ps(g, _mm256_sub_ps(one, sg))));
+        __m256 t = _mm256_mul_ps(_mm256_mul_ps(d, _mm256_loadu_ps(up + i)), dsilu);
+        _mm256_storeu_ps(dgate + i, _mm256_add_ps(_mm256_loadu_ps(dgate + i), t));
+    }
+    return i;
+}
+#endif
+
+size_t op_exp_simd(float *dst, const float *src, size_t n)
+{
+#ifdef OP_X86
+    if (op_simd_active())
+        return exp_avx2(dst, src, n);
+#endif
+    (void)dst;
+    (void)src;
+    (void)n;
+    return 0;
+}
+
+size_t op_swiglu_forward_simd(float *out, const float *gate, const float *up, size_t n)
+{
+#ifdef OP_X86
+    if (op_simd_active())
+        return swiglu_forward_avx2(out, gate, up, n);
+#endif
+    (void)out;
+    (void)gate;
+    (void)up;
+    (void)n;
+    return 0;
+}
+
+size_t op_swiglu_backward_simd(float *dgate, float *dup, const float *dout, const float *gate, const float *up,
+                               size_t n)
+{
+#ifdef OP_X86
+    if (op_simd_active())
+        return swiglu_backward_avx2(dgate, dup, dout, gate, up, n);
+#endif
+    (void)dgate;
+    (void)dup;
+    (void)dout;
+    (void)gate;
+    (void)up;
+    (void)n;
+    return 0;
+}
+
 // ---- GEMV: one row of input ----
 
 /* out[r] = W[r, :] . x (+ bias[r]) for rows [r0, r1), four partial sums per row. */

@@ -297,3 +297,60 @@ TEST(ops_attention_blocks_match_naive_loops)
     free(q), free(k), free(v), free(dout), free(out), free(att), free(scratch), free(dq), free(dk), free(dv);
     free(ro), free(rq), free(rk), free(rv), free(seg);
 }
+
+/* Distance in units in the last place between two finite floats of the same sign. */
+static long ulps(float a, float b)
+{
+    int32_t ia, ib;
+    memcpy(&ia, &a, 4);
+    memcpy(&ib, &b, 4);
+    return labs((long)ia - (long)ib);
+}
+
+TEST(ops_simd_exp_and_swiglu_match_the_plain_loops)
+{
+    if (!op_simd_active())
+        SKIP("no AVX2 on this CPU: only the plain loops run");
+    // exp over [-87, 88] in small steps and the edges: within 2 ulp of expf; NaN stays NaN
+    enum { N = 200003 };
+    float *x = malloc(sizeof(float) * N), *e = malloc(sizeof(float) * N);
+    for (int i = 0; i < N; i++)
+        x[i] = -87.0f + 175.0f * (float)i / (N - 1);
+    x[7] = 0.0f;
+    x[8] = -1e-30f;
+    x[9] = NAN;
+    size_t k = op_exp_simd(e, x, N);
+    CHECK(k == (N & ~7));
+    long worst = 0;
+    for (size_t i = 0; i < k; i++) {
+        if (i == 9) {
+            CHECK(isnan(e[i]));
+            continue;
+        }
+        long u = ulps(e[i], expf(x[i]));
+        worst = u > worst ? u : worst;
+    }
+    CHECK_MSG(worst <= 2, "exp: %ld ulp from expf", worst);
+    CHECK(op_exp_simd(e, x, 7) == 0);
+    // SwiGLU forward and backward, AVX2 against plain C, n not a multiple of 8
+    struct lk_rng rng;
+    lk_rng_seed(&rng, 19);
+    size_t n = 1003;
+    float *g = rand_vec(n, &rng), *u = rand_vec(n, &rng), *d = rand_vec(n, &rng);
+    for (size_t i = 0; i < n; i++)
+        g[i] *= 8.0f; // well into both tails of the sigmoid
+    float *o[2], *dg[2], *du[2];
+    for (int simd = 0; simd < 2; simd++) {
+        op_simd = simd;
+        o[simd] = malloc(sizeof(float) * n);
+        dg[simd] = calloc(n, sizeof(float));
+        du[simd] = calloc(n, sizeof(float));
+        op_swiglu_forward(o[simd], g, u, n);
+        op_swiglu_backward(dg[simd], du[simd], d, g, u, n);
+    }
+    op_simd = 1;
+    CHECK(max_err(o[1], o[0], n) < 1e-6 && max_err(dg[1], dg[0], n) < 1e-6 && max_err(du[1], du[0], n) < 1e-6);
+    for (int simd = 0; simd < 2; simd++)
+        free(o[simd]), free(dg[simd]), free(du[simd]);
+    free(x), free(e), free(g), free(u), free(d);
+}
