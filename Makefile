@@ -221,10 +221,12 @@ deps-bench:
 	@/usr/bin/python3 -c 'import torch' 2>/dev/null || { SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq python3-torch time; }
 
+# 1 thread, 2 threads and 2 MPI ranks per config (BENCH_7B=1: also the Qwen2.5-7B shape, 16 GB of disk).
 bench-train: check-deps $(BIN) deps-bench
 	@mkdir -p $(OUT)/bench
+	$(MAKE) --no-print-directory MPI=1 all
 	$(CC) $(ALL) $(LDFLAGS) -o $(OUT)/bench/bench_sgemm bench/bench_sgemm.c $(LIB) $(LIBS)
-	bench/bench_train.sh $(CURDIR)/$(BIN) $(OUT)/bench/bench_sgemm $${THREADS:-2}
+	bench/bench_train.sh $(CURDIR)/$(BIN) $(OUT)/bench/bench_sgemm $(CURDIR)/$(MPI_BIN)
 
 # The whole pipeline on the project's own base model and data (datasets/demo.sh).
 demo: check-deps $(BIN) $(MEDWORLD)

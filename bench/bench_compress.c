@@ -131,7 +131,7 @@ static int bench_shape(int hidden, int inter, int heads, int kv, int hs, int mod
     lk_mkdir_p(t, NULL);
     if (model_save(&m, b, TENSOR_F32, &err))
         die(err.msg);
-    float *W = module == CFG_UP ? m.w.layer[0].wup : m.w.layer[0].wq;
+    float *W = module == CFG_UP ? m.w.layer[0].wup.f : m.w.layer[0].wq.f;
     int rows = module == CFG_UP ? inter : heads * hs, cols = hidden, mn = rows < cols ? rows : cols;
     float *Ut = rand_orth(&rng, rows, mn), *Vt = rand_orth(&rng, cols, mn);
     for (int i = 0; i < mn; i++)

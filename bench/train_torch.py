@@ -2,7 +2,8 @@
 """Plain PyTorch reference for `make bench-train`: the same Qwen2/Llama decoder and LoRA as
 lorakit (hand-written, a few dozen lines), trained on the same pre-tokenized rows with AdamW,
 timed the same way (tokens per second over steps 2..N). Reads the model's safetensors itself
-(Debian's torch 1.13 has no safetensors package). Prints one JSON line."""
+(Debian's torch 1.13 has no safetensors package; bf16 weights are widened to float32, torch's
+fast path on this CPU). Prints one JSON line."""
 import argparse, json, math, resource, struct, time
 import numpy as np
 import torch
@@ -23,9 +24,13 @@ W = {}
 for k, v in hdr.items():
     if k == "__metadata__":
         continue
-    assert v["dtype"] == "F32", "bench models are float32"
+    assert v["dtype"] in ("F32", "BF16"), "bench models are float32 or bf16"
     b, e = v["data_offsets"]
-    W[k] = torch.from_numpy(np.frombuffer(raw, dtype=np.float32, count=(e - b) // 4, offset=8 + hl + b).copy()).reshape(v["shape"])
+    if v["dtype"] == "F32":
+        a32 = np.frombuffer(raw, dtype=np.float32, count=(e - b) // 4, offset=8 + hl + b).copy()
+    else:  # bf16 is the high half of a float32: widened exactly, torch trains in float32
+        a32 = (np.frombuffer(raw, dtype=np.uint16, count=(e - b) // 2, offset=8 + hl + b).astype(np.uint32) << 16).view(np.float32)
+    W[k] = torch.from_numpy(a32).reshape(v["shape"])
 full = a.mode == "full"
 for t in W.values():
     t.requires_grad_(full)

@@ -1365,7 +1365,7 @@ static int setup_systems(struct ev_setup *s, const struct ev_setup_opts *o, stru
         rc = ev_system_check(&s->systems[i], force, &s->base, o->model, err);
     }
     for (int i = 0; i < s->n_systems && !rc; i++)
-        rc = ev_system_load(&s->systems[i], &s->base, o->model, err);
+        rc = ev_system_load(&s->systems[i], &s->base, o->model, o->keep, err);
     return rc;
 }
 
@@ -1389,7 +1389,8 @@ int ev_setup_load(struct ev_setup *s, const struct ev_setup_opts *o, struct lk_e
     int rc;
     if ((rc = ev_qa_load(&s->qa, o->qa, o->limit, err)) || (rc = setup_retain(s, o, err)))
         return rc;
-    if ((rc = model_load(&s->base, o->model, err)) || (rc = tok_load(&s->tk, o->model, err)))
+    if ((rc = model_load_keep(&s->base, o->model, (enum model_keep)o->keep, err)) ||
+        (rc = tok_load(&s->tk, o->model, err)))
         return rc;
     if (tok_vocab_size(s->tk) > s->base.cfg.vocab_size)
         return lk_errf(err, LK_ERR_SHAPE, "%s: the tokenizer has %d ids, the model's vocabulary %d", o->model,

@@ -146,8 +146,10 @@ int ev_system_check(struct ev_system *s, int force, const struct model *base, co
  * whole weights (modules_to_save, LoRA on lm_head, trainable tokens: lora_changes_weights) a
  * private copy of the base (read again from base_dir) with them applied by model_apply_extras,
  * which unties a tied base as PEFT runs it and `lorakit merge` writes it; the base modes keep
- * the base. Sets m, l. */
-int ev_system_load(struct ev_system *s, const struct model *base, const char *base_dir, struct lk_err *err);
+ * the base. keep (enum model_keep) applies to a model folder; the private copy is float32.
+ * Sets m, l. */
+int ev_system_load(struct ev_system *s, const struct model *base, const char *base_dir, int keep,
+                   struct lk_err *err);
 void ev_system_release(struct ev_system *s); /* harmless twice */
 
 // ---- running ----
@@ -317,6 +319,7 @@ struct ev_setup_opts {
                                 * retain_docs), or NULL; --limit applies to it too */
     const char *retain_docs;   /* documents for retain's rag modes, indexed for this run, or NULL */
     const char *retain_text;   /* texts scored by NLL per token (eval/retain.h), or NULL */
+    int keep;              /* enum model_keep: MODEL_KEEP_FILE keeps the file's bf16 / f16 weights */
 };
 
 struct ev_text;

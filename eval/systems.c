@@ -109,13 +109,16 @@ int ev_system_check(struct ev_system *s, int force, const struct model *base, co
     return rc ? sys_fail(s, err) : LK_OK;
 }
 
-int ev_system_load(struct ev_system *s, const struct model *base, const char *base_dir, struct lk_err *err)
+int ev_system_load(struct ev_system *s, const struct model *base, const char *base_dir, int keep,
+                   struct lk_err *err)
 {
     s->m = base;
     if (s->is_adapter && !lora_changes_weights(&s->lora))
         return LK_OK;
-    // a model folder; or an adapter that changes whole weights, on a private copy of the base
-    int rc = model_load(&s->own, s->is_adapter ? base_dir : s->path, err);
+    // a model folder (its weights kept as asked); or an adapter that changes whole weights, on
+    // a private float32 copy of the base that the adapter's tensors replace
+    int rc = s->is_adapter ? model_load(&s->own, base_dir, err)
+                           : model_load_keep(&s->own, s->path, (enum model_keep)keep, err);
     if (!rc && s->is_adapter)
         rc = model_apply_extras(&s->own, &s->lora, err);
     if (rc)

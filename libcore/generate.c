@@ -2,13 +2,15 @@
  * generate.c - the KV-cache forward (prefill a chunk, then one token at a time), sampling
  * (greedy, temperature, top-p) and the generation loop. The forward mirrors model.c's
  * model_forward step by step (same kernels, same order of additions), reading the weights of
- * struct model; only attention differs, reading keys and values from the cache. Owns: the
- * cache block and its scratch.
+ * struct model as they are kept (float32, or bf16 / f16 widened in the kernels: one token is a
+ * fused widen-and-dot GEMV that reads each weight once); only attention differs, reading keys
+ * and values from the cache. Owns: the cache block and its scratch.
  */
 #include "generate.h"
 
 #include <cblas.h>
 #include <math.h>
+#include <omp.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -89,6 +91,7 @@ void gen_cache_release(struct gen_cache *gc)
     lk_free(gc->mem);
     lk_free(gc->k);
     lk_free(gc->pos);
+    lk_free(gc->wtile);
     memset(gc, 0, sizeof *gc);
 }
 
@@ -109,21 +112,19 @@ int gen_lora_max_rank(const struct lora *l)
 
 // ---- forward ----
 
-/* out[N, OC] = x[N, IC] @ w^T + bias. One token is a matrix-vector product: sgemm would pack
- * the whole weight matrix on every call (most of the decoding time), sgemv reads it once. */
-static void linear(float *out, const float *x, const float *w, const float *bias, int N, int IC, int OC)
+/* out[N, OC] = x[N, IC] @ A^T for a float32 LoRA factor. One token is a matrix-vector product:
+ * sgemm would pack the whole matrix on every call, sgemv reads it once. (The model's own weight
+ * matrices go through op_mat_forward, which does the same for one token.) */
+static void lora_mul(float *out, const float *x, const float *w, int N, int IC, int OC)
 {
-    if (N != 1) {
-        op_matmul_forward(out, x, w, bias, N, IC, OC);
-        return;
-    }
-    if (bias)
-        memcpy(out, bias, sizeof(float) * (size_t)OC);
-    cblas_sgemv(CblasRowMajor, CblasNoTrans, OC, IC, 1.0f, w, IC, x, 1, bias ? 1.0f : 0.0f, out, 1);
+    if (N != 1)
+        op_matmul_forward(out, x, w, NULL, N, IC, OC);
+    else
+        cblas_sgemv(CblasRowMajor, CblasNoTrans, OC, IC, 1.0f, w, IC, x, 1, 0.0f, out, 1);
 }
 
 /* out[N, OC] += alpha * x @ w^T */
-static void linear_acc(float *out, const float *x, const float *w, float alpha, int N, int IC, int OC)
+static void lora_mul_acc(float *out, const float *x, const float *w, float alpha, int N, int IC, int OC)
 {
     if (N != 1)
         op_matmul_forward_acc(out, x, w, alpha, N, IC, OC);
@@ -156,8 +157,8 @@ static void lora_linear(struct gen_cache *gc, const struct lora *lora, int layer
     if (slot < 0)
         return;
     const struct lora_module *md = &lora->mod[slot];
-    linear(gc->xa, x, md->A, NULL, N, md->in, md->R);
-    linear_acc(out, gc->xa, md->B, md->scale, N, md->R, md->out);
+    lora_mul(gc->xa, x, md->A, N, md->in, md->R);
+    lora_mul_acc(out, gc->xa, md->B, md->scale, N, md->R, md->out);
     if (md->bias)
         for (int t = 0; t < N; t++)
             for (int o = 0; o < md->out; o++)
@@ -166,8 +167,8 @@ static void lora_linear(struct gen_cache *gc, const struct lora *lora, int layer
 
 /* Attention of the N chunk tokens (positions n0..n0+N-1) over cache positions 0..n0+i, with
  * the arithmetic of op_attention_forward (float scores, double softmax sum). A prefill chunk
- * (N >= 8) is two GEMMs per head over the cache (scores, then P V); a single token runs the
- * plain loops on OpenMP threads. */
+ * (N >= 8) is two GEMMs per head over the cache (scores, then P V), the heads on the threads; a
+ * single token runs the plain loops on OpenMP threads. */
 static void softmax_causal_row(float *a, int t)
 {
     float mx = -INFINITY;
@@ -193,6 +194,8 @@ static void cache_attention(struct gen_cache *gc, int l, int n0, int N)
     const float *K = gc->k[l], *Vc = gc->v[l];
     if (N >= 8) {
         int Tk = n0 + N; // keys and values 0..Tk-1
+        int nt = (double)N * Tk * HS * NH < 262144.0 ? 1 : op_team(), prev = op_blas_serial_begin(nt);
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
         for (int h = 0; h < NH; h++) {
             int kh = h / group;
             // rows of head h in att: (i * NH + h) * T, i.e. a [N, T] view with row stride NH * T
@@ -209,9 +212,11 @@ static void cache_attention(struct gen_cache *gc, int l, int n0, int N)
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, HS, Tk, 1.0f, P, ldp,
                         Vc + (size_t)kh * HS, (int)ks, 0.0f, gc->atty + (size_t)h * HS, (int)qs);
         }
+        op_blas_serial_end(prev);
         return;
     }
-#pragma omp parallel for collapse(2) schedule(static) if (N * NH * (n0 + N) > 32768)
+    int nt = (double)N * NH * (n0 + N) * HS < 65536.0 ? 1 : op_team();
+#pragma omp parallel for collapse(2) num_threads(nt) schedule(static) if (nt > 1)
     for (int i = 0; i < N; i++)
         for (int h = 0; h < NH; h++) {
             int kh = h / group, t = n0 + i;
@@ -242,13 +247,14 @@ static void forward_chunk(struct gen_cache *gc, const struct model *m, const str
     const struct cfg *c = &m->cfg;
     int C = gc->C, F = gc->F, V = gc->V, Q = gc->Q, KV = gc->KV, HS = gc->HS;
     int n0 = gc->n;
-    float eps = (float)c->rms_norm_eps;
+    float eps = (float)c->rms_norm_eps, *wt = gc->wtile;
+    size_t wn = gc->wtile_n;
     for (int i = 0; i < N; i++)
         gc->pos[i] = n0 + i;
     // 0. embedding (+ embedding adapter)
     float *x = gc->x;
     for (int i = 0; i < N; i++)
-        memcpy(x + (size_t)i * C, m->w.embed + (size_t)tokens[i] * C, sizeof(float) * (size_t)C);
+        op_mat_widen(x + (size_t)i * C, &m->w.embed, C, tokens[i], tokens[i] + 1, 0, C);
     if (lora && lora->embed_A) {
         int R = lora->embed_R;
         for (int i = 0; i < N; i++)
@@ -265,9 +271,17 @@ static void forward_chunk(struct gen_cache *gc, const struct model *m, const str
         op_rmsnorm_forward(gc->ln, NULL, x, w->ln1, N, C, eps);
         // 2. q, k, v (+ LoRA); k and v go straight into the cache
         float *kc = gc->k[l] + (size_t)n0 * KV, *vc = gc->v[l] + (size_t)n0 * KV;
-        linear(gc->q, gc->ln, w->wq, w->bq, N, C, Q);
-        linear(kc, gc->ln, w->wk, w->bk, N, C, KV);
-        linear(vc, gc->ln, w->wv, w->bv, N, C, KV);
+        if (N == 1) { // one token: the three GEMVs in one pass of the threads
+            float *o3[3] = { gc->q, kc, vc };
+            const struct op_mat *w3[3] = { &w->wq, &w->wk, &w->wv };
+            const float *b3[3] = { w->bq, w->bk, w->bv };
+            int n3[3] = { Q, KV, KV };
+            op_mat_gemv_many(3, o3, w3, b3, n3, gc->ln, C);
+        } else {
+            op_mat_forward(gc->q, gc->ln, &w->wq, w->bq, N, C, Q, wt, wn);
+            op_mat_forward(kc, gc->ln, &w->wk, w->bk, N, C, KV, wt, wn);
+            op_mat_forward(vc, gc->ln, &w->wv, w->bv, N, C, KV, wt, wn);
+        }
         lora_linear(gc, lora, l, CFG_Q, gc->q, gc->ln, N);
         lora_linear(gc, lora, l, CFG_K, kc, gc->ln, N);
         lora_linear(gc, lora, l, CFG_V, vc, gc->ln, N);
@@ -282,33 +296,38 @@ static void forward_chunk(struct gen_cache *gc, const struct model *m, const str
         // 4. attention over the cache
         cache_attention(gc, l, n0, N);
         // 5. x2 = x + o_proj(atty)
-        linear(gc->x2, gc->atty, w->wo, NULL, N, Q, C);
+        op_mat_forward(gc->x2, gc->atty, &w->wo, NULL, N, Q, C, wt, wn);
         lora_linear(gc, lora, l, CFG_O, gc->x2, gc->atty, N);
-        for (size_t i = 0; i < (size_t)N * C; i++)
-            gc->x2[i] += x[i];
+        op_add(gc->x2, x, (size_t)N * C);
         // 6. ln2
         op_rmsnorm_forward(gc->ln, NULL, gc->x2, w->ln2, N, C, eps);
         // 7. act = silu(gate) * up
-        linear(gc->gate, gc->ln, w->wgate, NULL, N, C, F);
-        linear(gc->up, gc->ln, w->wup, NULL, N, C, F);
+        if (N == 1) {
+            float *o2[2] = { gc->gate, gc->up };
+            const struct op_mat *w2[2] = { &w->wgate, &w->wup };
+            int n2[2] = { F, F };
+            op_mat_gemv_many(2, o2, w2, NULL, n2, gc->ln, C);
+        } else {
+            op_mat_forward(gc->gate, gc->ln, &w->wgate, NULL, N, C, F, wt, wn);
+            op_mat_forward(gc->up, gc->ln, &w->wup, NULL, N, C, F, wt, wn);
+        }
         lora_linear(gc, lora, l, CFG_GATE, gc->gate, gc->ln, N);
         lora_linear(gc, lora, l, CFG_UP, gc->up, gc->ln, N);
         op_swiglu_forward(gc->act, gc->gate, gc->up, (size_t)N * F);
         // 8. x = x2 + down(act)
-        linear(x, gc->act, w->wdown, NULL, N, F, C);
+        op_mat_forward(x, gc->act, &w->wdown, NULL, N, F, C, wt, wn);
         lora_linear(gc, lora, l, CFG_DOWN, x, gc->act, N);
-        for (size_t i = 0; i < (size_t)N * C; i++)
-            x[i] += gc->x2[i];
+        op_add(x, gc->x2, (size_t)N * C);
     }
     // 9. final norm and lm_head: every row when asked, else the last one only
     gc->n = n0 + N;
     if (out_logits) {
         op_rmsnorm_forward(gc->lnf, NULL, x, m->w.norm, N, C, eps);
-        linear(out_logits, gc->lnf, m->w.lm_head, NULL, N, C, V);
+        op_mat_forward(out_logits, gc->lnf, &m->w.lm_head, NULL, N, C, V, wt, wn);
         memcpy(gc->logits, out_logits + (size_t)(N - 1) * V, sizeof(float) * (size_t)V);
     } else {
         op_rmsnorm_forward(gc->lnf, NULL, x + (size_t)(N - 1) * C, m->w.norm, 1, C, eps);
-        linear(gc->logits, gc->lnf, m->w.lm_head, NULL, 1, C, V);
+        op_mat_forward(gc->logits, gc->lnf, &m->w.lm_head, NULL, 1, C, V, wt, wn);
     }
 }
 
@@ -344,10 +363,23 @@ int gen_forward(struct gen_cache *gc, const struct model *m, const struct lora *
         if (tokens[i] < 0 || tokens[i] >= gc->V)
             return lk_errf(err, LK_ERR_USAGE, "token id %d at position %d is outside the vocabulary [0, %d)",
                            (int)tokens[i], gc->n + i, gc->V);
+    if (m->w.dtype != TENSOR_F32 && !gc->wtile) { // widening tiles for the prefill's GEMMs
+        int big = gc->C;
+        int dims[] = { gc->F, gc->Q, gc->V };
+        for (size_t i = 0; i < sizeof dims / sizeof dims[0]; i++)
+            big = dims[i] > big ? dims[i] : big;
+        size_t n = op_mat_scratch_floats(big, big, omp_get_max_threads());
+        if (!(gc->wtile = lk_falloc(n, 1)))
+            return lk_errf(err, LK_ERR_NOMEM, "out of memory: widening tiles of %zu MB", n * sizeof(float) >> 20);
+        gc->wtile_n = n;
+    }
+    // BLAS single-threaded: the kernels share the threads themselves (ops.h)
+    int prev = op_blas_serial_begin(2);
     for (int i = 0; i < N; i += gc->chunk) {
         int n = N - i < gc->chunk ? N - i : gc->chunk;
         forward_chunk(gc, m, lora, tokens + i, n, out_logits ? out_logits + (size_t)i * gc->V : NULL);
     }
+    op_blas_serial_end(prev);
     return LK_OK;
 }
 

@@ -38,6 +38,8 @@ struct gen_cache {
     float *lnf;           /* [chunk, C] */
     float *logits;        /* [V]: logits of the last token of the last gen_forward */
     int *pos;             /* owned [chunk] */
+    float *wtile;         /* owned: widening tiles for bf16 / f16 weights (first use) */
+    size_t wtile_n;
 };
 
 /* Sizes a cache for model config c: T_max positions (at most max_position_embeddings is the

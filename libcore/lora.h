@@ -35,6 +35,7 @@
 #include "st.h"
 
 struct model;
+struct op_mat;
 
 struct lora_pattern {
     char *key;     /* owned regex (PEFT matches `(.*\.)?(key)$` against the module name) */
@@ -252,9 +253,9 @@ struct model;
 int lora_init_pissa(struct lora *l, struct model *m, struct lk_err *err);
 /* Saves a PiSSA-trained adapter converted to apply to the original base: rank 2R. */
 int lora_save_pissa(const struct lora *l, const struct model *m, const char *dir, struct lk_err *err);
-/* The frozen weight W [out, in] of (layer, module) in a model's float32 block (lora_pissa.c; also
- * used by lora_dora.c). Points into the model. */
-float *lora_base_weight(const struct model *m, int layer, int module);
+/* The frozen weight W [out, in] of (layer, module) as the model keeps it: float32, or bf16 / f16
+ * (lora_pissa.c; also used by lora_dora.c). Points into the model. */
+const struct op_mat *lora_base_weight(const struct model *m, int layer, int module);
 
 /* Trainable parameter count (A, B, biases). */
 size_t lora_param_count(const struct lora *l);

@@ -13,6 +13,7 @@
 
 #include "lora.h"
 #include "model.h"
+#include "ops.h"
 
 int lora_init_dora_magnitude(struct lora *l, const struct model *m, struct lk_err *err)
 {
@@ -27,8 +28,7 @@ int lora_init_dora_magnitude(struct lora *l, const struct model *m, struct lk_er
         struct lora_module *md = &l->mod[k];
         if (!md->mag)
             continue;
-        memcpy(Wm, lora_base_weight(m, md->layer, md->module),
-               sizeof(float) * (size_t)md->out * md->in);
+        op_mat_widen(Wm, lora_base_weight(m, md->layer, md->module), md->in, 0, md->out, 0, md->in);
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, md->out, md->in, md->R, md->scale, md->B, md->R,
                     md->A, md->in, 1.0f, Wm, md->in);
         for (int o = 0; o < md->out; o++) {

@@ -14,11 +14,12 @@
 #include "lora.h"
 #include "model.h"
 #include "svd.h"
+#include "tensor.h"
 
-float *lora_base_weight(const struct model *m, int layer, int module)
+const struct op_mat *lora_base_weight(const struct model *m, int layer, int module)
 {
     const struct model_layer *w = &m->w.layer[layer];
-    float *p[CFG_N_MODULES] = { w->wq, w->wk, w->wv, w->wo, w->wgate, w->wup, w->wdown };
+    const struct op_mat *p[CFG_N_MODULES] = { &w->wq, &w->wk, &w->wv, &w->wo, &w->wgate, &w->wup, &w->wdown };
     return p[module];
 }
 
@@ -34,7 +35,11 @@ int lora_init_pissa(struct lora *l, struct model *m, struct lk_err *err)
         if (R > (out < in ? out : in))
             return lk_errf(err, LK_ERR_USAGE, "PiSSA rank %d exceeds the size of %s (%d x %d)", R,
                            cfg_module_names[md->module], out, in);
-        float *W = lora_base_weight(m, md->layer, md->module);
+        const struct op_mat *Wm = lora_base_weight(m, md->layer, md->module);
+        if (Wm->dtype != TENSOR_F32)
+            return lk_errf(err, LK_ERR_UNSUPPORTED, "PiSSA rewrites the base weights, which are kept in %s here: "
+                           "load them in float32 (hint: --weights f32)", tensor_dtype_name(Wm->dtype));
+        float *W = Wm->f;
         float *U = lk_malloc(sizeof(float) * (size_t)out * R), *S = lk_malloc(sizeof(float) * (size_t)R);
         float *Vt = lk_malloc(sizeof(float) * (size_t)R * in);
         int rc = (!U || !S || !Vt) ? lk_errf(err, LK_ERR_NOMEM, "out of memory")

@@ -1255,7 +1255,7 @@ static int verify(struct merge_ctx *x, const struct st_model *sm, const char *di
     if (x->n == 1 && o->adapters[0].weight == 1.0 && !o->subtract && !x->ad[0].mag_mem &&
         (o->method == MERGE_LINEAR || o->method == MERGE_CAT || o->method == MERGE_SVD)) {
         struct lk_err e2 = { 0 };
-        int ok = model_load(&m, o->model, &e2) == LK_OK;
+        int ok = model_load_keep(&m, o->model, MODEL_KEEP_FILE, &e2) == LK_OK; // as the engine runs it
         int saved = x->ad[0].extras_applied;
         if (ok && model_apply_extras(&m, &x->ad[0], &e2) == LK_OK && forward_copy(&m, &x->ad[0], tok, ref, &e2) == LK_OK)
             have_ref = 1;
@@ -1299,8 +1299,8 @@ static int verify(struct merge_ctx *x, const struct st_model *sm, const char *di
     if ((rc = forward_copy(&m, NULL, tok, rd, err)))
         goto out;
     model_release(&m);
-    // 3. the merged output as any reader loads it (model_load reads a .gguf too)
-    if ((rc = model_load(&m, dir, err)) || (rc = forward_copy(&m, NULL, tok, got, err)))
+    // 3. the merged output as any reader loads it (the engine's way; model_load reads a .gguf too)
+    if ((rc = model_load_keep(&m, dir, MODEL_KEEP_FILE, err)) || (rc = forward_copy(&m, NULL, tok, got, err)))
         goto out;
     logits_diff(got, ref, nl, &rep->verify_max_abs, &rep->verify_max_rel);
     logits_diff(rd, ex, nl, &rep->round_max_abs, &rep->round_max_rel);

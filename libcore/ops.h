@@ -4,12 +4,17 @@
  * C = channels. Backward kernels ACCUMULATE (+=) into every gradient buffer they are given;
  * the caller zeroes gradients once per step. A NULL gradient pointer means "not needed".
  * Every fast path has a plain reference beside it (op_*_naive), which the tests compare.
+ * Threads: outside an OpenMP region each kernel splits its rows (or heads) over op_team()
+ * threads, a split that never changes what is added to what; inside one (a lane of the model)
+ * it runs on the calling thread. BLAS is called single-threaded from a team.
  */
 #ifndef LK_OPS_H
 #define LK_OPS_H
 
 #include <stddef.h>
 #include <stdint.h>
+
+#include "tensor.h"
 
 // ---- linear: out[N, OC] = inp[N, IC] @ w[OC, IC]^T + bias[OC] ----
 void op_matmul_forward(float *out, const float *inp, const float *w, const float *bias, int N, int IC,
@@ -21,6 +26,68 @@ void op_matmul_backward(float *dinp, float *dw, float *dbias, const float *dout,
                         const float *w, int N, int IC, int OC);
 void op_matmul_forward_naive(float *out, const float *inp, const float *w, const float *bias, int N,
                              int IC, int OC);
+
+// ---- frozen weight matrices (ops_mat.c): float32, or the file's bf16 / f16 widened in the kernels ----
+/* A weight matrix [rows, cols], row-major, as kept in memory. With dtype BF16 or F16 the kernels
+ * below widen it to float32 a tile at a time (AVX2 + F16C when the CPU has them, else plain C) and
+ * compute in float32, so their results are the float32 kernels' on the widened values, up to the
+ * order of additions. Which member is valid follows dtype. */
+struct op_mat {
+    int dtype;                /* TENSOR_F32, TENSOR_BF16 or TENSOR_F16 */
+    union {
+        float *f;             /* dtype F32 */
+        uint16_t *h;          /* dtype BF16 / F16: the bits as the file stores them */
+    };
+};
+
+/* 1 (default): use the AVX2 kernels when the CPU has AVX2, FMA and F16C; 0: the plain C ones
+ * (tests compare the two). */
+extern int op_simd;
+/* 1 when the AVX2 kernels are in use (op_simd and the CPU supports them). */
+int op_simd_active(void);
+
+/* Threads a kernel called here may use: 1 inside an active OpenMP region (a lane of the model
+ * already has its thread), else omp_get_max_threads(). */
+int op_team(void);
+/* OpenBLAS must not run its own threads under an OpenMP team (each would oversubscribe the
+ * cores): before a region of nt > 1 threads that calls BLAS, begin sets OpenBLAS to one thread
+ * and returns the previous count; end restores it (both no-ops for nt <= 1). Call outside
+ * regions only. */
+int op_blas_serial_begin(int nt);
+void op_blas_serial_end(int prev);
+
+/* Widens rows [r0, r1) x columns [c0, c1) of w (cols columns per row) into dst, contiguous
+ * [(r1 - r0), (c1 - c0)]. */
+void op_mat_widen(float *dst, const struct op_mat *w, int cols, int r0, int r1, int c0, int c1);
+/* Scratch floats the two kernels below want for widening tiles with nt threads (any smaller
+ * size of at least max(IC, OC) works, with smaller tiles; float32 weights need none). */
+size_t op_mat_scratch_floats(int IC, int OC, int nt);
+/* out[N, OC] = inp[N, IC] @ w^T + bias. One row (N = 1) is a fused widen-and-dot GEMV reading
+ * each weight once, threaded over output rows; more rows widen tiles of rows of w into scratch
+ * and run sgemm on each, the tiles spread over op_team() threads. */
+void op_mat_forward(float *out, const float *inp, const struct op_mat *w, const float *bias, int N,
+                    int IC, int OC, float *scratch, size_t scratch_n);
+/* dinp[N, IC] += dout[N, OC] @ w (the input gradient of the linear above; accumulates). */
+void op_mat_backward(float *dinp, const float *dout, const struct op_mat *w, int N, int IC, int OC,
+                     float *scratch, size_t scratch_n);
+/* out[OC] = w[OC, IC] @ x + bias (bias may be NULL): the fused GEMV alone. */
+void op_mat_gemv(float *out, const struct op_mat *w, const float *x, const float *bias, int OC,
+                 int IC);
+/* n such products of the same x in one pass of the threads (q, k, v; gate, up): out[k][OC[k]] =
+ * w[k] @ x + bias[k] (bias NULL, or any bias[k] NULL, for none). */
+void op_mat_gemv_many(int n, float *const *out, const struct op_mat *const *w, const float *const *bias,
+                      const int *OC, const float *x, int IC);
+/* The weight gradient of the same linear (float32 weights: a full fine-tune): dw[OC, IC] +=
+ * dout^T inp, dbias[OC] += sum over rows of dout (either may be NULL), the output rows split
+ * over op_team() threads. */
+void op_mat_backward_weight(float *dw, float *dbias, const float *dout, const float *inp, int N, int IC,
+                            int OC);
+/* References for the tests: every weight widened with tensor.h's scalar conversions, sums in
+ * double. dinp accumulates as in op_mat_backward. */
+void op_mat_forward_naive(float *out, const float *inp, const struct op_mat *w, const float *bias,
+                          int N, int IC, int OC);
+void op_mat_backward_naive(float *dinp, const float *dout, const struct op_mat *w, int N, int IC,
+                           int OC);
 
 // ---- RMSNorm: out = inp * rstd * w, rstd = 1/sqrt(mean(inp^2) + eps) per row ----
 /* Qwen3's q_norm / k_norm normalise each head of q [N, H*HS] on its own: the same kernels on the
@@ -55,10 +122,23 @@ void op_rope_backward(float *dx, const int *pos, const float *inv_freq, int N, i
  * tokens of the same segment (packing). */
 void op_attention_forward(float *out, float *att, const float *q, const float *k, const float *v,
                           const int *seg, int B, int T, int NH, int NKV, int HS);
-/* scratch: [T, T] floats. */
+/* scratch: nscratch blocks of [T, T] floats; up to nscratch threads run the (batch, kv head)
+ * groups (each group's query heads add into the same dk, dv rows, so a group stays on one). */
 void op_attention_backward(float *dq, float *dk, float *dv, const float *dout, const float *att,
                            const float *q, const float *k, const float *v, int B, int T, int NH,
-                           int NKV, int HS, float *scratch);
+                           int NKV, int HS, float *scratch, int nscratch);
+
+// ---- AVX2 pieces of the elementwise kernels (ops_mat.c) ----
+/* Each does the first k elements (a multiple of 8) with AVX2 when op_simd_active() and returns
+ * k (0 otherwise), leaving the rest to the caller's plain loop. Their exp is Cephes' polynomial
+ * (within 2 ulp of expf, tested), clamped to e^[-87.3, 88.7]. */
+size_t op_exp_simd(float *dst, const float *src, size_t n);
+size_t op_swiglu_forward_simd(float *out, const float *gate, const float *up, size_t n);
+size_t op_swiglu_backward_simd(float *dgate, float *dup, const float *dout, const float *gate,
+                               const float *up, size_t n);
+
+// ---- residual: dst[i] += src[i] ----
+void op_add(float *dst, const float *src, size_t n);
 
 // ---- SwiGLU: out = silu(gate) * up ----
 void op_swiglu_forward(float *out, const float *gate, const float *up, size_t n);

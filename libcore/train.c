@@ -421,6 +421,9 @@ static int loop_init(struct loop *x, const struct train_opts *o, struct model *m
     x->T = x->r.T;
     x->gb = (long)o->batch * o->grad_accum;
     x->spe = (x->r.n + x->gb - 1) / x->gb;
+    if (!lora && (m->w.dtype != TENSOR_F32 || m->w.n_own))
+        return lk_errf(err, LK_ERR_USAGE, "a full fine-tune trains float32 master weights: load the model "
+                       "in float32 (model_load)");
     x->P = lora ? lora->mem : m->w.mem;
     x->n = lora ? lora->n : m->w.n;
     size_t BT = (size_t)x->B * x->T;

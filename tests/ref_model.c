@@ -10,6 +10,7 @@
 #include <string.h>
 
 #include "../libcore/ops.h"
+#include "../libcore/tensor.h"
 
 const struct lora *ref_dora_frozen;
 
@@ -22,7 +23,16 @@ static double *dz(size_t n)
 }
 
 /* y[N, out] = x[N, in] W^T + b  (+ s * B A drop(x) + s * lora_bias) */
-static void ref_linear(double *y, const double *x, const float *W, const float *b, int N, int in,
+/* A weight as the model keeps it (float32, or bf16 / f16 widened by tensor.h's scalar conversion,
+ * not the engine's kernels). */
+static double wat(const struct op_mat *W, size_t i)
+{
+    if (W->dtype == TENSOR_F32)
+        return W->f[i];
+    return W->dtype == TENSOR_BF16 ? tensor_bf16_to_f32(W->h[i]) : tensor_f16_to_f32(W->h[i]);
+}
+
+static void ref_linear(double *y, const double *x, const struct op_mat *W, const float *b, int N, int in,
                        int out, const struct lora *lora, int layer, int module, uint64_t seed,
                        int train)
 {
@@ -30,7 +40,7 @@ static void ref_linear(double *y, const double *x, const float *W, const float *
         for (int o = 0; o < out; o++) {
             double s = b ? b[o] : 0.0;
             for (int i = 0; i < in; i++)
-                s += x[(size_t)n * in + i] * (double)W[(size_t)o * in + i];
+                s += x[(size_t)n * in + i] * wat(W, (size_t)o * in + i);
             y[(size_t)n * out + o] = s;
         }
     const struct lora_module *md = lora ? lora_find(lora, layer, module) : NULL;
@@ -64,7 +74,7 @@ static void ref_linear(double *y, const double *x, const float *W, const float *
         for (int o = 0; o < out; o++) {
             double ss = 0;
             for (int i = 0; i < in; i++) {
-                double wv = W[(size_t)o * in + i];
+                double wv = wat(W, (size_t)o * in + i);
                 for (int r = 0; r < fz->R; r++)
                     wv += fz->scale * (double)fz->B[(size_t)o * fz->R + r] * fz->A[(size_t)r * in + i];
                 ss += wv * wv;
@@ -150,13 +160,13 @@ double ref_forward(const struct model *m, const struct lora *lora, const int *to
     ref_rope_inv_freq(c, inv_freq);
     for (int n = 0; n < N; n++)
         for (int i = 0; i < C; i++)
-            x[(size_t)n * C + i] = m->w.embed[(size_t)tokens[n] * C + i];
+            x[(size_t)n * C + i] = wat(&m->w.embed, (size_t)tokens[n] * C + i);
     for (int l = 0; l < L; l++) {
         const struct model_layer *w = &m->w.layer[l];
         ref_rmsnorm(h, x, w->ln1, N, C, c->rms_norm_eps);
-        ref_linear(q, h, w->wq, w->bq, N, C, Q, lora, l, CFG_Q, seed, train);
-        ref_linear(k, h, w->wk, w->bk, N, C, KV, lora, l, CFG_K, seed, train);
-        ref_linear(v, h, w->wv, w->bv, N, C, KV, lora, l, CFG_V, seed, train);
+        ref_linear(q, h, &w->wq, w->bq, N, C, Q, lora, l, CFG_Q, seed, train);
+        ref_linear(k, h, &w->wk, w->bk, N, C, KV, lora, l, CFG_K, seed, train);
+        ref_linear(v, h, &w->wv, w->bv, N, C, KV, lora, l, CFG_V, seed, train);
         if (c->qk_norm) { // Qwen3: q_norm / k_norm on each head, before the rotary embedding
             ref_rmsnorm(q, q, w->q_norm, N * NH, HS, c->rms_norm_eps);
             ref_rmsnorm(k, k, w->k_norm, N * NKV, HS, c->rms_norm_eps);
@@ -198,15 +208,15 @@ double ref_forward(const struct model *m, const struct lora *lora, const int *to
                     free(sc);
                 }
             }
-        ref_linear(o, y, w->wo, NULL, N, Q, C, lora, l, CFG_O, seed, train);
+        ref_linear(o, y, &w->wo, NULL, N, Q, C, lora, l, CFG_O, seed, train);
         for (size_t i = 0; i < (size_t)N * C; i++)
             x[i] += o[i];
         ref_rmsnorm(h, x, w->ln2, N, C, c->rms_norm_eps);
-        ref_linear(g, h, w->wgate, NULL, N, C, F, lora, l, CFG_GATE, seed, train);
-        ref_linear(u, h, w->wup, NULL, N, C, F, lora, l, CFG_UP, seed, train);
+        ref_linear(g, h, &w->wgate, NULL, N, C, F, lora, l, CFG_GATE, seed, train);
+        ref_linear(u, h, &w->wup, NULL, N, C, F, lora, l, CFG_UP, seed, train);
         for (size_t i = 0; i < (size_t)N * F; i++)
             g[i] = g[i] / (1.0 + exp(-g[i])) * u[i];
-        ref_linear(d, g, w->wdown, NULL, N, F, C, lora, l, CFG_DOWN, seed, train);
+        ref_linear(d, g, &w->wdown, NULL, N, F, C, lora, l, CFG_DOWN, seed, train);
         for (size_t i = 0; i < (size_t)N * C; i++)
             x[i] += d[i];
     }
@@ -218,7 +228,7 @@ double ref_forward(const struct model *m, const struct lora *lora, const int *to
         for (int vv = 0; vv < V; vv++) {
             double s = 0;
             for (int i = 0; i < C; i++)
-                s += h[(size_t)n * C + i] * (double)m->w.lm_head[(size_t)vv * C + i];
+                s += h[(size_t)n * C + i] * wat(&m->w.lm_head, (size_t)vv * C + i);
             lg[(size_t)n * V + vv] = s;
         }
         if (targets && targets[n] >= 0) {

@@ -356,7 +356,7 @@ static void randomized_near_optimum(int up)
     struct model base, tuned;
     CHECK_OK(fix_model_random(&base, &c, 0.02f, 1));
     CHECK_OK(fix_model_random(&tuned, &c, 0.02f, 1));
-    float *W = up ? tuned.w.layer[0].wup : tuned.w.layer[0].wq;
+    float *W = up ? tuned.w.layer[0].wup.f : tuned.w.layer[0].wq.f;
     int m = up ? 4864 : 896, n = 896, mn = 896;
     struct lk_rng rng;
     lk_rng_seed(&rng, 5);
@@ -373,7 +373,7 @@ static void randomized_near_optimum(int up)
     CHECK_OK(model_save(&base, test_path("b"), TENSOR_F32, test_err()));
     CHECK_OK(model_save(&tuned, test_path("t"), TENSOR_F32, test_err()));
     // ΔW as stored (the files' rounding included), and its spectrum by gesdd
-    const float *W0 = up ? base.w.layer[0].wup : base.w.layer[0].wq;
+    const float *W0 = up ? base.w.layer[0].wup.f : base.w.layer[0].wq.f;
     for (size_t i = 0; i < (size_t)m * n; i++)
         D[i] = W[i] - W0[i];
     float *S = malloc(sizeof(float) * mn);

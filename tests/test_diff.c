@@ -576,7 +576,7 @@ TEST(diff_adapter_against_its_merged_model_is_rounding_only)
     CHECK_OK(save_adapter(&l, base, ad));
     for (int k = 0; k < l.n_mod; k++) {
         const struct lora_module *md = &l.mod[k];
-        float *W = m.w.layer[md->layer].wo;
+        float *W = m.w.layer[md->layer].wo.f;
         for (int i = 0; i < md->out; i++)
             for (int j = 0; j < md->in; j++) {
                 double s = 0;

@@ -1134,12 +1134,12 @@ TEST(ev_system_with_modules_to_save_matches_its_merge)
     lk_rng_seed(&g, 17);
     size_t nv = (size_t)m.cfg.vocab_size * m.cfg.hidden_size;
     for (size_t i = 0; i < nv; i++)
-        m.w.embed[i] += 0.05f * lk_rng_normal(&g);
+        m.w.embed.f[i] += 0.05f * lk_rng_normal(&g);
     for (int i = 0; i < m.cfg.hidden_size; i++)
         m.w.norm[i] *= 1.1f;
     size_t no = (size_t)m.cfg.hidden_size * m.cfg.num_attention_heads * m.cfg.head_dim;
     for (size_t i = 0; i < no; i++) // one linear without a bias changes too (a rank-2 factor keeps most)
-        m.w.layer[0].wo[i] += 0.02f * lk_rng_normal(&g);
+        m.w.layer[0].wo.f[i] += 0.02f * lk_rng_normal(&g);
     CHECK_OK(model_save(&m, test_path("t2"), TENSOR_F32, test_err()));
     model_release(&m);
     CHECK_INT(test_sh("%s svd-compress --base '%s/m' --tuned '%s/t2' --out '%s/comp' --rank 2 --keep-other --runs "

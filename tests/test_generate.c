@@ -12,6 +12,7 @@
 
 #include "../libcore/generate.h"
 #include "../libcore/model.h"
+#include "../libcore/tensor.h"
 #include "fix_model.h"
 
 /* max |a - b| / max |b| over n values */
@@ -31,11 +32,14 @@ static double rel_diff(const float *a, const float *b, size_t n)
 /* Prefill n_pre tokens in chunks of `chunk`, then one token at a time: every position's logits
  * must match model_forward's on the whole sequence (causal: row t depends on tokens 0..t) within
  * tol (relative to the row's largest logit). */
-static void check_cache_vs_full_tol(const struct cfg *c, int with_lora, int chunk, int n_pre, double tol)
+static void check_cache_vs_full_dtype(const struct cfg *c, int with_lora, int chunk, int n_pre, double tol,
+                                      int dtype)
 {
     struct model m;
     struct lora l = { 0 };
     CHECK_OK(fix_model_random(&m, c, 0.3f, 21));
+    if (dtype != TENSOR_F32) // the matrices kept in bf16 / f16: one token is the fused GEMV
+        CHECK_OK(model_weights_convert(&m.w, c, dtype, test_err()));
     if (with_lora)
         CHECK_OK(fix_lora_random(&l, c, (1u << CFG_N_MODULES) - 1, 3, 6.0, 0, 0.0f, 22));
     const struct lora *lp = with_lora ? &l : NULL;
@@ -59,7 +63,8 @@ static void check_cache_vs_full_tol(const struct cfg *c, int with_lora, int chun
     }
     for (int t = 0; t < T; t++) {
         double r = rel_diff(got + (size_t)t * V, ref + (size_t)t * V, (size_t)V);
-        CHECK_MSG(r < tol, "position %d: cached logits differ from model_forward by %g (rel)", t, r);
+        CHECK_MSG(r < tol, "%s weights, position %d: cached logits differ from model_forward by %g (rel)",
+                  tensor_dtype_name(dtype), t, r);
     }
     // rewinding: drop the last 4 positions and run them again as one chunk
     gen_cache_truncate(&gc, T - 4);
@@ -83,6 +88,13 @@ static void check_cache_vs_full_tol(const struct cfg *c, int with_lora, int chun
     free(got);
     lora_release(&l);
     model_release(&m);
+}
+
+static void check_cache_vs_full_tol(const struct cfg *c, int with_lora, int chunk, int n_pre, double tol)
+{
+    static const int dtypes[] = { TENSOR_F32, TENSOR_BF16, TENSOR_F16 };
+    for (size_t d = 0; d < 3 && !test_failed(); d++)
+        check_cache_vs_full_dtype(c, with_lora, chunk, n_pre, tol, dtypes[d]);
 }
 
 static void check_cache_vs_full(const struct cfg *c, int with_lora, int chunk, int n_pre)
@@ -158,11 +170,13 @@ TEST(gen_cache_matches_full_forward_llama32_rope)
 }
 
 /* Greedy generation with the cache gives the same tokens as recomputing the prefix. */
-static void check_greedy_same(const struct cfg *c, int with_lora, float std)
+static void check_greedy_same(const struct cfg *c, int with_lora, float std, int dtype)
 {
     struct model m;
     struct lora l = { 0 };
     CHECK_OK(fix_model_random(&m, c, std, 31));
+    if (dtype != TENSOR_F32)
+        CHECK_OK(model_weights_convert(&m.w, c, dtype, test_err()));
     if (with_lora)
         CHECK_OK(fix_lora_random(&l, c, (1u << CFG_N_MODULES) - 1, 2, 4.0, 0, 0.0f, 32));
     const struct lora *lp = with_lora ? &l : NULL;
@@ -212,9 +226,9 @@ static void check_greedy_same(const struct cfg *c, int with_lora, float std)
 static void check_greedy_two(void (*fix_a)(struct cfg *), void (*fix_b)(struct cfg *))
 {
     struct cfg c;
-    for (int k = 0; k < 4 && !test_failed(); k++) {
-        (k < 2 ? fix_a : fix_b)(&c);
-        check_greedy_same(&c, k & 1, 0.5f);
+    for (int k = 0; k < 8 && !test_failed(); k++) {
+        ((k & 3) < 2 ? fix_a : fix_b)(&c);
+        check_greedy_same(&c, k & 1, 0.5f, k < 4 ? TENSOR_F32 : TENSOR_BF16);
     }
 }
 

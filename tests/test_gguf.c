@@ -556,11 +556,11 @@ TEST(gguf_llama_permutation_and_roundtrip)
     CHECK(tq && tk && tq->ne[0] == 96 && tq->ne[1] == 128 && tk->ne[1] == 64);
     const float *q = (const float *)tq->data, *k = (const float *)tk->data;
     for (int64_t r = 0; r < 128; r++)
-        CHECK(!memcmp(q + r * 96, m.w.layer[1].wq + fix_permuted_src_row(r, 32) * 96, 96 * sizeof(float)));
+        CHECK(!memcmp(q + r * 96, m.w.layer[1].wq.f + fix_permuted_src_row(r, 32) * 96, 96 * sizeof(float)));
     for (int64_t r = 0; r < 64; r++)
-        CHECK(!memcmp(k + r * 96, m.w.layer[1].wk + fix_permuted_src_row(r, 32) * 96, 96 * sizeof(float)));
+        CHECK(!memcmp(k + r * 96, m.w.layer[1].wk.f + fix_permuted_src_row(r, 32) * 96, 96 * sizeof(float)));
     const struct gguf_tensor *tv = gguf_find_tensor(&g, "blk.1.attn_v.weight");
-    CHECK(!memcmp(tv->data, m.w.layer[1].wv, 64 * 96 * sizeof(float))); // v is not permuted
+    CHECK(!memcmp(tv->data, m.w.layer[1].wv.f, 64 * 96 * sizeof(float))); // v is not permuted
     gguf_close(&g);
     // read back into lorakit: the same weights bit for bit, so the same logits
     struct model back;
@@ -577,7 +577,7 @@ TEST(gguf_llama_permutation_and_roundtrip)
     CHECK(tv && tv->type == GGUF_T_Q8_0);
     float *deq = malloc(sizeof(float) * tv->numel);
     gguf_to_f32(deq, GGUF_T_Q8_0, tv->data, tv->numel);
-    CHECK(!memcmp(deq, back.w.layer[0].wdown, tv->numel * sizeof(float)));
+    CHECK(!memcmp(deq, back.w.layer[0].wdown.f, tv->numel * sizeof(float)));
     free(deq);
     gguf_close(&g);
     model_release(&back);

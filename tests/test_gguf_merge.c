@@ -779,7 +779,7 @@ TEST(gguf_qwen3_written_and_read_back)
     struct model m, back;
     CHECK_OK(model_load(&m, dir, test_err()));
     CHECK(!memcmp(qn->data, m.w.layer[1].q_norm, 32 * sizeof(float)));
-    CHECK(!memcmp(q->data, m.w.layer[1].wq, 128 * 64 * sizeof(float)));
+    CHECK(!memcmp(q->data, m.w.layer[1].wq.f, 128 * 64 * sizeof(float)));
     gguf_close(&g);
     CHECK_OK(model_load(&back, out, test_err()));
     CHECK(back.cfg.arch == CFG_ARCH_QWEN3 && back.cfg.qk_norm && back.cfg.head_dim == 32 && !back.cfg.attention_bias);

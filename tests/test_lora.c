@@ -497,7 +497,7 @@ TEST(lora_roundtrip_dora_embedding_and_modules_to_save)
     CHECK(model_forward(&m, &l2, tok, NULL, NULL, NULL, 0, NULL, test_err()) == LK_ERR_USAGE);
     CHECK_OK(model_apply_extras(&m, &l2, test_err()));
     CHECK_OK(model_forward(&m, &l2, tok, NULL, NULL, NULL, 0, NULL, test_err()));
-    CHECK(memcmp(m.w.lm_head, l.extra[0].data, sizeof(float) * (size_t)c.vocab_size * c.hidden_size) == 0);
+    CHECK(memcmp(m.w.lm_head.f, l.extra[0].data, sizeof(float) * (size_t)c.vocab_size * c.hidden_size) == 0);
     free(buf);
     lora_release(&l);
     lora_release(&l2);
@@ -516,7 +516,7 @@ TEST(lora_modules_to_save_on_tied_head_unties_the_model_in_memory)
     for (int i = 0; i < 37 * 16; i++)
         head[i] = 0.01f * (float)((i * 7) % 23) - 0.1f;
     float *embed0 = malloc(sizeof(float) * 37 * 16);
-    memcpy(embed0, m.w.embed, sizeof(float) * 37 * 16);
+    memcpy(embed0, m.w.embed.f, sizeof(float) * 37 * 16);
     struct st_item it[5] = { { QA(0), 2, { 2, 16 }, z }, { QB(0), 2, { 16, 2 }, z }, { QA(1), 2, { 2, 16 }, z },
                              { QB(1), 2, { 16, 2 }, z }, { "base_model.model.lm_head.weight", 2, { 37, 16 }, head } };
     write_adapter(test_path("ad"), "{\"peft_type\":\"LORA\",\"r\":2,\"lora_alpha\":4,\"target_modules\":[\"q_proj\"],"
@@ -524,9 +524,9 @@ TEST(lora_modules_to_save_on_tied_head_unties_the_model_in_memory)
     struct lora l;
     CHECK_OK(lora_load(&l, test_path("ad"), &c, test_err()));
     CHECK_OK(model_apply_extras(&m, &l, test_err()));
-    CHECK(!m.cfg.tie_word_embeddings && m.w.lm_head != m.w.embed);
-    CHECK(!memcmp(m.w.lm_head, head, sizeof head));
-    CHECK(!memcmp(m.w.embed, embed0, sizeof head));
+    CHECK(!m.cfg.tie_word_embeddings && m.w.lm_head.f != m.w.embed.f);
+    CHECK(!memcmp(m.w.lm_head.f, head, sizeof head));
+    CHECK(!memcmp(m.w.embed.f, embed0, sizeof head));
     // the forward against an untied model built here by name (embed, lm_head = the copy)
     struct model ref, m0;
     CHECK_OK(fix_model_random(&m0, &c, 0.3f, 93));
@@ -542,7 +542,7 @@ TEST(lora_modules_to_save_on_tied_head_unties_the_model_in_memory)
         for (int j = 0; j < ns; j++)
             if (!strcmp(td[i].name, ts[j].name))
                 memcpy(td[i].data, ts[j].data, sizeof(float) * td[i].numel);
-    memcpy(ref.w.lm_head, head, sizeof head);
+    memcpy(ref.w.lm_head.f, head, sizeof head);
     lk_free(ts);
     lk_free(td);
     int tok[3] = { 1, 2, 3 };

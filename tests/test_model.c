@@ -11,6 +11,7 @@
 
 #include "../libcore/model.h"
 #include "../libcore/ops.h"
+#include "../libcore/tensor.h"
 #include "fix_model.h"
 #include "ref_model.h"
 
@@ -51,12 +52,19 @@ static void max_rel_logits(const float *got, const double *ref, size_t n, double
     *out = mx / (mref > 0 ? mref : 1);
 }
 
+/* The weight dtypes every parity check runs in: float32, and the matrices kept in bf16 and f16
+ * (the reference reads the same kept values, widened by tensor.h's scalar conversions). */
+static const int weight_dtypes[] = { TENSOR_F32, TENSOR_BF16, TENSOR_F16 };
+
 /* Logits of B = 2 rows of T tokens against the reference: max |diff| / max |ref| below tol. */
-static void check_logits_vs_ref_T(const struct cfg *c, int with_lora, int T, double tol)
+static void check_logits_vs_ref_T_dtype(const struct cfg *c, int with_lora, int T, double tol, int dtype)
 {
     struct model m;
     struct lora l = { 0 };
     CHECK_OK(fix_model_random(&m, c, 0.3f, 11));
+    if (dtype != TENSOR_F32)
+        CHECK_OK(model_weights_convert(&m.w, c, dtype, test_err()));
+    CHECK_INT(m.w.dtype, dtype);
     if (with_lora)
         CHECK_OK(fix_lora_random(&l, c, (1u << CFG_N_MODULES) - 1, 3, 6.0, 0, 0.0f, 12));
     int B = 2, N = B * T, V = c->vocab_size;
@@ -68,10 +76,16 @@ static void check_logits_vs_ref_T(const struct cfg *c, int with_lora, int T, dou
     ref_forward(&m, with_lora ? &l : NULL, tok, NULL, NULL, NULL, B, T, 0, 0, ref);
     double rel;
     max_rel_logits(model_logits(&m), ref, (size_t)N * V, &rel);
-    CHECK_MSG(rel < tol, "logits differ from the reference: max rel %g", rel);
+    CHECK_MSG(rel < tol, "%s weights: logits differ from the reference: max rel %g", tensor_dtype_name(dtype), rel);
     free(tok), free(ref);
     lora_release(&l);
     model_release(&m);
+}
+
+static void check_logits_vs_ref_T(const struct cfg *c, int with_lora, int T, double tol)
+{
+    for (size_t d = 0; d < 3 && !test_failed(); d++)
+        check_logits_vs_ref_T_dtype(c, with_lora, T, tol, weight_dtypes[d]);
 }
 
 static void check_logits_vs_ref(const struct cfg *c, int with_lora)
@@ -141,11 +155,14 @@ static double grad_check_tensor(struct gcase *g, float *param, const float *grad
     return r;
 }
 
-static void gradient_check_T(const struct cfg *c, int full, int with_seg, float dropout, int rslora, int T)
+static void gradient_check_T_dtype(const struct cfg *c, int full, int with_seg, float dropout, int rslora, int T,
+                                   int dtype)
 {
     struct model m;
     struct lora l = { 0 };
     CHECK_OK(fix_model_random(&m, c, 0.4f, 21));
+    if (dtype != TENSOR_F32)
+        CHECK_OK(model_weights_convert(&m.w, c, dtype, test_err()));
     if (!full)
         CHECK_OK(fix_lora_random(&l, c, (1u << CFG_N_MODULES) - 1, 2, 4.0, rslora, dropout, 22));
     int B = 2, N = B * T, V = c->vocab_size;
@@ -201,10 +218,17 @@ static void gradient_check_T(const struct cfg *c, int full, int with_seg, float 
         lk_free(gt);
         model_weights_release(&gw);
     }
-    fprintf(stderr, "    worst norm-wise relative gradient error: %.3g\n", worst);
+    fprintf(stderr, "    %s weights: worst norm-wise relative gradient error: %.3g\n", tensor_dtype_name(dtype), worst);
     CHECK_MSG(worst < 1e-3, "gradient check failed: worst relative error %g", worst);
     lora_release(&l);
     model_release(&m);
+}
+
+/* A full fine-tune trains float32 weights; LoRA runs over every kept dtype of the base. */
+static void gradient_check_T(const struct cfg *c, int full, int with_seg, float dropout, int rslora, int T)
+{
+    for (size_t d = 0; d < (full ? 1u : 3u) && !test_failed(); d++)
+        gradient_check_T_dtype(c, full, with_seg, dropout, rslora, T, weight_dtypes[d]);
 }
 
 static void gradient_check(const struct cfg *c, int full, int with_seg, float dropout, int rslora)
@@ -561,7 +585,7 @@ TEST(model_qk_norm_changes_the_logits)
     CHECK_OK(model_forward(&m, NULL, tok, NULL, NULL, NULL, 0, NULL, test_err()));
     memcpy(a, model_logits(&m), sizeof(float) * n);
     for (int i = 0; i < c.num_attention_heads * c.head_dim * c.hidden_size; i++)
-        m.w.layer[0].wq[i] *= 3.0f;
+        m.w.layer[0].wq.f[i] *= 3.0f;
     CHECK_OK(model_forward(&m, NULL, tok, NULL, NULL, NULL, 0, NULL, test_err()));
     double d = 0;
     for (size_t i = 0; i < n; i++)

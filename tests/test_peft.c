@@ -451,7 +451,7 @@ TEST(peft_case6_embedding_lora_with_its_base_layer_copy)
     CHECK_OK(base_folder(bdir, &c, 81, &base));
     float *A = randn((size_t)R * V, 0.3f, 82), *B = randn((size_t)C * R, 0.3f, 83);
     float *E = malloc(sizeof(float) * V * C);
-    memcpy(E, base.w.embed, sizeof(float) * V * C);
+    memcpy(E, base.w.embed.f, sizeof(float) * V * C);
     float *E2 = randn((size_t)V * C, 0.05f, 84);
     for (int i = 0; i < V * C; i++)
         E2[i] += E[i];
@@ -473,9 +473,9 @@ TEST(peft_case6_embedding_lora_with_its_base_layer_copy)
         struct model ref, run_m;
         CHECK_OK(model_load(&run_m, bdir, test_err()));
         CHECK_OK(copy_untied(&run_m, &ref) == 0 ? LK_OK : -1);
-        memcpy(ref.w.embed, bl, sizeof(float) * V * C);
-        memcpy(ref.w.lm_head, bl, sizeof(float) * V * C);
-        add_embed_delta(ref.w.embed, V, C, A, B, R, 2.0);
+        memcpy(ref.w.embed.f, bl, sizeof(float) * V * C);
+        memcpy(ref.w.lm_head.f, bl, sizeof(float) * V * C);
+        add_embed_delta(ref.w.embed.f, V, C, A, B, R, 2.0);
         float *want = run(&ref, NULL), *got = run_adapter(&run_m, ad);
         CHECK(want && got);
         CHECK_MSG(rel_err(got, want, n) < 1e-5, "variant %d: adapter vs hand %g", variant, rel_err(got, want, n));
@@ -600,7 +600,7 @@ TEST(peft_case7_lm_head_as_a_lora_target)
         int64_t qo, qi;
         cfg_module_shape(&c, CFG_Q, &qo, &qi);
         add_ba(wt(&ref, "model.layers.0.self_attn.q_proj.weight"), (int)qo, (int)qi, qb, qa, R, 2.0);
-        const float *W = tied ? base.w.embed : base.w.lm_head;
+        const float *W = tied ? base.w.embed.f : base.w.lm_head.f;
         // save_and_load.py: lm_head in target_modules counts as an embedding layer there, so the
         // base layer under its LoRA is saved too: "lm_head.base_layer.weight" [V, C]
         it[2] = (struct st_item){ PFX "lm_head.lora_A.weight", 2, { R, C }, A };
@@ -610,7 +610,7 @@ TEST(peft_case7_lm_head_as_a_lora_target)
         // a list entry may be a whole module path: only layer 0's q_proj (key == entry)
         CHECK_OK(peft_write(ad, "{\"r\":2,\"lora_alpha\":4,\"target_modules\":[\"model.layers.0.self_attn.q_proj\","
                                 "\"lm_head\"]}", it, 5));
-        add_ba(ref.w.lm_head, V, C, B, A, R, 2.0);
+        add_ba(ref.w.lm_head.f, V, C, B, A, R, 2.0);
         float *want = run(&ref, NULL), *got = run_adapter(&m0, ad);
         CHECK_MSG(want && got, "tied %d: %s", tied, test_errmsg());
         CHECK_MSG(rel_err(got, want, n) < 1e-5, "tied %d: run vs hand %g", tied, rel_err(got, want, n));
@@ -628,8 +628,8 @@ TEST(peft_case7_lm_head_as_a_lora_target)
         st_tensor_to_f32(h, hv, NULL);
         st_tensor_to_f32(e, ev, NULL);
         st_close(&f);
-        CHECK(rel_err(hv, ref.w.lm_head, (size_t)V * C) < 1e-6);
-        CHECK(!memcmp(ev, base.w.embed, sizeof(float) * V * C)); // the input side untouched
+        CHECK(rel_err(hv, ref.w.lm_head.f, (size_t)V * C) < 1e-6);
+        CHECK(!memcmp(ev, base.w.embed.f, sizeof(float) * V * C)); // the input side untouched
         free(hv);
         free(ev);
         got = cli_logits(test_path("mg"), NULL);
@@ -685,8 +685,8 @@ TEST(peft_case7_trainable_tokens)
     P(ad, "ad");
     CHECK_OK(peft_write(ad, "{\"r\":2,\"target_modules\":[\"model.layers.0.self_attn.q_proj\"],"
                             "\"trainable_token_indices\":[3, 7]}", it, 3));
-    memcpy(ref.w.embed + 3 * C, rows, sizeof(float) * C); // the tied weight: lm_head too
-    memcpy(ref.w.embed + 7 * C, rows + C, sizeof(float) * C);
+    memcpy(ref.w.embed.f + 3 * C, rows, sizeof(float) * C); // the tied weight: lm_head too
+    memcpy(ref.w.embed.f + 7 * C, rows + C, sizeof(float) * C);
     float *want = run(&ref, NULL), *got = run_adapter(&m0, ad);
     CHECK(want && got);
     CHECK_MSG(rel_err(got, want, n) < 1e-5, "tokens vs hand %g", rel_err(got, want, n));
@@ -718,7 +718,7 @@ TEST(peft_case7_trainable_tokens)
     add_ba(wt(&lref, "model.layers.0.self_attn.q_proj.weight"), (int)qo, (int)qi, qb2, qa2, 2, 4.0);
     CHECK_OK(peft_write(ad, "{\"r\":2,\"target_modules\":[\"model.layers.0.self_attn.q_proj\"],"
                             "\"trainable_token_indices\":{\"lm_head\":[4]}}", it2, 3));
-    memcpy(lref.w.lm_head + 4 * cl.hidden_size, row, sizeof(float) * cl.hidden_size);
+    memcpy(lref.w.lm_head.f + 4 * cl.hidden_size, row, sizeof(float) * cl.hidden_size);
     size_t nl = (size_t)NB * NT * cl.vocab_size;
     want = run(&lref, NULL);
     got = run_adapter(&lm0, ad);
@@ -749,6 +749,91 @@ TEST(peft_case7_trainable_tokens)
     model_release(&lm0);
     model_release(&base);
     model_release(&m0);
+}
+
+// ---- whole-weight changes over weights kept in bf16 ----
+
+/* `lorakit logits --weights W` of model + adapter on TOKENS (caller frees), NULL on failure. */
+static float *cli_logits_weights(const char *model, const char *adapter, const char *w)
+{
+    const char *out = test_path("lw.safetensors");
+    if (test_sh("%s logits --model '%s' --adapter '%s' --weights %s --tokens '" TOKENS "' --out '%s'", test_lorakit(),
+                model, adapter, w, out))
+        return NULL;
+    struct st_file f;
+    if (st_open(&f, out, NULL))
+        return NULL;
+    const struct st_tensor *t = st_find(&f, "logits");
+    float *v = t ? malloc(sizeof(float) * t->numel) : NULL;
+    if (v)
+        st_tensor_to_f32(t, v, NULL);
+    st_close(&f);
+    return v;
+}
+
+TEST(peft_extras_over_bf16_weights_match_float32)
+{
+    // a tied base saved in bf16: run with its matrices kept in bf16 (--weights file) and widened
+    // to float32 (--weights f32); every kind of whole-weight change must give the same logits:
+    // trainable tokens (rows of the shared embedding), a LoRA on lm_head (unties), an
+    // embed_tokens modules_to_save copy (unties), an embedding base_layer copy (stays tied)
+    struct cfg c;
+    fix_cfg_qwen2(&c);
+    int V = c.vocab_size, C = c.hidden_size, R = 2;
+    struct model m;
+    CHECK_OK(fix_model_random(&m, &c, 0.3f, 121));
+    P(bdir, "b16");
+    CHECK_OK(model_save(&m, bdir, TENSOR_BF16, test_err()));
+    model_release(&m);
+    float *rows = randn((size_t)2 * C, 0.3f, 122), *A = randn((size_t)R * C, 0.3f, 123);
+    float *B = randn((size_t)V * R, 0.3f, 124), *E = randn((size_t)V * C, 0.3f, 125);
+    char qn[2][128];
+    float *qa, *qb;
+    struct st_item q[2];
+    lora_items(&c, 0, CFG_Q, R, 126, qn, q, &qa, &qb);
+    static const char *const cfgs[4] = {
+        "{\"r\":2,\"target_modules\":[\"model.layers.0.self_attn.q_proj\"],\"trainable_token_indices\":[3, 7]}",
+        "{\"r\":2,\"lora_alpha\":4,\"target_modules\":[\"model.layers.0.self_attn.q_proj\",\"lm_head\"]}",
+        "{\"r\":2,\"target_modules\":[\"model.layers.0.self_attn.q_proj\"],\"modules_to_save\":[\"embed_tokens\"]}",
+        "{\"r\":2,\"lora_alpha\":4,\"target_modules\":[\"model.layers.0.self_attn.q_proj\",\"embed_tokens\"]}",
+    };
+    float *EA = randn((size_t)R * V, 0.3f, 127), *EB = randn((size_t)C * R, 0.3f, 128);
+    struct st_item extra[4][3] = {
+        { { PFX "model.embed_tokens.token_adapter.trainable_tokens_delta", 2, { 2, C }, rows } },
+        { { PFX "lm_head.lora_A.weight", 2, { R, C }, A }, { PFX "lm_head.lora_B.weight", 2, { V, R }, B } },
+        { { PFX "model.embed_tokens.weight", 2, { V, C }, E } }, // save_and_load.py drops "modules_to_save.default."
+        { { PFX "model.embed_tokens.lora_embedding_A", 2, { R, V }, EA },
+          { PFX "model.embed_tokens.lora_embedding_B", 2, { C, R }, EB },
+          { PFX "model.embed_tokens.base_layer.weight", 2, { V, C }, E } },
+    };
+    int n_extra[4] = { 1, 2, 1, 3 };
+    size_t n = (size_t)NB * NT * V;
+    for (int k = 0; k < 4; k++) {
+        struct st_item it[5] = { q[0], q[1] };
+        for (int j = 0; j < n_extra[k]; j++)
+            it[2 + j] = extra[k][j];
+        P(ad, "ad16");
+        CHECK_OK(peft_write(ad, cfgs[k], it, 2 + n_extra[k]));
+        float *kept = cli_logits_weights(bdir, ad, "file");
+        CHECK_MSG(kept, "case %d: %s", k, test_output());
+        float *wide = cli_logits_weights(bdir, ad, "f32");
+        CHECK_MSG(wide, "case %d: %s", k, test_output());
+        float *base = cli_logits(bdir, NULL);
+        CHECK(base);
+        CHECK_MSG(rel_err(kept, wide, n) < 1e-5, "case %d: bf16-kept vs float32 %g", k, rel_err(kept, wide, n));
+        CHECK_MSG(rel_err(kept, base, n) > 1e-3, "case %d: the adapter changed nothing", k);
+        free(kept);
+        free(wide);
+        free(base);
+    }
+    free(rows);
+    free(A);
+    free(B);
+    free(E);
+    free(EA);
+    free(EB);
+    free(qa);
+    free(qb);
 }
 
 // ---- cases 1 and 2: what svd-compress writes ----
@@ -929,8 +1014,8 @@ TEST(peft_case2_full_rank_compression_reproduces_tied_and_untied_finetunes)
         cJSON_Delete(cj);
         float *e = file_tensor(ad, "adapter_model.safetensors", PFX "model.embed_tokens.weight", NULL);
         float *h = file_tensor(ad, "adapter_model.safetensors", PFX "lm_head.weight", NULL);
-        CHECK(e && h && !memcmp(e, tuned.w.embed, sizeof(float) * V * C) &&
-              !memcmp(h, tuned.w.lm_head, sizeof(float) * V * C));
+        CHECK(e && h && !memcmp(e, tuned.w.embed.f, sizeof(float) * V * C) &&
+              !memcmp(h, tuned.w.lm_head.f, sizeof(float) * V * C));
         free(e);
         free(h);
         // merged by lorakit: the fine-tune too
@@ -1042,7 +1127,7 @@ TEST(peft_case3_tied_embedding_replacement_runs_in_logits_generate_and_eval)
     CHECK_OK(peft_write(ad, fields, it, 3));
     // 1. logits: the CLI runs it (it refused it before), against an untied copy changed by hand
     CHECK_OK(copy_untied(&base, &ref) == 0 ? LK_OK : -1);
-    memcpy(ref.w.embed, E, sizeof(float) * V * C);
+    memcpy(ref.w.embed.f, E, sizeof(float) * V * C);
     int64_t qo, qi;
     cfg_module_shape(c, CFG_Q, &qo, &qi);
     add_ba(wt(&ref, "model.layers.0.self_attn.q_proj.weight"), (int)qo, (int)qi, qb, qa, 2, 2.0);
@@ -1216,7 +1301,7 @@ TEST(peft_reader_and_untie_allocation_failures_are_clean)
     float *rows = randn((size_t)2 * C, 0.3f, 165), *nv = randn((size_t)C, 0.1f, 166);
     it[2] = (struct st_item){ PFX "lm_head.lora_A.weight", 2, { 2, C }, A };
     it[3] = (struct st_item){ PFX "lm_head.lora_B.weight", 2, { V, 2 }, B };
-    it[4] = (struct st_item){ PFX "lm_head.base_layer.weight", 2, { V, C }, base.w.embed };
+    it[4] = (struct st_item){ PFX "lm_head.base_layer.weight", 2, { V, C }, base.w.embed.f };
     it[5] = (struct st_item){ PFX "model.embed_tokens.token_adapter.trainable_tokens_delta", 2, { 2, C }, rows };
     it[6] = (struct st_item){ PFX "model.norm.weight", 1, { C }, nv };
     P(ad, "ad");

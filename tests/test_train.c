@@ -92,7 +92,7 @@ TEST(train_full_overfits_and_keeps_the_tie)
     CHECK_MSG(b < 0.05, "final loss %g (first %g): did not overfit", b, a);
     struct model m;
     CHECK_OK(model_load(&m, test_path("full"), test_err()));
-    CHECK(m.cfg.tie_word_embeddings && m.w.lm_head == m.w.embed);
+    CHECK(m.cfg.tie_word_embeddings && m.w.lm_head.f == m.w.embed.f);
     struct st_file f;
     CHECK_OK(st_open(&f, test_path("full/model.safetensors"), test_err()));
     CHECK(st_find(&f, "lm_head.weight") == NULL); // tied: one tensor, as the config says
@@ -415,7 +415,7 @@ TEST(train_dora_writes_magnitudes_that_load_and_run)
     // the magnitudes moved away from ||W|| (they are trained)
     struct lora_module *md = &l.mod[0];
     double moved = 0;
-    const float *W = m.w.layer[md->layer].wq;
+    const float *W = m.w.layer[md->layer].wq.f;
     for (int o = 0; o < md->out; o++) {
         double ss = 0;
         for (int i = 0; i < md->in; i++)

@@ -44,6 +44,8 @@ static const struct cmd_help eval_help = {
 struct eval_cli {
     const char *model, *adapter, *tuned, *qa, *docs, *index, *modes, *k, *runs, *fts_tok, *tmpl, *name;
     long max_new, limit, show, seed, threads, chunk_tokens, overlap;
+    const char *weights;
+    int keep;
     int json, quiet;
     struct opt_list systems;
     const char *retain, *retain_docs, *retain_text;
@@ -405,6 +407,7 @@ int cmd_eval(int argc, char **argv)
         { "retain-text", OPT_STR, &c.retain_text, "FILE", "texts the base knew ({\"text\"} JSONL or lines): forgetting "
                                                          "in NLL per token" },
         { "threads", OPT_INT, &c.threads, "N", "threads (default: all cores)" },
+        { "weights", OPT_STR, &c.weights, "W", "file (the file's bf16/f16 kept in memory; default) or f32" },
         { "quiet", OPT_FLAG, &c.quiet, NULL, "no progress output" },
         { 0 },
     };
@@ -421,10 +424,12 @@ int cmd_eval(int argc, char **argv)
     else if (c.max_new < 1 || c.max_new > 100000 || c.limit < 0 || c.show < 0 || c.seed < 0 || c.chunk_tokens < 1 ||
              c.overlap < 0 || c.overlap >= c.chunk_tokens)
         lk_errf(&err, LK_ERR_USAGE, "an option is out of range (see --help)");
+    else
+        lk_cli_weights(c.weights, MODEL_KEEP_FILE, &c.keep, &err);
     struct ev_setup_opts so = { c.model, c.adapter, c.tuned, c.qa, c.docs, c.index, c.modes, c.k, c.tmpl,
                                 c.fts_tok, (int)c.limit, (int)c.max_new, (int)c.chunk_tokens, (int)c.overlap,
                                 on_indexing, &c, c.systems.v, c.systems.n, c.retain, c.retain_docs,
-                                c.retain_text };
+                                c.retain_text, c.keep };
     struct ev_setup s = { 0 };
     if (err.code || ev_setup_parse(&s, &so, &err)) {
         ev_setup_release(&s);

@@ -33,11 +33,14 @@ struct stream {
     size_t n, cap;
     int failed;
     struct lk_err *err;
+    double t_first;    /* when the first token arrived (the prompt's prefill is before it) */
 };
 
 static int stream_token(void *ctx, int32_t id)
 {
     struct stream *s = ctx;
+    if (s->t_first == 0)
+        s->t_first = lk_now();
     char *piece;
     size_t len;
     int rc = tok_decode(s->tk, &id, 1, 1, &piece, &len, s->err);
@@ -68,8 +71,9 @@ static int stream_token(void *ctx, int32_t id)
 }
 
 struct generate_cli {
-    const char *model, *adapter, *prompt, *chat, *system, *tmpl, *tokdir;
+    const char *model, *adapter, *prompt, *chat, *system, *tmpl, *tokdir, *weights;
     long max_new, seed, threads;
+    int keep;
     double temperature, top_p;
     int no_cache, stats;
 };
@@ -93,6 +97,10 @@ static int prompt_ids(const struct generate_cli *c, struct tok *tk, const struct
     return rc;
 }
 
+/* Prompt tokens per prefill step: 256 rows make the GEMMs efficient (and widen bf16 weights for
+ * 256 tokens at once); measured on the 0.5B shape, 28% faster prefill than 64, 512 only 3% more. */
+#define GEN_PREFILL_CHUNK 256
+
 /* Generates after the prompt, streaming to stdout; --stats on stderr. */
 static int generate_stream(const struct generate_cli *c, struct model *m, const struct lora *l, struct tok *tk,
                            const struct chat_fmt *fmt, const struct tok_ids *ids, struct lk_err *err)
@@ -103,7 +111,8 @@ static int generate_stream(const struct generate_cli *c, struct model *m, const 
                        "positions (max_position_embeddings)", ids->n, c->max_new, maxpos);
     struct gen_cache gc = { 0 };
     int rc = c->no_cache ? LK_OK
-                         : gen_cache_init(&gc, &m->cfg, (int)ids->n + (int)c->max_new, 64, gen_lora_max_rank(l), err);
+                         : gen_cache_init(&gc, &m->cfg, (int)ids->n + (int)c->max_new, GEN_PREFILL_CHUNK,
+                                          gen_lora_max_rank(l), err);
     if (rc)
         return rc;
     struct gen_opts o = { (int)c->max_new, c->temperature, c->top_p, (uint64_t)c->seed, fmt,
@@ -119,10 +128,16 @@ static int generate_stream(const struct generate_cli *c, struct model *m, const 
     if (st.n && fwrite(st.pend, 1, st.n, stdout) != st.n && !rc)
         rc = lk_errf(err, LK_ERR_IO, "writing to standard output failed");
     printf("\n");
-    if (c->stats)
+    if (c->stats) {
         fprintf(stderr, "prompt %zu tokens, generated %zu tokens in %.3fs (%.1f tokens/s%s), stopped by %s\n",
                 ids->n, gen.n, secs, secs > 0 ? (double)gen.n / secs : 0.0, c->no_cache ? ", no cache" : "",
                 stopped ? "end of turn" : "--max-new");
+        // the first token comes after the prompt's prefill, each later one after one decode step
+        double pre = st.t_first > 0 ? st.t_first - t0 : secs, dec = secs - pre;
+        if (gen.n > 1 && pre > 0 && dec > 0)
+            fprintf(stderr, "prefill %.1f tokens/s (%.3fs), decode %.1f tokens/s (%zu tokens in %.3fs)\n",
+                    (double)ids->n / pre, pre, (double)(gen.n - 1) / dec, gen.n - 1, dec);
+    }
     tok_ids_release(&gen);
     lk_free(st.pend);
     gen_cache_release(&gc);
@@ -147,6 +162,7 @@ int cmd_generate(int argc, char **argv)
         { "no-cache", OPT_FLAG, &c.no_cache, NULL, "recompute the whole prefix for every token (slow reference)" },
         { "stats", OPT_FLAG, &c.stats, NULL, "print token counts and tokens/s on stderr" },
         { "threads", OPT_INT, &c.threads, "N", "threads (default: all cores)" },
+        { "weights", OPT_STR, &c.weights, "W", "file (the file's bf16/f16 kept in memory; default) or f32" },
         { 0 },
     };
     struct lk_err err = { 0 };
@@ -165,6 +181,8 @@ int cmd_generate(int argc, char **argv)
                 "--top-p in (0, 1], --seed >= 0)");
     else if (c.system && !c.chat)
         lk_errf(&err, LK_ERR_USAGE, "--system applies to --chat only");
+    else
+        lk_cli_weights(c.weights, MODEL_KEEP_FILE, &c.keep, &err);
     if (err.code)
         return lk_cli_fail("generate", &err);
     lk_cli_threads(c.threads);
@@ -175,7 +193,8 @@ int cmd_generate(int argc, char **argv)
     struct tok_ids ids = { 0 };
     struct chat_fmt fmt;
     int rc;
-    if ((rc = model_load(&m, c.model, &err)) || (rc = tok_load(&tk, c.tokdir ? c.tokdir : c.model, &err)))
+    if ((rc = model_load_keep(&m, c.model, (enum model_keep)c.keep, &err)) ||
+        (rc = tok_load(&tk, c.tokdir ? c.tokdir : c.model, &err)))
         goto out;
     if (tok_vocab_size(tk) > m.cfg.vocab_size) {
         rc = lk_errf(&err, LK_ERR_SHAPE, "the tokenizer has %d ids, the model's vocabulary %d",

@@ -75,14 +75,16 @@ static int parse_token_rows(const char *s, int **out, int *B, int *T, struct lk_
 
 int cmd_logits(int argc, char **argv)
 {
-    const char *model_dir = NULL, *adapter = NULL, *tokens = NULL, *out = NULL;
+    const char *model_dir = NULL, *adapter = NULL, *tokens = NULL, *out = NULL, *weights = NULL;
     long threads = 0;
+    int keep;
     const struct opt opts[] = {
         { "model", OPT_STR, &model_dir, "DIR", "model folder (config.json + safetensors) or .gguf file" },
         { "adapter", OPT_STR, &adapter, "DIR", "PEFT LoRA adapter folder to apply" },
         { "tokens", OPT_STR, &tokens, "IDS", "comma-separated ids; ';' separates sequences" },
         { "out", OPT_STR, &out, "FILE", "output .safetensors file" },
         { "threads", OPT_INT, &threads, "N", "threads (default: all cores)" },
+        { "weights", OPT_STR, &weights, "W", "file (the file's bf16/f16 kept in memory; default) or f32" },
         { 0 },
     };
     struct lk_err err = { 0 };
@@ -97,17 +99,17 @@ int cmd_logits(int argc, char **argv)
         lk_errf(&err, LK_ERR_USAGE, "--model, --tokens and --out are required (see --help)");
         return lk_cli_fail("logits", &err);
     }
-    if (threads < 0 || threads > 4096) {
+    if (threads < 0 || threads > 4096)
         lk_errf(&err, LK_ERR_USAGE, "option '--threads' must be in 0..4096");
+    if (err.code || lk_cli_weights(weights, MODEL_KEEP_FILE, &keep, &err))
         return lk_cli_fail("logits", &err);
-    }
     lk_cli_threads(threads);
     int *ids = NULL, B = 0, T = 0;
     if (parse_token_rows(tokens, &ids, &B, &T, &err))
         return lk_cli_fail("logits", &err);
     struct model m;
     struct lora l = { 0 };
-    int rc = model_load(&m, model_dir, &err);
+    int rc = model_load_keep(&m, model_dir, (enum model_keep)keep, &err);
     if (rc) {
         lk_free(ids);
         return lk_cli_fail("logits", &err);

@@ -11,6 +11,7 @@
 #include <string.h>
 
 #include "../libcore/lora.h"
+#include "../libcore/model.h"
 
 static const struct opt *opts_find(const struct opt *opts, const char *name, size_t n)
 {
@@ -166,6 +167,19 @@ void lk_cli_threads(long n)
         openblas_set_num_threads((int)n);
         omp_set_num_threads((int)n);
     }
+}
+
+int lk_cli_weights(const char *s, int def, int *keep, struct lk_err *err)
+{
+    if (!s)
+        *keep = def;
+    else if (!strcmp(s, "file"))
+        *keep = MODEL_KEEP_FILE;
+    else if (!strcmp(s, "f32"))
+        *keep = MODEL_KEEP_F32;
+    else
+        return lk_errf(err, LK_ERR_USAGE, "unknown --weights '%s' (file: as the model file stores them; f32)", s);
+    return LK_OK;
 }
 
 double lk_cli_round(double v, const char *fmt)

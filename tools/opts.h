@@ -60,6 +60,10 @@ void lk_cli_adapter_keys(const char *cmd, const char *dir, const struct lora_con
 /* --threads N of every command: OpenBLAS's and OpenMP's thread counts; N <= 0 keeps their
  * default (all cores, or OPENBLAS_NUM_THREADS / OMP_NUM_THREADS). */
 void lk_cli_threads(long n);
+/* --weights of the commands that run a model: "file" keeps the weight matrices in the file's
+ * bf16 / f16 (widened in the kernels), "f32" widens them once at load (for comparison). s NULL:
+ * def. Fills *keep with MODEL_KEEP_FILE or MODEL_KEEP_F32 (model.h). */
+int lk_cli_weights(const char *s, int def, int *keep, struct lk_err *err);
 /* v as printf's fmt ("%.6g", "%.3f") prints it, read back: for the numbers of a run record, so
  * that one built with cJSON stores the precision the record always had. NAN stays NAN (cJSON
  * writes null). */

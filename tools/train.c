@@ -39,7 +39,7 @@ const struct train_dist *train_cli_dist;
 
 struct train_cli {
     const char *model, *data, *out, *targets, *init, *schedule, *tmpl, *eval_data, *runs;
-    const char *resume, *adapter, *dump_grads, *tokenizer, *dtype, *name;
+    const char *resume, *adapter, *dump_grads, *tokenizer, *dtype, *name, *weights;
     long rank, steps, batch, grad_accum, seq, warmup, seed, eval_every, save_every, threads, log_every;
     double alpha, dropout, loraplus, lr, epochs, weight_decay, clip;
     int rslora, dora, full, pack, overwrite, skip_bad, train_on_prompt, quiet;
@@ -47,6 +47,7 @@ struct train_cli {
     enum adamw_schedule sched;
     enum lora_init_kind init_kind;
     int out_dtype;           /* --full: TENSOR_* to write, -1 auto (the base's) */
+    int keep;                /* --weights: MODEL_KEEP_FILE (LoRA's default) or MODEL_KEEP_F32 */
     int ranks, lead;         /* data parallel: processes, 1 on rank 0 (which alone prints and writes) */
 };
 
@@ -131,6 +132,14 @@ static int train_check(struct train_cli *c, struct lk_err *err)
     c->out_dtype = dtype_of[k];
     if (c->full && (c->adapter || c->init_kind != LORA_INIT_DEFAULT))
         return lk_errf(err, LK_ERR_USAGE, "--full trains every weight: --adapter and --init do not apply");
+    // float32 master weights for a full fine-tune; PiSSA rewrites the base, in float32 too
+    int f32 = c->full || c->init_kind == LORA_INIT_PISSA;
+    if (lk_cli_weights(c->weights, f32 ? MODEL_KEEP_F32 : MODEL_KEEP_FILE, &c->keep, err))
+        return err->code;
+    if (f32 && c->keep != MODEL_KEEP_F32)
+        return lk_errf(err, LK_ERR_USAGE, "--weights file does not combine with %s, which %s",
+                       c->full ? "--full" : "--init pissa",
+                       c->full ? "trains float32 master weights" : "rewrites the base weights in float32");
     if (c->out && !c->resume && lk_outdir_check(c->out, c->overwrite, err)) {
         if (err->code == LK_ERR_EXISTS && lk_is_dir(c->out)) // the usual case: an earlier run's output
             lk_errf(err, LK_ERR_EXISTS, "%s: output folder exists and is not empty (use --overwrite, or "
@@ -144,7 +153,7 @@ static int train_check(struct train_cli *c, struct lk_err *err)
 static int train_load(const struct train_cli *c, struct model *m, struct tok **tk, struct data_set *d,
                       struct data_set *ev, struct lk_err *err)
 {
-    int rc = model_load(m, c->model, err);
+    int rc = model_load_keep(m, c->model, (enum model_keep)c->keep, err);
     if (rc)
         return rc;
     const char *tdir = c->tokenizer ? c->tokenizer : c->model;
@@ -377,6 +386,7 @@ int cmd_train(int argc, char **argv)
         { "save-every", OPT_INT, &c.save_every, "N", "checkpoint every N steps (default: only on Ctrl-C)" },
         { "resume", OPT_STR, &c.resume, "DIR", "continue from a checkpoint (or the newest in DIR)" },
         { "threads", OPT_INT, &c.threads, "N", "threads (default: all cores)" },
+        { "weights", OPT_STR, &c.weights, "W", "frozen weights: file (its bf16/f16 kept; default) or f32 (--full: f32)" },
         { "runs", OPT_STR, &c.runs, "DB", "runs database (default runs.db next to --out)" },
         { "name", OPT_STR, &c.name, "NAME", "run name in the runs database (default: --out)" },
         { "dtype", OPT_STR, &c.dtype, "D", "full fine-tune output dtype: auto (the base's), f32, bf16, f16" },
