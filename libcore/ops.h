@@ -77,6 +77,13 @@ void op_mat_gemv(float *out, const struct op_mat *w, const float *x, const float
  * w[k] @ x + bias[k] (bias NULL, or any bias[k] NULL, for none). */
 void op_mat_gemv_many(int n, float *const *out, const struct op_mat *const *w, const float *const *bias,
                       const int *OC, const float *x, int IC);
+/* The same for nb inputs at once, x[nb, IC]: out[k] is [nb, OC[k]], and row b of it equals, bit for
+ * bit, what op_mat_gemv_many gives for input b alone (the same rows per thread and the same sums:
+ * a batched decode step answers as one token would). bf16 / f16 weights are read from memory
+ * once for all the inputs (each group of rows stays in cache while the inputs pass over it);
+ * float32 ones go through sgemv once per input. */
+void op_mat_gemv_batch(int n, float *const *out, const struct op_mat *const *w, const float *const *bias,
+                       const int *OC, const float *x, int IC, int nb);
 /* The weight gradient of the same linear (float32 weights: a full fine-tune): dw[OC, IC] +=
  * dout^T inp, dbias[OC] += sum over rows of dout (either may be NULL), the output rows split
  * over op_team() threads. */

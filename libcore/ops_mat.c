@@ -246,23 +246,27 @@ size_t op_swiglu_backward_simd(float *dgate, float *dup, const float *dout, cons
 
 // ---- GEMV: one row of input ----
 
-/* out[r] = W[r, :] . x (+ bias[r]) for rows [r0, r1), four partial sums per row. */
-static void gemv_rows_plain(float *out, const uint16_t *W, int dtype, const float *x, const float *bias,
-                            int r0, int r1, int IC)
+/* out[b * ldo + r] = W[r, :] . x[b * ldx + :] (+ bias[r]) for rows [r0, r1) and the nb inputs,
+ * four partial sums per row. */
+static void gemv_rows_plain(float *out, size_t ldo, const uint16_t *W, int dtype, const float *x, size_t ldx,
+                            int nb, const float *bias, int r0, int r1, int IC)
 {
     for (int r = r0; r < r1; r++) {
         const uint16_t *row = W + (size_t)r * IC;
-        float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-        int i = 0;
-        for (; i + 4 <= IC; i += 4) {
-            s0 += half_f32(row[i], dtype) * x[i];
-            s1 += half_f32(row[i + 1], dtype) * x[i + 1];
-            s2 += half_f32(row[i + 2], dtype) * x[i + 2];
-            s3 += half_f32(row[i + 3], dtype) * x[i + 3];
+        for (int b = 0; b < nb; b++) {
+            const float *xb = x + (size_t)b * ldx;
+            float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+            int i = 0;
+            for (; i + 4 <= IC; i += 4) {
+                s0 += half_f32(row[i], dtype) * xb[i];
+                s1 += half_f32(row[i + 1], dtype) * xb[i + 1];
+                s2 += half_f32(row[i + 2], dtype) * xb[i + 2];
+                s3 += half_f32(row[i + 3], dtype) * xb[i + 3];
+            }
+            for (; i < IC; i++)
+                s0 += half_f32(row[i], dtype) * xb[i];
+            out[(size_t)b * ldo + r] = ((s0 + s1) + (s2 + s3)) + (bias ? bias[r] : 0.0f);
         }
-        for (; i < IC; i++)
-            s0 += half_f32(row[i], dtype) * x[i];
-        out[r] = ((s0 + s1) + (s2 + s3)) + (bias ? bias[r] : 0.0f);
     }
 }
 
@@ -276,59 +280,69 @@ OP_AVX2 static inline float hsum8(__m256 v)
 }
 
 /* Four rows at a time share each load of x, two accumulators per row (16 columns a step); each
- * weight is widened in a register and used once, and the next group of four rows is prefetched
- * column by column as this one is read (measured here: 10 GB/s from one core against 7 without
- * the prefetch, a plain read of memory being 11.5). The tail columns (IC % 16) take one 8-wide step
+ * weight is widened in a register and used once per input, and the next group of four rows is
+ * prefetched column by column as this one is read (measured here: 10 GB/s from one core against 7
+ * without the prefetch, a plain read of memory being 11.5). With several inputs (nb > 1) each
+ * passes over the group in turn while its rows are in L1/L2, so memory is read once; an input's
+ * sums are formed exactly as for one input alone. The tail columns (IC % 16) take one 8-wide step
  * and the plain path's arithmetic, the tail rows (% 4) one row at a time. */
 #define GEMV_AVX2(NAME, LOAD8, DT)                                                                      \
-    OP_AVX2 static void NAME(float *out, const uint16_t *W, const float *x, const float *bias, int r0,  \
-                             int r1, int IC)                                                            \
+    OP_AVX2 static void NAME(float *out, size_t ldo, const uint16_t *W, const float *X, size_t ldx,     \
+                             int nb, const float *bias, int r0, int r1, int IC)                         \
     {                                                                                                   \
         int r = r0, i16 = IC & ~15, i8 = IC & ~7;                                                       \
         for (; r + 4 <= r1; r += 4) {                                                                   \
             const uint16_t *w0 = W + (size_t)r * IC, *w1 = w0 + IC, *w2 = w1 + IC, *w3 = w2 + IC;      \
             const char *pf = (const char *)(w3 + IC); /* the next group (prefetch never faults) */     \
-            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0; \
-            for (int i = 0; i < i16; i += 16) {                                                         \
-                __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + i + 8);                    \
-                _mm_prefetch(pf + 2 * (size_t)i, _MM_HINT_T0);                                          \
-                _mm_prefetch(pf + 2 * ((size_t)IC + i), _MM_HINT_T0);                                   \
-                _mm_prefetch(pf + 2 * (2 * (size_t)IC + i), _MM_HINT_T0);                               \
-                _mm_prefetch(pf + 2 * (3 * (size_t)IC + i), _MM_HINT_T0);                               \
-                a0 = _mm256_fmadd_ps(LOAD8(w0 + i), x0, a0);                                            \
-                b0 = _mm256_fmadd_ps(LOAD8(w0 + i + 8), x1, b0);                                        \
-                a1 = _mm256_fmadd_ps(LOAD8(w1 + i), x0, a1);                                            \
-                b1 = _mm256_fmadd_ps(LOAD8(w1 + i + 8), x1, b1);                                        \
-                a2 = _mm256_fmadd_ps(LOAD8(w2 + i), x0, a2);                                            \
-                b2 = _mm256_fmadd_ps(LOAD8(w2 + i + 8), x1, b2);                                        \
-                a3 = _mm256_fmadd_ps(LOAD8(w3 + i), x0, a3);                                            \
-                b3 = _mm256_fmadd_ps(LOAD8(w3 + i + 8), x1, b3);                                        \
-            }                                                                                           \
-            if (i16 < i8) {                                                                             \
-                __m256 xv = _mm256_loadu_ps(x + i16);                                                   \
-                a0 = _mm256_fmadd_ps(LOAD8(w0 + i16), xv, a0);                                          \
-                a1 = _mm256_fmadd_ps(LOAD8(w1 + i16), xv, a1);                                          \
-                a2 = _mm256_fmadd_ps(LOAD8(w2 + i16), xv, a2);                                          \
-                a3 = _mm256_fmadd_ps(LOAD8(w3 + i16), xv, a3);                                          \
-            }                                                                                           \
-            float s[4] = { hsum8(_mm256_add_ps(a0, b0)), hsum8(_mm256_add_ps(a1, b1)),                 \
-                           hsum8(_mm256_add_ps(a2, b2)), hsum8(_mm256_add_ps(a3, b3)) };               \
-            const uint16_t *wr[4] = { w0, w1, w2, w3 };                                                 \
-            for (int k = 0; k < 4; k++) {                                                               \
-                for (int i = i8; i < IC; i++)                                                           \
-                    s[k] += half_f32(wr[k][i], DT) * x[i];                                              \
-                out[r + k] = s[k] + (bias ? bias[r + k] : 0.0f);                                        \
+            for (int nb_i = 0; nb_i < nb; nb_i++) {                                                     \
+                const float *x = X + (size_t)nb_i * ldx;                                                \
+                float *o = out + (size_t)nb_i * ldo;                                                    \
+                __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0,  \
+                       b3 = a0;                                                                         \
+                for (int i = 0; i < i16; i += 16) {                                                     \
+                    __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + i + 8);                \
+                    _mm_prefetch(pf + 2 * (size_t)i, _MM_HINT_T0);                                      \
+                    _mm_prefetch(pf + 2 * ((size_t)IC + i), _MM_HINT_T0);                               \
+                    _mm_prefetch(pf + 2 * (2 * (size_t)IC + i), _MM_HINT_T0);                           \
+                    _mm_prefetch(pf + 2 * (3 * (size_t)IC + i), _MM_HINT_T0);                           \
+                    a0 = _mm256_fmadd_ps(LOAD8(w0 + i), x0, a0);                                        \
+                    b0 = _mm256_fmadd_ps(LOAD8(w0 + i + 8), x1, b0);                                    \
+                    a1 = _mm256_fmadd_ps(LOAD8(w1 + i), x0, a1);                                        \
+                    b1 = _mm256_fmadd_ps(LOAD8(w1 + i + 8), x1, b1);                                    \
+                    a2 = _mm256_fmadd_ps(LOAD8(w2 + i), x0, a2);                                        \
+                    b2 = _mm256_fmadd_ps(LOAD8(w2 + i + 8), x1, b2);                                    \
+                    a3 = _mm256_fmadd_ps(LOAD8(w3 + i), x0, a3);                                        \
+                    b3 = _mm256_fmadd_ps(LOAD8(w3 + i + 8), x1, b3);                                    \
+                }                                                                                       \
+                if (i16 < i8) {                                                                         \
+                    __m256 xv = _mm256_loadu_ps(x + i16);                                               \
+                    a0 = _mm256_fmadd_ps(LOAD8(w0 + i16), xv, a0);                                      \
+                    a1 = _mm256_fmadd_ps(LOAD8(w1 + i16), xv, a1);                                      \
+                    a2 = _mm256_fmadd_ps(LOAD8(w2 + i16), xv, a2);                                      \
+                    a3 = _mm256_fmadd_ps(LOAD8(w3 + i16), xv, a3);                                      \
+                }                                                                                       \
+                float s[4] = { hsum8(_mm256_add_ps(a0, b0)), hsum8(_mm256_add_ps(a1, b1)),             \
+                               hsum8(_mm256_add_ps(a2, b2)), hsum8(_mm256_add_ps(a3, b3)) };           \
+                const uint16_t *wr[4] = { w0, w1, w2, w3 };                                             \
+                for (int k = 0; k < 4; k++) {                                                           \
+                    for (int i = i8; i < IC; i++)                                                       \
+                        s[k] += half_f32(wr[k][i], DT) * x[i];                                          \
+                    o[r + k] = s[k] + (bias ? bias[r + k] : 0.0f);                                      \
+                }                                                                                       \
             }                                                                                           \
         }                                                                                               \
         for (; r < r1; r++) {                                                                           \
             const uint16_t *w0 = W + (size_t)r * IC;                                                    \
-            __m256 a0 = _mm256_setzero_ps();                                                            \
-            for (int i = 0; i < i8; i += 8)                                                             \
-                a0 = _mm256_fmadd_ps(LOAD8(w0 + i), _mm256_loadu_ps(x + i), a0);                        \
-            float s = hsum8(a0);                                                                        \
-            for (int i = i8; i < IC; i++)                                                               \
-                s += half_f32(w0[i], DT) * x[i];                                                        \
-            out[r] = s + (bias ? bias[r] : 0.0f);                                                       \
+            for (int nb_i = 0; nb_i < nb; nb_i++) {                                                     \
+                const float *x = X + (size_t)nb_i * ldx;                                                \
+                __m256 a0 = _mm256_setzero_ps();                                                        \
+                for (int i = 0; i < i8; i += 8)                                                         \
+                    a0 = _mm256_fmadd_ps(LOAD8(w0 + i), _mm256_loadu_ps(x + i), a0);                    \
+                float s = hsum8(a0);                                                                    \
+                for (int i = i8; i < IC; i++)                                                           \
+                    s += half_f32(w0[i], DT) * x[i];                                                    \
+                out[(size_t)nb_i * ldo + r] = s + (bias ? bias[r] : 0.0f);                              \
+            }                                                                                           \
         }                                                                                               \
     }
 GEMV_AVX2(gemv_rows_bf16_avx2, load8_bf16, TENSOR_BF16)
@@ -336,39 +350,44 @@ GEMV_AVX2(gemv_rows_f16_avx2, load8_f16, TENSOR_F16)
 #undef GEMV_AVX2
 #endif
 
-static void gemv_rows(float *out, const struct op_mat *w, const float *x, const float *bias, int r0, int r1,
-                      int IC)
+static void gemv_rows(float *out, size_t ldo, const struct op_mat *w, const float *x, size_t ldx, int nb,
+                      const float *bias, int r0, int r1, int IC)
 {
 #ifdef OP_X86
     if (op_simd_active()) {
         if (w->dtype == TENSOR_BF16)
-            gemv_rows_bf16_avx2(out, w->h, x, bias, r0, r1, IC);
+            gemv_rows_bf16_avx2(out, ldo, w->h, x, ldx, nb, bias, r0, r1, IC);
         else
-            gemv_rows_f16_avx2(out, w->h, x, bias, r0, r1, IC);
+            gemv_rows_f16_avx2(out, ldo, w->h, x, ldx, nb, bias, r0, r1, IC);
         return;
     }
 #endif
-    gemv_rows_plain(out, w->h, w->dtype, x, bias, r0, r1, IC);
+    gemv_rows_plain(out, ldo, w->h, w->dtype, x, ldx, nb, bias, r0, r1, IC);
 }
 
-/* Rows [r0, r1) of one product, on the calling thread. */
-static void gemv_part(float *out, const struct op_mat *w, const float *x, const float *bias, int r0, int r1, int IC)
+/* Rows [r0, r1) of one product for the nb inputs x[nb, IC] (out [nb, OC]), on the calling thread. */
+static void gemv_part(float *out, const struct op_mat *w, const float *x, int nb, const float *bias, int r0, int r1,
+                      int IC, int OC)
 {
     if (r0 >= r1)
         return;
-    if (w->dtype == TENSOR_F32) {
-        // sgemm would pack the whole matrix for one row; sgemv reads it once
+    if (w->dtype != TENSOR_F32) {
+        gemv_rows(out, (size_t)OC, w, x, (size_t)IC, nb, bias, r0, r1, IC);
+        return;
+    }
+    // sgemm would pack the whole matrix for one row; sgemv reads it once (per input: these stay
+    // the sums of one input alone)
+    for (int b = 0; b < nb; b++) {
+        float *o = out + (size_t)b * OC;
         if (bias)
-            memcpy(out + r0, bias + r0, sizeof(float) * (size_t)(r1 - r0));
-        cblas_sgemv(CblasRowMajor, CblasNoTrans, r1 - r0, IC, 1.0f, w->f + (size_t)r0 * IC, IC, x, 1,
-                    bias ? 1.0f : 0.0f, out + r0, 1);
-    } else {
-        gemv_rows(out, w, x, bias, r0, r1, IC);
+            memcpy(o + r0, bias + r0, sizeof(float) * (size_t)(r1 - r0));
+        cblas_sgemv(CblasRowMajor, CblasNoTrans, r1 - r0, IC, 1.0f, w->f + (size_t)r0 * IC, IC, x + (size_t)b * IC, 1,
+                    bias ? 1.0f : 0.0f, o + r0, 1);
     }
 }
 
-void op_mat_gemv_many(int n, float *const *out, const struct op_mat *const *w, const float *const *bias,
-                      const int *OC, const float *x, int IC)
+void op_mat_gemv_batch(int n, float *const *out, const struct op_mat *const *w, const float *const *bias,
+                       const int *OC, const float *x, int IC, int nb)
 {
     long rows = 0;
     int f32 = 0;
@@ -376,7 +395,8 @@ void op_mat_gemv_many(int n, float *const *out, const struct op_mat *const *w, c
         rows += OC[k];
         f32 |= w[k]->dtype == TENSOR_F32;
     }
-    // memory-bound: below ~64K weights a second thread costs more to wake than it saves
+    // memory-bound: below ~64K weights a second thread costs more to wake than it saves (the
+    // partition depends on the weights only, never on nb)
     int nt = rows * IC < (1L << 16) ? 1 : op_team();
     int prev = f32 ? op_blas_serial_begin(nt) : 0;
 #pragma omp parallel num_threads(nt) if (nt > 1)
@@ -390,10 +410,16 @@ void op_mat_gemv_many(int n, float *const *out, const struct op_mat *const *w, c
         for (int k = 0; k < n; base += OC[k], k++) {
             long a = g0 > base ? g0 : base, b = g1 < base + OC[k] ? g1 : base + OC[k];
             if (a < b)
-                gemv_part(out[k], w[k], x, bias ? bias[k] : NULL, (int)(a - base), (int)(b - base), IC);
+                gemv_part(out[k], w[k], x, nb, bias ? bias[k] : NULL, (int)(a - base), (int)(b - base), IC, OC[k]);
         }
     }
     op_blas_serial_end(prev);
+}
+
+void op_mat_gemv_many(int n, float *const *out, const struct op_mat *const *w, const float *const *bias,
+                      const int *OC, const float *x, int IC)
+{
+    op_mat_gemv_batch(n, out, w, bias, OC, x, IC, 1);
 }
 
 void op_mat_gemv(float *out, const struct op_mat *w, const float *x, const float *bias, int OC, int IC)
