@@ -413,6 +413,45 @@ int gen_forward(struct gen_cache *gc, const struct model *m, const struct lora *
 
 // ---- batches ----
 
+/* What the k-th row of a block of logits is for. */
+struct lg_row {
+    const struct gen_brun *run;
+    int i;       /* token of the run */
+};
+
+/* Which logits a run wants: every token's of a chunk, their log-probabilities only (LG_STREAM),
+ * every token's logits (LG_EVERY), or the last token's, as gen_forward without out_logits (and
+ * every token of a one-token run: LG_LAST); -1: none. */
+enum { LG_STREAM, LG_EVERY, LG_LAST };
+
+static int lg_kind(const struct gen_brun *r)
+{
+    if (r->n > 1 && r->all_logits)
+        return LG_EVERY;
+    if (r->n > 1 && r->targets)
+        return LG_STREAM;
+    return r->logits || r->targets ? LG_LAST : -1;
+}
+
+/* Room for the streamed log-probabilities of nt threads: per thread a [rows_max, tv] block of
+ * logits and each row's running maximum and sum. */
+static int batch_stream_reserve(struct gen_batch *b, int nt, struct lk_err *err)
+{
+    if (nt <= b->lp_nt)
+        return LK_OK;
+    lk_free(b->lpt);
+    lk_free(b->lpm);
+    b->lp_nt = 0;
+    b->tv = b->V < GEN_STREAM_ROWS ? b->V : GEN_STREAM_ROWS;
+    b->lpt = lk_falloc((size_t)nt * b->rows_max, (size_t)b->tv);
+    b->lpm = lk_malloc(sizeof(double) * 2 * (size_t)nt * b->rows_max + sizeof(float) * (size_t)b->rows_max);
+    if (!b->lpt || !b->lpm)
+        return lk_errf(err, LK_ERR_NOMEM, "out of memory: logits of %d tokens", b->rows_max);
+    b->lp_nt = nt;
+    return LK_OK;
+}
+
+
 int gen_seq_reserve(struct gen_seq *s, const struct cfg *c, int positions, struct lk_err *err)
 {
     int L = c->num_hidden_layers, KV = c->num_key_value_heads * c->head_dim;
@@ -470,7 +509,7 @@ static size_t batch_layout(struct gen_batch *b, float *base)
     b->up = TAKE(n * b->F);
     b->act = TAKE(n * b->F);
     b->xa = TAKE(n * (size_t)(b->R > 0 ? b->R : 1));
-    b->lnf = TAKE(lr * b->C);
+    b->lnf = TAKE(n * b->C);
     b->lg = TAKE(lr * b->V);
 #undef TAKE
     return off;
@@ -496,7 +535,8 @@ int gen_batch_init(struct gen_batch *b, const struct cfg *c, int rows_max, int m
     b->mem = lk_falloc(n, 1);
     b->pos = lk_calloc((size_t)rows_max * 3, sizeof(int));
     b->aoff = lk_calloc((size_t)rows_max, sizeof(size_t));
-    if (!b->mem || !b->pos || !b->aoff) {
+    b->who = lk_calloc((size_t)rows_max, sizeof *b->who);
+    if (!b->mem || !b->pos || !b->aoff || !b->who) {
         gen_batch_release(b);
         return lk_errf(err, LK_ERR_NOMEM, "out of memory: activations of a batch of %d tokens need %zu MB", rows_max,
                        n * sizeof(float) >> 20);
@@ -514,6 +554,9 @@ void gen_batch_release(struct gen_batch *b)
     lk_free(b->mem);
     lk_free(b->pos);
     lk_free(b->aoff);
+    lk_free(b->who);
+    lk_free(b->lpt);
+    lk_free(b->lpm);
     lk_free(b->att);
     lk_free(b->wtile);
     memset(b, 0, sizeof *b);
@@ -625,7 +668,11 @@ static int batch_plan(struct gen_batch *b, const struct model *m, const struct g
             return lk_errf(err, LK_ERR_NOMEM, "out of memory: widening tiles of %zu MB", n * sizeof(float) >> 20);
         b->wtile_n = n;
     }
-    return batch_att_reserve(b, runs, n_runs, err);
+    int stream = 0;
+    for (int j = 0; j < n_runs; j++)
+        stream |= lg_kind(&runs[j]) == LG_STREAM;
+    int rc = stream ? batch_stream_reserve(b, op_team(), err) : LK_OK;
+    return rc ? rc : batch_att_reserve(b, runs, n_runs, err);
 }
 
 /* nw products of the same input (q, k, v; gate, up; o; down) for every row: the rows [0, ra) of
@@ -752,12 +799,6 @@ static void batch_layer(struct gen_batch *b, const struct model *m, const struct
     op_add(b->x, b->x2, (size_t)rows * C);
 }
 
-/* What the k-th row of a block of logits is for. */
-struct lg_row {
-    const struct gen_brun *run;
-    int i;       /* token of the run */
-};
-
 /* A block of k rows whose final-norm outputs are in lnf: their logits in lg (a GEMM over the rows
  * of chunks, k >= 2, or the one-token GEMV batch), then each row's log-probability or copy. */
 static void batch_logits_block(struct gen_batch *b, const struct model *m, const struct lg_row *who, int k, int gemm)
@@ -783,31 +824,99 @@ static void batch_logits_block(struct gen_batch *b, const struct model *m, const
     }
 }
 
-/* The logits asked for: every token of the chunks with all_logits or targets (GEMMs over blocks of
- * rows, as gen_forward computes a chunk's), then the last token of the other runs that want
- * logits and every one-token run (GEMVs, as gen_forward computes a last token's). */
-static void batch_logits(struct gen_batch *b, const struct model *m, const struct gen_brun *runs, int n_runs)
+/* Each thread's share of the streamed log-probabilities: tiles t, t + nt, ... of tv vocabulary rows,
+ * each widened once (into buf) for the k rows and multiplied by one GEMM, then every row's maximum
+ * M and sum S of e^(l - M) updated (S rescaled when M grows). */
+static void stream_tiles(struct gen_batch *b, const struct op_mat *w, const struct lg_row *who, int k, int tv, int t,
+                         int nt, float *buf, double *M, double *S, float *tl)
 {
-    struct lg_row who[GEN_LOGIT_ROWS];
-    float eps = (float)m->cfg.rms_norm_eps;
-    for (int gemm = 1; gemm >= 0; gemm--) {
-        long total = 0, done = 0;
-        for (int j = 0; j < n_runs; j++) {
-            int every = runs[j].n > 1 && (runs[j].all_logits || runs[j].targets);
-            int last = !every && (runs[j].logits || runs[j].targets);
-            total += gemm ? (every ? runs[j].n : 0) : last;
+    int V = b->V, C = b->C;
+    float *out = b->lpt + (size_t)t * b->rows_max * b->tv;
+    for (int r = 0; r < k; r++) {
+        M[r] = -INFINITY;
+        S[r] = 0;
+    }
+    for (int v0 = t * tv; v0 < V; v0 += nt * tv) {
+        int n = V - v0 < tv ? V - v0 : tv;
+        const float *wt = w->f + (size_t)v0 * C;
+        if (w->dtype != TENSOR_F32) {
+            op_mat_widen(buf, w, C, v0, v0 + n, 0, C);
+            wt = buf;
         }
-        int k = 0, want = 0;
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, k, n, C, 1.0f, b->lnf, C, wt, C, 0.0f, out, n);
+        for (int r = 0; r < k; r++) {
+            const float *row = out + (size_t)r * n;
+            double mt = op_max(row, (size_t)n);
+            if (mt > M[r]) {
+                S[r] *= exp(M[r] - mt);
+                M[r] = mt;
+            }
+            S[r] += op_sum_exp(row, (size_t)n, M[r]);
+            int id = who[r].run->targets[who[r].i];
+            if (id >= v0 && id < v0 + n)
+                tl[r] = row[id - v0];
+        }
+    }
+}
+
+/* The log-probabilities of the targets of k rows (final-norm outputs in lnf), without keeping
+ * their logits: the lm_head in tiles, each widened once for all the rows (a block of logits rows
+ * would widen the whole lm_head once per block). The logits are the GEMM's over the rows; log p =
+ * l[target] - max - log(sum of e^(l - max)), as gen_logprob computes it, the sum formed in another
+ * order (and merged over the threads): equal to double rounding. */
+static void batch_stream(struct gen_batch *b, const struct model *m, const struct lg_row *who, int k)
+{
+    const struct op_mat *w = &m->w.lm_head;
+    int C = b->C, nt = b->lp_nt, tv = b->tv;
+    size_t per = 0;
+    if (w->dtype != TENSOR_F32) { // widening room per thread: tv rows of C
+        int fit = (int)(b->wtile_n / (size_t)C);
+        nt = nt < fit ? nt : fit;
+        per = b->wtile_n / (size_t)nt;
+        tv = (int)(per / (size_t)C) < tv ? (int)(per / (size_t)C) : tv;
+    }
+    int ntiles = (b->V + tv - 1) / tv;
+    nt = nt < ntiles ? nt : ntiles;
+    double *M = b->lpm, *S = M + (size_t)b->lp_nt * b->rows_max;
+    float *tl = (float *)(S + (size_t)b->lp_nt * b->rows_max);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        int t = omp_get_thread_num();
+        stream_tiles(b, w, who, k, tv, t, omp_get_num_threads(), b->wtile + (size_t)t * per,
+                     M + (size_t)t * b->rows_max, S + (size_t)t * b->rows_max, tl);
+    }
+    for (int r = 0; r < k; r++) { // merge the threads' sums, in thread order
+        double mx = M[r], sum = 0;
+        for (int t = 1; t < nt; t++)
+            mx = M[(size_t)t * b->rows_max + r] > mx ? M[(size_t)t * b->rows_max + r] : mx;
+        for (int t = 0; t < nt; t++)
+            sum += S[(size_t)t * b->rows_max + r] * exp(M[(size_t)t * b->rows_max + r] - mx);
+        who[r].run->lp[who[r].i] = (double)tl[r] - mx - log(sum);
+    }
+}
+
+/* The logits asked for: the chunks' log-probabilities streamed (all their rows at once), the
+ * chunks' every-token logits in GEMM blocks (as gen_forward computes a chunk's), then the last
+ * token of the other runs that want logits and every one-token run (GEMVs, as gen_forward
+ * computes a last token's). lg_rows is room for rows_max entries. */
+static void batch_logits(struct gen_batch *b, const struct model *m, const struct gen_brun *runs, int n_runs,
+                         struct lg_row *who)
+{
+    float eps = (float)m->cfg.rms_norm_eps;
+    for (int kind = LG_STREAM; kind <= LG_LAST; kind++) {
+        long total = 0, done = 0;
+        for (int j = 0; j < n_runs; j++)
+            if (lg_kind(&runs[j]) == kind)
+                total += kind == LG_LAST ? 1 : runs[j].n;
+        int k = 0, want = kind == LG_STREAM ? (int)total : 0;
         for (int j = 0; j < n_runs && total > 0; j++) {
-            int every = runs[j].n > 1 && (runs[j].all_logits || runs[j].targets);
-            int last = !every && (runs[j].logits || runs[j].targets);
-            if (gemm ? !every : !last)
+            if (lg_kind(&runs[j]) != kind)
                 continue;
-            for (int i = gemm ? 0 : runs[j].n - 1; i < runs[j].n; i++) {
-                if (k == 0) { // the next block: never one row for a GEMM (that would be a GEMV)
+            for (int i = kind == LG_LAST ? runs[j].n - 1 : 0; i < runs[j].n; i++) {
+                if (k == 0 && kind != LG_STREAM) { // the next block: never one row for a GEMM
                     long left = total - done;
                     want = left < GEN_LOGIT_ROWS ? (int)left : GEN_LOGIT_ROWS;
-                    if (gemm && left - want == 1)
+                    if (kind == LG_EVERY && left - want == 1)
                         want--;
                 }
                 op_rmsnorm_forward(b->lnf + (size_t)k * b->C, NULL, b->x + ((size_t)b->row[j] + i) * b->C, m->w.norm,
@@ -815,7 +924,10 @@ static void batch_logits(struct gen_batch *b, const struct model *m, const struc
                 who[k].run = &runs[j];
                 who[k++].i = i;
                 if (k == want) {
-                    batch_logits_block(b, m, who, k, gemm);
+                    if (kind == LG_STREAM)
+                        batch_stream(b, m, who, k);
+                    else
+                        batch_logits_block(b, m, who, k, kind == LG_EVERY);
                     done += k;
                     k = 0;
                 }
@@ -848,7 +960,7 @@ int gen_batch_forward(struct gen_batch *b, const struct model *m, const struct g
     batch_embed(b, m, runs, n_runs);
     for (int l = 0; l < b->L; l++)
         batch_layer(b, m, runs, n_runs, l, ra, rows);
-    batch_logits(b, m, runs, n_runs);
+    batch_logits(b, m, runs, n_runs, b->who);
     op_blas_serial_end(prev);
     for (int j = 0; j < n_runs; j++)
         runs[j].seq->n += runs[j].n;

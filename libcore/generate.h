@@ -93,6 +93,8 @@ struct gen_seq {
 int gen_seq_reserve(struct gen_seq *s, const struct cfg *c, int positions, struct lk_err *err);
 void gen_seq_release(struct gen_seq *s); /* NULL-safe, harmless twice */
 
+struct lg_row;
+
 /* One run of a step: tokens[0..n) of seq at positions seq->n... */
 struct gen_brun {
     struct gen_seq *seq;        /* borrowed: room for n more positions (gen_seq_reserve); a sequence
@@ -113,8 +115,12 @@ struct gen_batch {
     int rows_max;        /* tokens per step at most (the sum of the runs' n) */
     float *mem;          /* owned: the activations below, one block */
     float *x, *ln, *q, *kn, *vn, *atty, *x2, *gate, *up, *act, *xa; /* [rows_max, ...] */
-    float *lnf;          /* [GEN_LOGIT_ROWS, C] */
+    float *lnf;          /* [rows_max, C]: final-norm outputs of the tokens whose logits are asked */
     float *lg;           /* [GEN_LOGIT_ROWS, V]: logits of a block of tokens */
+    struct lg_row *who;  /* owned [rows_max]: which run and token each row of lnf is */
+    float *lpt;          /* owned (first use): per thread [rows_max, tv] logits of a vocabulary tile */
+    double *lpm;         /* owned: per thread each row's running max and sum, then target logits */
+    int lp_nt, tv;       /* threads lpt and lpm were sized for; vocabulary rows per tile */
     int *pos, *n0, *row; /* owned [rows_max]: positions per token; first position and row per run */
     size_t *aoff;        /* owned [rows_max]: a one-token run's attention weights in att */
     float *att;          /* owned, grown as needed: attention weights */
@@ -123,7 +129,8 @@ struct gen_batch {
     size_t wtile_n;
 };
 
-#define GEN_LOGIT_ROWS 64 /* logits computed per block of tokens */
+#define GEN_LOGIT_ROWS 64    /* logits computed per block of tokens */
+#define GEN_STREAM_ROWS 2048 /* vocabulary rows per tile when only log-probabilities are asked */
 
 /* Sizes the scratch for model config c, steps of up to rows_max tokens, LoRA ranks up to max_rank. */
 int gen_batch_init(struct gen_batch *b, const struct cfg *c, int rows_max, int max_rank, struct lk_err *err);

@@ -144,6 +144,16 @@ size_t op_swiglu_forward_simd(float *out, const float *gate, const float *up, si
 size_t op_swiglu_backward_simd(float *dgate, float *dup, const float *dout, const float *gate,
                                const float *up, size_t n);
 
+// ---- log-sum-exp pieces (ops_mat.c), for log-probabilities over a large vocabulary ----
+/* The largest of v[n] (-INFINITY for n = 0; v without NaN). */
+float op_max(const float *v, size_t n);
+/* The sum of e^((double)v[i] - m) over v[n], in double. With AVX2 the exponentials are computed
+ * 4 at a time in double (Taylor series after the ln2 range reduction: within a few ulp of exp,
+ * tested) and summed in another order than the plain loop: the result agrees with it to about
+ * 1e-15 relative. The arguments must stay above -708 for full accuracy (smaller terms are taken
+ * as e^-708); m is normally the maximum, so every term is at most 1. */
+double op_sum_exp(const float *v, size_t n, double m);
+
 // ---- residual: dst[i] += src[i] ----
 void op_add(float *dst, const float *src, size_t n);
 

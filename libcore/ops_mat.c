@@ -21,6 +21,7 @@
 #include "ops.h"
 
 #include <cblas.h>
+#include <math.h>
 #include <omp.h>
 #include <string.h>
 
@@ -244,6 +245,85 @@ size_t op_swiglu_backward_simd(float *dgate, float *dup, const float *dout, cons
     return 0;
 }
 
+// ---- log-sum-exp pieces ----
+
+#ifdef OP_X86
+/* e^x for 4 doubles: x = n ln2 + r (n = round(x log2 e), ln2 in two parts so r is exact to double
+ * rounding, |r| <= 0.347), e^r by its Taylor series to degree 13 (the remainder is below 2e-16 of
+ * the value), 2^n into the exponent. x is clamped to [-708, 709] (a normal double). */
+OP_AVX2 static inline __m256d exp4d(__m256d x)
+{
+    x = _mm256_max_pd(_mm256_set1_pd(-708.0), _mm256_min_pd(_mm256_set1_pd(709.0), x));
+    __m256d n = _mm256_round_pd(_mm256_mul_pd(x, _mm256_set1_pd(1.4426950408889634)),
+                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256d r = _mm256_fnmadd_pd(n, _mm256_set1_pd(6.93147180369123816490e-01), x);
+    r = _mm256_fnmadd_pd(n, _mm256_set1_pd(1.90821492927058770002e-10), r);
+    static const double inv_fact[14] = { 1.0, 1.0, 1.0 / 2, 1.0 / 6, 1.0 / 24, 1.0 / 120, 1.0 / 720, 1.0 / 5040,
+                                         1.0 / 40320, 1.0 / 362880, 1.0 / 3628800, 1.0 / 39916800,
+                                         1.0 / 479001600, 1.0 / 6227020800.0 };
+    __m256d p = _mm256_set1_pd(inv_fact[13]);
+    for (int k = 12; k >= 0; k--)
+        p = _mm256_fmadd_pd(p, r, _mm256_set1_pd(inv_fact[k]));
+    __m256i e = _mm256_slli_epi64(_mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_cvtpd_epi32(n)),
+                                                   _mm256_set1_epi64x(1023)), 52);
+    return _mm256_mul_pd(p, _mm256_castsi256_pd(e));
+}
+
+OP_AVX2 static double sum_exp_avx2(const float *v, size_t n, double m, size_t *done)
+{
+    __m256d a = _mm256_setzero_pd(), b = a, mv = _mm256_set1_pd(m);
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        a = _mm256_add_pd(a, exp4d(_mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(v + i)), mv)));
+        b = _mm256_add_pd(b, exp4d(_mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(v + i + 4)), mv)));
+    }
+    double t[4];
+    _mm256_storeu_pd(t, _mm256_add_pd(a, b));
+    *done = i;
+    return (t[0] + t[1]) + (t[2] + t[3]);
+}
+
+OP_AVX2 static float max_avx2(const float *v, size_t n, size_t *done)
+{
+    __m256 a = _mm256_set1_ps(-INFINITY);
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        a = _mm256_max_ps(a, _mm256_loadu_ps(v + i));
+    float t[8], mx = -INFINITY;
+    _mm256_storeu_ps(t, a);
+    for (int k = 0; k < 8; k++)
+        mx = t[k] > mx ? t[k] : mx;
+    *done = i;
+    return mx;
+}
+#endif
+
+float op_max(const float *v, size_t n)
+{
+    size_t i = 0;
+    float mx = -INFINITY;
+#ifdef OP_X86
+    if (op_simd_active())
+        mx = max_avx2(v, n, &i);
+#endif
+    for (; i < n; i++)
+        mx = v[i] > mx ? v[i] : mx;
+    return mx;
+}
+
+double op_sum_exp(const float *v, size_t n, double m)
+{
+    size_t i = 0;
+    double s = 0;
+#ifdef OP_X86
+    if (op_simd_active())
+        s = sum_exp_avx2(v, n, m, &i);
+#endif
+    for (; i < n; i++)
+        s += exp((double)v[i] - m);
+    return s;
+}
+
 // ---- GEMV: one row of input ----
 
 /* out[b * ldo + r] = W[r, :] . x[b * ldx + :] (+ bias[r]) for rows [r0, r1) and the nb inputs,
@@ -279,62 +359,123 @@ OP_AVX2 static inline float hsum8(__m256 v)
     return _mm_cvtss_f32(s);
 }
 
+/* One row r of a 4-row group (w points at it) against inputs [b, b + m), m <= 4: each pair of
+ * widened weight vectors serves the four inputs, whose sums are formed exactly as GEMV_AVX2 forms
+ * a grouped row's for one input (two accumulators over alternate 8-column blocks, the 8-wide tail
+ * into the first, then the plain tail), so every input gets its one-input result. Widening is the
+ * bottleneck of the one-input kernel (a lane-crossing shuffle per 8 weights); here it is paid once
+ * per four inputs. pf: a row to prefetch (NULL: none). */
+#define GEMV_NB_AVX2(NAME, LOAD8, DT)                                                                   \
+    OP_AVX2 static void NAME(float *out, size_t ldo, const uint16_t *w, const float *X, size_t ldx,     \
+                             int b, int m, const float *bias, int r, int IC, const char *pf)            \
+    {                                                                                                   \
+        int i16 = IC & ~15, i8 = IC & ~7;                                                               \
+        const float *x[4];                                                                              \
+        for (int k = 0; k < 4; k++)                                                                     \
+            x[k] = X + (size_t)(b + (k < m ? k : 0)) * ldx; /* spare lanes repeat input b */           \
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, c0 = a0, c1 = a0, c2 = a0, c3 = a0; \
+        for (int i = 0; i < i16; i += 16) {                                                             \
+            if (pf && (i & 31) == 0)                                                                    \
+                _mm_prefetch(pf + 2 * (size_t)i, _MM_HINT_T0);                                          \
+            __m256 wa = LOAD8(w + i), wb = LOAD8(w + i + 8);                                            \
+            a0 = _mm256_fmadd_ps(wa, _mm256_loadu_ps(x[0] + i), a0);                                    \
+            c0 = _mm256_fmadd_ps(wb, _mm256_loadu_ps(x[0] + i + 8), c0);                                \
+            a1 = _mm256_fmadd_ps(wa, _mm256_loadu_ps(x[1] + i), a1);                                    \
+            c1 = _mm256_fmadd_ps(wb, _mm256_loadu_ps(x[1] + i + 8), c1);                                \
+            a2 = _mm256_fmadd_ps(wa, _mm256_loadu_ps(x[2] + i), a2);                                    \
+            c2 = _mm256_fmadd_ps(wb, _mm256_loadu_ps(x[2] + i + 8), c2);                                \
+            a3 = _mm256_fmadd_ps(wa, _mm256_loadu_ps(x[3] + i), a3);                                    \
+            c3 = _mm256_fmadd_ps(wb, _mm256_loadu_ps(x[3] + i + 8), c3);                                \
+        }                                                                                               \
+        if (i16 < i8) {                                                                                 \
+            __m256 wa = LOAD8(w + i16);                                                                 \
+            a0 = _mm256_fmadd_ps(wa, _mm256_loadu_ps(x[0] + i16), a0);                                  \
+            a1 = _mm256_fmadd_ps(wa, _mm256_loadu_ps(x[1] + i16), a1);                                  \
+            a2 = _mm256_fmadd_ps(wa, _mm256_loadu_ps(x[2] + i16), a2);                                  \
+            a3 = _mm256_fmadd_ps(wa, _mm256_loadu_ps(x[3] + i16), a3);                                  \
+        }                                                                                               \
+        float s[4] = { hsum8(_mm256_add_ps(a0, c0)), hsum8(_mm256_add_ps(a1, c1)),                     \
+                       hsum8(_mm256_add_ps(a2, c2)), hsum8(_mm256_add_ps(a3, c3)) };                   \
+        for (int k = 0; k < m; k++) {                                                                   \
+            for (int i = i8; i < IC; i++)                                                               \
+                s[k] += half_f32(w[i], DT) * x[k][i];                                                   \
+            out[(size_t)(b + k) * ldo + r] = s[k] + (bias ? bias[r] : 0.0f);                           \
+        }                                                                                               \
+    }
+
+/* Rows [r0, r1) for nb > 1 inputs: blocks of GEMV_BLOCK rows (read from memory once, then from
+ * cache) against the inputs four at a time (kept in L1 over the block); the rows of whole groups of
+ * four take the grouped rows' sums, the tail rows (r1 - r0) % 4 are left to the one-input loop. */
+#define GEMV_BLOCK 32
+#define GEMV_NB_BLOCKS(NAME)                                                                            \
+    OP_AVX2 static int NAME##_blocks(float *out, size_t ldo, const uint16_t *W, const float *X,         \
+                                     size_t ldx, int nb, const float *bias, int r0, int r1, int IC)     \
+    {                                                                                                   \
+        int rg = r0 + ((r1 - r0) & ~3);                                                                 \
+        for (int rb = r0; rb < rg; rb += GEMV_BLOCK) {                                                  \
+            int re = rb + GEMV_BLOCK < rg ? rb + GEMV_BLOCK : rg;                                       \
+            for (int b = 0; b < nb; b += 4)                                                             \
+                for (int r = rb; r < re; r++)                                                           \
+                    NAME##_nb(out, ldo, W + (size_t)r * IC, X, ldx, b, nb - b < 4 ? nb - b : 4, bias, r,  \
+                              IC, b ? NULL : (const char *)(W + (size_t)(r + GEMV_BLOCK) * IC));        \
+        }                                                                                               \
+        return rg;                                                                                      \
+    }
+
 /* Four rows at a time share each load of x, two accumulators per row (16 columns a step); each
- * weight is widened in a register and used once per input, and the next group of four rows is
- * prefetched column by column as this one is read (measured here: 10 GB/s from one core against 7
- * without the prefetch, a plain read of memory being 11.5). With several inputs (nb > 1) each
- * passes over the group in turn while its rows are in L1/L2, so memory is read once; an input's
- * sums are formed exactly as for one input alone. The tail columns (IC % 16) take one 8-wide step
- * and the plain path's arithmetic, the tail rows (% 4) one row at a time. */
+ * weight is widened in a register and used once, and the next group of four rows is prefetched
+ * column by column as this one is read (measured here: 10 GB/s from one core against 7 without
+ * the prefetch, a plain read of memory being 11.5). Several inputs (nb > 1) go through the blocks
+ * above first. The tail columns (IC % 16) take one 8-wide step and the plain path's arithmetic,
+ * the tail rows (% 4) one row at a time. */
 #define GEMV_AVX2(NAME, LOAD8, DT)                                                                      \
+    GEMV_NB_AVX2(NAME##_nb, LOAD8, DT)                                                                  \
+    GEMV_NB_BLOCKS(NAME)                                                                                \
     OP_AVX2 static void NAME(float *out, size_t ldo, const uint16_t *W, const float *X, size_t ldx,     \
                              int nb, const float *bias, int r0, int r1, int IC)                         \
     {                                                                                                   \
-        int r = r0, i16 = IC & ~15, i8 = IC & ~7;                                                       \
+        int r = nb > 1 ? NAME##_blocks(out, ldo, W, X, ldx, nb, bias, r0, r1, IC) : r0;                \
+        int i16 = IC & ~15, i8 = IC & ~7;                                                               \
+        const float *x = X;                                                                             \
         for (; r + 4 <= r1; r += 4) {                                                                   \
             const uint16_t *w0 = W + (size_t)r * IC, *w1 = w0 + IC, *w2 = w1 + IC, *w3 = w2 + IC;      \
             const char *pf = (const char *)(w3 + IC); /* the next group (prefetch never faults) */     \
-            for (int nb_i = 0; nb_i < nb; nb_i++) {                                                     \
-                const float *x = X + (size_t)nb_i * ldx;                                                \
-                float *o = out + (size_t)nb_i * ldo;                                                    \
-                __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0,  \
-                       b3 = a0;                                                                         \
-                for (int i = 0; i < i16; i += 16) {                                                     \
-                    __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + i + 8);                \
-                    _mm_prefetch(pf + 2 * (size_t)i, _MM_HINT_T0);                                      \
-                    _mm_prefetch(pf + 2 * ((size_t)IC + i), _MM_HINT_T0);                               \
-                    _mm_prefetch(pf + 2 * (2 * (size_t)IC + i), _MM_HINT_T0);                           \
-                    _mm_prefetch(pf + 2 * (3 * (size_t)IC + i), _MM_HINT_T0);                           \
-                    a0 = _mm256_fmadd_ps(LOAD8(w0 + i), x0, a0);                                        \
-                    b0 = _mm256_fmadd_ps(LOAD8(w0 + i + 8), x1, b0);                                    \
-                    a1 = _mm256_fmadd_ps(LOAD8(w1 + i), x0, a1);                                        \
-                    b1 = _mm256_fmadd_ps(LOAD8(w1 + i + 8), x1, b1);                                    \
-                    a2 = _mm256_fmadd_ps(LOAD8(w2 + i), x0, a2);                                        \
-                    b2 = _mm256_fmadd_ps(LOAD8(w2 + i + 8), x1, b2);                                    \
-                    a3 = _mm256_fmadd_ps(LOAD8(w3 + i), x0, a3);                                        \
-                    b3 = _mm256_fmadd_ps(LOAD8(w3 + i + 8), x1, b3);                                    \
-                }                                                                                       \
-                if (i16 < i8) {                                                                         \
-                    __m256 xv = _mm256_loadu_ps(x + i16);                                               \
-                    a0 = _mm256_fmadd_ps(LOAD8(w0 + i16), xv, a0);                                      \
-                    a1 = _mm256_fmadd_ps(LOAD8(w1 + i16), xv, a1);                                      \
-                    a2 = _mm256_fmadd_ps(LOAD8(w2 + i16), xv, a2);                                      \
-                    a3 = _mm256_fmadd_ps(LOAD8(w3 + i16), xv, a3);                                      \
-                }                                                                                       \
-                float s[4] = { hsum8(_mm256_add_ps(a0, b0)), hsum8(_mm256_add_ps(a1, b1)),             \
-                               hsum8(_mm256_add_ps(a2, b2)), hsum8(_mm256_add_ps(a3, b3)) };           \
-                const uint16_t *wr[4] = { w0, w1, w2, w3 };                                             \
-                for (int k = 0; k < 4; k++) {                                                           \
-                    for (int i = i8; i < IC; i++)                                                       \
-                        s[k] += half_f32(wr[k][i], DT) * x[i];                                          \
-                    o[r + k] = s[k] + (bias ? bias[r + k] : 0.0f);                                      \
-                }                                                                                       \
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0; \
+            for (int i = 0; i < i16; i += 16) {                                                         \
+                __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + i + 8);                    \
+                _mm_prefetch(pf + 2 * (size_t)i, _MM_HINT_T0);                                          \
+                _mm_prefetch(pf + 2 * ((size_t)IC + i), _MM_HINT_T0);                                   \
+                _mm_prefetch(pf + 2 * (2 * (size_t)IC + i), _MM_HINT_T0);                               \
+                _mm_prefetch(pf + 2 * (3 * (size_t)IC + i), _MM_HINT_T0);                               \
+                a0 = _mm256_fmadd_ps(LOAD8(w0 + i), x0, a0);                                            \
+                b0 = _mm256_fmadd_ps(LOAD8(w0 + i + 8), x1, b0);                                        \
+                a1 = _mm256_fmadd_ps(LOAD8(w1 + i), x0, a1);                                            \
+                b1 = _mm256_fmadd_ps(LOAD8(w1 + i + 8), x1, b1);                                        \
+                a2 = _mm256_fmadd_ps(LOAD8(w2 + i), x0, a2);                                            \
+                b2 = _mm256_fmadd_ps(LOAD8(w2 + i + 8), x1, b2);                                        \
+                a3 = _mm256_fmadd_ps(LOAD8(w3 + i), x0, a3);                                            \
+                b3 = _mm256_fmadd_ps(LOAD8(w3 + i + 8), x1, b3);                                        \
+            }                                                                                           \
+            if (i16 < i8) {                                                                             \
+                __m256 xv = _mm256_loadu_ps(x + i16);                                                   \
+                a0 = _mm256_fmadd_ps(LOAD8(w0 + i16), xv, a0);                                          \
+                a1 = _mm256_fmadd_ps(LOAD8(w1 + i16), xv, a1);                                          \
+                a2 = _mm256_fmadd_ps(LOAD8(w2 + i16), xv, a2);                                          \
+                a3 = _mm256_fmadd_ps(LOAD8(w3 + i16), xv, a3);                                          \
+            }                                                                                           \
+            float s[4] = { hsum8(_mm256_add_ps(a0, b0)), hsum8(_mm256_add_ps(a1, b1)),                 \
+                           hsum8(_mm256_add_ps(a2, b2)), hsum8(_mm256_add_ps(a3, b3)) };               \
+            const uint16_t *wr[4] = { w0, w1, w2, w3 };                                                 \
+            for (int k = 0; k < 4; k++) {                                                               \
+                for (int i = i8; i < IC; i++)                                                           \
+                    s[k] += half_f32(wr[k][i], DT) * x[i];                                              \
+                out[r + k] = s[k] + (bias ? bias[r + k] : 0.0f);                                        \
             }                                                                                           \
         }                                                                                               \
         for (; r < r1; r++) {                                                                           \
             const uint16_t *w0 = W + (size_t)r * IC;                                                    \
             for (int nb_i = 0; nb_i < nb; nb_i++) {                                                     \
-                const float *x = X + (size_t)nb_i * ldx;                                                \
+                x = X + (size_t)nb_i * ldx;                                                             \
                 __m256 a0 = _mm256_setzero_ps();                                                        \
                 for (int i = 0; i < i8; i += 8)                                                         \
                     a0 = _mm256_fmadd_ps(LOAD8(w0 + i), _mm256_loadu_ps(x + i), a0);                    \
