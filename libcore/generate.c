@@ -413,6 +413,35 @@ int gen_forward(struct gen_cache *gc, const struct model *m, const struct lora *
 
 // ---- batches ----
 
+/* The batched GEMMs go through OpenBLAS, whose regular kernels form each output's sum in an order
+ * that depends on K alone, never on how many rows come along. Small products are another matter:
+ * OpenBLAS (0.3.x, SMALL_MATRIX_OPT) sends those with M N <= 1200 or M N K <= 10^6 to kernels that
+ * sum in another order. A row's result would then depend on the rows stacked with it in a step.
+ * So a product whose rows are fewer than gemm_rows_min is run with zero rows added up to it (a
+ * margin above both limits): a row gets the same bits whatever else is in the step (the base and
+ * a copy of it, or one adapter under two names, score alike), and the extra rows cost little,
+ * since only small products get them. */
+#define GEN_SMALL_MN 4096
+#define GEN_SMALL_MNK 4194304.0
+#define GEN_TILE_FLOATS (1 << 20) /* a widened tile of a matrix: 4 MB, as ops_mat.c's */
+
+static int gemm_rows_min(int n_min, int K)
+{
+    double m1 = GEN_SMALL_MN / n_min + 1, m2 = GEN_SMALL_MNK / ((double)n_min * K) + 1;
+    return (int)(m1 > m2 ? m1 : m2);
+}
+
+/* Rows per tile of an [OC, IC] matrix, and the fewest rows a product with it gets. */
+static int gemm_tile(int IC, int OC, int *rows_min)
+{
+    int rows = GEN_TILE_FLOATS / IC > 1 ? GEN_TILE_FLOATS / IC : 1;
+    rows = rows < OC ? rows : OC;
+    int last = OC - (OC - 1) / rows * rows;
+    *rows_min = gemm_rows_min(last < rows ? last : rows, IC);
+    return rows;
+}
+
+
 /* What the k-th row of a block of logits is for. */
 struct lg_row {
     const struct gen_brun *run;
@@ -433,8 +462,8 @@ static int lg_kind(const struct gen_brun *r)
     return r->logits || r->targets ? LG_LAST : -1;
 }
 
-/* Room for the streamed log-probabilities of nt threads: per thread a [rows_max, tv] block of
- * logits and each row's running maximum and sum. */
+/* Room for the streamed log-probabilities of nt threads: per thread a [kcap, tv] block of logits
+ * and each row's running maximum and sum. */
 static int batch_stream_reserve(struct gen_batch *b, int nt, struct lk_err *err)
 {
     if (nt <= b->lp_nt)
@@ -442,8 +471,7 @@ static int batch_stream_reserve(struct gen_batch *b, int nt, struct lk_err *err)
     lk_free(b->lpt);
     lk_free(b->lpm);
     b->lp_nt = 0;
-    b->tv = b->V < GEN_STREAM_ROWS ? b->V : GEN_STREAM_ROWS;
-    b->lpt = lk_falloc((size_t)nt * b->rows_max, (size_t)b->tv);
+    b->lpt = lk_falloc((size_t)nt * b->kcap, (size_t)b->tv);
     b->lpm = lk_malloc(sizeof(double) * 2 * (size_t)nt * b->rows_max + sizeof(float) * (size_t)b->rows_max);
     if (!b->lpt || !b->lpm)
         return lk_errf(err, LK_ERR_NOMEM, "out of memory: logits of %d tokens", b->rows_max);
@@ -544,6 +572,26 @@ int gen_batch_init(struct gen_batch *b, const struct cfg *c, int rows_max, int m
     b->n0 = b->pos + rows_max;
     b->row = b->n0 + rows_max;
     batch_layout(b, b->mem);
+    // the padded products: the largest [rows, IC + OC] any of the model's matrices may need
+    int dims[5][2] = { { b->C, b->Q }, { b->C, b->KV }, { b->Q, b->C }, { b->C, b->F }, { b->F, b->C } };
+    size_t pad = 0;
+    for (int i = 0; i < 5; i++) {
+        int mr;
+        gemm_tile(dims[i][0], dims[i][1], &mr);
+        size_t need = mr > rows_max ? (size_t)mr * (size_t)(dims[i][0] + dims[i][1]) : 0;
+        pad = need > pad ? need : pad;
+    }
+    // the streamed log-probabilities: tiles of tv vocabulary rows, kcap rows at least
+    b->tv = b->V < GEN_STREAM_ROWS ? b->V : GEN_STREAM_ROWS;
+    b->tv = b->tv < GEN_TILE_FLOATS / b->C ? b->tv : (GEN_TILE_FLOATS / b->C > 0 ? GEN_TILE_FLOATS / b->C : 1);
+    int last = b->V - (b->V - 1) / b->tv * b->tv, kmin = gemm_rows_min(last < b->tv ? last : b->tv, b->C);
+    b->kcap = kmin > rows_max ? kmin : rows_max;
+    pad = (size_t)b->kcap * b->C > pad ? (size_t)b->kcap * b->C : pad;
+    b->pad_n = pad;
+    if (pad && !(b->pad = lk_falloc(pad, 1))) {
+        gen_batch_release(b);
+        return lk_errf(err, LK_ERR_NOMEM, "out of memory");
+    }
     return LK_OK;
 }
 
@@ -555,6 +603,7 @@ void gen_batch_release(struct gen_batch *b)
     lk_free(b->pos);
     lk_free(b->aoff);
     lk_free(b->who);
+    lk_free(b->pad);
     lk_free(b->lpt);
     lk_free(b->lpm);
     lk_free(b->att);
@@ -675,14 +724,56 @@ static int batch_plan(struct gen_batch *b, const struct model *m, const struct g
     return rc ? rc : batch_att_reserve(b, runs, n_runs, err);
 }
 
+/* out[M, OC] = in[M, IC] @ w^T + bias, a row's sums independent of the other rows: the matrix in
+ * fixed tiles (widened, or viewed in place), one sgemm per tile over all the rows, the rows padded
+ * to gemm_rows_min (see above). */
+static void batch_gemm(struct gen_batch *b, float *out, const float *in, const struct op_mat *w, const float *bias,
+                       int M, int IC, int OC)
+{
+    int mr, rows = gemm_tile(IC, OC, &mr), ntiles = (OC + rows - 1) / rows, Mp = M, ldo = OC;
+    const float *A = in;
+    float *Cm = out;
+    if (M < mr) { // zero rows added: inputs then outputs in the pad buffer
+        Mp = mr;
+        float *pin = b->pad, *pout = b->pad + (size_t)Mp * IC;
+        LK_ASSERT((size_t)Mp * (IC + OC) <= b->pad_n);
+        memcpy(pin, in, sizeof(float) * (size_t)M * IC);
+        memset(pin + (size_t)M * IC, 0, sizeof(float) * (size_t)(Mp - M) * IC);
+        A = pin;
+        Cm = pout;
+    }
+    int nt = (double)Mp * IC * OC < 262144.0 ? 1 : op_team();
+    size_t per = (size_t)rows * IC;
+    if (w->dtype != TENSOR_F32 && (size_t)nt * per > b->wtile_n)
+        nt = (int)(b->wtile_n / per);
+    nt = nt < ntiles ? nt : ntiles;
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
+    for (int k = 0; k < ntiles; k++) {
+        int o0 = k * rows, o1 = o0 + rows < OC ? o0 + rows : OC;
+        const float *wt = w->f + (size_t)o0 * IC;
+        if (w->dtype != TENSOR_F32) {
+            float *buf = b->wtile + (size_t)omp_get_thread_num() * per;
+            op_mat_widen(buf, w, IC, o0, o1, 0, IC);
+            wt = buf;
+        }
+        if (bias)
+            for (int n = 0; n < Mp; n++)
+                memcpy(Cm + (size_t)n * ldo + o0, bias + o0, sizeof(float) * (size_t)(o1 - o0));
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, Mp, o1 - o0, IC, 1.0f, A, IC, wt, IC, bias ? 1.0f : 0.0f,
+                    Cm + o0, ldo);
+    }
+    if (Cm != out)
+        memcpy(out, Cm, sizeof(float) * (size_t)M * OC);
+}
+
 /* nw products of the same input (q, k, v; gate, up; o; down) for every row: the rows [0, ra) of
- * the chunks one GEMM per matrix (as gen_forward runs a chunk), the one-token rows [ra, rows)
- * one batched GEMV of the nw products together (as gen_forward runs one token). */
+ * the chunks one GEMM per matrix, the one-token rows [ra, rows) one batched GEMV of the nw
+ * products together (as gen_forward runs one token). */
 static void batch_proj(struct gen_batch *b, int nw, float *const *out, const struct op_mat *const *w,
                        const float *const *bias, const int *OC, const float *in, int IC, int ra, int rows)
 {
     for (int k = 0; ra > 0 && k < nw; k++)
-        op_mat_forward(out[k], in, w[k], bias ? bias[k] : NULL, ra, IC, OC[k], b->wtile, b->wtile_n);
+        batch_gemm(b, out[k], in, w[k], bias ? bias[k] : NULL, ra, IC, OC[k]);
     if (rows > ra) {
         float *o[3];
         for (int k = 0; k < nw; k++)
@@ -827,11 +918,11 @@ static void batch_logits_block(struct gen_batch *b, const struct model *m, const
 /* Each thread's share of the streamed log-probabilities: tiles t, t + nt, ... of tv vocabulary rows,
  * each widened once (into buf) for the k rows and multiplied by one GEMM, then every row's maximum
  * M and sum S of e^(l - M) updated (S rescaled when M grows). */
-static void stream_tiles(struct gen_batch *b, const struct op_mat *w, const struct lg_row *who, int k, int tv, int t,
-                         int nt, float *buf, double *M, double *S, float *tl)
+static void stream_tiles(struct gen_batch *b, const struct op_mat *w, const struct lg_row *who, const float *A, int k,
+                         int kp, int t, int nt, float *buf, double *M, double *S, float *tl)
 {
-    int V = b->V, C = b->C;
-    float *out = b->lpt + (size_t)t * b->rows_max * b->tv;
+    int V = b->V, C = b->C, tv = b->tv;
+    float *out = b->lpt + (size_t)t * b->kcap * tv;
     for (int r = 0; r < k; r++) {
         M[r] = -INFINITY;
         S[r] = 0;
@@ -843,7 +934,7 @@ static void stream_tiles(struct gen_batch *b, const struct op_mat *w, const stru
             op_mat_widen(buf, w, C, v0, v0 + n, 0, C);
             wt = buf;
         }
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, k, n, C, 1.0f, b->lnf, C, wt, C, 0.0f, out, n);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, kp, n, C, 1.0f, A, C, wt, C, 0.0f, out, n);
         for (int r = 0; r < k; r++) {
             const float *row = out + (size_t)r * n;
             double mt = op_max(row, (size_t)n);
@@ -867,22 +958,27 @@ static void stream_tiles(struct gen_batch *b, const struct op_mat *w, const stru
 static void batch_stream(struct gen_batch *b, const struct model *m, const struct lg_row *who, int k)
 {
     const struct op_mat *w = &m->w.lm_head;
-    int C = b->C, nt = b->lp_nt, tv = b->tv;
-    size_t per = 0;
-    if (w->dtype != TENSOR_F32) { // widening room per thread: tv rows of C
-        int fit = (int)(b->wtile_n / (size_t)C);
-        nt = nt < fit ? nt : fit;
-        per = b->wtile_n / (size_t)nt;
-        tv = (int)(per / (size_t)C) < tv ? (int)(per / (size_t)C) : tv;
+    int C = b->C, tv = b->tv, ntiles = (b->V + tv - 1) / tv, nt = b->lp_nt < ntiles ? b->lp_nt : ntiles;
+    size_t per = (size_t)tv * C;
+    if (w->dtype != TENSOR_F32 && (size_t)nt * per > b->wtile_n)
+        nt = (int)(b->wtile_n / per);
+    // rows padded as batch_gemm pads them (the last tile is the narrowest)
+    int last = b->V - (ntiles - 1) * tv, kp = gemm_rows_min(last < tv ? last : tv, C);
+    const float *A = b->lnf;
+    if (kp > k) {
+        LK_ASSERT(kp <= b->kcap && (size_t)kp * C <= b->pad_n);
+        memcpy(b->pad, b->lnf, sizeof(float) * (size_t)k * C);
+        memset(b->pad + (size_t)k * C, 0, sizeof(float) * (size_t)(kp - k) * C);
+        A = b->pad;
+    } else {
+        kp = k;
     }
-    int ntiles = (b->V + tv - 1) / tv;
-    nt = nt < ntiles ? nt : ntiles;
     double *M = b->lpm, *S = M + (size_t)b->lp_nt * b->rows_max;
     float *tl = (float *)(S + (size_t)b->lp_nt * b->rows_max);
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
         int t = omp_get_thread_num();
-        stream_tiles(b, w, who, k, tv, t, omp_get_num_threads(), b->wtile + (size_t)t * per,
+        stream_tiles(b, w, who, A, k, kp, t, omp_get_num_threads(), b->wtile + (size_t)t * per,
                      M + (size_t)t * b->rows_max, S + (size_t)t * b->rows_max, tl);
     }
     for (int r = 0; r < k; r++) { // merge the threads' sums, in thread order

@@ -118,9 +118,12 @@ struct gen_batch {
     float *lnf;          /* [rows_max, C]: final-norm outputs of the tokens whose logits are asked */
     float *lg;           /* [GEN_LOGIT_ROWS, V]: logits of a block of tokens */
     struct lg_row *who;  /* owned [rows_max]: which run and token each row of lnf is */
-    float *lpt;          /* owned (first use): per thread [rows_max, tv] logits of a vocabulary tile */
+    float *lpt;          /* owned (first use): per thread [kcap, tv] logits of a vocabulary tile */
     double *lpm;         /* owned: per thread each row's running max and sum, then target logits */
-    int lp_nt, tv;       /* threads lpt and lpm were sized for; vocabulary rows per tile */
+    int lp_nt, tv, kcap; /* threads lpt and lpm were sized for; vocabulary rows per tile; rows of a
+                          * tile's logits (rows_max, or more for a padded product) */
+    float *pad;          /* owned [pad_n]: small products padded with zero rows */
+    size_t pad_n;
     int *pos, *n0, *row; /* owned [rows_max]: positions per token; first position and row per run */
     size_t *aoff;        /* owned [rows_max]: a one-token run's attention weights in att */
     float *att;          /* owned, grown as needed: attention weights */
