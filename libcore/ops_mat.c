@@ -23,6 +23,7 @@
 #include <cblas.h>
 #include <math.h>
 #include <omp.h>
+#include <stdatomic.h>
 #include <string.h>
 
 #include "lk.h"
@@ -36,12 +37,30 @@
 
 int op_simd = 1;
 
+#ifdef OP_X86
+/* 1 when the CPU has AVX2, FMA and F16C, 0 when not, -1 before the first look. CPUID runs once:
+ * the kernels ask per row, and under a hypervisor every CPUID traps to it (tens of microseconds:
+ * asked per row, it took half of a batched eval's time). Threads that race to fill it store the
+ * same value. */
+static atomic_int op_cpu_ok = -1;
+
+static int op_cpu_has_simd(void)
+{
+    int ok = atomic_load_explicit(&op_cpu_ok, memory_order_relaxed);
+    if (ok < 0) {
+        unsigned a, b, c, d; // F16C from CPUID leaf 1 (clang 14's __builtin_cpu_supports lacks it)
+        int f16c = __get_cpuid(1, &a, &b, &c, &d) && (c & bit_F16C);
+        ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c;
+        atomic_store_explicit(&op_cpu_ok, ok, memory_order_relaxed);
+    }
+    return ok;
+}
+#endif
+
 int op_simd_active(void)
 {
 #ifdef OP_X86
-    unsigned a, b, c, d; // F16C from CPUID leaf 1 (clang 14's __builtin_cpu_supports lacks it)
-    int f16c = __get_cpuid(1, &a, &b, &c, &d) && (c & bit_F16C);
-    return op_simd && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c;
+    return op_simd && op_cpu_has_simd();
 #else
     return 0;
 #endif
