@@ -16,6 +16,7 @@
 #include <string.h>
 
 #include <cJSON.h>
+#include <sqlite3.h>
 
 #include "../eval/fts.h"
 #include "../eval/batch.h"
@@ -342,4 +343,148 @@ TEST(ev_batch_matches_one_question_at_a_time)
     check_batched_eval(TENSOR_F32);
     if (!test_failed())
         check_batched_eval(TENSOR_BF16);
+}
+
+// ---- end to end: `lorakit eval --batch` ----
+
+/* The model folder m (a Qwen2 of hidden 64 from `lorakit init`, a tokenizer trained on the
+ * corpus), its copy "same", an adapter trained two steps, and the questions. */
+static int make_cli_fixture(void)
+{
+    const char *T = test_tmpdir(), *L = test_lorakit();
+    if (make_docs())
+        return -1;
+    FILE *c = fopen(test_path("cfg.json"), "w"), *t = fopen(test_path("train.jsonl"), "w");
+    if (!c || !t)
+        return -1;
+    fprintf(c, "{\"architectures\":[\"Qwen2ForCausalLM\"],\"model_type\":\"qwen2\",\"hidden_size\":64,"
+               "\"intermediate_size\":132,\"num_hidden_layers\":2,\"num_attention_heads\":4,\"num_key_value_heads\":2,"
+               "\"vocab_size\":320,\"rms_norm_eps\":1e-6,\"rope_theta\":10000,\"tie_word_embeddings\":true,"
+               "\"max_position_embeddings\":200,\"initializer_range\":0.5,\"torch_dtype\":\"float32\"}\n");
+    for (int i = 0; i < 9; i++)
+        fprintf(t, "{\"messages\":[{\"role\":\"user\",\"content\":\"what is the code of item %d?\"},"
+                   "{\"role\":\"assistant\",\"content\":\"%c\"}]}\n", i, 'B' + i);
+    if (fclose(c) | fclose(t))
+        return -1;
+    if (test_sh("%s init --config '%s/cfg.json' --out '%s/m' --seed 1 && %s tokenizer train --text '%s/corpus.txt' "
+                "--vocab 300 --out '%s/m' && cp -r '%s/m' '%s/same' && %s train --model '%s/m' --data '%s/train.jsonl' "
+                "--out '%s/ad' --steps 2 --rank 2 --lr 0.05 --threads 1 --runs '%s/train.db' --quiet",
+                L, T, T, L, T, T, T, T, L, T, T, T, T))
+        return -1;
+    struct tok *tk = NULL;
+    if (tok_load(&tk, test_path("m"), test_err()))
+        return -1;
+    int rc = make_qa(tk);
+    tok_free(tk);
+    return rc;
+}
+
+/* Runs the eval with --batch B (0: the default) into the runs database db. */
+static int cli_eval(int B, const char *db)
+{
+    const char *T = test_tmpdir();
+    char batch[32] = "";
+    if (B)
+        snprintf(batch, sizeof batch, "--batch %d", B);
+    return test_sh("%s eval --model '%s/m' --system ad='%s/ad' --system same='%s/same' --qa '%s/qa.jsonl' "
+                   "--docs '%s/docs.jsonl' --k 2 --max-new 12 --retain '%s/qa.jsonl' --retain-docs '%s/docs.jsonl' "
+                   "--retain-text '%s/texts.txt' --runs '%s/%s' --threads 2 --quiet --json %s", test_lorakit(), T, T, T,
+                   T, T, T, T, T, T, db, batch);
+}
+
+/* Rows of a query over main and the attached b that must be 0 (or the count asked). */
+static long sql_count(sqlite3 *s, const char *sql)
+{
+    sqlite3_stmt *st = NULL;
+    long n = -1;
+    if (sqlite3_prepare_v2(s, sql, -1, &st, NULL) == SQLITE_OK && sqlite3_step(st) == SQLITE_ROW)
+        n = sqlite3_column_int64(st, 0);
+    else
+        test_fail(__FILE__, __LINE__, "%s: %s", sql, sqlite3_errmsg(s));
+    sqlite3_finalize(st);
+    return n;
+}
+
+/* NLL-like values (a and b columns) equal within float32 rounding, every other one exactly. */
+#define SQL_NEAR(a, b, nll) \
+    "((" a ") IS (" b ") OR ((" nll ") AND abs((" a ") - (" b ")) <= 1e-5 * (1 + abs(" a "))))"
+
+/* The runs in db (batch B) and ref.db (batch 1) alike: every item's answer, passages and scores
+ * (NLL and choice log-likelihoods within float32 rounding), every summary figure and interval,
+ * every retention figure; and the copy of the base alike with the base to the bit. */
+static void check_cli_alike(const char *db, int B)
+{
+    sqlite3 *s;
+    CHECK_INT(sqlite3_open(test_path("ref.db"), &s), SQLITE_OK);
+    char sql[2048];
+    snprintf(sql, sizeof sql, "ATTACH '%s' AS b", test_path(db));
+    CHECK_INT(sqlite3_exec(s, sql, NULL, NULL, NULL), SQLITE_OK);
+    long items = sql_count(s, "SELECT count(*) FROM eval_items");
+    CHECK_MSG(items == 9 * 6 && sql_count(s, "SELECT count(*) FROM b.eval_items") == items, "batch %d: %ld items", B,
+              items);
+    CHECK_MSG(sql_count(s, "SELECT count(*) FROM eval_items a JOIN b.eval_items x USING(item_id, mode) WHERE "
+                           "a.answer IS NOT x.answer OR a.retrieved IS NOT x.retrieved") == 0,
+              "batch %d: answers or passages differ", B);
+    // every score of every cell but its seconds
+    CHECK_MSG(sql_count(s, "SELECT count(*) FROM eval_items a JOIN b.eval_items x USING(item_id, mode), "
+                           "json_tree(a.scores_json) j LEFT JOIN json_tree(x.scores_json) k ON k.fullkey = j.fullkey "
+                           "WHERE j.atom IS NOT NULL AND j.key IS NOT 'seconds' AND NOT " SQL_NEAR("j.atom", "k.atom",
+                           "j.fullkey LIKE '%nll%' OR j.fullkey LIKE '%choice_ll%'")) == 0,
+              "batch %d: an item's scores differ", B);
+    CHECK_MSG(sql_count(s, "SELECT count(*) FROM eval_results a LEFT JOIN b.eval_results x USING(mode, metric) WHERE "
+                           "a.metric != 'seconds' AND NOT (" SQL_NEAR("a.value", "x.value", "a.metric = 'nll'") " AND "
+                           SQL_NEAR("a.lo", "x.lo", "a.metric = 'nll'") " AND " SQL_NEAR("a.hi", "x.hi", "a.metric = 'nll'")
+                           " AND a.n IS x.n)") == 0, "batch %d: a summary figure differs", B);
+    long ret = sql_count(s, "SELECT count(*) FROM eval_retention");
+    CHECK_MSG(ret > 2 * 7 && sql_count(s, "SELECT count(*) FROM b.eval_retention") == ret, "%ld retention rows", ret);
+    CHECK_MSG(sql_count(s, "SELECT count(*) FROM eval_retention a LEFT JOIN b.eval_retention x USING(system, kind, metric) "
+                           "WHERE NOT (" SQL_NEAR("a.base", "x.base", "a.metric LIKE '%nll'") " AND "
+                           SQL_NEAR("a.value", "x.value", "a.metric LIKE '%nll'") " AND "
+                           SQL_NEAR("a.diff", "x.diff", "a.metric LIKE '%nll'") " AND "
+                           SQL_NEAR("a.lo", "x.lo", "a.metric LIKE '%nll'") " AND "
+                           SQL_NEAR("a.hi", "x.hi", "a.metric LIKE '%nll'") " AND a.n IS x.n)") == 0,
+              "batch %d: a retention figure differs", B);
+    // the copy of the base: the base's answers and scores to the bit, forgetting exactly 0
+    CHECK_MSG(sql_count(s, "SELECT count(*) FROM b.eval_items a JOIN b.eval_items x ON x.item_id = a.item_id AND "
+                           "x.mode = replace(a.mode, 'base', 'same') AND x.mode != a.mode WHERE a.mode IN ('base') AND "
+                           "(a.answer IS NOT x.answer OR json_remove(a.scores_json, '$.seconds') IS NOT "
+                           "json_remove(x.scores_json, '$.seconds'))") == 0 &&
+              sql_count(s, "SELECT count(*) FROM b.eval_items a JOIN b.eval_items x ON x.item_id = a.item_id AND "
+                           "a.mode = 'rag' AND x.mode = 'same+rag' WHERE a.answer IS NOT x.answer OR "
+                           "json_remove(a.scores_json, '$.seconds') IS NOT json_remove(x.scores_json, '$.seconds')") == 0,
+              "batch %d: the copy of the base scores otherwise", B);
+    CHECK_MSG(sql_count(s, "SELECT count(*) FROM b.eval_retention WHERE system = 'same' AND kind = 'forgot' AND "
+                           "diff = 0 AND lo = 0 AND hi = 0") ==
+              sql_count(s, "SELECT count(*) FROM b.eval_retention WHERE system = 'same' AND kind = 'forgot'"),
+              "batch %d: the copy of the base forgets", B);
+    // the batch each run was made with, as recorded
+    CHECK_INT(sql_count(s, "SELECT json_extract(params_json, '$.batch') FROM runs WHERE kind = 'eval'"), 1);
+    CHECK_INT(sql_count(s, "SELECT json_extract(params_json, '$.batch') FROM b.runs WHERE kind = 'eval'"), B);
+    sqlite3_close(s);
+}
+
+TEST(ev_batch_cli_matches_batch_1)
+{
+    CHECK_INT(make_cli_fixture(), 0);
+    CHECK_INT(cli_eval(1, "ref.db"), 0);
+    CHECK_INT(cli_eval(3, "b3.db"), 0);
+    check_cli_alike("b3.db", 3);
+    CHECK_INT(cli_eval(0, "bd.db"), 0); // the default
+    check_cli_alike("bd.db", EV_BATCH_DEFAULT);
+}
+
+TEST(ev_batch_cli_bad_values_and_help)
+{
+    const char *L = test_lorakit(), *T = test_tmpdir();
+    static const char *const bad[5] = { "0", "-2", "x", "4x", "257" };
+    for (int i = 0; i < 5; i++) {
+        CHECK_INT(test_sh("%s eval --model '%s/none' --qa '%s/none.jsonl' --batch %s", L, T, T, bad[i]), 2);
+        const char *want = i == 2 || i == 3 ? "option '--batch' wants an integer" : "--batch";
+        CHECK_MSG(strstr(test_output(), "lorakit eval: error: ") && strstr(test_output(), want) &&
+                  (i == 2 || i == 3 || strstr(test_output(), "1 to 256")), "--batch %s: %s", bad[i], test_output());
+    }
+    CHECK_INT(test_sh("%s eval --help", L), 0);
+    char want[64];
+    snprintf(want, sizeof want, "default %d; 1: one at a time", EV_BATCH_DEFAULT);
+    CHECK_MSG(strstr(test_output(), "--batch B") && strstr(test_output(), want), "%s", test_output());
 }

@@ -429,8 +429,11 @@ int cmd_eval(int argc, char **argv)
     if (!c.model || !c.qa)
         lk_errf(&err, LK_ERR_USAGE, "--model and --qa are required (see --help)");
     else if (c.max_new < 1 || c.max_new > 100000 || c.limit < 0 || c.show < 0 || c.seed < 0 || c.chunk_tokens < 1 ||
-             c.overlap < 0 || c.overlap >= c.chunk_tokens || c.batch < 1 || c.batch > EV_BATCH_MAX)
+             c.overlap < 0 || c.overlap >= c.chunk_tokens)
         lk_errf(&err, LK_ERR_USAGE, "an option is out of range (see --help)");
+    else if (c.batch < 1 || c.batch > EV_BATCH_MAX)
+        lk_errf(&err, LK_ERR_USAGE, "--batch %ld: give 1 to %d (questions x modes in flight; 1: one at a time)",
+                c.batch, EV_BATCH_MAX);
     else
         lk_cli_weights(c.weights, MODEL_KEEP_FILE, &c.keep, &err);
     struct ev_setup_opts so = { c.model, c.adapter, c.tuned, c.qa, c.docs, c.index, c.modes, c.k, c.tmpl,
