@@ -572,13 +572,14 @@ int gen_batch_init(struct gen_batch *b, const struct cfg *c, int rows_max, int m
     b->n0 = b->pos + rows_max;
     b->row = b->n0 + rows_max;
     batch_layout(b, b->mem);
-    // the padded products: the largest [rows, IC + OC] any of the model's matrices may need
+    // the padded products: the largest [rows, IC + OC] any of the model's matrices may need (a
+    // product of fewer than mr rows is padded to mr, whatever rows_max is)
     int dims[5][2] = { { b->C, b->Q }, { b->C, b->KV }, { b->Q, b->C }, { b->C, b->F }, { b->F, b->C } };
     size_t pad = 0;
     for (int i = 0; i < 5; i++) {
         int mr;
         gemm_tile(dims[i][0], dims[i][1], &mr);
-        size_t need = mr > rows_max ? (size_t)mr * (size_t)(dims[i][0] + dims[i][1]) : 0;
+        size_t need = (size_t)mr * (size_t)(dims[i][0] + dims[i][1]);
         pad = need > pad ? need : pad;
     }
     // the streamed log-probabilities: tiles of tv vocabulary rows, kcap rows at least

@@ -505,3 +505,49 @@ TEST(gen_batch_matches_gen_forward_per_sequence)
             check_batch_vs_single(&c, dtypes[d]);
         }
 }
+
+/* Small products are padded with zero rows (generate.c, batch_gemm) whatever the step's size: the
+ * padding buffer must hold them when the scratch is sized for more rows than the padding needs
+ * (the Qwen2.5-0.5B shape at 512 rows aborted there). A model whose products pad to about 1000
+ * rows, scratch for 40, 1100 and 3000 rows, chunks of 2 and 3 tokens against gen_forward. */
+TEST(gen_batch_pads_small_products_for_any_rows_max)
+{
+    struct cfg c;
+    fix_cfg_qwen2(&c);
+    c.hidden_size = 64;
+    c.intermediate_size = 132;
+    c.num_attention_heads = 4;
+    c.num_key_value_heads = 2;
+    c.head_dim = 16;
+    struct model m;
+    CHECK_OK(fix_model_random(&m, &c, 0.4f, 71));
+    CHECK_OK(model_weights_convert(&m.w, &c, TENSOR_BF16, test_err()));
+    int V = c.vocab_size, tok[5];
+    int32_t t32[5];
+    fix_tokens(tok, 5, V, 72);
+    for (int i = 0; i < 5; i++)
+        t32[i] = tok[i];
+    float *got = malloc(sizeof(float) * 3 * V), *ref = malloc(sizeof(float) * 3 * V);
+    static const int rows_max[3] = { 40, 1100, 3000 };
+    for (int k = 0; k < 3 && !test_failed(); k++) {
+        struct gen_batch b;
+        struct gen_seq seq = { 0 };
+        struct gen_cache gc;
+        CHECK_OK(gen_batch_init(&b, &c, rows_max[k], 0, test_err()));
+        CHECK_OK(gen_seq_reserve(&seq, &c, 8, test_err()));
+        CHECK_OK(gen_cache_init(&gc, &c, 8, 8, 0, test_err()));
+        for (int a = 0, n = 2; a < 5; a += n, n++) {
+            struct gen_brun r = { &seq, NULL, t32 + a, n, got, 1, NULL, NULL };
+            CHECK_OK(gen_batch_forward(&b, &m, &r, 1, test_err()));
+            CHECK_OK(gen_forward(&gc, &m, NULL, t32 + a, n, ref, test_err()));
+            double d = rel_diff(got, ref, (size_t)n * V);
+            CHECK_MSG(d < 1e-6, "rows_max %d, a chunk of %d: %g from gen_forward", rows_max[k], n, d);
+        }
+        gen_cache_release(&gc);
+        gen_seq_release(&seq);
+        gen_batch_release(&b);
+    }
+    free(got);
+    free(ref);
+    model_release(&m);
+}
