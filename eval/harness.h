@@ -169,7 +169,12 @@ struct ev_config {
 };
 
 #define EV_BATCH_MAX 256     /* sequences in flight at most */
-#define EV_BATCH_DEFAULT 8   /* `lorakit eval --batch` unless given */
+/* `lorakit eval --batch` unless given. Measured with `make bench-eval` on 2026-12-05 (Qwen2.5-0.5B
+ * shape, bf16, 6 MedQuAD dev questions x 4 modes, --max-new 32, 2 threads, load average about 3.5
+ * from other jobs): --batch 1 159 s per question, --batch 4 92 s (1.73x). Larger batches were not
+ * measured once the batched path was fixed (earlier sweeps at 8 and 16 ran into the bugs fixed
+ * since and are void): 4 is the best measured. */
+#define EV_BATCH_DEFAULT 4
 
 struct ev_cell {
     char *answer;                /* owned: the generated answer (or the chosen choice) */
