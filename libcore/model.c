@@ -63,10 +63,11 @@ static void weights_layout(struct model_weights *w, const struct cfg *c, struct 
         ly->wq = mtake(v, Q * C);
         ly->wk = mtake(v, KV * C);
         ly->wv = mtake(v, KV * C);
-        ly->bq = c->attention_bias ? wtake(v, Q) : NULL;
-        ly->bk = c->attention_bias ? wtake(v, KV) : NULL;
-        ly->bv = c->attention_bias ? wtake(v, KV) : NULL;
+        ly->bq = cfg_module_bias(c, CFG_Q) ? wtake(v, Q) : NULL;
+        ly->bk = cfg_module_bias(c, CFG_K) ? wtake(v, KV) : NULL;
+        ly->bv = cfg_module_bias(c, CFG_V) ? wtake(v, KV) : NULL;
         ly->wo = mtake(v, C * Q);
+        ly->bo = cfg_module_bias(c, CFG_O) ? wtake(v, C) : NULL;
         ly->q_norm = c->qk_norm ? wtake(v, (size_t)c->head_dim) : NULL;
         ly->k_norm = c->qk_norm ? wtake(v, (size_t)c->head_dim) : NULL;
         ly->ln2 = wtake(v, C);
@@ -200,7 +201,7 @@ int model_weights_tensors(const struct model_weights *w, const struct cfg *c,
     int64_t C = c->hidden_size, F = c->intermediate_size, V = c->vocab_size;
     int64_t Q = (int64_t)c->num_attention_heads * c->head_dim;
     int64_t KV = (int64_t)c->num_key_value_heads * c->head_dim;
-    struct model_tensor *t = lk_calloc((size_t)L * 14 + 3, sizeof *t);
+    struct model_tensor *t = lk_calloc((size_t)L * 15 + 3, sizeof *t);
     if (!t)
         return lk_errf(err, LK_ERR_NOMEM, "out of memory");
     int k = 0;
@@ -224,6 +225,9 @@ int model_weights_tensors(const struct model_weights *w, const struct cfg *c,
             LAYER_T("self_attn.v_proj.bias", ly->bv, 1, KV, 0, CFG_V, 1);
         }
         LAYER_M("self_attn.o_proj.weight", ly->wo, C, Q, CFG_O);
+        if (ly->bo) {
+            LAYER_T("self_attn.o_proj.bias", ly->bo, 1, C, 0, CFG_O, 1);
+        }
         if (ly->q_norm) {
             LAYER_T("self_attn.q_norm.weight", ly->q_norm, 1, c->head_dim, 0, -1, 0);
             LAYER_T("self_attn.k_norm.weight", ly->k_norm, 1, c->head_dim, 0, -1, 0);
@@ -892,9 +896,9 @@ static void forward_lane(const struct model *m, struct model_acts *a, const stru
         op_rope_forward(a->k[l], a->pos, m->inv_freq, BT, NKV, HS);
         // 4. causal grouped-query attention
         op_attention_forward(a->atty[l], a->att[l], a->q[l], a->k[l], a->v[l], sg, B, T, NH, NKV, HS);
-        // 5. x2 = x + o_proj(atty)
-        op_mat_forward(a->x2[l], a->atty[l], &w->wo, NULL, BT, Q, C, wt, wn);
-        lora_forward_linear(m, a, lora, l, CFG_O, a->x2[l], a->atty[l], &w->wo, NULL);
+        // 5. x2 = x + o_proj(atty) (+ its bias: Llama with attention_bias)
+        op_mat_forward(a->x2[l], a->atty[l], &w->wo, w->bo, BT, Q, C, wt, wn);
+        lora_forward_linear(m, a, lora, l, CFG_O, a->x2[l], a->atty[l], &w->wo, w->bo);
         op_add(a->x2[l], xin, (size_t)BT * C);
         // 6. ln2 = rmsnorm(x2) * w
         op_rmsnorm_forward(a->ln2[l], a->rstd2[l], a->x2[l], w->ln2, BT, C, eps);
@@ -1029,7 +1033,7 @@ static void backward_lane(const struct model *m, struct model_acts *a, const str
         // 5. x2 = x + o_proj(atty): dres is d(x2), flows to x unchanged
         memset(a->datty, 0, sizeof(float) * (size_t)BT * Q);
         dy = dora_backward(m, a, lora, lora_grad, l, CFG_O, a->dres, a->atty[l]);
-        linear_backward(a, a->datty, gw ? gw->wo.f : NULL, NULL, dy, a->atty[l], &w->wo, BT, Q, C);
+        linear_backward(a, a->datty, gw ? gw->wo.f : NULL, gw ? gw->bo : NULL, dy, a->atty[l], &w->wo, BT, Q, C);
         lora_backward_linear(m, a, lora, lora_grad, l, CFG_O, a->datty, dy, a->atty[l]);
         // 4. attention
         memset(a->dq, 0, sizeof(float) * (size_t)BT * Q);
