@@ -349,6 +349,8 @@ struct model_acts {
     size_t xa_n;
     float *dxa;            /* owned [BT, max R] */
     size_t dxa_n;
+    float *lscr;           /* owned: op_lora_* scratch (transposed factors) */
+    size_t lscr_n;
     /* DoRA (owned, sized on first use): per module g = m / ||W + sBA|| and the norms, the
      * merged weight of one module, and two [BT, wide] buffers for backward */
     float *dora_g, *dora_norm, *dora_w, *dora_u, *dora_du;
@@ -398,6 +400,7 @@ static void acts_free(struct model_acts *a)
     lk_free(a->x);
     lk_free(a->xa);
     lk_free(a->dxa);
+    lk_free(a->lscr);
     lk_free(a->dora_g);
     lk_free(a->dora_norm);
     lk_free(a->dora_w);
@@ -609,11 +612,22 @@ static int lora_xa_prepare(struct model_acts *a, const struct lora *lora, struct
             return lk_errf(err, LK_ERR_NOMEM, "out of memory");
         a->xa_nmod = lora->n_mod;
     }
+    size_t scr = 0;
     for (int i = 0; i < lora->n_mod; i++) {
+        const struct lora_module *md = &lora->mod[i];
         a->xa_off[i] = need;
-        need += BT * (size_t)lora->mod[i].R;
-        if ((size_t)lora->mod[i].R > maxr)
-            maxr = (size_t)lora->mod[i].R;
+        need += BT * (size_t)md->R;
+        if ((size_t)md->R > maxr)
+            maxr = (size_t)md->R;
+        size_t k = op_lora_scratch_floats(md->R, md->in);
+        scr = k > scr ? k : scr;
+    }
+    if (scr > a->lscr_n) {
+        lk_free(a->lscr);
+        a->lscr = lk_malloc(sizeof(float) * scr);
+        a->lscr_n = a->lscr ? scr : 0;
+        if (!a->lscr)
+            return lk_errf(err, LK_ERR_NOMEM, "out of memory");
     }
     if (need > a->xa_n) {
         lk_free(a->xa);
@@ -697,8 +711,8 @@ static void lora_forward_linear(const struct model *m, struct model_acts *a, con
     int BT = a->B * a->T;
     float *xa = a->xa + a->xa_off[slot];
     const float *xd = lora_dropped(m, a, lora, slot, x, md->in);
-    op_matmul_forward(xa, xd, md->A, NULL, BT, md->in, md->R);
-    op_matmul_forward_acc(out, xa, md->B, md->scale, BT, md->R, md->out);
+    op_lora_down(xa, xd, md->A, BT, md->in, md->R, a->lscr);
+    op_lora_up_acc(out, xa, md->B, md->scale, BT, md->R, md->out);
     if (md->bias)
         for (int t = 0; t < BT; t++)
             for (int o = 0; o < md->out; o++)
@@ -773,9 +787,7 @@ static void lora_backward_linear(const struct model *m, struct model_acts *a, co
     float *dxa = a->dxa;
     // forward 2: y += s * xa B^T   => dB += s dy^T xa;  dxa = s dy B;  dbias += s sum dy
     if (lora_grad) {
-        float *dB = lora_grad + (md->B - lora->mem);
-        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, md->out, R, BT, md->scale, dout,
-                    md->out, xa, R, 1.0f, dB, R);
+        op_lora_dB_acc(lora_grad + (md->B - lora->mem), dout, xa, md->scale, BT, md->out, R);
         if (md->bias) {
             float *db = lora_grad + (md->bias - lora->mem);
             for (int o = 0; o < md->out; o++) {
@@ -786,23 +798,18 @@ static void lora_backward_linear(const struct model *m, struct model_acts *a, co
             }
         }
     }
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, BT, R, md->out, md->scale, dout, md->out,
-                md->B, R, 0.0f, dxa, R);
+    op_lora_dxa(dxa, dout, md->B, md->scale, BT, md->out, R);
     // forward 1: xa = x_d A^T, x_d = x * mask / (1 - p)  => dA += dxa^T x_d;  dx += (dxa A) * mask/(1-p)
     const float *xd = lora_dropped(m, a, lora, slot, x, md->in);
-    if (lora_grad) {
-        float *dA = lora_grad + (md->A - lora->mem);
-        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, R, md->in, BT, 1.0f, dxa, R, xd, md->in,
-                    1.0f, dA, md->in);
-    }
+    if (lora_grad)
+        op_lora_dA_acc(lora_grad + (md->A - lora->mem), dxa, xd, BT, md->in, R);
     float p = (float)lora->cfg.dropout;
     if (p <= 0.0f) {
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, BT, md->in, R, 1.0f, dxa, R, md->A,
-                    md->in, 1.0f, dx, md->in);
+        op_lora_dx_acc(dx, dxa, md->A, BT, md->in, R);
     } else {
         float *tmp = a->tmp;
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, BT, md->in, R, 1.0f, dxa, R, md->A,
-                    md->in, 0.0f, tmp, md->in);
+        memset(tmp, 0, sizeof(float) * (size_t)BT * md->in);
+        op_lora_dx_acc(tmp, dxa, md->A, BT, md->in, R);
         float keep = 1.0f / (1.0f - p);
         size_t n = (size_t)BT * md->in, i0 = (size_t)a->b0 * a->T * md->in;
         for (size_t i = 0; i < n; i++)

@@ -155,9 +155,10 @@ static double grad_check_tensor(struct gcase *g, float *param, const float *grad
     return r;
 }
 
-/* lbias: the adapter has lora_B.bias on every module (their gradients checked too). */
+/* lbias: the adapter has lora_B.bias on every module (their gradients checked too). R: its rank
+ * (8 and 16 take the register-tiled kernels of ops_lora.c, 2 cblas). */
 static void gradient_check_T_dtype(const struct cfg *c, int full, int with_seg, float dropout, int rslora, int T,
-                                   int dtype, int lbias)
+                                   int dtype, int lbias, int R)
 {
     struct model m;
     struct lora l = { 0 };
@@ -165,7 +166,9 @@ static void gradient_check_T_dtype(const struct cfg *c, int full, int with_seg, 
     if (dtype != TENSOR_F32)
         CHECK_OK(model_weights_convert(&m.w, c, dtype, test_err()));
     if (!full)
-        CHECK_OK(fix_lora_random_bias(&l, c, (1u << CFG_N_MODULES) - 1, 2, 4.0, rslora, dropout, lbias, 22));
+        // alpha 4 sqrt(R / 2): s B A has the same size at every rank (alpha 4 at rank 2)
+        CHECK_OK(fix_lora_random_bias(&l, c, (1u << CFG_N_MODULES) - 1, R, 4.0 * sqrt(R / 2.0), rslora, dropout,
+                                      lbias, 22));
     int B = 2, N = B * T, V = c->vocab_size;
     int tok[2 * 64], tgt[2 * 64], pos[2 * 64], seg[2 * 64];
     LK_ASSERT(T >= 6 && T <= 64);
@@ -234,7 +237,7 @@ static void gradient_check_T_dtype(const struct cfg *c, int full, int with_seg, 
 static void gradient_check_T(const struct cfg *c, int full, int with_seg, float dropout, int rslora, int T)
 {
     for (size_t d = 0; d < (full ? 1u : 3u) && !test_failed(); d++)
-        gradient_check_T_dtype(c, full, with_seg, dropout, rslora, T, weight_dtypes[d], 0);
+        gradient_check_T_dtype(c, full, with_seg, dropout, rslora, T, weight_dtypes[d], 0, 2);
 }
 
 static void gradient_check(const struct cfg *c, int full, int with_seg, float dropout, int rslora)
@@ -328,7 +331,18 @@ TEST(model_grad_lora_llama_attention_bias)
     struct cfg c;
     fix_cfg_llama_bias(&c);
     for (size_t d = 0; d < 3 && !test_failed(); d++)
-        gradient_check_T_dtype(&c, 0, 0, 0.0f, 0, 6, weight_dtypes[d], 1);
+        gradient_check_T_dtype(&c, 0, 0, 0.0f, 0, 6, weight_dtypes[d], 1, 2);
+}
+
+TEST(model_grad_lora_rank8_and_16_register_kernels)
+{
+    // ranks that take ops_lora.c's AVX2 kernels (2 takes cblas), with dropout, packing and
+    // lora_bias; widths 12, 20, 24 leave column tails
+    struct cfg c;
+    fix_cfg_llama_bias(&c);
+    gradient_check_T_dtype(&c, 0, 1, 0.2f, 0, 13, TENSOR_F32, 1, 8);
+    fix_cfg_qwen3(&c);
+    gradient_check_T_dtype(&c, 0, 0, 0.0f, 1, 6, TENSOR_BF16, 0, 16);
 }
 
 TEST(model_grad_full_llama_attention_bias_packed)
