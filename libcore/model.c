@@ -988,11 +988,12 @@ int model_forward(struct model *m, const struct lora *lora, const int *tokens, c
 
 // ---- backward ----
 
-/* A linear's backward: dinp += dout W, and for a full fine-tune dW += dout^T inp, dbias += sum dout. */
-static void linear_backward(struct model_acts *a, float *dinp, float *dw, float *dbias, const float *dout,
+/* A linear's backward: dinp = beta dinp + dout W (beta 0: the first term of dinp, written without
+ * zeroing it first), and for a full fine-tune dW += dout^T inp, dbias += sum dout. */
+static void linear_backward(struct model_acts *a, float *dinp, float beta, float *dw, float *dbias, const float *dout,
                             const float *inp, const struct op_mat *w, int N, int IC, int OC)
 {
-    op_mat_backward(dinp, dout, w, N, IC, OC, a->wtile, a->wtile_n);
+    op_mat_backward(dinp, dout, w, N, IC, OC, beta, a->wtile, a->wtile_n);
     if (dw || dbias)
         op_mat_backward_weight(dw, dbias, dout, inp, N, IC, OC);
 }
@@ -1010,8 +1011,7 @@ static void backward_lane(const struct model *m, struct model_acts *a, const str
     size_t nC = (size_t)BT * C;
 
     // 9. logits = lnf @ lm_head^T  => dlnf = dlogits @ lm_head, dlm_head += dlogits^T lnf
-    memset(a->dln, 0, sizeof(float) * nC);
-    linear_backward(a, a->dln, g ? g->lm_head.f : NULL, NULL, a->logits, a->lnf, &m->w.lm_head, BT, C, V);
+    linear_backward(a, a->dln, 0.0f, g ? g->lm_head.f : NULL, NULL, a->logits, a->lnf, &m->w.lm_head, BT, C, V);
     //    lnf = rmsnorm(x[L]) * norm
     memset(a->dres, 0, sizeof(float) * nC);
     op_rmsnorm_backward(a->dres, g ? g->norm : NULL, a->dln, a->x[L], m->w.norm, a->rstdf, BT, C);
@@ -1020,27 +1020,23 @@ static void backward_lane(const struct model *m, struct model_acts *a, const str
         const struct model_layer *w = &m->w.layer[l];
         struct model_layer *gw = g ? &g->layer[l] : NULL;
         // 8. xout = x2 + down(act): dres is d(xout) and flows to x2 unchanged
-        memset(a->dact, 0, sizeof(float) * (size_t)BT * F);
         const float *dy = dora_backward(m, a, lora, lora_grad, l, CFG_DOWN, a->dres, a->act[l]);
-        linear_backward(a, a->dact, gw ? gw->wdown.f : NULL, NULL, dy, a->act[l], &w->wdown, BT, F, C);
+        linear_backward(a, a->dact, 0.0f, gw ? gw->wdown.f : NULL, NULL, dy, a->act[l], &w->wdown, BT, F, C);
         lora_backward_linear(m, a, lora, lora_grad, l, CFG_DOWN, a->dact, dy, a->act[l]);
-        // 7. act = silu(gate) * up
-        memset(a->dgate, 0, sizeof(float) * (size_t)BT * F);
-        memset(a->dup, 0, sizeof(float) * (size_t)BT * F);
+        // 7. act = silu(gate) * up (dgate and dup are written, not accumulated)
         op_swiglu_backward(a->dgate, a->dup, a->dact, a->gate[l], a->up[l], (size_t)BT * F);
-        memset(a->dln, 0, sizeof(float) * nC);
         dy = dora_backward(m, a, lora, lora_grad, l, CFG_GATE, a->dgate, a->ln2[l]);
-        linear_backward(a, a->dln, gw ? gw->wgate.f : NULL, NULL, dy, a->ln2[l], &w->wgate, BT, C, F);
+        linear_backward(a, a->dln, 0.0f, gw ? gw->wgate.f : NULL, NULL, dy, a->ln2[l], &w->wgate, BT, C, F);
         lora_backward_linear(m, a, lora, lora_grad, l, CFG_GATE, a->dln, dy, a->ln2[l]);
         dy = dora_backward(m, a, lora, lora_grad, l, CFG_UP, a->dup, a->ln2[l]);
-        linear_backward(a, a->dln, gw ? gw->wup.f : NULL, NULL, dy, a->ln2[l], &w->wup, BT, C, F);
+        linear_backward(a, a->dln, 1.0f, gw ? gw->wup.f : NULL, NULL, dy, a->ln2[l], &w->wup, BT, C, F);
         lora_backward_linear(m, a, lora, lora_grad, l, CFG_UP, a->dln, dy, a->ln2[l]);
         // 6. ln2 = rmsnorm(x2) * w  => d(x2) += ...
         op_rmsnorm_backward(a->dres, gw ? gw->ln2 : NULL, a->dln, a->x2[l], w->ln2, a->rstd2[l], BT, C);
         // 5. x2 = x + o_proj(atty): dres is d(x2), flows to x unchanged
-        memset(a->datty, 0, sizeof(float) * (size_t)BT * Q);
         dy = dora_backward(m, a, lora, lora_grad, l, CFG_O, a->dres, a->atty[l]);
-        linear_backward(a, a->datty, gw ? gw->wo.f : NULL, gw ? gw->bo : NULL, dy, a->atty[l], &w->wo, BT, Q, C);
+        linear_backward(a, a->datty, 0.0f, gw ? gw->wo.f : NULL, gw ? gw->bo : NULL, dy, a->atty[l], &w->wo, BT, Q,
+                        C);
         lora_backward_linear(m, a, lora, lora_grad, l, CFG_O, a->datty, dy, a->atty[l]);
         // 4. attention
         memset(a->dq, 0, sizeof(float) * (size_t)BT * Q);
@@ -1064,15 +1060,14 @@ static void backward_lane(const struct model *m, struct model_acts *a, const str
             dkx = a->dkp;
         }
         // 2. q, k, v projections
-        memset(a->dln, 0, sizeof(float) * nC);
         dy = dora_backward(m, a, lora, lora_grad, l, CFG_Q, dqx, a->ln1[l]);
-        linear_backward(a, a->dln, gw ? gw->wq.f : NULL, gw ? gw->bq : NULL, dy, a->ln1[l], &w->wq, BT, C, Q);
+        linear_backward(a, a->dln, 0.0f, gw ? gw->wq.f : NULL, gw ? gw->bq : NULL, dy, a->ln1[l], &w->wq, BT, C, Q);
         lora_backward_linear(m, a, lora, lora_grad, l, CFG_Q, a->dln, dy, a->ln1[l]);
         dy = dora_backward(m, a, lora, lora_grad, l, CFG_K, dkx, a->ln1[l]);
-        linear_backward(a, a->dln, gw ? gw->wk.f : NULL, gw ? gw->bk : NULL, dy, a->ln1[l], &w->wk, BT, C, KV);
+        linear_backward(a, a->dln, 1.0f, gw ? gw->wk.f : NULL, gw ? gw->bk : NULL, dy, a->ln1[l], &w->wk, BT, C, KV);
         lora_backward_linear(m, a, lora, lora_grad, l, CFG_K, a->dln, dy, a->ln1[l]);
         dy = dora_backward(m, a, lora, lora_grad, l, CFG_V, a->dv, a->ln1[l]);
-        linear_backward(a, a->dln, gw ? gw->wv.f : NULL, gw ? gw->bv : NULL, dy, a->ln1[l], &w->wv, BT, C, KV);
+        linear_backward(a, a->dln, 1.0f, gw ? gw->wv.f : NULL, gw ? gw->bv : NULL, dy, a->ln1[l], &w->wv, BT, C, KV);
         lora_backward_linear(m, a, lora, lora_grad, l, CFG_V, a->dln, dy, a->ln1[l]);
         // 1. ln1 = rmsnorm(x) * w  => d(x) += ...
         op_rmsnorm_backward(a->dres, gw ? gw->ln1 : NULL, a->dln, a->x[l], w->ln1, a->rstd1[l], BT, C);

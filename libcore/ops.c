@@ -371,8 +371,8 @@ void op_swiglu_backward(float *dgate, float *dup, const float *dout, const float
             float g = gate[i];
             float sg = 1.0f / (1.0f + expf(-g));
             float silu = g * sg;
-            dup[i] += dout[i] * silu;
-            dgate[i] += dout[i] * up[i] * (sg * (1.0f + g * (1.0f - sg)));
+            dup[i] = dout[i] * silu;
+            dgate[i] = dout[i] * up[i] * (sg * (1.0f + g * (1.0f - sg)));
         }
     }
 }

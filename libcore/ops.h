@@ -67,8 +67,9 @@ size_t op_mat_scratch_floats(int IC, int OC, int nt);
  * and run sgemm on each, the tiles spread over op_team() threads. */
 void op_mat_forward(float *out, const float *inp, const struct op_mat *w, const float *bias, int N,
                     int IC, int OC, float *scratch, size_t scratch_n);
-/* dinp[N, IC] += dout[N, OC] @ w (the input gradient of the linear above; accumulates). */
-void op_mat_backward(float *dinp, const float *dout, const struct op_mat *w, int N, int IC, int OC,
+/* dinp[N, IC] = beta dinp + dout[N, OC] @ w (the input gradient of the linear above): beta 1
+ * accumulates, beta 0 writes (dinp need not be initialised: no separate pass to zero it). */
+void op_mat_backward(float *dinp, const float *dout, const struct op_mat *w, int N, int IC, int OC, float beta,
                      float *scratch, size_t scratch_n);
 /* out[OC] = w[OC, IC] @ x + bias (bias may be NULL): the fused GEMV alone. */
 void op_mat_gemv(float *out, const struct op_mat *w, const float *x, const float *bias, int OC,
@@ -186,6 +187,7 @@ void op_add(float *dst, const float *src, size_t n);
 
 // ---- SwiGLU: out = silu(gate) * up ----
 void op_swiglu_forward(float *out, const float *gate, const float *up, size_t n);
+/* Writes (does not accumulate) dgate and dup: they are never needed before. */
 void op_swiglu_backward(float *dgate, float *dup, const float *dout, const float *gate,
                         const float *up, size_t n);
 

@@ -146,12 +146,21 @@ static void check_mat_kernels(int dtype, int N, int IC, int OC, size_t scratch_n
         CHECK_MSG(!memcmp(got, again, sizeof(float) * N * OC), "forward is not deterministic");
         memcpy(dgot, dinp0, sizeof(float) * N * IC);
         memcpy(dagain, dinp0, sizeof(float) * N * IC);
-        op_mat_backward(dgot, dout, &w, N, IC, OC, scratch, scratch_n);
-        op_mat_backward(dagain, dout, &w, N, IC, OC, scratch, scratch_n);
+        op_mat_backward(dgot, dout, &w, N, IC, OC, 1.0f, scratch, scratch_n);
+        op_mat_backward(dagain, dout, &w, N, IC, OC, 1.0f, scratch, scratch_n);
         e = max_err(dgot, dref, (size_t)N * IC);
         CHECK_MSG(e < 1e-5, "backward %s N %d IC %d OC %d scratch %zu threads %d: error %g",
                   tensor_dtype_name(dtype), N, IC, OC, scratch_n, nt, e);
         CHECK_MSG(!memcmp(dgot, dagain, sizeof(float) * N * IC), "backward is not deterministic");
+        // beta 0 writes: whatever dinp held (NaN here) is gone, the product alone remains
+        for (size_t i = 0; i < (size_t)N * IC; i++)
+            dagain[i] = NAN;
+        op_mat_backward(dagain, dout, &w, N, IC, OC, 0.0f, scratch, scratch_n);
+        for (size_t i = 0; i < (size_t)N * IC; i++)
+            dagain[i] += dinp0[i];
+        e = max_err(dagain, dref, (size_t)N * IC);
+        CHECK_MSG(e < 1e-5, "backward (beta 0) %s N %d IC %d OC %d scratch %zu threads %d: error %g",
+                  tensor_dtype_name(dtype), N, IC, OC, scratch_n, nt, e);
     }
     free(store), free(inp), free(bias), free(dout), free(dinp0), free(ref), free(got), free(again);
     free(dref), free(dgot), free(dagain), free(scratch);
@@ -343,8 +352,10 @@ TEST(ops_simd_exp_and_swiglu_match_the_plain_loops)
     for (int simd = 0; simd < 2; simd++) {
         op_simd = simd;
         o[simd] = malloc(sizeof(float) * n);
-        dg[simd] = calloc(n, sizeof(float));
-        du[simd] = calloc(n, sizeof(float));
+        dg[simd] = malloc(sizeof(float) * n);
+        du[simd] = malloc(sizeof(float) * n);
+        for (size_t i = 0; i < n; i++) // written, not accumulated
+            dg[simd][i] = du[simd][i] = NAN;
         op_swiglu_forward(o[simd], g, u, n);
         op_swiglu_backward(dg[simd], du[simd], d, g, u, n);
     }
