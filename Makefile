@@ -246,12 +246,13 @@ demo: check-deps $(BIN) $(MEDWORLD)
 #   make fuzz FUZZ_TARGETS="fuzz_cfg fuzz_st"
 #                             only those targets.
 #   make fuzz-build           only builds the targets.
-FUZZ_PKGS    = clang-14 libclang-rt-14-dev
+FUZZ_PKGS    = clang-14 libclang-rt-14-dev libomp-14-dev
 FUZZ_SECONDS ?= 600
 FUZZ_CC      ?= clang
 FUZZ_OUT     = build/fuzz
 FUZZ_SAN     = -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer
-FUZZ_CFLAGS  = $(CSTD) $(WARN) $(WERROR) -O1 -g $(FUZZ_SAN) -fsanitize=fuzzer-no-link $(INCS)
+# The same code as the main build, OpenMP included (LLVM's libomp); fuzz runs one thread.
+FUZZ_CFLAGS  = $(CSTD) $(WARN) $(WERROR) -O1 -g $(FUZZ_SAN) -fopenmp -fsanitize=fuzzer-no-link $(INCS)
 FUZZ_ALL     = $(patsubst tests/fuzz/%.c,%,$(sort $(wildcard tests/fuzz/fuzz_*.c)))
 FUZZ_TARGETS ?= $(FUZZ_ALL)
 ifeq ($(origin FUZZ_SEED),undefined)
@@ -271,7 +272,7 @@ $(FUZZ_OUT)/%.o: %.c
 
 $(FUZZ_OUT)/bin/%: tests/fuzz/%.c tests/fuzz/fuzz_util.h tests/fuzz/fuzz_weights.h $(FUZZ_OBJ)
 	@mkdir -p $(dir $@)
-	$(FUZZ_CC) $(CSTD) $(WARN) $(WERROR) -O1 -g $(FUZZ_SAN) -fsanitize=fuzzer $(INCS) $(LDFLAGS) -o $@ $< $(FUZZ_OBJ) $(LIBS)
+	$(FUZZ_CC) $(CSTD) $(WARN) $(WERROR) -O1 -g $(FUZZ_SAN) -fopenmp -fsanitize=fuzzer $(INCS) $(LDFLAGS) -o $@ $< $(FUZZ_OBJ) $(LIBS)
 
 fuzz-build: check-deps fuzz-deps $(FUZZ_TARGETS:%=$(FUZZ_OUT)/bin/%)
 
@@ -285,7 +286,7 @@ fuzz: fuzz-build fuzz-corpus
 	i=0; for t in $(FUZZ_TARGETS); do i=$$((i + 1)); mkdir -p $(FUZZ_OUT)/crash/$$t/kept $(FUZZ_OUT)/work/$$t; \
 	  seed=""; [ $$rot = 0 ] || seed="-seed=$$(($(FUZZ_SEED) + i))"; \
 	  echo "== $$t: $(FUZZ_SECONDS) s $$seed $(FUZZ_ARGS)"; \
-	  ( cd $(FUZZ_OUT)/work/$$t && ASAN_OPTIONS=detect_leaks=1 OPENBLAS_NUM_THREADS=1 \
+	  ( cd $(FUZZ_OUT)/work/$$t && ASAN_OPTIONS=detect_leaks=1 OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 \
 	    ../../bin/$$t $$seed $(FUZZ_ARGS) -max_total_time=$(FUZZ_SECONDS) -timeout=20 -rss_limit_mb=2048 -max_len=65536 \
 	    -artifact_prefix=../../crash/$$t/ ../../corpus/$$t ) > $(FUZZ_OUT)/$$t.log 2>&1; rc=$$?; \
 	  grep -E '^(#[0-9]+\s+DONE|Done [0-9]+ runs)' $(FUZZ_OUT)/$$t.log | tail -2; \

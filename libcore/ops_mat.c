@@ -28,6 +28,7 @@
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define OP_X86 1
+#include <cpuid.h>
 #include <immintrin.h>
 #define OP_AVX2 __attribute__((target("avx2,fma,f16c")))
 #endif
@@ -37,8 +38,9 @@ int op_simd = 1;
 int op_simd_active(void)
 {
 #ifdef OP_X86
-    return op_simd && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-           __builtin_cpu_supports("f16c");
+    unsigned a, b, c, d; // F16C from CPUID leaf 1 (clang 14's __builtin_cpu_supports lacks it)
+    int f16c = __get_cpuid(1, &a, &b, &c, &d) && (c & bit_F16C);
+    return op_simd && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c;
 #else
     return 0;
 #endif

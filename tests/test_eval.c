@@ -1063,7 +1063,9 @@ TEST(ev_cli_systems_and_retention)
     sqlite3_finalize(st);
     sqlite3_close(s);
     cJSON_Delete(js);
-    // the table: one row per system and mode, retention and learned against forgot
+    // the table: one row per system and mode, retention and learned against forgot; a key of a
+    // newer PEFT in the adapter's config is named in a warning, as the other commands do
+    CHECK_INT(test_sh("sed -i 's/^{/{\"some_future_field\": 1, /' '%s/ad/adapter_config.json'", T), 0);
     CHECK_INT(test_sh("%s eval --model '%s/m' --adapter '%s/ad' --system same='%s/same' --qa '%s/held.jsonl' "
                       "--modes base,ft --max-new 3 --retain '%s/held.jsonl' --retain-text '%s/text.txt' "
                       "--runs '%s/runs.db' --threads 1 --quiet", L, T, T, T, T, T, T, T), 0);
@@ -1071,6 +1073,7 @@ TEST(ev_cli_systems_and_retention)
     CHECK_MSG(strstr(out, "\nft ") && strstr(out, "\nsame ") && strstr(out, "verdict: best on EM: ") &&
               strstr(out, "retention (forgetting = base - system") && strstr(out, "learned against forgot") &&
               strstr(out, "  same         text.nll "), "%s", out);
+    CHECK_MSG(strstr(out, "lorakit eval: warning: ") && strstr(out, "unknown keys 'some_future_field'"), "%s", out);
 }
 
 /* A system that does not fit the base is refused before any work: before the documents are

@@ -439,6 +439,9 @@ int cmd_eval(int argc, char **argv)
     lk_interrupt_install();
     // the inputs, all checked before the run is recorded
     int rc = ev_setup_load(&s, &so, &err);
+    for (int i = 0; !rc && i < s.n_systems; i++) // adapter_config.json keys a newer PEFT may have
+        if (s.systems[i].is_adapter)
+            lk_cli_adapter_keys("eval", s.systems[i].path, &s.systems[i].lora.cfg);
     if (!rc)
         rc = eval_run(&c, &s, &err);
     ev_setup_release(&s);
