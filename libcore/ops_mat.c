@@ -22,6 +22,7 @@
 
 #include <cblas.h>
 #include <omp.h>
+#include <pthread.h>
 #include <string.h>
 
 #include "lk.h"
@@ -35,12 +36,25 @@
 
 int op_simd = 1;
 
+#ifdef OP_X86
+static pthread_once_t cpu_once = PTHREAD_ONCE_INIT;
+static int cpu_avx2; // AVX2, FMA and F16C: what the OP_AVX2 kernels use
+
+/* Read once: CPUID is slow (a VM exit under a hypervisor), and op_simd_active runs per row.
+ * F16C comes from leaf 1 because clang 14's __builtin_cpu_supports does not know it. */
+static void cpu_probe(void)
+{
+    unsigned a, b, c, d;
+    int f16c = __get_cpuid(1, &a, &b, &c, &d) && (c & bit_F16C);
+    cpu_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c;
+}
+#endif
+
 int op_simd_active(void)
 {
 #ifdef OP_X86
-    unsigned a, b, c, d; // F16C from CPUID leaf 1 (clang 14's __builtin_cpu_supports lacks it)
-    int f16c = __get_cpuid(1, &a, &b, &c, &d) && (c & bit_F16C);
-    return op_simd && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c;
+    pthread_once(&cpu_once, cpu_probe);
+    return op_simd && cpu_avx2;
 #else
     return 0;
 #endif
