@@ -296,7 +296,7 @@ static void forward_chunk(struct gen_cache *gc, const struct model *m, const str
         // 4. attention over the cache
         cache_attention(gc, l, n0, N);
         // 5. x2 = x + o_proj(atty)
-        op_mat_forward(gc->x2, gc->atty, &w->wo, NULL, N, Q, C, wt, wn);
+        op_mat_forward(gc->x2, gc->atty, &w->wo, w->bo, N, Q, C, wt, wn);
         lora_linear(gc, lora, l, CFG_O, gc->x2, gc->atty, N);
         op_add(gc->x2, x, (size_t)N * C);
         // 6. ln2

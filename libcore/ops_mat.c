@@ -209,11 +209,11 @@ OP_AVX2 static size_t swiglu_backward_avx2(float *dgate, float *dup, const float
         __m256 g = _mm256_loadu_ps(gate + i), d = _mm256_loadu_ps(dout + i);
         __m256 sg = _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
         __m256 silu = _mm256_mul_ps(g, sg);
-        _mm256_storeu_ps(dup + i, _mm256_add_ps(_mm256_loadu_ps(dup + i), _mm256_mul_ps(d, silu)));
+        _mm256_storeu_ps(dup + i, _mm256_mul_ps(d, silu));
         // sg (1 + g (1 - sg)), as the plain loop groups it
         __m256 dsilu = _mm256_mul_ps(sg, _mm256_add_ps(one, _mm256_mul_ps(g, _mm256_sub_ps(one, sg))));
         __m256 t = _mm256_mul_ps(_mm256_mul_ps(d, _mm256_loadu_ps(up + i)), dsilu);
-        _mm256_storeu_ps(dgate + i, _mm256_add_ps(_mm256_loadu_ps(dgate + i), t));
+        _mm256_storeu_ps(dgate + i, t);
     }
     return i;
 }
@@ -494,9 +494,10 @@ void op_mat_forward(float *out, const float *inp, const struct op_mat *w, const 
     op_blas_serial_end(prev);
 }
 
-/* dinp[:, c0:c1] += dout @ w[:, c0:c1], a tile of columns per task: each writes its own columns. */
+/* dinp[:, c0:c1] = beta dinp[:, c0:c1] + dout @ w[:, c0:c1], a tile of columns per task: each writes
+ * its own columns. */
 static void backward_cols(float *dinp, const float *dout, const struct op_mat *w, int N, int IC, int OC,
-                          float *scratch, size_t per, int cols, int nt)
+                          float beta, float *scratch, size_t per, int cols, int nt)
 {
     int ntiles = ceil_div(IC, cols);
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
@@ -510,7 +511,7 @@ static void backward_cols(float *dinp, const float *dout, const struct op_mat *w
             wt = buf;
             ldw = c1 - c0;
         }
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, c1 - c0, OC, 1.0f, dout, OC, wt, ldw, 1.0f,
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, c1 - c0, OC, 1.0f, dout, OC, wt, ldw, beta,
                     dinp + c0, IC);
     }
 }
@@ -519,7 +520,7 @@ static void backward_cols(float *dinp, const float *dout, const struct op_mat *w
  * tile, widened by the team together); each thread adds the products into its own rows of dinp,
  * so the sum over tiles runs in the same order whatever the thread count. */
 static void backward_rows(float *dinp, const float *dout, const struct op_mat *w, int N, int IC, int OC,
-                          float *scratch, size_t scratch_n, int nt)
+                          float beta, float *scratch, size_t scratch_n, int nt)
 {
     int rows = (int)(scratch_n / (size_t)IC);
     if (rows > OC)
@@ -533,30 +534,31 @@ static void backward_rows(float *dinp, const float *dout, const struct op_mat *w
 #pragma omp for schedule(static)
             for (int r = o0; r < o1; r++)
                 op_mat_widen(scratch + (size_t)(r - o0) * IC, w, IC, r, r + 1, 0, IC);
-            if (n1 > n0)
+            if (n1 > n0) // the first tile scales dinp by beta, the others add
                 cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n1 - n0, IC, o1 - o0, 1.0f,
-                            dout + (size_t)n0 * OC + o0, OC, scratch, IC, 1.0f, dinp + (size_t)n0 * IC, IC);
+                            dout + (size_t)n0 * OC + o0, OC, scratch, IC, o0 ? 1.0f : beta, dinp + (size_t)n0 * IC,
+                            IC);
 #pragma omp barrier
         }
     }
 }
 
-void op_mat_backward(float *dinp, const float *dout, const struct op_mat *w, int N, int IC, int OC,
+void op_mat_backward(float *dinp, const float *dout, const struct op_mat *w, int N, int IC, int OC, float beta,
                      float *scratch, size_t scratch_n)
 {
     // forward was: out[n, o] = sum_i inp[n, i] w[o, i]  =>  dinp[n, i] += sum_o dout[n, o] w[o, i]
     int nt = gemm_team(N, IC, OC);
     int prev = op_blas_serial_begin(nt);
     if (w->dtype == TENSOR_F32) {
-        backward_cols(dinp, dout, w, N, IC, OC, NULL, 0, ceil_div(IC, nt), nt);
+        backward_cols(dinp, dout, w, N, IC, OC, beta, NULL, 0, ceil_div(IC, nt), nt);
     } else {
         LK_ASSERT(scratch && scratch_n >= (size_t)(IC > OC ? IC : OC));
         size_t per = scratch_n / (size_t)nt;
         int cols = (int)(per / (size_t)OC);
         if (cols >= 32 || (cols >= 1 && (long)cols * nt >= IC))
-            backward_cols(dinp, dout, w, N, IC, OC, scratch, per, tile_size(IC, cols, nt), nt);
+            backward_cols(dinp, dout, w, N, IC, OC, beta, scratch, per, tile_size(IC, cols, nt), nt);
         else // a column tile would be a sliver (lm_head: OC is the vocabulary)
-            backward_rows(dinp, dout, w, N, IC, OC, scratch, scratch_n, nt);
+            backward_rows(dinp, dout, w, N, IC, OC, beta, scratch, scratch_n, nt);
     }
     op_blas_serial_end(prev);
 }
