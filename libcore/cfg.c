@@ -26,7 +26,7 @@ static double cfg_param_estimate(const struct cfg *c)
 {
     double C = c->hidden_size, F = c->intermediate_size, V = c->vocab_size, L = c->num_hidden_layers;
     double Q = (double)c->num_attention_heads * c->head_dim, KV = (double)c->num_key_value_heads * c->head_dim;
-    return 2 * V * C + C + L * (2 * Q * C + 2 * KV * C + Q + 2 * KV + 3 * F * C + 2 * C + 2.0 * c->head_dim);
+    return 2 * V * C + C + L * (2 * Q * C + 2 * KV * C + Q + 2 * KV + C + 3 * F * C + 2 * C + 2.0 * c->head_dim);
 }
 
 const char *const cfg_module_names[CFG_N_MODULES] = {
@@ -768,6 +768,13 @@ void cfg_module_path(int layer, enum cfg_module m, char *buf, size_t n)
     snprintf(buf, n, "model.layers.%d.%s.%s", layer, m <= CFG_O ? "self_attn" : "mlp", cfg_module_names[m]);
 }
 
+int cfg_module_bias(const struct cfg *c, enum cfg_module m)
+{
+    if (!c->attention_bias)
+        return 0;
+    return m <= CFG_V || (m == CFG_O && c->arch == CFG_ARCH_LLAMA);
+}
+
 int cfg_module_parse(const char *s)
 {
     for (int i = 0; i < CFG_N_MODULES; i++)
@@ -793,7 +800,9 @@ static void cfg_add(struct cfg_tensor *v, int *k, const char *name, enum cfg_ten
 int cfg_tensors(const struct cfg *c, struct cfg_tensor **out, int *n, struct lk_err *err)
 {
     int L = c->num_hidden_layers;
-    int per = CFG_N_MODULES + 2 + (c->attention_bias ? 3 : 0) + (c->qk_norm ? 2 : 0);
+    int per = CFG_N_MODULES + 2 + (c->qk_norm ? 2 : 0);
+    for (int m = 0; m < CFG_N_MODULES; m++)
+        per += cfg_module_bias(c, (enum cfg_module)m);
     if (L < 0 || L > CFG_MAX_LAYERS || L > (INT_MAX - 3) / per)
         return lk_errf(err, LK_ERR_FORMAT, "config.json: 'num_hidden_layers' %d is more than any model has "
                        "(at most %d)", L, CFG_MAX_LAYERS);
@@ -814,7 +823,7 @@ int cfg_tensors(const struct cfg *c, struct cfg_tensor **out, int *n, struct lk_
             cfg_module_path(l, (enum cfg_module)m, path, sizeof path);
             snprintf(name, sizeof name, "%s.weight", path);
             cfg_add(v, &k, name, CFG_T_LINEAR, l, m, 2, rows, cols);
-            if (c->attention_bias && m <= CFG_V) {
+            if (cfg_module_bias(c, (enum cfg_module)m)) {
                 snprintf(name, sizeof name, "%s.bias", path);
                 cfg_add(v, &k, name, CFG_T_BIAS, l, m, 1, rows, 0);
             }
@@ -845,7 +854,7 @@ int64_t cfg_param_count(const struct cfg *c)
         int64_t r, k;
         cfg_module_shape(c, (enum cfg_module)m, &r, &k);
         p += c->num_hidden_layers * r * k;
-        if (c->attention_bias && m <= CFG_V)
+        if (cfg_module_bias(c, (enum cfg_module)m))
             p += c->num_hidden_layers * r;
     }
     p += c->num_hidden_layers * 2 * C;

@@ -46,7 +46,8 @@ struct cfg {
     struct cfg_rope_scaling rope_scaling; /* type CFG_ROPE_DEFAULT when absent or null */
     double initializer_range;
     int tie_word_embeddings;
-    int attention_bias;         /* q/k/v biases: 1 for Qwen2, attention_bias for Llama, 0 for Qwen3 */
+    int attention_bias;         /* 1 for Qwen2 (q/k/v biases), attention_bias for Llama (q/k/v and o_proj
+                                   biases), 0 for Qwen3: which modules have one is cfg_module_bias's */
     int qk_norm;                /* Qwen3: RMSNorm over each head of q and k (weights [HS]) before rotary */
     int bos_token_id, eos_token_id; /* -1 when absent */
     char torch_dtype[16];       /* "float32", "bfloat16", "float16" */
@@ -100,7 +101,7 @@ enum cfg_tensor_kind {
     CFG_T_EMBED,   /* model.embed_tokens.weight [V, C] */
     CFG_T_NORM,    /* *_layernorm.weight, model.norm.weight [C]; Qwen3's self_attn.q_norm/k_norm [HS] */
     CFG_T_LINEAR,  /* *_proj.weight [out, in] */
-    CFG_T_BIAS,    /* *_proj.bias [out] */
+    CFG_T_BIAS,    /* *_proj.bias [out] (cfg_module_bias) */
     CFG_T_LM_HEAD, /* lm_head.weight [V, C], absent when tied */
 };
 
@@ -111,6 +112,9 @@ extern const char *const cfg_module_names[CFG_N_MODULES]; /* "q_proj", ... "down
 void cfg_module_shape(const struct cfg *c, enum cfg_module m, int64_t *out_rows, int64_t *out_cols);
 /* "model.layers.3.self_attn.q_proj" into buf. */
 void cfg_module_path(int layer, enum cfg_module m, char *buf, size_t n);
+/* 1 when module m has a bias: q/k/v with attention_bias; o_proj too for Llama (transformers'
+ * LlamaAttention gives all four projections bias=config.attention_bias, Qwen2Attention only q/k/v). */
+int cfg_module_bias(const struct cfg *c, enum cfg_module m);
 /* Parses a module name like "q_proj" (-1 when unknown). */
 int cfg_module_parse(const char *s);
 

@@ -324,7 +324,7 @@ static void forward_chunk(struct gen_cache *gc, const struct model *m, const str
         // 4. attention over the cache
         cache_attention(gc, l, n0, N);
         // 5. x2 = x + o_proj(atty)
-        op_mat_forward(gc->x2, gc->atty, &w->wo, NULL, N, Q, C, wt, wn);
+        op_mat_forward(gc->x2, gc->atty, &w->wo, w->bo, N, Q, C, wt, wn);
         lora_linear(gc->xa, lora, l, CFG_O, gc->x2, gc->atty, N);
         op_add(gc->x2, x, (size_t)N * C);
         // 6. ln2
@@ -865,8 +865,9 @@ static void batch_layer(struct gen_batch *b, const struct model *m, const struct
     // 5. x2 = x + o_proj(atty)
     float *o1[1] = { b->x2 };
     const struct op_mat *w1[1] = { &w->wo };
+    const float *bo[1] = { w->bo }; // Llama with attention_bias: o_proj has one too
     int n1[1] = { C };
-    batch_proj(b, 1, o1, w1, NULL, n1, b->atty, Q, ra, rows);
+    batch_proj(b, 1, o1, w1, bo, n1, b->atty, Q, ra, rows);
     batch_lora(b, runs, n_runs, l, CFG_O, b->x2, C, b->atty, Q);
     op_add(b->x2, b->x, (size_t)rows * C);
     // 6. ln2

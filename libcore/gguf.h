@@ -41,7 +41,7 @@ struct model;
 #define GGUF_QK8_0 32      /* values per q8_0 block */
 #define GGUF_Q8_0_BYTES 34 /* one f16 scale + 32 int8 */
 /* The lorakit version written as `lorakit.version` (tests check it equals `lorakit version`). */
-#define GGUF_LORAKIT_VERSION "0.1"
+#define GGUF_LORAKIT_VERSION LK_VERSION
 
 /* Metadata value types (gguf_type in ggml's gguf.h). */
 enum gguf_vtype {

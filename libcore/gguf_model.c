@@ -6,7 +6,8 @@
  * convert_hf_to_gguf.py for the conventions): general.architecture "qwen2", "qwen3" or "llama"
  * and the {arch}.* hyper-parameters (the head size as attention.key_length / value_length, so
  * Qwen3's heads x head_dim may differ from the hidden size); tensors token_embd, blk.N.attn_norm,
- * attn_q/k/v (+ .bias), Qwen3's attn_q_norm / attn_k_norm, attn_output, ffn_norm,
+ * attn_q/k/v (+ .bias), Qwen3's attn_q_norm / attn_k_norm, attn_output (+ .bias for llama with
+ * attention_bias: llama.cpp's llama loads bo as an optional tensor), ffn_norm,
  * ffn_gate/up/down, output_norm, and output unless the embeddings are tied (llama.cpp then
  * reuses token_embd); for llama, the rows of q and k (and their biases) permuted per head so
  * that llama.cpp's rotation of adjacent pairs equals transformers' rotate_half. ne is the
@@ -707,6 +708,12 @@ static int check_shapes(const struct gguf_file *f, struct cfg *c, struct cfg_ten
     c->vocab_size = (int)emb->ne[1];
     c->tie_word_embeddings = gguf_find_tensor(f, "output.weight") == NULL;
     c->attention_bias = c->arch == CFG_ARCH_QWEN2 || gguf_find_tensor(f, "blk.0.attn_q.bias") != NULL;
+    // llama: transformers' attention_bias gives q, k, v and o_proj a bias, all four or none
+    int obias = gguf_find_tensor(f, "blk.0.attn_output.bias") != NULL;
+    if (c->arch == CFG_ARCH_LLAMA && obias != c->attention_bias)
+        return lk_errf(err, LK_ERR_UNSUPPORTED, "%s: a llama model with %s: lorakit models LlamaForCausalLM's "
+                       "attention_bias, a bias on all four attention projections or on none", f->path,
+                       obias ? "a bias on attn_output but none on attn_q" : "biases on attn_q/k/v but none on attn_output");
     snprintf(c->torch_dtype, sizeof c->torch_dtype, "float32");
     if (gguf_cfg_check(c, f->path, err) || cfg_tensors(c, ts, nt, err))
         return err->code;

@@ -353,30 +353,40 @@ int lk_mkdir_p(const char *path, struct lk_err *err)
     return LK_OK;
 }
 
-int lk_rm_rf(const char *path)
+/* name under the folder dfd, and everything in it. Paths are never built (no allocation of
+ * ours: cleanup after an out-of-memory failure must not itself run out). */
+static int rm_at(int dfd, const char *name)
 {
     struct stat st;
-    if (lstat(path, &st) != 0)
+    if (fstatat(dfd, name, &st, AT_SYMLINK_NOFOLLOW) != 0)
         return errno == ENOENT ? 0 : -1;
     if (!S_ISDIR(st.st_mode))
-        return unlink(path);
-    DIR *d = opendir(path);
-    if (!d)
+        return unlinkat(dfd, name, 0);
+    int fd = openat(dfd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW);
+    if (fd < 0)
         return -1;
+    DIR *d = fdopendir(fd);
+    if (!d) {
+        close(fd);
+        return -1;
+    }
     struct dirent *e;
     int rc = 0;
     while ((e = readdir(d))) {
         if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, ".."))
             continue;
-        char *sub = lk_path_join(path, e->d_name);
-        if (!sub || lk_rm_rf(sub) != 0)
+        if (rm_at(fd, e->d_name) != 0)
             rc = -1;
-        lk_free(sub);
     }
-    closedir(d);
-    if (rmdir(path) != 0)
+    closedir(d); // closes fd
+    if (unlinkat(dfd, name, AT_REMOVEDIR) != 0)
         rc = -1;
     return rc;
+}
+
+int lk_rm_rf(const char *path)
+{
+    return rm_at(AT_FDCWD, path);
 }
 
 char *lk_path_join(const char *a, const char *b)

@@ -11,6 +11,9 @@
 #include <stdint.h>
 #include <stdio.h>
 
+/* The project's version: `lorakit version` prints it, GGUF files record it. */
+#define LK_VERSION "0.1"
+
 enum lk_status {
     LK_OK = 0,
     LK_ERR_IO,

@@ -63,10 +63,11 @@ static void weights_layout(struct model_weights *w, const struct cfg *c, struct 
         ly->wq = mtake(v, Q * C);
         ly->wk = mtake(v, KV * C);
         ly->wv = mtake(v, KV * C);
-        ly->bq = c->attention_bias ? wtake(v, Q) : NULL;
-        ly->bk = c->attention_bias ? wtake(v, KV) : NULL;
-        ly->bv = c->attention_bias ? wtake(v, KV) : NULL;
+        ly->bq = cfg_module_bias(c, CFG_Q) ? wtake(v, Q) : NULL;
+        ly->bk = cfg_module_bias(c, CFG_K) ? wtake(v, KV) : NULL;
+        ly->bv = cfg_module_bias(c, CFG_V) ? wtake(v, KV) : NULL;
         ly->wo = mtake(v, C * Q);
+        ly->bo = cfg_module_bias(c, CFG_O) ? wtake(v, C) : NULL;
         ly->q_norm = c->qk_norm ? wtake(v, (size_t)c->head_dim) : NULL;
         ly->k_norm = c->qk_norm ? wtake(v, (size_t)c->head_dim) : NULL;
         ly->ln2 = wtake(v, C);
@@ -200,7 +201,7 @@ int model_weights_tensors(const struct model_weights *w, const struct cfg *c,
     int64_t C = c->hidden_size, F = c->intermediate_size, V = c->vocab_size;
     int64_t Q = (int64_t)c->num_attention_heads * c->head_dim;
     int64_t KV = (int64_t)c->num_key_value_heads * c->head_dim;
-    struct model_tensor *t = lk_calloc((size_t)L * 14 + 3, sizeof *t);
+    struct model_tensor *t = lk_calloc((size_t)L * 15 + 3, sizeof *t);
     if (!t)
         return lk_errf(err, LK_ERR_NOMEM, "out of memory");
     int k = 0;
@@ -224,6 +225,9 @@ int model_weights_tensors(const struct model_weights *w, const struct cfg *c,
             LAYER_T("self_attn.v_proj.bias", ly->bv, 1, KV, 0, CFG_V, 1);
         }
         LAYER_M("self_attn.o_proj.weight", ly->wo, C, Q, CFG_O);
+        if (ly->bo) {
+            LAYER_T("self_attn.o_proj.bias", ly->bo, 1, C, 0, CFG_O, 1);
+        }
         if (ly->q_norm) {
             LAYER_T("self_attn.q_norm.weight", ly->q_norm, 1, c->head_dim, 0, -1, 0);
             LAYER_T("self_attn.k_norm.weight", ly->k_norm, 1, c->head_dim, 0, -1, 0);
@@ -345,6 +349,8 @@ struct model_acts {
     size_t xa_n;
     float *dxa;            /* owned [BT, max R] */
     size_t dxa_n;
+    float *lscr;           /* owned: op_lora_* scratch (transposed factors) */
+    size_t lscr_n;
     /* DoRA (owned, sized on first use): per module g = m / ||W + sBA|| and the norms, the
      * merged weight of one module, and two [BT, wide] buffers for backward */
     float *dora_g, *dora_norm, *dora_w, *dora_u, *dora_du;
@@ -394,6 +400,7 @@ static void acts_free(struct model_acts *a)
     lk_free(a->x);
     lk_free(a->xa);
     lk_free(a->dxa);
+    lk_free(a->lscr);
     lk_free(a->dora_g);
     lk_free(a->dora_norm);
     lk_free(a->dora_w);
@@ -605,11 +612,22 @@ static int lora_xa_prepare(struct model_acts *a, const struct lora *lora, struct
             return lk_errf(err, LK_ERR_NOMEM, "out of memory");
         a->xa_nmod = lora->n_mod;
     }
+    size_t scr = 0;
     for (int i = 0; i < lora->n_mod; i++) {
+        const struct lora_module *md = &lora->mod[i];
         a->xa_off[i] = need;
-        need += BT * (size_t)lora->mod[i].R;
-        if ((size_t)lora->mod[i].R > maxr)
-            maxr = (size_t)lora->mod[i].R;
+        need += BT * (size_t)md->R;
+        if ((size_t)md->R > maxr)
+            maxr = (size_t)md->R;
+        size_t k = op_lora_scratch_floats(md->R, md->in);
+        scr = k > scr ? k : scr;
+    }
+    if (scr > a->lscr_n) {
+        lk_free(a->lscr);
+        a->lscr = lk_malloc(sizeof(float) * scr);
+        a->lscr_n = a->lscr ? scr : 0;
+        if (!a->lscr)
+            return lk_errf(err, LK_ERR_NOMEM, "out of memory");
     }
     if (need > a->xa_n) {
         lk_free(a->xa);
@@ -693,8 +711,8 @@ static void lora_forward_linear(const struct model *m, struct model_acts *a, con
     int BT = a->B * a->T;
     float *xa = a->xa + a->xa_off[slot];
     const float *xd = lora_dropped(m, a, lora, slot, x, md->in);
-    op_matmul_forward(xa, xd, md->A, NULL, BT, md->in, md->R);
-    op_matmul_forward_acc(out, xa, md->B, md->scale, BT, md->R, md->out);
+    op_lora_down(xa, xd, md->A, BT, md->in, md->R, a->lscr);
+    op_lora_up_acc(out, xa, md->B, md->scale, BT, md->R, md->out);
     if (md->bias)
         for (int t = 0; t < BT; t++)
             for (int o = 0; o < md->out; o++)
@@ -769,9 +787,7 @@ static void lora_backward_linear(const struct model *m, struct model_acts *a, co
     float *dxa = a->dxa;
     // forward 2: y += s * xa B^T   => dB += s dy^T xa;  dxa = s dy B;  dbias += s sum dy
     if (lora_grad) {
-        float *dB = lora_grad + (md->B - lora->mem);
-        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, md->out, R, BT, md->scale, dout,
-                    md->out, xa, R, 1.0f, dB, R);
+        op_lora_dB_acc(lora_grad + (md->B - lora->mem), dout, xa, md->scale, BT, md->out, R);
         if (md->bias) {
             float *db = lora_grad + (md->bias - lora->mem);
             for (int o = 0; o < md->out; o++) {
@@ -782,23 +798,18 @@ static void lora_backward_linear(const struct model *m, struct model_acts *a, co
             }
         }
     }
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, BT, R, md->out, md->scale, dout, md->out,
-                md->B, R, 0.0f, dxa, R);
+    op_lora_dxa(dxa, dout, md->B, md->scale, BT, md->out, R);
     // forward 1: xa = x_d A^T, x_d = x * mask / (1 - p)  => dA += dxa^T x_d;  dx += (dxa A) * mask/(1-p)
     const float *xd = lora_dropped(m, a, lora, slot, x, md->in);
-    if (lora_grad) {
-        float *dA = lora_grad + (md->A - lora->mem);
-        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, R, md->in, BT, 1.0f, dxa, R, xd, md->in,
-                    1.0f, dA, md->in);
-    }
+    if (lora_grad)
+        op_lora_dA_acc(lora_grad + (md->A - lora->mem), dxa, xd, BT, md->in, R);
     float p = (float)lora->cfg.dropout;
     if (p <= 0.0f) {
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, BT, md->in, R, 1.0f, dxa, R, md->A,
-                    md->in, 1.0f, dx, md->in);
+        op_lora_dx_acc(dx, dxa, md->A, BT, md->in, R);
     } else {
         float *tmp = a->tmp;
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, BT, md->in, R, 1.0f, dxa, R, md->A,
-                    md->in, 0.0f, tmp, md->in);
+        memset(tmp, 0, sizeof(float) * (size_t)BT * md->in);
+        op_lora_dx_acc(tmp, dxa, md->A, BT, md->in, R);
         float keep = 1.0f / (1.0f - p);
         size_t n = (size_t)BT * md->in, i0 = (size_t)a->b0 * a->T * md->in;
         for (size_t i = 0; i < n; i++)
@@ -892,9 +903,9 @@ static void forward_lane(const struct model *m, struct model_acts *a, const stru
         op_rope_forward(a->k[l], a->pos, m->inv_freq, BT, NKV, HS);
         // 4. causal grouped-query attention
         op_attention_forward(a->atty[l], a->att[l], a->q[l], a->k[l], a->v[l], sg, B, T, NH, NKV, HS);
-        // 5. x2 = x + o_proj(atty)
-        op_mat_forward(a->x2[l], a->atty[l], &w->wo, NULL, BT, Q, C, wt, wn);
-        lora_forward_linear(m, a, lora, l, CFG_O, a->x2[l], a->atty[l], &w->wo, NULL);
+        // 5. x2 = x + o_proj(atty) (+ its bias: Llama with attention_bias)
+        op_mat_forward(a->x2[l], a->atty[l], &w->wo, w->bo, BT, Q, C, wt, wn);
+        lora_forward_linear(m, a, lora, l, CFG_O, a->x2[l], a->atty[l], &w->wo, w->bo);
         op_add(a->x2[l], xin, (size_t)BT * C);
         // 6. ln2 = rmsnorm(x2) * w
         op_rmsnorm_forward(a->ln2[l], a->rstd2[l], a->x2[l], w->ln2, BT, C, eps);
@@ -977,11 +988,12 @@ int model_forward(struct model *m, const struct lora *lora, const int *tokens, c
 
 // ---- backward ----
 
-/* A linear's backward: dinp += dout W, and for a full fine-tune dW += dout^T inp, dbias += sum dout. */
-static void linear_backward(struct model_acts *a, float *dinp, float *dw, float *dbias, const float *dout,
+/* A linear's backward: dinp = beta dinp + dout W (beta 0: the first term of dinp, written without
+ * zeroing it first), and for a full fine-tune dW += dout^T inp, dbias += sum dout. */
+static void linear_backward(struct model_acts *a, float *dinp, float beta, float *dw, float *dbias, const float *dout,
                             const float *inp, const struct op_mat *w, int N, int IC, int OC)
 {
-    op_mat_backward(dinp, dout, w, N, IC, OC, a->wtile, a->wtile_n);
+    op_mat_backward(dinp, dout, w, N, IC, OC, beta, a->wtile, a->wtile_n);
     if (dw || dbias)
         op_mat_backward_weight(dw, dbias, dout, inp, N, IC, OC);
 }
@@ -999,8 +1011,7 @@ static void backward_lane(const struct model *m, struct model_acts *a, const str
     size_t nC = (size_t)BT * C;
 
     // 9. logits = lnf @ lm_head^T  => dlnf = dlogits @ lm_head, dlm_head += dlogits^T lnf
-    memset(a->dln, 0, sizeof(float) * nC);
-    linear_backward(a, a->dln, g ? g->lm_head.f : NULL, NULL, a->logits, a->lnf, &m->w.lm_head, BT, C, V);
+    linear_backward(a, a->dln, 0.0f, g ? g->lm_head.f : NULL, NULL, a->logits, a->lnf, &m->w.lm_head, BT, C, V);
     //    lnf = rmsnorm(x[L]) * norm
     memset(a->dres, 0, sizeof(float) * nC);
     op_rmsnorm_backward(a->dres, g ? g->norm : NULL, a->dln, a->x[L], m->w.norm, a->rstdf, BT, C);
@@ -1009,27 +1020,23 @@ static void backward_lane(const struct model *m, struct model_acts *a, const str
         const struct model_layer *w = &m->w.layer[l];
         struct model_layer *gw = g ? &g->layer[l] : NULL;
         // 8. xout = x2 + down(act): dres is d(xout) and flows to x2 unchanged
-        memset(a->dact, 0, sizeof(float) * (size_t)BT * F);
         const float *dy = dora_backward(m, a, lora, lora_grad, l, CFG_DOWN, a->dres, a->act[l]);
-        linear_backward(a, a->dact, gw ? gw->wdown.f : NULL, NULL, dy, a->act[l], &w->wdown, BT, F, C);
+        linear_backward(a, a->dact, 0.0f, gw ? gw->wdown.f : NULL, NULL, dy, a->act[l], &w->wdown, BT, F, C);
         lora_backward_linear(m, a, lora, lora_grad, l, CFG_DOWN, a->dact, dy, a->act[l]);
-        // 7. act = silu(gate) * up
-        memset(a->dgate, 0, sizeof(float) * (size_t)BT * F);
-        memset(a->dup, 0, sizeof(float) * (size_t)BT * F);
+        // 7. act = silu(gate) * up (dgate and dup are written, not accumulated)
         op_swiglu_backward(a->dgate, a->dup, a->dact, a->gate[l], a->up[l], (size_t)BT * F);
-        memset(a->dln, 0, sizeof(float) * nC);
         dy = dora_backward(m, a, lora, lora_grad, l, CFG_GATE, a->dgate, a->ln2[l]);
-        linear_backward(a, a->dln, gw ? gw->wgate.f : NULL, NULL, dy, a->ln2[l], &w->wgate, BT, C, F);
+        linear_backward(a, a->dln, 0.0f, gw ? gw->wgate.f : NULL, NULL, dy, a->ln2[l], &w->wgate, BT, C, F);
         lora_backward_linear(m, a, lora, lora_grad, l, CFG_GATE, a->dln, dy, a->ln2[l]);
         dy = dora_backward(m, a, lora, lora_grad, l, CFG_UP, a->dup, a->ln2[l]);
-        linear_backward(a, a->dln, gw ? gw->wup.f : NULL, NULL, dy, a->ln2[l], &w->wup, BT, C, F);
+        linear_backward(a, a->dln, 1.0f, gw ? gw->wup.f : NULL, NULL, dy, a->ln2[l], &w->wup, BT, C, F);
         lora_backward_linear(m, a, lora, lora_grad, l, CFG_UP, a->dln, dy, a->ln2[l]);
         // 6. ln2 = rmsnorm(x2) * w  => d(x2) += ...
         op_rmsnorm_backward(a->dres, gw ? gw->ln2 : NULL, a->dln, a->x2[l], w->ln2, a->rstd2[l], BT, C);
         // 5. x2 = x + o_proj(atty): dres is d(x2), flows to x unchanged
-        memset(a->datty, 0, sizeof(float) * (size_t)BT * Q);
         dy = dora_backward(m, a, lora, lora_grad, l, CFG_O, a->dres, a->atty[l]);
-        linear_backward(a, a->datty, gw ? gw->wo.f : NULL, NULL, dy, a->atty[l], &w->wo, BT, Q, C);
+        linear_backward(a, a->datty, 0.0f, gw ? gw->wo.f : NULL, gw ? gw->bo : NULL, dy, a->atty[l], &w->wo, BT, Q,
+                        C);
         lora_backward_linear(m, a, lora, lora_grad, l, CFG_O, a->datty, dy, a->atty[l]);
         // 4. attention
         memset(a->dq, 0, sizeof(float) * (size_t)BT * Q);
@@ -1053,15 +1060,14 @@ static void backward_lane(const struct model *m, struct model_acts *a, const str
             dkx = a->dkp;
         }
         // 2. q, k, v projections
-        memset(a->dln, 0, sizeof(float) * nC);
         dy = dora_backward(m, a, lora, lora_grad, l, CFG_Q, dqx, a->ln1[l]);
-        linear_backward(a, a->dln, gw ? gw->wq.f : NULL, gw ? gw->bq : NULL, dy, a->ln1[l], &w->wq, BT, C, Q);
+        linear_backward(a, a->dln, 0.0f, gw ? gw->wq.f : NULL, gw ? gw->bq : NULL, dy, a->ln1[l], &w->wq, BT, C, Q);
         lora_backward_linear(m, a, lora, lora_grad, l, CFG_Q, a->dln, dy, a->ln1[l]);
         dy = dora_backward(m, a, lora, lora_grad, l, CFG_K, dkx, a->ln1[l]);
-        linear_backward(a, a->dln, gw ? gw->wk.f : NULL, gw ? gw->bk : NULL, dy, a->ln1[l], &w->wk, BT, C, KV);
+        linear_backward(a, a->dln, 1.0f, gw ? gw->wk.f : NULL, gw ? gw->bk : NULL, dy, a->ln1[l], &w->wk, BT, C, KV);
         lora_backward_linear(m, a, lora, lora_grad, l, CFG_K, a->dln, dy, a->ln1[l]);
         dy = dora_backward(m, a, lora, lora_grad, l, CFG_V, a->dv, a->ln1[l]);
-        linear_backward(a, a->dln, gw ? gw->wv.f : NULL, gw ? gw->bv : NULL, dy, a->ln1[l], &w->wv, BT, C, KV);
+        linear_backward(a, a->dln, 1.0f, gw ? gw->wv.f : NULL, gw ? gw->bv : NULL, dy, a->ln1[l], &w->wv, BT, C, KV);
         lora_backward_linear(m, a, lora, lora_grad, l, CFG_V, a->dln, dy, a->ln1[l]);
         // 1. ln1 = rmsnorm(x) * w  => d(x) += ...
         op_rmsnorm_backward(a->dres, gw ? gw->ln1 : NULL, a->dln, a->x[l], w->ln1, a->rstd1[l], BT, C);

@@ -3,9 +3,10 @@
  *
  * Exactly as transformers defines these models: token embedding; per layer RMSNorm
  * (normalise in float32, then multiply by the weight), q/k/v projections (with bias for
- * Qwen2), for Qwen3 an RMSNorm over each head of q and of k (q_norm, k_norm, weights [HS]),
+ * Qwen2 and for Llama with attention_bias), for Qwen3 an RMSNorm over each head of q and of k (q_norm, k_norm, weights [HS]),
  * rotary embedding (rotate_half, inv_freq = theta^(-2i/HS), rescaled for rope_scaling linear
- * or llama3), grouped-query causal attention with scale 1/sqrt(HS), o_proj, residual, RMSNorm,
+ * or llama3), grouped-query causal attention with scale 1/sqrt(HS), o_proj (with bias for Llama
+ * with attention_bias), residual, RMSNorm,
  * SwiGLU MLP down(silu(gate(x)) * up(x)), residual; final norm; lm_head (tied to embed_tokens
  * when tie_word_embeddings).
  *
@@ -36,6 +37,7 @@ struct model_layer {
     struct op_mat wq, wk, wv; /* [NH*HS, C], [NKV*HS, C], [NKV*HS, C] */
     float *bq, *bk, *bv;      /* biases, or NULL without attention_bias */
     struct op_mat wo;         /* [C, NH*HS] */
+    float *bo;                /* [C]: Llama with attention_bias (cfg_module_bias), else NULL */
     float *q_norm, *k_norm;   /* [HS] each (Qwen3), or NULL */
     float *ln2;               /* [C] */
     struct op_mat wgate, wup; /* [F, C] */

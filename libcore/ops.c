@@ -82,11 +82,11 @@ void op_rmsnorm_forward(float *out, float *rstd, const float *inp, const float *
     for (int n = 0; n < N; n++) {
         const float *x = inp + (size_t)n * C;
         float *y = out + (size_t)n * C;
-        double ss = 0;
-        for (int i = 0; i < C; i++)
+        double ss;
+        for (int i = (int)op_sumsq_simd(x, (size_t)C, &ss); i < C; i++)
             ss += (double)x[i] * x[i];
         float r = (float)(1.0 / sqrt(ss / C + eps));
-        for (int i = 0; i < C; i++)
+        for (int i = (int)op_rmsnorm_row_simd(y, x, w, r, (size_t)C); i < C; i++)
             y[i] = (x[i] * r) * w[i];
         if (rstd)
             rstd[n] = r;
@@ -104,18 +104,17 @@ void op_rmsnorm_backward(float *dinp, float *dw, const float *dout, const float 
     for (int n = 0; n < N; n++) {
         const float *x = inp + (size_t)n * C, *dy = dout + (size_t)n * C;
         float r = rstd[n];
-        double dot = 0;
-        for (int i = 0; i < C; i++)
+        double dot;
+        for (int i = (int)op_dot3_simd(dy, w, x, (size_t)C, &dot); i < C; i++)
             dot += (double)dy[i] * w[i] * x[i];
+        float c = (float)(dot * r * r * r / C), *dx = dinp ? dinp + (size_t)n * C : NULL;
+        int k = (int)op_rmsnorm_drow_simd(dx, dw, dy, x, w, r, c, (size_t)C);
         if (dw)
-            for (int i = 0; i < C; i++)
+            for (int i = k; i < C; i++)
                 dw[i] += dy[i] * x[i] * r;
-        if (dinp) {
-            float *dx = dinp + (size_t)n * C;
-            float c = (float)(dot * r * r * r / C);
-            for (int i = 0; i < C; i++)
+        if (dx)
+            for (int i = k; i < C; i++)
                 dx[i] += r * w[i] * dy[i] - c * x[i];
-        }
     }
 }
 
@@ -161,19 +160,26 @@ void op_rope_inv_freq_llama3(float *inv_freq, int n, double factor, double low_f
 static void rope_rotate(float *x, const int *pos, const float *inv_freq, int N, int H, int HS,
                         float sign)
 {
+    enum { CH = 64 }; // frequencies per chunk: cos and sin on the stack, any head size
     int half = HS / 2, nt = team_for((size_t)N * H * HS);
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
     for (int n = 0; n < N; n++) {
-        float p = (float)pos[n];
-        for (int i = 0; i < half; i++) {
-            float ang = p * inv_freq[i];
-            float c = cosf(ang), s = sign * sinf(ang);
+        float p = (float)pos[n], cs[CH], sn[CH];
+        for (int i0 = 0; i0 < half; i0 += CH) {
+            int m = half - i0 < CH ? half - i0 : CH;
+            for (int i = 0; i < m; i++) {
+                float ang = p * inv_freq[i0 + i];
+                cs[i] = cosf(ang);
+                sn[i] = sign * sinf(ang);
+            }
             for (int h = 0; h < H; h++) {
-                float *v = x + ((size_t)n * H + h) * HS;
-                float x1 = v[i], x2 = v[i + half];
+                float *v1 = x + ((size_t)n * H + h) * HS + i0, *v2 = v1 + half;
                 // q*cos + rotate_half(q)*sin, rotate_half(q) = cat(-q2, q1)
-                v[i] = x1 * c - x2 * s;
-                v[i + half] = x2 * c + x1 * s;
+                for (int i = (int)op_rope_row_simd(v1, v2, cs, sn, (size_t)m); i < m; i++) {
+                    float x1 = v1[i], x2 = v2[i];
+                    v1[i] = x1 * cs[i] - x2 * sn[i];
+                    v2[i] = x2 * cs[i] + x1 * sn[i];
+                }
             }
         }
     }
@@ -196,6 +202,38 @@ void op_rope_backward(float *dx, const int *pos, const float *inv_freq, int N, i
  * [0, t1) only, so the GEMMs skip most of the masked upper triangle (with blocks of 64 and
  * T = 256, 40% of the T x T products). */
 #define ATT_BLOCK 64
+
+/* Row t of P: a[0, n) (n = t + 1: the keys up to t) becomes softmax(a) with the keys of another
+ * segment than t's (sg non-NULL) masked to exactly 0, and a[n, end) zeros (the rest of the block,
+ * which the backward's GEMMs read; columns past the block are never read). */
+static void softmax_row(float *a, int n, int end, const int *sg, int t)
+{
+    if (sg)
+        for (int t2 = 0; t2 < n; t2++)
+            if (sg[t2] != sg[t])
+                a[t2] = -INFINITY;
+    float mx = -INFINITY;
+    int k = (int)op_max_simd(a, (size_t)n, &mx);
+    for (int t2 = k; t2 < n; t2++)
+        mx = a[t2] > mx ? a[t2] : mx;
+    // e^(a - mx): AVX2 blocks, plain tail
+    for (int t2 = (int)op_sub_simd(a, a, mx, (size_t)n); t2 < n; t2++)
+        a[t2] -= mx;
+    for (int t2 = (int)op_exp_simd(a, a, (size_t)n); t2 < n; t2++)
+        a[t2] = expf(a[t2]);
+    if (sg) // a masked key gets exactly 0 (the AVX2 exp clamps e^-inf to about 1e-38)
+        for (int t2 = 0; t2 < n; t2++)
+            if (sg[t2] != sg[t])
+                a[t2] = 0.0f;
+    double sum;
+    for (int t2 = (int)op_sum_simd(a, (size_t)n, &sum); t2 < n; t2++)
+        sum += a[t2];
+    float inv = (float)(1.0 / sum);
+    for (int t2 = (int)op_scale_simd(a, inv, (size_t)n); t2 < n; t2++)
+        a[t2] *= inv;
+    for (int t2 = n; t2 < end; t2++)
+        a[t2] = 0.0f;
+}
 
 /* Each (batch, head), block by block, is two GEMMs on strided views of q, k, v (lda = NH*HS or
  * NKV*HS): S = scale q k^T, the causal (and segment) mask and P = softmax(S) in place, out = P v.
@@ -222,34 +260,9 @@ void op_attention_forward(float *out, float *att, const float *q, const float *k
                 // 1. S[t0:t1, 0:t1] = scale * q[t0:t1] k[0:t1]^T
                 cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, t1 - t0, t1, HS, scale, qb + (size_t)t0 * Q, Q,
                             kb, KV, 0.0f, P + (size_t)t0 * T, T);
-                // 2. causal (and segment) mask, softmax per row
-                for (int t = t0; t < t1; t++) {
-                    float *a = P + (size_t)t * T;
-                    float mx = -INFINITY;
-                    for (int t2 = 0; t2 <= t; t2++) {
-                        if (sg && sg[t2] != sg[t])
-                            a[t2] = -INFINITY;
-                        else if (a[t2] > mx)
-                            mx = a[t2];
-                    }
-                    // e^(a - mx): AVX2 blocks, plain tail; a masked key gets exactly 0
-                    for (int t2 = 0; t2 <= t; t2++)
-                        a[t2] -= mx;
-                    int done = (int)op_exp_simd(a, a, (size_t)t + 1);
-                    for (int t2 = done; t2 <= t; t2++)
-                        a[t2] = expf(a[t2]);
-                    double sum = 0;
-                    for (int t2 = 0; t2 <= t; t2++) {
-                        if (sg && sg[t2] != sg[t])
-                            a[t2] = 0.0f;
-                        sum += a[t2];
-                    }
-                    float inv = (float)(1.0 / sum);
-                    for (int t2 = 0; t2 <= t; t2++)
-                        a[t2] *= inv;
-                    for (int t2 = t + 1; t2 < T; t2++)
-                        a[t2] = 0.0f;
-                }
+                // 2. causal (and segment) mask, softmax per row (AVX2 pieces, plain tails)
+                for (int t = t0; t < t1; t++)
+                    softmax_row(P + (size_t)t * T, t + 1, t1, sg, t);
                 // 3. out[t0:t1] = P[t0:t1, 0:t1] v[0:t1]
                 cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, t1 - t0, HS, t1, 1.0f, P + (size_t)t0 * T, T,
                             vb, KV, 0.0f, ob + (size_t)t0 * Q, Q);
@@ -289,10 +302,10 @@ void op_attention_backward(float *dq, float *dk, float *dv, const float *dout, c
                 for (int t = t0; t < t1; t++) {
                     const float *p = P + (size_t)t * T;
                     float *d = dP + (size_t)t * T;
-                    double dot = 0;
-                    for (int t2 = 0; t2 <= t; t2++)
+                    double dot;
+                    for (int t2 = (int)op_dot_simd(p, d, (size_t)t + 1, &dot); t2 <= t; t2++)
                         dot += (double)p[t2] * d[t2];
-                    for (int t2 = 0; t2 <= t; t2++)
+                    for (int t2 = (int)op_softmax_drow_simd(d, p, (float)dot, scale, (size_t)t + 1); t2 <= t; t2++)
                         d[t2] = p[t2] * (d[t2] - (float)dot) * scale;
                     for (int t2 = t + 1; t2 < t1; t2++)
                         d[t2] = 0.0f;
@@ -312,9 +325,13 @@ void op_attention_backward(float *dq, float *dk, float *dv, const float *dout, c
 void op_add(float *dst, const float *src, size_t n)
 {
     int nt = team_for(n);
-#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
-    for (size_t i = 0; i < n; i++)
-        dst[i] += src[i];
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        int t = omp_get_thread_num(), m = omp_get_num_threads();
+        size_t i0 = n * (size_t)t / (size_t)m & ~(size_t)7, i1 = t == m - 1 ? n : n * (size_t)(t + 1) / (size_t)m & ~(size_t)7;
+        for (size_t i = i0 + op_add_simd(dst + i0, src + i0, i1 - i0); i < i1; i++)
+            dst[i] += src[i];
+    }
 }
 
 // ---- SwiGLU ----
@@ -354,8 +371,8 @@ void op_swiglu_backward(float *dgate, float *dup, const float *dout, const float
             float g = gate[i];
             float sg = 1.0f / (1.0f + expf(-g));
             float silu = g * sg;
-            dup[i] += dout[i] * silu;
-            dgate[i] += dout[i] * up[i] * (sg * (1.0f + g * (1.0f - sg)));
+            dup[i] = dout[i] * silu;
+            dgate[i] = dout[i] * up[i] * (sg * (1.0f + g * (1.0f - sg)));
         }
     }
 }
@@ -371,19 +388,18 @@ static double crossentropy_row(float *dx, const float *x, int y, int V, float sc
         return 0.0;
     }
     float mx = x[0], xy = x[y]; // read before dx (which may alias x) is written
-    for (int i = 1; i < V; i++)
+    for (int i = (int)op_max_simd(x, (size_t)V, &mx); i < V; i++)
         if (x[i] > mx)
             mx = x[i];
     // exp in float (each term is in (0, 1]); the sum and the log in double
     double sum = 0;
     if (dx) {
-        // x - mx into dx (which may alias x), then its exp in place: AVX2 blocks, plain tail
-        for (int i = 0; i < V; i++)
+        // x - mx into dx (which may alias x), then its exp in place: AVX2 blocks, plain tails
+        for (int i = (int)op_sub_simd(dx, x, mx, (size_t)V); i < V; i++)
             dx[i] = x[i] - mx;
-        int k = (int)op_exp_simd(dx, dx, (size_t)V);
-        for (int i = k; i < V; i++)
+        for (int i = (int)op_exp_simd(dx, dx, (size_t)V); i < V; i++)
             dx[i] = expf(dx[i]);
-        for (int i = 0; i < V; i++)
+        for (int i = (int)op_sum_simd(dx, (size_t)V, &sum); i < V; i++)
             sum += dx[i];
     } else {
         for (int i = 0; i < V; i++)
@@ -393,7 +409,7 @@ static double crossentropy_row(float *dx, const float *x, int y, int V, float sc
     if (dx) {
         // loss = lse - x[y]  =>  dx[i] = softmax(x)[i] - [i == y]
         float inv = (float)(scale / sum);
-        for (int i = 0; i < V; i++)
+        for (int i = (int)op_scale_simd(dx, inv, (size_t)V); i < V; i++)
             dx[i] *= inv;
         dx[y] -= scale;
     }

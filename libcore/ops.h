@@ -67,8 +67,9 @@ size_t op_mat_scratch_floats(int IC, int OC, int nt);
  * and run sgemm on each, the tiles spread over op_team() threads. */
 void op_mat_forward(float *out, const float *inp, const struct op_mat *w, const float *bias, int N,
                     int IC, int OC, float *scratch, size_t scratch_n);
-/* dinp[N, IC] += dout[N, OC] @ w (the input gradient of the linear above; accumulates). */
-void op_mat_backward(float *dinp, const float *dout, const struct op_mat *w, int N, int IC, int OC,
+/* dinp[N, IC] = beta dinp + dout[N, OC] @ w (the input gradient of the linear above): beta 1
+ * accumulates, beta 0 writes (dinp need not be initialised: no separate pass to zero it). */
+void op_mat_backward(float *dinp, const float *dout, const struct op_mat *w, int N, int IC, int OC, float beta,
                      float *scratch, size_t scratch_n);
 /* out[OC] = w[OC, IC] @ x + bias (bias may be NULL): the fused GEMV alone. */
 void op_mat_gemv(float *out, const struct op_mat *w, const float *x, const float *bias, int OC,
@@ -95,6 +96,31 @@ void op_mat_forward_naive(float *out, const float *inp, const struct op_mat *w, 
                           int N, int IC, int OC);
 void op_mat_backward_naive(float *dinp, const float *dout, const struct op_mat *w, int N, int IC,
                            int OC);
+
+// ---- the rank-R products of a LoRA linear (ops_lora.c) ----
+/* y = W x + s B (A x): A [R, IC], B [OC, R], xa = x A^T [N, R]. xa and dxa take register-tiled
+ * AVX2 kernels when R is a multiple of 8 (op_simd_active), rows split over op_team() threads,
+ * each output summed by one thread in a fixed order; the rest, and other ranks, cblas_sgemm.
+ * scratch: op_lora_scratch_floats(R, IC) floats (A transposed). *_naive: double references. */
+size_t op_lora_scratch_floats(int R, int IC);
+/* xa[N, R] = x[N, IC] A^T */
+void op_lora_down(float *xa, const float *x, const float *A, int N, int IC, int R, float *scratch);
+/* out[N, OC] += s xa B^T */
+void op_lora_up_acc(float *out, const float *xa, const float *B, float s, int N, int R, int OC);
+/* dxa[N, R] = s dout[N, OC] B */
+void op_lora_dxa(float *dxa, const float *dout, const float *B, float s, int N, int OC, int R);
+/* dB[OC, R] += s dout^T xa */
+void op_lora_dB_acc(float *dB, const float *dout, const float *xa, float s, int N, int OC, int R);
+/* dA[R, IC] += dxa^T x */
+void op_lora_dA_acc(float *dA, const float *dxa, const float *x, int N, int IC, int R);
+/* dx[N, IC] += dxa A */
+void op_lora_dx_acc(float *dx, const float *dxa, const float *A, int N, int IC, int R);
+void op_lora_down_naive(float *xa, const float *x, const float *A, int N, int IC, int R);
+void op_lora_up_acc_naive(float *out, const float *xa, const float *B, float s, int N, int R, int OC);
+void op_lora_dxa_naive(float *dxa, const float *dout, const float *B, float s, int N, int OC, int R);
+void op_lora_dB_acc_naive(float *dB, const float *dout, const float *xa, float s, int N, int OC, int R);
+void op_lora_dA_acc_naive(float *dA, const float *dxa, const float *x, int N, int IC, int R);
+void op_lora_dx_acc_naive(float *dx, const float *dxa, const float *A, int N, int IC, int R);
 
 // ---- RMSNorm: out = inp * rstd * w, rstd = 1/sqrt(mean(inp^2) + eps) per row ----
 /* Qwen3's q_norm / k_norm normalise each head of q [N, H*HS] on its own: the same kernels on the
@@ -154,11 +180,31 @@ float op_max(const float *v, size_t n);
  * as e^-708); m is normally the maximum, so every term is at most 1. */
 double op_sum_exp(const float *v, size_t n, double m);
 
+/* Row pieces (ops_simd.c), the same convention: the first k = n & ~7 elements with AVX2, k
+ * returned (0 without AVX2). Elementwise ones give the plain loop's bits; the sums (*out, in
+ * double; 0 when k is 0) add the same exact products in another order. */
+size_t op_sumsq_simd(const float *x, size_t n, double *out);                      /* sum x^2 */
+size_t op_dot_simd(const float *a, const float *b, size_t n, double *out);        /* sum a b */
+size_t op_dot3_simd(const float *a, const float *b, const float *c, size_t n, double *out); /* sum (a b) c */
+size_t op_sum_simd(const float *x, size_t n, double *out);                        /* sum x */
+size_t op_max_simd(const float *x, size_t n, float *out);                         /* max x (*out set when k > 0) */
+size_t op_scale_simd(float *x, float s, size_t n);                                /* x *= s */
+size_t op_sub_simd(float *dst, const float *x, float s, size_t n);                /* dst = x - s */
+size_t op_add_simd(float *dst, const float *src, size_t n);                       /* dst += src */
+size_t op_rmsnorm_row_simd(float *y, const float *x, const float *w, float r, size_t n); /* y = (x r) w */
+/* dw += (dy x) r (dw may be NULL); dx += (r w) dy - c x (dx may be NULL) */
+size_t op_rmsnorm_drow_simd(float *dx, float *dw, const float *dy, const float *x, const float *w, float r, float c,
+                            size_t n);
+size_t op_softmax_drow_simd(float *d, const float *p, float dot, float scale, size_t n); /* d = p (d - dot) scale */
+/* v1[i], v2[i] = v1[i] c[i] - v2[i] s[i], v2[i] c[i] + v1[i] s[i] (the two halves of a head) */
+size_t op_rope_row_simd(float *v1, float *v2, const float *c, const float *s, size_t n);
+
 // ---- residual: dst[i] += src[i] ----
 void op_add(float *dst, const float *src, size_t n);
 
 // ---- SwiGLU: out = silu(gate) * up ----
 void op_swiglu_forward(float *out, const float *gate, const float *up, size_t n);
+/* Writes (does not accumulate) dgate and dup: they are never needed before. */
 void op_swiglu_backward(float *dgate, float *dup, const float *dout, const float *gate,
                         const float *up, size_t n);
 

@@ -23,7 +23,7 @@
 #include <cblas.h>
 #include <math.h>
 #include <omp.h>
-#include <stdatomic.h>
+#include <pthread.h>
 #include <string.h>
 
 #include "lk.h"
@@ -38,29 +38,24 @@
 int op_simd = 1;
 
 #ifdef OP_X86
-/* 1 when the CPU has AVX2, FMA and F16C, 0 when not, -1 before the first look. CPUID runs once:
- * the kernels ask per row, and under a hypervisor every CPUID traps to it (tens of microseconds:
- * asked per row, it took half of a batched eval's time). Threads that race to fill it store the
- * same value. */
-static atomic_int op_cpu_ok = -1;
+static pthread_once_t cpu_once = PTHREAD_ONCE_INIT;
+static int cpu_avx2; // AVX2, FMA and F16C: what the OP_AVX2 kernels use
 
-static int op_cpu_has_simd(void)
+/* Read once: CPUID is slow (a VM exit under a hypervisor), and op_simd_active runs per row.
+ * F16C comes from leaf 1 because clang 14's __builtin_cpu_supports does not know it. */
+static void cpu_probe(void)
 {
-    int ok = atomic_load_explicit(&op_cpu_ok, memory_order_relaxed);
-    if (ok < 0) {
-        unsigned a, b, c, d; // F16C from CPUID leaf 1 (clang 14's __builtin_cpu_supports lacks it)
-        int f16c = __get_cpuid(1, &a, &b, &c, &d) && (c & bit_F16C);
-        ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c;
-        atomic_store_explicit(&op_cpu_ok, ok, memory_order_relaxed);
-    }
-    return ok;
+    unsigned a, b, c, d;
+    int f16c = __get_cpuid(1, &a, &b, &c, &d) && (c & bit_F16C);
+    cpu_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c;
 }
 #endif
 
 int op_simd_active(void)
 {
 #ifdef OP_X86
-    return op_simd && op_cpu_has_simd();
+    pthread_once(&cpu_once, cpu_probe);
+    return op_simd && cpu_avx2;
 #else
     return 0;
 #endif
@@ -215,11 +210,11 @@ OP_AVX2 static size_t swiglu_backward_avx2(float *dgate, float *dup, const float
         __m256 g = _mm256_loadu_ps(gate + i), d = _mm256_loadu_ps(dout + i);
         __m256 sg = _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
         __m256 silu = _mm256_mul_ps(g, sg);
-        _mm256_storeu_ps(dup + i, _mm256_add_ps(_mm256_loadu_ps(dup + i), _mm256_mul_ps(d, silu)));
+        _mm256_storeu_ps(dup + i, _mm256_mul_ps(d, silu));
         // sg (1 + g (1 - sg)), as the plain loop groups it
         __m256 dsilu = _mm256_mul_ps(sg, _mm256_add_ps(one, _mm256_mul_ps(g, _mm256_sub_ps(one, sg))));
         __m256 t = _mm256_mul_ps(_mm256_mul_ps(d, _mm256_loadu_ps(up + i)), dsilu);
-        _mm256_storeu_ps(dgate + i, _mm256_add_ps(_mm256_loadu_ps(dgate + i), t));
+        _mm256_storeu_ps(dgate + i, t);
     }
     return i;
 }
@@ -666,9 +661,10 @@ void op_mat_forward(float *out, const float *inp, const struct op_mat *w, const 
     op_blas_serial_end(prev);
 }
 
-/* dinp[:, c0:c1] += dout @ w[:, c0:c1], a tile of columns per task: each writes its own columns. */
+/* dinp[:, c0:c1] = beta dinp[:, c0:c1] + dout @ w[:, c0:c1], a tile of columns per task: each writes
+ * its own columns. */
 static void backward_cols(float *dinp, const float *dout, const struct op_mat *w, int N, int IC, int OC,
-                          float *scratch, size_t per, int cols, int nt)
+                          float beta, float *scratch, size_t per, int cols, int nt)
 {
     int ntiles = ceil_div(IC, cols);
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
@@ -682,7 +678,7 @@ static void backward_cols(float *dinp, const float *dout, const struct op_mat *w
             wt = buf;
             ldw = c1 - c0;
         }
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, c1 - c0, OC, 1.0f, dout, OC, wt, ldw, 1.0f,
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, c1 - c0, OC, 1.0f, dout, OC, wt, ldw, beta,
                     dinp + c0, IC);
     }
 }
@@ -691,7 +687,7 @@ static void backward_cols(float *dinp, const float *dout, const struct op_mat *w
  * tile, widened by the team together); each thread adds the products into its own rows of dinp,
  * so the sum over tiles runs in the same order whatever the thread count. */
 static void backward_rows(float *dinp, const float *dout, const struct op_mat *w, int N, int IC, int OC,
-                          float *scratch, size_t scratch_n, int nt)
+                          float beta, float *scratch, size_t scratch_n, int nt)
 {
     int rows = (int)(scratch_n / (size_t)IC);
     if (rows > OC)
@@ -705,30 +701,31 @@ static void backward_rows(float *dinp, const float *dout, const struct op_mat *w
 #pragma omp for schedule(static)
             for (int r = o0; r < o1; r++)
                 op_mat_widen(scratch + (size_t)(r - o0) * IC, w, IC, r, r + 1, 0, IC);
-            if (n1 > n0)
+            if (n1 > n0) // the first tile scales dinp by beta, the others add
                 cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n1 - n0, IC, o1 - o0, 1.0f,
-                            dout + (size_t)n0 * OC + o0, OC, scratch, IC, 1.0f, dinp + (size_t)n0 * IC, IC);
+                            dout + (size_t)n0 * OC + o0, OC, scratch, IC, o0 ? 1.0f : beta, dinp + (size_t)n0 * IC,
+                            IC);
 #pragma omp barrier
         }
     }
 }
 
-void op_mat_backward(float *dinp, const float *dout, const struct op_mat *w, int N, int IC, int OC,
+void op_mat_backward(float *dinp, const float *dout, const struct op_mat *w, int N, int IC, int OC, float beta,
                      float *scratch, size_t scratch_n)
 {
     // forward was: out[n, o] = sum_i inp[n, i] w[o, i]  =>  dinp[n, i] += sum_o dout[n, o] w[o, i]
     int nt = gemm_team(N, IC, OC);
     int prev = op_blas_serial_begin(nt);
     if (w->dtype == TENSOR_F32) {
-        backward_cols(dinp, dout, w, N, IC, OC, NULL, 0, ceil_div(IC, nt), nt);
+        backward_cols(dinp, dout, w, N, IC, OC, beta, NULL, 0, ceil_div(IC, nt), nt);
     } else {
         LK_ASSERT(scratch && scratch_n >= (size_t)(IC > OC ? IC : OC));
         size_t per = scratch_n / (size_t)nt;
         int cols = (int)(per / (size_t)OC);
         if (cols >= 32 || (cols >= 1 && (long)cols * nt >= IC))
-            backward_cols(dinp, dout, w, N, IC, OC, scratch, per, tile_size(IC, cols, nt), nt);
+            backward_cols(dinp, dout, w, N, IC, OC, beta, scratch, per, tile_size(IC, cols, nt), nt);
         else // a column tile would be a sliver (lm_head: OC is the vocabulary)
-            backward_rows(dinp, dout, w, N, IC, OC, scratch, scratch_n, nt);
+            backward_rows(dinp, dout, w, N, IC, OC, beta, scratch, scratch_n, nt);
     }
     op_blas_serial_end(prev);
 }

@@ -400,7 +400,8 @@ int fix_check_in_llama(const char *model_dir, const char *gguf, const char *adap
     return bad;
 }
 
-/* A Llama model (untied, GQA, head_dim 32 != hidden / heads; q/k/v biases when asked) with the
+/* A Llama model (untied, GQA, head_dim 32 != hidden / heads; with attention_bias when asked: random
+ * biases on q/k/v and o_proj, as `lorakit init` makes every tensor, std 0.1) with the
  * base model's vocabulary and a Llama 3 pre-tokenizer (its regex, ignore_merges): llama.cpp's
  * 'llama-bpe'. */
 int fix_make_llama_bias(const char *dir, int bias)

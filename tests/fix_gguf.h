@@ -87,7 +87,8 @@ cJSON *fix_peer_run(const char *gguf, const char *lora, char **texts, int n_text
 int fix_check_in_llama(const char *model_dir, const char *gguf, const char *adapter, const char *lora_gguf,
                        const char *what, double *out_lp);
 
-/* A Llama model (untied, GQA, head_dim 32 != hidden / heads; q/k/v biases when asked) with the
+/* A Llama model (untied, GQA, head_dim 32 != hidden / heads; attention_bias when asked: random
+ * q/k/v and o_proj biases) with the
  * base model's vocabulary and a Llama 3 pre-tokenizer (its regex, ignore_merges): llama.cpp's
  * 'llama-bpe'. */
 int fix_make_llama_bias(const char *dir, int bias);

@@ -62,6 +62,12 @@ void fix_cfg_qwen3(struct cfg *c)
     c->qk_norm = 1;
 }
 
+void fix_cfg_llama_bias(struct cfg *c)
+{
+    fix_cfg_llama(c);
+    c->attention_bias = 1;
+}
+
 void fix_cfg_llama32(struct cfg *c)
 {
     base_cfg(c);
@@ -101,6 +107,12 @@ int fix_model_random(struct model *m, const struct cfg *c, float std, uint64_t s
 int fix_lora_random(struct lora *l, const struct cfg *c, unsigned targets, int R, double alpha,
                     int rslora, float dropout, uint64_t seed)
 {
+    return fix_lora_random_bias(l, c, targets, R, alpha, rslora, dropout, 0, seed);
+}
+
+int fix_lora_random_bias(struct lora *l, const struct cfg *c, unsigned targets, int R, double alpha,
+                         int rslora, float dropout, int lora_bias, uint64_t seed)
+{
     struct lora_config lc;
     lora_config_default(&lc);
     lc.targets = targets;
@@ -108,6 +120,7 @@ int fix_lora_random(struct lora *l, const struct cfg *c, unsigned targets, int R
     lc.alpha = alpha;
     lc.use_rslora = rslora;
     lc.dropout = dropout;
+    lc.lora_bias = lora_bias;
     int rc = lora_init(l, &lc, c, NULL);
     if (rc)
         return rc;
@@ -119,6 +132,8 @@ int fix_lora_random(struct lora *l, const struct cfg *c, unsigned targets, int R
             md->A[j] = 0.5f * lk_rng_normal(&rng);
         for (size_t j = 0; j < (size_t)md->out * md->R; j++)
             md->B[j] = 0.5f * lk_rng_normal(&rng);
+        for (int j = 0; md->bias && j < md->out; j++)
+            md->bias[j] = 0.3f * lk_rng_normal(&rng);
     }
     return LK_OK;
 }

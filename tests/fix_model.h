@@ -9,6 +9,8 @@
 void fix_cfg_qwen2(struct cfg *c);
 /* Llama-like: C 12, 2 heads, 1 kv head, HS 6, F 20, L 2, V 29, no biases, untied. */
 void fix_cfg_llama(struct cfg *c);
+/* fix_cfg_llama with attention_bias: biases on q, k, v and o_proj (transformers' LlamaAttention). */
+void fix_cfg_llama_bias(struct cfg *c);
 /* Qwen3-like: C 12, 4 heads, 2 kv heads, HS 6 (heads x HS = 24 != C), F 20, L 2, V 31, no biases,
  * q_norm / k_norm, tied embeddings. */
 void fix_cfg_qwen3(struct cfg *c);
@@ -20,6 +22,9 @@ int fix_model_random(struct model *m, const struct cfg *c, float std, uint64_t s
 /* An adapter on the given targets with random A and B (scale 1 / sqrt fan). */
 int fix_lora_random(struct lora *l, const struct cfg *c, unsigned targets, int R, double alpha,
                     int rslora, float dropout, uint64_t seed);
+/* The same with lora_B.bias on every module (lora_bias), random too. */
+int fix_lora_random_bias(struct lora *l, const struct cfg *c, unsigned targets, int R, double alpha,
+                         int rslora, float dropout, int lora_bias, uint64_t seed);
 /* Random tokens in [0, V). */
 void fix_tokens(int *tok, int n, int V, uint64_t seed);
 

@@ -208,7 +208,7 @@ double ref_forward(const struct model *m, const struct lora *lora, const int *to
                     free(sc);
                 }
             }
-        ref_linear(o, y, &w->wo, NULL, N, Q, C, lora, l, CFG_O, seed, train);
+        ref_linear(o, y, &w->wo, w->bo, N, Q, C, lora, l, CFG_O, seed, train);
         for (size_t i = 0; i < (size_t)N * C; i++)
             x[i] += o[i];
         ref_rmsnorm(h, x, w->ln2, N, C, c->rms_norm_eps);

@@ -16,6 +16,7 @@
 #include "../libcore/lk.h"
 #include "../libcore/model.h"
 #include "../libcore/st.h"
+#include "ref_model.h"
 
 static const char *QWEN3_CFG =
     "{\"architectures\":[\"Qwen3ForCausalLM\"],\"model_type\":\"qwen3\",\"hidden_size\":64,"
@@ -199,4 +200,163 @@ TEST(arch_llama32_train_merge_eval_end_to_end)
     arch_end_to_end(LLAMA32_CFG, "--special '<|begin_of_text|>' --special '<|end_of_text|>' "
                                  "--special '<|start_header_id|>' --special '<|end_header_id|>' --special '<|eot_id|>'",
                     "llama3.2", "llama3.2", 0, 0.6, 0.0);
+}
+
+/* A LlamaForCausalLM with attention_bias as transformers saves it: the tensor names written out
+ * here by hand (not from lorakit's tables), o_proj.bias among them, random values. with_o 0
+ * leaves o_proj.bias out. */
+static int write_llama_bias_folder(const char *dir, int with_o, float **out_bo)
+{
+    enum { C = 12, F = 20, L = 2, NH = 2, NKV = 1, HS = 6, V = 29 };
+    char path[1200];
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    FILE *f = fopen(path, "w");
+    if (!f)
+        return -1;
+    fprintf(f, "{\"architectures\":[\"LlamaForCausalLM\"],\"model_type\":\"llama\",\"hidden_size\":%d,"
+               "\"intermediate_size\":%d,\"num_hidden_layers\":%d,\"num_attention_heads\":%d,"
+               "\"num_key_value_heads\":%d,\"head_dim\":%d,\"vocab_size\":%d,\"rms_norm_eps\":1e-5,"
+               "\"rope_theta\":10000.0,\"attention_bias\":true,\"mlp_bias\":false,\"tie_word_embeddings\":false,"
+               "\"max_position_embeddings\":64,\"torch_dtype\":\"float32\"}\n", C, F, L, NH, NKV, HS, V);
+    fclose(f);
+    struct { const char *fmt; int64_t r, c; } per[] = {
+        { "model.layers.%d.input_layernorm.weight", C, 0 },
+        { "model.layers.%d.self_attn.q_proj.weight", NH * HS, C }, { "model.layers.%d.self_attn.q_proj.bias", NH * HS, 0 },
+        { "model.layers.%d.self_attn.k_proj.weight", NKV * HS, C }, { "model.layers.%d.self_attn.k_proj.bias", NKV * HS, 0 },
+        { "model.layers.%d.self_attn.v_proj.weight", NKV * HS, C }, { "model.layers.%d.self_attn.v_proj.bias", NKV * HS, 0 },
+        { "model.layers.%d.self_attn.o_proj.weight", C, NH * HS }, { "model.layers.%d.self_attn.o_proj.bias", C, 0 },
+        { "model.layers.%d.post_attention_layernorm.weight", C, 0 },
+        { "model.layers.%d.mlp.gate_proj.weight", F, C }, { "model.layers.%d.mlp.up_proj.weight", F, C },
+        { "model.layers.%d.mlp.down_proj.weight", C, F },
+    };
+    enum { NPER = sizeof per / sizeof per[0] };
+    struct st_item items[3 + L * NPER];
+    char names[3 + L * NPER][96];
+    float *vals[3 + L * NPER];
+    int n = 0;
+    struct lk_rng rng;
+    lk_rng_seed(&rng, 77);
+#define ITEM(NAME, R, K)                                                                                 \
+    do {                                                                                                 \
+        snprintf(names[n], sizeof names[n], "%s", NAME);                                                 \
+        size_t cnt = (size_t)(R) * ((K) ? (size_t)(K) : 1u);                                             \
+        vals[n] = malloc(sizeof(float) * cnt);                                                           \
+        int norm = strstr(names[n], "norm") != NULL;                                                     \
+        for (size_t j = 0; j < cnt; j++)                                                                 \
+            vals[n][j] = norm ? 1.0f + 0.1f * lk_rng_normal(&rng) : 0.3f * lk_rng_normal(&rng);         \
+        items[n] = (struct st_item){ names[n], (K) ? 2 : 1, { (R), (K) }, vals[n] };                     \
+        n++;                                                                                             \
+    } while (0)
+    ITEM("model.embed_tokens.weight", V, C);
+    for (int l = 0; l < L; l++)
+        for (int k = 0; k < NPER; k++) {
+            char nm[96];
+            snprintf(nm, sizeof nm, per[k].fmt, l);
+            if (!with_o && strstr(nm, "o_proj.bias"))
+                continue;
+            ITEM(nm, per[k].r, per[k].c);
+            if (strstr(nm, "o_proj.bias") && out_bo)
+                memcpy(out_bo[l], vals[n - 1], sizeof(float) * C);
+        }
+    ITEM("model.norm.weight", C, 0);
+    ITEM("lm_head.weight", V, C);
+#undef ITEM
+    snprintf(path, sizeof path, "%s/model.safetensors", dir);
+    int rc = st_write_f32(path, items, n, TENSOR_F32, test_err());
+    for (int i = 0; i < n; i++)
+        free(vals[i]);
+    return rc;
+}
+
+TEST(arch_llama_attention_bias_folder_loads_o_proj_bias)
+{
+    // transformers' LlamaAttention: q/k/v_proj AND o_proj are nn.Linear(..., bias=config.attention_bias)
+    const char *dir = test_tmpdir();
+    char m1[1100], m2[1100];
+    snprintf(m1, sizeof m1, "%s/bias", dir);
+    snprintf(m2, sizeof m2, "%s/no-o-bias", dir);
+    CHECK(test_sh("mkdir -p '%s' '%s'", m1, m2) == 0);
+    float b0[12], b1[12], *bo[2] = { b0, b1 };
+    CHECK_INT(write_llama_bias_folder(m1, 1, bo), 0);
+    // every tensor is one the config implies: no warning about a tensor lorakit does not use
+    CHECK_MSG(test_sh("%s info '%s'", test_lorakit(), m1) == 0, "info: %s", test_output());
+    CHECK_MSG(!strstr(test_output(), "warning") && strstr(test_output(), "attention biases q/k/v/o_proj"),
+              "info: %s", test_output());
+    struct model m;
+    CHECK_OK(model_load(&m, m1, test_err()));
+    CHECK(m.w.layer[0].bo && m.w.layer[1].bo);
+    CHECK(!memcmp(m.w.layer[0].bo, b0, sizeof b0) && !memcmp(m.w.layer[1].bo, b1, sizeof b1));
+    // logits against the float64 reference (which adds the bias the model holds)
+    int tok[2 * 9];
+    for (int i = 0; i < 18; i++)
+        tok[i] = (i * 7 + 3) % 29;
+    CHECK_OK(model_plan(&m, 2, 9, 0, test_err()));
+    CHECK_OK(model_forward(&m, NULL, tok, NULL, NULL, NULL, 0, NULL, test_err()));
+    double ref[18 * 29], worst = 0, top = 0;
+    ref_forward(&m, NULL, tok, NULL, NULL, NULL, 2, 9, 0, 0, ref);
+    for (int i = 0; i < 18 * 29; i++) {
+        worst = fmax(worst, fabs(model_logits(&m)[i] - ref[i]));
+        top = fmax(top, fabs(ref[i]));
+    }
+    CHECK_MSG(worst / top < 1e-5, "logits differ from the reference by %g (rel)", worst / top);
+    model_release(&m);
+    // without o_proj.bias the folder is not what its config says: refused, the tensor named
+    CHECK_INT(write_llama_bias_folder(m2, 0, NULL), 0);
+    CHECK_INT(model_load(&m, m2, test_err()), LK_ERR_MISSING);
+    CHECK_MSG(strstr(test_errmsg(), "model.layers.0.self_attn.o_proj.bias") != NULL, "%s", test_errmsg());
+    CHECK(test_sh("%s info '%s'", test_lorakit(), m2) != 0 && strstr(test_output(), "o_proj.bias"));
+}
+
+TEST(arch_llama_attention_bias_full_compress_merge_diff)
+{
+    // o_proj.bias is a bias like q/k/v's: a full fine-tune trains it, svd-compress puts its change
+    // in o_proj's lora_B.bias (the base now has a bias to add it to), merge adds it back, diff lists it
+    const char *dir = test_tmpdir(), *lk = test_lorakit();
+    char p[1200];
+    snprintf(p, sizeof p, "%s/cfg.json", dir);
+    FILE *f = fopen(p, "w");
+    CHECK(f != NULL);
+    fputs("{\"architectures\":[\"LlamaForCausalLM\"],\"model_type\":\"llama\",\"hidden_size\":64,"
+          "\"intermediate_size\":128,\"num_hidden_layers\":2,\"num_attention_heads\":4,\"num_key_value_heads\":2,"
+          "\"head_dim\":16,\"vocab_size\":320,\"rms_norm_eps\":1e-5,\"rope_theta\":500000.0,\"attention_bias\":true,"
+          "\"tie_word_embeddings\":true,\"max_position_embeddings\":256,\"initializer_range\":0.3,"
+          "\"torch_dtype\":\"float32\"}\n", f);
+    fclose(f);
+    snprintf(p, sizeof p, "%s/d.jsonl", dir);
+    f = fopen(p, "w");
+    CHECK(f != NULL);
+    for (int i = 0; i < 20; i++)
+        fprintf(f, "{\"input_ids\":[%d,%d,%d,7,8,9,10,11],\"labels\":[%d,%d,%d,7,8,9,10,11]}\n", i, i + 3, 2 * i, i,
+                i + 3, 2 * i);
+    fclose(f);
+    CHECK_MSG(test_sh("%s init --config '%s/cfg.json' --out '%s/m' --seed 1 && "
+                      "%s train --model '%s/m' --data '%s/d.jsonl' --out '%s/full' --full --steps 20 --lr 3e-3 "
+                      "--batch 4 --threads 1 --quiet && "
+                      "%s svd-compress --base '%s/m' --tuned '%s/full' --out '%s/comp' --rank 4 --quiet && "
+                      "%s merge --model '%s/m' --adapter '%s/comp' --out '%s/merged' --verify",
+                      lk, dir, dir, lk, dir, dir, dir, lk, dir, dir, dir, lk, dir, dir, dir) == 0,
+              "%s", test_output());
+    char base[1200], full[1200], comp[1200], merged[1200];
+    snprintf(base, sizeof base, "%s/m/model.safetensors", dir);
+    snprintf(full, sizeof full, "%s/full/model.safetensors", dir);
+    snprintf(comp, sizeof comp, "%s/comp/adapter_model.safetensors", dir);
+    snprintf(merged, sizeof merged, "%s/merged/model.safetensors", dir);
+    size_t n0, n1, n2, n3;
+    float *b0 = read_tensor(base, "model.layers.1.self_attn.o_proj.bias", &n0);
+    float *b1 = read_tensor(full, "model.layers.1.self_attn.o_proj.bias", &n1);
+    float *lb = read_tensor(comp, "base_model.model.model.layers.1.self_attn.o_proj.lora_B.bias", &n2);
+    float *b3 = read_tensor(merged, "model.layers.1.self_attn.o_proj.bias", &n3);
+    CHECK(b0 && b1 && lb && b3 && n0 == 64 && n1 == 64 && n2 == 64 && n3 == 64);
+    double moved = 0, worst = 0, worst_m = 0;
+    for (int i = 0; b0 && b1 && lb && b3 && i < 64; i++) {
+        moved += fabs(b1[i] - b0[i]);
+        worst = fmax(worst, fabs((double)lb[i] - (b1[i] - b0[i]))); // the adapter's scale is 1
+        worst_m = fmax(worst_m, fabs((double)b3[i] - b1[i]));
+    }
+    CHECK_MSG(moved > 1e-3, "o_proj.bias did not train (total change %g)", moved);
+    CHECK_MSG(worst < 1e-6 && worst_m < 1e-6, "lora_B.bias off the bias change by %g, merged bias off by %g", worst,
+              worst_m);
+    free(b0), free(b1), free(lb), free(b3);
+    CHECK_MSG(test_sh("%s diff '%s/m' '%s/full'", lk, dir, dir) == 0, "diff: %s", test_output());
+    CHECK_MSG(strstr(test_output(), "model.layers.0.self_attn.o_proj.bias") != NULL, "%s", test_output());
 }

@@ -239,6 +239,8 @@ static int fixture_hand(const char *path)
         r |= rdb_eval_result(&db, id, modes[m], "exact_match", em[m], em[m] - 0.15, em[m] + 0.125, 20, &err);
         r |= rdb_eval_result(&db, id, modes[m], "token_f1", f1[m], f1[m] - 0.1, f1[m] + 0.08, 20, &err);
     }
+    // a paired difference, as eval writes them: a row below the modes, not a mode
+    r |= rdb_eval_result(&db, id, "ft+rag - base", "token_f1", 0.43, 0.3, 0.55, 20, &err);
     static const char *const ans[4] = { "alpha-answer", "bravo-answer", "charlie-answer", "delta-answer" };
     for (int q = 1; q <= 3; q++) {
         char item[16], question[128], a[64];
@@ -579,7 +581,8 @@ static void eval_body(const char *db)
     // the table: value [lo, hi] as in the database, verdict line, n
     const char *want[] = { "verdict: ft+rag beats base on token_f1 by 0.430", "exact_match", "token_f1",
                            "0.250 [0.100, 0.375]", "0.742 [0.642, 0.822]", "0.550 [0.400, 0.675]",
-                           "ft+rag", "20", "questions (3)" };
+                           "ft+rag", "20", "questions (3)", "4 modes, 1 difference x 2 metrics",
+                           "0.430 [0.300, 0.550]" };
     for (size_t i = 0; i < sizeof want / sizeof want[0]; i++)
         CHECK_MSG(strstr(s, want[i]), "'%s' not on screen:\n%s", want[i], s);
     // the rows are the modes in the standard order

@@ -142,6 +142,17 @@ TEST(gen_cache_matches_full_forward_llama_lora)
     check_cache_vs_full(&c, 1, 2, 8);
 }
 
+TEST(gen_cache_matches_full_forward_llama_attention_bias)
+{
+    // q/k/v and o_proj biases: the single-token GEMV and the chunked prefill add o_proj's too
+    struct cfg c;
+    fix_cfg_llama_bias(&c);
+    check_cache_vs_full(&c, 0, 16, 1);
+    if (test_failed())
+        return;
+    check_cache_vs_full(&c, 1, 3, 7);
+}
+
 TEST(gen_cache_matches_full_forward_qwen3)
 {
     // the cache holds keys after k_norm and rope; q is normed per head on the way in

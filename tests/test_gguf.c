@@ -799,13 +799,45 @@ TEST(gguf_llama_llama_model_f32)
     CHECK_INT(test_sh("%s convert --model '%s' --out '%s'", test_lorakit(), dir, out), 0);
     double d;
     CHECK_INT(fix_check_in_llama(dir, out, NULL, NULL, "llama model f32 (untied, GQA, head_dim 32)", &d), 0);
-    // with q/k/v biases (llama.cpp takes them optionally; q and k biases permuted like the rows)
+    // with attention_bias: q/k/v and o_proj biases (llama.cpp's llama takes bq, bk, bv, bo
+    // optionally; q and k biases permuted like the rows, attn_output.bias as it is)
     TMPPATH(bdir, "llama-bias");
     TMPPATH(bout, "llama-bias.gguf");
     CHECK_INT(fix_make_llama_bias(bdir, 1), 0);
     CHECK_INT(test_sh("%s convert --model '%s' --out '%s'", test_lorakit(), bdir, bout), 0);
-    CHECK(strstr(test_output(), "llama, 27 tensors") != NULL);
-    CHECK_INT(fix_check_in_llama(bdir, bout, NULL, NULL, "llama model f32 with q/k/v biases", &d), 0);
+    CHECK_MSG(strstr(test_output(), "llama, 29 tensors") != NULL, "%s", test_output());
+    struct model m, back;
+    CHECK_OK(model_load(&m, bdir, test_err()));
+    double bo2 = 0;
+    for (int l = 0; l < 2; l++)
+        for (int i = 0; i < 96; i++)
+            bo2 += (double)m.w.layer[l].bo[i] * m.w.layer[l].bo[i];
+    CHECK_MSG(sqrt(bo2 / 192) > 0.05, "o_proj.bias is not there or near zero (rms %g)", sqrt(bo2 / 192));
+    struct gguf_file g;
+    CHECK_OK(gguf_open(&g, bout, test_err()));
+    const struct gguf_tensor *tb = gguf_find_tensor(&g, "blk.1.attn_output.bias");
+    CHECK(tb && tb->n_dims == 1 && tb->ne[0] == 96 && !memcmp(tb->data, m.w.layer[1].bo, 96 * sizeof(float)));
+    gguf_close(&g);
+    // the bias moves the logits far beyond the 1e-4 the peer is held to
+    int tok[6] = { 5, 77, 300, 12, 640, 9 };
+    float *a = malloc(sizeof(float) * 6 * 768);
+    CHECK_OK(model_plan(&m, 1, 6, 0, test_err()));
+    CHECK_OK(model_forward(&m, NULL, tok, NULL, NULL, NULL, 0, NULL, test_err()));
+    memcpy(a, model_logits(&m), sizeof(float) * 6 * 768);
+    // read back from the GGUF: the same weights bit for bit, the o_proj bias included
+    CHECK_OK(gguf_model_load(&back, bout, test_err()));
+    CHECK(back.w.layer[0].bo && back.w.n == m.w.n && !memcmp(back.w.mem, m.w.mem, m.w.n * sizeof(float)));
+    model_release(&back);
+    memset(m.w.layer[0].bo, 0, 96 * sizeof(float));
+    memset(m.w.layer[1].bo, 0, 96 * sizeof(float));
+    CHECK_OK(model_forward(&m, NULL, tok, NULL, NULL, NULL, 0, NULL, test_err()));
+    double moved = 0;
+    for (int i = 0; i < 6 * 768; i++)
+        moved = fmax(moved, fabs(model_logits(&m)[i] - a[i]));
+    CHECK_MSG(moved > 1e-2, "o_proj's bias moves the logits by %g only", moved);
+    free(a);
+    model_release(&m);
+    CHECK_INT(fix_check_in_llama(bdir, bout, NULL, NULL, "llama model f32 with q/k/v/o_proj biases", &d), 0);
 }
 
 TEST(gguf_llama_base_model_dtypes)

@@ -438,6 +438,16 @@ TEST(info_reports_adapter_share_of_base)
     cJSON_Delete(o);
     CHECK_INT(test_sh("%s info '%s/ad'", test_lorakit(), test_tmpdir()), 0);
     CHECK(strstr(test_output(), "% of the base"));
+    // a folder name with a quote and a backslash stays one JSON string
+    char odd[1024];
+    snprintf(odd, sizeof odd, "%s", test_path("a\"d\\x"));
+    CHECK_INT(rename(test_path("ad"), odd), 0);
+    CHECK_INT(test_sh("%s info --json %s", test_lorakit(), test_path("a\\\"d\\\\x")), 0);
+    o = cJSON_Parse(test_output());
+    CHECK_MSG(o != NULL, "not JSON: %s", test_output());
+    const cJSON *path = cJSON_GetObjectItem(o, "path");
+    CHECK(cJSON_IsString(path) && !strcmp(path->valuestring, odd));
+    cJSON_Delete(o);
     lora_release(&l);
     cfg_release(&c);
 }

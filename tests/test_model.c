@@ -155,8 +155,10 @@ static double grad_check_tensor(struct gcase *g, float *param, const float *grad
     return r;
 }
 
+/* lbias: the adapter has lora_B.bias on every module (their gradients checked too). R: its rank
+ * (8 and 16 take the register-tiled kernels of ops_lora.c, 2 cblas). */
 static void gradient_check_T_dtype(const struct cfg *c, int full, int with_seg, float dropout, int rslora, int T,
-                                   int dtype)
+                                   int dtype, int lbias, int R)
 {
     struct model m;
     struct lora l = { 0 };
@@ -164,7 +166,9 @@ static void gradient_check_T_dtype(const struct cfg *c, int full, int with_seg, 
     if (dtype != TENSOR_F32)
         CHECK_OK(model_weights_convert(&m.w, c, dtype, test_err()));
     if (!full)
-        CHECK_OK(fix_lora_random(&l, c, (1u << CFG_N_MODULES) - 1, 2, 4.0, rslora, dropout, 22));
+        // alpha 4 sqrt(R / 2): s B A has the same size at every rank (alpha 4 at rank 2)
+        CHECK_OK(fix_lora_random_bias(&l, c, (1u << CFG_N_MODULES) - 1, R, 4.0 * sqrt(R / 2.0), rslora, dropout,
+                                      lbias, 22));
     int B = 2, N = B * T, V = c->vocab_size;
     int tok[2 * 64], tgt[2 * 64], pos[2 * 64], seg[2 * 64];
     LK_ASSERT(T >= 6 && T <= 64);
@@ -199,6 +203,11 @@ static void gradient_check_T_dtype(const struct cfg *c, int full, int with_seg, 
             snprintf(nm, sizeof nm, "L%d.%s.B", md->layer, cfg_module_names[md->module]);
             e = grad_check_tensor(&g, md->B, grad + (md->B - l.mem), (size_t)md->out * md->R, nm, 12);
             worst = fmax(worst, e);
+            if (md->bias) {
+                snprintf(nm, sizeof nm, "L%d.%s.bias", md->layer, cfg_module_names[md->module]);
+                e = grad_check_tensor(&g, md->bias, grad + (md->bias - l.mem), (size_t)md->out, nm, 12);
+                worst = fmax(worst, e);
+            }
         }
         free(grad);
     } else {
@@ -228,7 +237,7 @@ static void gradient_check_T_dtype(const struct cfg *c, int full, int with_seg, 
 static void gradient_check_T(const struct cfg *c, int full, int with_seg, float dropout, int rslora, int T)
 {
     for (size_t d = 0; d < (full ? 1u : 3u) && !test_failed(); d++)
-        gradient_check_T_dtype(c, full, with_seg, dropout, rslora, T, weight_dtypes[d]);
+        gradient_check_T_dtype(c, full, with_seg, dropout, rslora, T, weight_dtypes[d], 0, 2);
 }
 
 static void gradient_check(const struct cfg *c, int full, int with_seg, float dropout, int rslora)
@@ -268,6 +277,79 @@ TEST(model_grad_full_llama_untied_packed)
 {
     struct cfg c;
     fix_cfg_llama(&c);
+    gradient_check(&c, 1, 1, 0.0f, 0);
+}
+
+// ---- Llama with attention_bias: q, k, v and o_proj have biases ----
+
+TEST(model_logits_match_reference_llama_attention_bias)
+{
+    struct cfg c;
+    fix_cfg_llama_bias(&c);
+    CHECK(cfg_module_bias(&c, CFG_O) && cfg_module_bias(&c, CFG_Q) && !cfg_module_bias(&c, CFG_GATE));
+    check_logits_vs_ref(&c, 0);
+    check_logits_vs_ref(&c, 1);
+    // Qwen2's attention_bias is q/k/v only (Qwen2Attention: o_proj bias=False)
+    fix_cfg_qwen2(&c);
+    CHECK(cfg_module_bias(&c, CFG_V) && !cfg_module_bias(&c, CFG_O));
+}
+
+TEST(model_o_proj_bias_changes_the_logits)
+{
+    // the engine and the reference could agree by both ignoring o_proj's bias: it must move the
+    // output, by what the reference says
+    struct cfg c;
+    fix_cfg_llama_bias(&c);
+    struct model m;
+    CHECK_OK(fix_model_random(&m, &c, 0.3f, 61));
+    CHECK(m.w.layer[1].bo != NULL && m.w.layer[0].bo != m.w.layer[1].bo);
+    int tok[8], V = c.vocab_size;
+    fix_tokens(tok, 8, V, 62);
+    CHECK_OK(model_plan(&m, 1, 8, 0, test_err()));
+    size_t n = (size_t)8 * V;
+    float *a = malloc(sizeof(float) * n);
+    double *ref = malloc(sizeof(double) * n);
+    CHECK_OK(model_forward(&m, NULL, tok, NULL, NULL, NULL, 0, NULL, test_err()));
+    memcpy(a, model_logits(&m), sizeof(float) * n);
+    m.w.layer[1].bo[3] += 0.5f;
+    CHECK_OK(model_forward(&m, NULL, tok, NULL, NULL, NULL, 0, NULL, test_err()));
+    ref_forward(&m, NULL, tok, NULL, NULL, NULL, 1, 8, 0, 0, ref);
+    double d = 0, rel;
+    for (size_t i = 0; i < n; i++)
+        d = fmax(d, fabs(model_logits(&m)[i] - a[i]));
+    max_rel_logits(model_logits(&m), ref, n, &rel);
+    CHECK_MSG(d > 1e-3, "o_proj's bias has no effect (%g)", d);
+    CHECK_MSG(rel < 1e-5, "with o_proj's bias changed, logits differ from the reference by %g", rel);
+    free(a);
+    free(ref);
+    model_release(&m);
+}
+
+TEST(model_grad_lora_llama_attention_bias)
+{
+    // with lora_B.bias on every module: o_proj's now adds to a base bias
+    struct cfg c;
+    fix_cfg_llama_bias(&c);
+    for (size_t d = 0; d < 3 && !test_failed(); d++)
+        gradient_check_T_dtype(&c, 0, 0, 0.0f, 0, 6, weight_dtypes[d], 1, 2);
+}
+
+TEST(model_grad_lora_rank8_and_16_register_kernels)
+{
+    // ranks that take ops_lora.c's AVX2 kernels (2 takes cblas), with dropout, packing and
+    // lora_bias; widths 12, 20, 24 leave column tails
+    struct cfg c;
+    fix_cfg_llama_bias(&c);
+    gradient_check_T_dtype(&c, 0, 1, 0.2f, 0, 13, TENSOR_F32, 1, 8);
+    fix_cfg_qwen3(&c);
+    gradient_check_T_dtype(&c, 0, 0, 0.0f, 1, 6, TENSOR_BF16, 0, 16);
+}
+
+TEST(model_grad_full_llama_attention_bias_packed)
+{
+    // every weight, the four biases included (model_weights_tensors lists o_proj.bias)
+    struct cfg c;
+    fix_cfg_llama_bias(&c);
     gradient_check(&c, 1, 1, 0.0f, 0);
 }
 

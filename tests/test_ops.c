@@ -146,12 +146,21 @@ static void check_mat_kernels(int dtype, int N, int IC, int OC, size_t scratch_n
         CHECK_MSG(!memcmp(got, again, sizeof(float) * N * OC), "forward is not deterministic");
         memcpy(dgot, dinp0, sizeof(float) * N * IC);
         memcpy(dagain, dinp0, sizeof(float) * N * IC);
-        op_mat_backward(dgot, dout, &w, N, IC, OC, scratch, scratch_n);
-        op_mat_backward(dagain, dout, &w, N, IC, OC, scratch, scratch_n);
+        op_mat_backward(dgot, dout, &w, N, IC, OC, 1.0f, scratch, scratch_n);
+        op_mat_backward(dagain, dout, &w, N, IC, OC, 1.0f, scratch, scratch_n);
         e = max_err(dgot, dref, (size_t)N * IC);
         CHECK_MSG(e < 1e-5, "backward %s N %d IC %d OC %d scratch %zu threads %d: error %g",
                   tensor_dtype_name(dtype), N, IC, OC, scratch_n, nt, e);
         CHECK_MSG(!memcmp(dgot, dagain, sizeof(float) * N * IC), "backward is not deterministic");
+        // beta 0 writes: whatever dinp held (NaN here) is gone, the product alone remains
+        for (size_t i = 0; i < (size_t)N * IC; i++)
+            dagain[i] = NAN;
+        op_mat_backward(dagain, dout, &w, N, IC, OC, 0.0f, scratch, scratch_n);
+        for (size_t i = 0; i < (size_t)N * IC; i++)
+            dagain[i] += dinp0[i];
+        e = max_err(dagain, dref, (size_t)N * IC);
+        CHECK_MSG(e < 1e-5, "backward (beta 0) %s N %d IC %d OC %d scratch %zu threads %d: error %g",
+                  tensor_dtype_name(dtype), N, IC, OC, scratch_n, nt, e);
     }
     free(store), free(inp), free(bias), free(dout), free(dinp0), free(ref), free(got), free(again);
     free(dref), free(dgot), free(dagain), free(scratch);
@@ -436,8 +445,10 @@ TEST(ops_simd_exp_and_swiglu_match_the_plain_loops)
     for (int simd = 0; simd < 2; simd++) {
         op_simd = simd;
         o[simd] = malloc(sizeof(float) * n);
-        dg[simd] = calloc(n, sizeof(float));
-        du[simd] = calloc(n, sizeof(float));
+        dg[simd] = malloc(sizeof(float) * n);
+        du[simd] = malloc(sizeof(float) * n);
+        for (size_t i = 0; i < n; i++) // written, not accumulated
+            dg[simd][i] = du[simd][i] = NAN;
         op_swiglu_forward(o[simd], g, u, n);
         op_swiglu_backward(dg[simd], du[simd], d, g, u, n);
     }
@@ -446,4 +457,144 @@ TEST(ops_simd_exp_and_swiglu_match_the_plain_loops)
     for (int simd = 0; simd < 2; simd++)
         free(o[simd]), free(dg[simd]), free(du[simd]);
     free(x), free(e), free(g), free(u), free(d);
+}
+
+/* The six rank-R products of a LoRA linear (ops_lora.c) against double loops: R 8 and 16 (xa and
+ * dxa on the register-tiled AVX2 kernels) and 5 (cblas), rows and widths that leave tails (12-row tiles,
+ * 8-wide columns), AVX2 and plain, one to three threads (the result may not depend on it). */
+TEST(ops_lora_products_match_naive_loops)
+{
+    static const int shapes[][4] = { { 1, 3, 17, 8 }, { 13, 17, 40, 8 }, { 37, 40, 9, 16 }, { 64, 24, 33, 5 },
+                                     { 300, 70, 130, 8 }, { 700, 96, 200, 8 } };
+    struct lk_rng rng;
+    lk_rng_seed(&rng, 23);
+    int saved = omp_get_max_threads();
+    for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
+        int N = shapes[s][0], IC = shapes[s][1], OC = shapes[s][2], R = shapes[s][3];
+        float *x = rand_vec((size_t)N * IC, &rng), *A = rand_vec((size_t)R * IC, &rng);
+        float *B = rand_vec((size_t)OC * R, &rng), *dout = rand_vec((size_t)N * OC, &rng);
+        float *out0 = rand_vec((size_t)N * OC, &rng), *dx0 = rand_vec((size_t)N * IC, &rng);
+        float *dA0 = rand_vec((size_t)R * IC, &rng), *dB0 = rand_vec((size_t)OC * R, &rng);
+        float *xa = malloc(sizeof(float) * N * R), *dxa = malloc(sizeof(float) * N * R);
+        float *rxa = malloc(sizeof(float) * N * R), *rdxa = malloc(sizeof(float) * N * R);
+        float *out = malloc(sizeof(float) * N * OC), *rout = malloc(sizeof(float) * N * OC);
+        float *dx = malloc(sizeof(float) * N * IC), *rdx = malloc(sizeof(float) * N * IC);
+        float *dA = malloc(sizeof(float) * R * IC), *rdA = malloc(sizeof(float) * R * IC);
+        float *dB = malloc(sizeof(float) * OC * R), *rdB = malloc(sizeof(float) * OC * R);
+        float *scr = malloc(sizeof(float) * op_lora_scratch_floats(R, IC));
+        float *keep[5] = { 0 };
+        // the references, on the same inputs (xa and dxa from the references themselves)
+        memcpy(rout, out0, sizeof(float) * N * OC);
+        memcpy(rdx, dx0, sizeof(float) * N * IC);
+        memcpy(rdA, dA0, sizeof(float) * R * IC);
+        memcpy(rdB, dB0, sizeof(float) * OC * R);
+        op_lora_down_naive(rxa, x, A, N, IC, R);
+        op_lora_up_acc_naive(rout, rxa, B, 0.75f, N, R, OC);
+        op_lora_dxa_naive(rdxa, dout, B, 0.75f, N, OC, R);
+        op_lora_dB_acc_naive(rdB, dout, rxa, 0.75f, N, OC, R);
+        op_lora_dA_acc_naive(rdA, rdxa, x, N, IC, R);
+        op_lora_dx_acc_naive(rdx, rdxa, A, N, IC, R);
+        for (int simd = 0; simd < 2 && !test_failed(); simd++)
+            for (int nt = 1; nt <= 3 && !test_failed(); nt++) {
+                op_simd = simd;
+                omp_set_num_threads(nt);
+                memcpy(out, out0, sizeof(float) * N * OC);
+                memcpy(dx, dx0, sizeof(float) * N * IC);
+                memcpy(dA, dA0, sizeof(float) * R * IC);
+                memcpy(dB, dB0, sizeof(float) * OC * R);
+                op_lora_down(xa, x, A, N, IC, R, scr);
+                op_lora_up_acc(out, rxa, B, 0.75f, N, R, OC);
+                op_lora_dxa(dxa, dout, B, 0.75f, N, OC, R);
+                op_lora_dB_acc(dB, dout, rxa, 0.75f, N, OC, R);
+                op_lora_dA_acc(dA, rdxa, x, N, IC, R);
+                op_lora_dx_acc(dx, rdxa, A, N, IC, R);
+                double e[6] = { max_err(xa, rxa, (size_t)N * R), max_err(out, rout, (size_t)N * OC),
+                                max_err(dxa, rdxa, (size_t)N * R), max_err(dB, rdB, (size_t)OC * R),
+                                max_err(dA, rdA, (size_t)R * IC), max_err(dx, rdx, (size_t)N * IC) };
+                for (int k = 0; k < 6; k++)
+                    CHECK_MSG(e[k] < 2e-6, "N %d IC %d OC %d R %d, %s, %d threads: product %d off by %g", N, IC, OC,
+                              R, simd ? "avx2" : "plain", nt, k, e[k]);
+                // the same bits whatever the thread count
+                if (nt == 1) {
+                    float *cur[5] = { xa, out, dB, dA, dx };
+                    size_t len[5] = { (size_t)N * R, (size_t)N * OC, (size_t)OC * R, (size_t)R * IC, (size_t)N * IC };
+                    for (int k = 0; k < 5; k++) {
+                        free(keep[k]);
+                        keep[k] = malloc(sizeof(float) * len[k]);
+                        memcpy(keep[k], cur[k], sizeof(float) * len[k]);
+                    }
+                } else {
+                    CHECK(!memcmp(keep[0], xa, sizeof(float) * N * R) && !memcmp(keep[1], out, sizeof(float) * N * OC) &&
+                          !memcmp(keep[2], dB, sizeof(float) * OC * R) && !memcmp(keep[3], dA, sizeof(float) * R * IC) &&
+                          !memcmp(keep[4], dx, sizeof(float) * N * IC));
+                }
+            }
+        op_simd = 1;
+        omp_set_num_threads(saved);
+        for (int k = 0; k < 5; k++)
+            free(keep[k]);
+        free(x), free(A), free(B), free(dout), free(out0), free(dx0), free(dA0), free(dB0), free(xa), free(dxa);
+        free(rxa), free(rdxa), free(out), free(rout), free(dx), free(rdx), free(dA), free(rdA), free(dB), free(rdB);
+        free(scr);
+    }
+}
+
+/* The row kernels of ops.c with their AVX2 pieces (ops_simd.c) against the same kernels on the
+ * plain loops alone: RMSNorm forward and backward (with and without the weight gradient),
+ * cross-entropy, rotary embedding and the residual add on widths that leave tails; the
+ * elementwise ones bit for bit, those with a sum within float rounding. */
+TEST(ops_row_kernels_simd_match_the_plain_loops)
+{
+    if (!op_simd_active())
+        SKIP("no AVX2 on this CPU: only the plain loops run");
+    struct lk_rng rng;
+    lk_rng_seed(&rng, 29);
+    int N = 7, C = 1003, H = 3, HS = 2 * 37 + 2 * 64; // rope: two chunks of 64 frequencies and a tail
+    float *x = rand_vec((size_t)N * C, &rng), *w = rand_vec((size_t)C, &rng), *dy = rand_vec((size_t)N * C, &rng);
+    float *q0 = rand_vec((size_t)N * H * HS, &rng), *inv = malloc(sizeof(float) * HS / 2);
+    int pos[7] = { 0, 1, 5, 77, 300, 1024, 4095 }, tg[7] = { 3, -100, 0, 1002, 17, 500, 999 };
+    op_rope_inv_freq(inv, HS, 10000.0);
+    float *y[2], *r[2], *dx[2], *dw[2], *dx2[2], *q[2], *a[2], *lg[2];
+    double loss[2];
+    for (int simd = 0; simd < 2; simd++) {
+        op_simd = simd;
+        y[simd] = malloc(sizeof(float) * N * C), r[simd] = malloc(sizeof(float) * N);
+        dx[simd] = calloc((size_t)N * C, sizeof(float)), dw[simd] = calloc((size_t)C, sizeof(float));
+        dx2[simd] = calloc((size_t)N * C, sizeof(float));
+        op_rmsnorm_forward(y[simd], r[simd], x, w, N, C, 1e-6f);
+        op_rmsnorm_backward(dx[simd], dw[simd], dy, x, w, r[simd], N, C);
+        op_rmsnorm_backward(dx2[simd], NULL, dy, x, w, r[simd], N, C);
+        q[simd] = malloc(sizeof(float) * N * H * HS);
+        memcpy(q[simd], q0, sizeof(float) * N * H * HS);
+        op_rope_forward(q[simd], pos, inv, N, H, HS);
+        a[simd] = malloc(sizeof(float) * N * C);
+        memcpy(a[simd], x, sizeof(float) * N * C);
+        op_add(a[simd], dy, (size_t)N * C);
+        lg[simd] = malloc(sizeof(float) * N * C);
+        memcpy(lg[simd], x, sizeof(float) * N * C);
+        loss[simd] = op_crossentropy_forward_backward(lg[simd], lg[simd], tg, N, C, 0.25f);
+    }
+    op_simd = 1;
+    CHECK(!memcmp(q[0], q[1], sizeof(float) * N * H * HS) && !memcmp(a[0], a[1], sizeof(float) * N * C));
+    CHECK_MSG(max_err(y[1], y[0], (size_t)N * C) < 1e-6 && max_err(r[1], r[0], (size_t)N) < 1e-6,
+              "rmsnorm forward");
+    CHECK_MSG(max_err(dx[1], dx[0], (size_t)N * C) < 1e-6 && max_err(dw[1], dw[0], (size_t)C) < 1e-6 &&
+              max_err(dx2[1], dx2[0], (size_t)N * C) < 1e-6, "rmsnorm backward");
+    CHECK_MSG(fabs(loss[1] - loss[0]) < 1e-9 * fabs(loss[0]) && max_err(lg[1], lg[0], (size_t)N * C) < 1e-7,
+              "cross-entropy: loss %.17g against %.17g", loss[1], loss[0]);
+    // the rotation itself, against double trigonometry (positions up to 4095)
+    double worst = 0;
+    for (int n = 0; n < N; n++)
+        for (int h = 0; h < H; h++)
+            for (int i = 0; i < HS / 2; i++) {
+                const float *v = q0 + ((size_t)n * H + h) * HS;
+                double ang = (double)((float)pos[n] * inv[i]), c = cos(ang), s = sin(ang);
+                double e1 = v[i] * c - v[i + HS / 2] * s, e2 = v[i + HS / 2] * c + v[i] * s;
+                const float *g = q[1] + ((size_t)n * H + h) * HS;
+                worst = fmax(worst, fmax(fabs(g[i] - e1), fabs(g[i + HS / 2] - e2)));
+            }
+    CHECK_MSG(worst < 1e-5, "rope off by %g", worst);
+    for (int s = 0; s < 2; s++)
+        free(y[s]), free(r[s]), free(dx[s]), free(dw[s]), free(dx2[s]), free(q[s]), free(a[s]), free(lg[s]);
+    free(x), free(w), free(dy), free(q0), free(inv);
 }

@@ -222,9 +222,9 @@ static int info_model(const char *dir, int json)
         printf("dimensions: hidden %d, intermediate %d, layers %d, heads %d, kv heads %d, head dim %d, "
                "vocab %d\n", c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_attention_heads,
                c.num_key_value_heads, c.head_dim, c.vocab_size);
-        printf("rope_theta %.10g, rms_norm_eps %g, max positions %d, tied embeddings %s, q/k/v bias %s\n",
+        printf("rope_theta %.10g, rms_norm_eps %g, max positions %d, tied embeddings %s, attention biases %s\n",
                c.rope_theta, c.rms_norm_eps, c.max_position_embeddings, c.tie_word_embeddings ? "yes" : "no",
-               c.attention_bias ? "yes" : "no");
+               cfg_module_bias(&c, CFG_O) ? "q/k/v/o_proj" : c.attention_bias ? "q/k/v_proj" : "none");
         printf("dtype: %s (config: %s)\n", dtype, c.torch_dtype);
         printf("parameters: %zu (%.1f M), %zu bytes in %d file%s%s\n", params, (double)params / 1e6, bytes,
                m.n_files, m.n_files == 1 ? "" : "s", m.sharded ? " (sharded)" : "");

@@ -64,13 +64,16 @@ int info_adapter(const char *dir, int json)
         cJSON *tjs = cJSON_CreateString(lc->target_regex ? lc->target_regex : targets);
         char *tj = tjs ? cJSON_PrintUnformatted(tjs) : NULL;
         cJSON_Delete(tjs);
-        printf("{\"kind\":\"adapter\",\"path\":\"%s\",\"base_model\":\"%s\",\"r\":%d,\"lora_alpha\":%g,"
+        struct lk_buf jp = { 0 }, jb = { 0 }; // folder names may hold quotes or backslashes
+        lk_buf_json_str(&jp, dir);
+        lk_buf_json_str(&jb, lc->base_model);
+        printf("{\"kind\":\"adapter\",\"path\":%s,\"base_model\":%s,\"r\":%d,\"lora_alpha\":%g,"
                "\"use_rslora\":%s,\"scale\":%.9g,\"rank_min\":%d,\"rank_max\":%d,\"modules\":%d,"
                "\"target_modules\":%s,\"embedding_lora\":%s,\"lm_head_lora\":%s,\"use_dora\":%s,"
                "\"lora_bias\":%s,\"rank_patterns\":%d,\"alpha_patterns\":%d,\"modules_to_save\":%d,"
                "\"modules_to_save_modules\":%d,\"trainable_tokens\":%d,\"params\":%zu,\"base_params\":%lld,"
                "\"share\":",
-               dir, lc->base_model, lc->r, lc->alpha, lc->use_rslora ? "true" : "false", scale, n_lin ? rmin : 0,
+               jp.oom ? "null" : jp.p, jb.oom ? "null" : jb.p, lc->r, lc->alpha, lc->use_rslora ? "true" : "false", scale, n_lin ? rmin : 0,
                rmax, n_lin, tj ? tj : "null", lf.embed_A ? "true" : "false",
                lf.head_A ? "true" : "false", lc->use_dora ? "true" : "false", lc->lora_bias ? "true" : "false",
                lc->n_rank_pattern, lc->n_alpha_pattern, lc->n_modules_to_save, n_saved, n_tok, params,
@@ -80,6 +83,8 @@ int info_adapter(const char *dir, int json)
         else
             printf("null}\n");
         cJSON_free(tj);
+        lk_buf_release(&jp);
+        lk_buf_release(&jb);
     } else {
         printf("adapter      %s\n", dir);
         printf("base         %s%s\n", lc->base_model[0] ? lc->base_model : "(not named)",

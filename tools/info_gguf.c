@@ -135,8 +135,9 @@ static void print_model(const struct gguf_file *f, const struct gguf_view *v)
             printf(" (factor %g, low_freq_factor %g, high_freq_factor %g, original %d positions; rope_freqs)",
                    r->factor, r->low_freq_factor, r->high_freq_factor, r->original_max_position_embeddings);
         printf(", rms_norm_eps %g, context %d\n", c->rms_norm_eps, c->max_position_embeddings);
-        printf("tied embeddings %s, q/k/v bias %s, q/k norm %s\n", c->tie_word_embeddings ? "yes" : "no",
-               c->attention_bias ? "yes" : "no", c->qk_norm ? "yes" : "no");
+        printf("tied embeddings %s, attention biases %s, q/k norm %s\n", c->tie_word_embeddings ? "yes" : "no",
+               cfg_module_bias(c, CFG_O) ? "q/k/v/output" : c->attention_bias ? "q/k/v" : "none",
+               c->qk_norm ? "yes" : "no");
     } else {
         printf("lorakit cannot run this file: %s\n", v->cfg_err.msg);
     }

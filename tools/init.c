@@ -28,12 +28,12 @@ static const struct cmd_help init_help = {
     "model.safetensors, or model-0000K-of-0000N.safetensors shards plus\n"
     "model.safetensors.index.json when --shard-size is exceeded. Linear weights, embeddings\n"
     "and lm_head are drawn from normal(0, initializer_range) (0.02 unless the config says\n"
-    "otherwise) with the seeded generator; RMSNorm weights are 1; the q/k/v biases are also\n"
-    "drawn from normal(0, initializer_range), not zero, so that fixtures exercise the bias\n"
-    "path. The same seed gives the same bytes. Presets: tiny (Qwen2, hidden 64, 2 layers,\n"
-    "vocab 512, tied), qwen2.5-0.5b, qwen2-1.5b, qwen3-0.6b, llama3.2-1b (the published\n"
-    "dimensions), llama-tiny (Llama, untied, no biases). DIR must not exist or be empty\n"
-    "unless --overwrite.",
+    "otherwise) with the seeded generator; RMSNorm weights are 1; the attention biases (q/k/v,\n"
+    "and o_proj for Llama with attention_bias) are also drawn from normal(0, initializer_range),\n"
+    "not zero, so that fixtures exercise the bias path. The same seed gives the same bytes.\n"
+    "Presets: tiny (Qwen2, hidden 64, 2 layers, vocab 512, tied), qwen2.5-0.5b, qwen2-1.5b,\n"
+    "qwen3-0.6b, llama3.2-1b (the published dimensions), llama-tiny (Llama, untied, no\n"
+    "biases). DIR must not exist or be empty unless --overwrite.",
     "  lorakit init --preset tiny --out models/tiny --seed 1\n"
     "  lorakit init --config Qwen2.5-0.5B/config.json --out /tmp/q05 --dtype bf16 --shard-size 500MB",
 };

@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "../libcore/lk.h"
 #include "commands.h"
 
 struct command {
@@ -61,7 +62,7 @@ static int cmd_version(int argc, char **argv)
 {
     (void)argc;
     (void)argv;
-    printf("lorakit 0.1\n");
+    printf("lorakit %s\n", LK_VERSION);
     return 0;
 }
 

@@ -501,8 +501,12 @@ static void draw_eval(struct dash_app *a, const struct rdb_run *run, int y0, int
     attron(A_BOLD);
     int used = dash_putf(y, 0, COLS, "eval #%lld %s  ", (long long)run->id, run->name);
     attroff(A_BOLD);
-    dash_putf(y, used, COLS - used, "%s  %d modes x %d metrics  %d questions  model %s",
-              run->status, e->modes.n, e->metrics.n, e->item_ids.n, run->model ? run->model : "-");
+    int n_modes = 0, n_diffs = 0; // the paired differences ("a - b") are rows, not modes
+    for (int i = 0; i < e->modes.n; i++)
+        strstr(e->modes.v[i], " - ") ? n_diffs++ : n_modes++;
+    dash_putf(y, used, COLS - used, "%s  %d modes, %d difference%s x %d metrics  %d questions  model %s",
+              run->status, n_modes, n_diffs, n_diffs == 1 ? "" : "s", e->metrics.n, e->item_ids.n,
+              run->model ? run->model : "-");
     y++;
     char verdict[512];
     if (dash_json_str(run->summary_json, "verdict", verdict, sizeof verdict)) {
