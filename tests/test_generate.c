@@ -505,9 +505,10 @@ static void check_batch_vs_single(const struct cfg *c, int dtype)
 
 TEST(gen_batch_matches_gen_forward_per_sequence)
 {
-    void (*fix[5])(struct cfg *) = { fix_cfg_qwen2, fix_cfg_llama, fix_cfg_qwen3, fix_cfg_llama32, fix_cfg_qwen2 };
+    void (*fix[6])(struct cfg *) = { fix_cfg_qwen2, fix_cfg_llama, fix_cfg_qwen3, fix_cfg_llama32, fix_cfg_qwen2,
+                                     fix_cfg_llama_bias }; // the last: o_proj with a bias
     static const int dtypes[] = { TENSOR_F32, TENSOR_BF16, TENSOR_F16 };
-    for (int f = 0; f < 5 && !test_failed(); f++)
+    for (int f = 0; f < 6 && !test_failed(); f++)
         for (int d = 0; d < 3 && !test_failed(); d++) {
             struct cfg c;
             fix[f](&c);
