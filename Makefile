@@ -156,12 +156,15 @@ bench-compress: check-deps $(LIB) $(BIN)
 	@mkdir -p $(OUT)/bench
 	$(CC) $(ALL) $(LDFLAGS) -o $(OUT)/bench/bench_compress bench/bench_compress.c $(LIB) $(LIBS)
 	$(OUT)/bench/bench_compress $(CURDIR)/$(BIN) $(CURDIR)/$(OUT)/bench/compress
-# generation with/without the KV cache, and eval of 200 questions x 4 modes, on 2 threads
+# generation with/without the KV cache, and eval of 200 questions x 4 modes, on 2 threads; then
+# the Qwen2.5-0.5B shape: prefill/decode against llama.cpp F16, eval s/question at --batch 1 and
+# other batches on MedQuAD dev (BENCH_EVAL_QUESTIONS questions, default 10; BENCH_EVAL_BATCHES)
 .PHONY: bench-eval
-bench-eval: check-deps $(LIB) $(BIN)
+bench-eval: check-deps $(LIB) $(BIN) llama-ref
 	@mkdir -p $(OUT)/bench
 	$(CC) $(ALL) $(LDFLAGS) -o $(OUT)/bench/bench_eval bench/bench_eval.c $(LIB) $(LIBS)
 	OPENBLAS_NUM_THREADS=2 OMP_NUM_THREADS=2 $(OUT)/bench/bench_eval $(CURDIR)/$(BIN)
+	OPENBLAS_NUM_THREADS=2 OMP_NUM_THREADS=2 bench/bench_eval_05b.sh $(CURDIR)/$(BIN)
 
 # The reference tokenizer (npm @huggingface/tokenizers) for tokenizer tests and benchmarks, in
 # build/node. When npm is unreachable this says so and the tests that need it are skipped.

@@ -6,6 +6,7 @@
  */
 #include "harness.h"
 
+#include "batch.h"
 #include "retain.h"
 
 #include <cJSON.h>
@@ -409,6 +410,10 @@ struct ev_ctx {
     float *saved;      /* [V]: next-token logits at the prompt's end */
     float *chunk;      /* [gc.chunk, V] */
     struct tok_ids prompt, toks, gen;
+    struct tok_ids *conts; /* [conts_cap]: the continuations a cell scores */
+    int *n_tok;        /* [conts_cap]: their tokens scored */
+    double *ll;        /* [conts_cap]: their summed log-likelihoods */
+    int conts_cap;
     int32_t eos;
 };
 
@@ -490,19 +495,17 @@ int ev_has_answer(const char *answer, const char *const *passages, int n, double
     return rc;
 }
 
-/* The model and adapter a mode runs. */
-static void mode_model(const struct ev_ctx *x, const struct ev_mode *mode, const struct model **m,
-                       const struct lora **lora)
+void ev_mode_model(const struct ev_config *c, const struct ev_system *sys, int n_sys, const struct ev_mode *mode,
+                   const struct model **m, const struct lora **lora)
 {
-    const struct ev_config *c = x->c;
     *m = c->base;
     *lora = NULL;
     if (!mode->tuned)
         return;
-    if (x->sys) {
-        LK_ASSERT(mode->tuned >= 1 && mode->tuned <= x->n_sys);
-        *m = x->sys[mode->tuned - 1].m;
-        *lora = x->sys[mode->tuned - 1].l;
+    if (sys) {
+        LK_ASSERT(mode->tuned >= 1 && mode->tuned <= n_sys);
+        *m = sys[mode->tuned - 1].m;
+        *lora = sys[mode->tuned - 1].l;
         return;
     }
     // one tuned model: a model folder, base + adapter, or (an adapter that changes whole
@@ -512,16 +515,10 @@ static void mode_model(const struct ev_ctx *x, const struct ev_mode *mode, const
     *lora = c->lora;
 }
 
-/* One item in one mode: prompt (with up to mode->k of the item's hits), answer, scores. */
-static int run_cell(struct ev_ctx *x, const struct ev_item *it, const struct ev_mode *mode,
-                    const struct fts_hit *hits, int nh, struct ev_cell *cell, struct lk_err *err)
+int ev_cell_prompt(const struct ev_config *c, const struct ev_item *it, const struct ev_mode *mode,
+                   const struct fts_hit *hits, int nh, struct tok_ids *prompt, struct ev_cell *cell, struct lk_err *err)
 {
-    const struct ev_config *c = x->c;
-    double t0 = lk_now();
-    const struct model *m;
-    const struct lora *lora;
-    mode_model(x, mode, &m, &lora);
-    int V = m->cfg.vocab_size, rc;
+    int rc;
     cell->em = cell->f1 = cell->rouge_l = cell->nll = cell->acc = cell->recall = cell->has_answer = NAN;
     int k = mode->k < nh ? mode->k : nh;
     const char *ps[64];
@@ -534,75 +531,126 @@ static int run_cell(struct ev_ctx *x, const struct ev_item *it, const struct ev_
                 cell->recall = 1;
     }
     int budget = c->max_ctx - c->max_new;
-    if ((rc = ev_prompt_build(c->tk, c->fmt, it->question, ps, k, budget, &x->prompt, &cell->n_passages, err)))
+    if ((rc = ev_prompt_build(c->tk, c->fmt, it->question, ps, k, budget, prompt, &cell->n_passages, err)))
         return rc;
     if (mode->k > 0 && !(cell->retrieved = retrieved_json(hits, k, cell->n_passages)))
         return lk_errf(err, LK_ERR_NOMEM, "out of memory");
     if (mode->k > 0 && !it->choices && it->answer &&
         (rc = ev_has_answer(it->answer, ps, cell->n_passages, &cell->has_answer, err)))
         return rc;
+    cell->prompt_tokens = (int)prompt->n;
+    return LK_OK;
+}
+
+int ev_cell_conts(const struct ev_config *c, const struct ev_item *it, int np, struct tok_ids *conts, int *n_tok,
+                  struct lk_err *err)
+{
+    int room = c->max_ctx - np, n_cont = it->choices ? it->n_choices : 1;
+    for (int j = 0; j < n_cont; j++) {
+        const char *text = it->choices ? it->choices[j] : it->answer;
+        conts[j].n = 0;
+        int rc = tok_encode(c->tk, text, strlen(text), 0, &conts[j], err);
+        if (rc)
+            return rc;
+        n_tok[j] = (int)conts[j].n < room ? (int)conts[j].n : room;
+        if (it->choices && n_tok[j] <= 0)
+            return lk_errf(err, LK_ERR_USAGE, "item '%s': no room left for choice %d after the prompt", it->id, j);
+    }
+    return LK_OK;
+}
+
+int ev_cell_finish(const struct ev_config *c, const struct ev_item *it, const double *ll, const int *n_tok,
+                   const struct tok_ids *gen, struct ev_cell *cell, struct lk_err *err)
+{
+    int rc;
+    if (it->choices) {
+        int best = 0;
+        for (int j = 0; j < it->n_choices; j++)
+            if (ll[j] > ll[best])
+                best = j;
+        if (!(cell->choice_ll = lk_calloc((size_t)it->n_choices, sizeof(double))))
+            return lk_errf(err, LK_ERR_NOMEM, "out of memory");
+        memcpy(cell->choice_ll, ll, sizeof(double) * (size_t)it->n_choices);
+        cell->acc = best == it->answer_index;
+        cell->nll = -ll[it->answer_index] / n_tok[it->answer_index];
+        cell->answer_tokens = n_tok[it->answer_index];
+        if (!(cell->answer = lk_strdup(it->choices[best])))
+            return lk_errf(err, LK_ERR_NOMEM, "out of memory");
+        return LK_OK;
+    }
+    // the reference's NLL per token, the greedy answer and its scores
+    cell->answer_tokens = n_tok[0];
+    if (n_tok[0] > 0)
+        cell->nll = -ll[0] / n_tok[0];
+    char *text;
+    if ((rc = tok_decode(c->tk, gen->v, gen->n, 1, &text, NULL, err)))
+        return rc;
+    cell->answer = trimmed_copy(text);
+    lk_free(text);
+    if (!cell->answer)
+        return lk_errf(err, LK_ERR_NOMEM, "out of memory");
+    struct ev_scores sc;
+    if ((rc = ev_score(cell->answer, it->answer, &sc, err)))
+        return rc;
+    cell->em = sc.em;
+    cell->f1 = sc.f1;
+    cell->rouge_l = sc.rouge_l;
+    return LK_OK;
+}
+
+/* Room for n continuations in x->conts, x->n_tok, x->ll (entries past conts_cap own nothing). */
+static int ctx_conts(struct ev_ctx *x, int n, struct lk_err *err)
+{
+    if (n <= x->conts_cap)
+        return LK_OK;
+    struct tok_ids *t = lk_realloc(x->conts, sizeof *t * (size_t)n);
+    if (!t)
+        return lk_errf(err, LK_ERR_NOMEM, "out of memory");
+    x->conts = t;
+    memset(t + x->conts_cap, 0, sizeof *t * (size_t)(n - x->conts_cap));
+    int *nt = lk_realloc(x->n_tok, sizeof *nt * (size_t)n);
+    if (!nt)
+        return lk_errf(err, LK_ERR_NOMEM, "out of memory");
+    x->n_tok = nt;
+    double *ll = lk_realloc(x->ll, sizeof *ll * (size_t)n);
+    if (!ll)
+        return lk_errf(err, LK_ERR_NOMEM, "out of memory");
+    x->ll = ll;
+    x->conts_cap = n;
+    return LK_OK;
+}
+
+/* One item in one mode: prompt (with up to mode->k of the item's hits), answer, scores. */
+static int run_cell(struct ev_ctx *x, const struct ev_item *it, const struct ev_mode *mode,
+                    const struct fts_hit *hits, int nh, struct ev_cell *cell, struct lk_err *err)
+{
+    const struct ev_config *c = x->c;
+    double t0 = lk_now();
+    const struct model *m;
+    const struct lora *lora;
+    ev_mode_model(c, x->sys, x->n_sys, mode, &m, &lora);
+    int V = m->cfg.vocab_size, rc, n_cont = it->choices ? it->n_choices : 1;
+    if ((rc = ev_cell_prompt(c, it, mode, hits, nh, &x->prompt, cell, err)))
+        return rc;
     int np = (int)x->prompt.n;
-    cell->prompt_tokens = np;
     gen_cache_truncate(&x->gc, 0);
     if ((rc = gen_forward(&x->gc, m, lora, x->prompt.v, np, NULL, err)))
         return rc;
     memcpy(x->saved, x->gc.logits, sizeof(float) * (size_t)V);
-    int room = x->gc.T_max - np;
-    if (it->choices) {
-        if (!(cell->choice_ll = lk_calloc((size_t)it->n_choices, sizeof(double))))
-            return lk_errf(err, LK_ERR_NOMEM, "out of memory");
-        int best = 0, n_right = 1;
-        for (int j = 0; j < it->n_choices; j++) {
-            x->toks.n = 0;
-            if ((rc = tok_encode(c->tk, it->choices[j], strlen(it->choices[j]), 0, &x->toks, err)))
-                return rc;
-            int n = (int)x->toks.n < room ? (int)x->toks.n : room;
-            if (n <= 0)
-                return lk_errf(err, LK_ERR_USAGE, "item '%s': no room left for choice %d after the prompt", it->id, j);
-            if ((rc = score_continuation(x, m, lora, np, x->toks.v, n, &cell->choice_ll[j], err)))
-                return rc;
-            if (cell->choice_ll[j] > cell->choice_ll[best])
-                best = j;
-            if (j == it->answer_index)
-                n_right = n;
-        }
-        cell->acc = best == it->answer_index;
-        cell->nll = -cell->choice_ll[it->answer_index] / n_right;
-        cell->answer_tokens = n_right;
-        if (!(cell->answer = lk_strdup(it->choices[best])))
-            return lk_errf(err, LK_ERR_NOMEM, "out of memory");
-    } else {
-        // teacher-forced NLL of the reference
-        x->toks.n = 0;
-        if ((rc = tok_encode(c->tk, it->answer, strlen(it->answer), 0, &x->toks, err)))
+    if ((rc = ctx_conts(x, n_cont, err)) || (rc = ev_cell_conts(c, it, np, x->conts, x->n_tok, err)))
+        return rc;
+    // the choices' or the reference's log-likelihood, each from the prompt's cache
+    for (int j = 0; j < n_cont; j++)
+        if (x->n_tok[j] > 0 && (rc = score_continuation(x, m, lora, np, x->conts[j].v, x->n_tok[j], &x->ll[j], err)))
             return rc;
-        int n = (int)x->toks.n < room ? (int)x->toks.n : room;
-        cell->answer_tokens = n;
-        if (n > 0) {
-            double ll;
-            if ((rc = score_continuation(x, m, lora, np, x->toks.v, n, &ll, err)))
-                return rc;
-            cell->nll = -ll / n;
-        }
-        // the greedy answer
+    x->gen.n = 0;
+    if (!it->choices) { // the greedy answer
         struct gen_opts o = { c->max_new, 0, 1, 0, c->fmt, x->eos, 0, (int)tok_vocab_size(c->tk) };
-        x->gen.n = 0;
         if ((rc = gen_continue(&x->gc, m, lora, x->saved, &o, NULL, NULL, &x->gen, NULL, err)))
             return rc;
-        char *text;
-        if ((rc = tok_decode(c->tk, x->gen.v, x->gen.n, 1, &text, NULL, err)))
-            return rc;
-        cell->answer = trimmed_copy(text);
-        lk_free(text);
-        if (!cell->answer)
-            return lk_errf(err, LK_ERR_NOMEM, "out of memory");
-        struct ev_scores sc;
-        if ((rc = ev_score(cell->answer, it->answer, &sc, err)))
-            return rc;
-        cell->em = sc.em;
-        cell->f1 = sc.f1;
-        cell->rouge_l = sc.rouge_l;
     }
+    if ((rc = ev_cell_finish(c, it, x->ll, x->n_tok, &x->gen, cell, err)))
+        return rc;
     cell->seconds = lk_now() - t0;
     return LK_OK;
 }
@@ -620,7 +668,7 @@ static int ctx_init(struct ev_ctx *x, const struct ev_config *c, const struct ev
         if (gen_lora_max_rank(sys[s].l) > R)
             R = gen_lora_max_rank(sys[s].l);
     x->eos = tok_eos(c->tk) >= 0 ? tok_eos(c->tk) : c->base->cfg.eos_token_id;
-    int rc = gen_cache_init(&x->gc, &c->base->cfg, c->max_ctx, 64, R, err);
+    int rc = gen_cache_init(&x->gc, &c->base->cfg, c->max_ctx, EV_CHUNK, R, err);
     if (!rc) {
         x->saved = lk_malloc(sizeof(float) * (size_t)V);
         x->chunk = lk_malloc(sizeof(float) * (size_t)V * (size_t)x->gc.chunk);
@@ -637,6 +685,11 @@ static void ctx_release(struct ev_ctx *x)
     tok_ids_release(&x->prompt);
     tok_ids_release(&x->toks);
     tok_ids_release(&x->gen);
+    for (int i = 0; i < x->conts_cap; i++)
+        tok_ids_release(&x->conts[i]);
+    lk_free(x->conts);
+    lk_free(x->n_tok);
+    lk_free(x->ll);
     gen_cache_release(&x->gc);
     memset(x, 0, sizeof *x);
 }
@@ -700,6 +753,8 @@ int ev_run_systems(struct ev_run *r, const struct ev_config *c, const struct ev_
     r->seconds = lk_calloc((size_t)n_modes, sizeof(double));
     if (!r->cells || !r->seconds)
         return lk_errf(err, LK_ERR_NOMEM, "out of memory");
+    if (c->batch > 1)
+        return ev_batch_cells(r, c, systems, n_systems, qa, modes, n_modes, kmax, progress, ctx, err);
     struct ev_ctx x;
     int rc = ctx_init(&x, c, systems, n_systems, err);
     for (int i = 0; !rc && i < qa->n; i++) {
@@ -756,6 +811,8 @@ int ev_text_run_all(struct ev_text_run *r, const struct ev_config *c, const stru
     r->tokens = lk_calloc((size_t)t->n + 1, sizeof(int));
     if (!r->nll || !r->tokens)
         return lk_errf(err, LK_ERR_NOMEM, "out of memory");
+    if (c->batch > 1)
+        return ev_batch_texts(r, c, systems, n_systems, t, progress, ctx, err);
     struct ev_ctx x;
     int rc = ctx_init(&x, c, systems, n_systems, err);
     double t0 = lk_now();
@@ -1410,6 +1467,7 @@ int ev_setup_load(struct ev_setup *s, const struct ev_setup_opts *o, struct lk_e
     s->cfg.base = &s->base;
     s->cfg.max_new = o->max_new;
     s->cfg.max_ctx = maxpos > 0 ? maxpos : 2048;
+    s->cfg.batch = o->batch;
     s->retain_cfg = s->cfg;
     s->retain_cfg.idx = NULL;
     if (o->retain_docs) {

@@ -164,7 +164,17 @@ struct ev_config {
     struct fts_index *idx;       /* borrowed: needed when a mode has k > 0 */
     int max_new;                 /* answer tokens generated at most */
     int max_ctx;                 /* positions a sequence may use (<= max_position_embeddings) */
+    int batch;                   /* sequences in flight (eval/batch.h), at most EV_BATCH_MAX; 0 or 1:
+                                    one question at a time, each cell prefilled, scored and decoded alone */
 };
+
+#define EV_BATCH_MAX 256     /* sequences in flight at most */
+/* `lorakit eval --batch` unless given. Measured with `make bench-eval` on 2026-12-05 (Qwen2.5-0.5B
+ * shape, bf16, 6 MedQuAD dev questions x 4 modes, --max-new 32, 2 threads, load average about 3.5
+ * from other jobs): --batch 1 159 s per question, --batch 4 92 s (1.73x). Larger batches were not
+ * measured once the batched path was fixed (earlier sweeps at 8 and 16 ran into the bugs fixed
+ * since and are void): 4 is the best measured. */
+#define EV_BATCH_DEFAULT 4
 
 struct ev_cell {
     char *answer;                /* owned: the generated answer (or the chosen choice) */
@@ -320,6 +330,7 @@ struct ev_setup_opts {
     const char *retain_docs;   /* documents for retain's rag modes, indexed for this run, or NULL */
     const char *retain_text;   /* texts scored by NLL per token (eval/retain.h), or NULL */
     int keep;              /* enum model_keep: MODEL_KEEP_FILE keeps the file's bf16 / f16 weights */
+    int batch;             /* ev_config.batch of the run (and of the retention runs) */
 };
 
 struct ev_text;

@@ -62,6 +62,91 @@ int gen_lora_max_rank(const struct lora *l);
 int gen_forward(struct gen_cache *gc, const struct model *m, const struct lora *lora,
                 const int32_t *tokens, int N, float *out_logits, struct lk_err *err);
 
+// ---- batches: several sequences through the weights at once ----
+/*
+ * A batched step runs tokens of several sequences, each with its own KV cache (struct gen_seq),
+ * through one pass over the weights: the eval harness decodes and scores many questions at a
+ * time this way. A step is a list of runs, each a few tokens of one sequence at its next
+ * positions. Every run gives what gen_forward gives for the same tokens run as one chunk on a
+ * cache holding the same sequence:
+ *   - a run of one token (decoding) goes through op_mat_gemv_batch with the other one-token runs:
+ *     the fused GEMV's sums, bit for bit, with each weight read once for all of them;
+ *   - the runs of n >= 2 tokens (prefill and scoring chunks) are stacked into one GEMM per weight
+ *     matrix; OpenBLAS forms each output row's sums the same way whatever rows sit beside it
+ *     (tests/test_generate.c checks the logits against gen_forward per sequence);
+ *   - attention, LoRA (each run its own adapter) and the per-token kernels run per run, with the
+ *     arguments gen_forward would give them.
+ * So the logits of a run are gen_forward's for that chunk: with chunks split as gen_forward
+ * splits them, a sequence decodes the same tokens alone or in a batch.
+ */
+
+/* One sequence of a batch: its keys (after k_norm and rope) and values per layer. */
+struct gen_seq {
+    int n;               /* positions filled */
+    int cap;             /* positions the block holds */
+    int L, KV;
+    float *kv;           /* owned [L][2][cap][KV]: layer l's keys at kv + 2 l cap KV, its values next */
+};
+
+/* Makes room for `positions` positions (the first n are kept; a smaller request does nothing).
+ * LK_ERR_NOMEM, the sequence unchanged, when it cannot. */
+int gen_seq_reserve(struct gen_seq *s, const struct cfg *c, int positions, struct lk_err *err);
+void gen_seq_release(struct gen_seq *s); /* NULL-safe, harmless twice */
+
+struct lg_row;
+
+/* One run of a step: tokens[0..n) of seq at positions seq->n... */
+struct gen_brun {
+    struct gen_seq *seq;        /* borrowed: room for n more positions (gen_seq_reserve); a sequence
+                                 * may have several runs in a step, in position order */
+    const struct lora *lora;    /* borrowed, may be NULL (as for gen_forward) */
+    const int32_t *tokens;      /* borrowed [n] */
+    int n;
+    float *logits;              /* NULL, or the last token's logits [V], or every token's [n, V] with
+                                 * all_logits */
+    int all_logits;
+    const int32_t *targets;     /* NULL, or [n]: lp[i] = gen_logprob(logits of token i, targets[i]) */
+    double *lp;                 /* [n] with targets */
+};
+
+/* The shared scratch of batched steps: activations for up to rows_max tokens per step. */
+struct gen_batch {
+    int L, C, F, V, Q, KV, NH, NKV, HS, R;
+    int rows_max;        /* tokens per step at most (the sum of the runs' n) */
+    float *mem;          /* owned: the activations below, one block */
+    float *x, *ln, *q, *kn, *vn, *atty, *x2, *gate, *up, *act, *xa; /* [rows_max, ...] */
+    float *lnf;          /* [rows_max, C]: final-norm outputs of the tokens whose logits are asked */
+    float *lg;           /* [GEN_LOGIT_ROWS, V]: logits of a block of tokens */
+    struct lg_row *who;  /* owned [rows_max]: which run and token each row of lnf is */
+    float *lpt;          /* owned (first use): per thread [kcap, tv] logits of a vocabulary tile */
+    double *lpm;         /* owned: per thread each row's running max and sum, then target logits */
+    int lp_nt, tv, kcap; /* threads lpt and lpm were sized for; vocabulary rows per tile; rows of a
+                          * tile's logits (rows_max, or more for a padded product) */
+    float *pad;          /* owned [pad_n]: small products padded with zero rows */
+    size_t pad_n;
+    int *pos, *n0, *row; /* owned [rows_max]: positions per token; first position and row per run */
+    size_t *aoff;        /* owned [rows_max]: a one-token run's attention weights in att */
+    float *att;          /* owned, grown as needed: attention weights */
+    size_t att_n;
+    float *wtile;        /* owned: widening tiles for bf16 / f16 weights (first use) */
+    size_t wtile_n;
+};
+
+#define GEN_LOGIT_ROWS 64    /* logits computed per block of tokens */
+#define GEN_STREAM_ROWS 2048 /* vocabulary rows per tile when only log-probabilities are asked */
+
+/* Sizes the scratch for model config c, steps of up to rows_max tokens, LoRA ranks up to max_rank. */
+int gen_batch_init(struct gen_batch *b, const struct cfg *c, int rows_max, int max_rank, struct lk_err *err);
+void gen_batch_release(struct gen_batch *b); /* NULL-safe, harmless twice */
+
+/* Runs one step: every run's tokens through the model (lora per run), their keys and values
+ * appended to their sequences (seq->n advances by the run's n), the logits or log-probabilities
+ * asked for written out. The checks of gen_forward apply to each run (room in the sequence,
+ * tokens in the vocabulary, the adapter's shape and rank), plus the sum of the runs' n <=
+ * rows_max; on error nothing has changed. */
+int gen_batch_forward(struct gen_batch *b, const struct model *m, const struct gen_brun *runs, int n_runs,
+                      struct lk_err *err);
+
 // ---- sampling ----
 
 struct gen_prob {

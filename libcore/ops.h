@@ -78,6 +78,13 @@ void op_mat_gemv(float *out, const struct op_mat *w, const float *x, const float
  * w[k] @ x + bias[k] (bias NULL, or any bias[k] NULL, for none). */
 void op_mat_gemv_many(int n, float *const *out, const struct op_mat *const *w, const float *const *bias,
                       const int *OC, const float *x, int IC);
+/* The same for nb inputs at once, x[nb, IC]: out[k] is [nb, OC[k]], and row b of it equals, bit for
+ * bit, what op_mat_gemv_many gives for input b alone (the same rows per thread and the same sums:
+ * a batched decode step answers as one token would). bf16 / f16 weights are read from memory
+ * once for all the inputs (each group of rows stays in cache while the inputs pass over it);
+ * float32 ones go through sgemv once per input. */
+void op_mat_gemv_batch(int n, float *const *out, const struct op_mat *const *w, const float *const *bias,
+                       const int *OC, const float *x, int IC, int nb);
 /* The weight gradient of the same linear (float32 weights: a full fine-tune): dw[OC, IC] +=
  * dout^T inp, dbias[OC] += sum over rows of dout (either may be NULL), the output rows split
  * over op_team() threads. */
@@ -162,6 +169,16 @@ size_t op_exp_simd(float *dst, const float *src, size_t n);
 size_t op_swiglu_forward_simd(float *out, const float *gate, const float *up, size_t n);
 size_t op_swiglu_backward_simd(float *dgate, float *dup, const float *dout, const float *gate,
                                const float *up, size_t n);
+
+// ---- log-sum-exp pieces (ops_mat.c), for log-probabilities over a large vocabulary ----
+/* The largest of v[n] (-INFINITY for n = 0; v without NaN). */
+float op_max(const float *v, size_t n);
+/* The sum of e^((double)v[i] - m) over v[n], in double. With AVX2 the exponentials are computed
+ * 4 at a time in double (Taylor series after the ln2 range reduction: within a few ulp of exp,
+ * tested) and summed in another order than the plain loop: the result agrees with it to about
+ * 1e-15 relative. The arguments must stay above -708 for full accuracy (smaller terms are taken
+ * as e^-708); m is normally the maximum, so every term is at most 1. */
+double op_sum_exp(const float *v, size_t n, double m);
 
 /* Row pieces (ops_simd.c), the same convention: the first k = n & ~7 elements with AVX2, k
  * returned (0 without AVX2). Elementwise ones give the plain loop's bits; the sums (*out, in

@@ -21,6 +21,7 @@
 #include "ops.h"
 
 #include <cblas.h>
+#include <math.h>
 #include <omp.h>
 #include <pthread.h>
 #include <string.h>
@@ -260,25 +261,108 @@ size_t op_swiglu_backward_simd(float *dgate, float *dup, const float *dout, cons
     return 0;
 }
 
+// ---- log-sum-exp pieces ----
+
+#ifdef OP_X86
+/* e^x for 4 doubles: x = n ln2 + r (n = round(x log2 e), ln2 in two parts so r is exact to double
+ * rounding, |r| <= 0.347), e^r by its Taylor series to degree 13 (the remainder is below 2e-16 of
+ * the value), 2^n into the exponent. x is clamped to [-708, 709] (a normal double). */
+OP_AVX2 static inline __m256d exp4d(__m256d x)
+{
+    x = _mm256_max_pd(_mm256_set1_pd(-708.0), _mm256_min_pd(_mm256_set1_pd(709.0), x));
+    __m256d n = _mm256_round_pd(_mm256_mul_pd(x, _mm256_set1_pd(1.4426950408889634)),
+                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256d r = _mm256_fnmadd_pd(n, _mm256_set1_pd(6.93147180369123816490e-01), x);
+    r = _mm256_fnmadd_pd(n, _mm256_set1_pd(1.90821492927058770002e-10), r);
+    static const double inv_fact[14] = { 1.0, 1.0, 1.0 / 2, 1.0 / 6, 1.0 / 24, 1.0 / 120, 1.0 / 720, 1.0 / 5040,
+                                         1.0 / 40320, 1.0 / 362880, 1.0 / 3628800, 1.0 / 39916800,
+                                         1.0 / 479001600, 1.0 / 6227020800.0 };
+    __m256d p = _mm256_set1_pd(inv_fact[13]);
+    for (int k = 12; k >= 0; k--)
+        p = _mm256_fmadd_pd(p, r, _mm256_set1_pd(inv_fact[k]));
+    __m256i e = _mm256_slli_epi64(_mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_cvtpd_epi32(n)),
+                                                   _mm256_set1_epi64x(1023)), 52);
+    return _mm256_mul_pd(p, _mm256_castsi256_pd(e));
+}
+
+OP_AVX2 static double sum_exp_avx2(const float *v, size_t n, double m, size_t *done)
+{
+    __m256d a = _mm256_setzero_pd(), b = a, mv = _mm256_set1_pd(m);
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        a = _mm256_add_pd(a, exp4d(_mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(v + i)), mv)));
+        b = _mm256_add_pd(b, exp4d(_mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(v + i + 4)), mv)));
+    }
+    double t[4];
+    _mm256_storeu_pd(t, _mm256_add_pd(a, b));
+    *done = i;
+    return (t[0] + t[1]) + (t[2] + t[3]);
+}
+
+OP_AVX2 static float max_avx2(const float *v, size_t n, size_t *done)
+{
+    __m256 a = _mm256_set1_ps(-INFINITY);
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        a = _mm256_max_ps(a, _mm256_loadu_ps(v + i));
+    float t[8], mx = -INFINITY;
+    _mm256_storeu_ps(t, a);
+    for (int k = 0; k < 8; k++)
+        mx = t[k] > mx ? t[k] : mx;
+    *done = i;
+    return mx;
+}
+#endif
+
+float op_max(const float *v, size_t n)
+{
+    size_t i = 0;
+    float mx = -INFINITY;
+#ifdef OP_X86
+    if (op_simd_active())
+        mx = max_avx2(v, n, &i);
+#endif
+    for (; i < n; i++)
+        mx = v[i] > mx ? v[i] : mx;
+    return mx;
+}
+
+double op_sum_exp(const float *v, size_t n, double m)
+{
+    size_t i = 0;
+    double s = 0;
+#ifdef OP_X86
+    if (op_simd_active())
+        s = sum_exp_avx2(v, n, m, &i);
+#endif
+    for (; i < n; i++)
+        s += exp((double)v[i] - m);
+    return s;
+}
+
 // ---- GEMV: one row of input ----
 
-/* out[r] = W[r, :] . x (+ bias[r]) for rows [r0, r1), four partial sums per row. */
-static void gemv_rows_plain(float *out, const uint16_t *W, int dtype, const float *x, const float *bias,
-                            int r0, int r1, int IC)
+/* out[b * ldo + r] = W[r, :] . x[b * ldx + :] (+ bias[r]) for rows [r0, r1) and the nb inputs,
+ * four partial sums per row. */
+static void gemv_rows_plain(float *out, size_t ldo, const uint16_t *W, int dtype, const float *x, size_t ldx,
+                            int nb, const float *bias, int r0, int r1, int IC)
 {
     for (int r = r0; r < r1; r++) {
         const uint16_t *row = W + (size_t)r * IC;
-        float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-        int i = 0;
-        for (; i + 4 <= IC; i += 4) {
-            s0 += half_f32(row[i], dtype) * x[i];
-            s1 += half_f32(row[i + 1], dtype) * x[i + 1];
-            s2 += half_f32(row[i + 2], dtype) * x[i + 2];
-            s3 += half_f32(row[i + 3], dtype) * x[i + 3];
+        for (int b = 0; b < nb; b++) {
+            const float *xb = x + (size_t)b * ldx;
+            float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+            int i = 0;
+            for (; i + 4 <= IC; i += 4) {
+                s0 += half_f32(row[i], dtype) * xb[i];
+                s1 += half_f32(row[i + 1], dtype) * xb[i + 1];
+                s2 += half_f32(row[i + 2], dtype) * xb[i + 2];
+                s3 += half_f32(row[i + 3], dtype) * xb[i + 3];
+            }
+            for (; i < IC; i++)
+                s0 += half_f32(row[i], dtype) * xb[i];
+            out[(size_t)b * ldo + r] = ((s0 + s1) + (s2 + s3)) + (bias ? bias[r] : 0.0f);
         }
-        for (; i < IC; i++)
-            s0 += half_f32(row[i], dtype) * x[i];
-        out[r] = ((s0 + s1) + (s2 + s3)) + (bias ? bias[r] : 0.0f);
     }
 }
 
@@ -291,16 +375,84 @@ OP_AVX2 static inline float hsum8(__m256 v)
     return _mm_cvtss_f32(s);
 }
 
+/* One row r of a 4-row group (w points at it) against inputs [b, b + m), m <= 4: each pair of
+ * widened weight vectors serves the four inputs, whose sums are formed exactly as GEMV_AVX2 forms
+ * a grouped row's for one input (two accumulators over alternate 8-column blocks, the 8-wide tail
+ * into the first, then the plain tail), so every input gets its one-input result. Widening is the
+ * bottleneck of the one-input kernel (a lane-crossing shuffle per 8 weights); here it is paid once
+ * per four inputs. pf: a row to prefetch (NULL: none). */
+#define GEMV_NB_AVX2(NAME, LOAD8, DT)                                                                   \
+    OP_AVX2 static void NAME(float *out, size_t ldo, const uint16_t *w, const float *X, size_t ldx,     \
+                             int b, int m, const float *bias, int r, int IC, const char *pf)            \
+    {                                                                                                   \
+        int i16 = IC & ~15, i8 = IC & ~7;                                                               \
+        const float *x[4];                                                                              \
+        for (int k = 0; k < 4; k++)                                                                     \
+            x[k] = X + (size_t)(b + (k < m ? k : 0)) * ldx; /* spare lanes repeat input b */           \
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, c0 = a0, c1 = a0, c2 = a0, c3 = a0; \
+        for (int i = 0; i < i16; i += 16) {                                                             \
+            if (pf && (i & 31) == 0)                                                                    \
+                _mm_prefetch(pf + 2 * (size_t)i, _MM_HINT_T0);                                          \
+            __m256 wa = LOAD8(w + i), wb = LOAD8(w + i + 8);                                            \
+            a0 = _mm256_fmadd_ps(wa, _mm256_loadu_ps(x[0] + i), a0);                                    \
+            c0 = _mm256_fmadd_ps(wb, _mm256_loadu_ps(x[0] + i + 8), c0);                                \
+            a1 = _mm256_fmadd_ps(wa, _mm256_loadu_ps(x[1] + i), a1);                                    \
+            c1 = _mm256_fmadd_ps(wb, _mm256_loadu_ps(x[1] + i + 8), c1);                                \
+            a2 = _mm256_fmadd_ps(wa, _mm256_loadu_ps(x[2] + i), a2);                                    \
+            c2 = _mm256_fmadd_ps(wb, _mm256_loadu_ps(x[2] + i + 8), c2);                                \
+            a3 = _mm256_fmadd_ps(wa, _mm256_loadu_ps(x[3] + i), a3);                                    \
+            c3 = _mm256_fmadd_ps(wb, _mm256_loadu_ps(x[3] + i + 8), c3);                                \
+        }                                                                                               \
+        if (i16 < i8) {                                                                                 \
+            __m256 wa = LOAD8(w + i16);                                                                 \
+            a0 = _mm256_fmadd_ps(wa, _mm256_loadu_ps(x[0] + i16), a0);                                  \
+            a1 = _mm256_fmadd_ps(wa, _mm256_loadu_ps(x[1] + i16), a1);                                  \
+            a2 = _mm256_fmadd_ps(wa, _mm256_loadu_ps(x[2] + i16), a2);                                  \
+            a3 = _mm256_fmadd_ps(wa, _mm256_loadu_ps(x[3] + i16), a3);                                  \
+        }                                                                                               \
+        float s[4] = { hsum8(_mm256_add_ps(a0, c0)), hsum8(_mm256_add_ps(a1, c1)),                     \
+                       hsum8(_mm256_add_ps(a2, c2)), hsum8(_mm256_add_ps(a3, c3)) };                   \
+        for (int k = 0; k < m; k++) {                                                                   \
+            for (int i = i8; i < IC; i++)                                                               \
+                s[k] += half_f32(w[i], DT) * x[k][i];                                                   \
+            out[(size_t)(b + k) * ldo + r] = s[k] + (bias ? bias[r] : 0.0f);                           \
+        }                                                                                               \
+    }
+
+/* Rows [r0, r1) for nb > 1 inputs: blocks of GEMV_BLOCK rows (read from memory once, then from
+ * cache) against the inputs four at a time (kept in L1 over the block); the rows of whole groups of
+ * four take the grouped rows' sums, the tail rows (r1 - r0) % 4 are left to the one-input loop. */
+#define GEMV_BLOCK 32
+#define GEMV_NB_BLOCKS(NAME)                                                                            \
+    OP_AVX2 static int NAME##_blocks(float *out, size_t ldo, const uint16_t *W, const float *X,         \
+                                     size_t ldx, int nb, const float *bias, int r0, int r1, int IC)     \
+    {                                                                                                   \
+        int rg = r0 + ((r1 - r0) & ~3);                                                                 \
+        for (int rb = r0; rb < rg; rb += GEMV_BLOCK) {                                                  \
+            int re = rb + GEMV_BLOCK < rg ? rb + GEMV_BLOCK : rg;                                       \
+            for (int b = 0; b < nb; b += 4)                                                             \
+                for (int r = rb; r < re; r++)                                                           \
+                    NAME##_nb(out, ldo, W + (size_t)r * IC, X, ldx, b, nb - b < 4 ? nb - b : 4, bias, r,  \
+                              IC, b ? NULL : (const char *)(W + (size_t)(r + GEMV_BLOCK) * IC));        \
+        }                                                                                               \
+        return rg;                                                                                      \
+    }
+
 /* Four rows at a time share each load of x, two accumulators per row (16 columns a step); each
  * weight is widened in a register and used once, and the next group of four rows is prefetched
  * column by column as this one is read (measured here: 10 GB/s from one core against 7 without
- * the prefetch, a plain read of memory being 11.5). The tail columns (IC % 16) take one 8-wide step
- * and the plain path's arithmetic, the tail rows (% 4) one row at a time. */
+ * the prefetch, a plain read of memory being 11.5). Several inputs (nb > 1) go through the blocks
+ * above first. The tail columns (IC % 16) take one 8-wide step and the plain path's arithmetic,
+ * the tail rows (% 4) one row at a time. */
 #define GEMV_AVX2(NAME, LOAD8, DT)                                                                      \
-    OP_AVX2 static void NAME(float *out, const uint16_t *W, const float *x, const float *bias, int r0,  \
-                             int r1, int IC)                                                            \
+    GEMV_NB_AVX2(NAME##_nb, LOAD8, DT)                                                                  \
+    GEMV_NB_BLOCKS(NAME)                                                                                \
+    OP_AVX2 static void NAME(float *out, size_t ldo, const uint16_t *W, const float *X, size_t ldx,     \
+                             int nb, const float *bias, int r0, int r1, int IC)                         \
     {                                                                                                   \
-        int r = r0, i16 = IC & ~15, i8 = IC & ~7;                                                       \
+        int r = nb > 1 ? NAME##_blocks(out, ldo, W, X, ldx, nb, bias, r0, r1, IC) : r0;                \
+        int i16 = IC & ~15, i8 = IC & ~7;                                                               \
+        const float *x = X;                                                                             \
         for (; r + 4 <= r1; r += 4) {                                                                   \
             const uint16_t *w0 = W + (size_t)r * IC, *w1 = w0 + IC, *w2 = w1 + IC, *w3 = w2 + IC;      \
             const char *pf = (const char *)(w3 + IC); /* the next group (prefetch never faults) */     \
@@ -338,13 +490,16 @@ OP_AVX2 static inline float hsum8(__m256 v)
         }                                                                                               \
         for (; r < r1; r++) {                                                                           \
             const uint16_t *w0 = W + (size_t)r * IC;                                                    \
-            __m256 a0 = _mm256_setzero_ps();                                                            \
-            for (int i = 0; i < i8; i += 8)                                                             \
-                a0 = _mm256_fmadd_ps(LOAD8(w0 + i), _mm256_loadu_ps(x + i), a0);                        \
-            float s = hsum8(a0);                                                                        \
-            for (int i = i8; i < IC; i++)                                                               \
-                s += half_f32(w0[i], DT) * x[i];                                                        \
-            out[r] = s + (bias ? bias[r] : 0.0f);                                                       \
+            for (int nb_i = 0; nb_i < nb; nb_i++) {                                                     \
+                x = X + (size_t)nb_i * ldx;                                                             \
+                __m256 a0 = _mm256_setzero_ps();                                                        \
+                for (int i = 0; i < i8; i += 8)                                                         \
+                    a0 = _mm256_fmadd_ps(LOAD8(w0 + i), _mm256_loadu_ps(x + i), a0);                    \
+                float s = hsum8(a0);                                                                    \
+                for (int i = i8; i < IC; i++)                                                           \
+                    s += half_f32(w0[i], DT) * x[i];                                                    \
+                out[(size_t)nb_i * ldo + r] = s + (bias ? bias[r] : 0.0f);                              \
+            }                                                                                           \
         }                                                                                               \
     }
 GEMV_AVX2(gemv_rows_bf16_avx2, load8_bf16, TENSOR_BF16)
@@ -352,39 +507,44 @@ GEMV_AVX2(gemv_rows_f16_avx2, load8_f16, TENSOR_F16)
 #undef GEMV_AVX2
 #endif
 
-static void gemv_rows(float *out, const struct op_mat *w, const float *x, const float *bias, int r0, int r1,
-                      int IC)
+static void gemv_rows(float *out, size_t ldo, const struct op_mat *w, const float *x, size_t ldx, int nb,
+                      const float *bias, int r0, int r1, int IC)
 {
 #ifdef OP_X86
     if (op_simd_active()) {
         if (w->dtype == TENSOR_BF16)
-            gemv_rows_bf16_avx2(out, w->h, x, bias, r0, r1, IC);
+            gemv_rows_bf16_avx2(out, ldo, w->h, x, ldx, nb, bias, r0, r1, IC);
         else
-            gemv_rows_f16_avx2(out, w->h, x, bias, r0, r1, IC);
+            gemv_rows_f16_avx2(out, ldo, w->h, x, ldx, nb, bias, r0, r1, IC);
         return;
     }
 #endif
-    gemv_rows_plain(out, w->h, w->dtype, x, bias, r0, r1, IC);
+    gemv_rows_plain(out, ldo, w->h, w->dtype, x, ldx, nb, bias, r0, r1, IC);
 }
 
-/* Rows [r0, r1) of one product, on the calling thread. */
-static void gemv_part(float *out, const struct op_mat *w, const float *x, const float *bias, int r0, int r1, int IC)
+/* Rows [r0, r1) of one product for the nb inputs x[nb, IC] (out [nb, OC]), on the calling thread. */
+static void gemv_part(float *out, const struct op_mat *w, const float *x, int nb, const float *bias, int r0, int r1,
+                      int IC, int OC)
 {
     if (r0 >= r1)
         return;
-    if (w->dtype == TENSOR_F32) {
-        // sgemm would pack the whole matrix for one row; sgemv reads it once
+    if (w->dtype != TENSOR_F32) {
+        gemv_rows(out, (size_t)OC, w, x, (size_t)IC, nb, bias, r0, r1, IC);
+        return;
+    }
+    // sgemm would pack the whole matrix for one row; sgemv reads it once (per input: these stay
+    // the sums of one input alone)
+    for (int b = 0; b < nb; b++) {
+        float *o = out + (size_t)b * OC;
         if (bias)
-            memcpy(out + r0, bias + r0, sizeof(float) * (size_t)(r1 - r0));
-        cblas_sgemv(CblasRowMajor, CblasNoTrans, r1 - r0, IC, 1.0f, w->f + (size_t)r0 * IC, IC, x, 1,
-                    bias ? 1.0f : 0.0f, out + r0, 1);
-    } else {
-        gemv_rows(out, w, x, bias, r0, r1, IC);
+            memcpy(o + r0, bias + r0, sizeof(float) * (size_t)(r1 - r0));
+        cblas_sgemv(CblasRowMajor, CblasNoTrans, r1 - r0, IC, 1.0f, w->f + (size_t)r0 * IC, IC, x + (size_t)b * IC, 1,
+                    bias ? 1.0f : 0.0f, o + r0, 1);
     }
 }
 
-void op_mat_gemv_many(int n, float *const *out, const struct op_mat *const *w, const float *const *bias,
-                      const int *OC, const float *x, int IC)
+void op_mat_gemv_batch(int n, float *const *out, const struct op_mat *const *w, const float *const *bias,
+                       const int *OC, const float *x, int IC, int nb)
 {
     long rows = 0;
     int f32 = 0;
@@ -392,7 +552,8 @@ void op_mat_gemv_many(int n, float *const *out, const struct op_mat *const *w, c
         rows += OC[k];
         f32 |= w[k]->dtype == TENSOR_F32;
     }
-    // memory-bound: below ~64K weights a second thread costs more to wake than it saves
+    // memory-bound: below ~64K weights a second thread costs more to wake than it saves (the
+    // partition depends on the weights only, never on nb)
     int nt = rows * IC < (1L << 16) ? 1 : op_team();
     int prev = f32 ? op_blas_serial_begin(nt) : 0;
 #pragma omp parallel num_threads(nt) if (nt > 1)
@@ -406,10 +567,16 @@ void op_mat_gemv_many(int n, float *const *out, const struct op_mat *const *w, c
         for (int k = 0; k < n; base += OC[k], k++) {
             long a = g0 > base ? g0 : base, b = g1 < base + OC[k] ? g1 : base + OC[k];
             if (a < b)
-                gemv_part(out[k], w[k], x, bias ? bias[k] : NULL, (int)(a - base), (int)(b - base), IC);
+                gemv_part(out[k], w[k], x, nb, bias ? bias[k] : NULL, (int)(a - base), (int)(b - base), IC, OC[k]);
         }
     }
     op_blas_serial_end(prev);
+}
+
+void op_mat_gemv_many(int n, float *const *out, const struct op_mat *const *w, const float *const *bias,
+                      const int *OC, const float *x, int IC)
+{
+    op_mat_gemv_batch(n, out, w, bias, OC, x, IC, 1);
 }
 
 void op_mat_gemv(float *out, const struct op_mat *w, const float *x, const float *bias, int OC, int IC)

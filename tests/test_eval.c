@@ -357,7 +357,7 @@ TEST(ev_choice_and_reference_loglik_match_model_forward)
     struct ev_qa qa;
     CHECK_OK(ev_qa_load(&qa, test_path("qa.jsonl"), 0, test_err()));
     static const struct ev_mode modes[1] = { { "base", 0, 0 } };
-    struct ev_config ec = { tk, &fmt, &m, NULL, NULL, NULL, 8, 200 };
+    struct ev_config ec = { tk, &fmt, &m, NULL, NULL, NULL, 8, 200, 0 };
     struct ev_run r;
     CHECK_OK(ev_run_all(&r, &ec, &qa, modes, 1, NULL, NULL, test_err()));
     // independent reference: model_forward on prompt + continuation
@@ -939,7 +939,7 @@ TEST(ev_text_load_and_nll_match_model_forward)
     memset(&sys, 0, sizeof sys);
     snprintf(sys.name, sizeof sys.name, "same");
     sys.m = &m; // the base itself as a system: identical figures
-    struct ev_config ec = { tk, &fmt, &m, NULL, NULL, NULL, 8, 200 };
+    struct ev_config ec = { tk, &fmt, &m, NULL, NULL, NULL, 8, 200, 0 };
     struct ev_text_run tr;
     CHECK_OK(ev_text_run_all(&tr, &ec, &sys, 1, &t, NULL, NULL, test_err()));
     CHECK(tr.n_items == 2 && tr.n_models == 2);

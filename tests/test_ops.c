@@ -222,6 +222,99 @@ TEST(ops_gemv_many_equals_one_gemv_per_matrix)
     free(x);
 }
 
+TEST(ops_gemv_batch_equals_gemv_many_per_input)
+{
+    // nb inputs at once must give each input's one-input sums bit for bit: two products (q, k
+    // style) of awkward sizes (rows not a multiple of 4, columns not a multiple of 16 or 8), one
+    // past the threading threshold; every dtype, AVX2 and plain, one and two threads; and with
+    // the widening buffer's allocation failing (each input widens again)
+    int shapes[][3] = { { 7, 5, 37 }, { 130, 9, 40 }, { 516, 3, 131 }, { 64, 6, 16 } };
+    struct lk_rng rng;
+    lk_rng_seed(&rng, 17);
+    int saved = omp_get_max_threads();
+    for (size_t s = 0; s < sizeof shapes / sizeof shapes[0] && !test_failed(); s++)
+        for (size_t d = 0; d < 3 && !test_failed(); d++) {
+            int OC[2] = { shapes[s][0], shapes[s][1] }, IC = shapes[s][2], nbmax = 5;
+            void *store[2];
+            struct op_mat w[2] = { rand_mat(dtypes[d], (size_t)OC[0] * IC, &rng, &store[0]),
+                                   rand_mat(dtypes[d], (size_t)OC[1] * IC, &rng, &store[1]) };
+            const struct op_mat *wp[2] = { &w[0], &w[1] };
+            float *bias = rand_vec((size_t)OC[0], &rng), *x = rand_vec((size_t)nbmax * IC, &rng);
+            const float *bp[2] = { bias, NULL };
+            float *got[2], *one[2], *ref = malloc(sizeof(float) * OC[0]);
+            for (int k = 0; k < 2; k++) {
+                got[k] = malloc(sizeof(float) * nbmax * OC[k]);
+                one[k] = malloc(sizeof(float) * OC[k]);
+            }
+            for (int simd = 0; simd < 2; simd++)
+                for (int nt = 1; nt <= 2; nt++)
+                    for (int fail = 0; fail < 2; fail++) {
+                        op_simd = simd;
+                        omp_set_num_threads(nt);
+                        lk_fail_countdown = fail; // 1: the first allocation (the widening buffer) fails
+                        op_mat_gemv_batch(2, got, wp, bp, OC, x, IC, nbmax);
+                        lk_fail_countdown = 0;
+                        for (int b = 0; b < nbmax; b++) {
+                            float *o1[2] = { one[0], one[1] };
+                            op_mat_gemv_many(2, o1, wp, bp, OC, x + (size_t)b * IC, IC);
+                            for (int k = 0; k < 2; k++)
+                                CHECK_MSG(!memcmp(got[k] + (size_t)b * OC[k], one[k], sizeof(float) * OC[k]),
+                                          "%s %dx%d product %d input %d simd %d threads %d fail %d: not the one-input sums",
+                                          tensor_dtype_name(dtypes[d]), OC[k], IC, k, b, simd, nt, fail);
+                            op_mat_forward_naive(ref, x + (size_t)b * IC, &w[0], bias, 1, IC, OC[0]);
+                            CHECK(max_err(got[0] + (size_t)b * OC[0], ref, (size_t)OC[0]) < 1e-5);
+                        }
+                    }
+            op_simd = 1;
+            for (int k = 0; k < 2; k++)
+                free(store[k]), free(got[k]), free(one[k]);
+            free(bias), free(x), free(ref);
+        }
+    omp_set_num_threads(saved);
+}
+
+TEST(ops_sum_exp_and_max_match_plain_double)
+{
+    // logit-like rows (spread over tens of units, as a language model's are), lengths around the
+    // vector widths, against exp() summed in long double (either order of summing 151,936 doubles
+    // drifts by up to about 1e-13 from it); AVX2 and plain
+    struct lk_rng rng;
+    lk_rng_seed(&rng, 19);
+    size_t lens[] = { 0, 1, 3, 7, 8, 9, 17, 1000, 151936 };
+    for (size_t k = 0; k < sizeof lens / sizeof lens[0]; k++) {
+        size_t n = lens[k];
+        float *v = rand_vec(n, &rng);
+        for (size_t i = 0; i < n; i++)
+            v[i] *= 8.0f;
+        if (n > 5)
+            v[n / 2] = 40.0f, v[3] = -300.0f; // a clear maximum and a term near underflow
+        float mx = -INFINITY;
+        long double acc = 0;
+        for (size_t i = 0; i < n; i++)
+            mx = v[i] > mx ? v[i] : mx;
+        for (size_t i = 0; i < n; i++)
+            acc += exp((double)v[i] - mx);
+        double ref = (double)acc;
+        for (int simd = 0; simd < 2; simd++) {
+            op_simd = simd;
+            CHECK(op_max(v, n) == mx);
+            double got = op_sum_exp(v, n, mx);
+            CHECK_MSG(fabs(got - ref) <= 3e-13 * ref || (n == 0 && got == 0), "n %zu simd %d: %.17g vs %.17g", n,
+                      simd, got, ref);
+        }
+        op_simd = 1;
+        free(v);
+    }
+    // each exponential on its own, across the range (one term per call)
+    for (double x = -700; x <= 0; x += 0.37) {
+        float f = (float)x;
+        double e = op_sum_exp(&f, 1, 0.0); // the plain tail: n < 8
+        float f8[8] = { f, f, f, f, f, f, f, f };
+        double e8 = op_sum_exp(f8, 8, 0.0) / 8;
+        CHECK_MSG(e == exp((double)f) && fabs(e8 - e) <= 4e-16 * e, "e^%g: %.17g vs %.17g", (double)f, e8, e);
+    }
+}
+
 /* Causal grouped-query attention in double, and its backward, as plain loops over (b, h, t, t2). */
 static void attention_naive(double *out, double *dq, double *dk, double *dv, const float *q, const float *k,
                             const float *v, const float *dout, const int *seg, int B, int T, int NH, int NKV, int HS)

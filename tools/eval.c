@@ -19,6 +19,9 @@
 #include "commands.h"
 #include "opts.h"
 
+#define EVAL_STR2(x) #x
+#define EVAL_STR(x) EVAL_STR2(x)
+
 static const struct cmd_help eval_help = {
     "eval",
     "--model BASE [--adapter DIR | --tuned DIR] [--system NAME=PATH ...] --qa FILE.jsonl (--docs FILE.jsonl | --index DB) [options]",
@@ -43,7 +46,7 @@ static const struct cmd_help eval_help = {
 
 struct eval_cli {
     const char *model, *adapter, *tuned, *qa, *docs, *index, *modes, *k, *runs, *fts_tok, *tmpl, *name;
-    long max_new, limit, show, seed, threads, chunk_tokens, overlap;
+    long max_new, limit, show, seed, threads, chunk_tokens, overlap, batch;
     const char *weights;
     int keep;
     int json, quiet;
@@ -98,6 +101,7 @@ static cJSON *params_json(const struct eval_cli *c, const struct ev_mode *modes,
     cJSON_AddNumberToObject(o, "max_new", (double)c->max_new);
     cJSON_AddNumberToObject(o, "limit", (double)c->limit);
     cJSON_AddNumberToObject(o, "seed", (double)c->seed);
+    cJSON_AddNumberToObject(o, "batch", (double)c->batch);
     cJSON_AddStringToObject(o, "fts_tokenizer", c->fts_tok ? c->fts_tok : "unicode61");
     if (c->systems.n) {
         cJSON *sy = cJSON_AddArrayToObject(o, "systems");
@@ -378,7 +382,8 @@ static int eval_run(const struct eval_cli *c, struct ev_setup *s, struct lk_err 
 
 int cmd_eval(int argc, char **argv)
 {
-    struct eval_cli c = { .k = "3", .max_new = 32, .seed = 42, .chunk_tokens = 200, .overlap = 40 };
+    struct eval_cli c = { .k = "3", .max_new = 32, .seed = 42, .chunk_tokens = 200, .overlap = 40,
+                          .batch = EV_BATCH_DEFAULT };
     const struct opt opts[] = {
         { "model", OPT_STR, &c.model, "DIR", "base model folder (config.json, safetensors, tokenizer.json)" },
         { "adapter", OPT_STR, &c.adapter, "DIR", "tuned = base + this PEFT LoRA adapter (the system 'ft')" },
@@ -406,6 +411,8 @@ int cmd_eval(int argc, char **argv)
         { "retain-docs", OPT_STR, &c.retain_docs, "FILE", "documents for --retain's rag modes (indexed for this run)" },
         { "retain-text", OPT_STR, &c.retain_text, "FILE", "texts the base knew ({\"text\"} JSONL or lines): forgetting "
                                                          "in NLL per token" },
+        { "batch", OPT_INT, &c.batch, "B", "questions x modes in flight, prefilled, scored and decoded together "
+                                           "(default " EVAL_STR(EV_BATCH_DEFAULT) "; 1: one at a time)" },
         { "threads", OPT_INT, &c.threads, "N", "threads (default: all cores)" },
         { "weights", OPT_STR, &c.weights, "W", "file (the file's bf16/f16 kept in memory; default) or f32" },
         { "quiet", OPT_FLAG, &c.quiet, NULL, "no progress output" },
@@ -424,12 +431,15 @@ int cmd_eval(int argc, char **argv)
     else if (c.max_new < 1 || c.max_new > 100000 || c.limit < 0 || c.show < 0 || c.seed < 0 || c.chunk_tokens < 1 ||
              c.overlap < 0 || c.overlap >= c.chunk_tokens)
         lk_errf(&err, LK_ERR_USAGE, "an option is out of range (see --help)");
+    else if (c.batch < 1 || c.batch > EV_BATCH_MAX)
+        lk_errf(&err, LK_ERR_USAGE, "--batch %ld: give 1 to %d (questions x modes in flight; 1: one at a time)",
+                c.batch, EV_BATCH_MAX);
     else
         lk_cli_weights(c.weights, MODEL_KEEP_FILE, &c.keep, &err);
     struct ev_setup_opts so = { c.model, c.adapter, c.tuned, c.qa, c.docs, c.index, c.modes, c.k, c.tmpl,
                                 c.fts_tok, (int)c.limit, (int)c.max_new, (int)c.chunk_tokens, (int)c.overlap,
                                 on_indexing, &c, c.systems.v, c.systems.n, c.retain, c.retain_docs,
-                                c.retain_text, c.keep };
+                                c.retain_text, c.keep, (int)c.batch };
     struct ev_setup s = { 0 };
     if (err.code || ev_setup_parse(&s, &so, &err)) {
         ev_setup_release(&s);
