@@ -110,6 +110,7 @@ for B in $BS; do
 $PY - $W/runs.db b1 b$B <<'PYEOF' || exit 1
 import json, sqlite3, sys
 db = sqlite3.connect(sys.argv[1])
+db.text_factory = bytes  # a random model's answers may hold bytes that are not UTF-8: compare them as bytes
 def cells(name):
     rid = db.execute("SELECT id FROM runs WHERE name = ?", (name,)).fetchone()[0]
     return {(i, m): (a, json.loads(s)) for i, m, a, s in
