@@ -8,6 +8,7 @@
 
 #include "batch.h"
 #include "retain.h"
+#include "text.h"
 
 #include <cJSON.h>
 #include <ctype.h>
@@ -582,10 +583,13 @@ int ev_cell_finish(const struct ev_config *c, const struct ev_item *it, const do
     cell->answer_tokens = n_tok[0];
     if (n_tok[0] > 0)
         cell->nll = -ll[0] / n_tok[0];
-    char *text;
-    if ((rc = tok_decode(c->tk, gen->v, gen->n, 1, &text, NULL, err)))
+    char *bytes, *text;
+    size_t nb;
+    if ((rc = tok_decode(c->tk, gen->v, gen->n, 1, &bytes, &nb, err)))
         return rc;
-    cell->answer = trimmed_copy(text);
+    text = ev_utf8_lossy(bytes, nb); // stray bytes of a token split mid-character: U+FFFD
+    lk_free(bytes);
+    cell->answer = text ? trimmed_copy(text) : NULL;
     lk_free(text);
     if (!cell->answer)
         return lk_errf(err, LK_ERR_NOMEM, "out of memory");

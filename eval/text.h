@@ -7,6 +7,7 @@
 #ifndef LK_EV_TEXT_H
 #define LK_EV_TEXT_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 /* 1 for ideographs, kana and bopomofo: CJK radicals and Kangxi radicals U+2E80..2FDF,
@@ -20,5 +21,12 @@ int ev_char_is_cjk(int32_t c);
  * Unicode categories Zs, Zl, Zp and Cc (U+00A0, U+3000, U+2028, U+0085...). Format characters
  * such as U+200B (category Cf) are not white space. */
 int ev_char_is_space(int32_t c);
+
+/* s[0..n) as valid UTF-8, as Hugging Face's decode and Python's bytes.decode("utf-8", "replace")
+ * give it: each maximal ill-formed subsequence (a byte that cannot start a character, or the
+ * valid start of a character cut short) becomes U+FFFD; overlong forms, surrogates and code
+ * points above U+10FFFF are ill-formed. A new NUL-terminated heap string (lk_free), NULL when
+ * out of memory. A model's answer is bytes; what eval stores, scores and prints is text. */
+char *ev_utf8_lossy(const char *s, size_t n);
 
 #endif

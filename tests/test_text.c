@@ -1,7 +1,8 @@
 /*
  * test_text.c - the character classes retrieval and scoring share (eval/text.h): each class
  * against a table written by hand from the Unicode charts, and fts's chunker and metrics'
- * tokenizer cutting the same text into the same number of tokens.
+ * tokenizer cutting the same text into the same number of tokens; the lossy UTF-8 decoding of
+ * answers against hand-worked cases and Python's bytes.decode("utf-8", "replace").
  */
 #include "test.h"
 
@@ -116,4 +117,67 @@ TEST(text_fts_chunks_and_metrics_tokens_agree)
     count_tokens(mixed, &nf, &ne);
     CHECK_INT(nf, 12);
     CHECK_INT(ne, 12);
+}
+
+TEST(text_utf8_lossy_matches_python)
+{
+    // hand-worked: one U+FFFD per maximal ill-formed subsequence
+    static const struct {
+        const char *in, *want;
+    } cases[] = {
+        { "plain ascii", "plain ascii" },
+        { "\xc3\xa9\xe4\xb8\xad\xf0\x9f\x98\x80", "\xc3\xa9\xe4\xb8\xad\xf0\x9f\x98\x80" }, // é中😀
+        { "a\xff" "b", "a\xef\xbf\xbd" "b" },
+        { "\xe2\x82", "\xef\xbf\xbd" },                       // a 3-byte character cut short: one
+        { "\xe2\x82" "a", "\xef\xbf\xbd" "a" },
+        { "\xf0\x9f\x98", "\xef\xbf\xbd" },                   // a 4-byte one at the end
+        { "\xed\xa0\x80", "\xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd" }, // a surrogate: three
+        { "\xc0\xaf", "\xef\xbf\xbd\xef\xbf\xbd" },           // overlong '/': two
+        { "\xf4\x90\x80\x80", "\xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd" }, // above U+10FFFF
+        { "\x80x", "\xef\xbf\xbd" "x" },                      // a lone continuation byte
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        char *got = ev_utf8_lossy(cases[i].in, strlen(cases[i].in));
+        CHECK(got != NULL);
+        CHECK_MSG(!strcmp(got, cases[i].want), "case %zu: got '%s', want '%s'", i, got, cases[i].want);
+        lk_free(got);
+    }
+    // random bytes biased to UTF-8 lead and continuation bytes, against Python's decoder
+    FILE *f = fopen(test_path("bytes.hex"), "w");
+    CHECK(f != NULL);
+    struct lk_rng r;
+    lk_rng_seed(&r, 77);
+    static const unsigned char pool[] = { 'a', ' ', 0x80, 0x8f, 0x90, 0x9f, 0xa0, 0xbf, 0xc0, 0xc2, 0xdf, 0xe0,
+                                          0xe1, 0xed, 0xee, 0xef, 0xf0, 0xf1, 0xf4, 0xf5, 0xff };
+    unsigned char buf[300][12];
+    size_t len[300];
+    for (int k = 0; k < 300; k++) {
+        len[k] = 1 + (size_t)(lk_rng_uniform(&r) * 11);
+        for (size_t j = 0; j < len[k]; j++) {
+            buf[k][j] = pool[(size_t)(lk_rng_uniform(&r) * sizeof pool) % sizeof pool];
+            fprintf(f, "%02x", buf[k][j]);
+        }
+        fputc('\n', f);
+    }
+    CHECK_INT(fclose(f), 0);
+    int rc = test_sh("python3 -c 'import sys\nfor l in open(sys.argv[1]):\n    "
+                     "print(bytes.fromhex(l.strip()).decode(\"utf-8\", \"replace\").encode().hex())' '%s'",
+                     test_path("bytes.hex"));
+    if (rc == 127)
+        SKIP("python3 is not installed (the hand-worked cases above ran)");
+    CHECK_INT(rc, 0);
+    const char *p = test_output();
+    for (int k = 0; k < 300; k++) {
+        char *got = ev_utf8_lossy((const char *)buf[k], len[k]);
+        CHECK(got != NULL);
+        char hex[80] = "";
+        for (size_t j = 0; got[j]; j++)
+            snprintf(hex + 2 * j, sizeof hex - 2 * j, "%02x", (unsigned char)got[j]);
+        const char *nl = strchr(p, '\n');
+        CHECK(nl != NULL);
+        CHECK_MSG((size_t)(nl - p) == strlen(hex) && !strncmp(p, hex, strlen(hex)), "line %d: lorakit %s, python %.*s",
+                  k, hex, (int)(nl - p), p);
+        p = nl + 1;
+        lk_free(got);
+    }
 }
