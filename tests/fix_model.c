@@ -36,6 +36,16 @@ void fix_cfg_qwen2(struct cfg *c)
     c->attention_bias = 1;
 }
 
+void fix_cfg_qwen2_wide(struct cfg *c)
+{
+    fix_cfg_qwen2(c);
+    c->hidden_size = 64;
+    c->intermediate_size = 132;
+    c->num_attention_heads = 4;
+    c->num_key_value_heads = 2;
+    c->head_dim = 16;
+}
+
 void fix_cfg_llama(struct cfg *c)
 {
     base_cfg(c);

@@ -7,6 +7,9 @@
 /* Qwen2-like: C 16, 4 heads, 2 kv heads (2 query heads per kv head), HS 4, F 24, L 2, V 37,
  * q/k/v biases, tied embeddings. */
 void fix_cfg_qwen2(struct cfg *c);
+/* fix_cfg_qwen2 made wider: C 64, 4 heads x HS 16, 2 kv heads, F 132 (products large enough for
+ * the batched steps' padding and tiling, generate.c). */
+void fix_cfg_qwen2_wide(struct cfg *c);
 /* Llama-like: C 12, 2 heads, 1 kv head, HS 6, F 20, L 2, V 29, no biases, untied. */
 void fix_cfg_llama(struct cfg *c);
 /* fix_cfg_llama with attention_bias: biases on q, k, v and o_proj (transformers' LlamaAttention). */

@@ -139,12 +139,7 @@ static void make_tok(struct tok **tk, struct chat_fmt *fmt)
 static void make_model(struct model *m, struct tok *tk, const struct chat_fmt *fmt, int dtype, float stop_scale)
 {
     struct cfg c;
-    fix_cfg_qwen2(&c);
-    c.hidden_size = 64;
-    c.intermediate_size = 132;
-    c.num_attention_heads = 4;
-    c.num_key_value_heads = 2;
-    c.head_dim = 16;
+    fix_cfg_qwen2_wide(&c);
     c.vocab_size = tok_vocab_size(tk) + 3;
     c.max_position_embeddings = 200;
     CHECK_OK(fix_model_random(m, &c, 0.5f, 81));

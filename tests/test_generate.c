@@ -525,12 +525,7 @@ TEST(gen_batch_matches_gen_forward_per_sequence)
 TEST(gen_batch_pads_small_products_for_any_rows_max)
 {
     struct cfg c;
-    fix_cfg_qwen2(&c);
-    c.hidden_size = 64;
-    c.intermediate_size = 132;
-    c.num_attention_heads = 4;
-    c.num_key_value_heads = 2;
-    c.head_dim = 16;
+    fix_cfg_qwen2_wide(&c);
     struct model m;
     CHECK_OK(fix_model_random(&m, &c, 0.4f, 71));
     CHECK_OK(model_weights_convert(&m.w, &c, TENSOR_BF16, test_err()));

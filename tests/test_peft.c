@@ -171,15 +171,16 @@ static float *run(struct model *m, const struct lora *l)
     return v;
 }
 
-/* `lorakit logits` of model (+ adapter, may be NULL) on TOKENS (caller frees), NULL on failure
- * (the output is in test_output()). */
-static float *cli_logits(const char *model, const char *adapter)
+/* `lorakit logits` of model (+ adapter, may be NULL) with more flags on TOKENS (caller frees),
+ * NULL on failure (the output is in test_output()). */
+static float *cli_logits_with(const char *model, const char *adapter, const char *flags)
 {
     char ad[1100] = "";
     if (adapter)
         snprintf(ad, sizeof ad, "--adapter '%s'", adapter);
     const char *out = test_path("logits.safetensors");
-    if (test_sh("%s logits --model '%s' %s --tokens '" TOKENS "' --out '%s'", test_lorakit(), model, ad, out))
+    if (test_sh("%s logits --model '%s' %s %s --tokens '" TOKENS "' --out '%s'", test_lorakit(), model, ad, flags,
+                out))
         return NULL;
     struct st_file f;
     if (st_open(&f, out, NULL))
@@ -190,6 +191,12 @@ static float *cli_logits(const char *model, const char *adapter)
         st_tensor_to_f32(t, v, NULL);
     st_close(&f);
     return v;
+}
+
+/* cli_logits_with without more flags. */
+static float *cli_logits(const char *model, const char *adapter)
+{
+    return cli_logits_with(model, adapter, "");
 }
 
 /* max |a - b| / max(1, max |b|) over n. */
@@ -753,24 +760,6 @@ TEST(peft_case7_trainable_tokens)
 
 // ---- whole-weight changes over weights kept in bf16 ----
 
-/* `lorakit logits --weights W` of model + adapter on TOKENS (caller frees), NULL on failure. */
-static float *cli_logits_weights(const char *model, const char *adapter, const char *w)
-{
-    const char *out = test_path("lw.safetensors");
-    if (test_sh("%s logits --model '%s' --adapter '%s' --weights %s --tokens '" TOKENS "' --out '%s'", test_lorakit(),
-                model, adapter, w, out))
-        return NULL;
-    struct st_file f;
-    if (st_open(&f, out, NULL))
-        return NULL;
-    const struct st_tensor *t = st_find(&f, "logits");
-    float *v = t ? malloc(sizeof(float) * t->numel) : NULL;
-    if (v)
-        st_tensor_to_f32(t, v, NULL);
-    st_close(&f);
-    return v;
-}
-
 TEST(peft_extras_over_bf16_weights_match_float32)
 {
     // a tied base saved in bf16: run with its matrices kept in bf16 (--weights file) and widened
@@ -814,9 +803,9 @@ TEST(peft_extras_over_bf16_weights_match_float32)
             it[2 + j] = extra[k][j];
         P(ad, "ad16");
         CHECK_OK(peft_write(ad, cfgs[k], it, 2 + n_extra[k]));
-        float *kept = cli_logits_weights(bdir, ad, "file");
+        float *kept = cli_logits_with(bdir, ad, "--weights file");
         CHECK_MSG(kept, "case %d: %s", k, test_output());
-        float *wide = cli_logits_weights(bdir, ad, "f32");
+        float *wide = cli_logits_with(bdir, ad, "--weights f32");
         CHECK_MSG(wide, "case %d: %s", k, test_output());
         float *base = cli_logits(bdir, NULL);
         CHECK(base);
