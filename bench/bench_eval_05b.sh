@@ -5,16 +5,18 @@
 #    peak RSS of lorakit (bf16 weights kept bf16) and of llama.cpp (node-llama-cpp 3.21.1,
 #    bench/llama_speed.mjs) on an F16 GGUF of the same weights written by `lorakit convert`;
 #    lorakit on 2 threads, llama.cpp on 1 and on 2. The ratios are lorakit / llama.cpp's better.
-# 2. `lorakit eval` of the first BENCH_EVAL_QUESTIONS (default 10) MedQuAD dev questions in 4
-#    modes (base, rag k=3 over the MedQuAD documents, ft = a one-step LoRA adapter, ft+rag),
-#    --max-new 32, at --batch 1 and at each of BENCH_EVAL_BATCHES (default "4 8") and the default
-#    batch: seconds per question, peak RSS, the 200-question time extrapolated from the
-#    per-question time, and a check that every batch gave the answers and scores of --batch 1
-#    (NLL within float32 rounding).
+#    Prefill also with LORAKIT_AMX=0 (bf16 weights widened for sgemm instead of the AMX tile unit).
+# 2. `lorakit eval` of BENCH_EVAL_QUESTIONS (default 20) of the first 200 MedQuAD dev questions,
+#    spread evenly over them (every 10th by default; 200: all of them), in 4 modes (base, rag k=3
+#    over the MedQuAD documents, ft = a one-step LoRA adapter, ft+rag), --max-new 32, at --batch 1
+#    and at each of BENCH_EVAL_BATCHES (default none) and the default batch: seconds per question,
+#    peak RSS, the 200-question time extrapolated from the per-question time (the sample's mean
+#    reference length against the 200's is printed: the time grows with it), and a check that
+#    every batch gave the answers and scores of --batch 1 (NLL within float32 rounding).
 # Skipped with a message without the tokenizer (all), llama.cpp (its rows) or MedQuAD (part 2).
 # Usage: bench/bench_eval_05b.sh LORAKIT
 set -euo pipefail
-L=$1; SH=${LK_SHARED:-../shared}; N=${BENCH_EVAL_QUESTIONS:-10}; PY=/usr/bin/python3
+L=$1; SH=${LK_SHARED:-../shared}; N=${BENCH_EVAL_QUESTIONS:-20}; PY=/usr/bin/python3
 TOK=$SH/data/tokenizers/qwen3; DEV=$SH/data/medquad/dev.jsonl; DOCS=$SH/data/medquad/docs.jsonl
 NODE_LLAMA=build/llama/node_modules/node-llama-cpp/package.json
 echo "== bench-eval, Qwen2.5-0.5B shape: $(date -u +%F), $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg)"
@@ -41,6 +43,9 @@ np=$(sed -n 's/^prompt \([0-9]*\) tokens.*/\1/p' $W/gen.err)
 lp=$(sed -n 's/^prefill \([0-9.]*\) tokens\/s.*/\1/p' $W/gen.err)
 ld=$(sed -n 's/.*decode \([0-9.]*\) tokens\/s.*/\1/p' $W/gen.err)
 lr=$(rss $W/gen.err)
+LORAKIT_AMX=0 $L generate --model $W/m --prompt "$(cat $W/prompt.txt)" --max-new 4 --stats --threads 2 \
+  > /dev/null 2> $W/gen0.err || { cat $W/gen0.err; exit 1; }
+lp0=$(sed -n 's/^prefill \([0-9.]*\) tokens\/s.*/\1/p' $W/gen0.err)
 echo "generate: prompt $np tokens, 64 new tokens, 2 threads (lorakit: bf16 weights kept bf16)"
 if [ -f $NODE_LLAMA ] && command -v node >/dev/null; then
   $L convert --model $W/m --out $W/m.f16.gguf --dtype f16 >/dev/null
@@ -61,10 +66,12 @@ print(a['prompt_tokens'], '%.1f %.1f %.1f %.1f' % (a['prefill_tps'], a['decode_t
   printf "%-22s %10s %14s %8s\n" "prefill tokens/s" $lp $c_p $(ratio $lp $c_p)
   printf "%-22s %10s %14s %8s\n" "decode tokens/s" $ld $c_d $(ratio $ld $c_d)
   printf "%-22s %10s %14s %8s\n" "peak RSS MB" $lr $c_r $(ratio $lr $c_r)
+  echo "lorakit prefill without AMX (LORAKIT_AMX=0: widened tiles and sgemm): $lp0 tokens/s; with: $(ratio $lp $lp0)"
   echo "(llama.cpp's RSS includes node's, about 50 MB; lorakit's includes loading the safetensors)"
   rm -f $W/m.f16.gguf
 else
   printf "%-22s %10s %14s\n" "prefill tokens/s" $lp "-" "decode tokens/s" $ld "-" "peak RSS MB" $lr "-"
+  echo "lorakit prefill without AMX (LORAKIT_AMX=0): $lp0 tokens/s"
   echo "llama.cpp is not installed (make llama-ref): no comparison"
 fi
 
@@ -72,6 +79,18 @@ fi
 if [ ! -f $DEV ] || [ ! -f $DOCS ]; then
   echo "$DEV or $DOCS is absent: the eval rows are skipped"; exit 0
 fi
+# the sample: N questions spread over the first 200, and their mean reference length in characters
+read stride mean_s mean_all < <($PY - $DEV $W/qa.jsonl $N <<'PYEOF'
+import json, sys
+rows = [l for l in open(sys.argv[1]) if l.strip()][:200]
+n = max(1, min(int(sys.argv[3]), len(rows)))
+stride = len(rows) // n
+pick = rows[::stride][:n]
+open(sys.argv[2], "w").writelines(pick)
+mean = lambda rs: sum(len(json.loads(r)["answer"]) for r in rs) / len(rs)
+print(stride, "%.0f" % mean(pick), "%.0f" % mean(rows))
+PYEOF
+)
 $PY - "$SH/data/medquad/train.jsonl" $W/train.jsonl <<'PYEOF'
 import json, sys
 with open(sys.argv[1]) as f, open(sys.argv[2], "w") as o:
@@ -85,14 +104,14 @@ $L index --docs $DOCS --db $W/docs.db --fts-tokenizer unicode61 >/dev/null
 $L train --model $W/m --data $W/train.jsonl --out $W/ad --steps 1 --seq 64 --batch 1 --rank 8 --threads 2 \
   --runs $W/train.db --quiet >/dev/null
 BD=$($L eval --help | sed -n 's/.*(default \([0-9]*\); 1: one at a time).*/\1/p')
-BS=" ${BENCH_EVAL_BATCHES:-4 8} "; [[ "$BS" == *" $BD "* ]] || BS="$BS$BD "
-echo "eval: the first $N MedQuAD dev questions x 4 modes (base, rag k=3, ft, ft+rag), --max-new 32, 2 threads;" \
-  "batches 1$BS(default $BD)"
+BS=" ${BENCH_EVAL_BATCHES:-} "; [[ "$BS" == *" $BD "* ]] || BS="$BS$BD "
+echo "eval: $N of the first 200 MedQuAD dev questions (every ${stride}th; mean reference $mean_s characters," \
+  "the 200's $mean_all) x 4 modes (base, rag k=3, ft, ft+rag), --max-new 32, 2 threads; batches 1$BS(default $BD)"
 printf "%-14s %10s %14s %10s %24s\n" run "wall s" "s/question" "RSS MB" "200 questions (extrap.)"
 declare -A per
 for B in 1 $BS; do
   t0=$(date +%s.%N)
-  /usr/bin/time -f 'RSS %M' $L eval --model $W/m --adapter $W/ad --qa $DEV --index $W/docs.db --limit $N --k 3 \
+  /usr/bin/time -f 'RSS %M' $L eval --model $W/m --adapter $W/ad --qa $W/qa.jsonl --index $W/docs.db --k 3 \
     --max-new 32 --batch $B --threads 2 --runs $W/runs.db --name b$B --quiet > $W/ev$B.txt 2> $W/ev$B.err \
     || { cat $W/ev$B.err; exit 1; }
   t1=$(date +%s.%N)
@@ -104,7 +123,7 @@ for B in $BS; do
   echo "   --batch $B: $(ratio ${per[1]} ${per[$B]}) the speed of --batch 1 (load average now $(cut -d' ' -f1 /proc/loadavg))"
 done
 echo "   goal, 200 questions x 4 modes under 30 min at the default batch: $($PY -c "print('met' if ${per[$BD]} * 200 < 1800 else 'NOT met')")" \
-  "(extrapolated from $N questions)"
+  "(extrapolated from $N questions whose references average $mean_s characters against $mean_all)"
 # the runs alike: every answer equal, every score within float32 rounding (NLL) or equal
 for B in $BS; do
 $PY - $W/runs.db b1 b$B <<'PYEOF' || exit 1

@@ -729,9 +729,9 @@ int ev_run_all(struct ev_run *r, const struct ev_config *c, const struct ev_qa *
     return ev_run_systems(r, c, NULL, 0, qa, modes, n_modes, progress, ctx, err);
 }
 
-int ev_run_systems(struct ev_run *r, const struct ev_config *c, const struct ev_system *systems,
-                   int n_systems, const struct ev_qa *qa, const struct ev_mode *modes, int n_modes,
-                   ev_progress_fn progress, void *ctx, struct lk_err *err)
+static int run_systems(struct ev_run *r, const struct ev_config *c, const struct ev_system *systems, int n_systems,
+                       const struct ev_qa *qa, const struct ev_mode *modes, int n_modes, ev_progress_fn progress,
+                       void *ctx, struct lk_err *err)
 {
     memset(r, 0, sizeof *r);
     int kmax = 0, need_tuned = 0;
@@ -775,6 +775,19 @@ int ev_run_systems(struct ev_run *r, const struct ev_config *c, const struct ev_
     return rc;
 }
 
+/* One-token rows on the tile unit while eval runs (op_amx_gemv, ops.h): both paths then decode with
+ * the same kernel, and the batched path's many one-token rows a step go faster. */
+int ev_run_systems(struct ev_run *r, const struct ev_config *c, const struct ev_system *systems,
+                   int n_systems, const struct ev_qa *qa, const struct ev_mode *modes, int n_modes,
+                   ev_progress_fn progress, void *ctx, struct lk_err *err)
+{
+    int prev = op_amx_gemv;
+    op_amx_gemv = 1;
+    int rc = run_systems(r, c, systems, n_systems, qa, modes, n_modes, progress, ctx, err);
+    op_amx_gemv = prev;
+    return rc;
+}
+
 // ---- texts: NLL per token ----
 
 /* NLL per token of one text under (m, lora): its tokens (at most the context less one), each
@@ -803,9 +816,8 @@ static int text_item(struct ev_ctx *x, const struct model *m, const struct lora 
     return LK_OK;
 }
 
-int ev_text_run_all(struct ev_text_run *r, const struct ev_config *c, const struct ev_system *systems,
-                    int n_systems, const struct ev_text *t, ev_progress_fn progress, void *ctx,
-                    struct lk_err *err)
+static int text_run_all(struct ev_text_run *r, const struct ev_config *c, const struct ev_system *systems,
+                        int n_systems, const struct ev_text *t, ev_progress_fn progress, void *ctx, struct lk_err *err)
 {
     memset(r, 0, sizeof *r);
     r->n_items = t->n;
@@ -837,6 +849,17 @@ int ev_text_run_all(struct ev_text_run *r, const struct ev_config *c, const stru
     }
     r->seconds = lk_now() - t0;
     ctx_release(&x);
+    return rc;
+}
+
+int ev_text_run_all(struct ev_text_run *r, const struct ev_config *c, const struct ev_system *systems,
+                    int n_systems, const struct ev_text *t, ev_progress_fn progress, void *ctx,
+                    struct lk_err *err)
+{
+    int prev = op_amx_gemv; // as ev_run_systems
+    op_amx_gemv = 1;
+    int rc = text_run_all(r, c, systems, n_systems, t, progress, ctx, err);
+    op_amx_gemv = prev;
     return rc;
 }
 

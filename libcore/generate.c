@@ -136,17 +136,10 @@ static void lora_mul_acc(float *out, const float *x, const float *w, float alpha
  * -ffast-math). */
 static float dot(const float *a, const float *b, int n)
 {
-    float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-    int i = 0;
-    for (; i + 4 <= n; i += 4) {
-        s0 += a[i] * b[i];
-        s1 += a[i + 1] * b[i + 1];
-        s2 += a[i + 2] * b[i + 2];
-        s3 += a[i + 3] * b[i + 3];
-    }
-    for (; i < n; i++)
-        s0 += a[i] * b[i];
-    return (s0 + s1) + (s2 + s3);
+    float s;
+    for (int i = (int)op_dotf_simd(a, b, (size_t)n, &s); i < n; i++)
+        s += a[i] * b[i];
+    return s;
 }
 
 /* out[N, out] += s * (x A^T) B^T + s * bias_B, as model.c's lora_forward_linear (no dropout);
@@ -172,18 +165,20 @@ static void lora_linear(float *xa, const struct lora *lora, int layer, int modul
  * single token runs the plain loops on OpenMP threads. */
 static void softmax_causal_row(float *a, int t)
 {
+    int n = t + 1;
     float mx = -INFINITY;
-    for (int t2 = 0; t2 <= t; t2++)
-        if (a[t2] > mx)
-            mx = a[t2];
-    double sum = 0;
-    for (int t2 = 0; t2 <= t; t2++) {
-        float e = expf(a[t2] - mx);
-        a[t2] = e;
-        sum += e;
-    }
+    for (int t2 = (int)op_max_simd(a, (size_t)n, &mx); t2 < n; t2++)
+        mx = a[t2] > mx ? a[t2] : mx;
+    // e^(a - mx) and the sum in double: AVX2 blocks, plain tails (as ops.c's softmax rows)
+    for (int t2 = (int)op_sub_simd(a, a, mx, (size_t)n); t2 < n; t2++)
+        a[t2] -= mx;
+    for (int t2 = (int)op_exp_simd(a, a, (size_t)n); t2 < n; t2++)
+        a[t2] = expf(a[t2]);
+    double sum;
+    for (int t2 = (int)op_sum_simd(a, (size_t)n, &sum); t2 < n; t2++)
+        sum += a[t2];
     float inv = (float)(1.0 / sum);
-    for (int t2 = 0; t2 <= t; t2++)
+    for (int t2 = (int)op_scale_simd(a, inv, (size_t)n); t2 < n; t2++)
         a[t2] *= inv;
 }
 
@@ -216,8 +211,8 @@ static void attend_row(const struct att_chunk *a, int i, int h, int NH, int grou
         o[j] = 0.0f;
     for (int t2 = 0; t2 <= t; t2++) {
         float p = w[t2];
-        const float *vt = a->V + (size_t)t2 * KV + (size_t)kh * HS; // vectorizes: no reduction
-        for (int j = 0; j < HS; j++)
+        const float *vt = a->V + (size_t)t2 * KV + (size_t)kh * HS;
+        for (int j = (int)op_axpy_simd(o, p, vt, (size_t)HS); j < HS; j++)
             o[j] += p * vt[j];
     }
 }
@@ -585,6 +580,8 @@ int gen_batch_init(struct gen_batch *b, const struct cfg *c, int rows_max, int m
     // the streamed log-probabilities: tiles of tv vocabulary rows, kcap rows at least
     b->tv = b->V < GEN_STREAM_ROWS ? b->V : GEN_STREAM_ROWS;
     b->tv = b->tv < GEN_TILE_FLOATS / b->C ? b->tv : (GEN_TILE_FLOATS / b->C > 0 ? GEN_TILE_FLOATS / b->C : 1);
+    if (b->tv > 16 && b->tv < b->V)
+        b->tv &= ~15; // whole AMX tiles (ops_amx.c) when V is a multiple of 16
     int last = b->V - (b->V - 1) / b->tv * b->tv, kmin = gemm_rows_min(last < b->tv ? last : b->tv, b->C);
     b->kcap = kmin > rows_max ? kmin : rows_max;
     pad = (size_t)b->kcap * b->C > pad ? (size_t)b->kcap * b->C : pad;
@@ -731,6 +728,8 @@ static int batch_plan(struct gen_batch *b, const struct model *m, const struct g
 static void batch_gemm(struct gen_batch *b, float *out, const float *in, const struct op_mat *w, const float *bias,
                        int M, int IC, int OC)
 {
+    if (op_amx_forward(out, in, w, bias, M, IC, OC))
+        return;
     int mr, rows = gemm_tile(IC, OC, &mr), ntiles = (OC + rows - 1) / rows, Mp = M, ldo = OC;
     const float *A = in;
     float *Cm = out;
@@ -920,8 +919,8 @@ static void batch_logits_block(struct gen_batch *b, const struct model *m, const
 /* Each thread's share of the streamed log-probabilities: tiles t, t + nt, ... of tv vocabulary rows,
  * each widened once (into buf) for the k rows and multiplied by one GEMM, then every row's maximum
  * M and sum S of e^(l - M) updated (S rescaled when M grows). */
-static void stream_tiles(struct gen_batch *b, const struct op_mat *w, const struct lg_row *who, const float *A, int k,
-                         int kp, int t, int nt, float *buf, double *M, double *S, float *tl)
+static void stream_tiles(struct gen_batch *b, const struct op_mat *w, const struct lg_row *who, const float *A,
+                         const uint16_t *pk, int k, int kp, int t, int nt, float *buf, double *M, double *S, float *tl)
 {
     int V = b->V, C = b->C, tv = b->tv;
     float *out = b->lpt + (size_t)t * b->kcap * tv;
@@ -931,12 +930,16 @@ static void stream_tiles(struct gen_batch *b, const struct op_mat *w, const stru
     }
     for (int v0 = t * tv; v0 < V; v0 += nt * tv) {
         int n = V - v0 < tv ? V - v0 : tv;
-        const float *wt = w->f + (size_t)v0 * C;
-        if (w->dtype != TENSOR_F32) {
-            op_mat_widen(buf, w, C, v0, v0 + n, 0, C);
-            wt = buf;
+        if (pk) {
+            op_amx_rows(out, (size_t)n, pk, k, w, C, v0, v0 + n, NULL);
+        } else {
+            const float *wt = w->f + (size_t)v0 * C;
+            if (w->dtype != TENSOR_F32) {
+                op_mat_widen(buf, w, C, v0, v0 + n, 0, C);
+                wt = buf;
+            }
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, kp, n, C, 1.0f, A, C, wt, C, 0.0f, out, n);
         }
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, kp, n, C, 1.0f, A, C, wt, C, 0.0f, out, n);
         for (int r = 0; r < k; r++) {
             const float *row = out + (size_t)r * n;
             double mt = op_max(row, (size_t)n);
@@ -967,7 +970,12 @@ static void batch_stream(struct gen_batch *b, const struct model *m, const struc
     // rows padded as batch_gemm pads them (the last tile is the narrowest)
     int last = b->V - (ntiles - 1) * tv, kp = gemm_rows_min(last < tv ? last : tv, C);
     const float *A = b->lnf;
-    if (kp > k) {
+    // AMX: the rows packed once for every tile (tiles of tv rows, a multiple of 16, as V must be)
+    uint16_t *pk = tv % 16 == 0 && op_amx_fits(w, C, b->V) ? lk_malloc(op_amx_pack_size(k, C)) : NULL;
+    if (pk) {
+        op_amx_pack(pk, b->lnf, (size_t)C, k, C, nt);
+        kp = k;
+    } else if (kp > k) {
         LK_ASSERT(kp <= b->kcap && (size_t)kp * C <= b->pad_n);
         memcpy(b->pad, b->lnf, sizeof(float) * (size_t)k * C);
         memset(b->pad + (size_t)k * C, 0, sizeof(float) * (size_t)(kp - k) * C);
@@ -980,7 +988,7 @@ static void batch_stream(struct gen_batch *b, const struct model *m, const struc
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
         int t = omp_get_thread_num();
-        stream_tiles(b, w, who, A, k, kp, t, omp_get_num_threads(), b->wtile + (size_t)t * per,
+        stream_tiles(b, w, who, A, pk, k, kp, t, omp_get_num_threads(), b->wtile + (size_t)t * per,
                      M + (size_t)t * b->rows_max, S + (size_t)t * b->rows_max, tl);
     }
     for (int r = 0; r < k; r++) { // merge the threads' sums, in thread order
@@ -991,6 +999,7 @@ static void batch_stream(struct gen_batch *b, const struct model *m, const struc
             sum += S[(size_t)t * b->rows_max + r] * exp(M[(size_t)t * b->rows_max + r] - mx);
         who[r].run->lp[who[r].i] = (double)tl[r] - mx - log(sum);
     }
+    lk_free(pk);
 }
 
 /* The logits asked for: the chunks' log-probabilities streamed (all their rows at once), the

@@ -1238,9 +1238,13 @@ static int forward_copy(struct model *m, const struct lora *l, const int *tok, f
 static int verify(struct merge_ctx *x, const struct st_model *sm, const char *dir, struct merge_report *rep,
                   struct lk_err *err)
 {
-    int V = x->cfg.vocab_size, tok[PROBE_B * PROBE_T];
+    int V = x->cfg.vocab_size, tok[PROBE_B * PROBE_T], amx = op_amx;
     size_t nl = (size_t)PROBE_B * PROBE_T * (size_t)V;
     probe_tokens(tok, V);
+    // every model below through the same float32 kernels (bf16 weights would take the AMX path,
+    // float32 ones sgemm: another order of additions), so that the rounded weights' logits and the
+    // output file's differ by nothing when the file holds exactly those weights
+    op_amx = 0;
     float *ref = lk_malloc(sizeof(float) * nl), *ex = lk_malloc(sizeof(float) * nl);
     float *rd = lk_malloc(sizeof(float) * nl), *got = lk_malloc(sizeof(float) * nl);
     int rc = LK_OK, have_ref = 0;
@@ -1306,6 +1310,7 @@ static int verify(struct merge_ctx *x, const struct st_model *sm, const char *di
     logits_diff(rd, ex, nl, &rep->round_max_abs, &rep->round_max_rel);
     rep->verified = 1;
 out:
+    op_amx = amx;
     model_release(&m);
     lk_free(ref);
     lk_free(ex);

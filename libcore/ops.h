@@ -67,6 +67,35 @@ size_t op_mat_scratch_floats(int IC, int OC, int nt);
  * and run sgemm on each, the tiles spread over op_team() threads. */
 void op_mat_forward(float *out, const float *inp, const struct op_mat *w, const float *bias, int N,
                     int IC, int OC, float *scratch, size_t scratch_n);
+/* The AMX path of that product (ops_amx.c), taken by op_mat_forward and generate.c's GEMMs when
+ * op_amx_fits: bf16 weights on the tile unit with each float32 activation split exactly into three
+ * bf16 parts, so every product is exact and the sums are float32 as sgemm's (another order).
+ * An output depends only on its token's row and its weight's row (not on N or the threads).
+ * op_amx: 1 (default) to use it when the CPU has AMX-BF16 and AVX512-BF16 and Linux grants the tile
+ * state; 0 never (tests compare the two; LORAKIT_AMX=0 in the environment does the same). */
+extern int op_amx;
+int op_amx_active(void);
+/* 1 when the AMX path takes w [OC, IC]: bf16, IC a multiple of 32, OC of 16, op_amx_active(). */
+int op_amx_fits(const struct op_mat *w, int IC, int OC);
+/* Bytes of N packed rows of IC activations; op_amx_pack packs x[N, ldx] (nt threads). */
+size_t op_amx_pack_size(int N, int IC);
+void op_amx_pack(uint16_t *pk, const float *x, size_t ldx, int N, int IC, int nt);
+/* out[t, o - o0] (rows ldo apart) = x[t] . w[o] + bias[o] (bias NULL: 0) for the N packed rows and
+ * o in [o0, o1), both multiples of 16; one thread. */
+void op_amx_rows(float *out, size_t ldo, const uint16_t *pk, int N, const struct op_mat *w, int IC, int o0, int o1,
+                 const float *bias);
+/* op_mat_gemv_batch's products on the tile unit when op_amx_gemv is 1 and every w[k] op_amx_fits
+ * (5 rows x 3 parts to a tile): 1, or 0 when the path does not apply (nothing written). Each
+ * input row's outputs are the same for any nb. op_amx_gemv is 0 by default: one stream of
+ * decoding reads the weights faster through the AVX2 GEMV (0.5B shape: 23 against 18 tokens/s),
+ * while 16 rows at once (batched eval) run 5x faster here; eval sets it for its run, so that
+ * --batch 1 and --batch B decode with the same kernel. */
+extern int op_amx_gemv;
+int op_amx_gemv_batch(int n, float *const *out, const struct op_mat *const *w, const float *const *bias,
+                      const int *OC, const float *x, int IC, int nb);
+/* out[N, OC] = inp @ w^T + bias on op_team() threads: 1, or 0 when the path does not apply (or
+ * the packing buffer could not be allocated) and nothing was written. */
+int op_amx_forward(float *out, const float *inp, const struct op_mat *w, const float *bias, int N, int IC, int OC);
 /* dinp[N, IC] = beta dinp + dout[N, OC] @ w (the input gradient of the linear above): beta 1
  * accumulates, beta 0 writes (dinp need not be initialised: no separate pass to zero it). */
 void op_mat_backward(float *dinp, const float *dout, const struct op_mat *w, int N, int IC, int OC, float beta,
@@ -191,6 +220,8 @@ size_t op_max_simd(const float *x, size_t n, float *out);                       
 size_t op_scale_simd(float *x, float s, size_t n);                                /* x *= s */
 size_t op_sub_simd(float *dst, const float *x, float s, size_t n);                /* dst = x - s */
 size_t op_add_simd(float *dst, const float *src, size_t n);                       /* dst += src */
+size_t op_axpy_simd(float *y, float a, const float *x, size_t n);                 /* y += a x */
+size_t op_dotf_simd(const float *a, const float *b, size_t n, float *out);        /* sum a b, in float */
 size_t op_rmsnorm_row_simd(float *y, const float *x, const float *w, float r, size_t n); /* y = (x r) w */
 /* dw += (dy x) r (dw may be NULL); dx += (r w) dy - c x (dx may be NULL) */
 size_t op_rmsnorm_drow_simd(float *dx, float *dw, const float *dy, const float *x, const float *w, float r, float c,

@@ -546,6 +546,8 @@ static void gemv_part(float *out, const struct op_mat *w, const float *x, int nb
 void op_mat_gemv_batch(int n, float *const *out, const struct op_mat *const *w, const float *const *bias,
                        const int *OC, const float *x, int IC, int nb)
 {
+    if (op_amx_gemv_batch(n, out, w, bias, OC, x, IC, nb))
+        return;
     long rows = 0;
     int f32 = 0;
     for (int k = 0; k < n; k++) {
@@ -636,6 +638,8 @@ void op_mat_forward(float *out, const float *inp, const struct op_mat *w, const 
         op_mat_gemv(out, w, inp, bias, OC, IC);
         return;
     }
+    if (op_amx_forward(out, inp, w, bias, N, IC, OC))
+        return;
     int nt = gemm_team(N, IC, OC), cap = OC; // float32: views, one tile per thread
     if (w->dtype != TENSOR_F32) {
         LK_ASSERT(scratch && scratch_n >= (size_t)IC);

@@ -132,6 +132,28 @@ OPS_AVX2 static size_t add_avx2(float *dst, const float *src, size_t n)
     return i;
 }
 
+OPS_AVX2 static size_t axpy_avx2(float *y, float a, const float *x, size_t n)
+{
+    __m256 av = _mm256_set1_ps(a);
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(y + i, _mm256_add_ps(_mm256_loadu_ps(y + i), _mm256_mul_ps(av, _mm256_loadu_ps(x + i))));
+    return i;
+}
+
+/* Eight float lanes, then (l0 + l4) + ... as float: a float dot product in another order. */
+OPS_AVX2 static size_t dotf_avx2(const float *a, const float *b, size_t n, float *out)
+{
+    __m256 s = _mm256_setzero_ps();
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        s = _mm256_add_ps(s, _mm256_mul_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i)));
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    *out = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+    return i;
+}
+
 OPS_AVX2 static size_t rmsnorm_row_avx2(float *y, const float *x, const float *w, float r, size_t n)
 {
     __m256 rv = _mm256_set1_ps(r);
@@ -235,6 +257,17 @@ size_t op_sub_simd(float *dst, const float *x, float s, size_t n)
 size_t op_add_simd(float *dst, const float *src, size_t n)
 {
     return OPS_CALL(add_avx2, dst, src, n);
+}
+
+size_t op_axpy_simd(float *y, float a, const float *x, size_t n)
+{
+    return OPS_CALL(axpy_avx2, y, a, x, n);
+}
+
+size_t op_dotf_simd(const float *a, const float *b, size_t n, float *out)
+{
+    *out = 0;
+    return OPS_CALL(dotf_avx2, a, b, n, out);
 }
 
 size_t op_rmsnorm_row_simd(float *y, const float *x, const float *w, float r, size_t n)

@@ -217,8 +217,10 @@ TEST(gguf_merge_dtypes_report_their_error)
         CHECK_MSG(verify_figures(&vmax[i], &vround[i]) == 0, "%s", test_output());
         fprintf(stderr, "    merge --dtype %-4s: %8ld bytes, verify max |dlogit| %.3g, of which the dtype's rounding "
                         "alone %.3g\n", dtypes[i], fix_file_size(path[i]), vmax[i], vround[i]);
-        // the file holds exactly the rounded merge: the whole difference is the rounding
-        CHECK_MSG(vmax[i] == vround[i] || (i == 0 && vmax[i] <= 1e-4), "%s: %g vs %g", dtypes[i], vmax[i], vround[i]);
+        // the file holds exactly the rounded merge: the whole difference is the rounding, up to the
+        // float32 difference between base + adapter and the exact merge (about 1e-5) and the three
+        // digits printed
+        CHECK_MSG(fabs(vmax[i] - vround[i]) <= 1e-4 + 0.01 * vround[i], "%s: %g vs %g", dtypes[i], vmax[i], vround[i]);
     }
     CHECK(vmax[1] > 0 && vmax[1] < vmax[2] && vmax[1] < vmax[3] && vmax[3] < 1);
     CHECK(fix_file_size(path[3]) < fix_file_size(path[2]) && fix_file_size(path[2]) == fix_file_size(path[1]) &&
@@ -420,12 +422,15 @@ TEST(gguf_merge_streams_below_the_embedding_size)
 // ---- reading GGUF: logits, generate, tokenize, info ----
 
 /* `lorakit logits` on the same ids for two models; 1 when the outputs are the same bytes. */
+/* Bit for bit the same logits from two files of the same weights. In float32 against bf16 the
+ * kernels must be the same too: LORAKIT_AMX=0 (bf16 weights would take the AMX path). */
 static int same_logits(const char *a, const char *b)
 {
     TMPPATH(la, "la.safetensors");
     TMPPATH(lb, "lb.safetensors");
     const char *ids = "1,2,3,40,50,60,700,8,9,10;11,12,13,14,15,16,17,18,19,20";
-    if (test_sh("%s logits --model '%s' --tokens '%s' --out '%s' && %s logits --model '%s' --tokens '%s' --out '%s'",
+    if (test_sh("LORAKIT_AMX=0 %s logits --model '%s' --tokens '%s' --out '%s' && "
+                "LORAKIT_AMX=0 %s logits --model '%s' --tokens '%s' --out '%s'",
                 test_lorakit(), a, ids, la, test_lorakit(), b, ids, lb))
         return 0;
     return test_sh("cmp -s '%s' '%s'", la, lb) == 0;
