@@ -217,10 +217,56 @@ static void attend_row(const struct att_chunk *a, int i, int h, int NH, int grou
     }
 }
 
+/* A prefill chunk with the query heads that share a key/value head stacked: one GEMM of
+ * [G N, HS] x [HS, Tk] for their scores and one of [G N, Tk] x [Tk, HS] for their outputs (rows
+ * (h - h0) N + i) instead of G GEMMs of N rows (Qwen2.5-0.5B: 7 heads a group, so 448 rows
+ * against 64). A task is a kv head, or half of one's heads when there is a single kv head: fixed
+ * by the model's shape, never by the threads, so that every run gets the same sums. Returns 0
+ * without memory for the stacked rows (the caller runs the heads one by one). */
+static int attend_stacked(const struct att_chunk *a, int NH, int NKV, int HS)
+{
+    int group = NH / NKV, N = a->N, n0 = a->n0, Q = NH * HS, KV = NKV * HS, Tk = n0 + N;
+    float *qs = lk_malloc(sizeof(float) * 2 * (size_t)N * Q);
+    if (!qs)
+        return 0;
+    float *os = qs + (size_t)N * Q, scale = 1.0f / sqrtf((float)HS);
+    int parts = NKV == 1 && group > 1 ? 2 : 1, ntask = NKV * parts;
+    int nt = (double)N * Tk * HS * NH < 262144.0 ? 1 : op_team(), prev = op_blas_serial_begin(nt);
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
+    for (int task = 0; task < ntask; task++) {
+        int kh = task / parts, p = task % parts;
+        int h0 = kh * group + group * p / parts, h1 = kh * group + group * (p + 1) / parts, M = (h1 - h0) * N;
+        float *qb = qs + (size_t)h0 * N * HS, *ob = os + (size_t)h0 * N * HS, *P = a->att + (size_t)h0 * N * a->ld;
+        for (int h = h0; h < h1; h++)
+            for (int i = 0; i < N; i++)
+                memcpy(qb + ((size_t)(h - h0) * N + i) * HS, a->q + (size_t)i * Q + (size_t)h * HS,
+                       sizeof(float) * (size_t)HS);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, M, Tk, HS, scale, qb, HS, a->K + (size_t)kh * HS, KV, 0.0f,
+                    P, (int)a->ld);
+        for (int r = 0; r < M; r++) {
+            float *w = P + (size_t)r * a->ld;
+            softmax_causal_row(w, n0 + r % N);
+            for (int t2 = n0 + r % N + 1; t2 < Tk; t2++)
+                w[t2] = 0.0f;
+        }
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, M, HS, Tk, 1.0f, P, (int)a->ld,
+                    a->V + (size_t)kh * HS, KV, 0.0f, ob, HS);
+        for (int h = h0; h < h1; h++)
+            for (int i = 0; i < N; i++)
+                memcpy(a->atty + (size_t)i * Q + (size_t)h * HS, ob + ((size_t)(h - h0) * N + i) * HS,
+                       sizeof(float) * (size_t)HS);
+    }
+    op_blas_serial_end(prev);
+    lk_free(qs);
+    return 1;
+}
+
 static void attend_chunk(const struct att_chunk *a, int NH, int NKV, int HS)
 {
     int group = NH / NKV, N = a->N, n0 = a->n0, Q = NH * HS, KV = NKV * HS;
     float scale = 1.0f / sqrtf((float)HS);
+    if (N >= 8 && group > 1 && attend_stacked(a, NH, NKV, HS))
+        return;
     if (N >= 8) {
         int Tk = n0 + N; // keys and values 0..Tk-1
         int nt = (double)N * Tk * HS * NH < 262144.0 ? 1 : op_team(), prev = op_blas_serial_begin(nt);
@@ -772,6 +818,16 @@ static void batch_gemm(struct gen_batch *b, float *out, const float *in, const s
 static void batch_proj(struct gen_batch *b, int nw, float *const *out, const struct op_mat *const *w,
                        const float *const *bias, const int *OC, const float *in, int IC, int ra, int rows)
 {
+    // the tile unit gives a one-token row the same sums among the chunks' rows as alone (ops.h):
+    // one pass over the weights for all the rows
+    int amx = op_amx_gemv && ra > 0 && rows > ra;
+    for (int k = 0; k < nw; k++)
+        amx &= op_amx_fits(w[k], IC, OC[k]);
+    for (int k = 0; amx && k < nw; k++)
+        if (!op_amx_forward(out[k], in, w[k], bias ? bias[k] : NULL, rows, IC, OC[k]))
+            amx = 0; // out of memory for the packing: the two kernels below (they write every row)
+    if (amx)
+        return;
     for (int k = 0; ra > 0 && k < nw; k++)
         batch_gemm(b, out[k], in, w[k], bias ? bias[k] : NULL, ra, IC, OC[k]);
     if (rows > ra) {

@@ -84,12 +84,13 @@ void op_amx_pack(uint16_t *pk, const float *x, size_t ldx, int N, int IC, int nt
  * o in [o0, o1), both multiples of 16; one thread. */
 void op_amx_rows(float *out, size_t ldo, const uint16_t *pk, int N, const struct op_mat *w, int IC, int o0, int o1,
                  const float *bias);
-/* op_mat_gemv_batch's products on the tile unit when op_amx_gemv is 1 and every w[k] op_amx_fits
- * (5 rows x 3 parts to a tile): 1, or 0 when the path does not apply (nothing written). Each
- * input row's outputs are the same for any nb. op_amx_gemv is 0 by default: one stream of
- * decoding reads the weights faster through the AVX2 GEMV (0.5B shape: 23 against 18 tokens/s),
- * while 16 rows at once (batched eval) run 5x faster here; eval sets it for its run, so that
- * --batch 1 and --batch B decode with the same kernel. */
+/* op_mat_gemv_batch's products on the tile unit when op_amx_gemv is 1 and every w[k] op_amx_fits:
+ * 1, or 0 when the path does not apply (nothing written). An input row's outputs are those of
+ * op_amx_forward: the same for any nb, and the same as among the rows of a prefill chunk, so a
+ * batched step can run its one-token rows in its chunks' GEMMs (one pass over the weights).
+ * op_amx_gemv is 0 by default: one stream of decoding reads the weights faster through the AVX2
+ * GEMV (0.5B shape: 23 against 18 tokens/s); eval sets it for its run, so that --batch 1 and
+ * --batch B decode with the same kernel. */
 extern int op_amx_gemv;
 int op_amx_gemv_batch(int n, float *const *out, const struct op_mat *const *w, const float *const *bias,
                       const int *OC, const float *x, int IC, int nb);

@@ -133,7 +133,7 @@ AMX_TARGET static void pack_block(uint16_t *pk, const float *x, size_t ldx, int 
                 hi = _mm512_sub_ps(hi, wh);
             }
         }
-        uint16_t *d = pk + ((size_t)tb * nkb + kb) * PK_BLOCK;
+        uint16_t *d = pk + (((size_t)(tb / 2) * nkb + kb) * 2 + (size_t)(tb & 1)) * PK_BLOCK;
         for (int p = 0; p < 3; p++) {
             transpose16(t, part[p]); // row r: column pair r of the 16 tokens
             for (int r = 0; r < 16; r++)
@@ -189,7 +189,7 @@ AMX_TARGET static void kernel(float *out, size_t ldo, const uint16_t *pk, int N,
     for (int o = o0; o < o1; o += 32)
     for (int tb = tc; tb < ntb && tb < tc + chunk; tb += 2) {
         int two = tb + 1 < ntb;
-        const uint16_t *p0 = pk + (size_t)tb * nkb * PK_BLOCK, *p1 = two ? p0 + (size_t)nkb * PK_BLOCK : p0;
+        const uint16_t *p0 = pk + (size_t)tb * nkb * PK_BLOCK; // tb even: its pair's blocks, kb by kb
         {
             int pair = o + 16 < o1;
             const uint16_t *w0 = W + (size_t)o * IC, *w1 = pair ? w0 + (size_t)16 * IC : w0;
@@ -208,7 +208,7 @@ AMX_TARGET static void kernel(float *out, size_t ldo, const uint16_t *pk, int N,
                     }
                 _tile_loadd(4, w0 + kb * 32, lw);
                 _tile_loadd(5, w1 + kb * 32, lw);
-                const uint16_t *b0 = p0 + (size_t)kb * PK_BLOCK, *b1 = p1 + (size_t)kb * PK_BLOCK;
+                const uint16_t *b0 = p0 + (size_t)kb * 2 * PK_BLOCK, *b1 = b0 + PK_BLOCK;
                 if (!two) { // one block of tokens: tiles 0 and 2
                     for (int p = 0; p < 3; p++) {
                         _tile_loadd(6, b0 + p * 512, 64);
@@ -243,106 +243,6 @@ AMX_TARGET static void kernel(float *out, size_t ldo, const uint16_t *pk, int N,
     _tile_release();
 }
 
-/* One-token rows (decoding): a block holds 5 tokens x 3 parts as its 15 columns (the 16th zero),
- * so a tile product does one part-product per column and a single token costs one product per
- * 16 x 32 weights (the packing above would cost three). A token's output is the sum of its three
- * columns, (h + m) + l, each summed over the columns of w in order: the same for any number of
- * tokens. */
-#define DEC_TOK 5
-
-AMX_TARGET static void pack_dec_block(uint16_t *pk, const float *x, size_t ldx, int nb, int IC, int tb)
-{
-    int nkb = IC / 32;
-    for (int kb = 0; kb < nkb; kb++) {
-        __m512i r[16], t[16];
-        r[15] = _mm512_setzero_si512();
-        for (int i = 0; i < DEC_TOK; i++) {
-            int tok = tb * DEC_TOK + i;
-            __m512 lo = _mm512_setzero_ps(), hi = lo, wl, wh;
-            if (tok < nb) {
-                lo = _mm512_loadu_ps(x + (size_t)tok * ldx + kb * 32);
-                hi = _mm512_loadu_ps(x + (size_t)tok * ldx + kb * 32 + 16);
-            }
-            for (int p = 0; p < 3; p++) {
-                r[3 * i + p] = to_bf16(lo, hi, &wl, &wh);
-                lo = _mm512_sub_ps(lo, wl);
-                hi = _mm512_sub_ps(hi, wh);
-            }
-        }
-        transpose16(t, r);
-        uint16_t *d = pk + ((size_t)tb * nkb + kb) * 512;
-        for (int k = 0; k < 16; k++)
-            _mm512_storeu_si512(d + k * 32, t[k]);
-    }
-}
-
-/* C tile c (16 outputs x 15 columns) to nt token rows of out (+ bias). */
-AMX_TARGET static void store_dec(float *out, size_t ldo, const float *c, int nt, const float *bias)
-{
-    __m512i r[16], t[16];
-    for (int i = 0; i < 16; i++)
-        r[i] = _mm512_loadu_si512(c + i * 16);
-    transpose16(t, r);
-    __m512 b = bias ? _mm512_loadu_ps(bias) : _mm512_setzero_ps();
-    for (int n = 0; n < nt; n++) {
-        __m512 v = _mm512_add_ps(_mm512_castsi512_ps(t[3 * n]), _mm512_castsi512_ps(t[3 * n + 1]));
-        v = _mm512_add_ps(v, _mm512_castsi512_ps(t[3 * n + 2]));
-        _mm512_storeu_ps(out + (size_t)n * ldo, _mm512_add_ps(v, b));
-    }
-}
-
-AMX_TARGET static void kernel_dec(float *out, size_t ldo, const uint16_t *pk, int nb, const uint16_t *W, int IC,
-                                  int o0, int o1, const float *bias)
-{
-    tiles_config();
-    int ntb = (nb + DEC_TOK - 1) / DEC_TOK, nkb = IC / 32;
-    long lw = (long)IC * 2;
-    float c[4][256] __attribute__((aligned(64)));
-    for (int tb = 0; tb < ntb; tb += 2) {
-        int two = tb + 1 < ntb;
-        const uint16_t *p0 = pk + (size_t)tb * nkb * 512, *p1 = p0 + (size_t)nkb * 512;
-        int n0 = nb - tb * DEC_TOK < DEC_TOK ? nb - tb * DEC_TOK : DEC_TOK;
-        int n1 = two ? (nb - (tb + 1) * DEC_TOK < DEC_TOK ? nb - (tb + 1) * DEC_TOK : DEC_TOK) : 0;
-        for (int o = o0; o < o1; o += 32) {
-            int pair = o + 16 < o1;
-            const uint16_t *w0 = W + (size_t)o * IC, *w1 = pair ? w0 + (size_t)16 * IC : w0;
-            _tile_zero(0);
-            _tile_zero(1);
-            _tile_zero(2);
-            _tile_zero(3);
-            for (int kb = 0; kb < nkb; kb++) {
-                if (kb + AMX_PF1 < nkb)
-                    for (int r = 0; r < 16; r++) {
-                        _mm_prefetch((const char *)(w0 + (size_t)r * IC + (kb + AMX_PF1) * 32), _MM_HINT_T0);
-                        _mm_prefetch((const char *)(w1 + (size_t)r * IC + (kb + AMX_PF1) * 32), _MM_HINT_T0);
-                    }
-                _tile_loadd(4, w0 + kb * 32, lw);
-                _tile_loadd(5, w1 + kb * 32, lw);
-                _tile_loadd(6, p0 + (size_t)kb * 512, 64);
-                _tile_dpbf16ps(0, 4, 6);
-                _tile_dpbf16ps(2, 5, 6);
-                if (two) {
-                    _tile_loadd(7, p1 + (size_t)kb * 512, 64);
-                    _tile_dpbf16ps(1, 4, 7);
-                    _tile_dpbf16ps(3, 5, 7);
-                }
-            }
-            _tile_stored(0, c[0], 64);
-            _tile_stored(1, c[1], 64);
-            _tile_stored(2, c[2], 64);
-            _tile_stored(3, c[3], 64);
-            float *y = out + (size_t)tb * DEC_TOK * ldo + (o - o0);
-            store_dec(y, ldo, c[0], n0, bias ? bias + o : NULL);
-            store_dec(y + DEC_TOK * ldo, ldo, c[1], n1, bias ? bias + o : NULL);
-            if (pair) {
-                store_dec(y + 16, ldo, c[2], n0, bias ? bias + o + 16 : NULL);
-                store_dec(y + DEC_TOK * ldo + 16, ldo, c[3], n1, bias ? bias + o + 16 : NULL);
-            }
-        }
-    }
-    _tile_release();
-}
-
 int op_amx_gemv_batch(int n, float *const *out, const struct op_mat *const *w, const float *const *bias,
                       const int *OC, const float *x, int IC, int nb)
 {
@@ -352,12 +252,10 @@ int op_amx_gemv_batch(int n, float *const *out, const struct op_mat *const *w, c
             return 0;
         rows += OC[k];
     }
-    int nblk = (nb + 2 * DEC_TOK - 1) / (2 * DEC_TOK) * 2, nkb = IC / 32; // whole pairs of blocks
-    uint16_t *pk = nb > 0 ? lk_malloc(sizeof(uint16_t) * 512 * (size_t)nblk * (size_t)nkb) : NULL;
+    uint16_t *pk = nb > 0 ? lk_malloc(op_amx_pack_size(nb, IC)) : NULL;
     if (!pk)
         return 0;
-    for (int tb = 0; tb < nblk; tb++)
-        pack_dec_block(pk, x, (size_t)IC, nb, IC, tb);
+    op_amx_pack(pk, x, (size_t)IC, nb, IC, 1);
     int nt = rows * IC < (1L << 16) ? 1 : op_team();
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
@@ -368,8 +266,8 @@ int op_amx_gemv_batch(int n, float *const *out, const struct op_mat *const *w, c
         for (int k = 0; k < n; base += OC[k], k++) {
             long a = g0 > base ? g0 : base, b = g1 < base + OC[k] ? g1 : base + OC[k];
             if (a < b)
-                kernel_dec(out[k] + (a - base), (size_t)OC[k], pk, nb, w[k]->h, IC, (int)(a - base), (int)(b - base),
-                           bias && bias[k] ? bias[k] + 0 : NULL);
+                kernel(out[k] + (a - base), (size_t)OC[k], pk, nb, w[k]->h, IC, (int)(a - base), (int)(b - base),
+                       bias ? bias[k] : NULL);
         }
     }
     lk_free(pk);
