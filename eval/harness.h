@@ -169,11 +169,11 @@ struct ev_config {
 };
 
 #define EV_BATCH_MAX 256     /* sequences in flight at most */
-/* `lorakit eval --batch` unless given. Measured with `make bench-eval` on 2026-12-05 (Qwen2.5-0.5B
- * shape, bf16, 6 MedQuAD dev questions x 4 modes, --max-new 32, 2 threads, load average about 3.5
- * from other jobs): --batch 1 159 s per question, --batch 4 92 s (1.73x). Larger batches were not
- * measured once the batched path was fixed (earlier sweeps at 8 and 16 ran into the bugs fixed
- * since and are void): 4 is the best measured. */
+/* `lorakit eval --batch` unless given. Measured on 2026-12-05 with AMX (Qwen2.5-0.5B shape, bf16,
+ * the first 4 MedQuAD dev questions x 4 modes, --max-new 32, 2 threads, idle machine): --batch 1
+ * 74.8 s, 8 43.1 s, 16 39.9 s; on 8 questions 16 and 32 took the same time (178 and 176 s), 32 with
+ * 330 MB more for the caches. A step holds at most 512 rows, so beyond 16 sequences more of them
+ * only wait. */
 #define EV_BATCH_DEFAULT 16
 
 struct ev_cell {

@@ -818,18 +818,15 @@ static void batch_gemm(struct gen_batch *b, float *out, const float *in, const s
 static void batch_proj(struct gen_batch *b, int nw, float *const *out, const struct op_mat *const *w,
                        const float *const *bias, const int *OC, const float *in, int IC, int ra, int rows)
 {
-    // the tile unit gives a one-token row the same sums among the chunks' rows as alone (ops.h):
-    // one pass over the weights for all the rows
-    int amx = op_amx_gemv && ra > 0 && rows > ra;
-    for (int k = 0; k < nw; k++)
-        amx &= op_amx_fits(w[k], IC, OC[k]);
-    for (int k = 0; amx && k < nw; k++)
-        if (!op_amx_forward(out[k], in, w[k], bias ? bias[k] : NULL, rows, IC, OC[k]))
-            amx = 0; // out of memory for the packing: the two kernels below (they write every row)
-    if (amx)
-        return;
-    for (int k = 0; ra > 0 && k < nw; k++)
-        batch_gemm(b, out[k], in, w[k], bias ? bias[k] : NULL, ra, IC, OC[k]);
+    // AMX (ops.h): the chunks' rows in one product per matrix, the input packed once for the nw
+    // matrices; the one-token rows among them while eval runs (op_amx_gemv: a row's sums there
+    // are those it gets alone), so that the step reads the weights once
+    int n_amx = op_amx_gemv ? rows : ra;
+    if (n_amx > 0 && op_amx_many(nw, out, w, bias, OC, in, IC, n_amx))
+        ra = n_amx;
+    else
+        for (int k = 0; ra > 0 && k < nw; k++)
+            batch_gemm(b, out[k], in, w[k], bias ? bias[k] : NULL, ra, IC, OC[k]);
     if (rows > ra) {
         float *o[3];
         for (int k = 0; k < nw; k++)
@@ -842,9 +839,15 @@ static void batch_proj(struct gen_batch *b, int nw, float *const *out, const str
 static void batch_lora(struct gen_batch *b, const struct gen_brun *runs, int n_runs, int l, int module, float *out,
                        int OC, const float *in, int IC)
 {
+    // the runs on the threads (each computes as gen_forward would, in its own rows of xa)
+    int any = 0, R = b->R > 0 ? b->R : 1;
     for (int j = 0; j < n_runs; j++)
-        lora_linear(b->xa, runs[j].lora, l, module, out + (size_t)b->row[j] * OC, in + (size_t)b->row[j] * IC,
-                    runs[j].n);
+        any += runs[j].lora != NULL;
+    int nt = any > 1 ? op_team() : 1;
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1) if (nt > 1)
+    for (int j = 0; j < n_runs; j++)
+        lora_linear(b->xa + (size_t)b->row[j] * R, runs[j].lora, l, module, out + (size_t)b->row[j] * OC,
+                    in + (size_t)b->row[j] * IC, runs[j].n);
 }
 
 /* Attention of every run over its sequence's cache: the chunks one after the other, each on the
@@ -1118,6 +1121,7 @@ int gen_batch_forward(struct gen_batch *b, const struct model *m, const struct g
         return LK_OK;
     if ((rc = batch_plan(b, m, runs, n_runs, &ra, &rows, err)))
         return rc;
+    if (getenv("LK_DBG_ROWS")) fprintf(stderr, "STEP %d %d %d\n", ra, rows, n_runs);
     // BLAS single-threaded: the kernels share the threads themselves (ops.h)
     int prev = op_blas_serial_begin(2);
     batch_embed(b, m, runs, n_runs);

@@ -97,6 +97,11 @@ int op_amx_gemv_batch(int n, float *const *out, const struct op_mat *const *w, c
 /* out[N, OC] = inp @ w^T + bias on op_team() threads: 1, or 0 when the path does not apply (or
  * the packing buffer could not be allocated) and nothing was written. */
 int op_amx_forward(float *out, const float *inp, const struct op_mat *w, const float *bias, int N, int IC, int OC);
+/* n such products of the same x[N, IC] (q, k, v; gate, up), x packed once and the products' rows
+ * shared out over the threads together: out[k][N, OC[k]] = x @ w[k]^T + bias[k] (bias NULL, or
+ * any bias[k] NULL, for none); 1, or 0 as op_amx_forward (every w[k] must fit). */
+int op_amx_many(int n, float *const *out, const struct op_mat *const *w, const float *const *bias, const int *OC,
+                const float *x, int IC, int N);
 /* dinp[N, IC] = beta dinp + dout[N, OC] @ w (the input gradient of the linear above): beta 1
  * accumulates, beta 0 writes (dinp need not be initialised: no separate pass to zero it). */
 void op_mat_backward(float *dinp, const float *dout, const struct op_mat *w, int N, int IC, int OC, float beta,

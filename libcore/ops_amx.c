@@ -34,7 +34,6 @@ int op_amx = 1;
 int op_amx_gemv = 0;
 
 #if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
-#define OP_AMX_BUILD 1
 #include <cpuid.h>
 #include <immintrin.h>
 #include <sys/syscall.h>
@@ -43,13 +42,14 @@ int op_amx_gemv = 0;
 #define AMX_TARGET __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")))
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
-#ifndef AMX_CHUNK_BYTES
+/* Tuned on the Qwen2.5-0.5B shapes (256 to 1024 tokens x 896 -> 4864, 4864 -> 896, 896 -> 151936,
+ * 2 threads): packed tokens per chunk of the kernel's outer loop (384 KB to 1.5 MB within noise;
+ * no chunks: 2/3 the speed at 4864 columns); how many column blocks ahead the weights are
+ * prefetched (2: 750 GFLOP/s against 430 without; 1 or 3 within noise), further ahead for a
+ * single block of tokens (less work per weight). */
 #define AMX_CHUNK_BYTES (768 << 10)
 #define AMX_PF 2
-#ifndef AMX_PF1
 #define AMX_PF1 4
-#endif
-#endif
 #define PK_BLOCK (3 * 512) /* uint16 per block of 16 tokens x 32 columns: three 1 KB tiles */
 
 static pthread_once_t amx_once = PTHREAD_ONCE_INIT;
@@ -114,7 +114,8 @@ AMX_TARGET static __m512i to_bf16(__m512 lo, __m512 hi, __m512 *wlo, __m512 *whi
 }
 
 /* Token block tb (tokens 16 tb .. 16 tb + 15, zeros past N) of x into pk: per column block, the
- * three parts, each 16 rows (column pairs) x 16 tokens x 2. */
+ * three parts, each 16 rows (column pairs) x 16 tokens x 2; the two blocks of a pair (tb, tb + 1
+ * for even tb) side by side column block by column block, one stream for the kernel. */
 AMX_TARGET static void pack_block(uint16_t *pk, const float *x, size_t ldx, int N, int IC, int tb)
 {
     int nkb = IC / 32;
@@ -174,104 +175,79 @@ AMX_TARGET static void tiles_config(void)
     _tile_loadconfig(&cfg);
 }
 
+/* The 2 x 2 C tiles of weight rows o.. and o + 16.. (pair; else o.. alone) by the token pair at
+ * p0 (two blocks; else one), over every column block, into c. */
+AMX_TARGET static void tiles_run(float c[4][256], const uint16_t *W, int IC, int o, int pair, const uint16_t *p0,
+                                 int two)
+{
+    const uint16_t *w0 = W + (size_t)o * IC, *w1 = pair ? w0 + (size_t)16 * IC : w0;
+    long lw = (long)IC * 2;
+    int nkb = IC / 32;
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int kb = 0; kb < nkb; kb++) {
+        // the weights' rows are far apart: the hardware prefetchers miss them
+        int ahead = kb + (two ? AMX_PF : AMX_PF1);
+        if (ahead < nkb)
+            for (int r = 0; r < 16; r++) {
+                _mm_prefetch((const char *)(w0 + (size_t)r * IC + ahead * 32), _MM_HINT_T0);
+                _mm_prefetch((const char *)(w1 + (size_t)r * IC + ahead * 32), _MM_HINT_T0);
+            }
+        _tile_loadd(4, w0 + kb * 32, lw);
+        _tile_loadd(5, w1 + kb * 32, lw);
+        const uint16_t *b0 = p0 + (size_t)kb * 2 * PK_BLOCK, *b1 = b0 + PK_BLOCK;
+        if (!two) { // one block of tokens: tiles 0 and 2
+            for (int p = 0; p < 3; p++) {
+                _tile_loadd(6, b0 + p * 512, 64);
+                _tile_dpbf16ps(0, 4, 6);
+                _tile_dpbf16ps(2, 5, 6);
+            }
+            continue;
+        }
+        for (int p = 0; p < 3; p++) {
+            _tile_loadd(6, b0 + p * 512, 64);
+            _tile_loadd(7, b1 + p * 512, 64);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(1, 4, 7);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+        }
+    }
+    _tile_stored(0, c[0], 64);
+    _tile_stored(1, c[1], 64);
+    _tile_stored(2, c[2], 64);
+    _tile_stored(3, c[3], 64);
+}
+
+/* out[t, o - o0] = x[t] . W[o] + bias[o] for the N packed tokens and rows [o0, o1). */
 AMX_TARGET static void kernel(float *out, size_t ldo, const uint16_t *pk, int N, const uint16_t *W, int IC, int o0,
                               int o1, const float *bias)
 {
     tiles_config();
     int ntb = (N + 15) / 16, nkb = IC / 32;
-    long lw = (long)IC * 2;
     float c[4][256] __attribute__((aligned(64)));
     // token blocks in chunks whose packed rows stay in the L2 cache, each pair of weight blocks
     // passing over a whole chunk
     int chunk = (int)(AMX_CHUNK_BYTES / ((size_t)IC * 6 * 32)) * 2;
     chunk = chunk > 2 ? chunk : 2;
     for (int tc = 0; tc < ntb; tc += chunk)
-    for (int o = o0; o < o1; o += 32)
-    for (int tb = tc; tb < ntb && tb < tc + chunk; tb += 2) {
-        int two = tb + 1 < ntb;
-        const uint16_t *p0 = pk + (size_t)tb * nkb * PK_BLOCK; // tb even: its pair's blocks, kb by kb
-        {
-            int pair = o + 16 < o1;
-            const uint16_t *w0 = W + (size_t)o * IC, *w1 = pair ? w0 + (size_t)16 * IC : w0;
-            _tile_zero(0);
-            _tile_zero(1);
-            _tile_zero(2);
-            _tile_zero(3);
-            for (int kb = 0; kb < nkb; kb++) {
-                // the weights' rows are far apart: the hardware prefetchers miss them (fewer tokens:
-                // less work per weight, so further ahead)
-                int ahead = kb + (two ? AMX_PF : AMX_PF1);
-                if (ahead < nkb)
-                    for (int r = 0; r < 16; r++) {
-                        _mm_prefetch((const char *)(w0 + (size_t)r * IC + ahead * 32), _MM_HINT_T0);
-                        _mm_prefetch((const char *)(w1 + (size_t)r * IC + ahead * 32), _MM_HINT_T0);
-                    }
-                _tile_loadd(4, w0 + kb * 32, lw);
-                _tile_loadd(5, w1 + kb * 32, lw);
-                const uint16_t *b0 = p0 + (size_t)kb * 2 * PK_BLOCK, *b1 = b0 + PK_BLOCK;
-                if (!two) { // one block of tokens: tiles 0 and 2
-                    for (int p = 0; p < 3; p++) {
-                        _tile_loadd(6, b0 + p * 512, 64);
-                        _tile_dpbf16ps(0, 4, 6);
-                        _tile_dpbf16ps(2, 5, 6);
-                    }
-                    continue;
-                }
-                for (int p = 0; p < 3; p++) {
-                    _tile_loadd(6, b0 + p * 512, 64);
-                    _tile_loadd(7, b1 + p * 512, 64);
-                    _tile_dpbf16ps(0, 4, 6);
-                    _tile_dpbf16ps(1, 4, 7);
-                    _tile_dpbf16ps(2, 5, 6);
-                    _tile_dpbf16ps(3, 5, 7);
+        for (int o = o0; o < o1; o += 32)
+            for (int tb = tc; tb < ntb && tb < tc + chunk; tb += 2) { // tb even: its pair's blocks
+                int two = tb + 1 < ntb, pair = o + 16 < o1;
+                tiles_run(c, W, IC, o, pair, pk + (size_t)tb * nkb * PK_BLOCK, two);
+                int n0 = N - tb * 16 < 16 ? N - tb * 16 : 16;
+                int n1 = two ? (N - tb * 16 - 16 < 16 ? N - tb * 16 - 16 : 16) : 0;
+                float *y = out + (size_t)tb * 16 * ldo + (o - o0);
+                store_tile(y, ldo, c[0], n0, bias ? bias + o : NULL);
+                store_tile(y + 16 * ldo, ldo, c[1], n1, bias ? bias + o : NULL);
+                if (pair) {
+                    store_tile(y + 16, ldo, c[2], n0, bias ? bias + o + 16 : NULL);
+                    store_tile(y + 16 * ldo + 16, ldo, c[3], n1, bias ? bias + o + 16 : NULL);
                 }
             }
-            _tile_stored(0, c[0], 64);
-            _tile_stored(1, c[1], 64);
-            _tile_stored(2, c[2], 64);
-            _tile_stored(3, c[3], 64);
-            int n0 = N - tb * 16 < 16 ? N - tb * 16 : 16, n1 = two ? (N - tb * 16 - 16 < 16 ? N - tb * 16 - 16 : 16) : 0;
-            float *y = out + (size_t)tb * 16 * ldo + (o - o0);
-            store_tile(y, ldo, c[0], n0, bias ? bias + o : NULL);
-            store_tile(y + 16 * ldo, ldo, c[1], n1, bias ? bias + o : NULL);
-            if (pair) {
-                store_tile(y + 16, ldo, c[2], n0, bias ? bias + o + 16 : NULL);
-                store_tile(y + 16 * ldo + 16, ldo, c[3], n1, bias ? bias + o + 16 : NULL);
-            }
-        }
-    }
     _tile_release();
-}
-
-int op_amx_gemv_batch(int n, float *const *out, const struct op_mat *const *w, const float *const *bias,
-                      const int *OC, const float *x, int IC, int nb)
-{
-    long rows = 0;
-    for (int k = 0; k < n; k++) {
-        if (!op_amx_gemv || !op_amx_fits(w[k], IC, OC[k]))
-            return 0;
-        rows += OC[k];
-    }
-    uint16_t *pk = nb > 0 ? lk_malloc(op_amx_pack_size(nb, IC)) : NULL;
-    if (!pk)
-        return 0;
-    op_amx_pack(pk, x, (size_t)IC, nb, IC, 1);
-    int nt = rows * IC < (1L << 16) ? 1 : op_team();
-#pragma omp parallel num_threads(nt) if (nt > 1)
-    {
-        // as op_mat_gemv_batch: thread t the rows [g0, g1) of the products one after the other,
-        // in whole pairs of 16 rows
-        int t = omp_get_thread_num(), m = omp_get_num_threads();
-        long per = ((rows + m - 1) / m + 31) & ~31L, g0 = t * per, g1 = g0 + per < rows ? g0 + per : rows, base = 0;
-        for (int k = 0; k < n; base += OC[k], k++) {
-            long a = g0 > base ? g0 : base, b = g1 < base + OC[k] ? g1 : base + OC[k];
-            if (a < b)
-                kernel(out[k] + (a - base), (size_t)OC[k], pk, nb, w[k]->h, IC, (int)(a - base), (int)(b - base),
-                       bias ? bias[k] : NULL);
-        }
-    }
-    lk_free(pk);
-    return 1;
 }
 
 int op_amx_fits(const struct op_mat *w, int IC, int OC)
@@ -300,13 +276,6 @@ void op_amx_rows(float *out, size_t ldo, const uint16_t *pk, int N, const struct
 }
 
 #else
-
-int op_amx_gemv_batch(int n, float *const *out, const struct op_mat *const *w, const float *const *bias,
-                      const int *OC, const float *x, int IC, int nb)
-{
-    (void)n, (void)out, (void)w, (void)bias, (void)OC, (void)x, (void)IC, (void)nb;
-    return 0;
-}
 
 int op_amx_active(void)
 {
@@ -339,25 +308,44 @@ void op_amx_rows(float *out, size_t ldo, const uint16_t *pk, int N, const struct
 
 #endif
 
-int op_amx_forward(float *out, const float *inp, const struct op_mat *w, const float *bias, int N, int IC, int OC)
+int op_amx_many(int n, float *const *out, const struct op_mat *const *w, const float *const *bias, const int *OC,
+                const float *x, int IC, int N)
 {
-    if (N < 1 || !op_amx_fits(w, IC, OC))
-        return 0;
-    uint16_t *pk = lk_malloc(op_amx_pack_size(N, IC));
+    long rows = 0;
+    for (int k = 0; k < n; k++) {
+        if (!op_amx_fits(w[k], IC, OC[k]))
+            return 0;
+        rows += OC[k];
+    }
+    uint16_t *pk = N > 0 ? lk_malloc(op_amx_pack_size(N, IC)) : NULL;
     if (!pk)
         return 0;
-    int nt = (double)N * IC * OC < 262144.0 ? 1 : op_team(), nb = OC / 16;
-    nt = nt < nb ? nt : nb;
-    op_amx_pack(pk, inp, (size_t)IC, N, IC, nt);
+    int nt = (double)N * rows * IC < 262144.0 ? 1 : op_team();
+    op_amx_pack(pk, x, (size_t)IC, N, IC, nt);
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
-        int t = omp_get_thread_num(), k = omp_get_num_threads();
-        // whole pairs of 16 rows per thread, so that a thread's rows run the paired kernel
-        int npair = (nb + 1) / 2, a = npair * t / k * 32, z = npair * (t + 1) / k * 32;
-        z = z < OC ? z : OC;
-        if (a < z)
-            op_amx_rows(out + a, (size_t)OC, pk, N, w, IC, a, z, bias);
+        // thread t: rows [g0, g1) of the products one after the other, whole pairs of 16 rows (a
+        // row's sums do not depend on which thread, or beside which rows, it is computed)
+        int t = omp_get_thread_num(), m = omp_get_num_threads();
+        long per = ((rows + m - 1) / m + 31) & ~31L, g0 = t * per, g1 = g0 + per < rows ? g0 + per : rows, base = 0;
+        for (int k = 0; k < n; base += OC[k], k++) {
+            long a = g0 > base ? g0 : base, b = g1 < base + OC[k] ? g1 : base + OC[k];
+            if (a < b)
+                op_amx_rows(out[k] + (a - base), (size_t)OC[k], pk, N, w[k], IC, (int)(a - base), (int)(b - base),
+                            bias ? bias[k] : NULL);
+        }
     }
     lk_free(pk);
     return 1;
+}
+
+int op_amx_forward(float *out, const float *inp, const struct op_mat *w, const float *bias, int N, int IC, int OC)
+{
+    return op_amx_many(1, &out, &w, &bias, &OC, inp, IC, N);
+}
+
+int op_amx_gemv_batch(int n, float *const *out, const struct op_mat *const *w, const float *const *bias,
+                      const int *OC, const float *x, int IC, int nb)
+{
+    return op_amx_gemv && op_amx_many(n, out, w, bias, OC, x, IC, nb);
 }
