@@ -132,8 +132,8 @@ static void lora_mul_acc(float *out, const float *x, const float *w, float alpha
         cblas_sgemv(CblasRowMajor, CblasNoTrans, OC, IC, alpha, w, IC, x, 1, 1.0f, out, 1);
 }
 
-/* Dot product with 4 partial sums (a plain float reduction does not vectorize without
- * -ffast-math). */
+/* Dot product in float: 8 AVX2 lanes and a plain tail (a plain float reduction does not vectorize
+ * without -ffast-math). */
 static float dot(const float *a, const float *b, int n)
 {
     float s;
@@ -161,8 +161,9 @@ static void lora_linear(float *xa, const struct lora *lora, int layer, int modul
 
 /* Attention of the N chunk tokens (positions n0..n0+N-1) over cache positions 0..n0+i, with
  * the arithmetic of op_attention_forward (float scores, double softmax sum). A prefill chunk
- * (N >= 8) is two GEMMs per head over the cache (scores, then P V), the heads on the threads; a
- * single token runs the plain loops on OpenMP threads. */
+ * (N >= 8) is two GEMMs over the cache (scores, then P V) per group of query heads sharing a
+ * key/value head (per head without grouped queries), on the threads; a single token runs the
+ * plain loops on OpenMP threads. */
 static void softmax_causal_row(float *a, int t)
 {
     int n = t + 1;
@@ -976,8 +977,9 @@ static void batch_logits_block(struct gen_batch *b, const struct model *m, const
 }
 
 /* Each thread's share of the streamed log-probabilities: tiles t, t + nt, ... of tv vocabulary rows,
- * each widened once (into buf) for the k rows and multiplied by one GEMM, then every row's maximum
- * M and sum S of e^(l - M) updated (S rescaled when M grows). */
+ * each widened once (into buf) for the k rows and multiplied by one GEMM (or, with the rows packed
+ * in pk, multiplied on the AMX tile unit), then every row's maximum M and sum S of e^(l - M)
+ * updated (S rescaled when M grows). */
 static void stream_tiles(struct gen_batch *b, const struct op_mat *w, const struct lg_row *who, const float *A,
                          const uint16_t *pk, int k, int kp, int t, int nt, float *buf, double *M, double *S, float *tl)
 {
@@ -1121,7 +1123,6 @@ int gen_batch_forward(struct gen_batch *b, const struct model *m, const struct g
         return LK_OK;
     if ((rc = batch_plan(b, m, runs, n_runs, &ra, &rows, err)))
         return rc;
-    if (getenv("LK_DBG_ROWS")) fprintf(stderr, "STEP %d %d %d\n", ra, rows, n_runs);
     // BLAS single-threaded: the kernels share the threads themselves (ops.h)
     int prev = op_blas_serial_begin(2);
     batch_embed(b, m, runs, n_runs);
