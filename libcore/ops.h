@@ -56,6 +56,15 @@ int op_team(void);
 int op_blas_serial_begin(int nt);
 void op_blas_serial_end(int prev);
 
+/* Thread t of m's stretch [*g0, *g1) of `rows` rows (of products stacked one after the other), in
+ * whole units: one stretch of memory per thread, and a row's sums never depend on the thread
+ * count. */
+static inline void op_rows_share(long rows, long unit, int t, int m, long *g0, long *g1)
+{
+    long per = ((rows + m - 1) / m + unit - 1) / unit * unit;
+    *g0 = t * per < rows ? t * per : rows;
+    *g1 = *g0 + per < rows ? *g0 + per : rows;
+}
 /* Widens rows [r0, r1) x columns [c0, c1) of w (cols columns per row) into dst, contiguous
  * [(r1 - r0), (c1 - c0)]. */
 void op_mat_widen(float *dst, const struct op_mat *w, int cols, int r0, int r1, int c0, int c1);

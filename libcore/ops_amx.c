@@ -324,15 +324,14 @@ int op_amx_many(int n, float *const *out, const struct op_mat *const *w, const f
     op_amx_pack(pk, x, (size_t)IC, N, IC, nt);
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
-        // thread t: rows [g0, g1) of the products one after the other, whole pairs of 16 rows (a
-        // row's sums do not depend on which thread, or beside which rows, it is computed)
-        int t = omp_get_thread_num(), m = omp_get_num_threads();
-        long per = ((rows + m - 1) / m + 31) & ~31L, g0 = t * per, g1 = g0 + per < rows ? g0 + per : rows, base = 0;
+        // whole pairs of 16 rows a thread (a row's sums do not depend on which thread, or beside
+        // which rows, it is computed)
+        long g0, g1, base = 0;
+        op_rows_share(rows, 32, omp_get_thread_num(), omp_get_num_threads(), &g0, &g1);
         for (int k = 0; k < n; base += OC[k], k++) {
-            long a = g0 > base ? g0 : base, b = g1 < base + OC[k] ? g1 : base + OC[k];
+            int a = (int)((g0 > base ? g0 : base) - base), b = (int)((g1 < base + OC[k] ? g1 : base + OC[k]) - base);
             if (a < b)
-                op_amx_rows(out[k] + (a - base), (size_t)OC[k], pk, N, w[k], IC, (int)(a - base), (int)(b - base),
-                            bias ? bias[k] : NULL);
+                op_amx_rows(out[k] + a, (size_t)OC[k], pk, N, w[k], IC, a, b, bias ? bias[k] : NULL);
         }
     }
     lk_free(pk);

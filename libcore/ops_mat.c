@@ -564,8 +564,8 @@ void op_mat_gemv_batch(int n, float *const *out, const struct op_mat *const *w, 
         // memory per thread (handing out small tasks dynamically measured 10% slower: the
         // threads' streams then interleave); whole groups of four rows, so a row's sum does not
         // depend on the thread count
-        int t = omp_get_thread_num(), m = omp_get_num_threads();
-        long per = ((rows + m - 1) / m + 3) & ~3L, g0 = t * per, g1 = g0 + per < rows ? g0 + per : rows, base = 0;
+        long g0, g1, base = 0;
+        op_rows_share(rows, 4, omp_get_thread_num(), omp_get_num_threads(), &g0, &g1);
         for (int k = 0; k < n; base += OC[k], k++) {
             long a = g0 > base ? g0 : base, b = g1 < base + OC[k] ? g1 : base + OC[k];
             if (a < b)
