@@ -114,11 +114,20 @@ static int lk_probe_refuses(size_t n)
     return n > lk_alloc_limit;
 }
 
+/* Blocks of LK_ALIGN_FROM bytes and more start on a cache line: the AMX tile loads read 64-byte
+ * rows of weights, packed activations and outputs, and a row straddling two lines costs two (the
+ * products on the Qwen2.5-0.5B shapes ran 1.8x faster with all three aligned than at malloc's
+ * 16-byte offset, measured here). Smaller blocks keep malloc's 16 bytes. */
+#define LK_ALIGN_FROM 1024
+
 void *lk_malloc(size_t n)
 {
     if (lk_fault_now() || lk_probe_refuses(n))
         return NULL;
-    return lk_count(malloc(n ? n : 1));
+    if (n < LK_ALIGN_FROM)
+        return lk_count(malloc(n ? n : 1));
+    void *p;
+    return lk_count(posix_memalign(&p, LK_ALIGN, n) ? NULL : p);
 }
 
 void *lk_calloc(size_t count, size_t size)

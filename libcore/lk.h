@@ -46,7 +46,9 @@ void lk_assert_fail(const char *file, int line, const char *cond) __attribute__(
 
 // ---- memory ----
 /* NULL on failure (sizes come from user files: never abort on OOM). lk_malloc(0) returns a
- * valid unique pointer. Tests set lk_fail_countdown = N to make the Nth allocation fail. */
+ * valid unique pointer; a block of 1 KB or more from lk_malloc (and lk_falloc) starts on an
+ * LK_ALIGN-byte boundary. Tests set lk_fail_countdown = N to make the Nth allocation fail. */
+#define LK_ALIGN 64
 void *lk_malloc(size_t n);
 void *lk_calloc(size_t count, size_t size);
 void *lk_realloc(void *p, size_t n);

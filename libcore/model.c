@@ -106,14 +106,19 @@ int model_weights_alloc_dtype(struct model_weights *w, const struct cfg *c, int 
     struct wvisit v = { .dtype = dtype };
     weights_layout(w, c, &v);
     w->layer = lk_calloc((size_t)c->num_hidden_layers, sizeof *w->layer);
-    size_t bytes;
-    if (!w->layer || lk_mul_size(v.off, sizeof(float), &bytes) || !(w->mem = lk_calloc(v.off, sizeof(float))) ||
-        (v.hoff && !(w->hmem = lk_calloc(v.hoff, sizeof(uint16_t))))) {
+    // lk_malloc: the blocks start on a cache line (lk.h), and so does every matrix in them (their
+    // sizes are multiples of 64 bytes on the usual shapes): the AMX tiles load 64-byte rows
+    size_t bytes, hbytes = 0;
+    if (!w->layer || lk_mul_size(v.off, sizeof(float), &bytes) || !(w->mem = lk_malloc(bytes)) ||
+        (v.hoff && (lk_mul_size(v.hoff, sizeof(uint16_t), &hbytes) || !(w->hmem = lk_malloc(hbytes))))) {
         model_weights_release(w);
         return lk_errf(err, LK_ERR_NOMEM, "out of memory allocating %zu model parameters", v.off + v.hoff);
     }
-    advise_huge(w->mem, v.off * sizeof(float));
-    advise_huge(w->hmem, v.hoff * sizeof(uint16_t));
+    advise_huge(w->mem, bytes); // before the pages are first written
+    advise_huge(w->hmem, hbytes);
+    memset(w->mem, 0, bytes);
+    if (hbytes)
+        memset(w->hmem, 0, hbytes);
     w->n = v.off;
     w->hn = v.hoff;
     w->dtype = dtype;
