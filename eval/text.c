@@ -8,6 +8,7 @@
 #include <utf8proc.h>
 
 #include "../libcore/lk.h"
+#include "../libcore/tok.h"
 
 int ev_char_is_cjk(int32_t c)
 {
@@ -31,32 +32,6 @@ int ev_char_is_space(int32_t c)
            k == UTF8PROC_CATEGORY_CC;
 }
 
-/* The length of the well-formed character at s[0..n), or -(bytes of its longest valid prefix,
- * at least 1) when it is ill-formed (Unicode's table of well-formed byte sequences, 3.9). */
-static int utf8_char(const unsigned char *s, size_t n)
-{
-    unsigned char c = s[0];
-    if (c < 0x80)
-        return 1;
-    int len = c >= 0xC2 && c <= 0xDF ? 2 : c >= 0xE0 && c <= 0xEF ? 3 : c >= 0xF0 && c <= 0xF4 ? 4 : 0;
-    if (!len)
-        return -1;
-    unsigned char lo = 0x80, hi = 0xBF; // the second byte's range depends on the first
-    if (c == 0xE0)
-        lo = 0xA0;
-    else if (c == 0xED)
-        hi = 0x9F;
-    else if (c == 0xF0)
-        lo = 0x90;
-    else if (c == 0xF4)
-        hi = 0x8F;
-    for (int j = 1; j < len; j++) {
-        if ((size_t)j >= n || s[j] < (j == 1 ? lo : 0x80) || s[j] > (j == 1 ? hi : 0xBF))
-            return -j;
-    }
-    return len;
-}
-
 char *ev_utf8_lossy(const char *s, size_t n)
 {
     const unsigned char *u = (const unsigned char *)s;
@@ -65,7 +40,7 @@ char *ev_utf8_lossy(const char *s, size_t n)
     if (!out)
         return NULL;
     for (size_t i = 0; i < n;) {
-        int k = utf8_char(u + i, n - i);
+        int k = tok_utf8_char(u + i, n - i);
         if (k > 0) {
             memcpy(out + o, s + i, (size_t)k);
             o += (size_t)k;

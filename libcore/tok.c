@@ -191,43 +191,39 @@ static int utf8_next(const unsigned char *s, size_t n, uint32_t *cp)
     return (int)k;
 }
 
+int tok_utf8_char(const unsigned char *s, size_t n)
+{
+    unsigned char c = s[0];
+    if (c < 0x80)
+        return 1;
+    int len = c >= 0xC2 && c <= 0xDF ? 2 : c >= 0xE0 && c <= 0xEF ? 3 : c >= 0xF0 && c <= 0xF4 ? 4 : 0;
+    if (!len)
+        return -1;
+    // the second byte's range depends on the first: no overlong forms, surrogates or > U+10FFFF
+    unsigned char lo = 0x80, hi = 0xBF;
+    if (c == 0xE0)
+        lo = 0xA0;
+    else if (c == 0xED)
+        hi = 0x9F;
+    else if (c == 0xF0)
+        lo = 0x90;
+    else if (c == 0xF4)
+        hi = 0x8F;
+    for (int j = 1; j < len; j++) {
+        if ((size_t)j >= n || s[j] < (j == 1 ? lo : 0x80) || s[j] > (j == 1 ? hi : 0xBF))
+            return -j;
+    }
+    return len;
+}
+
 size_t tok_utf8_check(const char *str, size_t len)
 {
     const unsigned char *s = (const unsigned char *)str;
-    size_t i = 0;
-    while (i < len) {
-        unsigned c = s[i];
-        if (c < 0x80) {
-            i++;
-            continue;
-        }
-        int k;
-        uint32_t cp, min;
-        if (c >= 0xC2 && c <= 0xDF) {
-            k = 1;
-            cp = c & 0x1F;
-            min = 0x80;
-        } else if (c >= 0xE0 && c <= 0xEF) {
-            k = 2;
-            cp = c & 0x0F;
-            min = 0x800;
-        } else if (c >= 0xF0 && c <= 0xF4) {
-            k = 3;
-            cp = c & 0x07;
-            min = 0x10000;
-        } else {
+    for (size_t i = 0; i < len;) {
+        int k = tok_utf8_char(s + i, len - i);
+        if (k < 0)
             return i + 1;
-        }
-        if (len - i < (size_t)k + 1)
-            return i + 1;
-        for (int j = 1; j <= k; j++) {
-            if ((s[i + j] & 0xC0) != 0x80)
-                return i + 1;
-            cp = (cp << 6) | (s[i + j] & 0x3F);
-        }
-        if (cp < min || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF))
-            return i + 1;
-        i += (size_t)k + 1;
+        i += (size_t)k;
     }
     return 0;
 }

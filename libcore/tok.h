@@ -73,6 +73,10 @@ const char *tok_chat_template(const struct tok *t);
 int tok_nfc(const char *text, size_t len, char **out, size_t *out_len, struct lk_err *err);
 /* 0 when s[0..len) is valid UTF-8, else the offset of the first bad byte + 1. */
 size_t tok_utf8_check(const char *s, size_t len);
+/* The length of the well-formed character at s[0..n) (n >= 1), or -(bytes of its maximal
+ * ill-formed subpart, at least 1) when it is ill-formed: Unicode's table of well-formed byte
+ * sequences (3.9), the unit that decoders replace by one U+FFFD. */
+int tok_utf8_char(const unsigned char *s, size_t n);
 
 // ---- training (tok_train.c) ----
 enum tok_train_stage { TOK_TRAIN_COUNTED = 0, TOK_TRAIN_MERGING, TOK_TRAIN_DONE };

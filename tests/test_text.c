@@ -12,6 +12,7 @@
 #include "../eval/fts.h"
 #include "../eval/metrics.h"
 #include "../eval/text.h"
+#include "../libcore/tok.h"
 
 /* Code points with their class by the Unicode charts: 1 CJK (a token of its own), 2 space (a
  * separator), 0 anything else (part of a word). */
@@ -119,7 +120,7 @@ TEST(text_fts_chunks_and_metrics_tokens_agree)
     CHECK_INT(ne, 12);
 }
 
-TEST(text_utf8_lossy_matches_python)
+TEST(text_utf8_lossy_and_strict_check_match_python)
 {
     // hand-worked: one U+FFFD per maximal ill-formed subsequence
     static const struct {
@@ -160,9 +161,20 @@ TEST(text_utf8_lossy_matches_python)
         fputc('\n', f);
     }
     CHECK_INT(fclose(f), 0);
-    int rc = test_sh("python3 -c 'import sys\nfor l in open(sys.argv[1]):\n    "
-                     "print(bytes.fromhex(l.strip()).decode(\"utf-8\", \"replace\").encode().hex())' '%s'",
-                     test_path("bytes.hex"));
+    // each line: the replaced text, and where strict decoding fails (-1: valid)
+    f = fopen(test_path("lossy.py"), "w");
+    CHECK(f != NULL);
+    fputs("import sys\n"
+          "for l in open(sys.argv[1]):\n"
+          "    b = bytes.fromhex(l.strip())\n"
+          "    try:\n"
+          "        b.decode('utf-8'); bad = -1\n"
+          "    except UnicodeDecodeError as e:\n"
+          "        bad = e.start\n"
+          "    print(b.decode('utf-8', 'replace').encode().hex(), bad)\n",
+          f);
+    CHECK_INT(fclose(f), 0);
+    int rc = test_sh("python3 '%s' '%s'", test_path("lossy.py"), test_path("bytes.hex"));
     if (rc == 127)
         SKIP("python3 is not installed (the hand-worked cases above ran)");
     CHECK_INT(rc, 0);
@@ -173,11 +185,17 @@ TEST(text_utf8_lossy_matches_python)
         char hex[80] = "";
         for (size_t j = 0; got[j]; j++)
             snprintf(hex + 2 * j, sizeof hex - 2 * j, "%02x", (unsigned char)got[j]);
-        const char *nl = strchr(p, '\n');
-        CHECK(nl != NULL);
-        CHECK_MSG((size_t)(nl - p) == strlen(hex) && !strncmp(p, hex, strlen(hex)), "line %d: lorakit %s, python %.*s",
-                  k, hex, (int)(nl - p), p);
-        p = nl + 1;
+        const char *sp = strchr(p, ' ');
+        CHECK(sp != NULL);
+        CHECK_MSG((size_t)(sp - p) == strlen(hex) && !strncmp(p, hex, strlen(hex)), "line %d: lorakit %s, python %.*s",
+                  k, hex, (int)(sp - p), p);
+        // the tokenizer's strict check shares the per-character validator: the same first bad byte
+        long bad = strtol(sp + 1, NULL, 10);
+        CHECK_MSG((long)tok_utf8_check((const char *)buf[k], len[k]) == bad + 1, "line %d: tok_utf8_check %zu, python %ld",
+                  k, tok_utf8_check((const char *)buf[k], len[k]), bad);
+        p = strchr(sp, '\n');
+        CHECK(p != NULL);
+        p++;
         lk_free(got);
     }
 }
