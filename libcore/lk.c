@@ -140,6 +140,14 @@ void *lk_calloc(size_t count, size_t size)
     return lk_count(calloc(count, size));
 }
 
+void *lk_calloc_aligned(size_t n, void **raw)
+{
+    *raw = n <= SIZE_MAX - LK_ALIGN ? lk_calloc(1, n + LK_ALIGN) : NULL;
+    if (!*raw)
+        return NULL;
+    return (char *)*raw + (LK_ALIGN - (uintptr_t)*raw % LK_ALIGN) % LK_ALIGN;
+}
+
 void *lk_realloc(void *p, size_t n)
 {
     if (lk_fault_now() || lk_probe_refuses(n))

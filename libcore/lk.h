@@ -54,6 +54,9 @@ void *lk_calloc(size_t count, size_t size);
 void *lk_realloc(void *p, size_t n);
 void lk_free(void *p);
 char *lk_strdup(const char *s);
+/* n zeroed bytes from an LK_ALIGN boundary inside a block of lk_calloc's, *raw (lk_free(*raw)
+ * releases it); like lk_calloc's, the pages of a large block stay untouched until written. */
+void *lk_calloc_aligned(size_t n, void **raw);
 extern long lk_fail_countdown; /* <= 0: off */
 /* Blocks that lk_malloc, lk_calloc and lk_realloc(NULL, n) handed out and lk_free has not taken
  * back (counted atomically): allocation-failure tests check that an operation that failed left

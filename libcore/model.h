@@ -49,11 +49,12 @@ struct model_layer {
  * matrices (embeddings, projections, lm_head) are in hmem in that dtype, in the same order, and
  * mem holds only the norms and biases. */
 struct model_weights {
-    float *mem;               /* owned: the float32 tensors */
+    float *mem;               /* the float32 tensors */
     size_t n;                 /* floats in mem */
     int dtype;                /* of the matrices: TENSOR_F32, TENSOR_BF16 or TENSOR_F16 */
-    uint16_t *hmem;           /* owned: the matrices when dtype is BF16 / F16, else NULL */
+    uint16_t *hmem;           /* the matrices when dtype is BF16 / F16, else NULL */
     size_t hn;                /* values in hmem */
+    void *mem_raw, *hmem_raw; /* owned: the blocks mem and hmem start in (on a cache line) */
     struct op_mat embed;      /* [V, C] */
     float *norm;              /* [C] */
     struct op_mat lm_head;    /* [V, C]; equals embed when tied */
