@@ -1,6 +1,7 @@
 /* test_lk.c - the basics: messages, overflow checks, atomic files, the RNG, the CLI. */
 #include "test.h"
 
+#include <stdint.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -71,6 +72,34 @@ TEST(lk_fail_countdown_fails_nth_allocation)
     CHECK(a != NULL && b == NULL && c != NULL);
     lk_free(a);
     lk_free(c);
+}
+
+TEST(lk_large_blocks_start_on_cache_lines)
+{
+    // the AMX tiles load 64-byte rows of these blocks: at malloc's usual 16-byte offset every row
+    // would span two cache lines
+    long live = lk_alloc_live();
+    for (size_t n = 1024; n <= ((size_t)8 << 20); n = n * 3 + 16) {
+        unsigned char *p = lk_malloc(n);
+        CHECK(p != NULL);
+        CHECK_MSG((uintptr_t)p % LK_ALIGN == 0, "lk_malloc(%zu) at offset %zu", n, (size_t)((uintptr_t)p % LK_ALIGN));
+        p[0] = p[n - 1] = 1;
+        lk_free(p);
+        void *raw = NULL;
+        unsigned char *z = lk_calloc_aligned(n, &raw);
+        CHECK(z != NULL && raw != NULL);
+        CHECK((uintptr_t)z % LK_ALIGN == 0 && z >= (unsigned char *)raw && z < (unsigned char *)raw + LK_ALIGN);
+        size_t nz = 0;
+        for (size_t i = 0; i < n; i++)
+            nz += z[i] != 0;
+        CHECK_INT((long)nz, 0);
+        z[n - 1] = 1; // the whole n bytes are the caller's (ASan checks the bound)
+        lk_free(raw);
+    }
+    CHECK_INT(lk_alloc_live(), live);
+    lk_fail_countdown = 1; // a failed allocation leaves nothing
+    void *raw = &live;
+    CHECK(lk_calloc_aligned(4096, &raw) == NULL && raw == NULL);
 }
 
 TEST(cli_help_and_unknown_command)

@@ -125,6 +125,8 @@ TEST(weights_mixed_file_dtypes_load_as_f32_and_convert_round_trips)
     memcpy(w2.mem, m.w.mem, sizeof(float) * m.w.n);
     CHECK_OK(model_weights_convert(&w2, &c, TENSOR_BF16, test_err()));
     CHECK_INT(w2.dtype, TENSOR_BF16);
+    // both blocks start on a cache line (the AMX tile loads read 64-byte rows)
+    CHECK((uintptr_t)w2.hmem % LK_ALIGN == 0 && (uintptr_t)w2.mem % LK_ALIGN == 0);
     CHECK(w2.layer[1].wup.h[5] == tensor_f32_to_bf16(m.w.layer[1].wup.f[5]));
     CHECK_OK(model_weights_convert(&w2, &c, TENSOR_F32, test_err()));
     struct model_tensor *t2;
