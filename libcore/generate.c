@@ -218,6 +218,23 @@ static void attend_row(const struct att_chunk *a, int i, int h, int NH, int grou
     }
 }
 
+/* M query rows (row r: position n0 + r % N, r / N a head of the group) against the cache's Tk =
+ * n0 + N keys: scores P = scale q K^T (rows ldp apart), each row's causal softmax with the keys
+ * after its position zeroed, then out = P V. K and V rows are KV apart, q rows ldq, out rows ldo. */
+static void attend_gemms(int M, int N, int n0, int HS, float scale, const float *q, int ldq, const float *K,
+                         const float *V, int KV, float *P, int ldp, float *out, int ldo)
+{
+    int Tk = n0 + N;
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, M, Tk, HS, scale, q, ldq, K, KV, 0.0f, P, ldp);
+    for (int r = 0; r < M; r++) {
+        float *w = P + (size_t)r * ldp;
+        softmax_causal_row(w, n0 + r % N);
+        for (int t2 = n0 + r % N + 1; t2 < Tk; t2++)
+            w[t2] = 0.0f;
+    }
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, M, HS, Tk, 1.0f, P, ldp, V, KV, 0.0f, out, ldo);
+}
+
 /* A prefill chunk with the query heads that share a key/value head stacked: one GEMM of
  * [G N, HS] x [HS, Tk] for their scores and one of [G N, Tk] x [Tk, HS] for their outputs (rows
  * (h - h0) N + i) instead of G GEMMs of N rows (Qwen2.5-0.5B: 7 heads a group, so 448 rows
@@ -242,16 +259,8 @@ static int attend_stacked(const struct att_chunk *a, int NH, int NKV, int HS)
             for (int i = 0; i < N; i++)
                 memcpy(qb + ((size_t)(h - h0) * N + i) * HS, a->q + (size_t)i * Q + (size_t)h * HS,
                        sizeof(float) * (size_t)HS);
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, M, Tk, HS, scale, qb, HS, a->K + (size_t)kh * HS, KV, 0.0f,
-                    P, (int)a->ld);
-        for (int r = 0; r < M; r++) {
-            float *w = P + (size_t)r * a->ld;
-            softmax_causal_row(w, n0 + r % N);
-            for (int t2 = n0 + r % N + 1; t2 < Tk; t2++)
-                w[t2] = 0.0f;
-        }
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, M, HS, Tk, 1.0f, P, (int)a->ld,
-                    a->V + (size_t)kh * HS, KV, 0.0f, ob, HS);
+        attend_gemms(M, N, n0, HS, scale, qb, HS, a->K + (size_t)kh * HS, a->V + (size_t)kh * HS, KV, P,
+                     (int)a->ld, ob, HS);
         for (int h = h0; h < h1; h++)
             for (int i = 0; i < N; i++)
                 memcpy(a->atty + (size_t)i * Q + (size_t)h * HS, ob + ((size_t)(h - h0) * N + i) * HS,
@@ -277,16 +286,8 @@ static void attend_chunk(const struct att_chunk *a, int NH, int NKV, int HS)
             // rows of head h in att: (i * NH + h) * ld, i.e. a [N, ld] view with row stride NH * ld
             float *P = a->att + (size_t)h * a->ld;
             int ldp = NH * (int)a->ld;
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, N, Tk, HS, scale, a->q + (size_t)h * HS, Q,
-                        a->K + (size_t)kh * HS, KV, 0.0f, P, ldp);
-            for (int i = 0; i < N; i++) {
-                float *w = P + (size_t)i * ldp;
-                softmax_causal_row(w, n0 + i);
-                for (int t2 = n0 + i + 1; t2 < Tk; t2++)
-                    w[t2] = 0.0f;
-            }
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, HS, Tk, 1.0f, P, ldp, a->V + (size_t)kh * HS,
-                        KV, 0.0f, a->atty + (size_t)h * HS, Q);
+            attend_gemms(N, N, n0, HS, scale, a->q + (size_t)h * HS, Q, a->K + (size_t)kh * HS,
+                         a->V + (size_t)kh * HS, KV, P, ldp, a->atty + (size_t)h * HS, Q);
         }
         op_blas_serial_end(prev);
         return;
